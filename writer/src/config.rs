@@ -1,0 +1,154 @@
+//! Writer configuration, read once from the environment (SPEC §4) and validated at start.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Everything the writer needs to run. Built by [`Config::from_env`]; tests build it directly.
+#[derive(Clone)]
+pub struct Config {
+    pub kafka_bootstrap_servers: String,
+    pub kafka_topic: String,
+    pub kafka_group_id: String,
+    pub kafka_dlq_topic: String,
+    pub kafka_session_timeout: Duration,
+    pub postgres_url: String,
+    pub postgres_max_connections: u32,
+    pub batch_max_messages: usize,
+    pub batch_max_wait: Duration,
+    pub max_message_bytes: usize,
+    pub retry_initial_backoff: Duration,
+    pub retry_max_backoff: Duration,
+    pub metrics_addr: SocketAddr,
+}
+
+impl std::fmt::Debug for Config {
+    // Connection URLs may carry passwords; they are never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("kafka_bootstrap_servers", &self.kafka_bootstrap_servers)
+            .field("kafka_topic", &self.kafka_topic)
+            .field("kafka_group_id", &self.kafka_group_id)
+            .field("kafka_dlq_topic", &self.kafka_dlq_topic)
+            .field("batch_max_messages", &self.batch_max_messages)
+            .field("batch_max_wait", &self.batch_max_wait)
+            .field("metrics_addr", &self.metrics_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A setting that is missing or cannot be used; the message names the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads settings through `lookup` (the environment in production, a map in tests).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| lookup(name).map(|value| value.trim().to_owned()).filter(|v| !v.is_empty());
+        let required = |name: &str| get(name).ok_or_else(|| ConfigError(format!("{name} is required")));
+        let parsed = |name: &str, default: u64| -> Result<u64, ConfigError> {
+            match get(name) {
+                None => Ok(default),
+                Some(value) => value
+                    .parse::<u64>()
+                    .map_err(|_| ConfigError(format!("{name} must be a non-negative integer, got {value:?}"))),
+            }
+        };
+        let positive = |name: &str, default: u64| -> Result<u64, ConfigError> {
+            let value = parsed(name, default)?;
+            if value == 0 {
+                return Err(ConfigError(format!("{name} must be greater than 0")));
+            }
+            Ok(value)
+        };
+
+        let postgres_url = required("POSTGRES_URL")?;
+        if !postgres_url.starts_with("postgres://") && !postgres_url.starts_with("postgresql://") {
+            return Err(ConfigError("POSTGRES_URL must start with postgres:// or postgresql://".into()));
+        }
+        let metrics_addr = get("METRICS_ADDR").unwrap_or_else(|| "0.0.0.0:9100".into());
+        let metrics_addr = metrics_addr
+            .parse()
+            .map_err(|_| ConfigError(format!("METRICS_ADDR must be host:port, got {metrics_addr:?}")))?;
+        let retry_initial_backoff = Duration::from_millis(positive("WRITER_RETRY_INITIAL_BACKOFF_MS", 100)?);
+        let retry_max_backoff = Duration::from_millis(positive("WRITER_RETRY_MAX_BACKOFF_MS", 5_000)?);
+        if retry_max_backoff < retry_initial_backoff {
+            return Err(ConfigError(
+                "WRITER_RETRY_MAX_BACKOFF_MS must not be below WRITER_RETRY_INITIAL_BACKOFF_MS".into(),
+            ));
+        }
+
+        Ok(Self {
+            kafka_bootstrap_servers: required("KAFKA_BOOTSTRAP_SERVERS")?,
+            kafka_topic: get("KAFKA_TOPIC").unwrap_or_else(|| "storage-messages".into()),
+            kafka_group_id: get("KAFKA_GROUP_ID").unwrap_or_else(|| "storage-writer".into()),
+            kafka_dlq_topic: get("KAFKA_DLQ_TOPIC").unwrap_or_else(|| "storage-messages-dlq".into()),
+            kafka_session_timeout: Duration::from_millis(positive("KAFKA_SESSION_TIMEOUT_MS", 10_000)?),
+            postgres_url,
+            postgres_max_connections: u32::try_from(positive("POSTGRES_MAX_CONNECTIONS", 8)?)
+                .map_err(|_| ConfigError("POSTGRES_MAX_CONNECTIONS is too large".into()))?,
+            batch_max_messages: usize::try_from(positive("WRITER_BATCH_SIZE", 500)?)
+                .map_err(|_| ConfigError("WRITER_BATCH_SIZE is too large".into()))?,
+            batch_max_wait: Duration::from_millis(positive("WRITER_BATCH_TIMEOUT_MS", 20)?),
+            max_message_bytes: usize::try_from(positive("WRITER_MAX_MESSAGE_BYTES", 1_048_576)?)
+                .map_err(|_| ConfigError("WRITER_MAX_MESSAGE_BYTES is too large".into()))?,
+            retry_initial_backoff,
+            retry_max_backoff,
+            metrics_addr,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: HashMap<String, String> =
+            vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        Config::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    const MINIMAL: [(&str, &str); 2] =
+        [("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"), ("POSTGRES_URL", "postgres://u@h/db")];
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let config = config(&MINIMAL).expect("valid");
+        assert_eq!(config.kafka_topic, "storage-messages");
+        assert_eq!(config.kafka_group_id, "storage-writer");
+        assert_eq!(config.kafka_dlq_topic, "storage-messages-dlq");
+        assert_eq!(config.metrics_addr.to_string(), "0.0.0.0:9100");
+        assert_eq!(config.batch_max_messages, 500);
+    }
+
+    #[test]
+    fn missing_and_bad_values_name_the_variable() {
+        let error = config(&[("POSTGRES_URL", "postgres://h/db")]).expect_err("missing kafka");
+        assert_eq!(error.to_string(), "KAFKA_BOOTSTRAP_SERVERS is required");
+        let mut vars = MINIMAL.to_vec();
+        vars.push(("WRITER_BATCH_SIZE", "lots"));
+        let error = config(&vars).expect_err("bad batch size");
+        assert!(error.to_string().starts_with("WRITER_BATCH_SIZE must be"), "{error}");
+        let mut vars = MINIMAL.to_vec();
+        vars.push(("WRITER_BATCH_SIZE", "0"));
+        assert!(config(&vars).is_err());
+        let error = config(&[("KAFKA_BOOTSTRAP_SERVERS", "k:9092"), ("POSTGRES_URL", "mysql://x")])
+            .expect_err("bad url");
+        assert!(error.to_string().contains("POSTGRES_URL"), "{error}");
+    }
+
+    #[test]
+    fn debug_output_hides_urls() {
+        let config = config(&[("KAFKA_BOOTSTRAP_SERVERS", "k:9092"), ("POSTGRES_URL", "postgres://u:secret@h/db")])
+            .expect("valid");
+        assert!(!format!("{config:?}").contains("secret"));
+    }
+}

@@ -1,0 +1,58 @@
+//! Writer metrics (SPEC §6 names), registered once in the app's own registry.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+
+pub const MESSAGES_PROCESSED: &str = "storage_writer_messages_processed_total";
+pub const MESSAGES_DUPLICATED: &str = "storage_writer_messages_duplicated_total";
+pub const WRITE_LATENCY: &str = "storage_writer_write_latency_seconds";
+pub const DEAD_LETTERED: &str = "storage_writer_dead_lettered_total";
+pub const BATCH_SIZE: &str = "storage_writer_batch_size";
+pub const STAGE_ERRORS: &str = "storage_writer_stage_errors_total";
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// Messages newly stored.
+    pub processed: IntCounter,
+    /// Messages that were already stored (redeliveries and upstream resends).
+    pub duplicated: IntCounter,
+    /// Time to make one batch durable in the stores.
+    pub write_latency: Histogram,
+    /// Records sent to the dead-letter topic, by reason kind.
+    pub dead_lettered: IntCounterVec,
+    pub batch_size: Histogram,
+    /// Failed attempts per pipeline stage; each is retried.
+    pub stage_errors: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let processed = IntCounter::new(MESSAGES_PROCESSED, "Messages newly persisted")?;
+        let duplicated = IntCounter::new(MESSAGES_DUPLICATED, "Messages found already persisted")?;
+        let write_latency = Histogram::with_opts(
+            HistogramOpts::new(WRITE_LATENCY, "Time to persist one batch in the stores").buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )?;
+        let dead_lettered = IntCounterVec::new(
+            Opts::new(DEAD_LETTERED, "Records sent to the dead-letter topic"),
+            &["reason"],
+        )?;
+        let batch_size = Histogram::with_opts(
+            HistogramOpts::new(BATCH_SIZE, "Records per processed batch")
+                .buckets(vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0]),
+        )?;
+        let stage_errors = IntCounterVec::new(
+            Opts::new(STAGE_ERRORS, "Failed attempts of a pipeline stage (retried)"),
+            &["stage"],
+        )?;
+        registry.register(Box::new(processed.clone()))?;
+        registry.register(Box::new(duplicated.clone()))?;
+        registry.register(Box::new(write_latency.clone()))?;
+        registry.register(Box::new(dead_lettered.clone()))?;
+        registry.register(Box::new(batch_size.clone()))?;
+        registry.register(Box::new(stage_errors.clone()))?;
+        Ok(Self { registry, processed, duplicated, write_latency, dead_lettered, batch_size, stage_errors })
+    }
+}

@@ -1,0 +1,161 @@
+//! PostgreSQL / TimescaleDB archive: one multi-row `INSERT … SELECT FROM UNNEST(…)` per batch,
+//! a single prepared statement whatever the batch size.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use flare_storage_common::message::{content_type, message_tenant_id, to_datetime};
+use flare_storage_common::prost::Message as _;
+use flare_storage_common::proto::storage::Message;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+/// (tenant_id, message_id) of a stored message.
+pub type MessageKey = (String, String);
+
+// Array-valued columns (receiver_ids, tags) travel as JSON text because UNNEST flattens a
+// two-dimensional array instead of yielding one array per row.
+const INSERT_BATCH: &str = r#"
+INSERT INTO messages (
+    tenant_id, message_id, session_id, seq, sender_id, sender_type, receiver_id, receiver_ids,
+    content, content_type, message_type, business_type, session_type, status, "timestamp",
+    is_recalled, recalled_at, is_burn_after_read, burn_after_seconds, extra, tags, attributes,
+    payload)
+SELECT
+    t.tenant_id, t.message_id, t.session_id, t.seq, t.sender_id, t.sender_type, t.receiver_id,
+    ARRAY(SELECT jsonb_array_elements_text(t.receiver_ids::jsonb)),
+    t.content, t.content_type, t.message_type, t.business_type, t.session_type, t.status, t.ts,
+    t.is_recalled, t.recalled_at, t.is_burn_after_read, t.burn_after_seconds, t.extra::jsonb,
+    ARRAY(SELECT jsonb_array_elements_text(t.tags::jsonb)), t.attributes::jsonb, t.payload
+FROM UNNEST(
+    $1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::text[], $8::text[],
+    $9::bytea[], $10::text[], $11::int4[], $12::text[], $13::text[], $14::text[], $15::timestamptz[],
+    $16::bool[], $17::timestamptz[], $18::bool[], $19::int4[], $20::text[], $21::text[], $22::text[],
+    $23::bytea[]
+) AS t(tenant_id, message_id, session_id, seq, sender_id, sender_type, receiver_id, receiver_ids,
+       content, content_type, message_type, business_type, session_type, status, ts,
+       is_recalled, recalled_at, is_burn_after_read, burn_after_seconds, extra, tags, attributes,
+       payload)
+ON CONFLICT (tenant_id, message_id, "timestamp") DO NOTHING
+RETURNING tenant_id, message_id
+"#;
+
+impl PostgresStore {
+    pub fn connect(url: &str, max_connections: u32) -> Result<Self, sqlx::Error> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(std::time::Duration::from_secs(5))
+            .connect_lazy(url)?;
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Inserts every message not stored yet; returns the keys of those that were new. Messages
+    /// must be normalised (tenant, session and timestamp set).
+    pub async fn insert_batch(&self, messages: &[Message]) -> Result<HashSet<MessageKey>, sqlx::Error> {
+        let columns = Columns::from_messages(messages);
+        let rows: Vec<(String, String)> = sqlx::query_as(INSERT_BATCH)
+            .bind(columns.tenant_id)
+            .bind(columns.message_id)
+            .bind(columns.session_id)
+            .bind(columns.seq)
+            .bind(columns.sender_id)
+            .bind(columns.sender_type)
+            .bind(columns.receiver_id)
+            .bind(columns.receiver_ids)
+            .bind(columns.content)
+            .bind(columns.content_type)
+            .bind(columns.message_type)
+            .bind(columns.business_type)
+            .bind(columns.session_type)
+            .bind(columns.status)
+            .bind(columns.timestamp)
+            .bind(columns.is_recalled)
+            .bind(columns.recalled_at)
+            .bind(columns.is_burn_after_read)
+            .bind(columns.burn_after_seconds)
+            .bind(columns.extra)
+            .bind(columns.tags)
+            .bind(columns.attributes)
+            .bind(columns.payload)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().collect())
+    }
+}
+
+/// One vector per column, in the order of `INSERT_BATCH`'s parameters.
+#[derive(Default)]
+struct Columns {
+    tenant_id: Vec<String>,
+    message_id: Vec<String>,
+    session_id: Vec<String>,
+    seq: Vec<Option<i64>>,
+    sender_id: Vec<String>,
+    sender_type: Vec<String>,
+    receiver_id: Vec<String>,
+    receiver_ids: Vec<String>,
+    content: Vec<Option<Vec<u8>>>,
+    content_type: Vec<&'static str>,
+    message_type: Vec<i32>,
+    business_type: Vec<String>,
+    session_type: Vec<String>,
+    status: Vec<String>,
+    timestamp: Vec<DateTime<Utc>>,
+    is_recalled: Vec<bool>,
+    recalled_at: Vec<Option<DateTime<Utc>>>,
+    is_burn_after_read: Vec<bool>,
+    burn_after_seconds: Vec<i32>,
+    extra: Vec<String>,
+    tags: Vec<String>,
+    attributes: Vec<String>,
+    payload: Vec<Vec<u8>>,
+}
+
+impl Columns {
+    fn from_messages(messages: &[Message]) -> Self {
+        let mut columns = Self::default();
+        for message in messages {
+            columns.tenant_id.push(message_tenant_id(message).to_owned());
+            columns.message_id.push(message.id.clone());
+            columns.session_id.push(message.session_id.clone());
+            columns.seq.push((message.seq > 0).then_some(message.seq));
+            columns.sender_id.push(message.sender_id.clone());
+            columns.sender_type.push(message.sender_type.clone());
+            columns.receiver_id.push(message.receiver_id.clone());
+            columns.receiver_ids.push(json_text(&message.receiver_ids));
+            columns.content.push(message.content.as_ref().map(|content| content.encode_to_vec()));
+            columns.content_type.push(content_type(message));
+            columns.message_type.push(message.message_type);
+            columns.business_type.push(message.business_type.clone());
+            columns.session_type.push(message.session_type.clone());
+            columns.status.push(message.status.clone());
+            // Normalisation guarantees a representable timestamp; the epoch is never reached.
+            columns.timestamp.push(
+                message.timestamp.as_ref().and_then(to_datetime).unwrap_or(DateTime::UNIX_EPOCH),
+            );
+            columns.is_recalled.push(message.is_recalled);
+            columns.recalled_at.push(message.recalled_at.as_ref().and_then(to_datetime));
+            columns.is_burn_after_read.push(message.is_burn_after_read);
+            columns.burn_after_seconds.push(message.burn_after_seconds);
+            columns.extra.push(json_text(&message.extra));
+            columns.tags.push(json_text(&message.tags));
+            columns.attributes.push(json_text(&message.attributes));
+            columns.payload.push(message.encode_to_vec());
+        }
+        columns
+    }
+}
+
+fn json_text<T: serde::Serialize>(value: &T) -> String {
+    // Maps and lists of strings always serialise.
+    serde_json::to_string(value).unwrap_or_else(|_| "null".into())
+}
