@@ -48,9 +48,10 @@ CREATE INDEX IF NOT EXISTS messages_session_time
     ON messages (session_id, "timestamp" DESC);
 
 -- TimescaleDB, where the server has it: a hypertable on "timestamp" with one-month chunks.
--- Per-session seq is unique on a plain table; a hypertable cannot hold a unique index without
--- "timestamp", so there the index only serves lookups and the writer's seq assignment is the
--- guard.
+-- A hypertable cannot hold a unique index without "timestamp", so only a plain table also
+-- enforces (tenant_id, message_id) alone (an upstream resend with a new timestamp stays one
+-- row) and per-session seq uniqueness; on a hypertable those indexes only serve lookups and
+-- the writer's idempotency marker and seq assignment are the guard.
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb') THEN
@@ -62,6 +63,8 @@ BEGIN
         CREATE INDEX IF NOT EXISTS messages_tenant_session_seq
             ON messages (tenant_id, session_id, seq);
     ELSE
+        CREATE UNIQUE INDEX IF NOT EXISTS messages_tenant_message
+            ON messages (tenant_id, message_id);
         CREATE UNIQUE INDEX IF NOT EXISTS messages_tenant_session_seq
             ON messages (tenant_id, session_id, seq) WHERE seq IS NOT NULL;
     END IF;

@@ -1,1 +1,126 @@
+//! flare-storage-reader: the gRPC `StorageReaderService` over the message stores, plus the
+//! standard gRPC health service and the ops endpoint (`/metrics`, `/healthz`, `/readyz`).
+//!
+//! `grpc.rs` validates and answers calls, `lookup.rs` holds the read logic, `store/` the
+//! queries, `cursor.rs` the opaque paging cursor.
 
+pub mod config;
+pub mod cursor;
+pub mod error;
+pub mod grpc;
+pub mod lookup;
+pub mod metrics;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use flare_storage_common::ops::{self, Readiness};
+use flare_storage_common::proto::storage::storage_reader_service_server::StorageReaderServiceServer;
+use flare_storage_common::schema;
+use flare_storage_common::tonic::transport::Server;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use config::Config;
+
+use crate::grpc::StorageReader;
+use crate::lookup::Lookup;
+use crate::metrics::Metrics;
+use crate::store::postgres::PostgresStore;
+
+/// How often the reader checks that its stores answer, for `/readyz` and gRPC health.
+const READINESS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Binds the configured addresses and serves until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let grpc_listener = TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("failed to bind STORAGE_READER_GRPC_ADDR {}", config.grpc_addr))?;
+    let ops_listener = TcpListener::bind(config.metrics_addr)
+        .await
+        .with_context(|| format!("failed to bind METRICS_ADDR {}", config.metrics_addr))?;
+    serve(config, grpc_listener, ops_listener, shutdown).await
+}
+
+/// Serves on already bound listeners (tests bind port 0). In-flight calls finish before it
+/// returns.
+pub async fn serve(
+    config: Config,
+    grpc_listener: TcpListener,
+    ops_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = Metrics::new().context("failed to register metrics")?;
+    let readiness = Arc::new(Readiness::default());
+    let postgres = PostgresStore::connect(&config.postgres_url, config.postgres_max_connections)
+        .context("invalid POSTGRES_URL")?;
+    if let Err(error) = schema::migrate(postgres.pool()).await {
+        // Not fatal: the writer may own migrations, or the database may come up later;
+        // readiness reports whether queries can be answered.
+        warn!(%error, "failed to apply migrations at start");
+    }
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let ops_task = tokio::spawn(ops::serve(
+        ops_listener,
+        metrics.registry.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+    ));
+    let readiness_task = tokio::spawn(watch_readiness(
+        postgres.clone(),
+        readiness,
+        health_reporter,
+        shutdown.clone(),
+    ));
+
+    let reader = StorageReader {
+        lookup: Lookup {
+            postgres,
+            default_range: config.default_range,
+            max_page_size: config.max_page_size,
+        },
+        metrics,
+    };
+    info!(addr = %grpc_listener.local_addr()?, "serving gRPC");
+    let served = Server::builder()
+        .add_service(health_service)
+        .add_service(StorageReaderServiceServer::new(reader))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown.clone().cancelled_owned())
+        .await;
+    shutdown.cancel();
+    let _ = readiness_task.await;
+    let _ = ops_task.await;
+    served.context("gRPC server failed")?;
+    info!("reader stopped");
+    Ok(())
+}
+
+/// Marks the reader ready (HTTP `/readyz` and gRPC health) while Postgres answers.
+async fn watch_readiness(
+    postgres: PostgresStore,
+    readiness: Arc<Readiness>,
+    health: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let ready = sqlx::query("SELECT 1").execute(postgres.pool()).await.is_ok();
+        if ready != readiness.is_ready() {
+            info!(ready, "readiness changed");
+        }
+        readiness.set(ready);
+        if ready {
+            health.set_serving::<StorageReaderServiceServer<StorageReader>>().await;
+        } else {
+            health.set_not_serving::<StorageReaderServiceServer<StorageReader>>().await;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(READINESS_INTERVAL) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}

@@ -1,1 +1,52 @@
-fn main() {}
+//! `flare-storage-reader` — serve the StorageReaderService gRPC API, or
+//! `flare-storage-reader migrate` to apply the database migrations and exit.
+
+use std::process::ExitCode;
+
+use flare_storage_common::{ops, schema, telemetry};
+use flare_storage_reader::Config;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("flare-storage-reader: configuration error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init();
+
+    let result = match std::env::args().nth(1).as_deref() {
+        None | Some("run") => {
+            let shutdown = CancellationToken::new();
+            let on_signal = shutdown.clone();
+            tokio::spawn(async move {
+                ops::shutdown_signal().await;
+                tracing::info!("shutdown requested");
+                on_signal.cancel();
+            });
+            flare_storage_reader::run(config, shutdown).await
+        }
+        Some("migrate") => migrate(&config.postgres_url).await,
+        Some(other) => {
+            eprintln!("flare-storage-reader: unknown command {other:?} (expected: run, migrate)");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "reader failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn migrate(postgres_url: &str) -> anyhow::Result<()> {
+    let pool = sqlx::PgPool::connect(postgres_url).await?;
+    schema::migrate(&pool).await?;
+    tracing::info!("migrations applied");
+    Ok(())
+}

@@ -1,1 +1,283 @@
+//! Helpers for the end-to-end tests: each test gets its own Postgres database, Kafka topics and
+//! consumer group on the real local services (`scripts/services.sh up`), and runs the writer
+//! and reader in-process on port 0. A service that is not reachable fails the test.
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use flare_storage_common::prost::Message as _;
+use flare_storage_common::proto::storage::storage_reader_service_client::StorageReaderServiceClient;
+use flare_storage_common::tonic::transport::Channel;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::{Connection as _, PgConnection};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Addresses of the local services, as `scripts/services.sh env` prints them.
+pub fn postgres_url() -> String {
+    std::env::var("POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/test".into())
+}
+
+pub fn kafka_bootstrap() -> String {
+    std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// A short unique name for this test's resources.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple().to_string().get(..12).unwrap_or("x"))
+}
+
+/// A database of its own for one test, migrated by whoever connects first.
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> anyhow::Result<Self> {
+        let admin_url = postgres_url();
+        let mut admin = PgConnection::connect(&admin_url)
+            .await
+            .with_context(|| "Postgres is not reachable at POSTGRES_URL (run scripts/services.sh up)")?;
+        let name = unique("flare_test");
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await?;
+        Ok(Self { url: with_database(&admin_url, &name), name })
+    }
+
+    /// Drops the database; call at the end of a test that passed (a failed one leaves it for
+    /// inspection).
+    pub async fn drop(self) -> anyhow::Result<()> {
+        let mut admin = PgConnection::connect(&postgres_url()).await?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+            .execute(&mut admin)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn connect(&self) -> anyhow::Result<PgConnection> {
+        Ok(PgConnection::connect(&self.url).await?)
+    }
+}
+
+fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority_end = base.find("://").map(|scheme| scheme + 3).unwrap_or(0);
+    let server = match base[authority_end..].find('/') {
+        Some(slash) => &base[..authority_end + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{server}/{database}?{query}"),
+        None => format!("{server}/{database}"),
+    }
+}
+
+/// Creates topics before any consumer subscribes (the test broker does not show a topic to a
+/// consumer that subscribed before it existed).
+pub async fn create_topics(names: &[&str], partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .create()
+        .context("failed to create the Kafka admin client")?;
+    let topics: Vec<NewTopic<'_>> =
+        names.iter().map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(1))).collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = tokio::time::timeout(Duration::from_secs(20), admin.create_topics(&topics, &options))
+        .await
+        .context("Kafka did not answer CreateTopics (run scripts/services.sh up)")??;
+    for result in results {
+        if let Err((topic, code)) = result {
+            bail!("failed to create topic {topic}: {code}");
+        }
+    }
+    Ok(())
+}
+
+pub fn producer() -> anyhow::Result<FutureProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()?)
+}
+
+/// Produces one record and waits for the broker's acknowledgement.
+pub async fn produce(producer: &FutureProducer, topic: &str, key: &str, value: &[u8]) -> anyhow::Result<()> {
+    producer
+        .send(FutureRecord::to(topic).key(key).payload(value), Duration::from_secs(10))
+        .await
+        .map_err(|(error, _)| anyhow::anyhow!("failed to produce to {topic}: {error}"))?;
+    Ok(())
+}
+
+/// Produces a protobuf message keyed by its session.
+pub async fn produce_message(
+    producer: &FutureProducer,
+    topic: &str,
+    request: &flare_storage_common::proto::storage::StoreMessageRequest,
+) -> anyhow::Result<()> {
+    produce(producer, topic, &request.session_id, &request.encode_to_vec()).await
+}
+
+/// A writer running in this process.
+pub struct RunningWriter {
+    pub metrics_addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningWriter {
+    pub async fn start(config: flare_storage_writer::Config) -> anyhow::Result<Self> {
+        flare_storage_common::telemetry::init();
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let metrics_addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(flare_storage_writer::run_with_listener(config, listener, shutdown.clone()));
+        Ok(Self { metrics_addr, shutdown, task })
+    }
+
+    /// Asks the writer to stop and waits until it has.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .context("writer did not stop within 30 s")??
+    }
+}
+
+/// Writer settings for a test: its own topic, group and dead-letter topic.
+pub fn writer_config(database_url: &str, topic: &str, dlq_topic: &str) -> flare_storage_writer::Config {
+    flare_storage_writer::Config {
+        kafka_bootstrap_servers: kafka_bootstrap(),
+        kafka_topic: topic.into(),
+        kafka_group_id: unique("group"),
+        kafka_dlq_topic: dlq_topic.into(),
+        // The test broker holds each group join for about half the session timeout.
+        kafka_session_timeout: Duration::from_millis(6000),
+        postgres_url: database_url.into(),
+        postgres_max_connections: 4,
+        batch_max_messages: 100,
+        batch_max_wait: Duration::from_millis(20),
+        max_message_bytes: 64 * 1024,
+        retry_initial_backoff: Duration::from_millis(50),
+        retry_max_backoff: Duration::from_millis(500),
+        metrics_addr: ([127, 0, 0, 1], 0).into(),
+    }
+}
+
+/// A reader running in this process.
+pub struct RunningReader {
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningReader {
+    pub async fn start(database_url: &str) -> anyhow::Result<Self> {
+        flare_storage_common::telemetry::init();
+        let grpc = TcpListener::bind("127.0.0.1:0").await?;
+        let ops = TcpListener::bind("127.0.0.1:0").await?;
+        let (grpc_addr, metrics_addr) = (grpc.local_addr()?, ops.local_addr()?);
+        let config = flare_storage_reader::Config {
+            grpc_addr,
+            metrics_addr,
+            postgres_url: database_url.into(),
+            postgres_max_connections: 4,
+            default_range: Duration::from_secs(7 * 24 * 3600),
+            max_page_size: 200,
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(flare_storage_reader::serve(config, grpc, ops, shutdown.clone()));
+        Ok(Self { grpc_addr, metrics_addr, shutdown, task })
+    }
+
+    pub async fn client(&self) -> anyhow::Result<StorageReaderServiceClient<Channel>> {
+        let channel = Channel::from_shared(format!("http://{}", self.grpc_addr))?.connect().await?;
+        Ok(StorageReaderServiceClient::new(channel))
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .context("reader did not stop within 30 s")??
+    }
+}
+
+/// GETs a path of an ops endpoint; returns (status code, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .context("malformed HTTP response")?;
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of an unlabelled metric in Prometheus text output.
+pub fn metric_value(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Polls `check` until it returns `Some`, or fails after `timeout` with the last state.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(error) => last_error = Some(error),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            match last_error {
+                Some(error) => bail!("timed out waiting for {what}; last error: {error:#}"),
+                None => bail!("timed out waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_is_swapped_in_urls() {
+        assert_eq!(with_database("postgres://u:p@h:5432/test", "x"), "postgres://u:p@h:5432/x");
+        assert_eq!(with_database("postgres://h/test?sslmode=disable", "x"), "postgres://h/x?sslmode=disable");
+        assert_eq!(with_database("postgres://h", "x"), "postgres://h/x");
+    }
+
+    #[test]
+    fn metric_values_are_found_by_exact_name() {
+        let text = "# HELP a_total x\na_total 3\na_total_other 5\n";
+        assert_eq!(metric_value(text, "a_total"), Some(3.0));
+        assert_eq!(metric_value(text, "missing"), None);
+    }
+}

@@ -83,16 +83,15 @@ impl Pipeline {
         }
 
         let started = Instant::now();
-        let inserted = self
+        let mut inserted = self
             .retry("postgres", shutdown, || self.postgres.insert_batch(&messages))
             .await?;
         self.metrics.write_latency.observe(started.elapsed().as_secs_f64());
 
+        // A key is new once: a second copy in the same batch is a duplicate of the first.
         let new = messages
             .iter()
-            .filter(|message| {
-                inserted.contains(&(message_tenant_id(message).to_owned(), message.id.clone()))
-            })
+            .filter(|message| inserted.remove(&(message_tenant_id(message).to_owned(), message.id.clone())))
             .count();
         self.metrics.processed.inc_by(new as u64);
         self.metrics.duplicated.inc_by((messages.len() - new) as u64);

@@ -18,6 +18,8 @@ pub struct PostgresStore {
 /// (tenant_id, message_id) of a stored message.
 pub type MessageKey = (String, String);
 
+// No conflict target: on a plain table (tenant_id, message_id) is unique on its own as well as
+// with "timestamp", and either conflict means the message is already stored.
 // Array-valued columns (receiver_ids, tags) travel as JSON text because UNNEST flattens a
 // two-dimensional array instead of yielding one array per row.
 const INSERT_BATCH: &str = r#"
@@ -41,7 +43,7 @@ FROM UNNEST(
        content, content_type, message_type, business_type, session_type, status, ts,
        is_recalled, recalled_at, is_burn_after_read, burn_after_seconds, extra, tags, attributes,
        payload)
-ON CONFLICT (tenant_id, message_id, "timestamp") DO NOTHING
+ON CONFLICT DO NOTHING
 RETURNING tenant_id, message_id
 "#;
 

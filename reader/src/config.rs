@@ -1,0 +1,104 @@
+//! Reader configuration, read once from the environment (SPEC §4) and validated at start.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+#[derive(Clone)]
+pub struct Config {
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub postgres_url: String,
+    pub postgres_max_connections: u32,
+    /// QueryMessages looks this far back when the request gives no start time.
+    pub default_range: Duration,
+    pub max_page_size: u32,
+}
+
+impl std::fmt::Debug for Config {
+    // Connection URLs may carry passwords; they are never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("grpc_addr", &self.grpc_addr)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("default_range", &self.default_range)
+            .field("max_page_size", &self.max_page_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A setting that is missing or cannot be used; the message names the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| lookup(name).map(|value| value.trim().to_owned()).filter(|v| !v.is_empty());
+        let positive = |name: &str, default: u64| -> Result<u64, ConfigError> {
+            match get(name) {
+                None => Ok(default),
+                Some(value) => value
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|parsed| *parsed > 0)
+                    .ok_or_else(|| ConfigError(format!("{name} must be a positive integer, got {value:?}"))),
+            }
+        };
+        let address = |name: &str, default: &str| -> Result<SocketAddr, ConfigError> {
+            let value = get(name).unwrap_or_else(|| default.to_owned());
+            value.parse().map_err(|_| ConfigError(format!("{name} must be host:port, got {value:?}")))
+        };
+
+        let postgres_url = get("POSTGRES_URL").ok_or_else(|| ConfigError("POSTGRES_URL is required".into()))?;
+        if !postgres_url.starts_with("postgres://") && !postgres_url.starts_with("postgresql://") {
+            return Err(ConfigError("POSTGRES_URL must start with postgres:// or postgresql://".into()));
+        }
+        let max_page_size = positive("STORAGE_READER_MAX_PAGE_SIZE", 200)?;
+        Ok(Self {
+            grpc_addr: address("STORAGE_READER_GRPC_ADDR", "0.0.0.0:50051")?,
+            metrics_addr: address("METRICS_ADDR", "0.0.0.0:9101")?,
+            postgres_url,
+            postgres_max_connections: u32::try_from(positive("POSTGRES_MAX_CONNECTIONS", 16)?)
+                .map_err(|_| ConfigError("POSTGRES_MAX_CONNECTIONS is too large".into()))?,
+            default_range: Duration::from_secs(positive("STORAGE_READER_DEFAULT_RANGE_SECONDS", 7 * 24 * 3600)?),
+            max_page_size: u32::try_from(max_page_size)
+                .ok()
+                .filter(|size| *size <= 10_000)
+                .ok_or_else(|| ConfigError("STORAGE_READER_MAX_PAGE_SIZE must be at most 10000".into()))?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_lookup(|name| vars.iter().find(|(key, _)| *key == name).map(|(_, v)| (*v).to_owned()))
+    }
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let config = config(&[("POSTGRES_URL", "postgres://h/db")]).expect("valid");
+        assert_eq!(config.grpc_addr.to_string(), "0.0.0.0:50051");
+        assert_eq!(config.metrics_addr.to_string(), "0.0.0.0:9101");
+        assert_eq!(config.default_range, Duration::from_secs(604_800));
+        assert_eq!(config.max_page_size, 200);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let error = config(&[]).expect_err("postgres missing");
+        assert_eq!(error.to_string(), "POSTGRES_URL is required");
+        let error = config(&[("POSTGRES_URL", "postgres://h/db"), ("STORAGE_READER_MAX_PAGE_SIZE", "-1")])
+            .expect_err("negative page size");
+        assert!(error.to_string().starts_with("STORAGE_READER_MAX_PAGE_SIZE"), "{error}");
+        let error = config(&[("POSTGRES_URL", "postgres://h/db"), ("STORAGE_READER_GRPC_ADDR", "nowhere")])
+            .expect_err("bad address");
+        assert!(error.to_string().starts_with("STORAGE_READER_GRPC_ADDR"), "{error}");
+    }
+}

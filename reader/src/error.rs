@@ -1,0 +1,52 @@
+//! Reader errors, by what the caller should do about them, and their one mapping to gRPC
+//! statuses. Internal causes are logged here and never sent to clients.
+
+use flare_storage_common::tonic::{Code, Status};
+use tracing::error;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is wrong; `field` names the offending request field.
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0} is not implemented yet")]
+    NotImplemented(&'static str),
+    /// A store failed; the call may succeed if retried.
+    #[error("failed to query the message store")]
+    Store(#[from] sqlx::Error),
+    /// A stored message could not be decoded.
+    #[error("stored message {message_id} is unreadable")]
+    Corrupt { message_id: String },
+}
+
+impl Error {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument { field, reason: reason.into() }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            Error::InvalidArgument { .. } => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::NotImplemented(_) => Code::Unimplemented,
+            Error::Store(
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_),
+            ) => Code::Unavailable,
+            Error::Store(_) | Error::Corrupt { .. } => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        let code = error.code();
+        match &error {
+            Error::Store(cause) => error!(error = %cause, "store query failed"),
+            Error::Corrupt { message_id } => error!(message_id, "stored message payload does not decode"),
+            _ => {}
+        }
+        Status::new(code, error.to_string())
+    }
+}

@@ -1,0 +1,3 @@
+//! The stores the reader answers from.
+
+pub mod postgres;
