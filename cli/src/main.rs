@@ -1,0 +1,203 @@
+//! `flare-storage` — operator commands around a running flare-storage:
+//!
+//! ```text
+//! flare-storage create-topics [--partitions 8] TOPIC...
+//! flare-storage send-sample --session ID [--tenant ID] [--topic storage-messages]
+//! flare-storage query --session ID [--tenant ID] [--addr http://127.0.0.1:50051] [--limit 20] [--expect N]
+//! ```
+//!
+//! Kafka is found through `KAFKA_BOOTSTRAP_SERVERS` (default `127.0.0.1:9092`).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use flare_storage_common::message::to_timestamp;
+use flare_storage_common::prost::Message as _;
+use flare_storage_common::proto::common::TenantContext;
+use flare_storage_common::proto::storage::storage_reader_service_client::StorageReaderServiceClient;
+use flare_storage_common::proto::storage::{
+    Message, MessageContent, MessageType, QueryMessagesRequest, StoreMessageRequest, TextContent, message_content,
+};
+use flare_storage_common::tonic::transport::Channel;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+const USAGE: &str = "usage:
+  flare-storage create-topics [--partitions 8] TOPIC...
+  flare-storage send-sample --session ID [--tenant ID] [--topic storage-messages]
+  flare-storage query --session ID [--tenant ID] [--addr http://127.0.0.1:50051] [--limit 20] [--expect N]";
+
+/// A sample conversation: (sender, receiver, text).
+const CONVERSATION: [(&str, &str, &str); 8] = [
+    ("alice", "bob", "Hi Bob, are we still on for the design review?"),
+    ("bob", "alice", "Yes — 3pm in the big room."),
+    ("alice", "bob", "你好，这是一条测试消息"),
+    ("bob", "alice", "收到！周五见。"),
+    ("alice", "bob", "I'll bring the latency numbers 📈"),
+    ("bob", "alice", "好的，不见不散"),
+    ("alice", "bob", "Danke! Bis später."),
+    ("bob", "alice", "See you 👋"),
+];
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Err(error) = run(args).await {
+        eprintln!("flare-storage: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Vec<String>) -> anyhow::Result<()> {
+    let Some((command, rest)) = args.split_first() else {
+        bail!("{USAGE}");
+    };
+    let (options, positional) = parse_options(rest)?;
+    let option = |name: &str, default: &str| options.get(name).cloned().unwrap_or_else(|| default.to_owned());
+    match command.as_str() {
+        "create-topics" => {
+            let partitions: i32 = option("partitions", "8").parse().context("--partitions must be a number")?;
+            create_topics(&positional, partitions).await
+        }
+        "send-sample" => {
+            let session = options.get("session").context("--session is required")?;
+            send_sample(&option("topic", "storage-messages"), &option("tenant", "demo"), session).await
+        }
+        "query" => {
+            let session = options.get("session").context("--session is required")?;
+            let limit: i32 = option("limit", "20").parse().context("--limit must be a number")?;
+            let expect: usize = option("expect", "0").parse().context("--expect must be a number")?;
+            query(&option("addr", "http://127.0.0.1:50051"), &option("tenant", "demo"), session, limit, expect).await
+        }
+        "help" | "--help" | "-h" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => bail!("unknown command {other:?}\n{USAGE}"),
+    }
+}
+
+/// Splits `--name value` pairs from positional arguments.
+fn parse_options(args: &[String]) -> anyhow::Result<(HashMap<String, String>, Vec<String>)> {
+    let mut options = HashMap::new();
+    let mut positional = Vec::new();
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        match arg.strip_prefix("--") {
+            Some(name) => {
+                let value = iter.next().with_context(|| format!("--{name} needs a value"))?;
+                options.insert(name.to_owned(), value.clone());
+            }
+            None => positional.push(arg.clone()),
+        }
+    }
+    Ok((options, positional))
+}
+
+fn bootstrap_servers() -> String {
+    std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+async fn create_topics(names: &[String], partitions: i32) -> anyhow::Result<()> {
+    if names.is_empty() {
+        bail!("name at least one topic");
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap_servers()).create()?;
+    let topics: Vec<NewTopic<'_>> =
+        names.iter().map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(1))).collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&topics, &options).await? {
+        match result {
+            Ok(topic) => println!("created topic {topic} ({partitions} partitions)"),
+            Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => println!("topic {topic} already exists"),
+            Err((topic, code)) => bail!("failed to create topic {topic}: {code}"),
+        }
+    }
+    Ok(())
+}
+
+async fn send_sample(topic: &str, tenant: &str, session: &str) -> anyhow::Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap_servers())
+        .set("acks", "all")
+        .create()?;
+    let start = chrono::Utc::now() - chrono::Duration::seconds(CONVERSATION.len() as i64);
+    for (index, (sender, receiver, text)) in CONVERSATION.iter().enumerate() {
+        let request = StoreMessageRequest {
+            session_id: session.into(),
+            message: Some(Message {
+                id: format!("{session}-{index}"),
+                sender_id: (*sender).into(),
+                receiver_id: (*receiver).into(),
+                receiver_ids: vec![(*receiver).into()],
+                session_type: "single".into(),
+                message_type: MessageType::Text as i32,
+                content: Some(MessageContent {
+                    content: Some(message_content::Content::Text(TextContent {
+                        text: (*text).into(),
+                        mentions: vec![],
+                    })),
+                }),
+                timestamp: Some(to_timestamp(start + chrono::Duration::seconds(index as i64))),
+                ..Default::default()
+            }),
+            tenant: Some(TenantContext { tenant_id: tenant.into(), ..Default::default() }),
+            ..Default::default()
+        };
+        let payload = request.encode_to_vec();
+        producer
+            .send(FutureRecord::to(topic).key(session).payload(&payload), Duration::from_secs(10))
+            .await
+            .map_err(|(error, _)| anyhow::anyhow!("failed to produce to {topic}: {error}"))?;
+        println!("sent    {sender:>6} → {receiver:<6} {text}");
+    }
+    Ok(())
+}
+
+async fn query(addr: &str, tenant: &str, session: &str, limit: i32, expect: usize) -> anyhow::Result<()> {
+    let channel = Channel::from_shared(addr.to_owned())?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the reader at {addr}"))?;
+    let mut client = StorageReaderServiceClient::new(channel);
+    let request = || QueryMessagesRequest {
+        session_id: session.into(),
+        limit,
+        tenant: Some(TenantContext { tenant_id: tenant.into(), ..Default::default() }),
+        ..Default::default()
+    };
+    // With --expect, wait (up to 30 s) until the writer has stored that many messages.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let response = loop {
+        let response = client.query_messages(request()).await?.into_inner();
+        if response.messages.len() >= expect || tokio::time::Instant::now() >= deadline {
+            break response;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Oldest first reads like a chat transcript; the API returns newest first.
+    for message in response.messages.iter().rev() {
+        let text = match message.content.as_ref().and_then(|content| content.content.as_ref()) {
+            Some(message_content::Content::Text(text)) => text.text.clone(),
+            Some(other) => format!("<{other:?}>"),
+            None => "<no content>".into(),
+        };
+        let time = message
+            .timestamp
+            .as_ref()
+            .and_then(flare_storage_common::message::to_datetime)
+            .map(|time| time.format("%H:%M:%S").to_string())
+            .unwrap_or_default();
+        println!("read    {time} {:>6}: {text}", message.sender_id);
+    }
+    println!("{} message(s) in session {session} (tenant {tenant}), has_more={}", response.messages.len(), response.has_more);
+    if response.messages.len() < expect {
+        bail!("expected {expect} messages, found {}", response.messages.len());
+    }
+    Ok(())
+}
