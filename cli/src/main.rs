@@ -122,10 +122,8 @@ async fn create_topics(names: &[String], partitions: i32) -> anyhow::Result<()> 
 }
 
 async fn send_sample(topic: &str, tenant: &str, session: &str) -> anyhow::Result<()> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap_servers())
-        .set("acks", "all")
-        .create()?;
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", bootstrap_servers()).set("acks", "all").create()?;
     let start = chrono::Utc::now() - chrono::Duration::seconds(CONVERSATION.len() as i64);
     for (index, (sender, receiver, text)) in CONVERSATION.iter().enumerate() {
         let request = StoreMessageRequest {
@@ -195,7 +193,11 @@ async fn query(addr: &str, tenant: &str, session: &str, limit: i32, expect: usiz
             .unwrap_or_default();
         println!("read    {time} {:>6}: {text}", message.sender_id);
     }
-    println!("{} message(s) in session {session} (tenant {tenant}), has_more={}", response.messages.len(), response.has_more);
+    println!(
+        "{} message(s) in session {session} (tenant {tenant}), has_more={}",
+        response.messages.len(),
+        response.has_more
+    );
     if response.messages.len() < expect {
         bail!("expected {expect} messages, found {}", response.messages.len());
     }

@@ -34,16 +34,9 @@ pub enum InvalidMessage {
 /// Tenant of a request: `tenant.tenant_id` of the request, else of the message, else `""`.
 pub fn tenant_id(request: &StoreMessageRequest) -> &str {
     let from_request = request.tenant.as_ref().map(|tenant| tenant.tenant_id.as_str());
-    let from_message = request
-        .message
-        .as_ref()
-        .and_then(|message| message.tenant.as_ref())
-        .map(|tenant| tenant.tenant_id.as_str());
-    [from_request, from_message]
-        .into_iter()
-        .flatten()
-        .find(|id| !id.is_empty())
-        .unwrap_or("")
+    let from_message =
+        request.message.as_ref().and_then(|message| message.tenant.as_ref()).map(|tenant| tenant.tenant_id.as_str());
+    [from_request, from_message].into_iter().flatten().find(|id| !id.is_empty()).unwrap_or("")
 }
 
 /// Validates an identifier field; empty is allowed only where `required` is false.
@@ -131,10 +124,7 @@ pub fn to_datetime(timestamp: &Timestamp) -> Option<DateTime<Utc>> {
 
 /// Converts to a protobuf timestamp.
 pub fn to_timestamp(time: DateTime<Utc>) -> Timestamp {
-    Timestamp {
-        seconds: time.timestamp(),
-        nanos: i32::try_from(time.timestamp_subsec_nanos()).unwrap_or(0),
-    }
+    Timestamp { seconds: time.timestamp(), nanos: i32::try_from(time.timestamp_subsec_nanos()).unwrap_or(0) }
 }
 
 #[cfg(test)]
@@ -196,10 +186,7 @@ mod tests {
         assert_eq!(normalize(request("s", ""), now(), now()), Err(InvalidMessage::Missing("message.id")));
         assert_eq!(normalize(request("", "m"), now(), now()), Err(InvalidMessage::Missing("session_id")));
         let long = "x".repeat(MAX_ID_BYTES + 1);
-        assert_eq!(
-            normalize(request("s", &long), now(), now()),
-            Err(InvalidMessage::TooLong { field: "message.id" })
-        );
+        assert_eq!(normalize(request("s", &long), now(), now()), Err(InvalidMessage::TooLong { field: "message.id" }));
         assert_eq!(
             normalize(request("s\n", "m"), now(), now()),
             Err(InvalidMessage::ControlCharacters { field: "session_id" })
@@ -208,12 +195,8 @@ mod tests {
         mismatch.message.as_mut().expect("message").session_id = "s2".into();
         assert_eq!(normalize(mismatch, now(), now()), Err(InvalidMessage::SessionMismatch));
         let mut bad_time = request("s", "m");
-        bad_time.message.as_mut().expect("message").timestamp =
-            Some(Timestamp { seconds: i64::MAX, nanos: 0 });
-        assert_eq!(
-            normalize(bad_time, now(), now()),
-            Err(InvalidMessage::BadTimestamp("message.timestamp"))
-        );
+        bad_time.message.as_mut().expect("message").timestamp = Some(Timestamp { seconds: i64::MAX, nanos: 0 });
+        assert_eq!(normalize(bad_time, now(), now()), Err(InvalidMessage::BadTimestamp("message.timestamp")));
     }
 
     #[test]

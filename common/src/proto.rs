@@ -19,5 +19,4 @@ pub use flare::common::v1 as common;
 pub use flare::storage::v1 as storage;
 
 /// Encoded `FileDescriptorSet` of every proto file, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/flare_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/flare_descriptor.bin"));

@@ -112,11 +112,17 @@ fn store_message_request_decodes_from_spec_field_numbers() {
     assert!(decoded.sync);
     assert_eq!(decoded.tags.get("source").map(String::as_str), Some("gateway"));
     let tenant = decoded.tenant.as_ref().expect("tenant");
-    assert_eq!((tenant.tenant_id.as_str(), tenant.business_type.as_str(), tenant.organization_id.as_str()), ("acme", "im", "org-9"));
+    assert_eq!(
+        (tenant.tenant_id.as_str(), tenant.business_type.as_str(), tenant.organization_id.as_str()),
+        ("acme", "im", "org-9")
+    );
     let context = decoded.context.as_ref().expect("context");
     assert_eq!(context.request_id, "req-1");
     let actor = context.actor.as_ref().expect("actor");
-    assert_eq!((actor.actor_id.as_str(), actor.r#type, actor.roles.as_slice()), ("alice", ActorType::User as i32, &["member".to_owned()][..]));
+    assert_eq!(
+        (actor.actor_id.as_str(), actor.r#type, actor.roles.as_slice()),
+        ("alice", ActorType::User as i32, &["member".to_owned()][..])
+    );
 
     let message = decoded.message.as_ref().expect("message");
     assert_eq!(message.id, "msg-1");
@@ -133,7 +139,10 @@ fn store_message_request_decodes_from_spec_field_numbers() {
     let timestamp = message.timestamp.as_ref().expect("timestamp");
     assert_eq!((timestamp.seconds, timestamp.nanos), (1_700_000_000, 500));
     assert_eq!(message.message_type, 1);
-    assert_eq!((message.business_type.as_str(), message.session_type.as_str(), message.status.as_str()), ("chat", "group", "sent"));
+    assert_eq!(
+        (message.business_type.as_str(), message.session_type.as_str(), message.status.as_str()),
+        ("chat", "group", "sent")
+    );
     assert_eq!(message.extra.get("client").map(String::as_str), Some("ios"));
     assert!(message.is_burn_after_read);
     assert_eq!(message.burn_after_seconds, 30);
@@ -186,15 +195,9 @@ fn query_messages_request_decodes_from_spec_field_numbers() {
 #[test]
 fn query_messages_by_seq_request_uses_its_spec_numbers() {
     let mut request = Encoder::default();
-    request
-        .string(1, "session-1")
-        .uint(2, 10)
-        .uint(3, 20)
-        .uint(4, 5)
-        .string(5, "bob")
-        .message(7, |tenant| {
-            tenant.string(1, "acme");
-        });
+    request.string(1, "session-1").uint(2, 10).uint(3, 20).uint(4, 5).string(5, "bob").message(7, |tenant| {
+        tenant.string(1, "acme");
+    });
     let decoded = QueryMessagesBySeqRequest::decode(request.0.as_slice()).expect("valid protobuf");
     assert_eq!((decoded.after_seq, decoded.before_seq, decoded.limit), (10, 20, 5));
     assert_eq!(decoded.user_id, "bob");

@@ -60,9 +60,9 @@ fn millis(field: &'static str, value: i64) -> Result<Option<DateTime<Utc>>, Erro
     match value {
         0 => Ok(None),
         negative if negative < 0 => Err(Error::invalid(field, "must be epoch milliseconds, not negative")),
-        value => DateTime::from_timestamp_millis(value)
-            .map(Some)
-            .ok_or_else(|| Error::invalid(field, "is out of range")),
+        value => {
+            DateTime::from_timestamp_millis(value).map(Some).ok_or_else(|| Error::invalid(field, "is out of range"))
+        }
     }
 }
 
@@ -170,10 +170,7 @@ impl StorageReaderService for StorageReader {
         self.observe("ExportMessages", async { Err(Error::NotImplemented("ExportMessages")) }).await
     }
 
-    async fn query_messages_by_seq(
-        &self,
-        _: Request<QueryMessagesBySeqRequest>,
-    ) -> Reply<QueryMessagesBySeqResponse> {
+    async fn query_messages_by_seq(&self, _: Request<QueryMessagesBySeqRequest>) -> Reply<QueryMessagesBySeqResponse> {
         self.observe("QueryMessagesBySeq", async { Err(Error::NotImplemented("QueryMessagesBySeq")) }).await
     }
 

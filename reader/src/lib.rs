@@ -65,25 +65,12 @@ pub async fn serve(
     }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let ops_task = tokio::spawn(ops::serve(
-        ops_listener,
-        metrics.registry.clone(),
-        readiness.clone(),
-        shutdown.clone(),
-    ));
-    let readiness_task = tokio::spawn(watch_readiness(
-        postgres.clone(),
-        readiness,
-        health_reporter,
-        shutdown.clone(),
-    ));
+    let ops_task =
+        tokio::spawn(ops::serve(ops_listener, metrics.registry.clone(), readiness.clone(), shutdown.clone()));
+    let readiness_task = tokio::spawn(watch_readiness(postgres.clone(), readiness, health_reporter, shutdown.clone()));
 
     let reader = StorageReader {
-        lookup: Lookup {
-            postgres,
-            default_range: config.default_range,
-            max_page_size: config.max_page_size,
-        },
+        lookup: Lookup { postgres, default_range: config.default_range, max_page_size: config.max_page_size },
         metrics,
     };
     info!(addr = %grpc_listener.local_addr()?, "serving gRPC");

@@ -59,10 +59,8 @@ impl Lookup {
         if from > to {
             return Err(Error::invalid("start_time", "must not be after end_time"));
         }
-        let before = query.after.as_ref().map(|cursor| Before {
-            timestamp: cursor.timestamp,
-            message_id: &cursor.message_id,
-        });
+        let before =
+            query.after.as_ref().map(|cursor| Before { timestamp: cursor.timestamp, message_id: &cursor.message_id });
         // One row more than the page tells whether another page exists, without counting.
         let mut rows = self
             .postgres
@@ -84,8 +82,8 @@ impl Lookup {
 
 /// The message as first stored, with the columns that may have changed since laid over it.
 fn to_message(row: StoredRow) -> Result<Message, Error> {
-    let mut message = Message::decode(row.payload.as_slice())
-        .map_err(|_| Error::Corrupt { message_id: row.message_id.clone() })?;
+    let mut message =
+        Message::decode(row.payload.as_slice()).map_err(|_| Error::Corrupt { message_id: row.message_id.clone() })?;
     message.seq = row.seq.unwrap_or(0);
     message.status = row.status;
     message.tags = row.tags;

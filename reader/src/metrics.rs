@@ -19,9 +19,8 @@ impl Metrics {
         let registry = Registry::new();
         let queries = IntCounterVec::new(Opts::new(QUERIES, "gRPC calls answered"), &["rpc", "code"])?;
         let query_latency = HistogramVec::new(
-            HistogramOpts::new(QUERY_LATENCY, "gRPC call latency").buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-            ]),
+            HistogramOpts::new(QUERY_LATENCY, "gRPC call latency")
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
             &["rpc"],
         )?;
         registry.register(Box::new(queries.clone()))?;

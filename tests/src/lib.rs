@@ -55,9 +55,7 @@ impl TestDatabase {
     /// inspection).
     pub async fn drop(self) -> anyhow::Result<()> {
         let mut admin = PgConnection::connect(&postgres_url()).await?;
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
-            .execute(&mut admin)
-            .await?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).execute(&mut admin).await?;
         Ok(())
     }
 
@@ -149,9 +147,7 @@ impl RunningWriter {
     /// Asks the writer to stop and waits until it has.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .context("writer did not stop within 30 s")??
+        tokio::time::timeout(Duration::from_secs(30), self.task).await.context("writer did not stop within 30 s")??
     }
 }
 
@@ -209,34 +205,24 @@ impl RunningReader {
 
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .context("reader did not stop within 30 s")??
+        tokio::time::timeout(Duration::from_secs(30), self.task).await.context("reader did not stop within 30 s")??
     }
 }
 
 /// GETs a path of an ops endpoint; returns (status code, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes()).await?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .context("malformed HTTP response")?;
+    let status = response.split(' ').nth(1).and_then(|code| code.parse().ok()).context("malformed HTTP response")?;
     let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
     Ok((status, body))
 }
 
 /// The value of an unlabelled metric in Prometheus text output.
 pub fn metric_value(metrics: &str, name: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    metrics.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Polls `check` until it returns `Some`, or fails after `timeout` with the last state.

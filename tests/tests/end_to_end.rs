@@ -6,8 +6,8 @@ use std::time::Duration;
 use flare_storage_common::message::to_timestamp;
 use flare_storage_common::proto::common::{ErrorCode, Pagination, TenantContext};
 use flare_storage_common::proto::storage::{
-    GetMessageRequest, Message, MessageContent, MessageType, QueryMessagesRequest, StoreMessageRequest,
-    TextContent, message_content,
+    GetMessageRequest, Message, MessageContent, MessageType, QueryMessagesRequest, StoreMessageRequest, TextContent,
+    message_content,
 };
 use flare_storage_common::tonic::Code;
 use flare_storage_e2e::*;
@@ -174,7 +174,10 @@ async fn messages_flow_from_kafka_to_grpc_exactly_once() -> anyhow::Result<()> {
     assert_eq!(http_get(writer.metrics_addr, "/readyz").await?.0, 200);
     assert_eq!(http_get(reader.metrics_addr, "/healthz").await?.0, 200);
     let (_, reader_metrics) = http_get(reader.metrics_addr, "/metrics").await?;
-    assert!(reader_metrics.contains("storage_reader_queries_total{code=\"OK\",rpc=\"QueryMessages\"}"), "{reader_metrics}");
+    assert!(
+        reader_metrics.contains("storage_reader_queries_total{code=\"OK\",rpc=\"QueryMessages\"}"),
+        "{reader_metrics}"
+    );
 
     // The garbage record is in the dead-letter topic, unchanged, with its reason and origin.
     let dead_letter = read_one(&dlq_topic).await?;
@@ -262,7 +265,8 @@ async fn read_one(topic: &str) -> anyhow::Result<DeadLetter> {
                     headers
                         .iter()
                         .map(|header| {
-                            let value = header.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+                            let value =
+                                header.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
                             (header.key.to_owned(), value)
                         })
                         .collect()

@@ -111,8 +111,7 @@ mod tests {
     use super::*;
 
     fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let vars: HashMap<String, String> =
-            vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let vars: HashMap<String, String> = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         Config::from_lookup(|name| vars.get(name).cloned())
     }
 
@@ -140,8 +139,8 @@ mod tests {
         let mut vars = MINIMAL.to_vec();
         vars.push(("WRITER_BATCH_SIZE", "0"));
         assert!(config(&vars).is_err());
-        let error = config(&[("KAFKA_BOOTSTRAP_SERVERS", "k:9092"), ("POSTGRES_URL", "mysql://x")])
-            .expect_err("bad url");
+        let error =
+            config(&[("KAFKA_BOOTSTRAP_SERVERS", "k:9092"), ("POSTGRES_URL", "mysql://x")]).expect_err("bad url");
         assert!(error.to_string().contains("POSTGRES_URL"), "{error}");
     }
 

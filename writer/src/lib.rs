@@ -48,12 +48,8 @@ pub async fn run_with_listener(
     let readiness = Arc::new(Readiness::default());
     // The ops endpoint outlives the consumer so /metrics stays scrapeable while draining.
     let ops_shutdown = CancellationToken::new();
-    let ops_task = tokio::spawn(ops::serve(
-        ops_listener,
-        metrics.registry.clone(),
-        readiness.clone(),
-        ops_shutdown.clone(),
-    ));
+    let ops_task =
+        tokio::spawn(ops::serve(ops_listener, metrics.registry.clone(), readiness.clone(), ops_shutdown.clone()));
 
     let result = consume(config, metrics, readiness, &shutdown).await;
     ops_shutdown.cancel();

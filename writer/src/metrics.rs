@@ -31,22 +31,17 @@ impl Metrics {
         let processed = IntCounter::new(MESSAGES_PROCESSED, "Messages newly persisted")?;
         let duplicated = IntCounter::new(MESSAGES_DUPLICATED, "Messages found already persisted")?;
         let write_latency = Histogram::with_opts(
-            HistogramOpts::new(WRITE_LATENCY, "Time to persist one batch in the stores").buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ]),
+            HistogramOpts::new(WRITE_LATENCY, "Time to persist one batch in the stores")
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
         )?;
-        let dead_lettered = IntCounterVec::new(
-            Opts::new(DEAD_LETTERED, "Records sent to the dead-letter topic"),
-            &["reason"],
-        )?;
+        let dead_lettered =
+            IntCounterVec::new(Opts::new(DEAD_LETTERED, "Records sent to the dead-letter topic"), &["reason"])?;
         let batch_size = Histogram::with_opts(
             HistogramOpts::new(BATCH_SIZE, "Records per processed batch")
                 .buckets(vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0]),
         )?;
-        let stage_errors = IntCounterVec::new(
-            Opts::new(STAGE_ERRORS, "Failed attempts of a pipeline stage (retried)"),
-            &["stage"],
-        )?;
+        let stage_errors =
+            IntCounterVec::new(Opts::new(STAGE_ERRORS, "Failed attempts of a pipeline stage (retried)"), &["stage"])?;
         registry.register(Box::new(processed.clone()))?;
         registry.register(Box::new(duplicated.clone()))?;
         registry.register(Box::new(write_latency.clone()))?;

@@ -83,9 +83,7 @@ impl Pipeline {
         }
 
         let started = Instant::now();
-        let mut inserted = self
-            .retry("postgres", shutdown, || self.postgres.insert_batch(&messages))
-            .await?;
+        let mut inserted = self.retry("postgres", shutdown, || self.postgres.insert_batch(&messages)).await?;
         self.metrics.write_latency.observe(started.elapsed().as_secs_f64());
 
         // A key is new once: a second copy in the same batch is a duplicate of the first.
@@ -104,13 +102,10 @@ impl Pipeline {
         if payload.len() > self.max_message_bytes {
             return Err(Rejection::TooLarge { size: payload.len(), limit: self.max_message_bytes });
         }
-        let request = StoreMessageRequest::decode(payload)
-            .map_err(|error| Rejection::Undecodable(error.to_string()))?;
+        let request =
+            StoreMessageRequest::decode(payload).map_err(|error| Rejection::Undecodable(error.to_string()))?;
         // The record time stands in for a missing message time; it is the same on redelivery.
-        let record_time = record
-            .timestamp_ms
-            .and_then(DateTime::from_timestamp_millis)
-            .unwrap_or(ingested_at);
+        let record_time = record.timestamp_ms.and_then(DateTime::from_timestamp_millis).unwrap_or(ingested_at);
         Ok(normalize(request, record_time, ingested_at)?)
     }
 
@@ -136,7 +131,12 @@ impl Pipeline {
     /// Runs `attempt` until it succeeds, backing off between failures. An attempt under way
     /// is allowed to finish so a shutdown still lands the batch in flight; after a failure,
     /// shutdown stops the retries. While a stage fails the writer reports itself not ready.
-    async fn retry<T, E, F, Fut>(&self, stage: &'static str, shutdown: &CancellationToken, mut attempt: F) -> Result<T, Interrupted>
+    async fn retry<T, E, F, Fut>(
+        &self,
+        stage: &'static str,
+        shutdown: &CancellationToken,
+        mut attempt: F,
+    ) -> Result<T, Interrupted>
     where
         E: std::fmt::Display,
         F: FnMut() -> Fut,

@@ -29,7 +29,8 @@ pub struct StoredRow {
     pub created_at: DateTime<Utc>,
 }
 
-const COLUMNS: &str = r#"message_id, "timestamp", payload, seq, status, is_recalled, recalled_at, tags, attributes, created_at"#;
+const COLUMNS: &str =
+    r#"message_id, "timestamp", payload, seq, status, is_recalled, recalled_at, tags, attributes, created_at"#;
 
 /// Where a page of a session's history starts: strictly older than this message.
 pub struct Before<'a> {
@@ -73,11 +74,7 @@ impl PostgresStore {
         // message_id DESC) index, so each page is one index range scan (keyset paging). The
         // first page gets its own statement: an `$5 IS NULL OR …` condition would keep a
         // generic plan from using the cursor as an index bound.
-        let cursor_condition = if before.is_some() {
-            r#"AND ("timestamp", message_id) < ($6, $7)"#
-        } else {
-            ""
-        };
+        let cursor_condition = if before.is_some() { r#"AND ("timestamp", message_id) < ($6, $7)"# } else { "" };
         let sql = format!(
             r#"SELECT {COLUMNS} FROM messages
                WHERE tenant_id = $1 AND session_id = $2 AND deleted_at IS NULL
@@ -89,8 +86,6 @@ impl PostgresStore {
         if let Some(before) = before {
             query = query.bind(before.timestamp).bind(before.message_id);
         }
-        query
-            .fetch_all(&self.pool)
-            .await
+        query.fetch_all(&self.pool).await
     }
 }

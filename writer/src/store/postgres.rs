@@ -141,9 +141,7 @@ impl Columns {
             columns.session_type.push(message.session_type.clone());
             columns.status.push(message.status.clone());
             // Normalisation guarantees a representable timestamp; the epoch is never reached.
-            columns.timestamp.push(
-                message.timestamp.as_ref().and_then(to_datetime).unwrap_or(DateTime::UNIX_EPOCH),
-            );
+            columns.timestamp.push(message.timestamp.as_ref().and_then(to_datetime).unwrap_or(DateTime::UNIX_EPOCH));
             columns.is_recalled.push(message.is_recalled);
             columns.recalled_at.push(message.recalled_at.as_ref().and_then(to_datetime));
             columns.is_burn_after_read.push(message.is_burn_after_read);
