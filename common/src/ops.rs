@@ -94,3 +94,23 @@ pub async fn shutdown_signal() {
         let _ = ctrl_c.await;
     }
 }
+
+/// Asks a running binary's ops endpoint whether it is alive (`/healthz` answers 200). Used by
+/// the `healthcheck` subcommand so container images need no HTTP client. An unspecified bind
+/// address (`0.0.0.0`) is probed on loopback.
+pub async fn probe_health(addr: std::net::SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let mut target = addr;
+    if target.ip().is_unspecified() {
+        target.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(target).await?;
+        stream.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n").await?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await?;
+        std::io::Result::Ok(head.ends_with(b" 200"))
+    };
+    matches!(tokio::time::timeout(std::time::Duration::from_secs(3), attempt).await, Ok(Ok(true)))
+}

@@ -1,5 +1,7 @@
 //! `flare-storage-reader` — serve the StorageReaderService gRPC API, or
-//! `flare-storage-reader migrate` to apply the database migrations and exit.
+//! `flare-storage-reader migrate` to apply the database migrations and exit, or
+//! `flare-storage-reader healthcheck` to probe a running instance's `/healthz` (container
+//! health checks).
 
 use std::process::ExitCode;
 
@@ -30,8 +32,11 @@ async fn main() -> ExitCode {
             flare_storage_reader::run(config, shutdown).await
         }
         Some("migrate") => migrate(&config.postgres_url).await,
+        Some("healthcheck") => {
+            return if ops::probe_health(config.metrics_addr).await { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+        }
         Some(other) => {
-            eprintln!("flare-storage-reader: unknown command {other:?} (expected: run, migrate)");
+            eprintln!("flare-storage-reader: unknown command {other:?} (expected: run, migrate, healthcheck)");
             return ExitCode::from(2);
         }
     };

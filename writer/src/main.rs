@@ -1,5 +1,6 @@
 //! `flare-storage-writer` — run the writer, or `flare-storage-writer migrate` to apply the
-//! database migrations and exit.
+//! database migrations and exit, or `flare-storage-writer healthcheck` to probe a running
+//! instance's `/healthz` (container health checks).
 
 use std::process::ExitCode;
 
@@ -30,8 +31,11 @@ async fn main() -> ExitCode {
             flare_storage_writer::run(config, shutdown).await
         }
         Some("migrate") => migrate(&config.postgres_url).await,
+        Some("healthcheck") => {
+            return if ops::probe_health(config.metrics_addr).await { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+        }
         Some(other) => {
-            eprintln!("flare-storage-writer: unknown command {other:?} (expected: run, migrate)");
+            eprintln!("flare-storage-writer: unknown command {other:?} (expected: run, migrate, healthcheck)");
             return ExitCode::from(2);
         }
     };
