@@ -60,10 +60,11 @@ remember_started() { echo "$1 $2" >>"$STATE_DIR/started"; }
 # --- PostgreSQL -------------------------------------------------------------------------------
 postgres_up() {
   if [[ -n "${POSTGRES_URL:-}" ]]; then log "postgres: using POSTGRES_URL from the environment"; return; fi
+  if ! port_open "$PG_PORT" && ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+    apt_install postgresql postgresql-contrib
+    sleep 1 # the package may have started its cluster itself
+  fi
   if ! port_open "$PG_PORT"; then
-    if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
-      apt_install postgresql postgresql-contrib
-    fi
     local version
     version=$(ls /etc/postgresql | sort -V | tail -n1)
     log "postgres: starting cluster $version/main"
@@ -86,7 +87,11 @@ postgres_up() {
 redis_up() {
   if [[ -n "${REDIS_URL:-}" ]]; then log "redis: using REDIS_URL from the environment"; return; fi
   port_open "$REDIS_PORT" && return
-  command -v redis-server >/dev/null || apt_install redis-server
+  if ! command -v redis-server >/dev/null; then
+    apt_install redis-server
+    sleep 1 # the package may have started a server itself
+    port_open "$REDIS_PORT" && return
+  fi
   log "redis: starting"
   redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
     --dir "$STATE_DIR" --logfile "$STATE_DIR/redis.log" --pidfile "$STATE_DIR/redis.pid" >&2
