@@ -1,10 +1,11 @@
 //! What the writer and the reader of flare-storage share: the generated wire contract, the
-//! normalised message model, the database schema, and process plumbing (telemetry, the
+//! normalised message model, the Redis key layout, the database schema, and process plumbing (telemetry, the
 //! metrics/health HTTP endpoint, shutdown).
 //!
 //! `tonic` and `prost` are re-exported so both binaries build against the exact versions the
 //! generated code was made with.
 
+pub mod keys;
 pub mod message;
 pub mod ops;
 pub mod proto;

@@ -1,0 +1,87 @@
+//! The Redis key layout that writer and reader agree on.
+//!
+//! Every key of one session shares the Redis Cluster hash tag `{<len>:<tenant>:<session>}`, so
+//! the scripts that touch several of them run on one node. The tenant is length-prefixed so
+//! no (tenant, session) pair can spell the key of another: `("a:b", "c")` and `("a", "b:c")`
+//! give different tags. A user's keys use the same scheme with the user id.
+
+/// Keys of one session of one tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionKeys {
+    tag: String,
+}
+
+impl SessionKeys {
+    pub fn new(tenant_id: &str, session_id: &str) -> Self {
+        Self { tag: format!("fs:{{{}:{tenant_id}:{session_id}}}", tenant_id.len()) }
+    }
+
+    /// ZSET of the newest messages of the session: member message_id, score seq.
+    pub fn hot_index(&self) -> String {
+        format!("{}:hot", self.tag)
+    }
+
+    /// HASH message_id → protobuf `Message` of the messages in [`Self::hot_index`].
+    pub fn hot_bodies(&self) -> String {
+        format!("{}:body", self.tag)
+    }
+
+    /// HASH of the session's state (last message, last seq, message count…).
+    pub fn state(&self) -> String {
+        format!("{}:state", self.tag)
+    }
+
+    /// HASH user_id → unread count.
+    pub fn unread(&self) -> String {
+        format!("{}:unread", self.tag)
+    }
+
+    /// STRING: the last seq handed out in the session.
+    pub fn seq_counter(&self) -> String {
+        format!("{}:seq", self.tag)
+    }
+
+    /// HASH message_id → seq, so a redelivered message gets its first seq back.
+    pub fn seq_assigned(&self) -> String {
+        format!("{}:seqof", self.tag)
+    }
+
+    /// STRING set once a message is durable in every store; its value is the message's seq.
+    pub fn done(&self, message_id: &str) -> String {
+        format!("{}:done:{message_id}", self.tag)
+    }
+}
+
+/// HASH session_id → last seq the user has in that session.
+pub fn user_cursors(tenant_id: &str, user_id: &str) -> String {
+    format!("fs:{{{}:{tenant_id}:{user_id}}}:cursors", tenant_id.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash_tag(key: &str) -> &str {
+        let open = key.find('{').expect("tag opens");
+        let close = key[open..].find('}').expect("tag closes") + open;
+        &key[open + 1..close]
+    }
+
+    #[test]
+    fn keys_of_a_session_share_one_hash_tag() {
+        let keys = SessionKeys::new("acme", "s1");
+        let tag = hash_tag(&keys.hot_index()).to_owned();
+        for key in
+            [keys.hot_bodies(), keys.state(), keys.unread(), keys.seq_counter(), keys.seq_assigned(), keys.done("m1")]
+        {
+            assert_eq!(hash_tag(&key), tag, "{key}");
+        }
+    }
+
+    #[test]
+    fn tenants_cannot_collide() {
+        assert_ne!(SessionKeys::new("a:b", "c"), SessionKeys::new("a", "b:c"));
+        assert_ne!(user_cursors("a:b", "c"), user_cursors("a", "b:c"));
+        assert_ne!(SessionKeys::new("", "4:x:y").state(), SessionKeys::new("x", "y").state());
+    }
+}
