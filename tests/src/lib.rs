@@ -25,6 +25,14 @@ pub fn postgres_url() -> String {
     std::env::var("POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/test".into())
 }
 
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+pub fn mongo_url() -> String {
+    std::env::var("MONGO_URL").unwrap_or_else(|_| "mongodb://127.0.0.1:27017/?directConnection=true".into())
+}
+
 pub fn kafka_bootstrap() -> String {
     std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
@@ -151,23 +159,33 @@ impl RunningWriter {
     }
 }
 
-/// Writer settings for a test: its own topic, group and dead-letter topic.
+/// Writer settings for a test: its own topic, group and dead-letter topic, Postgres only (a
+/// test adds MongoDB, ACKs or a WAL key where it needs them). Redis keys are isolated by the
+/// test's own tenant ids.
 pub fn writer_config(database_url: &str, topic: &str, dlq_topic: &str) -> flare_storage_writer::Config {
     flare_storage_writer::Config {
         kafka_bootstrap_servers: kafka_bootstrap(),
         kafka_topic: topic.into(),
         kafka_group_id: unique("group"),
         kafka_dlq_topic: dlq_topic.into(),
+        kafka_ack_topic: None,
         // The test broker holds each group join for about half the session timeout.
         kafka_session_timeout: Duration::from_millis(6000),
-        postgres_url: database_url.into(),
+        redis_url: redis_url(),
+        redis_hot_ttl: Duration::from_secs(600),
+        redis_idempotency_ttl: Duration::from_secs(600),
+        redis_hot_window: 200,
+        mongo: None,
+        postgres_url: Some(database_url.into()),
         postgres_max_connections: 4,
+        wal_hash_key: None,
         batch_max_messages: 100,
         batch_max_wait: Duration::from_millis(20),
         max_message_bytes: 64 * 1024,
         retry_initial_backoff: Duration::from_millis(50),
         retry_max_backoff: Duration::from_millis(500),
         metrics_addr: ([127, 0, 0, 1], 0).into(),
+        crash_after_stage: None,
     }
 }
 

@@ -66,6 +66,9 @@ async fn messages_flow_from_kafka_to_grpc_exactly_once() -> anyhow::Result<()> {
     let topic = unique("messages");
     let dlq_topic = unique("dlq");
     create_topics(&[&topic, &dlq_topic], PARTITIONS).await?;
+    // Tenants of their own keep this test's Redis keys apart from every other test's.
+    let (acme, globex) = (unique("acme"), unique("globex"));
+    let (acme, globex) = (acme.as_str(), globex.as_str());
 
     let conversation = [
         ("alice", "你好，这是一条测试消息"),
@@ -76,13 +79,13 @@ async fn messages_flow_from_kafka_to_grpc_exactly_once() -> anyhow::Result<()> {
     ];
     let producer = producer()?;
     for (index, (sender, text)) in conversation.iter().enumerate() {
-        let request = text_message("acme", "s-chat", &format!("m{index}"), sender, text, index as i64);
+        let request = text_message(acme, "s-chat", &format!("m{index}"), sender, text, index as i64);
         produce_message(&producer, &topic, &request).await?;
     }
     // Another tenant uses the same session id and message id: it must stay separate.
-    produce_message(&producer, &topic, &text_message("globex", "s-chat", "m0", "eve", "other tenant", 0)).await?;
+    produce_message(&producer, &topic, &text_message(globex, "s-chat", "m0", "eve", "other tenant", 0)).await?;
     // A resend of an already produced message, and a record that is not a protobuf at all.
-    produce_message(&producer, &topic, &text_message("acme", "s-chat", "m1", "bob", "Hi Alice, got it", 1)).await?;
+    produce_message(&producer, &topic, &text_message(acme, "s-chat", "m1", "bob", "Hi Alice, got it", 1)).await?;
     produce(&producer, &topic, "s-chat", b"\xff\xffnot a protobuf").await?;
 
     let writer = RunningWriter::start(writer_config(&database.url, &topic, &dlq_topic)).await?;
@@ -93,7 +96,7 @@ async fn messages_flow_from_kafka_to_grpc_exactly_once() -> anyhow::Result<()> {
     let messages = eventually(Duration::from_secs(60), "the conversation to be readable", || {
         let mut client = client.clone();
         async move {
-            let response = client.query_messages(query("acme", "s-chat", 20, "")).await?.into_inner();
+            let response = client.query_messages(query(acme, "s-chat", 20, "")).await?.into_inner();
             Ok((response.messages.len() == conversation.len()).then_some(response))
         }
     })
@@ -104,7 +107,7 @@ async fn messages_flow_from_kafka_to_grpc_exactly_once() -> anyhow::Result<()> {
     assert!(!messages.has_more);
     assert_eq!(messages.status.map(|status| status.code), Some(ErrorCode::Ok as i32));
     for message in &messages.messages {
-        assert_eq!(message.tenant.as_ref().map(|tenant| tenant.tenant_id.as_str()), Some("acme"));
+        assert_eq!(message.tenant.as_ref().map(|tenant| tenant.tenant_id.as_str()), Some(acme));
         assert!(message.timeline.as_ref().and_then(|timeline| timeline.persisted_time).is_some());
     }
 
@@ -112,7 +115,7 @@ async fn messages_flow_from_kafka_to_grpc_exactly_once() -> anyhow::Result<()> {
     let mut paged = Vec::new();
     let mut cursor = String::new();
     for expected_len in [2, 2, 1] {
-        let page = client.query_messages(query("acme", "s-chat", 2, &cursor)).await?.into_inner();
+        let page = client.query_messages(query(acme, "s-chat", 2, &cursor)).await?.into_inner();
         assert_eq!(page.messages.len(), expected_len);
         assert_eq!(page.has_more, expected_len == 2);
         assert_eq!(page.pagination.as_ref().map(|p| p.has_more), Some(page.has_more));
@@ -121,40 +124,40 @@ async fn messages_flow_from_kafka_to_grpc_exactly_once() -> anyhow::Result<()> {
     }
     assert_eq!(paged, ["m4", "m3", "m2", "m1", "m0"]);
     // The cursor may also travel in the pagination field.
-    let first = client.query_messages(query("acme", "s-chat", 3, "")).await?.into_inner();
-    let mut via_pagination = query("acme", "s-chat", 0, "");
+    let first = client.query_messages(query(acme, "s-chat", 3, "")).await?.into_inner();
+    let mut via_pagination = query(acme, "s-chat", 0, "");
     via_pagination.pagination = Some(Pagination { cursor: first.next_cursor.clone(), limit: 3, ..Default::default() });
     let second = client.query_messages(via_pagination).await?.into_inner();
     assert_eq!(second.messages.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), ["m1", "m0"]);
 
     // Tenants are separate.
-    let other = client.query_messages(query("globex", "s-chat", 20, "")).await?.into_inner();
+    let other = client.query_messages(query(globex, "s-chat", 20, "")).await?.into_inner();
     assert_eq!(other.messages.iter().map(text_of).collect::<Vec<_>>(), ["other tenant"]);
     let get = |tenant: &str, id: &str| GetMessageRequest {
         message_id: id.into(),
         tenant: Some(TenantContext { tenant_id: tenant.into(), ..Default::default() }),
         ..Default::default()
     };
-    let found = client.get_message(get("acme", "m2")).await?.into_inner();
+    let found = client.get_message(get(acme, "m2")).await?.into_inner();
     assert_eq!(found.message.as_ref().map(text_of), Some("周末一起去爬山吗？"));
     assert_eq!(found.status.map(|status| status.code), Some(ErrorCode::Ok as i32));
-    let missing = client.get_message(get("acme", "m-does-not-exist")).await.expect_err("unknown id");
+    let missing = client.get_message(get(acme, "m-does-not-exist")).await.expect_err("unknown id");
     assert_eq!(missing.code(), Code::NotFound);
     let wrong_tenant = client.get_message(get("initech", "m2")).await.expect_err("other tenant");
     assert_eq!(wrong_tenant.code(), Code::NotFound);
 
     // Bad input names the field.
-    let error = client.query_messages(query("acme", "", 20, "")).await.expect_err("no session");
+    let error = client.query_messages(query(acme, "", 20, "")).await.expect_err("no session");
     assert_eq!(error.code(), Code::InvalidArgument);
     assert!(error.message().contains("session_id"), "{}", error.message());
-    let error = client.query_messages(query("acme", "s-chat", 20, "garbage!")).await.expect_err("bad cursor");
+    let error = client.query_messages(query(acme, "s-chat", 20, "garbage!")).await.expect_err("bad cursor");
     assert_eq!(error.code(), Code::InvalidArgument);
     assert!(error.message().contains("cursor"), "{}", error.message());
-    let foreign_cursor = client.query_messages(query("globex", "s-chat", 20, &first.next_cursor)).await;
+    let foreign_cursor = client.query_messages(query(globex, "s-chat", 20, &first.next_cursor)).await;
     assert_eq!(foreign_cursor.expect_err("cursor of another tenant").code(), Code::InvalidArgument);
-    let error = client.query_messages(query("acme", "s-chat", -5, "")).await.expect_err("negative limit");
+    let error = client.query_messages(query(acme, "s-chat", -5, "")).await.expect_err("negative limit");
     assert!(error.message().contains("limit"), "{}", error.message());
-    let error = client.get_message(get("acme", &"x".repeat(65))).await.expect_err("long id");
+    let error = client.get_message(get(acme, &"x".repeat(65))).await.expect_err("long id");
     assert_eq!(error.code(), Code::InvalidArgument);
 
     // Stored exactly once: 5 acme + 1 globex rows although m1 was produced twice.
@@ -197,10 +200,12 @@ async fn redelivered_records_are_not_stored_twice() -> anyhow::Result<()> {
     let topic = unique("messages");
     let dlq_topic = unique("dlq");
     create_topics(&[&topic, &dlq_topic], PARTITIONS).await?;
+    let acme = unique("acme");
+    let acme = acme.as_str();
     let producer = producer()?;
     for index in 0..20 {
         let session = format!("s{}", index % 3);
-        produce_message(&producer, &topic, &text_message("acme", &session, &format!("m{index}"), "a", "hello", index))
+        produce_message(&producer, &topic, &text_message(acme, &session, &format!("m{index}"), "a", "hello", index))
             .await?;
     }
 

@@ -10,15 +10,34 @@ pub struct Config {
     pub kafka_topic: String,
     pub kafka_group_id: String,
     pub kafka_dlq_topic: String,
+    /// Where ACK events go; none are sent when unset.
+    pub kafka_ack_topic: Option<String>,
     pub kafka_session_timeout: Duration,
-    pub postgres_url: String,
+    pub redis_url: String,
+    pub redis_hot_ttl: Duration,
+    pub redis_idempotency_ttl: Duration,
+    /// Newest messages kept per session in the hot cache.
+    pub redis_hot_window: usize,
+    pub mongo: Option<MongoConfig>,
+    pub postgres_url: Option<String>,
     pub postgres_max_connections: u32,
+    /// Upstream write-ahead hash whose entries are removed once stored (`HDEL key message_id`).
+    pub wal_hash_key: Option<String>,
     pub batch_max_messages: usize,
     pub batch_max_wait: Duration,
     pub max_message_bytes: usize,
     pub retry_initial_backoff: Duration,
     pub retry_max_backoff: Duration,
     pub metrics_addr: SocketAddr,
+    /// Fault injection for crash tests: abort right after this pipeline stage.
+    pub crash_after_stage: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct MongoConfig {
+    pub url: String,
+    pub database: String,
+    pub collection: String,
 }
 
 impl std::fmt::Debug for Config {
@@ -29,6 +48,10 @@ impl std::fmt::Debug for Config {
             .field("kafka_topic", &self.kafka_topic)
             .field("kafka_group_id", &self.kafka_group_id)
             .field("kafka_dlq_topic", &self.kafka_dlq_topic)
+            .field("kafka_ack_topic", &self.kafka_ack_topic)
+            .field("postgres", &self.postgres_url.is_some())
+            .field("mongo", &self.mongo.as_ref().map(|mongo| (&mongo.database, &mongo.collection)))
+            .field("wal_hash_key", &self.wal_hash_key)
             .field("batch_max_messages", &self.batch_max_messages)
             .field("batch_max_wait", &self.batch_max_wait)
             .field("metrics_addr", &self.metrics_addr)
@@ -67,9 +90,30 @@ impl Config {
             Ok(value)
         };
 
-        let postgres_url = required("POSTGRES_URL")?;
-        if !postgres_url.starts_with("postgres://") && !postgres_url.starts_with("postgresql://") {
+        let postgres_url = get("POSTGRES_URL");
+        if let Some(url) = &postgres_url
+            && !url.starts_with("postgres://")
+            && !url.starts_with("postgresql://")
+        {
             return Err(ConfigError("POSTGRES_URL must start with postgres:// or postgresql://".into()));
+        }
+        let mongo = match get("MONGO_URL") {
+            None => None,
+            Some(url) if !url.starts_with("mongodb://") && !url.starts_with("mongodb+srv://") => {
+                return Err(ConfigError("MONGO_URL must start with mongodb://".into()));
+            }
+            Some(url) => Some(MongoConfig {
+                url,
+                database: get("MONGO_DATABASE").unwrap_or_else(|| "flare_im".into()),
+                collection: get("MONGO_COLLECTION").unwrap_or_else(|| "messages".into()),
+            }),
+        };
+        if postgres_url.is_none() && mongo.is_none() {
+            return Err(ConfigError("set POSTGRES_URL, MONGO_URL or both: messages need a database".into()));
+        }
+        let redis_url = required("REDIS_URL")?;
+        if !redis_url.starts_with("redis://") && !redis_url.starts_with("rediss://") {
+            return Err(ConfigError("REDIS_URL must start with redis:// or rediss://".into()));
         }
         let metrics_addr = get("METRICS_ADDR").unwrap_or_else(|| "0.0.0.0:9100".into());
         let metrics_addr = metrics_addr
@@ -88,6 +132,14 @@ impl Config {
             kafka_topic: get("KAFKA_TOPIC").unwrap_or_else(|| "storage-messages".into()),
             kafka_group_id: get("KAFKA_GROUP_ID").unwrap_or_else(|| "storage-writer".into()),
             kafka_dlq_topic: get("KAFKA_DLQ_TOPIC").unwrap_or_else(|| "storage-messages-dlq".into()),
+            kafka_ack_topic: get("KAFKA_ACK_TOPIC"),
+            redis_url,
+            redis_hot_ttl: Duration::from_secs(positive("REDIS_HOT_TTL_SECONDS", 3600)?),
+            redis_idempotency_ttl: Duration::from_secs(positive("REDIS_IDEMPOTENCY_TTL_SECONDS", 86_400)?),
+            redis_hot_window: usize::try_from(positive("REDIS_HOT_MAX_MESSAGES", 200)?)
+                .map_err(|_| ConfigError("REDIS_HOT_MAX_MESSAGES is too large".into()))?,
+            mongo,
+            wal_hash_key: get("WAL_HASH_KEY"),
             kafka_session_timeout: Duration::from_millis(positive("KAFKA_SESSION_TIMEOUT_MS", 10_000)?),
             postgres_url,
             postgres_max_connections: u32::try_from(positive("POSTGRES_MAX_CONNECTIONS", 8)?)
@@ -100,6 +152,7 @@ impl Config {
             retry_initial_backoff,
             retry_max_backoff,
             metrics_addr,
+            crash_after_stage: get("WRITER_CRASH_AFTER_STAGE"),
         })
     }
 }
@@ -115,8 +168,11 @@ mod tests {
         Config::from_lookup(|name| vars.get(name).cloned())
     }
 
-    const MINIMAL: [(&str, &str); 2] =
-        [("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"), ("POSTGRES_URL", "postgres://u@h/db")];
+    const MINIMAL: [(&str, &str); 3] = [
+        ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+        ("POSTGRES_URL", "postgres://u@h/db"),
+        ("REDIS_URL", "redis://127.0.0.1:6379"),
+    ];
 
     #[test]
     fn defaults_follow_the_spec() {
@@ -126,11 +182,30 @@ mod tests {
         assert_eq!(config.kafka_dlq_topic, "storage-messages-dlq");
         assert_eq!(config.metrics_addr.to_string(), "0.0.0.0:9100");
         assert_eq!(config.batch_max_messages, 500);
+        assert_eq!(config.redis_hot_ttl, Duration::from_secs(3600));
+        assert_eq!(config.redis_idempotency_ttl, Duration::from_secs(86_400));
+        assert!(config.kafka_ack_topic.is_none() && config.wal_hash_key.is_none() && config.mongo.is_none());
+    }
+
+    #[test]
+    fn a_database_is_required_and_mongo_has_defaults() {
+        let error = config(&[("KAFKA_BOOTSTRAP_SERVERS", "k:9092"), ("REDIS_URL", "redis://r")]).expect_err("no db");
+        assert!(error.to_string().contains("POSTGRES_URL, MONGO_URL"), "{error}");
+        let config = config(&[
+            ("KAFKA_BOOTSTRAP_SERVERS", "k:9092"),
+            ("REDIS_URL", "redis://r"),
+            ("MONGO_URL", "mongodb://m:27017"),
+        ])
+        .expect("mongo alone is enough");
+        let mongo = config.mongo.expect("mongo configured");
+        assert_eq!((mongo.database.as_str(), mongo.collection.as_str()), ("flare_im", "messages"));
+        assert!(config.postgres_url.is_none());
     }
 
     #[test]
     fn missing_and_bad_values_name_the_variable() {
-        let error = config(&[("POSTGRES_URL", "postgres://h/db")]).expect_err("missing kafka");
+        let error =
+            config(&[("POSTGRES_URL", "postgres://h/db"), ("REDIS_URL", "redis://r")]).expect_err("missing kafka");
         assert_eq!(error.to_string(), "KAFKA_BOOTSTRAP_SERVERS is required");
         let mut vars = MINIMAL.to_vec();
         vars.push(("WRITER_BATCH_SIZE", "lots"));
@@ -146,8 +221,12 @@ mod tests {
 
     #[test]
     fn debug_output_hides_urls() {
-        let config = config(&[("KAFKA_BOOTSTRAP_SERVERS", "k:9092"), ("POSTGRES_URL", "postgres://u:secret@h/db")])
-            .expect("valid");
+        let config = config(&[
+            ("KAFKA_BOOTSTRAP_SERVERS", "k:9092"),
+            ("REDIS_URL", "redis://:secret@r"),
+            ("POSTGRES_URL", "postgres://u:secret@h/db"),
+        ])
+        .expect("valid");
         assert!(!format!("{config:?}").contains("secret"));
     }
 }

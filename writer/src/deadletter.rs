@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -23,13 +22,8 @@ pub struct DeadLetters {
 }
 
 impl DeadLetters {
-    pub fn new(bootstrap_servers: &str, topic: String) -> Result<Self, rdkafka::error::KafkaError> {
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap_servers)
-            .set("acks", "all")
-            .set("message.timeout.ms", "30000")
-            .create()?;
-        Ok(Self { producer, topic })
+    pub fn new(producer: FutureProducer, topic: String) -> Self {
+        Self { producer, topic }
     }
 
     /// Copies `record` to the dead-letter topic; returns once the broker acknowledged it.

@@ -3,8 +3,10 @@
 //! delivers it.
 //!
 //! `consumer.rs` fetches batches and commits offsets, `pipeline.rs` decides what happens to
-//! each record, `store/` talks to the databases, `deadletter.rs` parks what can never be stored.
+//! each record, `store/` talks to Redis and the databases, `deadletter.rs` parks what can never
+//! be stored, `ack.rs` tells upstream what was stored.
 
+pub mod ack;
 pub mod config;
 pub mod consumer;
 pub mod deadletter;
@@ -24,10 +26,14 @@ use tracing::{info, warn};
 
 pub use config::Config;
 
+use crate::ack::Acks;
 use crate::deadletter::DeadLetters;
 use crate::metrics::Metrics;
 use crate::pipeline::{Backoff, Pipeline};
+use crate::store::mongo::MongoStore;
 use crate::store::postgres::PostgresStore;
+use crate::store::redis::RedisStore;
+use rdkafka::producer::FutureProducer;
 
 /// Runs the writer until `shutdown` is cancelled: serves the ops endpoint, applies database
 /// migrations, then consumes. Returns after the final offset commit.
@@ -63,41 +69,87 @@ async fn consume(
     readiness: Arc<Readiness>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let postgres = PostgresStore::connect(&config.postgres_url, config.postgres_max_connections)
-        .context("invalid POSTGRES_URL")?;
-    if !migrate_until_done(&postgres, shutdown).await {
+    // Dependencies may start after the writer (pods, compose): wait for each, logging why.
+    let Some(redis) = until_ready("redis", shutdown, || {
+        RedisStore::connect(
+            &config.redis_url,
+            config.redis_hot_ttl,
+            config.redis_idempotency_ttl,
+            config.redis_hot_window,
+        )
+    })
+    .await
+    else {
         return Ok(());
-    }
+    };
+    let postgres = match &config.postgres_url {
+        None => None,
+        Some(url) => {
+            let postgres =
+                PostgresStore::connect(url, config.postgres_max_connections).context("invalid POSTGRES_URL")?;
+            if until_ready("postgres migrations", shutdown, || schema::migrate(postgres.pool())).await.is_none() {
+                return Ok(());
+            }
+            Some(postgres)
+        }
+    };
+    let mongo = match &config.mongo {
+        None => None,
+        Some(mongo) => {
+            let store = MongoStore::connect(&mongo.url, &mongo.database, &mongo.collection)
+                .await
+                .context("invalid MONGO_URL")?;
+            if until_ready("mongo indexes", shutdown, || store.ensure_indexes()).await.is_none() {
+                return Ok(());
+            }
+            Some(store)
+        }
+    };
     readiness.set(true);
 
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka_bootstrap_servers)
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .context("failed to create the Kafka producer")?;
     let pipeline = Pipeline {
+        redis,
         postgres,
-        dead_letters: DeadLetters::new(&config.kafka_bootstrap_servers, config.kafka_dlq_topic.clone())
-            .context("failed to create the dead-letter producer")?,
+        mongo,
+        acks: config.kafka_ack_topic.clone().map(|topic| Acks::new(producer.clone(), topic)),
+        wal_hash_key: config.wal_hash_key.clone(),
+        dead_letters: DeadLetters::new(producer, config.kafka_dlq_topic.clone()),
         metrics,
         readiness,
         backoff: Backoff { initial: config.retry_initial_backoff, max: config.retry_max_backoff },
         max_message_bytes: config.max_message_bytes,
+        crash_after_stage: config.crash_after_stage.clone(),
     };
     consumer::run(&config, &pipeline, shutdown).await.context("kafka consumer failed")?;
     Ok(())
 }
 
-/// Applies migrations, waiting for Postgres to come up (pods often start before their
-/// database). Returns false if shutdown came first.
-async fn migrate_until_done(postgres: &PostgresStore, shutdown: &CancellationToken) -> bool {
+/// Retries `attempt` with backoff until it succeeds; `None` if shutdown came first.
+async fn until_ready<T, E, F, Fut>(what: &str, shutdown: &CancellationToken, mut attempt: F) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
     let mut delay = Duration::from_millis(200);
     loop {
-        match schema::migrate(postgres.pool()).await {
-            Ok(()) => {
-                info!("database schema up to date");
-                return true;
+        match attempt().await {
+            Ok(value) => {
+                info!(what, "ready");
+                return Some(value);
             }
-            Err(error) => warn!(%error, "failed to apply migrations, retrying"),
+            Err(error) => warn!(what, %error, "not ready yet, retrying"),
         }
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
-            () = shutdown.cancelled() => return false,
+            () = shutdown.cancelled() => return None,
         }
         delay = (delay * 2).min(Duration::from_secs(5));
     }

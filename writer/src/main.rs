@@ -30,7 +30,10 @@ async fn main() -> ExitCode {
             });
             flare_storage_writer::run(config, shutdown).await
         }
-        Some("migrate") => migrate(&config.postgres_url).await,
+        Some("migrate") => match &config.postgres_url {
+            Some(url) => migrate(url).await,
+            None => Err(anyhow::anyhow!("POSTGRES_URL is not set: nothing to migrate")),
+        },
         Some("healthcheck") => {
             return if ops::probe_health(config.metrics_addr).await { ExitCode::SUCCESS } else { ExitCode::FAILURE };
         }

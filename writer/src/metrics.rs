@@ -1,6 +1,6 @@
 //! Writer metrics (SPEC §6 names), registered once in the app's own registry.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 
 pub const MESSAGES_PROCESSED: &str = "storage_writer_messages_processed_total";
 pub const MESSAGES_DUPLICATED: &str = "storage_writer_messages_duplicated_total";
@@ -8,6 +8,9 @@ pub const WRITE_LATENCY: &str = "storage_writer_write_latency_seconds";
 pub const DEAD_LETTERED: &str = "storage_writer_dead_lettered_total";
 pub const BATCH_SIZE: &str = "storage_writer_batch_size";
 pub const STAGE_ERRORS: &str = "storage_writer_stage_errors_total";
+pub const STAGE_LATENCY: &str = "storage_writer_stage_latency_seconds";
+pub const CACHE_HIT_RATE: &str = "storage_writer_cache_hit_rate";
+pub const SEQ_COUNTER_LOOKUPS: &str = "storage_writer_seq_counter_lookups_total";
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -23,6 +26,13 @@ pub struct Metrics {
     pub batch_size: Histogram,
     /// Failed attempts per pipeline stage; each is retried.
     pub stage_errors: IntCounterVec,
+    /// Time spent in each pipeline stage per batch.
+    pub stage_latency: HistogramVec,
+    /// Sessions whose seq counter was in Redis / had to be seeded from the databases.
+    pub seq_counter_hits: IntCounter,
+    pub seq_counter_misses: IntCounter,
+    /// hits / (hits + misses) of the seq counter lookups since start.
+    pub cache_hit_rate: Gauge,
 }
 
 impl Metrics {
@@ -42,12 +52,50 @@ impl Metrics {
         )?;
         let stage_errors =
             IntCounterVec::new(Opts::new(STAGE_ERRORS, "Failed attempts of a pipeline stage (retried)"), &["stage"])?;
+        let stage_latency = HistogramVec::new(
+            HistogramOpts::new(STAGE_LATENCY, "Time per pipeline stage per batch")
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            &["stage"],
+        )?;
+        let seq_lookups = IntCounterVec::new(
+            Opts::new(
+                SEQ_COUNTER_LOOKUPS,
+                "Session seq counter lookups by result (hit: in Redis, miss: seeded from the databases)",
+            ),
+            &["result"],
+        )?;
+        let seq_counter_hits = seq_lookups.with_label_values(&["hit"]);
+        let seq_counter_misses = seq_lookups.with_label_values(&["miss"]);
+        let cache_hit_rate = Gauge::new(CACHE_HIT_RATE, "Share of session seq counters found in Redis since start")?;
+        registry.register(Box::new(stage_latency.clone()))?;
+        registry.register(Box::new(seq_lookups))?;
+        registry.register(Box::new(cache_hit_rate.clone()))?;
         registry.register(Box::new(processed.clone()))?;
         registry.register(Box::new(duplicated.clone()))?;
         registry.register(Box::new(write_latency.clone()))?;
         registry.register(Box::new(dead_lettered.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
         registry.register(Box::new(stage_errors.clone()))?;
-        Ok(Self { registry, processed, duplicated, write_latency, dead_lettered, batch_size, stage_errors })
+        Ok(Self {
+            registry,
+            processed,
+            duplicated,
+            write_latency,
+            dead_lettered,
+            batch_size,
+            stage_errors,
+            stage_latency,
+            seq_counter_hits,
+            seq_counter_misses,
+            cache_hit_rate,
+        })
+    }
+
+    pub fn update_cache_hit_rate(&self) {
+        let hits = self.seq_counter_hits.get() as f64;
+        let total = hits + self.seq_counter_misses.get() as f64;
+        if total > 0.0 {
+            self.cache_hit_rate.set(hits / total);
+        }
     }
 }

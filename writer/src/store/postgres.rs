@@ -1,7 +1,7 @@
 //! PostgreSQL / TimescaleDB archive: one multi-row `INSERT … SELECT FROM UNNEST(…)` per batch,
 //! a single prepared statement whatever the batch size.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use flare_storage_common::message::{content_type, message_tenant_id, to_datetime};
@@ -91,6 +91,33 @@ impl PostgresStore {
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.into_iter().collect())
+    }
+}
+
+impl PostgresStore {
+    /// The stored seq of each of `keys` that exists (a message stored without seq reads 0).
+    pub async fn stored_seqs(&self, keys: &[MessageKey]) -> Result<HashMap<MessageKey, i64>, sqlx::Error> {
+        let (tenants, ids): (Vec<&str>, Vec<&str>) =
+            keys.iter().map(|(tenant, id)| (tenant.as_str(), id.as_str())).unzip();
+        let rows: Vec<(String, String, Option<i64>)> = sqlx::query_as(
+            r#"SELECT m.tenant_id, m.message_id, m.seq
+               FROM messages m JOIN UNNEST($1::text[], $2::text[]) AS k(tenant_id, message_id)
+                 ON m.tenant_id = k.tenant_id AND m.message_id = k.message_id"#,
+        )
+        .bind(tenants)
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(tenant, id, seq)| ((tenant, id), seq.unwrap_or(0))).collect())
+    }
+
+    /// The highest seq stored for a session (0 when none).
+    pub async fn max_seq(&self, tenant_id: &str, session_id: &str) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM messages WHERE tenant_id = $1 AND session_id = $2")
+            .bind(tenant_id)
+            .bind(session_id)
+            .fetch_one(&self.pool)
+            .await
     }
 }
 

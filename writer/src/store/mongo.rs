@@ -1,0 +1,146 @@
+//! MongoDB realtime store: one unordered `insert_many` per batch. Documents are keyed by
+//! `_id` = `<len>:<tenant>:<message_id>`, so a redelivered message is a duplicate-key error
+//! (code 11000) on its own document and nothing else.
+
+use std::collections::{HashMap, HashSet};
+
+use flare_storage_common::message::{content_type, message_tenant_id, to_datetime};
+use flare_storage_common::prost::Message as _;
+use flare_storage_common::proto::storage::{Message, message_content};
+use futures::TryStreamExt as _;
+use mongodb::bson::{Bson, Document, doc, spec::BinarySubtype};
+use mongodb::error::{ErrorKind, Result};
+use mongodb::{Client, Collection, IndexModel};
+
+use crate::store::postgres::MessageKey;
+
+const DUPLICATE_KEY: i32 = 11000;
+
+#[derive(Clone)]
+pub struct MongoStore {
+    collection: Collection<Document>,
+}
+
+/// `_id` of a message's document; the tenant is length-prefixed so ids cannot collide across
+/// tenants.
+pub fn document_id(tenant_id: &str, message_id: &str) -> String {
+    format!("{}:{tenant_id}:{message_id}", tenant_id.len())
+}
+
+impl MongoStore {
+    pub async fn connect(url: &str, database: &str, collection: &str) -> Result<Self> {
+        let client = Client::with_uri_str(url).await?;
+        Ok(Self { collection: client.database(database).collection(collection) })
+    }
+
+    /// Creates the indexes the reader's queries need; safe to repeat.
+    pub async fn ensure_indexes(&self) -> Result<()> {
+        let indexes = [
+            doc! { "tenant_id": 1, "session_id": 1, "timestamp": -1, "message_id": -1 },
+            doc! { "tenant_id": 1, "session_id": 1, "seq": 1 },
+            doc! { "tenant_id": 1, "sender_id": 1, "timestamp": -1 },
+        ];
+        for keys in indexes {
+            self.collection.create_index(IndexModel::builder().keys(keys).build()).await?;
+        }
+        Ok(())
+    }
+
+    /// Inserts every message not stored yet; returns the keys of those that already were.
+    pub async fn insert_batch(&self, messages: &[Message]) -> Result<HashSet<MessageKey>> {
+        if messages.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let documents: Vec<Document> = messages.iter().map(to_document).collect();
+        match self.collection.insert_many(documents).ordered(false).await {
+            Ok(_) => Ok(HashSet::new()),
+            Err(error) => {
+                let ErrorKind::InsertMany(failure) = error.kind.as_ref() else {
+                    return Err(error);
+                };
+                let write_errors = failure.write_errors.as_deref().unwrap_or_default();
+                if failure.write_concern_error.is_some()
+                    || write_errors.iter().any(|write_error| write_error.code != DUPLICATE_KEY)
+                {
+                    return Err(error);
+                }
+                Ok(write_errors
+                    .iter()
+                    .filter_map(|write_error| messages.get(write_error.index))
+                    .map(|message| (message_tenant_id(message).to_owned(), message.id.clone()))
+                    .collect())
+            }
+        }
+    }
+
+    /// The stored seq of each of `keys` that exists.
+    pub async fn stored_seqs(&self, keys: &[MessageKey]) -> Result<HashMap<MessageKey, i64>> {
+        let ids: Vec<String> = keys.iter().map(|(tenant, id)| document_id(tenant, id)).collect();
+        let mut cursor = self
+            .collection
+            .find(doc! { "_id": { "$in": ids } })
+            .projection(doc! { "tenant_id": 1, "message_id": 1, "seq": 1 })
+            .await?;
+        let mut seqs = HashMap::new();
+        while let Some(document) = cursor.try_next().await? {
+            let (Ok(tenant), Ok(id)) = (document.get_str("tenant_id"), document.get_str("message_id")) else {
+                continue;
+            };
+            seqs.insert((tenant.to_owned(), id.to_owned()), document.get_i64("seq").unwrap_or(0));
+        }
+        Ok(seqs)
+    }
+
+    /// The highest seq stored for a session (0 when none).
+    pub async fn max_seq(&self, tenant_id: &str, session_id: &str) -> Result<i64> {
+        let newest = self
+            .collection
+            .find_one(doc! { "tenant_id": tenant_id, "session_id": session_id })
+            .sort(doc! { "seq": -1 })
+            .projection(doc! { "seq": 1 })
+            .await?;
+        Ok(newest.and_then(|document| document.get_i64("seq").ok()).unwrap_or(0))
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        self.collection.client().database("admin").run_command(doc! { "ping": 1 }).await.map(|_| ())
+    }
+}
+
+fn to_document(message: &Message) -> Document {
+    let tenant_id = message_tenant_id(message);
+    let timestamp = message.timestamp.as_ref().and_then(to_datetime).unwrap_or_default();
+    let text = match message.content.as_ref().and_then(|content| content.content.as_ref()) {
+        Some(message_content::Content::Text(text)) => Bson::String(text.text.clone()),
+        _ => Bson::Null,
+    };
+    let strings = |map: &std::collections::HashMap<String, String>| -> Document {
+        map.iter().map(|(key, value)| (key.clone(), Bson::String(value.clone()))).collect()
+    };
+    doc! {
+        "_id": document_id(tenant_id, &message.id),
+        "tenant_id": tenant_id,
+        "message_id": &message.id,
+        "session_id": &message.session_id,
+        "seq": message.seq,
+        "sender_id": &message.sender_id,
+        "sender_type": &message.sender_type,
+        "receiver_id": &message.receiver_id,
+        "receiver_ids": &message.receiver_ids,
+        "message_type": message.message_type,
+        "content_type": content_type(message),
+        "text": text,
+        "business_type": &message.business_type,
+        "session_type": &message.session_type,
+        "status": &message.status,
+        "timestamp": mongodb::bson::DateTime::from_millis(timestamp.timestamp_millis()),
+        "created_at": mongodb::bson::DateTime::now(),
+        "is_recalled": message.is_recalled,
+        "is_burn_after_read": message.is_burn_after_read,
+        "burn_after_seconds": message.burn_after_seconds,
+        "tags": &message.tags,
+        "attributes": strings(&message.attributes),
+        "extra": strings(&message.extra),
+        "payload": Bson::Binary(mongodb::bson::Binary { subtype: BinarySubtype::Generic, bytes: message.encode_to_vec() }),
+    }
+}

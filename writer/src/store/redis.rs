@@ -1,0 +1,369 @@
+//! Redis: idempotency markers, per-session seq, the hot cache, session state and user cursors.
+//! Key layout in `flare_storage_common::keys`.
+//!
+//! Every operation here is idempotent, so the pipeline can repeat a whole batch after any
+//! failure: markers are `SET NX`, seqs are remembered per message id until the message is
+//! durable, state and cursors only move forward by seq, cache writes overwrite.
+//! Commands are pipelined per batch; the multi-key steps are Lua scripts over the keys of one
+//! session, which share a hash tag.
+
+use std::time::Duration;
+
+use flare_storage_common::keys::{SessionKeys, user_cursors};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisResult, Script};
+
+/// A message already durable everywhere, as its marker records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Done {
+    pub seq: i64,
+    pub persisted_ms: i64,
+}
+
+impl Done {
+    fn encode(&self) -> String {
+        format!("{}:{}", self.seq, self.persisted_ms)
+    }
+
+    fn decode(value: &str) -> Option<Self> {
+        let (seq, persisted_ms) = value.split_once(':')?;
+        Some(Self { seq: seq.parse().ok()?, persisted_ms: persisted_ms.parse().ok()? })
+    }
+}
+
+/// Seq assignment for the messages of one session, in order.
+pub struct SeqRequest<'a> {
+    pub keys: SessionKeys,
+    pub message_ids: Vec<&'a str>,
+    /// Where the session's counter is missing: the highest seq the stores hold, and the seqs
+    /// they hold for messages of this request (those keep theirs).
+    pub seed: Option<Seed>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Seed {
+    pub max_seq: i64,
+    pub known: std::collections::HashMap<String, i64>,
+}
+
+/// One message for a session's hot window.
+pub struct HotEntry<'a> {
+    pub seq: i64,
+    pub message_id: &'a str,
+    /// The encoded protobuf `Message`.
+    pub body: Vec<u8>,
+}
+
+/// One message's effect on its session's state.
+pub struct StateEntry<'a> {
+    pub seq: i64,
+    pub message_id: &'a str,
+    pub sender_id: &'a str,
+    pub message_type: i32,
+    pub content_type: &'a str,
+    pub timestamp_ms: i64,
+    pub receivers: Vec<&'a str>,
+}
+
+/// Hands out seqs. Returns, per message id, the seq it got, or an empty list when the session
+/// counter is missing and no seed was given (the caller seeds it from the stores and calls
+/// again).
+const ASSIGN_SEQ: &str = r#"
+-- KEYS[1] counter, KEYS[2] message_id -> seq hash
+-- ARGV[1] hash ttl, ARGV[2] seed max ('' = none), then pairs: message_id, known seq ('' = none)
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[2] == '' then return {} end
+  redis.call('SET', KEYS[1], ARGV[2])
+end
+local out = {}
+for i = 3, #ARGV, 2 do
+  local seq = redis.call('HGET', KEYS[2], ARGV[i])
+  if not seq then
+    if ARGV[i + 1] ~= '' then
+      seq = ARGV[i + 1]
+    else
+      seq = redis.call('INCR', KEYS[1])
+    end
+    redis.call('HSET', KEYS[2], ARGV[i], seq)
+  end
+  out[#out + 1] = tonumber(seq)
+end
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return out
+"#;
+
+/// Raises a session counter to at least ARGV[1] and forgets the seqs of the given messages, so
+/// they are assigned anew above everything stored.
+const RESEED: &str = r#"
+-- KEYS[1] counter, KEYS[2] message_id -> seq hash; ARGV[1] max stored seq, ARGV[2..] ids
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+for i = 2, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
+return 1
+"#;
+
+/// Adds messages to a session's hot window and trims it to the newest ARGV[1] by seq.
+const CACHE_HOT: &str = r#"
+-- KEYS[1] zset seq -> message_id, KEYS[2] hash message_id -> body
+-- ARGV[1] window, ARGV[2] ttl, then triples: seq, message_id, body
+for i = 3, #ARGV, 3 do
+  redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2])
+end
+local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
+if excess > 0 then
+  local old = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
+  redis.call('HDEL', KEYS[2], unpack(old))
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"#;
+
+/// Applies messages (ascending seq) to a session's state; a message at or below the applied
+/// seq was applied before and changes nothing, so counters never count twice.
+const UPDATE_STATE: &str = r#"
+-- KEYS[1] state hash, KEYS[2] unread hash
+-- ARGV: groups of seq, message_id, sender_id, message_type, content_type, ts_ms, n, receivers...
+local last = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
+local applied = 0
+local i = 1
+local latest = nil
+while i <= #ARGV do
+  local seq = tonumber(ARGV[i])
+  local n = tonumber(ARGV[i + 6])
+  if seq > last then
+    last = seq
+    applied = applied + 1
+    latest = i
+    local sender = ARGV[i + 2]
+    for r = i + 7, i + 6 + n do
+      if ARGV[r] ~= sender then redis.call('HINCRBY', KEYS[2], ARGV[r], 1) end
+    end
+    if sender ~= '' then redis.call('HSET', KEYS[2], sender, 0) end
+  end
+  i = i + 7 + n
+end
+if latest then
+  redis.call('HSET', KEYS[1],
+    'last_seq', ARGV[latest], 'last_message_id', ARGV[latest + 1], 'last_sender_id', ARGV[latest + 2],
+    'last_message_type', ARGV[latest + 3], 'last_content_type', ARGV[latest + 4],
+    'last_message_ts', ARGV[latest + 5])
+  redis.call('HINCRBY', KEYS[1], 'message_count', applied)
+end
+return applied
+"#;
+
+/// Moves a user's position in a session forward, never back.
+const ADVANCE_CURSOR: &str = r#"
+-- KEYS[1] cursors hash; ARGV[1] session, ARGV[2] seq
+local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) > current then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 1
+"#;
+
+#[derive(Clone)]
+pub struct RedisStore {
+    connection: ConnectionManager,
+    hot_ttl: Duration,
+    idempotency_ttl: Duration,
+    hot_window: usize,
+    assign_seq: Script,
+    reseed: Script,
+    cache_hot: Script,
+    update_state: Script,
+    advance_cursor: Script,
+}
+
+impl RedisStore {
+    /// Connects lazily-retrying: the manager reconnects by itself after Redis restarts.
+    pub async fn connect(
+        url: &str,
+        hot_ttl: Duration,
+        idempotency_ttl: Duration,
+        hot_window: usize,
+    ) -> RedisResult<Self> {
+        let client = redis::Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let connection = ConnectionManager::new_with_config(client, config).await?;
+        Ok(Self {
+            connection,
+            hot_ttl,
+            idempotency_ttl,
+            hot_window,
+            assign_seq: Script::new(ASSIGN_SEQ),
+            reseed: Script::new(RESEED),
+            cache_hot: Script::new(CACHE_HOT),
+            update_state: Script::new(UPDATE_STATE),
+            advance_cursor: Script::new(ADVANCE_CURSOR),
+        })
+    }
+
+    /// The done marker of each (session keys, message id), in order.
+    pub async fn done_markers(&self, messages: &[(SessionKeys, &str)]) -> RedisResult<Vec<Option<Done>>> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (keys, message_id) in messages {
+            pipe.get(keys.done(message_id));
+        }
+        let values: Vec<Option<String>> = pipe.query_async(&mut self.connection.clone()).await?;
+        Ok(values.into_iter().map(|value| value.as_deref().and_then(Done::decode)).collect())
+    }
+
+    /// Seqs for each request's messages, in order; `None` for a session whose counter is
+    /// missing and that had no seed.
+    pub async fn assign_seqs(&self, requests: &[SeqRequest<'_>]) -> RedisResult<Vec<Option<Vec<i64>>>> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ttl = self.idempotency_ttl.as_secs().max(1);
+        let mut pipe = redis::pipe();
+        pipe.load_script(&self.assign_seq).ignore();
+        let mut invocations = Vec::with_capacity(requests.len());
+        for request in requests {
+            let mut invocation = self.assign_seq.key(request.keys.seq_counter());
+            invocation.key(request.keys.seq_assigned()).arg(ttl);
+            match &request.seed {
+                Some(seed) => invocation.arg(seed.max_seq),
+                None => invocation.arg(""),
+            };
+            for message_id in &request.message_ids {
+                let known = request.seed.as_ref().and_then(|seed| seed.known.get(*message_id));
+                invocation.arg(*message_id).arg(known.map(i64::to_string).unwrap_or_default());
+            }
+            invocations.push(invocation);
+        }
+        for invocation in &invocations {
+            pipe.invoke_script(invocation);
+        }
+        let results: Vec<Vec<i64>> = pipe.query_async(&mut self.connection.clone()).await?;
+        Ok(results.into_iter().map(|seqs| (!seqs.is_empty()).then_some(seqs)).collect())
+    }
+
+    /// Raises a session's counter to `max_seq` and drops the seqs remembered for `message_ids`.
+    pub async fn reseed(&self, keys: &SessionKeys, max_seq: i64, message_ids: &[&str]) -> RedisResult<()> {
+        let mut invocation = self.reseed.key(keys.seq_counter());
+        invocation.key(keys.seq_assigned()).arg(max_seq);
+        for message_id in message_ids {
+            invocation.arg(*message_id);
+        }
+        invocation.invoke_async(&mut self.connection.clone()).await
+    }
+
+    /// Adds messages to each session's hot window.
+    pub async fn cache_hot(&self, sessions: &[(SessionKeys, Vec<HotEntry<'_>>)]) -> RedisResult<()> {
+        let mut pipe = redis::pipe();
+        pipe.load_script(&self.cache_hot).ignore();
+        let ttl = self.hot_ttl.as_secs().max(1);
+        let mut invocations = Vec::with_capacity(sessions.len());
+        for (keys, entries) in sessions {
+            let mut invocation = self.cache_hot.key(keys.hot_index());
+            invocation.key(keys.hot_bodies()).arg(self.hot_window).arg(ttl);
+            for entry in entries {
+                invocation.arg(entry.seq).arg(entry.message_id).arg(entry.body.as_slice());
+            }
+            invocations.push(invocation);
+        }
+        for invocation in &invocations {
+            pipe.invoke_script(invocation).ignore();
+        }
+        pipe.query_async(&mut self.connection.clone()).await
+    }
+
+    /// Applies each session's messages (ascending seq) to its state and unread counts.
+    pub async fn update_states(&self, sessions: &[(SessionKeys, Vec<StateEntry<'_>>)]) -> RedisResult<()> {
+        let mut pipe = redis::pipe();
+        pipe.load_script(&self.update_state).ignore();
+        let mut invocations = Vec::with_capacity(sessions.len());
+        for (keys, entries) in sessions {
+            let mut invocation = self.update_state.key(keys.state());
+            invocation.key(keys.unread());
+            for entry in entries {
+                invocation
+                    .arg(entry.seq)
+                    .arg(entry.message_id)
+                    .arg(entry.sender_id)
+                    .arg(entry.message_type)
+                    .arg(entry.content_type)
+                    .arg(entry.timestamp_ms)
+                    .arg(entry.receivers.len());
+                for receiver in &entry.receivers {
+                    invocation.arg(*receiver);
+                }
+            }
+            invocations.push(invocation);
+        }
+        for invocation in &invocations {
+            pipe.invoke_script(invocation).ignore();
+        }
+        pipe.query_async(&mut self.connection.clone()).await
+    }
+
+    /// Moves each (tenant, user, session) position forward to the given seq.
+    pub async fn advance_cursors(&self, cursors: &[(&str, &str, &str, i64)]) -> RedisResult<()> {
+        if cursors.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.load_script(&self.advance_cursor).ignore();
+        let invocations: Vec<_> = cursors
+            .iter()
+            .map(|(tenant_id, user_id, session_id, seq)| {
+                let mut invocation = self.advance_cursor.key(user_cursors(tenant_id, user_id));
+                invocation.arg(*session_id).arg(*seq);
+                invocation
+            })
+            .collect();
+        for invocation in &invocations {
+            pipe.invoke_script(invocation).ignore();
+        }
+        pipe.query_async(&mut self.connection.clone()).await
+    }
+
+    /// `HDEL wal_key id…`: the upstream's write-ahead entries of stored messages.
+    pub async fn remove_from_wal(&self, wal_key: &str, message_ids: &[&str]) -> RedisResult<()> {
+        if message_ids.is_empty() {
+            return Ok(());
+        }
+        redis::cmd("HDEL").arg(wal_key).arg(message_ids).query_async(&mut self.connection.clone()).await
+    }
+
+    /// Records messages as durable (`SET NX EX`, one command each) and forgets their
+    /// remembered seqs, which the markers now carry.
+    pub async fn mark_done(&self, messages: &[(SessionKeys, &str, Done)]) -> RedisResult<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let ttl = self.idempotency_ttl.as_secs().max(1);
+        let mut pipe = redis::pipe();
+        for (keys, message_id, done) in messages {
+            pipe.cmd("SET").arg(keys.done(message_id)).arg(done.encode()).arg("NX").arg("EX").arg(ttl).ignore();
+            pipe.hdel(keys.seq_assigned(), *message_id).ignore();
+        }
+        pipe.query_async(&mut self.connection.clone()).await
+    }
+
+    /// Round trip for readiness checks.
+    pub async fn ping(&self) -> RedisResult<()> {
+        redis::cmd("PING").query_async(&mut self.connection.clone()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn done_markers_round_trip() {
+        let done = Done { seq: 42, persisted_ms: 1_700_000_000_000 };
+        assert_eq!(Done::decode(&done.encode()), Some(done));
+        assert_eq!(Done::decode("garbage"), None);
+    }
+}
