@@ -63,7 +63,11 @@ step "sending a sample conversation to Kafka (session $session)"
 step "reading it back through gRPC QueryMessages"
 "$bin/flare-storage" query --tenant demo --session "$session" --expect 8 --addr "http://$STORAGE_READER_GRPC_ADDR"
 
-step "writer metrics"
+step "writer metrics (once all 8 are through every stage)"
+for _ in $(seq 1 150); do
+  http_get "$METRICS_ADDR_WRITER" /metrics | grep -Eq '^storage_writer_messages_processed_total ([8-9]|[1-9][0-9]+)' && break
+  sleep 0.2
+done
 http_get "$METRICS_ADDR_WRITER" /metrics | grep -E '^storage_writer_(messages|dead)' || true
 
 step "stopping writer and reader (SIGTERM, graceful)"

@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 
 eval "$(scripts/services.sh up)"
 
+# Crash tests run the real writer binary and kill it; build the binaries first.
+cargo build --bins
+
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
 else

@@ -267,6 +267,159 @@ where
     }
 }
 
+/// Reads every record of a topic present within `timeout` by direct partition assignment (no
+/// group join), stopping early once `expected` records arrived.
+pub async fn read_topic(
+    topic: &str,
+    partitions: i32,
+    expected: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<TopicRecord>> {
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use rdkafka::message::Headers as _;
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for partition in 0..partitions {
+        assignment.add_partition_offset(topic, partition, rdkafka::Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut records = Vec::new();
+        while records.len() < expected && std::time::Instant::now() < deadline {
+            let Some(received) = consumer.poll(Duration::from_millis(100)) else { continue };
+            let message = received?;
+            let headers = message
+                .headers()
+                .map(|headers| {
+                    headers
+                        .iter()
+                        .map(|header| {
+                            let value =
+                                header.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+                            (header.key.to_owned(), value)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            records.push(TopicRecord {
+                key: message.key().map(|key| String::from_utf8_lossy(key).into_owned()),
+                payload: message.payload().map(<[u8]>::to_vec),
+                headers,
+            });
+        }
+        Ok(records)
+    })
+    .await?
+}
+
+/// A record read back from a topic.
+pub struct TopicRecord {
+    pub key: Option<String>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl TopicRecord {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
+    }
+
+    pub fn json(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_slice(self.payload.as_deref().unwrap_or_default())?)
+    }
+}
+
+/// A Redis connection for checking what the writer left there.
+pub async fn redis_connection() -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(redis_url())?;
+    client.get_multiplexed_async_connection().await.context("Redis is not reachable at REDIS_URL")
+}
+
+/// The writer binary built next to the test binaries (`cargo build --bins`; `scripts/test.sh`
+/// does it), for tests that need a real process to kill.
+pub fn writer_binary() -> anyhow::Result<std::path::PathBuf> {
+    let test_binary = std::env::current_exe()?;
+    let profile_dir = test_binary
+        .parent()
+        .and_then(std::path::Path::parent)
+        .context("test binary is not in target/<profile>/deps")?;
+    let writer = profile_dir.join("flare-storage-writer");
+    anyhow::ensure!(
+        writer.exists(),
+        "{} is missing: build it first (cargo build --bins, as scripts/test.sh does)",
+        writer.display()
+    );
+    Ok(writer)
+}
+
+/// A TCP proxy in front of a real server, to take that server away from the app under test
+/// and bring it back (an outage as the app sees it) without disturbing other tests.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    down: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (down, down_changes) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if *down_changes.borrow() {
+                    continue; // refused: dropped at once
+                }
+                let mut down_changes = down_changes.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = down_changes.wait_for(|down| *down) => {}
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, down })
+    }
+
+    /// Cuts every open connection and refuses new ones until [`Proxy::restore`].
+    pub fn cut(&self) {
+        let _ = self.down.send(true);
+    }
+
+    pub fn restore(&self) {
+        let _ = self.down.send(false);
+    }
+}
+
+/// `host:port` of a URL such as `postgres://u:p@host:port/db` or `redis://host:port`.
+pub fn url_addr(url: &str) -> anyhow::Result<SocketAddr> {
+    let after_scheme = url.split_once("://").map(|(_, rest)| rest).unwrap_or(url);
+    let authority = after_scheme.split(['/', '?']).next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map(|(_, host)| host).unwrap_or(authority);
+    let host_port = if host_port.contains(':') { host_port.to_owned() } else { format!("{host_port}:0") };
+    let resolved = std::net::ToSocketAddrs::to_socket_addrs(&host_port.replace("localhost", "127.0.0.1"))?
+        .next()
+        .with_context(|| format!("cannot resolve {host_port}"))?;
+    Ok(resolved)
+}
+
+/// `url` with its host:port replaced by `addr`.
+pub fn url_through(url: &str, addr: SocketAddr) -> anyhow::Result<String> {
+    let (scheme, rest) = url.split_once("://").context("URL without scheme")?;
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let credentials = authority.rsplit_once('@').map(|(credentials, _)| format!("{credentials}@")).unwrap_or_default();
+    Ok(format!("{scheme}://{credentials}{addr}{tail}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,6 +429,15 @@ mod tests {
         assert_eq!(with_database("postgres://u:p@h:5432/test", "x"), "postgres://u:p@h:5432/x");
         assert_eq!(with_database("postgres://h/test?sslmode=disable", "x"), "postgres://h/x?sslmode=disable");
         assert_eq!(with_database("postgres://h", "x"), "postgres://h/x");
+    }
+
+    #[test]
+    fn urls_are_rerouted_through_a_proxy() -> anyhow::Result<()> {
+        let proxy: SocketAddr = "127.0.0.1:4000".parse()?;
+        assert_eq!(url_addr("postgres://u:p@127.0.0.1:5432/db")?.port(), 5432);
+        assert_eq!(url_through("postgres://u:p@127.0.0.1:5432/db?x=1", proxy)?, "postgres://u:p@127.0.0.1:4000/db?x=1");
+        assert_eq!(url_through("redis://127.0.0.1:6379", proxy)?, "redis://127.0.0.1:4000");
+        Ok(())
     }
 
     #[test]

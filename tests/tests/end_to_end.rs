@@ -11,9 +11,6 @@ use flare_storage_common::proto::storage::{
 };
 use flare_storage_common::tonic::Code;
 use flare_storage_e2e::*;
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::message::Headers as _;
-use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
 
 const PARTITIONS: i32 = 4;
 
@@ -183,10 +180,11 @@ async fn messages_flow_from_kafka_to_grpc_exactly_once() -> anyhow::Result<()> {
     );
 
     // The garbage record is in the dead-letter topic, unchanged, with its reason and origin.
-    let dead_letter = read_one(&dlq_topic).await?;
+    let dead_letters = read_topic(&dlq_topic, PARTITIONS, 1, Duration::from_secs(30)).await?;
+    let dead_letter = dead_letters.first().expect("one dead letter");
     assert_eq!(dead_letter.payload.as_deref(), Some(&b"\xff\xffnot a protobuf"[..]));
     assert!(dead_letter.header("flare-dlq-reason").is_some_and(|reason| reason.contains("not a StoreMessageRequest")));
-    assert_eq!(dead_letter.header("flare-dlq-source-topic").as_deref(), Some(topic.as_str()));
+    assert_eq!(dead_letter.header("flare-dlq-source-topic"), Some(topic.as_str()));
 
     writer.stop().await?;
     reader.stop().await?;
@@ -233,53 +231,4 @@ async fn redelivered_records_are_not_stored_twice() -> anyhow::Result<()> {
     second.stop().await?;
     database.drop().await?;
     Ok(())
-}
-
-struct DeadLetter {
-    payload: Option<Vec<u8>>,
-    headers: Vec<(String, String)>,
-}
-
-impl DeadLetter {
-    fn header(&self, name: &str) -> Option<String> {
-        self.headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.clone())
-    }
-}
-
-/// Reads the first record of a topic by direct assignment (no group join).
-async fn read_one(topic: &str) -> anyhow::Result<DeadLetter> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_bootstrap())
-        .set("group.id", unique("dlq-reader"))
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..PARTITIONS {
-        assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
-    }
-    consumer.assign(&assignment)?;
-    let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while std::time::Instant::now() < deadline {
-            let Some(received) = consumer.poll(Duration::from_millis(200)) else { continue };
-            let message = received?;
-            let headers = message
-                .headers()
-                .map(|headers| {
-                    headers
-                        .iter()
-                        .map(|header| {
-                            let value =
-                                header.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
-                            (header.key.to_owned(), value)
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            return Ok(DeadLetter { payload: message.payload().map(<[u8]>::to_vec), headers });
-        }
-        anyhow::bail!("no record in {topic} within 30 s")
-    })
-    .await?
 }

@@ -1,0 +1,473 @@
+//! The writer's whole pipeline against the real services: seq, session state, unread counts,
+//! cursors, hot cache, WAL removal, ACKs, dead letters, MongoDB, crashes and store outages.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use flare_storage_common::keys::{SessionKeys, user_cursors};
+use flare_storage_common::message::to_timestamp;
+use flare_storage_common::proto::common::TenantContext;
+use flare_storage_common::proto::storage::{
+    Message, MessageContent, MessageType, StoreMessageRequest, TextContent, message_content,
+};
+use flare_storage_e2e::*;
+use redis::AsyncCommands as _;
+
+const PARTITIONS: i32 = 4;
+
+fn base_time() -> chrono::DateTime<chrono::Utc> {
+    static BASE: std::sync::OnceLock<chrono::DateTime<chrono::Utc>> = std::sync::OnceLock::new();
+    *BASE.get_or_init(|| chrono::Utc::now() - chrono::Duration::hours(1))
+}
+
+/// A text message; `order` spaces the timestamps so production order is time order.
+fn chat(tenant: &str, session: &str, id: &str, sender: &str, receivers: &[&str], order: i64) -> StoreMessageRequest {
+    StoreMessageRequest {
+        session_id: session.into(),
+        message: Some(Message {
+            id: id.into(),
+            sender_id: sender.into(),
+            receiver_ids: receivers.iter().map(|r| (*r).to_owned()).collect(),
+            message_type: MessageType::Text as i32,
+            content: Some(MessageContent {
+                content: Some(message_content::Content::Text(TextContent {
+                    text: format!("{sender} says {id} 你好"),
+                    mentions: vec![],
+                })),
+            }),
+            timestamp: Some(to_timestamp(base_time() + chrono::Duration::milliseconds(order))),
+            ..Default::default()
+        }),
+        tenant: Some(TenantContext { tenant_id: tenant.into(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+async fn stored_seqs(database: &TestDatabase) -> anyhow::Result<HashMap<String, i64>> {
+    let mut db = database.connect().await?;
+    let rows: Vec<(String, Option<i64>)> =
+        sqlx::query_as("SELECT message_id, seq FROM messages").fetch_all(&mut db).await?;
+    Ok(rows.into_iter().map(|(id, seq)| (id, seq.unwrap_or(0))).collect())
+}
+
+async fn row_count(database: &TestDatabase) -> anyhow::Result<i64> {
+    let mut db = database.connect().await?;
+    Ok(sqlx::query_scalar("SELECT count(*) FROM messages").fetch_one(&mut db).await?)
+}
+
+async fn metric(addr: std::net::SocketAddr, name: &str) -> anyhow::Result<f64> {
+    let (_, body) = http_get(addr, "/metrics").await?;
+    Ok(metric_value(&body, name).unwrap_or(0.0))
+}
+
+async fn wait_for_metric(addr: std::net::SocketAddr, name: &str, at_least: f64) -> anyhow::Result<()> {
+    eventually(Duration::from_secs(60), name, || async { Ok((metric(addr, name).await? >= at_least).then_some(())) })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_unread_counts_cursors_cache_wal_and_acks() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let (topic, dlq_topic, ack_topic) = (unique("messages"), unique("dlq"), unique("acks"));
+    create_topics(&[&topic, &dlq_topic, &ack_topic], PARTITIONS).await?;
+    let tenant = unique("acme");
+    let wal_key = unique("wal");
+    let mut redis = redis_connection().await?;
+
+    let group = ["a", "b", "c", "d"];
+    let others = |sender: &str| group.iter().copied().filter(|m| *m != sender).collect::<Vec<_>>();
+    // Interleaved sessions: a group and a direct chat, in one production order.
+    let script: Vec<(&str, &str, &str, Vec<&str>)> = vec![
+        ("g", "g-a1", "a", others("a")),
+        ("g", "g-a2", "a", others("a")),
+        ("dm", "dm-a1", "a", vec!["e"]),
+        ("g", "g-a3", "a", others("a")),
+        ("dm", "dm-a2", "a", vec!["e"]),
+        ("g", "g-b1", "b", others("b")),
+        ("dm", "dm-e1", "e", vec!["a"]),
+        ("g", "g-b2", "b", others("b")),
+        ("g", "g-c1", "c", others("c")),
+    ];
+    let producer = producer()?;
+    for (order, (session, id, sender, receivers)) in script.iter().enumerate() {
+        let _: () = redis.hset(&wal_key, *id, "pending").await?;
+        produce_message(&producer, &topic, &chat(&tenant, session, id, sender, receivers, order as i64)).await?;
+    }
+    let _: () = redis.hset(&wal_key, "someone-elses-message", "pending").await?;
+
+    let mut config = writer_config(&database.url, &topic, &dlq_topic);
+    config.kafka_ack_topic = Some(ack_topic.clone());
+    config.wal_hash_key = Some(wal_key.clone());
+    config.redis_hot_window = 3;
+    let writer = RunningWriter::start(config).await?;
+    wait_for_metric(writer.metrics_addr, "storage_writer_messages_processed_total", 9.0).await?;
+
+    // Seqs follow production order within each session.
+    let seqs = stored_seqs(&database).await?;
+    let expected: HashMap<String, i64> = [
+        ("g-a1", 1),
+        ("g-a2", 2),
+        ("g-a3", 3),
+        ("g-b1", 4),
+        ("g-b2", 5),
+        ("g-c1", 6),
+        ("dm-a1", 1),
+        ("dm-a2", 2),
+        ("dm-e1", 3),
+    ]
+    .into_iter()
+    .map(|(id, seq)| (id.to_owned(), seq))
+    .collect();
+    assert_eq!(seqs, expected);
+
+    // Session state and unread counts: receivers +1 per message, the sender back to 0.
+    let g = SessionKeys::new(&tenant, "g");
+    let state: HashMap<String, String> = redis.hgetall(g.state()).await?;
+    assert_eq!(state.get("last_seq").map(String::as_str), Some("6"));
+    assert_eq!(state.get("message_count").map(String::as_str), Some("6"));
+    assert_eq!(state.get("last_message_id").map(String::as_str), Some("g-c1"));
+    assert_eq!(state.get("last_sender_id").map(String::as_str), Some("c"));
+    assert_eq!(state.get("last_message_type").map(String::as_str), Some("1"));
+    assert_eq!(state.get("last_content_type").map(String::as_str), Some("text"));
+    assert!(state.get("last_message_ts").is_some_and(|ts| ts.parse::<i64>().is_ok_and(|ts| ts > 0)));
+    let unread: HashMap<String, i64> = redis.hgetall(g.unread()).await?;
+    assert_eq!(unread, HashMap::from([("a".into(), 3), ("b".into(), 1), ("c".into(), 0), ("d".into(), 6)]));
+    let dm = SessionKeys::new(&tenant, "dm");
+    let unread: HashMap<String, i64> = redis.hgetall(dm.unread()).await?;
+    assert_eq!(unread, HashMap::from([("a".into(), 1), ("e".into(), 0)]));
+
+    // User cursors: each participant's last seq per session.
+    let cursors_a: HashMap<String, i64> = redis.hgetall(user_cursors(&tenant, "a")).await?;
+    assert_eq!(cursors_a, HashMap::from([("g".into(), 6), ("dm".into(), 3)]));
+    let cursors_d: HashMap<String, i64> = redis.hgetall(user_cursors(&tenant, "d")).await?;
+    assert_eq!(cursors_d, HashMap::from([("g".into(), 6)]));
+
+    // Hot cache: the newest three by seq, bodies carrying their seq.
+    let hot: Vec<(String, i64)> = redis.zrange_withscores(g.hot_index(), 0, -1).await?;
+    assert_eq!(hot, [("g-b1".to_owned(), 4), ("g-b2".to_owned(), 5), ("g-c1".to_owned(), 6)]);
+    let bodies: HashMap<String, Vec<u8>> = redis.hgetall(g.hot_bodies()).await?;
+    assert_eq!(bodies.len(), 3);
+    let cached = <Message as prost::Message>::decode(bodies["g-c1"].as_slice())?;
+    assert_eq!((cached.seq, cached.sender_id.as_str()), (6, "c"));
+    assert!(cached.timeline.and_then(|t| t.persisted_time).is_some());
+    let ttl: i64 = redis.ttl(g.hot_index()).await?;
+    assert!(ttl > 0 && ttl <= 600, "hot cache ttl {ttl}");
+
+    // WAL entries of stored messages are gone; others stay.
+    let wal: HashMap<String, String> = redis.hgetall(&wal_key).await?;
+    assert_eq!(wal.keys().collect::<Vec<_>>(), ["someone-elses-message"]);
+
+    // A true duplicate: ACKed as such with its first seq, and nothing counts twice.
+    produce_message(&producer, &topic, &chat(&tenant, "g", "g-a2", "a", &others("a"), 1)).await?;
+    wait_for_metric(writer.metrics_addr, "storage_writer_messages_duplicated_total", 1.0).await?;
+    let acks = read_topic(&ack_topic, PARTITIONS, 10, Duration::from_secs(30)).await?;
+    assert_eq!(acks.len(), 10);
+    let mut persisted = 0;
+    for ack in &acks {
+        let json = ack.json()?;
+        assert_eq!(ack.key.as_deref(), json["session_id"].as_str());
+        assert_eq!(json["tenant_id"].as_str(), Some(tenant.as_str()));
+        assert!(json["ingestion_ts"].as_i64().is_some_and(|ts| ts > 0));
+        assert!(json["persisted_ts"].as_i64().is_some_and(|ts| ts > 0));
+        let id = json["message_id"].as_str().unwrap_or_default();
+        assert_eq!(json["seq"].as_i64(), expected.get(id).copied(), "{json}");
+        match json["status"].as_str() {
+            Some("persisted") => {
+                persisted += 1;
+                assert_eq!(json["deduplicated"], false);
+            }
+            Some("duplicate") => {
+                assert_eq!(id, "g-a2");
+                assert_eq!(json["deduplicated"], true);
+            }
+            other => panic!("unexpected status {other:?}"),
+        }
+    }
+    assert_eq!(persisted, 9);
+    let state_after: HashMap<String, String> = redis.hgetall(g.state()).await?;
+    assert_eq!(state_after, state);
+    let unread_after: HashMap<String, i64> = redis.hgetall(g.unread()).await?;
+    assert_eq!(unread_after.get("d"), Some(&6));
+    assert_eq!(row_count(&database).await?, 9);
+
+    writer.stop().await?;
+    database.drop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unstorable_records_are_dead_lettered_with_their_reason() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let (topic, dlq_topic) = (unique("messages"), unique("dlq"));
+    // One partition: the valid record comes after every poison record in the same log.
+    create_topics(&[&topic, &dlq_topic], 1).await?;
+    let tenant = unique("acme");
+    let producer = producer()?;
+
+    let long_id = "x".repeat(65);
+    let mut no_session = chat(&tenant, "s", "m-no-session", "a", &["b"], 0);
+    no_session.session_id.clear();
+    let mut big = chat(&tenant, "s", "m-big", "a", &["b"], 0);
+    if let Some(message) = big.message.as_mut() {
+        message.extra.insert("blob".into(), "z".repeat(70 * 1024));
+    }
+    producer
+        .send(rdkafka::producer::FutureRecord::<str, [u8]>::to(&topic).key("s"), Duration::from_secs(10))
+        .await
+        .map_err(|(error, _)| error)?;
+    produce_message(&producer, &topic, &big).await?;
+    produce_message(&producer, &topic, &chat(&tenant, "s", &long_id, "a", &["b"], 0)).await?;
+    produce_message(&producer, &topic, &no_session).await?;
+    produce(&producer, &topic, "s", b"\x08\x96\x01garbage").await?;
+    produce_message(&producer, &topic, &chat(&tenant, "s", "m-good", "a", &["b"], 1)).await?;
+
+    let writer = RunningWriter::start(writer_config(&database.url, &topic, &dlq_topic)).await?;
+    wait_for_metric(writer.metrics_addr, "storage_writer_messages_processed_total", 1.0).await?;
+    assert_eq!(stored_seqs(&database).await?, HashMap::from([("m-good".to_owned(), 1)]));
+
+    let dead = read_topic(&dlq_topic, 1, 5, Duration::from_secs(30)).await?;
+    let reasons: Vec<&str> = dead.iter().filter_map(|record| record.header("flare-dlq-reason")).collect();
+    assert_eq!(reasons.len(), 5, "{reasons:?}");
+    assert_eq!(reasons[0], "record has no value");
+    assert!(reasons[1].contains("exceeds the limit"), "{}", reasons[1]);
+    assert!(reasons[2].contains("message.id is longer than 64 bytes"), "{}", reasons[2]);
+    assert!(reasons[3].contains("missing field session_id"), "{}", reasons[3]);
+    assert!(reasons[4].contains("not a StoreMessageRequest"), "{}", reasons[4]);
+    for (offset, record) in dead.iter().enumerate() {
+        assert_eq!(record.header("flare-dlq-source-topic"), Some(topic.as_str()));
+        assert_eq!(record.header("flare-dlq-source-partition"), Some("0"));
+        assert_eq!(record.header("flare-dlq-source-offset"), Some(offset.to_string().as_str()));
+    }
+    let (_, body) = http_get(writer.metrics_addr, "/metrics").await?;
+    for (kind, count) in [("empty", 1), ("too_large", 1), ("invalid", 2), ("undecodable", 1)] {
+        let name = format!("storage_writer_dead_lettered_total{{reason=\"{kind}\"}}");
+        assert_eq!(metric_value(&body, &name), Some(f64::from(count)), "{name}");
+    }
+    writer.stop().await?;
+    database.drop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_and_redis_outages_lose_nothing() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let (topic, dlq_topic) = (unique("messages"), unique("dlq"));
+    create_topics(&[&topic, &dlq_topic], PARTITIONS).await?;
+    let tenant = unique("acme");
+    let postgres_proxy = Proxy::start(url_addr(&database.url)?).await?;
+    let redis_proxy = Proxy::start(url_addr(&redis_url())?).await?;
+    let mut config = writer_config(&database.url, &topic, &dlq_topic);
+    config.postgres_url = Some(url_through(&database.url, postgres_proxy.addr)?);
+    config.redis_url = url_through(&redis_url(), redis_proxy.addr)?;
+    let writer = RunningWriter::start(config).await?;
+    let producer = producer()?;
+    let send = |from: usize, to: usize| {
+        let producer = producer.clone();
+        let (tenant, topic) = (tenant.clone(), topic.clone());
+        async move {
+            for index in from..to {
+                let request = chat(&tenant, "s", &format!("m{index:03}"), "a", &["b"], index as i64);
+                produce_message(&producer, &topic, &request).await?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    let rows_reach = |count: i64| {
+        let database = &database;
+        eventually(Duration::from_secs(60), "stored rows", move || async move {
+            Ok((row_count(database).await? == count).then_some(()))
+        })
+    };
+
+    send(0, 10).await?;
+    rows_reach(10).await?;
+
+    // Postgres goes away: the writer notices, holds the batch, and resumes by itself.
+    postgres_proxy.cut();
+    send(10, 20).await?;
+    wait_for_metric(writer.metrics_addr, "storage_writer_stage_errors_total{stage=\"postgres\"}", 1.0).await?;
+    assert_eq!(http_get(writer.metrics_addr, "/readyz").await?.0, 503);
+    postgres_proxy.restore();
+    rows_reach(20).await?;
+
+    // Redis goes away.
+    redis_proxy.cut();
+    send(20, 30).await?;
+    wait_for_metric(writer.metrics_addr, "storage_writer_stage_errors_total{stage=\"idempotency\"}", 1.0).await?;
+    redis_proxy.restore();
+    rows_reach(30).await?;
+    wait_for_metric(writer.metrics_addr, "storage_writer_messages_processed_total", 30.0).await?;
+    assert_eq!(http_get(writer.metrics_addr, "/readyz").await?.0, 200);
+
+    let seqs = stored_seqs(&database).await?;
+    let expected: HashMap<String, i64> = (0..30).map(|index| (format!("m{index:03}"), index as i64 + 1)).collect();
+    assert_eq!(seqs, expected);
+    assert_eq!(metric(writer.metrics_addr, "storage_writer_messages_duplicated_total").await?, 0.0);
+    writer.stop().await?;
+    database.drop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_postgres_loses_nothing_and_keeps_seqs() -> anyhow::Result<()> {
+    crash_and_restart("postgres").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_acks_reports_no_duplicates() -> anyhow::Result<()> {
+    crash_and_restart("ack").await
+}
+
+/// Runs the writer binary with a crash injected right after `stage` of its first batch, then
+/// again normally, and checks that every message is stored once with the seq it first got.
+async fn crash_and_restart(stage: &str) -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let (topic, dlq_topic, ack_topic) = (unique("messages"), unique("dlq"), unique("acks"));
+    create_topics(&[&topic, &dlq_topic, &ack_topic], PARTITIONS).await?;
+    let tenant = unique("acme");
+    let group = unique("group");
+    let producer = producer()?;
+    let sessions = ["s1", "s2", "s3"];
+    for index in 0..24 {
+        let session = sessions[index % 3];
+        let request = chat(&tenant, session, &format!("{session}-m{:02}", index / 3), "a", &["b"], index as i64);
+        produce_message(&producer, &topic, &request).await?;
+    }
+
+    let spawn_writer = |crash: Option<&str>| -> anyhow::Result<std::process::Child> {
+        let mut command = std::process::Command::new(writer_binary()?);
+        command
+            .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
+            .env("KAFKA_TOPIC", &topic)
+            .env("KAFKA_GROUP_ID", &group)
+            .env("KAFKA_DLQ_TOPIC", &dlq_topic)
+            .env("KAFKA_ACK_TOPIC", &ack_topic)
+            .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
+            .env("REDIS_URL", redis_url())
+            .env("POSTGRES_URL", &database.url)
+            .env("METRICS_ADDR", "127.0.0.1:0")
+            .env("WRITER_BATCH_SIZE", "5")
+            .env("RUST_LOG", "warn")
+            .env_remove("MONGO_URL")
+            .stdout(Stdio::null());
+        if let Some(stage) = crash {
+            command.env("WRITER_CRASH_AFTER_STAGE", stage);
+        }
+        Ok(command.spawn()?)
+    };
+
+    let mut crashing = spawn_writer(Some(stage))?;
+    let status = eventually(Duration::from_secs(60), "the injected crash", || {
+        let status = crashing.try_wait();
+        async move { Ok(status?) }
+    })
+    .await?;
+    assert!(!status.success(), "the writer should have aborted, got {status}");
+    let after_crash = stored_seqs(&database).await?;
+    assert!(!after_crash.is_empty(), "the crash came after a store write");
+
+    let mut writer = spawn_writer(None)?;
+    eventually(Duration::from_secs(90), "all 24 rows", || async {
+        Ok((row_count(&database).await? == 24).then_some(()))
+    })
+    .await?;
+    let acks = eventually(Duration::from_secs(60), "24 distinct persisted acks", || async {
+        let acks = read_topic(&ack_topic, PARTITIONS, usize::MAX, Duration::from_secs(2)).await?;
+        let mut persisted = std::collections::HashSet::new();
+        for ack in &acks {
+            let json = ack.json()?;
+            anyhow::ensure!(json["status"] == "persisted", "a redelivered message was reported as {json}");
+            persisted.insert(json["message_id"].as_str().unwrap_or_default().to_owned());
+        }
+        Ok((persisted.len() == 24).then_some(acks))
+    })
+    .await?;
+    assert!(acks.len() >= 24);
+
+    let seqs = stored_seqs(&database).await?;
+    for session in sessions {
+        for index in 0..8 {
+            let id = format!("{session}-m{index:02}");
+            assert_eq!(seqs.get(&id), Some(&(index + 1)), "{id}");
+        }
+    }
+    for (id, seq) in &after_crash {
+        assert_eq!(seqs.get(id), Some(seq), "{id} changed its seq after the crash");
+    }
+    let mut redis = redis_connection().await?;
+    for session in sessions {
+        let state: HashMap<String, String> = redis.hgetall(SessionKeys::new(&tenant, session).state()).await?;
+        assert_eq!(state.get("message_count").map(String::as_str), Some("8"), "{session}: {state:?}");
+        assert_eq!(state.get("last_seq").map(String::as_str), Some("8"));
+        let unread: HashMap<String, i64> = redis.hgetall(SessionKeys::new(&tenant, session).unread()).await?;
+        assert_eq!(unread.get("b"), Some(&8), "{session}: unread counted once per message");
+    }
+
+    // SIGTERM: the writer drains and exits cleanly.
+    std::process::Command::new("kill").arg("-TERM").arg(writer.id().to_string()).status()?;
+    let status = eventually(Duration::from_secs(30), "graceful exit", || {
+        let status = writer.try_wait();
+        async move { Ok(status?) }
+    })
+    .await?;
+    assert!(status.success(), "writer exited with {status}");
+    database.drop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_receives_every_message_once() -> anyhow::Result<()> {
+    use futures::TryStreamExt as _;
+    use mongodb::bson::doc;
+
+    let database = TestDatabase::create().await?;
+    let (topic, dlq_topic) = (unique("messages"), unique("dlq"));
+    create_topics(&[&topic, &dlq_topic], PARTITIONS).await?;
+    let tenant = unique("acme");
+    let mongo_database = unique("flare");
+    let mut config = writer_config(&database.url, &topic, &dlq_topic);
+    config.mongo = Some(flare_storage_writer::config::MongoConfig {
+        url: mongo_url(),
+        database: mongo_database.clone(),
+        collection: "messages".into(),
+    });
+    let producer = producer()?;
+    for index in 0..6 {
+        let session = if index % 2 == 0 { "s1" } else { "s2" };
+        produce_message(&producer, &topic, &chat(&tenant, session, &format!("m{index}"), "a", &["b"], index)).await?;
+    }
+    // An upstream resend of m0.
+    produce_message(&producer, &topic, &chat(&tenant, "s1", "m0", "a", &["b"], 0)).await?;
+    let writer = RunningWriter::start(config).await?;
+    wait_for_metric(writer.metrics_addr, "storage_writer_messages_processed_total", 6.0).await?;
+    wait_for_metric(writer.metrics_addr, "storage_writer_messages_duplicated_total", 1.0).await?;
+
+    let client = mongodb::Client::with_uri_str(mongo_url()).await?;
+    let collection = client.database(&mongo_database).collection::<mongodb::bson::Document>("messages");
+    let documents: Vec<mongodb::bson::Document> =
+        collection.find(doc! { "tenant_id": &tenant }).await?.try_collect().await?;
+    let mut seqs: Vec<(String, String, i64)> = documents
+        .iter()
+        .map(|d| {
+            (
+                d.get_str("session_id").unwrap_or_default().to_owned(),
+                d.get_str("message_id").unwrap_or_default().to_owned(),
+                d.get_i64("seq").unwrap_or_default(),
+            )
+        })
+        .collect();
+    seqs.sort();
+    let expected: Vec<(String, String, i64)> =
+        [("s1", "m0", 1), ("s1", "m2", 2), ("s1", "m4", 3), ("s2", "m1", 1), ("s2", "m3", 2), ("s2", "m5", 3)]
+            .into_iter()
+            .map(|(s, m, q)| (s.to_owned(), m.to_owned(), q))
+            .collect();
+    assert_eq!(seqs, expected);
+    assert_eq!(stored_seqs(&database).await?.len(), 6);
+
+    writer.stop().await?;
+    client.database(&mongo_database).drop().await?;
+    database.drop().await?;
+    Ok(())
+}
