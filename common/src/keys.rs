@@ -21,6 +21,13 @@ impl SessionKeys {
         format!("{}:hot", self.tag)
     }
 
+    /// ZSET of the same messages: member message_id, score timestamp in microseconds since the
+    /// epoch (exact in a double until the year 2255). Equal scores order by message_id, like
+    /// the databases' (timestamp, message_id) order.
+    pub fn hot_time_index(&self) -> String {
+        format!("{}:hottime", self.tag)
+    }
+
     /// HASH message_id → protobuf `Message` of the messages in [`Self::hot_index`].
     pub fn hot_bodies(&self) -> String {
         format!("{}:body", self.tag)

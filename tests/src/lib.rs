@@ -185,6 +185,7 @@ pub fn writer_config(database_url: &str, topic: &str, dlq_topic: &str) -> flare_
         retry_initial_backoff: Duration::from_millis(50),
         retry_max_backoff: Duration::from_millis(500),
         metrics_addr: ([127, 0, 0, 1], 0).into(),
+        shutdown_timeout: Duration::from_secs(25),
         crash_after_stage: None,
     }
 }

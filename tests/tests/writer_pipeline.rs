@@ -146,6 +146,16 @@ async fn session_state_unread_counts_cursors_cache_wal_and_acks() -> anyhow::Res
     // Hot cache: the newest three by seq, bodies carrying their seq.
     let hot: Vec<(String, i64)> = redis.zrange_withscores(g.hot_index(), 0, -1).await?;
     assert_eq!(hot, [("g-b1".to_owned(), 4), ("g-b2".to_owned(), 5), ("g-c1".to_owned(), 6)]);
+    let by_time: Vec<(String, i64)> = redis.zrange_withscores(g.hot_time_index(), 0, -1).await?;
+    let expected_time = |order: i64| (base_time() + chrono::Duration::milliseconds(order)).timestamp_micros();
+    assert_eq!(
+        by_time,
+        [
+            ("g-b1".to_owned(), expected_time(5)),
+            ("g-b2".to_owned(), expected_time(7)),
+            ("g-c1".to_owned(), expected_time(8))
+        ]
+    );
     let bodies: HashMap<String, Vec<u8>> = redis.hgetall(g.hot_bodies()).await?;
     assert_eq!(bodies.len(), 3);
     let cached = <Message as prost::Message>::decode(bodies["g-c1"].as_slice())?;

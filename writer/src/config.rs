@@ -29,6 +29,8 @@ pub struct Config {
     pub retry_initial_backoff: Duration,
     pub retry_max_backoff: Duration,
     pub metrics_addr: SocketAddr,
+    /// Longest time from SIGTERM to exit; a batch not finished by then is redelivered.
+    pub shutdown_timeout: Duration,
     /// Fault injection for crash tests: abort right after this pipeline stage.
     pub crash_after_stage: Option<String>,
 }
@@ -152,6 +154,7 @@ impl Config {
             retry_initial_backoff,
             retry_max_backoff,
             metrics_addr,
+            shutdown_timeout: Duration::from_secs(positive("WRITER_SHUTDOWN_TIMEOUT_SECONDS", 25)?),
             crash_after_stage: get("WRITER_CRASH_AFTER_STAGE"),
         })
     }

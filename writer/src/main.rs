@@ -20,16 +20,7 @@ async fn main() -> ExitCode {
     telemetry::init();
 
     let result = match std::env::args().nth(1).as_deref() {
-        None | Some("run") => {
-            let shutdown = CancellationToken::new();
-            let on_signal = shutdown.clone();
-            tokio::spawn(async move {
-                ops::shutdown_signal().await;
-                tracing::info!("shutdown requested");
-                on_signal.cancel();
-            });
-            flare_storage_writer::run(config, shutdown).await
-        }
+        None | Some("run") => run(config).await,
         Some("migrate") => match &config.postgres_url {
             Some(url) => migrate(url).await,
             None => Err(anyhow::anyhow!("POSTGRES_URL is not set: nothing to migrate")),
@@ -47,6 +38,26 @@ async fn main() -> ExitCode {
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "writer failed");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the writer until SIGTERM/SIGINT, then gives it `shutdown_timeout` to finish the batch
+/// in flight and commit.
+async fn run(config: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let drain_bound = config.shutdown_timeout;
+    let mut writer = tokio::spawn(flare_storage_writer::run(config, shutdown.clone()));
+    tokio::select! {
+        finished = &mut writer => return finished?,
+        () = ops::shutdown_signal() => {}
+    }
+    tracing::info!(bound_seconds = drain_bound.as_secs(), "shutdown requested, draining");
+    shutdown.cancel();
+    match tokio::time::timeout(drain_bound, writer).await {
+        Ok(finished) => finished?,
+        Err(_) => {
+            Err(anyhow::anyhow!("did not finish within {drain_bound:?}; the unfinished batch will be redelivered"))
         }
     }
 }

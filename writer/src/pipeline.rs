@@ -452,6 +452,7 @@ impl Pipeline {
                     .map(|message| HotEntry {
                         seq: message.seq,
                         message_id: &message.id,
+                        timestamp_us: timestamp_us(message),
                         body: message.encode_to_vec(),
                     })
                     .collect();
@@ -592,6 +593,10 @@ fn receivers(message: &Message) -> Vec<&str> {
     receivers.sort_unstable();
     receivers.dedup();
     receivers
+}
+
+fn timestamp_us(message: &Message) -> i64 {
+    message.timestamp.as_ref().and_then(to_datetime).map(|time| time.timestamp_micros()).unwrap_or(0)
 }
 
 fn ingestion_ms(message: &Message) -> i64 {

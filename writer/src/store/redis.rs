@@ -50,6 +50,7 @@ pub struct Seed {
 pub struct HotEntry<'a> {
     pub seq: i64,
     pub message_id: &'a str,
+    pub timestamp_us: i64,
     /// The encoded protobuf `Message`.
     pub body: Vec<u8>,
 }
@@ -104,20 +105,21 @@ return 1
 
 /// Adds messages to a session's hot window and trims it to the newest ARGV[1] by seq.
 const CACHE_HOT: &str = r#"
--- KEYS[1] zset seq -> message_id, KEYS[2] hash message_id -> body
--- ARGV[1] window, ARGV[2] ttl, then triples: seq, message_id, body
-for i = 3, #ARGV, 3 do
+-- KEYS[1] zset seq -> message_id, KEYS[2] hash message_id -> body, KEYS[3] zset time -> message_id
+-- ARGV[1] window, ARGV[2] ttl, then groups of four: seq, message_id, timestamp_us, body
+for i = 3, #ARGV, 4 do
   redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
-  redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2])
+  redis.call('ZADD', KEYS[3], ARGV[i + 2], ARGV[i + 1])
+  redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 3])
 end
 local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
 if excess > 0 then
   local old = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
   redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
+  redis.call('ZREM', KEYS[3], unpack(old))
   redis.call('HDEL', KEYS[2], unpack(old))
 end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
+for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
 return 1
 "#;
 
@@ -265,9 +267,9 @@ impl RedisStore {
         let mut invocations = Vec::with_capacity(sessions.len());
         for (keys, entries) in sessions {
             let mut invocation = self.cache_hot.key(keys.hot_index());
-            invocation.key(keys.hot_bodies()).arg(self.hot_window).arg(ttl);
+            invocation.key(keys.hot_bodies()).key(keys.hot_time_index()).arg(self.hot_window).arg(ttl);
             for entry in entries {
-                invocation.arg(entry.seq).arg(entry.message_id).arg(entry.body.as_slice());
+                invocation.arg(entry.seq).arg(entry.message_id).arg(entry.timestamp_us).arg(entry.body.as_slice());
             }
             invocations.push(invocation);
         }
