@@ -5,6 +5,9 @@
 //! no (tenant, session) pair can spell the key of another: `("a:b", "c")` and `("a", "b:c")`
 //! give different tags. A user's keys use the same scheme with the user id.
 
+/// `floor_us` of a hot window that holds every message of its session.
+pub const HOT_FLOOR_ALL: i64 = i64::MIN / 2;
+
 /// Keys of one session of one tenant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionKeys {
@@ -26,6 +29,14 @@ impl SessionKeys {
     /// the databases' (timestamp, message_id) order.
     pub fn hot_time_index(&self) -> String {
         format!("{}:hottime", self.tag)
+    }
+
+    /// HASH describing how complete the hot window is: field `floor_us` — every message of
+    /// the session with a timestamp above it is in the window ([`HOT_FLOOR_ALL`]: the whole
+    /// session is). No such key: completeness unknown (the window may hold only the newest
+    /// writes), so readers go to the databases and fill the window.
+    pub fn hot_meta(&self) -> String {
+        format!("{}:hotmeta", self.tag)
     }
 
     /// HASH message_id → protobuf `Message` of the messages in [`Self::hot_index`].

@@ -156,6 +156,10 @@ async fn session_state_unread_counts_cursors_cache_wal_and_acks() -> anyhow::Res
             ("g-c1".to_owned(), expected_time(8))
         ]
     );
+    // The window started with the session (complete), then trimming raised its floor to the
+    // newest evicted message (g-a3).
+    let floor: Option<i64> = redis.hget(g.hot_meta(), "floor_us").await?;
+    assert_eq!(floor, Some(expected_time(3)));
     let bodies: HashMap<String, Vec<u8>> = redis.hgetall(g.hot_bodies()).await?;
     assert_eq!(bodies.len(), 3);
     let cached = <Message as prost::Message>::decode(bodies["g-c1"].as_slice())?;

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use flare_storage_common::keys::{SessionKeys, user_cursors};
+use flare_storage_common::keys::{HOT_FLOOR_ALL, SessionKeys, user_cursors};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Script};
 
@@ -103,23 +103,41 @@ for i = 2, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
 return 1
 "#;
 
-/// Adds messages to a session's hot window and trims it to the newest ARGV[1] by seq.
+/// Adds messages to a session's hot window, trims it to the newest ARGV[1] by seq and keeps
+/// its completeness floor (see `SessionKeys::hot_meta`): a window that receives a session's
+/// first message (seq 1) holds the whole session; trimming raises the floor to the newest
+/// evicted timestamp; a window of unknown completeness stays unknown.
 const CACHE_HOT: &str = r#"
--- KEYS[1] zset seq -> message_id, KEYS[2] hash message_id -> body, KEYS[3] zset time -> message_id
--- ARGV[1] window, ARGV[2] ttl, then groups of four: seq, message_id, timestamp_us, body
-for i = 3, #ARGV, 4 do
+-- KEYS[1] zset seq -> id, KEYS[2] hash id -> body, KEYS[3] zset time -> id, KEYS[4] meta hash
+-- ARGV[1] window, ARGV[2] ttl, ARGV[3] floor meaning 'all', then groups of four:
+-- seq, message_id, timestamp_us, body
+local starts_session = false
+for i = 4, #ARGV, 4 do
   redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
   redis.call('ZADD', KEYS[3], ARGV[i + 2], ARGV[i + 1])
   redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 3])
+  if ARGV[i] == '1' then starts_session = true end
+end
+if starts_session and redis.call('EXISTS', KEYS[4]) == 0 then
+  redis.call('HSET', KEYS[4], 'floor_us', ARGV[3])
 end
 local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
 if excess > 0 then
   local old = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
+  local evicted_max = nil
+  for _, id in ipairs(old) do
+    local ts = tonumber(redis.call('ZSCORE', KEYS[3], id))
+    if ts and (not evicted_max or ts > evicted_max) then evicted_max = ts end
+  end
   redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
   redis.call('ZREM', KEYS[3], unpack(old))
   redis.call('HDEL', KEYS[2], unpack(old))
+  local floor = redis.call('HGET', KEYS[4], 'floor_us')
+  if floor and evicted_max and evicted_max > tonumber(floor) then
+    redis.call('HSET', KEYS[4], 'floor_us', string.format('%.0f', evicted_max))
+  end
 end
-for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
+for k = 1, 4 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
 return 1
 "#;
 
@@ -267,7 +285,13 @@ impl RedisStore {
         let mut invocations = Vec::with_capacity(sessions.len());
         for (keys, entries) in sessions {
             let mut invocation = self.cache_hot.key(keys.hot_index());
-            invocation.key(keys.hot_bodies()).key(keys.hot_time_index()).arg(self.hot_window).arg(ttl);
+            invocation
+                .key(keys.hot_bodies())
+                .key(keys.hot_time_index())
+                .key(keys.hot_meta())
+                .arg(self.hot_window)
+                .arg(ttl)
+                .arg(HOT_FLOOR_ALL);
             for entry in entries {
                 invocation.arg(entry.seq).arg(entry.message_id).arg(entry.timestamp_us).arg(entry.body.as_slice());
             }
