@@ -9,6 +9,11 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     pub postgres_url: String,
     pub postgres_max_connections: u32,
+    /// The writer's hot cache; reads go to the databases only when unset.
+    pub redis_url: Option<String>,
+    /// Lifetime and size of a hot window the reader fills; the same as the writer's settings.
+    pub redis_hot_ttl: Duration,
+    pub redis_hot_window: usize,
     /// QueryMessages looks this far back when the request gives no start time.
     pub default_range: Duration,
     pub max_page_size: u32,
@@ -20,6 +25,7 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("grpc_addr", &self.grpc_addr)
             .field("metrics_addr", &self.metrics_addr)
+            .field("redis", &self.redis_url.is_some())
             .field("default_range", &self.default_range)
             .field("max_page_size", &self.max_page_size)
             .finish_non_exhaustive()
@@ -58,10 +64,21 @@ impl Config {
             return Err(ConfigError("POSTGRES_URL must start with postgres:// or postgresql://".into()));
         }
         let max_page_size = positive("STORAGE_READER_MAX_PAGE_SIZE", 200)?;
+        let redis_url = get("REDIS_URL");
+        if let Some(url) = &redis_url
+            && !url.starts_with("redis://")
+            && !url.starts_with("rediss://")
+        {
+            return Err(ConfigError("REDIS_URL must start with redis:// or rediss://".into()));
+        }
         Ok(Self {
             grpc_addr: address("STORAGE_READER_GRPC_ADDR", "0.0.0.0:50051")?,
             metrics_addr: address("METRICS_ADDR", "0.0.0.0:9101")?,
             postgres_url,
+            redis_url,
+            redis_hot_ttl: Duration::from_secs(positive("REDIS_HOT_TTL_SECONDS", 3600)?),
+            redis_hot_window: usize::try_from(positive("REDIS_HOT_MAX_MESSAGES", 200)?)
+                .map_err(|_| ConfigError("REDIS_HOT_MAX_MESSAGES is too large".into()))?,
             postgres_max_connections: u32::try_from(positive("POSTGRES_MAX_CONNECTIONS", 16)?)
                 .map_err(|_| ConfigError("POSTGRES_MAX_CONNECTIONS is too large".into()))?,
             default_range: Duration::from_secs(positive("STORAGE_READER_DEFAULT_RANGE_SECONDS", 7 * 24 * 3600)?),

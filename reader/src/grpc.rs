@@ -15,7 +15,7 @@ use tokio_stream::Stream;
 
 use crate::cursor::Cursor;
 use crate::error::Error;
-use crate::lookup::{Lookup, PageQuery};
+use crate::lookup::{Lookup, PageQuery, SeqQuery};
 use crate::metrics::Metrics;
 
 pub struct StorageReader {
@@ -170,8 +170,38 @@ impl StorageReaderService for StorageReader {
         self.observe("ExportMessages", async { Err(Error::NotImplemented("ExportMessages")) }).await
     }
 
-    async fn query_messages_by_seq(&self, _: Request<QueryMessagesBySeqRequest>) -> Reply<QueryMessagesBySeqResponse> {
-        self.observe("QueryMessagesBySeq", async { Err(Error::NotImplemented("QueryMessagesBySeq")) }).await
+    async fn query_messages_by_seq(
+        &self,
+        request: Request<QueryMessagesBySeqRequest>,
+    ) -> Reply<QueryMessagesBySeqResponse> {
+        self.observe("QueryMessagesBySeq", async {
+            let request = request.into_inner();
+            let tenant_id = tenant_of(request.tenant.as_ref())?;
+            require_id("session_id", &request.session_id, true)?;
+            require_id("user_id", &request.user_id, false)?;
+            if request.after_seq < 0 {
+                return Err(Error::invalid("after_seq", "must not be negative"));
+            }
+            let before = match request.before_seq {
+                0 => i64::MAX,
+                before if before < 0 => return Err(Error::invalid("before_seq", "must not be negative")),
+                before => before,
+            };
+            let limit = u32::try_from(request.limit).map_err(|_| Error::invalid("limit", "must not be negative"))?;
+            let page = self
+                .lookup
+                .seq_range(SeqQuery { tenant_id, session_id: &request.session_id, after: request.after_seq, before, limit })
+                .await?;
+            let last_seq = page.messages.last().map_or(request.after_seq, |message| message.seq);
+            Ok(QueryMessagesBySeqResponse {
+                messages: page.messages,
+                next_cursor: if page.has_more { last_seq.to_string() } else { String::new() },
+                has_more: page.has_more,
+                last_seq,
+                status: ok_status(),
+            })
+        })
+        .await
     }
 
     type StreamExportMessagesStream = ExportStream;

@@ -28,9 +28,10 @@ use tracing::{info, warn};
 pub use config::Config;
 
 use crate::grpc::StorageReader;
-use crate::lookup::Lookup;
+use crate::lookup::{Lookup, SingleFlight};
 use crate::metrics::Metrics;
 use crate::store::postgres::PostgresStore;
+use crate::store::redis::RedisCache;
 
 /// How often the reader checks that its stores answer, for `/readyz` and gRPC health.
 const READINESS_INTERVAL: Duration = Duration::from_secs(5);
@@ -69,8 +70,21 @@ pub async fn serve(
         tokio::spawn(ops::serve(ops_listener, metrics.registry.clone(), readiness.clone(), shutdown.clone()));
     let readiness_task = tokio::spawn(watch_readiness(postgres.clone(), readiness, health_reporter, shutdown.clone()));
 
+    let cache = match &config.redis_url {
+        Some(url) => {
+            Some(RedisCache::connect(url, config.redis_hot_ttl, config.redis_hot_window).context("invalid REDIS_URL")?)
+        }
+        None => None,
+    };
     let reader = StorageReader {
-        lookup: Lookup { postgres, default_range: config.default_range, max_page_size: config.max_page_size },
+        lookup: Lookup {
+            postgres,
+            cache,
+            metrics: metrics.clone(),
+            default_range: config.default_range,
+            max_page_size: config.max_page_size,
+            fills: SingleFlight::default(),
+        },
         metrics,
     };
     info!(addr = %grpc_listener.local_addr()?, "serving gRPC");

@@ -1,24 +1,42 @@
-//! Read logic between the gRPC layer and the stores: applies defaults and bounds, turns stored
-//! rows back into `Message`s and pages through a session's history.
+//! Read logic between the gRPC layer and the stores: Redis hot window first, then the
+//! database; defaults and bounds; stored rows back into `Message`s.
+//!
+//! A page is served from the hot window only when the window provably holds every message
+//! the page needs (its completeness floor, see `flare_storage_common::keys`); otherwise the
+//! database answers. A window of unknown completeness is filled from the database once, with
+//! concurrent readers of the same session waiting for that one query instead of each running
+//! their own.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use flare_storage_common::keys::SessionKeys;
 use flare_storage_common::message::to_timestamp;
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::{Message, MessageTimeline};
 
 use crate::cursor::Cursor;
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::store::postgres::{Before, PostgresStore, StoredRow};
+use crate::store::redis::{FillEntry, RedisCache};
 
 /// Page size when the request gives none.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 
+/// Extra window entries read past a page, to step over messages sharing the cursor's
+/// timestamp without a second round trip.
+const TIE_SLACK: usize = 16;
+
 pub struct Lookup {
     pub postgres: PostgresStore,
+    pub cache: Option<RedisCache>,
+    pub metrics: Metrics,
     pub default_range: Duration,
     pub max_page_size: u32,
+    pub fills: SingleFlight,
 }
 
 /// A validated QueryMessages request.
@@ -38,19 +56,55 @@ pub struct Page {
     pub limit: u32,
 }
 
+/// A validated QueryMessagesBySeq request: seq in (after, before), ascending.
+pub struct SeqQuery<'a> {
+    pub tenant_id: &'a str,
+    pub session_id: &'a str,
+    pub after: i64,
+    /// Exclusive; `i64::MAX` when open.
+    pub before: i64,
+    pub limit: u32,
+}
+
+pub struct SeqPage {
+    pub messages: Vec<Message>,
+    pub has_more: bool,
+    pub limit: u32,
+}
+
+/// What the hot window could say about a page.
+enum FromCache<T> {
+    Answer(T),
+    /// The window's completeness is unknown: fill it.
+    Unknown,
+    /// The window cannot answer (too old, incomplete, no cache): ask the database.
+    Miss,
+}
+
+/// Resolved bounds of a time page.
+struct Bounds {
+    from_us: i64,
+    to_us: i64,
+    limit: usize,
+}
+
 impl Lookup {
     pub async fn message(&self, tenant_id: &str, message_id: &str) -> Result<Message, Error> {
         let row = self.postgres.message(tenant_id, message_id).await?;
         row.map(to_message).transpose()?.ok_or(Error::NotFound("message"))
     }
 
+    fn page_size(&self, requested: u32) -> u32 {
+        match requested {
+            0 => DEFAULT_PAGE_SIZE.min(self.max_page_size),
+            requested => requested.min(self.max_page_size),
+        }
+    }
+
     /// One page of a session, newest first. `next_cursor` is set when older messages remain
     /// in the range.
     pub async fn session_page(&self, query: PageQuery<'_>) -> Result<Page, Error> {
-        let limit = match query.limit {
-            0 => DEFAULT_PAGE_SIZE.min(self.max_page_size),
-            requested => requested.min(self.max_page_size),
-        };
+        let limit = self.page_size(query.limit);
         let to = query.to.unwrap_or_else(Utc::now);
         let from = match query.from {
             Some(from) => from,
@@ -59,29 +113,187 @@ impl Lookup {
         if from > to {
             return Err(Error::invalid("start_time", "must not be after end_time"));
         }
-        let before =
-            query.after.as_ref().map(|cursor| Before { timestamp: cursor.timestamp, message_id: &cursor.message_id });
-        // One row more than the page tells whether another page exists, without counting.
-        let mut rows = self
-            .postgres
-            .session_page(query.tenant_id, query.session_id, from, to, before, i64::from(limit) + 1)
-            .await?;
-        let has_more = rows.len() > limit as usize;
-        rows.truncate(limit as usize);
-        let next_cursor = match (has_more, rows.last()) {
-            (true, Some(last)) => Some(
-                Cursor { timestamp: last.timestamp, message_id: last.message_id.clone() }
-                    .encode(query.tenant_id, query.session_id),
-            ),
+        let bounds = Bounds { from_us: from.timestamp_micros(), to_us: to.timestamp_micros(), limit: limit as usize };
+
+        let messages = match self.cached_page(&query, &bounds).await? {
+            Some(messages) => messages,
+            None => {
+                let before = query
+                    .after
+                    .as_ref()
+                    .map(|cursor| Before { timestamp: cursor.timestamp, message_id: &cursor.message_id });
+                // One row more than the page tells whether another page exists, without counting.
+                let rows = self
+                    .postgres
+                    .session_page(query.tenant_id, query.session_id, from, to, before, i64::from(limit) + 1)
+                    .await?;
+                rows.into_iter().map(to_message).collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        Ok(self.into_page(messages, limit, query.tenant_id, query.session_id))
+    }
+
+    /// Cuts `limit + 1` newest-first messages into a page and its cursor.
+    fn into_page(&self, mut messages: Vec<Message>, limit: u32, tenant_id: &str, session_id: &str) -> Page {
+        let has_more = messages.len() > limit as usize;
+        messages.truncate(limit as usize);
+        let next_cursor = match (has_more, messages.last()) {
+            (true, Some(last)) => last
+                .timestamp
+                .as_ref()
+                .and_then(flare_storage_common::message::to_datetime)
+                .map(|timestamp| Cursor { timestamp, message_id: last.id.clone() }.encode(tenant_id, session_id)),
             _ => None,
         };
-        let messages = rows.into_iter().map(to_message).collect::<Result<_, _>>()?;
-        Ok(Page { messages, next_cursor, limit })
+        Page { messages, next_cursor, limit }
+    }
+
+    /// The page (limit + 1 messages at most) from the hot window, filling the window first
+    /// when its completeness is unknown; `None` when the database must answer.
+    async fn cached_page(&self, query: &PageQuery<'_>, bounds: &Bounds) -> Result<Option<Vec<Message>>, Error> {
+        let Some(cache) = &self.cache else { return Ok(None) };
+        let keys = SessionKeys::new(query.tenant_id, query.session_id);
+        match page_from_window(cache, &keys, query.after.as_ref(), bounds).await {
+            FromCache::Answer(messages) => {
+                self.metrics.cache_hit();
+                return Ok(Some(messages));
+            }
+            FromCache::Miss => {
+                self.metrics.cache_miss();
+                return Ok(None);
+            }
+            FromCache::Unknown => {}
+        }
+        // Cold window: one reader fills it, the others wait and then read the filled window.
+        let key = keys.hot_meta();
+        let answer = self
+            .fills
+            .run(&key, async {
+                if let FromCache::Answer(messages) = page_from_window(cache, &keys, query.after.as_ref(), bounds).await {
+                    return Ok::<_, Error>(Some(messages));
+                }
+                self.fill_window(cache, &keys, query.tenant_id, query.session_id).await?;
+                match page_from_window(cache, &keys, query.after.as_ref(), bounds).await {
+                    FromCache::Answer(messages) => Ok(Some(messages)),
+                    FromCache::Unknown | FromCache::Miss => Ok(None),
+                }
+            })
+            .await?;
+        self.metrics.cache_miss();
+        Ok(answer)
+    }
+
+    /// Reads the newest messages of a session from the database into its hot window.
+    async fn fill_window(&self, cache: &RedisCache, keys: &SessionKeys, tenant_id: &str, session_id: &str) -> Result<(), Error> {
+        let window = cache.window();
+        let rows = self.postgres.newest(tenant_id, session_id, window as i64).await?;
+        let complete = rows.len() < window;
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in rows {
+            let timestamp_us = row.timestamp.timestamp_micros();
+            let message = to_message(row)?;
+            entries.push(FillEntry {
+                seq: message.seq,
+                message_id: message.id.clone(),
+                timestamp_us,
+                body: message.encode_to_vec(),
+            });
+        }
+        cache.fill(keys, &entries, complete).await;
+        Ok(())
+    }
+
+    /// Messages of a session by seq, ascending, for gap filling.
+    pub async fn seq_range(&self, query: SeqQuery<'_>) -> Result<SeqPage, Error> {
+        let limit = self.page_size(query.limit);
+        let wanted = limit as usize + 1;
+        if let Some(cache) = &self.cache {
+            let keys = SessionKeys::new(query.tenant_id, query.session_id);
+            if let Some(Some(slice)) = cache.by_seq(&keys, query.after, query.before, wanted).await {
+                // Seqs are contiguous in a session, so a window with as many entries as its
+                // seq span holds every message from its lowest seq up.
+                let contiguous = slice.size == slice.highest_seq - slice.lowest_seq + 1;
+                let covers = slice.lowest_seq <= query.after.saturating_add(1);
+                let decoded: Option<Vec<Message>> = slice
+                    .entries
+                    .iter()
+                    .map(|entry| Message::decode(entry.body.as_slice()).ok().filter(|_| !entry.body.is_empty()))
+                    .collect();
+                if contiguous
+                    && covers
+                    && let Some(mut messages) = decoded
+                {
+                    self.metrics.cache_hit();
+                    let has_more = messages.len() > limit as usize;
+                    messages.truncate(limit as usize);
+                    return Ok(SeqPage { messages, has_more, limit });
+                }
+            }
+            self.metrics.cache_miss();
+        }
+        let rows = self
+            .postgres
+            .seq_range(query.tenant_id, query.session_id, query.after, query.before, wanted as i64)
+            .await?;
+        let mut messages = rows.into_iter().map(to_message).collect::<Result<Vec<_>, _>>()?;
+        let has_more = messages.len() > limit as usize;
+        messages.truncate(limit as usize);
+        Ok(SeqPage { messages, has_more, limit })
     }
 }
 
+/// Answers a time page from the window if it provably can.
+async fn page_from_window(
+    cache: &RedisCache,
+    keys: &SessionKeys,
+    cursor: Option<&Cursor>,
+    bounds: &Bounds,
+) -> FromCache<Vec<Message>> {
+    let wanted = bounds.limit + 1;
+    let fetch = wanted + TIE_SLACK;
+    let max_us = match cursor {
+        Some(cursor) => bounds.to_us.min(cursor.timestamp.timestamp_micros()),
+        None => bounds.to_us,
+    };
+    let slice = match cache.by_time(keys, max_us, bounds.from_us, fetch).await {
+        None => return FromCache::Miss,
+        Some(None) => return FromCache::Unknown,
+        Some(Some(slice)) => slice,
+    };
+    let range_exhausted = slice.entries.len() < fetch;
+    let mut page: Vec<(i64, Message)> = Vec::with_capacity(wanted);
+    for entry in &slice.entries {
+        // A window entry without its body (half-evicted) cannot be trusted.
+        if entry.body.is_empty() {
+            return FromCache::Miss;
+        }
+        let Ok(message) = Message::decode(entry.body.as_slice()) else { return FromCache::Miss };
+        // Messages sharing the cursor's timestamp with an id at or above it were on earlier pages.
+        if let Some(cursor) = cursor
+            && entry.position == cursor.timestamp.timestamp_micros()
+            && message.id >= cursor.message_id
+        {
+            continue;
+        }
+        page.push((entry.position, message));
+        if page.len() == wanted {
+            break;
+        }
+    }
+    let complete = match page.last() {
+        // A full page whose oldest entry is above the floor: everything between is cached.
+        Some((oldest_us, _)) if page.len() == wanted => *oldest_us > slice.floor_us,
+        // The range ran out inside the window and the window covers the whole range.
+        _ => range_exhausted && page.len() < wanted && slice.floor_us < bounds.from_us,
+    };
+    if !complete {
+        return FromCache::Miss;
+    }
+    FromCache::Answer(page.into_iter().map(|(_, message)| message).collect())
+}
+
 /// The message as first stored, with the columns that may have changed since laid over it.
-fn to_message(row: StoredRow) -> Result<Message, Error> {
+pub fn to_message(row: StoredRow) -> Result<Message, Error> {
     let mut message =
         Message::decode(row.payload.as_slice()).map_err(|_| Error::Corrupt { message_id: row.message_id.clone() })?;
     message.seq = row.seq.unwrap_or(0);
@@ -96,4 +308,29 @@ fn to_message(row: StoredRow) -> Result<Message, Error> {
     let timeline = message.timeline.get_or_insert_with(MessageTimeline::default);
     timeline.persisted_time = Some(to_timestamp(row.created_at));
     Ok(message)
+}
+
+/// Lets one task per key do a piece of work while others with the same key wait for it.
+#[derive(Default)]
+pub struct SingleFlight {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl SingleFlight {
+    pub async fn run<T>(&self, key: &str, work: impl Future<Output = T>) -> T {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            locks.entry(key.to_owned()).or_default().clone()
+        };
+        let result = {
+            let _turn = lock.lock().await;
+            work.await
+        };
+        let mut locks = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The map's copy and ours: nobody else is waiting, so the entry can go.
+        if locks.get(key).is_some_and(|entry| Arc::strong_count(entry) <= 2) {
+            locks.remove(key);
+        }
+        result
+    }
 }

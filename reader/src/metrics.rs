@@ -1,9 +1,11 @@
 //! Reader metrics (SPEC §6 names), registered once in the app's own registry.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 
 pub const QUERIES: &str = "storage_reader_queries_total";
 pub const QUERY_LATENCY: &str = "storage_reader_query_latency_seconds";
+pub const CACHE_HIT_RATE: &str = "storage_reader_cache_hit_rate";
+pub const CACHE_LOOKUPS: &str = "storage_reader_cache_lookups_total";
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -12,6 +14,10 @@ pub struct Metrics {
     pub queries: IntCounterVec,
     /// Call latency by RPC.
     pub query_latency: HistogramVec,
+    cache_hits: IntCounter,
+    cache_misses: IntCounter,
+    /// hits / (hits + misses) of hot-window lookups since start.
+    cache_hit_rate: Gauge,
 }
 
 impl Metrics {
@@ -23,8 +29,37 @@ impl Metrics {
                 .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
             &["rpc"],
         )?;
+        let cache_lookups = IntCounterVec::new(
+            Opts::new(CACHE_LOOKUPS, "Hot-window lookups by result (hit: answered from Redis)"),
+            &["result"],
+        )?;
+        let cache_hit_rate = Gauge::new(CACHE_HIT_RATE, "Share of hot-window lookups answered from Redis since start")?;
         registry.register(Box::new(queries.clone()))?;
         registry.register(Box::new(query_latency.clone()))?;
-        Ok(Self { registry, queries, query_latency })
+        registry.register(Box::new(cache_lookups.clone()))?;
+        registry.register(Box::new(cache_hit_rate.clone()))?;
+        Ok(Self {
+            registry,
+            queries,
+            query_latency,
+            cache_hits: cache_lookups.with_label_values(&["hit"]),
+            cache_misses: cache_lookups.with_label_values(&["miss"]),
+            cache_hit_rate,
+        })
+    }
+
+    pub fn cache_hit(&self) {
+        self.cache_hits.inc();
+        self.update_hit_rate();
+    }
+
+    pub fn cache_miss(&self) {
+        self.cache_misses.inc();
+        self.update_hit_rate();
+    }
+
+    fn update_hit_rate(&self) {
+        let hits = self.cache_hits.get() as f64;
+        self.cache_hit_rate.set(hits / (hits + self.cache_misses.get() as f64));
     }
 }

@@ -200,6 +200,11 @@ pub struct RunningReader {
 
 impl RunningReader {
     pub async fn start(database_url: &str) -> anyhow::Result<Self> {
+        Self::start_with(database_url, Some(redis_url())).await
+    }
+
+    /// A reader with the given Redis (or none: database reads only).
+    pub async fn start_with(database_url: &str, redis_url: Option<String>) -> anyhow::Result<Self> {
         flare_storage_common::telemetry::init();
         let grpc = TcpListener::bind("127.0.0.1:0").await?;
         let ops = TcpListener::bind("127.0.0.1:0").await?;
@@ -209,6 +214,9 @@ impl RunningReader {
             metrics_addr,
             postgres_url: database_url.into(),
             postgres_max_connections: 4,
+            redis_url,
+            redis_hot_ttl: Duration::from_secs(600),
+            redis_hot_window: 200,
             default_range: Duration::from_secs(7 * 24 * 3600),
             max_page_size: 200,
         };

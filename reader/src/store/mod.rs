@@ -1,3 +1,4 @@
 //! The stores the reader answers from.
 
 pub mod postgres;
+pub mod redis;

@@ -60,6 +60,43 @@ impl PostgresStore {
         sqlx::query_as(&sql).bind(tenant_id).bind(message_id).fetch_optional(&self.pool).await
     }
 
+    /// The newest `limit` messages of a session, newest first (to fill the hot window).
+    pub async fn newest(&self, tenant_id: &str, session_id: &str, limit: i64) -> Result<Vec<StoredRow>, sqlx::Error> {
+        let sql = format!(
+            r#"SELECT {COLUMNS} FROM messages
+               WHERE tenant_id = $1 AND session_id = $2 AND deleted_at IS NULL
+               ORDER BY "timestamp" DESC, message_id DESC
+               LIMIT $3"#
+        );
+        sqlx::query_as(&sql).bind(tenant_id).bind(session_id).bind(limit).fetch_all(&self.pool).await
+    }
+
+    /// Up to `limit` messages of a session with seq in (after, before), ascending.
+    pub async fn seq_range(
+        &self,
+        tenant_id: &str,
+        session_id: &str,
+        after: i64,
+        before: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredRow>, sqlx::Error> {
+        let sql = format!(
+            r#"SELECT {COLUMNS} FROM messages
+               WHERE tenant_id = $1 AND session_id = $2 AND deleted_at IS NULL
+                 AND seq > $3 AND seq < $4
+               ORDER BY seq
+               LIMIT $5"#
+        );
+        sqlx::query_as(&sql)
+            .bind(tenant_id)
+            .bind(session_id)
+            .bind(after)
+            .bind(before)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+    }
+
     /// Up to `limit` messages of a session in [from, to], newest first, older than `before`.
     pub async fn session_page(
         &self,

@@ -134,7 +134,13 @@ fn to_document(message: &Message) -> Document {
         "session_type": &message.session_type,
         "status": &message.status,
         "timestamp": mongodb::bson::DateTime::from_millis(timestamp.timestamp_millis()),
-        "created_at": mongodb::bson::DateTime::now(),
+        "created_at": message
+            .timeline
+            .as_ref()
+            .and_then(|timeline| timeline.persisted_time.as_ref())
+            .and_then(to_datetime)
+            .map(|time| mongodb::bson::DateTime::from_millis(time.timestamp_millis()))
+            .unwrap_or_else(mongodb::bson::DateTime::now),
         "is_recalled": message.is_recalled,
         "is_burn_after_read": message.is_burn_after_read,
         "burn_after_seconds": message.burn_after_seconds,

@@ -27,22 +27,23 @@ INSERT INTO messages (
     tenant_id, message_id, session_id, seq, sender_id, sender_type, receiver_id, receiver_ids,
     content, content_type, message_type, business_type, session_type, status, "timestamp",
     is_recalled, recalled_at, is_burn_after_read, burn_after_seconds, extra, tags, attributes,
-    payload)
+    payload, created_at, updated_at)
 SELECT
     t.tenant_id, t.message_id, t.session_id, t.seq, t.sender_id, t.sender_type, t.receiver_id,
     ARRAY(SELECT jsonb_array_elements_text(t.receiver_ids::jsonb)),
     t.content, t.content_type, t.message_type, t.business_type, t.session_type, t.status, t.ts,
     t.is_recalled, t.recalled_at, t.is_burn_after_read, t.burn_after_seconds, t.extra::jsonb,
-    ARRAY(SELECT jsonb_array_elements_text(t.tags::jsonb)), t.attributes::jsonb, t.payload
+    ARRAY(SELECT jsonb_array_elements_text(t.tags::jsonb)), t.attributes::jsonb, t.payload,
+    t.persisted_at, t.persisted_at
 FROM UNNEST(
     $1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::text[], $8::text[],
     $9::bytea[], $10::text[], $11::int4[], $12::text[], $13::text[], $14::text[], $15::timestamptz[],
     $16::bool[], $17::timestamptz[], $18::bool[], $19::int4[], $20::text[], $21::text[], $22::text[],
-    $23::bytea[]
+    $23::bytea[], $24::timestamptz[]
 ) AS t(tenant_id, message_id, session_id, seq, sender_id, sender_type, receiver_id, receiver_ids,
        content, content_type, message_type, business_type, session_type, status, ts,
        is_recalled, recalled_at, is_burn_after_read, burn_after_seconds, extra, tags, attributes,
-       payload)
+       payload, persisted_at)
 ON CONFLICT DO NOTHING
 RETURNING tenant_id, message_id
 "#;
@@ -88,6 +89,7 @@ impl PostgresStore {
             .bind(columns.tags)
             .bind(columns.attributes)
             .bind(columns.payload)
+            .bind(columns.persisted_at)
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.into_iter().collect())
@@ -147,6 +149,7 @@ struct Columns {
     tags: Vec<String>,
     attributes: Vec<String>,
     payload: Vec<Vec<u8>>,
+    persisted_at: Vec<DateTime<Utc>>,
 }
 
 impl Columns {
@@ -177,6 +180,15 @@ impl Columns {
             columns.tags.push(json_text(&message.tags));
             columns.attributes.push(json_text(&message.attributes));
             columns.payload.push(message.encode_to_vec());
+            // The time the pipeline stamped as persisted, so every store and the cache agree.
+            columns.persisted_at.push(
+                message
+                    .timeline
+                    .as_ref()
+                    .and_then(|timeline| timeline.persisted_time.as_ref())
+                    .and_then(to_datetime)
+                    .unwrap_or_else(Utc::now),
+            );
         }
         columns
     }
