@@ -190,7 +190,13 @@ impl StorageReaderService for StorageReader {
             let limit = u32::try_from(request.limit).map_err(|_| Error::invalid("limit", "must not be negative"))?;
             let page = self
                 .lookup
-                .seq_range(SeqQuery { tenant_id, session_id: &request.session_id, after: request.after_seq, before, limit })
+                .seq_range(SeqQuery {
+                    tenant_id,
+                    session_id: &request.session_id,
+                    after: request.after_seq,
+                    before,
+                    limit,
+                })
                 .await?;
             let last_seq = page.messages.last().map_or(request.after_seq, |message| message.seq);
             Ok(QueryMessagesBySeqResponse {

@@ -71,9 +71,11 @@ pub async fn serve(
     let readiness_task = tokio::spawn(watch_readiness(postgres.clone(), readiness, health_reporter, shutdown.clone()));
 
     let cache = match &config.redis_url {
-        Some(url) => {
-            Some(RedisCache::connect(url, config.redis_hot_ttl, config.redis_hot_window).context("invalid REDIS_URL")?)
-        }
+        Some(url) => Some(
+            RedisCache::connect(url, config.redis_hot_ttl, config.redis_hot_window)
+                .await
+                .context("invalid REDIS_URL")?,
+        ),
         None => None,
     };
     let reader = StorageReader {

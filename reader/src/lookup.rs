@@ -166,25 +166,38 @@ impl Lookup {
         }
         // Cold window: one reader fills it, the others wait and then read the filled window.
         let key = keys.hot_meta();
-        let answer = self
+        let (answer, filled) = self
             .fills
             .run(&key, async {
-                if let FromCache::Answer(messages) = page_from_window(cache, &keys, query.after.as_ref(), bounds).await {
-                    return Ok::<_, Error>(Some(messages));
+                if let FromCache::Answer(messages) = page_from_window(cache, &keys, query.after.as_ref(), bounds).await
+                {
+                    return Ok::<_, Error>((Some(messages), false));
                 }
                 self.fill_window(cache, &keys, query.tenant_id, query.session_id).await?;
                 match page_from_window(cache, &keys, query.after.as_ref(), bounds).await {
-                    FromCache::Answer(messages) => Ok(Some(messages)),
-                    FromCache::Unknown | FromCache::Miss => Ok(None),
+                    FromCache::Answer(messages) => Ok((Some(messages), true)),
+                    FromCache::Unknown | FromCache::Miss => Ok((None, true)),
                 }
             })
             .await?;
-        self.metrics.cache_miss();
+        // Only the reader that went to the database counts a miss; those that waited for it
+        // were answered by the window.
+        if filled {
+            self.metrics.cache_miss();
+        } else {
+            self.metrics.cache_hit();
+        }
         Ok(answer)
     }
 
     /// Reads the newest messages of a session from the database into its hot window.
-    async fn fill_window(&self, cache: &RedisCache, keys: &SessionKeys, tenant_id: &str, session_id: &str) -> Result<(), Error> {
+    async fn fill_window(
+        &self,
+        cache: &RedisCache,
+        keys: &SessionKeys,
+        tenant_id: &str,
+        session_id: &str,
+    ) -> Result<(), Error> {
         let window = cache.window();
         let rows = self.postgres.newest(tenant_id, session_id, window as i64).await?;
         let complete = rows.len() < window;

@@ -124,8 +124,9 @@ pub struct RedisCache {
 }
 
 impl RedisCache {
-    /// Starts connecting in the background; until connected, reads skip the cache.
-    pub fn connect(url: &str, hot_ttl: Duration, hot_window: usize) -> RedisResult<Self> {
+    /// Connects, or — when Redis does not answer at start — keeps trying in the background
+    /// while reads skip the cache.
+    pub async fn connect(url: &str, hot_ttl: Duration, hot_window: usize) -> RedisResult<Self> {
         let client = redis::Client::open(url)?;
         let cache = Self {
             connection: Arc::new(OnceCell::new()),
@@ -137,24 +138,31 @@ impl RedisCache {
             read_by_seq: Script::new(READ_BY_SEQ),
             fill: Script::new(FILL),
         };
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_millis(500)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+            Ok(connection) => {
+                let _ = cache.connection.set(connection);
+                return Ok(cache);
+            }
+            Err(error) => warn!(%error, "redis cache not reachable at start, reading from the databases"),
+        }
         let cell = cache.connection.clone();
         tokio::spawn(async move {
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(1)))
-                .set_response_timeout(Some(Duration::from_millis(500)))
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_secs(1));
             let mut delay = Duration::from_millis(200);
             loop {
+                tokio::time::sleep(delay).await;
                 match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
                     Ok(connection) => {
                         let _ = cell.set(connection);
                         info!("redis cache connected");
                         return;
                     }
-                    Err(error) => warn!(%error, "redis cache not reachable, reading from the databases"),
+                    Err(error) => warn!(%error, "redis cache still not reachable"),
                 }
-                tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         });
@@ -190,7 +198,13 @@ impl RedisCache {
 
     /// Up to `count` entries with timestamps in [min_us, max_us], newest first. `Some(None)`:
     /// the window's completeness is unknown; `None`: no cache.
-    pub async fn by_time(&self, keys: &SessionKeys, max_us: i64, min_us: i64, count: usize) -> Option<Option<TimeSlice>> {
+    pub async fn by_time(
+        &self,
+        keys: &SessionKeys,
+        max_us: i64,
+        min_us: i64,
+        count: usize,
+    ) -> Option<Option<TimeSlice>> {
         self.call(async |mut connection| {
             let reply: Option<Vec<Vec<u8>>> = self
                 .read_by_time
