@@ -130,11 +130,11 @@ impl Lookup {
                 rows.into_iter().map(to_message).collect::<Result<Vec<_>, _>>()?
             }
         };
-        Ok(self.into_page(messages, limit, query.tenant_id, query.session_id))
+        Ok(self.cut_page(messages, limit, query.tenant_id, query.session_id))
     }
 
     /// Cuts `limit + 1` newest-first messages into a page and its cursor.
-    fn into_page(&self, mut messages: Vec<Message>, limit: u32, tenant_id: &str, session_id: &str) -> Page {
+    fn cut_page(&self, mut messages: Vec<Message>, limit: u32, tenant_id: &str, session_id: &str) -> Page {
         let has_more = messages.len() > limit as usize;
         messages.truncate(limit as usize);
         let next_cursor = match (has_more, messages.last()) {

@@ -24,7 +24,7 @@ fn message(tenant: &str, session: &str, index: usize, base: chrono::DateTime<chr
         session_id: session.into(),
         message: Some(Message {
             id: format!("{session}-{index:03}"),
-            sender_id: if index % 2 == 0 { "alice".into() } else { "bob".into() },
+            sender_id: if index.is_multiple_of(2) { "alice".into() } else { "bob".into() },
             receiver_ids: vec!["alice".into(), "bob".into()],
             content: Some(MessageContent {
                 content: Some(message_content::Content::Text(TextContent {
