@@ -44,6 +44,27 @@ impl SessionKeys {
         format!("{}:body", self.tag)
     }
 
+    /// HASH message_id → what happened to a message after it was cached: `deleted`,
+    /// `recalled:<µs>` or `burn:<µs>`. Readers lay it over the window at read time, so a
+    /// window (re)written with an older body never brings a message back. It outlives the
+    /// window: every write of the window refreshes its expiry too.
+    pub fn gone(&self) -> String {
+        format!("{}:gone", self.tag)
+    }
+
+    /// HASH of per-user views of the session: `loaded` once filled from the database,
+    /// `clear:<user>` → µs watermark, `hide:<user>:<message_id>` → 1. Only ever grows (hides
+    /// and higher watermarks), so loads and commands merge in any order.
+    pub fn views(&self) -> String {
+        format!("{}:views", self.tag)
+    }
+
+    /// STRING bumped by every command that changes cached messages; a window fill that
+    /// started before a bump is discarded rather than writing an older snapshot.
+    pub fn version(&self) -> String {
+        format!("{}:ver", self.tag)
+    }
+
     /// HASH of the session's state (last message, last seq, message count…).
     pub fn state(&self) -> String {
         format!("{}:state", self.tag)

@@ -17,6 +17,8 @@ pub struct Config {
     /// QueryMessages looks this far back when the request gives no start time.
     pub default_range: Duration,
     pub max_page_size: u32,
+    /// Longest time after sending that a message can be recalled.
+    pub recall_limit: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -82,6 +84,7 @@ impl Config {
             postgres_max_connections: u32::try_from(positive("POSTGRES_MAX_CONNECTIONS", 16)?)
                 .map_err(|_| ConfigError("POSTGRES_MAX_CONNECTIONS is too large".into()))?,
             default_range: Duration::from_secs(positive("STORAGE_READER_DEFAULT_RANGE_SECONDS", 7 * 24 * 3600)?),
+            recall_limit: Duration::from_secs(positive("STORAGE_READER_RECALL_LIMIT_SECONDS", 120)?),
             max_page_size: u32::try_from(max_page_size)
                 .ok()
                 .filter(|size| *size <= 10_000)

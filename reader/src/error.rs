@@ -11,6 +11,13 @@ pub enum Error {
     InvalidArgument { field: &'static str, reason: String },
     #[error("{0} not found")]
     NotFound(&'static str),
+    #[error("permission denied: {0}")]
+    PermissionDenied(&'static str),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The cache did not take a write the command needs; retrying the command completes it.
+    #[error("the message cache is unavailable; retry the command")]
+    CacheUnavailable,
     #[error("{0} is not implemented yet")]
     NotImplemented(&'static str),
     /// A store failed; the call may succeed if retried.
@@ -30,6 +37,9 @@ impl Error {
         match self {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::CacheUnavailable => Code::Unavailable,
             Error::NotImplemented(_) => Code::Unimplemented,
             Error::Store(
                 sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_),

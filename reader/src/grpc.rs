@@ -3,16 +3,18 @@
 //! records per-RPC metrics.
 
 use std::pin::Pin;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use flare_storage_common::message::check_id;
-use flare_storage_common::proto::common::{ErrorCode, Pagination, RpcStatus, TenantContext};
+use flare_storage_common::message::{check_id, to_datetime, to_timestamp};
+use flare_storage_common::prost_types;
+use flare_storage_common::proto::common::{ActorType, ErrorCode, Pagination, RequestContext, RpcStatus, TenantContext};
 use flare_storage_common::proto::storage::storage_reader_service_server::StorageReaderService;
 use flare_storage_common::proto::storage::*;
 use flare_storage_common::tonic::{self, Request, Response, Status};
 use tokio_stream::Stream;
 
+use crate::commands::{Actor, Commands, privileged};
 use crate::cursor::Cursor;
 use crate::error::Error;
 use crate::lookup::{Lookup, PageQuery, SeqQuery};
@@ -20,8 +22,15 @@ use crate::metrics::Metrics;
 
 pub struct StorageReader {
     pub lookup: Lookup,
+    pub commands: Commands,
     pub metrics: Metrics,
 }
+
+/// Most message ids one DeleteMessage may name.
+const MAX_IDS_PER_DELETE: usize = 500;
+const MAX_ATTRIBUTES: usize = 64;
+const MAX_ATTRIBUTE_VALUE_BYTES: usize = 4096;
+const MAX_TAGS: usize = 32;
 
 type Reply<T> = Result<Response<T>, Status>;
 
@@ -55,6 +64,52 @@ fn require_id(field: &'static str, value: &str, required: bool) -> Result<(), Er
     check_id(field, value, required).map_err(|invalid| Error::invalid(field, invalid.to_string()))
 }
 
+/// The caller as `context.actor` names it, if it does.
+fn context_actor(context: Option<&RequestContext>) -> Option<(&str, bool)> {
+    let actor = context?.actor.as_ref()?;
+    let kind = ActorType::try_from(actor.r#type).unwrap_or(ActorType::Unspecified);
+    (!actor.actor_id.is_empty()).then_some((actor.actor_id.as_str(), privileged(kind)))
+}
+
+/// The acting user (SPEC §2.3): the request's own user field `field` when set, else
+/// `context.actor.actor_id`. A context actor that is neither that user nor privileged may
+/// not act for them.
+fn acting_user<'a>(own: &'a str, field: &'static str, context: Option<&'a RequestContext>) -> Result<Actor<'a>, Error> {
+    require_id(field, own, false)?;
+    let caller = context_actor(context);
+    if let Some((caller_id, _)) = caller {
+        require_id("context.actor.actor_id", caller_id, true)?;
+    }
+    match (own.is_empty(), caller) {
+        (true, Some((caller_id, privileged))) => Ok(Actor { id: caller_id, privileged }),
+        (true, None) => Err(Error::invalid(field, "or context.actor.actor_id is required")),
+        (false, Some((caller_id, privileged))) if caller_id != own && !privileged => {
+            Err(Error::PermissionDenied("context.actor may not act for another user"))
+        }
+        (false, Some((_, privileged))) => Ok(Actor { id: own, privileged }),
+        (false, None) => Ok(Actor { id: own, privileged: false }),
+    }
+}
+
+/// The user whose view a read returns: `context.actor.actor_id`, or nobody's ('') when the
+/// request names no actor.
+fn reading_user<'a>(own: &'a str, context: Option<&'a RequestContext>) -> Result<&'a str, Error> {
+    require_id("user_id", own, false)?;
+    if !own.is_empty() {
+        return Ok(own);
+    }
+    let caller = context_actor(context).map_or("", |(id, _)| id);
+    require_id("context.actor.actor_id", caller, false)?;
+    Ok(caller)
+}
+
+fn protobuf_time(field: &'static str, time: Option<&prost_types::Timestamp>) -> Result<Option<DateTime<Utc>>, Error> {
+    match time {
+        None => Ok(None),
+        Some(time) => to_datetime(time).map(Some).ok_or_else(|| Error::invalid(field, "is not a valid timestamp")),
+    }
+}
+
 /// Epoch milliseconds from a request; 0 means not given.
 fn millis(field: &'static str, value: i64) -> Result<Option<DateTime<Utc>>, Error> {
     match value {
@@ -75,10 +130,11 @@ impl StorageReaderService for StorageReader {
             let request = request.into_inner();
             let tenant_id = tenant_of(request.tenant.as_ref())?;
             require_id("session_id", &request.session_id, true)?;
-            let pagination = request.pagination.unwrap_or_default();
+            let user = reading_user("", request.context.as_ref())?;
+            let pagination = request.pagination.clone().unwrap_or_default();
             let limit = if request.limit != 0 { request.limit } else { pagination.limit };
             let limit = u32::try_from(limit).map_err(|_| Error::invalid("limit", "must not be negative"))?;
-            let cursor_text = if request.cursor.is_empty() { pagination.cursor } else { request.cursor };
+            let cursor_text = if request.cursor.is_empty() { pagination.cursor } else { request.cursor.clone() };
             let after = match cursor_text.as_str() {
                 "" => None,
                 text => Some(
@@ -95,6 +151,7 @@ impl StorageReaderService for StorageReader {
                     to: millis("end_time", request.end_time)?,
                     limit,
                     after,
+                    user,
                 })
                 .await?;
             let next_cursor = page.next_cursor.unwrap_or_default();
@@ -122,7 +179,8 @@ impl StorageReaderService for StorageReader {
             let request = request.into_inner();
             let tenant_id = tenant_of(request.tenant.as_ref())?;
             require_id("message_id", &request.message_id, true)?;
-            let message = self.lookup.message(tenant_id, &request.message_id).await?;
+            let user = reading_user("", request.context.as_ref())?;
+            let message = self.lookup.message(tenant_id, &request.message_id, user).await?;
             Ok(GetMessageResponse { message: Some(message), status: ok_status() })
         })
         .await
@@ -132,38 +190,150 @@ impl StorageReaderService for StorageReader {
         self.observe("SearchMessages", async { Err(Error::NotImplemented("SearchMessages")) }).await
     }
 
-    async fn delete_message(&self, _: Request<DeleteMessageRequest>) -> Reply<DeleteMessageResponse> {
-        self.observe("DeleteMessage", async { Err(Error::NotImplemented("DeleteMessage")) }).await
+    async fn delete_message(&self, request: Request<DeleteMessageRequest>) -> Reply<DeleteMessageResponse> {
+        self.observe("DeleteMessage", async {
+            let request = request.into_inner();
+            let tenant_id = tenant_of(request.tenant.as_ref())?;
+            require_id("session_id", &request.session_id, true)?;
+            if request.message_ids.is_empty() || request.message_ids.len() > MAX_IDS_PER_DELETE {
+                return Err(Error::invalid("message_ids", format!("must name 1 to {MAX_IDS_PER_DELETE} messages")));
+            }
+            for message_id in &request.message_ids {
+                require_id("message_ids", message_id, true)?;
+            }
+            let actor = acting_user("", "context.actor.actor_id", request.context.as_ref())?;
+            let deleted = self.commands.delete(tenant_id, &request.session_id, &request.message_ids, actor).await?;
+            Ok(DeleteMessageResponse { success: true, deleted_count: deleted, status: ok_status() })
+        })
+        .await
     }
 
-    async fn recall_message(&self, _: Request<RecallMessageRequest>) -> Reply<RecallMessageResponse> {
-        self.observe("RecallMessage", async { Err(Error::NotImplemented("RecallMessage")) }).await
+    async fn recall_message(&self, request: Request<RecallMessageRequest>) -> Reply<RecallMessageResponse> {
+        self.observe("RecallMessage", async {
+            let request = request.into_inner();
+            let tenant_id = tenant_of(request.tenant.as_ref())?;
+            require_id("message_id", &request.message_id, true)?;
+            let actor = acting_user(&request.operator_id, "operator_id", request.context.as_ref())?;
+            let requested = match request.recall_time_limit_seconds {
+                0 => None,
+                seconds => Some(Duration::from_secs(
+                    u64::try_from(seconds)
+                        .map_err(|_| Error::invalid("recall_time_limit_seconds", "must not be negative"))?,
+                )),
+            };
+            if request.reason.len() > MAX_ATTRIBUTE_VALUE_BYTES {
+                return Err(Error::invalid("reason", format!("is longer than {MAX_ATTRIBUTE_VALUE_BYTES} bytes")));
+            }
+            let recalled_at =
+                self.commands.recall(tenant_id, &request.message_id, actor.id, requested, &request.reason).await?;
+            Ok(RecallMessageResponse {
+                success: true,
+                error_message: String::new(),
+                recalled_at: Some(to_timestamp(recalled_at)),
+                status: ok_status(),
+            })
+        })
+        .await
     }
 
     async fn delete_message_for_user(
         &self,
-        _: Request<DeleteMessageForUserRequest>,
+        request: Request<DeleteMessageForUserRequest>,
     ) -> Reply<DeleteMessageForUserResponse> {
-        self.observe("DeleteMessageForUser", async { Err(Error::NotImplemented("DeleteMessageForUser")) }).await
+        self.observe("DeleteMessageForUser", async {
+            let request = request.into_inner();
+            let tenant_id = tenant_of(request.tenant.as_ref())?;
+            require_id("message_id", &request.message_id, true)?;
+            let actor = acting_user(&request.user_id, "user_id", request.context.as_ref())?;
+            let deleted =
+                self.commands.delete_for_user(tenant_id, &request.message_id, actor.id, request.permanent).await?;
+            Ok(DeleteMessageForUserResponse { success: true, deleted_count: deleted, status: ok_status() })
+        })
+        .await
     }
 
-    async fn clear_session(&self, _: Request<ClearSessionRequest>) -> Reply<ClearSessionResponse> {
-        self.observe("ClearSession", async { Err(Error::NotImplemented("ClearSession")) }).await
+    async fn clear_session(&self, request: Request<ClearSessionRequest>) -> Reply<ClearSessionResponse> {
+        self.observe("ClearSession", async {
+            let request = request.into_inner();
+            let tenant_id = tenant_of(request.tenant.as_ref())?;
+            require_id("session_id", &request.session_id, true)?;
+            require_id("clear_before_message_id", &request.clear_before_message_id, false)?;
+            let actor = acting_user(&request.user_id, "user_id", request.context.as_ref())?;
+            let before_time = protobuf_time("clear_before_time", request.clear_before_time.as_ref())?;
+            let up_to = Commands::clear_up_to(request.clear_type, &request.clear_before_message_id, before_time)?;
+            let (cleared, _watermark) = self.commands.clear(tenant_id, &request.session_id, actor.id, up_to).await?;
+            Ok(ClearSessionResponse {
+                success: true,
+                error_message: String::new(),
+                cleared_count: i32::try_from(cleared).unwrap_or(i32::MAX),
+                cleared_at: Some(to_timestamp(Utc::now())),
+                status: ok_status(),
+            })
+        })
+        .await
     }
 
-    async fn mark_message_read(&self, _: Request<MarkMessageReadRequest>) -> Reply<MarkMessageReadResponse> {
-        self.observe("MarkMessageRead", async { Err(Error::NotImplemented("MarkMessageRead")) }).await
+    async fn mark_message_read(&self, request: Request<MarkMessageReadRequest>) -> Reply<MarkMessageReadResponse> {
+        self.observe("MarkMessageRead", async {
+            let request = request.into_inner();
+            let tenant_id = tenant_of(request.tenant.as_ref())?;
+            require_id("message_id", &request.message_id, true)?;
+            let actor = acting_user(&request.user_id, "user_id", request.context.as_ref())?;
+            let (read_at, burned_at) = self.commands.mark_read(tenant_id, &request.message_id, actor.id).await?;
+            Ok(MarkMessageReadResponse {
+                success: true,
+                error_message: String::new(),
+                read_at: Some(to_timestamp(read_at)),
+                burned_at: burned_at.map(to_timestamp),
+                status: ok_status(),
+            })
+        })
+        .await
     }
 
     async fn set_message_attributes(
         &self,
-        _: Request<SetMessageAttributesRequest>,
+        request: Request<SetMessageAttributesRequest>,
     ) -> Reply<SetMessageAttributesResponse> {
-        self.observe("SetMessageAttributes", async { Err(Error::NotImplemented("SetMessageAttributes")) }).await
+        self.observe("SetMessageAttributes", async {
+            let request = request.into_inner();
+            let tenant_id = tenant_of(request.tenant.as_ref())?;
+            require_id("message_id", &request.message_id, true)?;
+            let actor = acting_user("", "context.actor.actor_id", request.context.as_ref())?;
+            if request.attributes.len() > MAX_ATTRIBUTES {
+                return Err(Error::invalid("attributes", format!("at most {MAX_ATTRIBUTES} entries")));
+            }
+            for (key, value) in &request.attributes {
+                require_id("attributes", key, true)?;
+                if value.len() > MAX_ATTRIBUTE_VALUE_BYTES {
+                    return Err(Error::invalid(
+                        "attributes",
+                        format!("value of {key:?} is over {MAX_ATTRIBUTE_VALUE_BYTES} bytes"),
+                    ));
+                }
+            }
+            if request.tags.len() > MAX_TAGS {
+                return Err(Error::invalid("tags", format!("at most {MAX_TAGS} tags")));
+            }
+            for tag in &request.tags {
+                require_id("tags", tag, true)?;
+            }
+            self.commands
+                .set_attributes(tenant_id, &request.message_id, &request.attributes, &request.tags, actor)
+                .await?;
+            Ok(SetMessageAttributesResponse { status: ok_status() })
+        })
+        .await
     }
 
-    async fn list_message_tags(&self, _: Request<ListMessageTagsRequest>) -> Reply<ListMessageTagsResponse> {
-        self.observe("ListMessageTags", async { Err(Error::NotImplemented("ListMessageTags")) }).await
+    async fn list_message_tags(&self, request: Request<ListMessageTagsRequest>) -> Reply<ListMessageTagsResponse> {
+        self.observe("ListMessageTags", async {
+            let request = request.into_inner();
+            let tenant_id = tenant_of(request.tenant.as_ref())?;
+            let tags = self.commands.tags(tenant_id).await?;
+            Ok(ListMessageTagsResponse { tags, status: ok_status() })
+        })
+        .await
     }
 
     async fn export_messages(&self, _: Request<ExportMessagesRequest>) -> Reply<ExportMessagesResponse> {
@@ -178,7 +348,7 @@ impl StorageReaderService for StorageReader {
             let request = request.into_inner();
             let tenant_id = tenant_of(request.tenant.as_ref())?;
             require_id("session_id", &request.session_id, true)?;
-            require_id("user_id", &request.user_id, false)?;
+            let user = reading_user(&request.user_id, request.context.as_ref())?;
             if request.after_seq < 0 {
                 return Err(Error::invalid("after_seq", "must not be negative"));
             }
@@ -196,6 +366,7 @@ impl StorageReaderService for StorageReader {
                     after: request.after_seq,
                     before,
                     limit,
+                    user,
                 })
                 .await?;
             let last_seq = page.messages.last().map_or(request.after_seq, |message| message.seq);

@@ -4,6 +4,7 @@
 //! `grpc.rs` validates and answers calls, `lookup.rs` holds the read logic, `store/` the
 //! queries, `cursor.rs` the opaque paging cursor.
 
+pub mod commands;
 pub mod config;
 pub mod cursor;
 pub mod error;
@@ -27,6 +28,7 @@ use tracing::{info, warn};
 
 pub use config::Config;
 
+use crate::commands::Commands;
 use crate::grpc::StorageReader;
 use crate::lookup::{Lookup, SingleFlight};
 use crate::metrics::Metrics;
@@ -79,6 +81,7 @@ pub async fn serve(
         None => None,
     };
     let reader = StorageReader {
+        commands: Commands { postgres: postgres.clone(), cache: cache.clone(), recall_limit: config.recall_limit },
         lookup: Lookup {
             postgres,
             cache,

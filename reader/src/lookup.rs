@@ -15,13 +15,13 @@ use chrono::{DateTime, Utc};
 use flare_storage_common::keys::SessionKeys;
 use flare_storage_common::message::to_timestamp;
 use flare_storage_common::prost::Message as _;
-use flare_storage_common::proto::storage::{Message, MessageTimeline};
+use flare_storage_common::proto::storage::{Message, MessageOperation, MessageReadRecord, MessageTimeline};
 
 use crate::cursor::Cursor;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::store::postgres::{Before, PostgresStore, StoredRow};
-use crate::store::redis::{FillEntry, RedisCache};
+use crate::store::redis::{CachedEntry, FillEntry, RedisCache, SeqSlice, WindowRead};
 
 /// Page size when the request gives none.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
@@ -48,6 +48,8 @@ pub struct PageQuery<'a> {
     /// 0 means the default page size; above the maximum it is lowered to the maximum.
     pub limit: u32,
     pub after: Option<Cursor>,
+    /// The acting user, whose hidden and cleared messages are left out ('' = nobody's).
+    pub user: &'a str,
 }
 
 pub struct Page {
@@ -64,6 +66,7 @@ pub struct SeqQuery<'a> {
     /// Exclusive; `i64::MAX` when open.
     pub before: i64,
     pub limit: u32,
+    pub user: &'a str,
 }
 
 pub struct SeqPage {
@@ -79,6 +82,8 @@ enum FromCache<T> {
     Unknown,
     /// The window cannot answer (too old, incomplete, no cache): ask the database.
     Miss,
+    /// The session's per-user views must be loaded into the cache first.
+    ViewsNotLoaded,
 }
 
 /// Resolved bounds of a time page.
@@ -89,8 +94,9 @@ struct Bounds {
 }
 
 impl Lookup {
-    pub async fn message(&self, tenant_id: &str, message_id: &str) -> Result<Message, Error> {
-        let row = self.postgres.message(tenant_id, message_id).await?;
+    /// One message as `user` may see it ('' = no per-user filtering).
+    pub async fn message(&self, tenant_id: &str, message_id: &str, user: &str) -> Result<Message, Error> {
+        let row = self.postgres.message(tenant_id, message_id, user).await?;
         row.map(to_message).transpose()?.ok_or(Error::NotFound("message"))
     }
 
@@ -125,7 +131,7 @@ impl Lookup {
                 // One row more than the page tells whether another page exists, without counting.
                 let rows = self
                     .postgres
-                    .session_page(query.tenant_id, query.session_id, from, to, before, i64::from(limit) + 1)
+                    .session_page(query.tenant_id, query.session_id, from, to, before, i64::from(limit) + 1, query.user)
                     .await?;
                 rows.into_iter().map(to_message).collect::<Result<Vec<_>, _>>()?
             }
@@ -153,12 +159,18 @@ impl Lookup {
     async fn cached_page(&self, query: &PageQuery<'_>, bounds: &Bounds) -> Result<Option<Vec<Message>>, Error> {
         let Some(cache) = &self.cache else { return Ok(None) };
         let keys = SessionKeys::new(query.tenant_id, query.session_id);
-        match page_from_window(cache, &keys, query.after.as_ref(), bounds).await {
+        let read = async || page_from_window(cache, &keys, query.after.as_ref(), bounds, query.user).await;
+        let mut answer = read().await;
+        if let FromCache::ViewsNotLoaded = answer {
+            self.load_views(cache, &keys, query.tenant_id, query.session_id).await?;
+            answer = read().await;
+        }
+        match answer {
             FromCache::Answer(messages) => {
                 self.metrics.cache_hit();
                 return Ok(Some(messages));
             }
-            FromCache::Miss => {
+            FromCache::Miss | FromCache::ViewsNotLoaded => {
                 self.metrics.cache_miss();
                 return Ok(None);
             }
@@ -169,14 +181,13 @@ impl Lookup {
         let (answer, filled) = self
             .fills
             .run(&key, async {
-                if let FromCache::Answer(messages) = page_from_window(cache, &keys, query.after.as_ref(), bounds).await
-                {
+                if let FromCache::Answer(messages) = read().await {
                     return Ok::<_, Error>((Some(messages), false));
                 }
                 self.fill_window(cache, &keys, query.tenant_id, query.session_id).await?;
-                match page_from_window(cache, &keys, query.after.as_ref(), bounds).await {
+                match read().await {
                     FromCache::Answer(messages) => Ok((Some(messages), true)),
-                    FromCache::Unknown | FromCache::Miss => Ok((None, true)),
+                    _ => Ok((None, true)),
                 }
             })
             .await?;
@@ -190,6 +201,32 @@ impl Lookup {
         Ok(answer)
     }
 
+    /// Copies a session's per-user views (hides, clear watermarks) from the database into
+    /// the cache, so window reads can filter for any user.
+    async fn load_views(
+        &self,
+        cache: &RedisCache,
+        keys: &SessionKeys,
+        tenant_id: &str,
+        session_id: &str,
+    ) -> Result<(), Error> {
+        let views = self.postgres.session_views(tenant_id, session_id).await?;
+        let mut facts: Vec<(String, String)> = views
+            .hidden
+            .into_iter()
+            .map(|(user, message_id)| (format!("hide:{user}:{message_id}"), "1".to_owned()))
+            .collect();
+        facts.extend(
+            views
+                .clears
+                .into_iter()
+                .map(|(user, before)| (format!("clear:{user}"), before.timestamp_micros().to_string())),
+        );
+        // A failed load only means the next read asks again.
+        let _ = cache.merge_views(keys, &facts, true).await;
+        Ok(())
+    }
+
     /// Reads the newest messages of a session from the database into its hot window.
     async fn fill_window(
         &self,
@@ -199,6 +236,8 @@ impl Lookup {
         session_id: &str,
     ) -> Result<(), Error> {
         let window = cache.window();
+        // A command between this read and the fill bumps the version and voids the fill.
+        let Some(version) = cache.version(keys).await else { return Ok(()) };
         let rows = self.postgres.newest(tenant_id, session_id, window as i64).await?;
         let complete = rows.len() < window;
         let mut entries = Vec::with_capacity(rows.len());
@@ -212,7 +251,7 @@ impl Lookup {
                 body: message.encode_to_vec(),
             });
         }
-        cache.fill(keys, &entries, complete).await;
+        cache.fill(keys, &version, &entries, complete).await;
         Ok(())
     }
 
@@ -222,37 +261,60 @@ impl Lookup {
         let wanted = limit as usize + 1;
         if let Some(cache) = &self.cache {
             let keys = SessionKeys::new(query.tenant_id, query.session_id);
-            if let Some(Some(slice)) = cache.by_seq(&keys, query.after, query.before, wanted).await {
-                // Seqs are contiguous in a session, so a window with as many entries as its
-                // seq span holds every message from its lowest seq up.
-                let contiguous = slice.size == slice.highest_seq - slice.lowest_seq + 1;
-                let covers = slice.lowest_seq <= query.after.saturating_add(1);
-                let decoded: Option<Vec<Message>> = slice
-                    .entries
-                    .iter()
-                    .map(|entry| Message::decode(entry.body.as_slice()).ok().filter(|_| !entry.body.is_empty()))
-                    .collect();
-                if contiguous
-                    && covers
-                    && let Some(mut messages) = decoded
-                {
-                    self.metrics.cache_hit();
-                    let has_more = messages.len() > limit as usize;
-                    messages.truncate(limit as usize);
-                    return Ok(SeqPage { messages, has_more, limit });
-                }
+            let read = async || cache.by_seq(&keys, query.after, query.before, wanted + TIE_SLACK, query.user).await;
+            let mut slice = read().await;
+            if let Some(WindowRead::ViewsNotLoaded) = slice {
+                self.load_views(cache, &keys, query.tenant_id, query.session_id).await?;
+                slice = read().await;
+            }
+            if let Some(WindowRead::Found(slice)) = slice
+                && let Some(messages) = seq_page_from_window(&slice, query.after, wanted)
+            {
+                self.metrics.cache_hit();
+                return Ok(seq_page(messages, limit));
             }
             self.metrics.cache_miss();
         }
         let rows = self
             .postgres
-            .seq_range(query.tenant_id, query.session_id, query.after, query.before, wanted as i64)
+            .seq_range(query.tenant_id, query.session_id, query.after, query.before, wanted as i64, query.user)
             .await?;
-        let mut messages = rows.into_iter().map(to_message).collect::<Result<Vec<_>, _>>()?;
-        let has_more = messages.len() > limit as usize;
-        messages.truncate(limit as usize);
-        Ok(SeqPage { messages, has_more, limit })
+        let messages = rows.into_iter().map(to_message).collect::<Result<Vec<_>, _>>()?;
+        Ok(seq_page(messages, limit))
     }
+}
+
+fn seq_page(mut messages: Vec<Message>, limit: u32) -> SeqPage {
+    let has_more = messages.len() > limit as usize;
+    messages.truncate(limit as usize);
+    SeqPage { messages, has_more, limit }
+}
+
+/// Up to `wanted` visible messages from a seq slice, if the window covers the range.
+fn seq_page_from_window(slice: &SeqSlice, after: i64, wanted: usize) -> Option<Vec<Message>> {
+    // Seqs are contiguous in a session, so a window with as many entries as its seq span
+    // holds every message from its lowest seq up.
+    let contiguous = slice.size == slice.highest_seq - slice.lowest_seq + 1;
+    if !contiguous || slice.lowest_seq > after.saturating_add(1) {
+        return None;
+    }
+    let now = Utc::now();
+    let mut messages = Vec::with_capacity(wanted);
+    for entry in &slice.entries {
+        if let Some(message) = visible(entry, now)? {
+            let cleared = slice.cleared_before_us.is_some_and(|cleared| timestamp_us(&message) <= cleared);
+            if !cleared {
+                messages.push(message);
+            }
+        }
+        if messages.len() == wanted {
+            break;
+        }
+    }
+    // A full page, or every entry of the range was read; otherwise hidden entries used up the
+    // read before the page filled, and the database answers.
+    let read_whole_range = slice.entries.len() < wanted + TIE_SLACK;
+    (messages.len() == wanted || read_whole_range).then_some(messages)
 }
 
 /// Answers a time page from the window if it provably can.
@@ -261,6 +323,7 @@ async fn page_from_window(
     keys: &SessionKeys,
     cursor: Option<&Cursor>,
     bounds: &Bounds,
+    user: &str,
 ) -> FromCache<Vec<Message>> {
     let wanted = bounds.limit + 1;
     let fetch = wanted + TIE_SLACK;
@@ -268,41 +331,78 @@ async fn page_from_window(
         Some(cursor) => bounds.to_us.min(cursor.timestamp.timestamp_micros()),
         None => bounds.to_us,
     };
-    let slice = match cache.by_time(keys, max_us, bounds.from_us, fetch).await {
+    let slice = match cache.by_time(keys, max_us, bounds.from_us, fetch, user).await {
         None => return FromCache::Miss,
-        Some(None) => return FromCache::Unknown,
-        Some(Some(slice)) => slice,
+        Some(WindowRead::Unknown) => return FromCache::Unknown,
+        Some(WindowRead::ViewsNotLoaded) => return FromCache::ViewsNotLoaded,
+        Some(WindowRead::Found(slice)) => slice,
     };
+    let now = Utc::now();
     let range_exhausted = slice.entries.len() < fetch;
-    let mut page: Vec<(i64, Message)> = Vec::with_capacity(wanted);
+    let mut page = Vec::with_capacity(wanted);
+    let mut oldest_examined_us = None;
     for entry in &slice.entries {
-        // A window entry without its body (half-evicted) cannot be trusted.
-        if entry.body.is_empty() {
-            return FromCache::Miss;
-        }
-        let Ok(message) = Message::decode(entry.body.as_slice()) else { return FromCache::Miss };
-        // Messages sharing the cursor's timestamp with an id at or above it were on earlier pages.
+        // Messages sharing the cursor's timestamp with an id at or above it were on earlier
+        // pages; the id is in the body.
+        let Some(message) = (match visible(entry, now) {
+            Some(message) => message,
+            None => return FromCache::Miss,
+        }) else {
+            oldest_examined_us = Some(entry.position);
+            continue;
+        };
         if let Some(cursor) = cursor
             && entry.position == cursor.timestamp.timestamp_micros()
             && message.id >= cursor.message_id
         {
             continue;
         }
-        page.push((entry.position, message));
+        oldest_examined_us = Some(entry.position);
+        page.push(message);
         if page.len() == wanted {
             break;
         }
     }
-    let complete = match page.last() {
+    let complete = if page.len() == wanted {
         // A full page whose oldest entry is above the floor: everything between is cached.
-        Some((oldest_us, _)) if page.len() == wanted => *oldest_us > slice.floor_us,
-        // The range ran out inside the window and the window covers the whole range.
-        _ => range_exhausted && page.len() < wanted && slice.floor_us < bounds.from_us,
+        oldest_examined_us.is_some_and(|oldest| oldest > slice.floor_us)
+    } else {
+        // The range ran out inside the window and the window covers the whole range (down to
+        // the user's clear watermark, below which nothing is shown anyway).
+        range_exhausted && slice.floor_us < slice.min_us
     };
-    if !complete {
-        return FromCache::Miss;
+    if complete { FromCache::Answer(page) } else { FromCache::Miss }
+}
+
+/// A cached entry as its reader may see it: `Some(None)` when it is gone for them,
+/// `None` when the entry cannot be trusted (body missing or undecodable).
+fn visible(entry: &CachedEntry, now: DateTime<Utc>) -> Option<Option<Message>> {
+    if entry.hidden || entry.gone == "deleted" {
+        return Some(None);
     }
-    FromCache::Answer(page.into_iter().map(|(_, message)| message).collect())
+    if entry.body.is_empty() {
+        return None;
+    }
+    let mut message = Message::decode(entry.body.as_slice()).ok()?;
+    if let Some(recalled_us) = entry.gone.strip_prefix("recalled:") {
+        message.is_recalled = true;
+        message.recalled_at = recalled_us.parse().ok().and_then(DateTime::from_timestamp_micros).map(to_timestamp);
+        message.content = None;
+    } else if let Some(burn_us) = entry.gone.strip_prefix("burn:")
+        && burn_us.parse::<i64>().is_ok_and(|burn_us| burn_us <= now.timestamp_micros())
+    {
+        message.content = None;
+    }
+    Some(Some(message))
+}
+
+fn timestamp_us(message: &Message) -> i64 {
+    message
+        .timestamp
+        .as_ref()
+        .and_then(flare_storage_common::message::to_datetime)
+        .map(|time| time.timestamp_micros())
+        .unwrap_or(0)
 }
 
 /// The message as first stored, with the columns that may have changed since laid over it.
@@ -315,9 +415,32 @@ pub fn to_message(row: StoredRow) -> Result<Message, Error> {
     message.attributes = row.attributes.0;
     message.is_recalled = row.is_recalled;
     message.recalled_at = row.recalled_at.map(to_timestamp);
-    if message.is_recalled {
+    // Recalled and burned content is never returned, whatever a store still holds.
+    if message.is_recalled || row.burned_at.is_some_and(|burned_at| burned_at <= Utc::now()) {
         message.content = None;
     }
+    message.read_by = row
+        .read_by
+        .0
+        .into_iter()
+        .map(|record| MessageReadRecord {
+            user_id: record.user_id,
+            read_at: DateTime::from_timestamp_micros(record.read_at_us).map(to_timestamp),
+            burned_at: row.burned_at.map(to_timestamp),
+        })
+        .collect();
+    message.operations = row
+        .operations
+        .0
+        .into_iter()
+        .map(|operation| MessageOperation {
+            operation_type: operation.operation_type,
+            operator_id: operation.operator_id,
+            operated_at: DateTime::from_timestamp_micros(operation.operated_at_us).map(to_timestamp),
+            target_user_id: operation.target_user_id,
+            metadata: operation.metadata,
+        })
+        .collect();
     let timeline = message.timeline.get_or_insert_with(MessageTimeline::default);
     timeline.persisted_time = Some(to_timestamp(row.created_at));
     Ok(message)

@@ -218,6 +218,7 @@ impl RunningReader {
             redis_hot_ttl: Duration::from_secs(600),
             redis_hot_window: 200,
             default_range: Duration::from_secs(7 * 24 * 3600),
+            recall_limit: Duration::from_secs(120),
             max_page_size: 200,
         };
         let shutdown = CancellationToken::new();

@@ -1,5 +1,6 @@
-//! PostgreSQL / TimescaleDB reads. Every statement is scoped by tenant_id and skips messages
-//! deleted for everyone.
+//! PostgreSQL / TimescaleDB: the reader's queries and the statements of its commands. Every
+//! statement is scoped by tenant_id; reads skip messages deleted for everyone and, given a
+//! user, those hidden or cleared for that user.
 
 use std::collections::HashMap;
 
@@ -27,10 +28,65 @@ pub struct StoredRow {
     pub tags: Vec<String>,
     pub attributes: Json<HashMap<String, String>>,
     pub created_at: DateTime<Utc>,
+    pub burned_at: Option<DateTime<Utc>>,
+    pub read_by: Json<Vec<ReadRecord>>,
+    pub operations: Json<Vec<Operation>>,
 }
 
-const COLUMNS: &str =
-    r#"message_id, "timestamp", payload, seq, status, is_recalled, recalled_at, tags, attributes, created_at"#;
+/// A read receipt as kept in `messages.read_by`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ReadRecord {
+    pub user_id: String,
+    pub read_at_us: i64,
+}
+
+/// An entry of `messages.operations`: who did what to the message, when.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Operation {
+    pub operation_type: String,
+    pub operator_id: String,
+    pub operated_at_us: i64,
+    #[serde(default)]
+    pub target_user_id: String,
+    #[serde(default)]
+    pub metadata: HashMap<String, String>,
+}
+
+/// A message a command acts on: the stored row and who it concerns.
+#[derive(Debug, sqlx::FromRow)]
+pub struct TargetRow {
+    #[sqlx(flatten)]
+    pub row: StoredRow,
+    pub session_id: String,
+    pub sender_id: String,
+    pub receiver_id: String,
+    pub receiver_ids: Vec<String>,
+    pub is_burn_after_read: bool,
+    pub burn_after_seconds: i32,
+    pub deleted_at: Option<DateTime<Utc>>,
+}
+
+/// Every per-user view fact of a session, to load into the cache.
+#[derive(Debug, Default)]
+pub struct SessionViews {
+    pub hidden: Vec<(String, String)>,
+    pub clears: Vec<(String, DateTime<Utc>)>,
+}
+
+const COLUMNS: &str = r#"message_id, "timestamp", payload, seq, status, is_recalled, recalled_at, tags, attributes,
+    created_at, burned_at, read_by, operations"#;
+
+/// Conditions that hide messages from the user bound as parameter `user_param`: their
+/// per-message hides and their clear watermark for the session.
+fn user_filter(user_param: usize) -> String {
+    format!(
+        r#" AND NOT EXISTS (SELECT 1 FROM message_hidden h
+                WHERE h.tenant_id = messages.tenant_id AND h.user_id = ${user_param} AND h.message_id = messages.message_id)
+            AND "timestamp" > coalesce((SELECT c.cleared_before FROM session_clears c
+                WHERE c.tenant_id = messages.tenant_id AND c.session_id = messages.session_id AND c.user_id = ${user_param}),
+                '-infinity'::timestamptz)"#
+    )
+}
 
 /// Where a page of a session's history starts: strictly older than this message.
 pub struct Before<'a> {
@@ -51,11 +107,33 @@ impl PostgresStore {
         &self.pool
     }
 
-    pub async fn message(&self, tenant_id: &str, message_id: &str) -> Result<Option<StoredRow>, sqlx::Error> {
+    /// A message as `user` may see it ('' = no per-user filtering); deleted ones are absent.
+    /// A message as `user` may see it ('' = no per-user filtering); deleted ones are absent.
+    pub async fn message(
+        &self,
+        tenant_id: &str,
+        message_id: &str,
+        user: &str,
+    ) -> Result<Option<StoredRow>, sqlx::Error> {
+        let filter = if user.is_empty() { String::new() } else { user_filter(3) };
         let sql = format!(
             r#"SELECT {COLUMNS} FROM messages
-               WHERE tenant_id = $1 AND message_id = $2 AND deleted_at IS NULL
+               WHERE tenant_id = $1 AND message_id = $2 AND deleted_at IS NULL {filter}
                ORDER BY "timestamp" LIMIT 1"#
+        );
+        let mut query = sqlx::query_as(&sql).bind(tenant_id).bind(message_id);
+        if !user.is_empty() {
+            query = query.bind(user);
+        }
+        query.fetch_optional(&self.pool).await
+    }
+
+    /// A message whatever its state, for commands that change it.
+    pub async fn target(&self, tenant_id: &str, message_id: &str) -> Result<Option<TargetRow>, sqlx::Error> {
+        let sql = format!(
+            r#"SELECT {COLUMNS}, session_id, sender_id, receiver_id, receiver_ids, is_burn_after_read,
+                      burn_after_seconds, deleted_at
+               FROM messages WHERE tenant_id = $1 AND message_id = $2 ORDER BY "timestamp" LIMIT 1"#
         );
         sqlx::query_as(&sql).bind(tenant_id).bind(message_id).fetch_optional(&self.pool).await
     }
@@ -79,22 +157,21 @@ impl PostgresStore {
         after: i64,
         before: i64,
         limit: i64,
+        user: &str,
     ) -> Result<Vec<StoredRow>, sqlx::Error> {
+        let filter = if user.is_empty() { String::new() } else { user_filter(6) };
         let sql = format!(
             r#"SELECT {COLUMNS} FROM messages
                WHERE tenant_id = $1 AND session_id = $2 AND deleted_at IS NULL
-                 AND seq > $3 AND seq < $4
+                 AND seq > $3 AND seq < $4 {filter}
                ORDER BY seq
                LIMIT $5"#
         );
-        sqlx::query_as(&sql)
-            .bind(tenant_id)
-            .bind(session_id)
-            .bind(after)
-            .bind(before)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await
+        let mut query = sqlx::query_as(&sql).bind(tenant_id).bind(session_id).bind(after).bind(before).bind(limit);
+        if !user.is_empty() {
+            query = query.bind(user);
+        }
+        query.fetch_all(&self.pool).await
     }
 
     /// Up to `limit` messages of a session in [from, to], newest first, older than `before`.
@@ -106,16 +183,19 @@ impl PostgresStore {
         to: DateTime<Utc>,
         before: Option<Before<'_>>,
         limit: i64,
+        user: &str,
     ) -> Result<Vec<StoredRow>, sqlx::Error> {
         // The row comparison matches the (tenant_id, session_id, "timestamp" DESC,
         // message_id DESC) index, so each page is one index range scan (keyset paging). The
         // first page gets its own statement: an `$5 IS NULL OR …` condition would keep a
         // generic plan from using the cursor as an index bound.
         let cursor_condition = if before.is_some() { r#"AND ("timestamp", message_id) < ($6, $7)"# } else { "" };
+        let user_param = if before.is_some() { 8 } else { 6 };
+        let filter = if user.is_empty() { String::new() } else { user_filter(user_param) };
         let sql = format!(
             r#"SELECT {COLUMNS} FROM messages
                WHERE tenant_id = $1 AND session_id = $2 AND deleted_at IS NULL
-                 AND "timestamp" >= $3 AND "timestamp" <= $4 {cursor_condition}
+                 AND "timestamp" >= $3 AND "timestamp" <= $4 {cursor_condition} {filter}
                ORDER BY "timestamp" DESC, message_id DESC
                LIMIT $5"#
         );
@@ -123,6 +203,217 @@ impl PostgresStore {
         if let Some(before) = before {
             query = query.bind(before.timestamp).bind(before.message_id);
         }
+        if !user.is_empty() {
+            query = query.bind(user);
+        }
         query.fetch_all(&self.pool).await
+    }
+
+    /// Soft-deletes messages of a session for everyone; returns the ids newly deleted.
+    pub async fn delete_for_everyone(
+        &self,
+        tenant_id: &str,
+        session_id: &str,
+        message_ids: &[String],
+        operation: &Operation,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            r#"UPDATE messages SET deleted_at = now(), updated_at = now(),
+                   operations = operations || jsonb_build_array($4::jsonb)
+               WHERE tenant_id = $1 AND session_id = $2 AND message_id = ANY($3) AND deleted_at IS NULL
+               RETURNING message_id"#,
+        )
+        .bind(tenant_id)
+        .bind(session_id)
+        .bind(message_ids)
+        .bind(Json(operation))
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Marks a message recalled and drops its content from every column; returns the recall
+    /// time, or `None` when it was already recalled.
+    pub async fn recall(
+        &self,
+        tenant_id: &str,
+        message_id: &str,
+        recalled_at: DateTime<Utc>,
+        payload_without_content: &[u8],
+        operation: &Operation,
+    ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+        sqlx::query_scalar(
+            r#"UPDATE messages SET is_recalled = true, recalled_at = $3, content = NULL, payload = $4,
+                   updated_at = now(), operations = operations || jsonb_build_array($5::jsonb)
+               WHERE tenant_id = $1 AND message_id = $2 AND NOT is_recalled
+               RETURNING recalled_at"#,
+        )
+        .bind(tenant_id)
+        .bind(message_id)
+        .bind(recalled_at)
+        .bind(payload_without_content)
+        .bind(Json(operation))
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    /// Hides a message for one user; `permanent` is never taken back once set.
+    pub async fn hide_for_user(
+        &self,
+        tenant_id: &str,
+        session_id: &str,
+        user_id: &str,
+        message_id: &str,
+        permanent: bool,
+    ) -> Result<bool, sqlx::Error> {
+        let newly_hidden: Option<bool> = sqlx::query_scalar(
+            r#"INSERT INTO message_hidden (tenant_id, session_id, user_id, message_id, permanent)
+               VALUES ($1, $2, $3, $4, $5)
+               ON CONFLICT (tenant_id, user_id, message_id)
+               DO UPDATE SET permanent = message_hidden.permanent OR EXCLUDED.permanent
+               RETURNING (xmax = 0)"#,
+        )
+        .bind(tenant_id)
+        .bind(session_id)
+        .bind(user_id)
+        .bind(message_id)
+        .bind(permanent)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(newly_hidden.unwrap_or(false))
+    }
+
+    /// Raises a user's clear watermark for a session to `before` (never lowers it); returns
+    /// the watermark in force and how many visible messages it newly covers.
+    pub async fn clear_session(
+        &self,
+        tenant_id: &str,
+        session_id: &str,
+        user_id: &str,
+        before: DateTime<Utc>,
+    ) -> Result<(DateTime<Utc>, i64), sqlx::Error> {
+        let mut transaction = self.pool.begin().await?;
+        let previous: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "SELECT cleared_before FROM session_clears WHERE tenant_id = $1 AND session_id = $2 AND user_id = $3 FOR UPDATE",
+        )
+        .bind(tenant_id)
+        .bind(session_id)
+        .bind(user_id)
+        .fetch_optional(&mut *transaction)
+        .await?;
+        let watermark: DateTime<Utc> = sqlx::query_scalar(
+            r#"INSERT INTO session_clears (tenant_id, session_id, user_id, cleared_before)
+               VALUES ($1, $2, $3, $4)
+               ON CONFLICT (tenant_id, session_id, user_id)
+               DO UPDATE SET cleared_before = GREATEST(session_clears.cleared_before, EXCLUDED.cleared_before),
+                             cleared_at = now()
+               RETURNING cleared_before"#,
+        )
+        .bind(tenant_id)
+        .bind(session_id)
+        .bind(user_id)
+        .bind(before)
+        .fetch_one(&mut *transaction)
+        .await?;
+        // An index range count over the newly covered span; nothing is rewritten.
+        let covered: i64 = sqlx::query_scalar(
+            r#"SELECT count(*) FROM messages
+               WHERE tenant_id = $1 AND session_id = $2 AND deleted_at IS NULL
+                 AND "timestamp" > coalesce($3, '-infinity'::timestamptz) AND "timestamp" <= $4"#,
+        )
+        .bind(tenant_id)
+        .bind(session_id)
+        .bind(previous)
+        .bind(watermark)
+        .fetch_one(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok((watermark, covered))
+    }
+
+    /// Records that `user_id` read a message (once; a later read keeps the first time) and,
+    /// for burn-after-read messages, the time its content is gone for everyone (the earliest
+    /// wins). Returns the user's read time and the burn time.
+    pub async fn mark_read(
+        &self,
+        tenant_id: &str,
+        message_id: &str,
+        user_id: &str,
+        read_at: DateTime<Utc>,
+        burn_at: Option<DateTime<Utc>>,
+    ) -> Result<Option<(Json<Vec<ReadRecord>>, Option<DateTime<Utc>>)>, sqlx::Error> {
+        sqlx::query_as(
+            r#"UPDATE messages SET
+                   read_by = CASE WHEN read_by @> jsonb_build_array(jsonb_build_object('user_id', $3::text))
+                                  THEN read_by
+                                  ELSE read_by || jsonb_build_array(jsonb_build_object('user_id', $3::text, 'read_at_us', $4::bigint))
+                             END,
+                   burned_at = CASE WHEN $5::timestamptz IS NULL THEN burned_at
+                                    ELSE LEAST(coalesce(burned_at, 'infinity'::timestamptz), $5) END,
+                   updated_at = now()
+               WHERE tenant_id = $1 AND message_id = $2 AND deleted_at IS NULL
+               RETURNING read_by, burned_at"#,
+        )
+        .bind(tenant_id)
+        .bind(message_id)
+        .bind(user_id)
+        .bind(read_at.timestamp_micros())
+        .bind(burn_at)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
+    /// Merges attributes into a message and, when `tags` is given, replaces its tags.
+    pub async fn set_attributes(
+        &self,
+        tenant_id: &str,
+        message_id: &str,
+        attributes: &HashMap<String, String>,
+        tags: Option<&[String]>,
+        operation: &Operation,
+    ) -> Result<bool, sqlx::Error> {
+        let updated = sqlx::query(
+            r#"UPDATE messages SET attributes = attributes || $3::jsonb,
+                   tags = coalesce($4, tags), updated_at = now(),
+                   operations = operations || jsonb_build_array($5::jsonb)
+               WHERE tenant_id = $1 AND message_id = $2 AND deleted_at IS NULL"#,
+        )
+        .bind(tenant_id)
+        .bind(message_id)
+        .bind(Json(attributes))
+        .bind(tags)
+        .bind(Json(operation))
+        .execute(&self.pool)
+        .await?;
+        Ok(updated.rows_affected() > 0)
+    }
+
+    /// The tenant's distinct tags, sorted, at most `limit`.
+    pub async fn tags(&self, tenant_id: &str, limit: i64) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            r#"SELECT DISTINCT tag FROM messages, unnest(tags) AS tag
+               WHERE tenant_id = $1 AND deleted_at IS NULL ORDER BY tag LIMIT $2"#,
+        )
+        .bind(tenant_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Every per-user view fact of a session (hides and clear watermarks).
+    pub async fn session_views(&self, tenant_id: &str, session_id: &str) -> Result<SessionViews, sqlx::Error> {
+        let hidden: Vec<(String, String)> =
+            sqlx::query_as("SELECT user_id, message_id FROM message_hidden WHERE tenant_id = $1 AND session_id = $2")
+                .bind(tenant_id)
+                .bind(session_id)
+                .fetch_all(&self.pool)
+                .await?;
+        let clears: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT user_id, cleared_before FROM session_clears WHERE tenant_id = $1 AND session_id = $2",
+        )
+        .bind(tenant_id)
+        .bind(session_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(SessionViews { hidden, clears })
     }
 }

@@ -1,9 +1,13 @@
-//! The hot cache the writer fills (layout in `flare_storage_common::keys`): one Lua call per
-//! page read, a fill after a database read when the window's completeness is unknown.
+//! The hot cache the writer fills (layout in `flare_storage_common::keys`), and the overlays
+//! the reader's commands keep there: what happened to a cached message (`gone`) and per-user
+//! views (hidden messages, clear watermarks).
 //!
-//! The cache is optional at run time: while Redis is unreachable every read goes to the
-//! databases. After a failure the cache is skipped for [`PAUSE_AFTER_FAILURE`], so an outage
-//! costs one timeout, not one per request.
+//! Reads are one Lua call per page. The cache is optional at run time: while Redis is
+//! unreachable every read goes to the databases, and after a failure the cache is skipped for
+//! [`PAUSE_AFTER_FAILURE`], so an outage costs one timeout, not one per request. Commands
+//! write the database first and the cache second; a command whose cache write fails still
+//! succeeded, and its effect reaches the cache when the window is next refilled — except the
+//! overlays, which are why a failed overlay write fails the command (see `grpc.rs`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,45 +21,76 @@ use tracing::{info, warn};
 
 const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
-/// Newest-first entries of a window between two timestamps, with the window's floor; nothing
-/// when the window's completeness is unknown.
+/// Newest-first window entries between two timestamps, with everything needed to filter them
+/// for one user. Reply: floor, views loaded ('1'/'0'), lower bound used (the user's clear
+/// watermark can raise it), then per entry: timestamp, body, gone state, hidden ('1'/'0').
+/// Nothing when the window's completeness is unknown.
 const READ_BY_TIME: &str = r#"
--- KEYS[1] meta, KEYS[2] zset time -> id, KEYS[3] hash id -> body; ARGV max_us, min_us, count
+-- KEYS: meta, time zset, bodies, gone, views; ARGV: max_us, min_us, count, user ('' = none)
 local floor = redis.call('HGET', KEYS[1], 'floor_us')
 if not floor then return false end
-local entries = redis.call('ZREVRANGEBYSCORE', KEYS[2], ARGV[1], ARGV[2], 'WITHSCORES', 'LIMIT', 0, ARGV[3])
-local out = {floor}
+local user = ARGV[4]
+local loaded = '1'
+local min = tonumber(ARGV[2])
+if user ~= '' then
+  if redis.call('HEXISTS', KEYS[5], 'loaded') == 0 then loaded = '0' end
+  local clear = redis.call('HGET', KEYS[5], 'clear:' .. user)
+  if clear and tonumber(clear) + 1 > min then min = tonumber(clear) + 1 end
+end
+local out = {floor, loaded, string.format('%.0f', min)}
+if loaded == '0' then return out end
+local entries = redis.call('ZREVRANGEBYSCORE', KEYS[2], ARGV[1], string.format('%.0f', min), 'WITHSCORES', 'LIMIT', 0, ARGV[3])
 for i = 1, #entries, 2 do
+  local id = entries[i]
   out[#out + 1] = entries[i + 1]
-  out[#out + 1] = redis.call('HGET', KEYS[3], entries[i]) or ''
+  out[#out + 1] = redis.call('HGET', KEYS[3], id) or ''
+  out[#out + 1] = redis.call('HGET', KEYS[4], id) or ''
+  local hidden = '0'
+  if user ~= '' and redis.call('HEXISTS', KEYS[5], 'hide:' .. user .. ':' .. id) == 1 then hidden = '1' end
+  out[#out + 1] = hidden
 end
 return out
 "#;
 
-/// Ascending entries of a window by seq in (ARGV[1], ARGV[2]), after the window's lowest seq
-/// and size, so the caller can tell whether the window covers the range.
+/// Ascending window entries by seq in (ARGV[1], ARGV[2]). Reply: lowest seq, size, highest
+/// seq, views loaded, the user's clear watermark ('' = none), then per entry: seq, body, gone
+/// state, hidden.
 const READ_BY_SEQ: &str = r#"
--- KEYS[1] zset seq -> id, KEYS[2] hash id -> body; ARGV after (exclusive), before (exclusive), count
+-- KEYS: seq zset, bodies, gone, views; ARGV: after, before, count, user
 local lowest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if #lowest == 0 then return false end
-local out = {lowest[2], tostring(redis.call('ZCARD', KEYS[1]))}
 local highest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-out[#out + 1] = highest[2]
+local user = ARGV[4]
+local loaded = '1'
+local clear = ''
+if user ~= '' then
+  if redis.call('HEXISTS', KEYS[4], 'loaded') == 0 then loaded = '0' end
+  clear = redis.call('HGET', KEYS[4], 'clear:' .. user) or ''
+end
+local out = {lowest[2], tostring(redis.call('ZCARD', KEYS[1])), highest[2], loaded, clear}
+if loaded == '0' then return out end
 local entries = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '(' .. ARGV[2], 'WITHSCORES', 'LIMIT', 0, ARGV[3])
 for i = 1, #entries, 2 do
+  local id = entries[i]
   out[#out + 1] = entries[i + 1]
-  out[#out + 1] = redis.call('HGET', KEYS[2], entries[i]) or ''
+  out[#out + 1] = redis.call('HGET', KEYS[2], id) or ''
+  out[#out + 1] = redis.call('HGET', KEYS[3], id) or ''
+  local hidden = '0'
+  if user ~= '' and redis.call('HEXISTS', KEYS[4], 'hide:' .. user .. ':' .. id) == 1 then hidden = '1' end
+  out[#out + 1] = hidden
 end
 return out
 "#;
 
 /// Merges a database read into a window: the newest messages of the session, complete above
-/// ARGV[3] (or the whole session). Keeps the lower of the two floors, then trims like the
-/// writer does.
+/// ARGV[3] (or the whole session). Discarded if a command changed the session since the read
+/// began (ARGV[4] is the version seen then). Keeps the lower of the two floors, then trims
+/// like the writer does.
 const FILL: &str = r#"
--- KEYS[1] zset seq -> id, KEYS[2] hash id -> body, KEYS[3] zset time -> id, KEYS[4] meta
--- ARGV[1] window, ARGV[2] ttl, ARGV[3] floor of this fill, then groups: seq, id, ts_us, body
-for i = 4, #ARGV, 4 do
+-- KEYS: seq zset, bodies, time zset, meta, gone, version
+-- ARGV: window, ttl, floor of this fill, version, then groups: seq, id, ts_us, body
+if (redis.call('GET', KEYS[6]) or '0') ~= ARGV[4] then return 0 end
+for i = 5, #ARGV, 4 do
   redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
   redis.call('ZADD', KEYS[3], ARGV[i + 2], ARGV[i + 1])
   redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 3])
@@ -75,22 +110,71 @@ if excess > 0 then
   redis.call('HDEL', KEYS[2], unpack(old))
 end
 redis.call('HSET', KEYS[4], 'floor_us', string.format('%.0f', floor))
-for k = 1, 4 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
+for k = 1, 5 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
 return 1
 "#;
 
-/// A cached message: its position and encoded body (empty when the body is missing).
+/// Records what happened to a message, keeping the strongest fact: deleted beats recalled
+/// beats burn, and of two burns the earlier. Bumps the session version.
+const MARK_GONE: &str = r#"
+-- KEYS: gone, version; ARGV: message_id, state, ttl
+local function rank(state)
+  if state == 'deleted' then return 3 end
+  if string.sub(state, 1, 9) == 'recalled:' then return 2 end
+  if string.sub(state, 1, 5) == 'burn:' then return 1 end
+  return 0
+end
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+local new = ARGV[2]
+local keep = false
+if current then
+  local a, b = rank(current), rank(new)
+  if a > b then keep = true end
+  if a == b and a == 1 and tonumber(string.sub(current, 6)) <= tonumber(string.sub(new, 6)) then keep = true end
+end
+if not keep then redis.call('HSET', KEYS[1], ARGV[1], new) end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('INCR', KEYS[2])
+return 1
+"#;
+
+/// Merges per-user view facts: hides (field -> '1') and clear watermarks (the higher wins).
+/// ARGV[2] = '1' marks the views as loaded from the database.
+const MERGE_VIEWS: &str = r#"
+-- KEYS: views; ARGV: ttl, loaded flag, then pairs: field, value
+for i = 3, #ARGV, 2 do
+  local field, value = ARGV[i], ARGV[i + 1]
+  if string.sub(field, 1, 6) == 'clear:' then
+    local current = redis.call('HGET', KEYS[1], field)
+    if not current or tonumber(current) < tonumber(value) then redis.call('HSET', KEYS[1], field, value) end
+  else
+    redis.call('HSET', KEYS[1], field, value)
+  end
+end
+if ARGV[2] == '1' then redis.call('HSET', KEYS[1], 'loaded', '1') end
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return 1
+"#;
+
+/// A cached message with its overlays.
 #[derive(Debug, Clone)]
 pub struct CachedEntry {
+    /// Timestamp (µs) in time reads, seq in seq reads.
     pub position: i64,
+    /// The encoded message; empty when missing.
     pub body: Vec<u8>,
+    /// `deleted`, `recalled:<µs>`, `burn:<µs>`, or empty.
+    pub gone: String,
+    pub hidden: bool,
 }
 
 /// Newest-first window entries in a time range.
 #[derive(Debug)]
 pub struct TimeSlice {
-    /// Every message with a timestamp above this (µs) is in the window.
+    /// Every message of the session with a timestamp above this (µs) is in the window.
     pub floor_us: i64,
+    /// The lower bound actually read: the request's, raised by the user's clear watermark.
+    pub min_us: i64,
     pub entries: Vec<CachedEntry>,
 }
 
@@ -100,7 +184,18 @@ pub struct SeqSlice {
     pub lowest_seq: i64,
     pub highest_seq: i64,
     pub size: i64,
+    /// The user's clear watermark (µs), if any.
+    pub cleared_before_us: Option<i64>,
     pub entries: Vec<CachedEntry>,
+}
+
+/// What a window read found.
+pub enum WindowRead<T> {
+    Found(T),
+    /// Completeness unknown: fill the window first.
+    Unknown,
+    /// The session's per-user views are not in Redis: load them first.
+    ViewsNotLoaded,
 }
 
 /// A message to put in a window by [`RedisCache::fill`].
@@ -121,6 +216,8 @@ pub struct RedisCache {
     read_by_time: Script,
     read_by_seq: Script,
     fill: Script,
+    mark_gone: Script,
+    merge_views: Script,
 }
 
 impl RedisCache {
@@ -137,6 +234,8 @@ impl RedisCache {
             read_by_time: Script::new(READ_BY_TIME),
             read_by_seq: Script::new(READ_BY_SEQ),
             fill: Script::new(FILL),
+            mark_gone: Script::new(MARK_GONE),
+            merge_views: Script::new(MERGE_VIEWS),
         };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
@@ -196,62 +295,112 @@ impl RedisCache {
         }
     }
 
-    /// Up to `count` entries with timestamps in [min_us, max_us], newest first. `Some(None)`:
-    /// the window's completeness is unknown; `None`: no cache.
+    /// Like [`Self::call`] but reports the failure, for writes a command depends on.
+    async fn must<T>(&self, call: impl AsyncFnOnce(ConnectionManager) -> RedisResult<T>) -> Result<(), CacheDown> {
+        let Some(connection) = self.connection.get().cloned() else { return Err(CacheDown) };
+        match call(connection).await {
+            Ok(_) => Ok(()),
+            Err(error) => {
+                self.failed(&error);
+                Err(CacheDown)
+            }
+        }
+    }
+
+    /// Up to `count` entries with timestamps in [min_us, max_us], newest first, for `user`
+    /// ('' = no per-user filtering). `None`: no cache.
     pub async fn by_time(
         &self,
         keys: &SessionKeys,
         max_us: i64,
         min_us: i64,
         count: usize,
-    ) -> Option<Option<TimeSlice>> {
+        user: &str,
+    ) -> Option<WindowRead<TimeSlice>> {
         self.call(async |mut connection| {
             let reply: Option<Vec<Vec<u8>>> = self
                 .read_by_time
                 .key(keys.hot_meta())
                 .key(keys.hot_time_index())
                 .key(keys.hot_bodies())
+                .key(keys.gone())
+                .key(keys.views())
                 .arg(max_us)
                 .arg(min_us)
                 .arg(count)
+                .arg(user)
                 .invoke_async(&mut connection)
                 .await?;
-            Ok(reply.and_then(|reply| {
-                let (floor, rest) = reply.split_first()?;
-                Some(TimeSlice { floor_us: parse_i64(floor)?, entries: entries(rest)? })
-            }))
+            let Some(reply) = reply else { return Ok(Some(WindowRead::Unknown)) };
+            let [floor, loaded, min, rest @ ..] = reply.as_slice() else { return Ok(None) };
+            if loaded.as_slice() != b"1" {
+                return Ok(Some(WindowRead::ViewsNotLoaded));
+            }
+            Ok((|| {
+                Some(WindowRead::Found(TimeSlice {
+                    floor_us: parse_i64(floor)?,
+                    min_us: parse_i64(min)?,
+                    entries: entries(rest)?,
+                }))
+            })())
         })
         .await
+        .flatten()
     }
 
     /// Up to `count` entries with seq in (after, before), ascending, with the window's extent.
-    pub async fn by_seq(&self, keys: &SessionKeys, after: i64, before: i64, count: usize) -> Option<Option<SeqSlice>> {
+    pub async fn by_seq(
+        &self,
+        keys: &SessionKeys,
+        after: i64,
+        before: i64,
+        count: usize,
+        user: &str,
+    ) -> Option<WindowRead<SeqSlice>> {
         self.call(async |mut connection| {
             let reply: Option<Vec<Vec<u8>>> = self
                 .read_by_seq
                 .key(keys.hot_index())
                 .key(keys.hot_bodies())
+                .key(keys.gone())
+                .key(keys.views())
                 .arg(after)
                 .arg(before)
                 .arg(count)
+                .arg(user)
                 .invoke_async(&mut connection)
                 .await?;
-            Ok(reply.and_then(|reply| {
-                let [lowest, size, highest, rest @ ..] = reply.as_slice() else { return None };
-                Some(SeqSlice {
+            let Some(reply) = reply else { return Ok(Some(WindowRead::Unknown)) };
+            let [lowest, size, highest, loaded, clear, rest @ ..] = reply.as_slice() else { return Ok(None) };
+            if loaded.as_slice() != b"1" {
+                return Ok(Some(WindowRead::ViewsNotLoaded));
+            }
+            Ok((|| {
+                Some(WindowRead::Found(SeqSlice {
                     lowest_seq: parse_i64(lowest)?,
                     size: parse_i64(size)?,
                     highest_seq: parse_i64(highest)?,
+                    cleared_before_us: if clear.is_empty() { None } else { Some(parse_i64(clear)?) },
                     entries: entries(rest)?,
-                })
-            }))
+                }))
+            })())
+        })
+        .await
+        .flatten()
+    }
+
+    /// The session's version, read before a database read that may fill the window.
+    pub async fn version(&self, keys: &SessionKeys) -> Option<String> {
+        self.call(async |mut connection| {
+            let version: Option<String> = redis::cmd("GET").arg(keys.version()).query_async(&mut connection).await?;
+            Ok(version.unwrap_or_else(|| "0".into()))
         })
         .await
     }
 
-    /// Puts the newest messages of a session (from a database read) into its window.
-    /// `complete` says the read returned the whole session.
-    pub async fn fill(&self, keys: &SessionKeys, messages: &[FillEntry], complete: bool) {
+    /// Puts the newest messages of a session (from a database read begun at `version`) into
+    /// its window. `complete` says the read returned the whole session.
+    pub async fn fill(&self, keys: &SessionKeys, version: &str, messages: &[FillEntry], complete: bool) {
         let floor = match (complete, messages.iter().map(|entry| entry.timestamp_us).min()) {
             (true, _) | (false, None) => HOT_FLOOR_ALL,
             (false, Some(oldest)) => oldest,
@@ -264,9 +413,12 @@ impl RedisCache {
                     .key(keys.hot_bodies())
                     .key(keys.hot_time_index())
                     .key(keys.hot_meta())
+                    .key(keys.gone())
+                    .key(keys.version())
                     .arg(self.hot_window)
                     .arg(ttl)
-                    .arg(floor);
+                    .arg(floor)
+                    .arg(version);
                 for entry in messages {
                     invocation.arg(entry.seq).arg(&entry.message_id).arg(entry.timestamp_us).arg(entry.body.as_slice());
                 }
@@ -275,21 +427,85 @@ impl RedisCache {
             .await;
     }
 
+    /// Lays a fact over a cached message (see `SessionKeys::gone`).
+    pub async fn mark_gone(&self, keys: &SessionKeys, message_id: &str, state: &str) -> Result<(), CacheDown> {
+        let ttl = self.hot_ttl.as_secs().max(1);
+        self.must(async |mut connection| {
+            self.mark_gone
+                .key(keys.gone())
+                .key(keys.version())
+                .arg(message_id)
+                .arg(state)
+                .arg(ttl)
+                .invoke_async::<i64>(&mut connection)
+                .await
+        })
+        .await
+    }
+
+    /// Merges per-user view facts (`hide:<user>:<id>` → 1, `clear:<user>` → µs); `loaded`
+    /// marks them as the complete set from the database.
+    pub async fn merge_views(
+        &self,
+        keys: &SessionKeys,
+        facts: &[(String, String)],
+        loaded: bool,
+    ) -> Result<(), CacheDown> {
+        let ttl = self.hot_ttl.as_secs().max(1);
+        self.must(async |mut connection| {
+            let mut invocation = self.merge_views.key(keys.views());
+            invocation.arg(ttl).arg(if loaded { "1" } else { "0" });
+            for (field, value) in facts {
+                invocation.arg(field).arg(value);
+            }
+            invocation.invoke_async::<i64>(&mut connection).await
+        })
+        .await
+    }
+
+    /// Forgets how complete the window is and bumps the version, so the next read refills it
+    /// from the database (after a change the overlays cannot express, such as attributes).
+    pub async fn invalidate(&self, keys: &SessionKeys) -> Result<(), CacheDown> {
+        self.must(async |mut connection| {
+            redis::pipe()
+                .hdel(keys.hot_meta(), "floor_us")
+                .incr(keys.version(), 1)
+                .query_async::<()>(&mut connection)
+                .await
+        })
+        .await
+    }
+
     pub fn window(&self) -> usize {
         self.hot_window
     }
+
+    /// Whether a cache is in use at all (connected or still connecting).
+    pub fn is_connected(&self) -> bool {
+        self.connection.get().is_some()
+    }
 }
+
+/// Redis did not take a write a command needs.
+#[derive(Debug, thiserror::Error)]
+#[error("the message cache is unavailable")]
+pub struct CacheDown;
 
 fn parse_i64(bytes: &[u8]) -> Option<i64> {
     let text = std::str::from_utf8(bytes).ok()?;
     text.parse::<i64>().ok().or_else(|| text.parse::<f64>().ok().map(|value| value as i64))
 }
 
-fn entries(pairs: &[Vec<u8>]) -> Option<Vec<CachedEntry>> {
-    pairs
-        .chunks(2)
-        .map(|pair| match pair {
-            [position, body] => Some(CachedEntry { position: parse_i64(position)?, body: body.clone() }),
+fn entries(groups: &[Vec<u8>]) -> Option<Vec<CachedEntry>> {
+    groups
+        .chunks(4)
+        .map(|group| match group {
+            [position, body, gone, hidden] => Some(CachedEntry {
+                position: parse_i64(position)?,
+                body: body.clone(),
+                gone: String::from_utf8(gone.clone()).ok()?,
+                hidden: hidden.as_slice() == b"1",
+            }),
             _ => None,
         })
         .collect()

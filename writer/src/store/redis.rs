@@ -108,7 +108,8 @@ return 1
 /// first message (seq 1) holds the whole session; trimming raises the floor to the newest
 /// evicted timestamp; a window of unknown completeness stays unknown.
 const CACHE_HOT: &str = r#"
--- KEYS[1] zset seq -> id, KEYS[2] hash id -> body, KEYS[3] zset time -> id, KEYS[4] meta hash
+-- KEYS[1] zset seq -> id, KEYS[2] hash id -> body, KEYS[3] zset time -> id, KEYS[4] meta hash,
+-- KEYS[5] gone hash (only its expiry is refreshed, so it outlives the window)
 -- ARGV[1] window, ARGV[2] ttl, ARGV[3] floor meaning 'all', then groups of four:
 -- seq, message_id, timestamp_us, body
 local starts_session = false
@@ -137,7 +138,7 @@ if excess > 0 then
     redis.call('HSET', KEYS[4], 'floor_us', string.format('%.0f', evicted_max))
   end
 end
-for k = 1, 4 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
+for k = 1, 5 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
 return 1
 "#;
 
@@ -289,6 +290,7 @@ impl RedisStore {
                 .key(keys.hot_bodies())
                 .key(keys.hot_time_index())
                 .key(keys.hot_meta())
+                .key(keys.gone())
                 .arg(self.hot_window)
                 .arg(ttl)
                 .arg(HOT_FLOOR_ALL);

@@ -1,0 +1,322 @@
+//! The commands of StorageReaderService that change stored messages: delete for everyone,
+//! recall, delete for one user, clear a session for one user, read receipts with
+//! burn-after-read, attributes and tags.
+//!
+//! Each checks who may do it, writes the database (the truth) and then lays the change over
+//! the Redis hot window (`store/redis.rs`), so no cache can show a message that is gone. A
+//! command whose cache write fails answers UNAVAILABLE: its database change is idempotent, and
+//! the retry completes the cache write.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use flare_storage_common::keys::SessionKeys;
+use flare_storage_common::prost::Message as _;
+use flare_storage_common::proto::common::ActorType;
+use flare_storage_common::proto::storage::{ClearType, Message};
+
+use crate::error::Error;
+use crate::store::postgres::{Operation, PostgresStore, TargetRow};
+use crate::store::redis::RedisCache;
+
+/// Who is acting (SPEC §2.3: the request's own user field, else `context.actor`), and
+/// whether the caller is a service, tenant administrator or the system acting for users.
+#[derive(Debug, Clone, Copy)]
+pub struct Actor<'a> {
+    pub id: &'a str,
+    pub privileged: bool,
+}
+
+impl Actor<'_> {
+    pub fn is_privileged(&self) -> bool {
+        self.privileged
+    }
+}
+
+/// Whether an actor type acts on behalf of users.
+pub fn privileged(kind: ActorType) -> bool {
+    matches!(kind, ActorType::Service | ActorType::TenantAdmin | ActorType::System)
+}
+
+pub struct Commands {
+    pub postgres: PostgresStore,
+    pub cache: Option<RedisCache>,
+    /// Longest time after sending that a message can be recalled.
+    pub recall_limit: Duration,
+}
+
+/// How a ClearSession request says where to clear up to.
+pub enum ClearUpTo<'a> {
+    All,
+    Message(&'a str),
+    Time(DateTime<Utc>),
+}
+
+impl Commands {
+    async fn target(&self, tenant_id: &str, message_id: &str) -> Result<TargetRow, Error> {
+        let target = self.postgres.target(tenant_id, message_id).await?.ok_or(Error::NotFound("message"))?;
+        if target.deleted_at.is_some() {
+            return Err(Error::NotFound("message"));
+        }
+        Ok(target)
+    }
+
+    async fn mark_gone(&self, tenant_id: &str, session_id: &str, message_id: &str, state: &str) -> Result<(), Error> {
+        match &self.cache {
+            Some(cache) => cache
+                .mark_gone(&SessionKeys::new(tenant_id, session_id), message_id, state)
+                .await
+                .map_err(|_| Error::CacheUnavailable),
+            None => Ok(()),
+        }
+    }
+
+    async fn merge_view(&self, tenant_id: &str, session_id: &str, field: String, value: String) -> Result<(), Error> {
+        match &self.cache {
+            Some(cache) => cache
+                .merge_views(&SessionKeys::new(tenant_id, session_id), &[(field, value)], false)
+                .await
+                .map_err(|_| Error::CacheUnavailable),
+            None => Ok(()),
+        }
+    }
+
+    /// Deletes messages of one session for everyone. The sender may delete their own
+    /// messages; services and administrators any. Returns how many were newly deleted.
+    pub async fn delete(
+        &self,
+        tenant_id: &str,
+        session_id: &str,
+        message_ids: &[String],
+        actor: Actor<'_>,
+    ) -> Result<i32, Error> {
+        for message_id in message_ids {
+            let target = self.postgres.target(tenant_id, message_id).await?.ok_or(Error::NotFound("message"))?;
+            if target.session_id != session_id {
+                return Err(Error::NotFound("message in this session"));
+            }
+            if !actor.is_privileged() && target.sender_id != actor.id {
+                return Err(Error::PermissionDenied("only the sender may delete a message for everyone"));
+            }
+        }
+        let operation = operation("delete", actor.id, "");
+        let deleted = self.postgres.delete_for_everyone(tenant_id, session_id, message_ids, &operation).await?;
+        // Also the ones deleted before: a retry after a cache failure must complete them.
+        for message_id in message_ids {
+            self.mark_gone(tenant_id, session_id, message_id, "deleted").await?;
+        }
+        Ok(i32::try_from(deleted.len()).unwrap_or(i32::MAX))
+    }
+
+    /// Recalls a message: only its sender, within `min(requested, configured)` seconds of
+    /// sending. Idempotent: a recalled message answers with its recall time.
+    pub async fn recall(
+        &self,
+        tenant_id: &str,
+        message_id: &str,
+        operator: &str,
+        requested_limit: Option<Duration>,
+        reason: &str,
+    ) -> Result<DateTime<Utc>, Error> {
+        let target = self.target(tenant_id, message_id).await?;
+        if target.sender_id != operator {
+            return Err(Error::PermissionDenied("only the sender may recall a message"));
+        }
+        let session_id = target.session_id.clone();
+        if let (true, Some(recalled_at)) = (target.row.is_recalled, target.row.recalled_at) {
+            self.mark_gone(tenant_id, &session_id, message_id, &format!("recalled:{}", recalled_at.timestamp_micros()))
+                .await?;
+            return Ok(recalled_at);
+        }
+        let limit = requested_limit.map_or(self.recall_limit, |requested| requested.min(self.recall_limit));
+        let now = Utc::now();
+        let age = now.signed_duration_since(target.row.timestamp);
+        if age > chrono::Duration::from_std(limit).unwrap_or(chrono::Duration::MAX) {
+            return Err(Error::FailedPrecondition(format!(
+                "the recall window of {}s after sending has passed",
+                limit.as_secs()
+            )));
+        }
+        let mut message = Message::decode(target.row.payload.as_slice())
+            .map_err(|_| Error::Corrupt { message_id: message_id.into() })?;
+        message.content = None;
+        let mut operation = operation("recall", operator, "");
+        if !reason.is_empty() {
+            operation.metadata.insert("reason".into(), reason.into());
+        }
+        let recalled_at =
+            match self.postgres.recall(tenant_id, message_id, now, &message.encode_to_vec(), &operation).await? {
+                Some(recalled_at) => recalled_at,
+                // Recalled concurrently: report that recall.
+                None => self.target(tenant_id, message_id).await?.row.recalled_at.unwrap_or(now),
+            };
+        self.mark_gone(tenant_id, &session_id, message_id, &format!("recalled:{}", recalled_at.timestamp_micros()))
+            .await?;
+        Ok(recalled_at)
+    }
+
+    /// Hides a message for one user (the acting user, checked by the caller). The user must
+    /// be its sender or one of its receivers when the message names receivers. Returns 1 when
+    /// newly hidden, 0 when it already was.
+    pub async fn delete_for_user(
+        &self,
+        tenant_id: &str,
+        message_id: &str,
+        user_id: &str,
+        permanent: bool,
+    ) -> Result<i32, Error> {
+        let target = self.target(tenant_id, message_id).await?;
+        if !concerns(&target, user_id) {
+            return Err(Error::NotFound("message"));
+        }
+        let newly = self.postgres.hide_for_user(tenant_id, &target.session_id, user_id, message_id, permanent).await?;
+        self.merge_view(tenant_id, &target.session_id, format!("hide:{user_id}:{message_id}"), "1".into()).await?;
+        Ok(i32::from(newly))
+    }
+
+    /// Clears a session for one user up to a point; later messages stay visible. Returns the
+    /// number of messages newly cleared and the watermark.
+    pub async fn clear(
+        &self,
+        tenant_id: &str,
+        session_id: &str,
+        user_id: &str,
+        up_to: ClearUpTo<'_>,
+    ) -> Result<(i64, DateTime<Utc>), Error> {
+        let before = match up_to {
+            ClearUpTo::All => Utc::now(),
+            ClearUpTo::Time(time) => time,
+            ClearUpTo::Message(message_id) => {
+                let target = self.postgres.target(tenant_id, message_id).await?.ok_or(Error::NotFound("message"))?;
+                if target.session_id != session_id {
+                    return Err(Error::NotFound("message in this session"));
+                }
+                // "Before the message": the message itself stays.
+                target.row.timestamp - chrono::Duration::microseconds(1)
+            }
+        };
+        let (watermark, cleared) = self.postgres.clear_session(tenant_id, session_id, user_id, before).await?;
+        self.merge_view(tenant_id, session_id, format!("clear:{user_id}"), watermark.timestamp_micros().to_string())
+            .await?;
+        Ok((cleared, watermark))
+    }
+
+    /// Records that `user_id` read a message. For a burn-after-read message the content is
+    /// gone for everyone `burn_after_seconds` after the first read. The sender's own reads
+    /// are not receipts.
+    pub async fn mark_read(
+        &self,
+        tenant_id: &str,
+        message_id: &str,
+        user_id: &str,
+    ) -> Result<(DateTime<Utc>, Option<DateTime<Utc>>), Error> {
+        let target = self.target(tenant_id, message_id).await?;
+        if !concerns(&target, user_id) {
+            return Err(Error::NotFound("message"));
+        }
+        if target.sender_id == user_id {
+            return Err(Error::FailedPrecondition("a sender does not read their own message".into()));
+        }
+        let now = Utc::now();
+        let burn_at = target
+            .is_burn_after_read
+            .then(|| now + chrono::Duration::seconds(i64::from(target.burn_after_seconds.max(0))));
+        let (read_by, burned_at) = self
+            .postgres
+            .mark_read(tenant_id, message_id, user_id, now, burn_at)
+            .await?
+            .ok_or(Error::NotFound("message"))?;
+        let read_at = read_by
+            .0
+            .iter()
+            .find(|record| record.user_id == user_id)
+            .and_then(|record| DateTime::from_timestamp_micros(record.read_at_us))
+            .unwrap_or(now);
+        if let Some(burned_at) = burned_at {
+            self.mark_gone(
+                tenant_id,
+                &target.session_id,
+                message_id,
+                &format!("burn:{}", burned_at.timestamp_micros()),
+            )
+            .await?;
+        }
+        Ok((read_at, burned_at))
+    }
+
+    /// Merges attributes into a message and replaces its tags when any are given. The sender
+    /// or a privileged actor may.
+    pub async fn set_attributes(
+        &self,
+        tenant_id: &str,
+        message_id: &str,
+        attributes: &HashMap<String, String>,
+        tags: &[String],
+        actor: Actor<'_>,
+    ) -> Result<(), Error> {
+        let target = self.target(tenant_id, message_id).await?;
+        if !actor.is_privileged() && target.sender_id != actor.id {
+            return Err(Error::PermissionDenied("only the sender may change a message's attributes"));
+        }
+        let operation = operation("set_attributes", actor.id, "");
+        let tags = (!tags.is_empty()).then_some(tags);
+        if !self.postgres.set_attributes(tenant_id, message_id, attributes, tags, &operation).await? {
+            return Err(Error::NotFound("message"));
+        }
+        // Attributes live in the cached body: make the window refill from the database.
+        if let Some(cache) = &self.cache {
+            cache
+                .invalidate(&SessionKeys::new(tenant_id, &target.session_id))
+                .await
+                .map_err(|_| Error::CacheUnavailable)?;
+        }
+        Ok(())
+    }
+
+    /// The tenant's distinct tags.
+    pub async fn tags(&self, tenant_id: &str) -> Result<Vec<String>, Error> {
+        Ok(self.postgres.tags(tenant_id, 10_000).await?)
+    }
+
+    /// Parses ClearSession's fields into what to clear.
+    pub fn clear_up_to<'a>(
+        clear_type: i32,
+        before_message_id: &'a str,
+        before_time: Option<DateTime<Utc>>,
+    ) -> Result<ClearUpTo<'a>, Error> {
+        match ClearType::try_from(clear_type) {
+            Ok(ClearType::ClearAll) => Ok(ClearUpTo::All),
+            Ok(ClearType::ClearBeforeMessage) if !before_message_id.is_empty() => {
+                Ok(ClearUpTo::Message(before_message_id))
+            }
+            Ok(ClearType::ClearBeforeMessage) => {
+                Err(Error::invalid("clear_before_message_id", "is required for CLEAR_BEFORE_MESSAGE"))
+            }
+            Ok(ClearType::ClearBeforeTime) => before_time
+                .map(ClearUpTo::Time)
+                .ok_or_else(|| Error::invalid("clear_before_time", "is required for CLEAR_BEFORE_TIME")),
+            Err(_) => Err(Error::invalid("clear_type", format!("unknown value {clear_type}"))),
+        }
+    }
+}
+
+/// Whether a message is addressed to or from `user_id`. A message naming no receivers (a
+/// group message without a member list) concerns everyone in its session.
+fn concerns(target: &TargetRow, user_id: &str) -> bool {
+    let names_receivers = !target.receiver_id.is_empty() || !target.receiver_ids.is_empty();
+    target.sender_id == user_id
+        || !names_receivers
+        || target.receiver_id == user_id
+        || target.receiver_ids.iter().any(|receiver| receiver == user_id)
+}
+
+fn operation(kind: &str, operator: &str, target_user: &str) -> Operation {
+    Operation {
+        operation_type: kind.into(),
+        operator_id: operator.into(),
+        operated_at_us: Utc::now().timestamp_micros(),
+        target_user_id: target_user.into(),
+        metadata: HashMap::new(),
+    }
+}
