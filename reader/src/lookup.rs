@@ -20,7 +20,7 @@ use flare_storage_common::proto::storage::{Message, MessageOperation, MessageRea
 use crate::cursor::Cursor;
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::store::postgres::{Before, PostgresStore, StoredRow};
+use crate::store::postgres::{Before, PostgresStore, SessionPage, StoredRow};
 use crate::store::redis::{CachedEntry, FillEntry, RedisCache, SeqSlice, WindowRead};
 
 /// Page size when the request gives none.
@@ -131,7 +131,15 @@ impl Lookup {
                 // One row more than the page tells whether another page exists, without counting.
                 let rows = self
                     .postgres
-                    .session_page(query.tenant_id, query.session_id, from, to, before, i64::from(limit) + 1, query.user)
+                    .session_page(SessionPage {
+                        tenant_id: query.tenant_id,
+                        session_id: query.session_id,
+                        from,
+                        to,
+                        before,
+                        limit: i64::from(limit) + 1,
+                        user: query.user,
+                    })
                     .await?;
                 rows.into_iter().map(to_message).collect::<Result<Vec<_>, _>>()?
             }

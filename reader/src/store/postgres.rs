@@ -88,6 +88,18 @@ fn user_filter(user_param: usize) -> String {
     )
 }
 
+/// A page of a session's history, newest first.
+pub struct SessionPage<'a> {
+    pub tenant_id: &'a str,
+    pub session_id: &'a str,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub before: Option<Before<'a>>,
+    pub limit: i64,
+    /// Leaves out what this user may not see ('' = nobody's view).
+    pub user: &'a str,
+}
+
 /// Where a page of a session's history starts: strictly older than this message.
 pub struct Before<'a> {
     pub timestamp: DateTime<Utc>,
@@ -174,17 +186,10 @@ impl PostgresStore {
         query.fetch_all(&self.pool).await
     }
 
-    /// Up to `limit` messages of a session in [from, to], newest first, older than `before`.
-    pub async fn session_page(
-        &self,
-        tenant_id: &str,
-        session_id: &str,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-        before: Option<Before<'_>>,
-        limit: i64,
-        user: &str,
-    ) -> Result<Vec<StoredRow>, sqlx::Error> {
+    /// Up to `limit` messages of a session in [from, to], newest first, older than `before`,
+    /// as `user` may see them.
+    pub async fn session_page(&self, page: SessionPage<'_>) -> Result<Vec<StoredRow>, sqlx::Error> {
+        let SessionPage { tenant_id, session_id, from, to, before, limit, user } = page;
         // The row comparison matches the (tenant_id, session_id, "timestamp" DESC,
         // message_id DESC) index, so each page is one index range scan (keyset paging). The
         // first page gets its own statement: an `$5 IS NULL OR …` condition would keep a

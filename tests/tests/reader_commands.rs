@@ -1,0 +1,428 @@
+//! The reader's commands against the real services, each checked through a reader that uses
+//! the Redis hot window and one that reads the database only: what is gone for someone never
+//! comes back for them, from either; who may do what; bad input names its field.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use flare_storage_common::message::to_timestamp;
+use flare_storage_common::proto::common::{ActorContext, ActorType, RequestContext, TenantContext};
+use flare_storage_common::proto::storage::storage_reader_service_client::StorageReaderServiceClient;
+use flare_storage_common::proto::storage::*;
+use flare_storage_common::tonic::transport::Channel;
+use flare_storage_common::tonic::{Code, Request};
+use flare_storage_e2e::*;
+
+const PARTITIONS: i32 = 4;
+
+type Client = StorageReaderServiceClient<Channel>;
+
+fn tenant(id: &str) -> Option<TenantContext> {
+    Some(TenantContext { tenant_id: id.into(), ..Default::default() })
+}
+
+fn as_user(id: &str) -> Option<RequestContext> {
+    actor(id, ActorType::User)
+}
+
+fn actor(id: &str, kind: ActorType) -> Option<RequestContext> {
+    Some(RequestContext {
+        actor: Some(ActorContext { actor_id: id.into(), r#type: kind as i32, ..Default::default() }),
+        ..Default::default()
+    })
+}
+
+fn text(message: &Message) -> Option<&str> {
+    match message.content.as_ref()?.content.as_ref()? {
+        message_content::Content::Text(text) => Some(&text.text),
+        _ => None,
+    }
+}
+
+/// A one-to-one conversation between alice (even) and bob (odd), sent `seconds_ago` back.
+struct Conversation {
+    tenant: String,
+    session: String,
+    database: TestDatabase,
+    topic: String,
+    cached: RunningReader,
+    uncached: RunningReader,
+    writer: RunningWriter,
+}
+
+impl Conversation {
+    async fn start(messages: usize) -> anyhow::Result<Self> {
+        let database = TestDatabase::create().await?;
+        let (topic, dlq_topic) = (unique("messages"), unique("dlq"));
+        create_topics(&[&topic, &dlq_topic], PARTITIONS).await?;
+        let conversation = Self {
+            tenant: unique("acme"),
+            session: "chat".into(),
+            writer: RunningWriter::start(writer_config(&database.url, &topic, &dlq_topic)).await?,
+            cached: RunningReader::start(&database.url).await?,
+            uncached: RunningReader::start_with(&database.url, None).await?,
+            database,
+            topic,
+        };
+        for index in 0..messages {
+            conversation.send(index, false).await?;
+        }
+        conversation.wait_stored(messages).await?;
+        Ok(conversation)
+    }
+
+    fn sender(index: usize) -> &'static str {
+        if index.is_multiple_of(2) { "alice" } else { "bob" }
+    }
+
+    async fn send(&self, index: usize, burn: bool) -> anyhow::Result<()> {
+        let sender = Self::sender(index);
+        let receiver = if sender == "alice" { "bob" } else { "alice" };
+        let request = StoreMessageRequest {
+            session_id: self.session.clone(),
+            message: Some(Message {
+                id: format!("m{index}"),
+                sender_id: sender.into(),
+                receiver_id: receiver.into(),
+                content: Some(MessageContent {
+                    content: Some(message_content::Content::Text(TextContent {
+                        text: format!("text {index}"),
+                        mentions: vec![],
+                    })),
+                }),
+                // Recent (recallable) and one millisecond apart, in order.
+                timestamp: Some(to_timestamp(
+                    chrono::Utc::now() - chrono::Duration::seconds(20) + chrono::Duration::milliseconds(index as i64),
+                )),
+                is_burn_after_read: burn,
+                burn_after_seconds: if burn { 1 } else { 0 },
+                ..Default::default()
+            }),
+            tenant: tenant(&self.tenant),
+            ..Default::default()
+        };
+        produce_message(&producer()?, &self.topic, &request).await
+    }
+
+    async fn wait_stored(&self, count: usize) -> anyhow::Result<()> {
+        eventually(Duration::from_secs(60), "messages stored", || async {
+            let (_, body) = http_get(self.writer.metrics_addr, "/metrics").await?;
+            Ok((metric_value(&body, "storage_writer_messages_processed_total") == Some(count as f64)).then_some(()))
+        })
+        .await
+    }
+
+    async fn clients(&self) -> anyhow::Result<[Client; 2]> {
+        Ok([self.cached.client().await?, self.uncached.client().await?])
+    }
+
+    /// The ids `user` sees in the session, newest first, from both readers (which must agree).
+    async fn visible_to(&self, user: &str) -> anyhow::Result<Vec<String>> {
+        let mut answers = Vec::new();
+        for mut client in self.clients().await? {
+            let page = client
+                .query_messages(QueryMessagesRequest {
+                    session_id: self.session.clone(),
+                    limit: 50,
+                    context: as_user(user),
+                    tenant: tenant(&self.tenant),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            let by_seq = client
+                .query_messages_by_seq(QueryMessagesBySeqRequest {
+                    session_id: self.session.clone(),
+                    user_id: user.into(),
+                    limit: 50,
+                    tenant: tenant(&self.tenant),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            let ids: Vec<String> = page.messages.iter().map(|m| m.id.clone()).collect();
+            let mut seq_ids: Vec<String> = by_seq.messages.iter().map(|m| m.id.clone()).collect();
+            seq_ids.reverse();
+            anyhow::ensure!(ids == seq_ids, "QueryMessages {ids:?} and QueryMessagesBySeq {seq_ids:?} differ");
+            answers.push(ids);
+        }
+        anyhow::ensure!(answers[0] == answers[1], "cache {:?} and database {:?} differ", answers[0], answers[1]);
+        Ok(answers.swap_remove(0))
+    }
+
+    /// The message as `user` gets it from both readers (which must agree on its fields).
+    async fn get(&self, user: &str, id: &str) -> anyhow::Result<Result<Message, Code>> {
+        let mut answers = Vec::new();
+        for mut client in self.clients().await? {
+            let answer = client
+                .get_message(GetMessageRequest {
+                    message_id: id.into(),
+                    context: as_user(user),
+                    tenant: tenant(&self.tenant),
+                })
+                .await;
+            answers.push(
+                answer
+                    .map(|response| response.into_inner().message.unwrap_or_default())
+                    .map_err(|status| status.code()),
+            );
+        }
+        Ok(answers.swap_remove(0))
+    }
+
+    /// Window reads the caching reader answered from Redis.
+    async fn cache_hits(&self) -> anyhow::Result<f64> {
+        let (_, body) = http_get(self.cached.metrics_addr, "/metrics").await?;
+        Ok(metric_value(&body, "storage_reader_cache_lookups_total{result=\"hit\"}").unwrap_or(0.0))
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.writer.stop().await?;
+        self.cached.stop().await?;
+        self.uncached.stop().await?;
+        self.database.drop().await
+    }
+}
+
+fn ids(list: &[&str]) -> Vec<String> {
+    list.iter().map(|id| (*id).to_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_and_recalled_messages_are_gone_for_everyone() -> anyhow::Result<()> {
+    let chat = Conversation::start(6).await?;
+    let [mut client, _] = chat.clients().await?;
+    assert_eq!(chat.visible_to("alice").await?, ids(&["m5", "m4", "m3", "m2", "m1", "m0"]));
+
+    let delete = |ids: &[&str], context| DeleteMessageRequest {
+        session_id: chat.session.clone(),
+        message_ids: ids.iter().map(|id| (*id).to_owned()).collect(),
+        context,
+        tenant: tenant(&chat.tenant),
+    };
+    // Only the sender, or a service, deletes for everyone.
+    let denied = client.delete_message(delete(&["m3"], as_user("alice"))).await.expect_err("not alice's");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let deleted = client.delete_message(delete(&["m1"], as_user("bob"))).await?.into_inner();
+    assert_eq!((deleted.success, deleted.deleted_count), (true, 1));
+    assert_eq!(deleted.status.map(|s| s.code), Some(flare_storage_common::proto::common::ErrorCode::Ok as i32));
+    let by_service = client.delete_message(delete(&["m3", "m1"], actor("moderation", ActorType::Service))).await?;
+    assert_eq!(by_service.into_inner().deleted_count, 1, "m1 was already deleted");
+    // The session must match, and other tenants cannot touch it.
+    let mut wrong_session = delete(&["m0"], as_user("alice"));
+    wrong_session.session_id = "another".into();
+    assert_eq!(client.delete_message(wrong_session).await.expect_err("session").code(), Code::NotFound);
+    let mut other_tenant = delete(&["m0"], as_user("alice"));
+    other_tenant.tenant = tenant(&unique("globex"));
+    assert_eq!(client.delete_message(other_tenant).await.expect_err("tenant").code(), Code::NotFound);
+    let no_actor = client.delete_message(delete(&["m0"], None)).await.expect_err("no actor");
+    assert_eq!(no_actor.code(), Code::InvalidArgument);
+    assert!(no_actor.message().contains("context.actor.actor_id"), "{}", no_actor.message());
+
+    let hits = chat.cache_hits().await?;
+    for user in ["alice", "bob"] {
+        assert_eq!(chat.visible_to(user).await?, ids(&["m5", "m4", "m2", "m0"]));
+        assert_eq!(chat.get(user, "m1").await?.err(), Some(Code::NotFound));
+    }
+    assert!(chat.cache_hits().await? >= hits + 4.0, "the window answered, with the deletes laid over it");
+
+    // Recall: only the sender, within the window; idempotent.
+    let recall = |operator: &str, limit: i32| RecallMessageRequest {
+        message_id: "m4".into(),
+        operator_id: operator.into(),
+        reason: "typo".into(),
+        recall_time_limit_seconds: limit,
+        tenant: tenant(&chat.tenant),
+        ..Default::default()
+    };
+    assert_eq!(client.recall_message(recall("bob", 0)).await.expect_err("bob").code(), Code::PermissionDenied);
+    let too_late = client.recall_message(recall("alice", 5)).await.expect_err("20 s old, 5 s allowed");
+    assert_eq!(too_late.code(), Code::FailedPrecondition);
+    let recalled = client.recall_message(recall("alice", 0)).await?.into_inner();
+    assert!(recalled.success);
+    let again = client.recall_message(recall("alice", 0)).await?.into_inner();
+    assert_eq!(again.recalled_at, recalled.recalled_at);
+    let message = chat.get("bob", "m4").await?.map_err(|code| anyhow::anyhow!("{code:?}"))?;
+    assert!(message.is_recalled);
+    assert_eq!(text(&message), None);
+    assert!(message.operations.iter().any(|op| op.operation_type == "recall" && op.operator_id == "alice"));
+    for mut reader in chat.clients().await? {
+        let page = reader
+            .query_messages(QueryMessagesRequest {
+                session_id: chat.session.clone(),
+                limit: 10,
+                tenant: tenant(&chat.tenant),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let m4 = page.messages.iter().find(|m| m.id == "m4").expect("recalled messages stay listed");
+        assert!(m4.is_recalled && m4.content.is_none() && m4.recalled_at.is_some());
+        assert_eq!(page.messages.iter().find(|m| m.id == "m2").and_then(text), Some("text 2"));
+    }
+    // A message older than the configured limit (120 s) cannot be recalled.
+    let mut old = RecallMessageRequest { message_id: "m0".into(), operator_id: "alice".into(), ..recall("alice", 0) };
+    old.recall_time_limit_seconds = 300;
+    assert!(client.recall_message(old).await.is_ok(), "20 s old is within min(300, 120)");
+    chat.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_deletes_and_clears_hide_only_for_that_user() -> anyhow::Result<()> {
+    let chat = Conversation::start(6).await?;
+    let [mut client, _] = chat.clients().await?;
+
+    let hide = |user: &str, id: &str, context| DeleteMessageForUserRequest {
+        message_id: id.into(),
+        user_id: user.into(),
+        permanent: false,
+        context,
+        tenant: tenant(&chat.tenant),
+    };
+    let hidden = client.delete_message_for_user(hide("bob", "m2", None)).await?.into_inner();
+    assert_eq!((hidden.success, hidden.deleted_count), (true, 1));
+    assert_eq!(client.delete_message_for_user(hide("bob", "m2", None)).await?.into_inner().deleted_count, 0);
+    let impersonation =
+        client.delete_message_for_user(hide("bob", "m0", as_user("alice"))).await.expect_err("alice for bob");
+    assert_eq!(impersonation.code(), Code::PermissionDenied);
+    let stranger = client.delete_message_for_user(hide("carol", "m0", None)).await.expect_err("carol");
+    assert_eq!(stranger.code(), Code::NotFound);
+
+    let hits = chat.cache_hits().await?;
+    assert_eq!(chat.visible_to("bob").await?, ids(&["m5", "m4", "m3", "m1", "m0"]));
+    assert_eq!(chat.visible_to("alice").await?, ids(&["m5", "m4", "m3", "m2", "m1", "m0"]));
+    assert!(chat.cache_hits().await? >= hits + 4.0, "per-user views are filtered in the window");
+    assert_eq!(chat.get("bob", "m2").await?.err(), Some(Code::NotFound));
+    assert!(chat.get("alice", "m2").await?.is_ok());
+
+    // Alice clears everything before m3; bob is unaffected.
+    let clear = |user: &str, kind: ClearType, before_id: &str| ClearSessionRequest {
+        session_id: chat.session.clone(),
+        user_id: user.into(),
+        clear_type: kind as i32,
+        clear_before_message_id: before_id.into(),
+        tenant: tenant(&chat.tenant),
+        ..Default::default()
+    };
+    let cleared = client.clear_session(clear("alice", ClearType::ClearBeforeMessage, "m3")).await?.into_inner();
+    assert_eq!((cleared.success, cleared.cleared_count), (true, 3));
+    assert_eq!(chat.visible_to("alice").await?, ids(&["m5", "m4", "m3"]));
+    assert_eq!(chat.visible_to("bob").await?, ids(&["m5", "m4", "m3", "m1", "m0"]));
+    assert_eq!(chat.get("alice", "m0").await?.err(), Some(Code::NotFound));
+
+    // Bob clears all; what arrives afterwards is visible again.
+    client.clear_session(clear("bob", ClearType::ClearAll, "")).await?;
+    assert!(chat.visible_to("bob").await?.is_empty());
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    chat.send(6, false).await?;
+    chat.wait_stored(7).await?;
+    // m6 carries a timestamp near "now - 20 s", before bob's clear: it stays cleared for him.
+    assert!(chat.visible_to("bob").await?.is_empty());
+    assert_eq!(chat.visible_to("alice").await?, ids(&["m6", "m5", "m4", "m3"]));
+
+    let missing_time = client
+        .clear_session(clear("bob", ClearType::ClearBeforeTime, ""))
+        .await
+        .expect_err("CLEAR_BEFORE_TIME without a time");
+    assert_eq!(missing_time.code(), Code::InvalidArgument);
+    assert!(missing_time.message().contains("clear_before_time"), "{}", missing_time.message());
+    let bad_type = ClearSessionRequest { clear_type: 7, ..clear("bob", ClearType::ClearAll, "") };
+    assert!(client.clear_session(bad_type).await.expect_err("unknown type").message().contains("clear_type"));
+    chat.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_receipts_and_burn_after_read() -> anyhow::Result<()> {
+    let chat = Conversation::start(2).await?;
+    chat.send(2, true).await?; // alice -> bob, burns 1 s after bob reads it
+    chat.wait_stored(3).await?;
+    let [mut client, _] = chat.clients().await?;
+    let read = |user: &str, id: &str| MarkMessageReadRequest {
+        message_id: id.into(),
+        user_id: user.into(),
+        tenant: tenant(&chat.tenant),
+        ..Default::default()
+    };
+
+    let first = client.mark_message_read(read("bob", "m0")).await?.into_inner();
+    assert!(first.success && first.read_at.is_some() && first.burned_at.is_none());
+    let second = client.mark_message_read(read("bob", "m0")).await?.into_inner();
+    assert_eq!(second.read_at, first.read_at, "the first read time stays");
+    let own = client.mark_message_read(read("alice", "m0")).await.expect_err("own message");
+    assert_eq!(own.code(), Code::FailedPrecondition);
+    let message = chat.get("alice", "m0").await?.map_err(|code| anyhow::anyhow!("{code:?}"))?;
+    assert_eq!(message.read_by.iter().map(|r| r.user_id.as_str()).collect::<Vec<_>>(), ["bob"]);
+
+    assert_eq!(chat.get("bob", "m2").await?.ok().as_ref().and_then(text), Some("text 2"));
+    let burn = client.mark_message_read(read("bob", "m2")).await?.into_inner();
+    let burned_at = burn.burned_at.expect("burn-after-read sets burned_at");
+    let read_at = burn.read_at.expect("read_at");
+    assert_eq!(burned_at.seconds - read_at.seconds, 1);
+    eventually(Duration::from_secs(10), "burned content to be gone everywhere", || async {
+        let gone_for = |message: Result<Message, Code>| message.is_ok_and(|m| m.content.is_none());
+        let mut gone = gone_for(chat.get("alice", "m2").await?) && gone_for(chat.get("bob", "m2").await?);
+        for mut reader in chat.clients().await? {
+            let page = reader
+                .query_messages(QueryMessagesRequest {
+                    session_id: chat.session.clone(),
+                    limit: 10,
+                    tenant: tenant(&chat.tenant),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            gone &= page.messages.iter().find(|m| m.id == "m2").is_some_and(|m| m.content.is_none());
+            gone &= page.messages.iter().find(|m| m.id == "m1").is_some_and(|m| m.content.is_some());
+        }
+        Ok(gone.then_some(()))
+    })
+    .await?;
+    chat.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attributes_and_tags_are_set_by_the_sender_and_listed_per_tenant() -> anyhow::Result<()> {
+    let chat = Conversation::start(3).await?;
+    let [mut client, _] = chat.clients().await?;
+    // Warm the window so the change has a cached copy to replace.
+    chat.visible_to("alice").await?;
+    let set = |user: &str, id: &str, tags: &[&str]| {
+        Request::new(SetMessageAttributesRequest {
+            context: as_user(user),
+            tenant: tenant(&chat.tenant),
+            message_id: id.into(),
+            attributes: HashMap::from([("pinned".to_owned(), "true".to_owned())]),
+            tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+        })
+    };
+    client.set_message_attributes(set("alice", "m0", &["work", "important"])).await?;
+    client.set_message_attributes(set("alice", "m2", &["later"])).await?;
+    assert_eq!(
+        client.set_message_attributes(set("bob", "m0", &[])).await.expect_err("bob").code(),
+        Code::PermissionDenied
+    );
+
+    for mut reader in chat.clients().await? {
+        let page = reader
+            .query_messages(QueryMessagesRequest {
+                session_id: chat.session.clone(),
+                limit: 10,
+                tenant: tenant(&chat.tenant),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let m0 = page.messages.iter().find(|m| m.id == "m0").expect("m0");
+        assert_eq!(m0.attributes.get("pinned").map(String::as_str), Some("true"));
+        assert_eq!(m0.tags, ["work", "important"]);
+    }
+    let tags = client
+        .list_message_tags(ListMessageTagsRequest { context: None, tenant: tenant(&chat.tenant) })
+        .await?
+        .into_inner();
+    assert_eq!(tags.tags, ["important", "later", "work"]);
+    let other =
+        client.list_message_tags(ListMessageTagsRequest { context: None, tenant: tenant(&unique("globex")) }).await?;
+    assert!(other.into_inner().tags.is_empty());
+    chat.stop().await
+}
