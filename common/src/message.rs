@@ -116,6 +116,15 @@ pub fn content_type(message: &Message) -> &'static str {
     }
 }
 
+/// The text a search looks in: text content, or JSON content as written.
+pub fn searchable_text(message: &Message) -> Option<&str> {
+    match message.content.as_ref()?.content.as_ref()? {
+        message_content::Content::Text(text) => Some(&text.text),
+        message_content::Content::Json(json) => Some(json),
+        message_content::Content::Binary(_) | message_content::Content::Custom(_) => None,
+    }
+}
+
 /// Converts a protobuf timestamp; `None` when it is out of chrono's range or malformed.
 pub fn to_datetime(timestamp: &Timestamp) -> Option<DateTime<Utc>> {
     let nanos = u32::try_from(timestamp.nanos).ok()?;

@@ -17,8 +17,10 @@ use tokio_stream::Stream;
 use crate::commands::{Actor, Commands, privileged};
 use crate::cursor::Cursor;
 use crate::error::Error;
-use crate::lookup::{Lookup, PageQuery, SeqQuery};
+use crate::lookup::{Lookup, PageQuery, SeqQuery, to_message};
 use crate::metrics::Metrics;
+use crate::search::{CURSOR_SCOPE, SearchQuery};
+use crate::store::postgres::PostgresStore;
 
 pub struct StorageReader {
     pub lookup: Lookup,
@@ -186,8 +188,44 @@ impl StorageReaderService for StorageReader {
         .await
     }
 
-    async fn search_messages(&self, _: Request<SearchMessagesRequest>) -> Reply<SearchMessagesResponse> {
-        self.observe("SearchMessages", async { Err(Error::NotImplemented("SearchMessages")) }).await
+    async fn search_messages(&self, request: Request<SearchMessagesRequest>) -> Reply<SearchMessagesResponse> {
+        self.observe("SearchMessages", async {
+            let request = request.into_inner();
+            let tenant_id = tenant_of(request.tenant.as_ref())?;
+            let user = reading_user("", request.context.as_ref())?;
+            let mut query = SearchQuery::parse(tenant_id, user, &request.filters, &request.sort)?;
+            let pagination = request.pagination.unwrap_or_default();
+            query.limit = u32::try_from(pagination.limit)
+                .map_err(|_| Error::invalid("pagination.limit", "must not be negative"))?;
+            if !pagination.cursor.is_empty() {
+                query.after = Some(
+                    Cursor::decode(&pagination.cursor, tenant_id, CURSOR_SCOPE)
+                        .map_err(|error| Error::invalid("pagination.cursor", error.to_string()))?,
+                );
+            }
+            let time_range = request.time_range.unwrap_or_default();
+            query.from = protobuf_time("time_range.start_time", time_range.start_time.as_ref())?;
+            query.to = protobuf_time("time_range.end_time", time_range.end_time.as_ref())?;
+            if let (Some(from), Some(to)) = (query.from, query.to)
+                && from > to
+            {
+                return Err(Error::invalid("time_range", "start_time is after end_time"));
+            }
+            let page = self.lookup.search(query).await?;
+            let next_cursor = page.next_cursor.unwrap_or_default();
+            Ok(SearchMessagesResponse {
+                messages: page.messages,
+                pagination: Some(Pagination {
+                    has_more: !next_cursor.is_empty(),
+                    cursor: next_cursor,
+                    limit: i32::try_from(page.limit).unwrap_or(i32::MAX),
+                    previous_cursor: pagination.cursor,
+                    total_size: 0,
+                }),
+                status: ok_status(),
+            })
+        })
+        .await
     }
 
     async fn delete_message(&self, request: Request<DeleteMessageRequest>) -> Reply<DeleteMessageResponse> {
@@ -337,7 +375,12 @@ impl StorageReaderService for StorageReader {
     }
 
     async fn export_messages(&self, _: Request<ExportMessagesRequest>) -> Reply<ExportMessagesResponse> {
-        self.observe("ExportMessages", async { Err(Error::NotImplemented("ExportMessages")) }).await
+        // The platform's unary export hands out a task id for an export job whose results it
+        // keeps elsewhere; flare-storage has no job store, so it exports by streaming.
+        self.observe("ExportMessages", async {
+            Err(Error::NotImplemented("ExportMessages (asynchronous export jobs); use StreamExportMessages"))
+        })
+        .await
     }
 
     async fn query_messages_by_seq(
@@ -383,7 +426,62 @@ impl StorageReaderService for StorageReader {
 
     type StreamExportMessagesStream = ExportStream;
 
-    async fn stream_export_messages(&self, _: Request<ExportMessagesRequest>) -> Reply<ExportStream> {
-        self.observe("StreamExportMessages", async { Err(Error::NotImplemented("StreamExportMessages")) }).await
+    async fn stream_export_messages(&self, request: Request<ExportMessagesRequest>) -> Reply<ExportStream> {
+        self.observe("StreamExportMessages", async {
+            let request = request.into_inner();
+            let tenant_id = tenant_of(request.tenant.as_ref())?;
+            require_id("session_id", &request.session_id, true)?;
+            let user = reading_user("", request.context.as_ref())?;
+            let mut query = SearchQuery::parse(tenant_id, user, &request.filters, &[])?;
+            query.session_id.include = Some(vec![request.session_id.clone()]);
+            query.ascending = true;
+            let time_range = request.time_range.unwrap_or_default();
+            query.from = protobuf_time("time_range.start_time", time_range.start_time.as_ref())?;
+            query.to = protobuf_time("time_range.end_time", time_range.end_time.as_ref())?;
+            Ok(Box::pin(export_stream(self.lookup.postgres.clone(), query)) as ExportStream)
+        })
+        .await
     }
+}
+
+/// Messages exported per stream item.
+const EXPORT_CHUNK: i64 = 200;
+
+/// Streams a whole export in chunks, oldest first. A bounded channel of two chunks is the
+/// backpressure: a slow client stops the database reads, and only two chunks are ever held.
+fn export_stream(
+    postgres: PostgresStore,
+    mut query: SearchQuery,
+) -> impl Stream<Item = Result<StreamExportMessagesResponse, Status>> + Send {
+    let (sender, receiver) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(async move {
+        loop {
+            let rows = match postgres.search(&query, EXPORT_CHUNK).await {
+                Ok(rows) => rows,
+                Err(error) => {
+                    let _ = sender.send(Err(Status::from(Error::from(error)))).await;
+                    return;
+                }
+            };
+            let last = rows.last().map(|row| Cursor { timestamp: row.timestamp, message_id: row.message_id.clone() });
+            let messages = match rows.into_iter().map(to_message).collect::<Result<Vec<_>, _>>() {
+                Ok(messages) => messages,
+                Err(error) => {
+                    let _ = sender.send(Err(Status::from(error))).await;
+                    return;
+                }
+            };
+            let full = messages.len() as i64 == EXPORT_CHUNK;
+            if !messages.is_empty()
+                && sender.send(Ok(StreamExportMessagesResponse { messages, status: ok_status() })).await.is_err()
+            {
+                return; // the client went away
+            }
+            match (full, last) {
+                (true, Some(last)) => query.after = Some(last),
+                _ => return,
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(receiver)
 }

@@ -11,6 +11,7 @@ pub mod error;
 pub mod grpc;
 pub mod lookup;
 pub mod metrics;
+pub mod search;
 pub mod store;
 
 use std::sync::Arc;

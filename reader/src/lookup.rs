@@ -20,6 +20,7 @@ use flare_storage_common::proto::storage::{Message, MessageOperation, MessageRea
 use crate::cursor::Cursor;
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::search::{CURSOR_SCOPE, SearchQuery};
 use crate::store::postgres::{Before, PostgresStore, SessionPage, StoredRow};
 use crate::store::redis::{CachedEntry, FillEntry, RedisCache, SeqSlice, WindowRead};
 
@@ -261,6 +262,21 @@ impl Lookup {
         }
         cache.fill(keys, &version, &entries, complete).await;
         Ok(())
+    }
+
+    /// One page of a search, in its time order; the cursor is set when more match.
+    pub async fn search(&self, mut query: SearchQuery) -> Result<Page, Error> {
+        let limit = self.page_size(query.limit);
+        if query.from.is_none() && query.to.is_none() {
+            // A search without a time range looks as far back as a history query does.
+            let now = Utc::now();
+            query.to = Some(now);
+            query.from =
+                Some(now - chrono::Duration::from_std(self.default_range).unwrap_or(chrono::Duration::days(7)));
+        }
+        let rows = self.postgres.search(&query, i64::from(limit) + 1).await?;
+        let messages = rows.into_iter().map(to_message).collect::<Result<Vec<_>, _>>()?;
+        Ok(self.cut_page(messages, limit, &query.tenant_id, CURSOR_SCOPE))
     }
 
     /// Messages of a session by seq, ascending, for gap filling.

@@ -5,9 +5,11 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::types::Json;
+use sqlx::{PgPool, Postgres, QueryBuilder};
+
+use crate::search::{Among, SearchQuery, like_pattern};
 
 #[derive(Clone)]
 pub struct PostgresStore {
@@ -247,7 +249,7 @@ impl PostgresStore {
         operation: &Operation,
     ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
         sqlx::query_scalar(
-            r#"UPDATE messages SET is_recalled = true, recalled_at = $3, content = NULL, payload = $4,
+            r#"UPDATE messages SET is_recalled = true, recalled_at = $3, content = NULL, content_text = NULL, payload = $4,
                    updated_at = now(), operations = operations || jsonb_build_array($5::jsonb)
                WHERE tenant_id = $1 AND message_id = $2 AND NOT is_recalled
                RETURNING recalled_at"#,
@@ -420,5 +422,73 @@ impl PostgresStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(SessionViews { hidden, clears })
+    }
+
+    /// Messages matching a search, `limit` at most, in its time order, after its cursor.
+    pub async fn search(&self, query: &SearchQuery, limit: i64) -> Result<Vec<StoredRow>, sqlx::Error> {
+        let mut sql: QueryBuilder<'_, Postgres> =
+            QueryBuilder::new(format!("SELECT {COLUMNS} FROM messages WHERE tenant_id = "));
+        sql.push_bind(&query.tenant_id).push(" AND deleted_at IS NULL");
+        for text in &query.contains {
+            // Burned content is no longer searchable even before the background wipe.
+            sql.push(r" AND content_text ILIKE ")
+                .push_bind(like_pattern(text))
+                .push(r" ESCAPE '\' AND (burned_at IS NULL OR burned_at > now())");
+        }
+        push_among(&mut sql, "session_id", &query.session_id);
+        push_among(&mut sql, "sender_id", &query.sender_id);
+        push_among(&mut sql, "business_type", &query.business_type);
+        if let Some(include) = &query.message_type.include {
+            sql.push(" AND message_type = ANY(").push_bind(include.clone()).push(")");
+        }
+        if !query.message_type.exclude.is_empty() {
+            sql.push(" AND NOT (message_type = ANY(").push_bind(query.message_type.exclude.clone()).push("))");
+        }
+        if let Some(include) = &query.tags.include {
+            sql.push(" AND tags && ").push_bind(include.clone());
+        }
+        if !query.tags.exclude.is_empty() {
+            sql.push(" AND NOT (tags && ").push_bind(query.tags.exclude.clone()).push(")");
+        }
+        for (comparison, value) in &query.seq {
+            sql.push(format!(" AND seq {} ", comparison.sql())).push_bind(*value);
+        }
+        if let Some(from) = query.from {
+            sql.push(r#" AND "timestamp" >= "#).push_bind(from);
+        }
+        if let Some(to) = query.to {
+            sql.push(r#" AND "timestamp" <= "#).push_bind(to);
+        }
+        if let Some(after) = &query.after {
+            let direction = if query.ascending { ">" } else { "<" };
+            sql.push(format!(r#" AND ("timestamp", message_id) {direction} ("#))
+                .push_bind(after.timestamp)
+                .push(", ")
+                .push_bind(after.message_id.clone())
+                .push(")");
+        }
+        if !query.user.is_empty() {
+            sql.push(
+                " AND NOT EXISTS (SELECT 1 FROM message_hidden h WHERE h.tenant_id = messages.tenant_id AND h.user_id = ",
+            )
+            .push_bind(&query.user)
+            .push(r#" AND h.message_id = messages.message_id) AND "timestamp" > coalesce((SELECT c.cleared_before
+                FROM session_clears c WHERE c.tenant_id = messages.tenant_id AND c.session_id = messages.session_id
+                AND c.user_id = "#)
+            .push_bind(&query.user)
+            .push("), '-infinity'::timestamptz)");
+        }
+        let order = if query.ascending { "ASC" } else { "DESC" };
+        sql.push(format!(r#" ORDER BY "timestamp" {order}, message_id {order} LIMIT "#)).push_bind(limit);
+        sql.build_query_as().fetch_all(&self.pool).await
+    }
+}
+
+fn push_among<'a>(sql: &mut QueryBuilder<'a, Postgres>, column: &str, among: &'a Among<String>) {
+    if let Some(include) = &among.include {
+        sql.push(format!(" AND {column} = ANY(")).push_bind(include).push(")");
+    }
+    if !among.exclude.is_empty() {
+        sql.push(format!(" AND NOT ({column} = ANY(")).push_bind(&among.exclude).push("))");
     }
 }

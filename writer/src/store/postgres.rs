@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use flare_storage_common::message::{content_type, message_tenant_id, to_datetime};
+use flare_storage_common::message::{content_type, message_tenant_id, searchable_text, to_datetime};
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::Message;
 use sqlx::PgPool;
@@ -27,23 +27,23 @@ INSERT INTO messages (
     tenant_id, message_id, session_id, seq, sender_id, sender_type, receiver_id, receiver_ids,
     content, content_type, message_type, business_type, session_type, status, "timestamp",
     is_recalled, recalled_at, is_burn_after_read, burn_after_seconds, extra, tags, attributes,
-    payload, created_at, updated_at)
+    payload, created_at, updated_at, content_text)
 SELECT
     t.tenant_id, t.message_id, t.session_id, t.seq, t.sender_id, t.sender_type, t.receiver_id,
     ARRAY(SELECT jsonb_array_elements_text(t.receiver_ids::jsonb)),
     t.content, t.content_type, t.message_type, t.business_type, t.session_type, t.status, t.ts,
     t.is_recalled, t.recalled_at, t.is_burn_after_read, t.burn_after_seconds, t.extra::jsonb,
     ARRAY(SELECT jsonb_array_elements_text(t.tags::jsonb)), t.attributes::jsonb, t.payload,
-    t.persisted_at, t.persisted_at
+    t.persisted_at, t.persisted_at, t.content_text
 FROM UNNEST(
     $1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::text[], $8::text[],
     $9::bytea[], $10::text[], $11::int4[], $12::text[], $13::text[], $14::text[], $15::timestamptz[],
     $16::bool[], $17::timestamptz[], $18::bool[], $19::int4[], $20::text[], $21::text[], $22::text[],
-    $23::bytea[], $24::timestamptz[]
+    $23::bytea[], $24::timestamptz[], $25::text[]
 ) AS t(tenant_id, message_id, session_id, seq, sender_id, sender_type, receiver_id, receiver_ids,
        content, content_type, message_type, business_type, session_type, status, ts,
        is_recalled, recalled_at, is_burn_after_read, burn_after_seconds, extra, tags, attributes,
-       payload, persisted_at)
+       payload, persisted_at, content_text)
 ON CONFLICT DO NOTHING
 RETURNING tenant_id, message_id
 "#;
@@ -90,6 +90,7 @@ impl PostgresStore {
             .bind(columns.attributes)
             .bind(columns.payload)
             .bind(columns.persisted_at)
+            .bind(columns.content_text)
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.into_iter().collect())
@@ -150,6 +151,7 @@ struct Columns {
     attributes: Vec<String>,
     payload: Vec<Vec<u8>>,
     persisted_at: Vec<DateTime<Utc>>,
+    content_text: Vec<Option<String>>,
 }
 
 impl Columns {
@@ -180,6 +182,7 @@ impl Columns {
             columns.tags.push(json_text(&message.tags));
             columns.attributes.push(json_text(&message.attributes));
             columns.payload.push(message.encode_to_vec());
+            columns.content_text.push(searchable_text(message).map(str::to_owned));
             // The time the pipeline stamped as persisted, so every store and the cache agree.
             columns.persisted_at.push(
                 message

@@ -1,0 +1,282 @@
+//! SearchMessages and StreamExportMessages against the real services: Chinese substrings of
+//! any length, literal wildcards, SQL as data, filters, sort and paging, tenants, per-user and
+//! recalled messages; a streamed export of a whole session in chunks.
+
+use std::time::Duration;
+
+use flare_storage_common::message::to_timestamp;
+use flare_storage_common::proto::common::{
+    ActorContext, FilterExpression, FilterOperator, Pagination, RequestContext, SortDirection, SortExpression,
+    TenantContext, TimeRange,
+};
+use flare_storage_common::proto::storage::*;
+use flare_storage_common::tonic::Code;
+use flare_storage_e2e::*;
+use tokio_stream::StreamExt as _;
+
+const PARTITIONS: i32 = 4;
+
+fn tenant(id: &str) -> Option<TenantContext> {
+    Some(TenantContext { tenant_id: id.into(), ..Default::default() })
+}
+
+fn contains(text: &str) -> FilterExpression {
+    FilterExpression { field: "content".into(), op: FilterOperator::Contains as i32, values: vec![text.into()] }
+}
+
+fn filter(field: &str, op: FilterOperator, values: &[&str]) -> FilterExpression {
+    FilterExpression { field: field.into(), op: op as i32, values: values.iter().map(|v| (*v).to_owned()).collect() }
+}
+
+fn chat(tenant_id: &str, session: &str, id: &str, sender: &str, text: &str, order: i64) -> StoreMessageRequest {
+    StoreMessageRequest {
+        session_id: session.into(),
+        message: Some(Message {
+            id: id.into(),
+            sender_id: sender.into(),
+            receiver_id: if sender == "alice" { "bob".into() } else { "alice".into() },
+            message_type: MessageType::Text as i32,
+            content: Some(MessageContent {
+                content: Some(message_content::Content::Text(TextContent { text: text.into(), mentions: vec![] })),
+            }),
+            timestamp: Some(to_timestamp(
+                chrono::Utc::now() - chrono::Duration::minutes(10) + chrono::Duration::milliseconds(order),
+            )),
+            ..Default::default()
+        }),
+        tenant: tenant(tenant_id),
+        ..Default::default()
+    }
+}
+
+async fn store(database: &TestDatabase, requests: &[StoreMessageRequest]) -> anyhow::Result<()> {
+    let (topic, dlq_topic) = (unique("messages"), unique("dlq"));
+    create_topics(&[&topic, &dlq_topic], PARTITIONS).await?;
+    let producer = producer()?;
+    for request in requests {
+        produce_message(&producer, &topic, request).await?;
+    }
+    let writer = RunningWriter::start(writer_config(&database.url, &topic, &dlq_topic)).await?;
+    eventually(Duration::from_secs(60), "messages stored", || async {
+        let (_, body) = http_get(writer.metrics_addr, "/metrics").await?;
+        Ok((metric_value(&body, "storage_writer_messages_processed_total") == Some(requests.len() as f64))
+            .then_some(()))
+    })
+    .await?;
+    writer.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_finds_substrings_in_any_language_and_only_what_it_should() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let (acme, globex) = (unique("acme"), unique("globex"));
+    let corpus = [
+        ("s1", "m1", "alice", "这是一条测试消息"),
+        ("s1", "m2", "bob", "Hello World, this is English"),
+        ("s1", "m3", "alice", "消息"),
+        ("s1", "m4", "bob", "50% off_sale today"),
+        ("s1", "m5", "alice", "another 测试 line"),
+        ("s2", "m6", "bob", "测试消息 in the second session"),
+        ("s1", "m7", "alice", "to be recalled 消息"),
+    ];
+    let mut requests: Vec<StoreMessageRequest> = corpus
+        .iter()
+        .enumerate()
+        .map(|(order, (session, id, sender, text))| chat(&acme, session, id, sender, text, order as i64))
+        .collect();
+    requests.push(chat(&globex, "s1", "g1", "eve", "这是一条测试消息", 0));
+    store(&database, &requests).await?;
+
+    let reader = RunningReader::start(&database.url).await?;
+    let mut client = reader.client().await?;
+    let search = |tenant_id: &str, filters: Vec<FilterExpression>| SearchMessagesRequest {
+        tenant: tenant(tenant_id),
+        filters,
+        ..Default::default()
+    };
+    let search_client = client.clone();
+    let found = async |request: SearchMessagesRequest| -> anyhow::Result<Vec<String>> {
+        let response = search_client.clone().search_messages(request).await?.into_inner();
+        let mut ids: Vec<String> = response.messages.iter().map(|m| m.id.clone()).collect();
+        ids.sort();
+        Ok(ids)
+    };
+
+    assert_eq!(found(search(&acme, vec![contains("消息")])).await?, ["m1", "m3", "m6", "m7"]);
+    assert_eq!(found(search(&acme, vec![contains("息")])).await?, ["m1", "m3", "m6", "m7"]);
+    assert_eq!(found(search(&acme, vec![contains("测试消息")])).await?, ["m1", "m6"]);
+    assert_eq!(found(search(&acme, vec![contains("world")])).await?, ["m2"]);
+    assert_eq!(found(search(&acme, vec![contains("WORLD")])).await?, ["m2"]);
+    assert_eq!(found(search(&acme, vec![contains("%")])).await?, ["m4"]);
+    assert_eq!(found(search(&acme, vec![contains("f_s")])).await?, ["m4"]);
+    assert!(found(search(&acme, vec![contains("_x")])).await?.is_empty());
+    assert!(found(search(&acme, vec![contains("'; DROP TABLE messages; --")])).await?.is_empty());
+    assert_eq!(found(search(&globex, vec![contains("消息")])).await?, ["g1"]);
+    assert_eq!(
+        found(search(&acme, vec![contains("消息"), filter("session_id", FilterOperator::Eq, &["s1"])])).await?,
+        ["m1", "m3", "m7"]
+    );
+    assert_eq!(
+        found(search(&acme, vec![contains("测试"), filter("sender_id", FilterOperator::Ne, &["alice"])])).await?,
+        ["m6"]
+    );
+    assert_eq!(
+        found(search(
+            &acme,
+            vec![filter("seq", FilterOperator::Gt, &["4"]), filter("session_id", FilterOperator::In, &["s1"])]
+        ))
+        .await?,
+        ["m5", "m7"]
+    );
+    assert_eq!(found(search(&acme, vec![filter("message_type", FilterOperator::Eq, &["TEXT"])])).await?.len(), 7);
+
+    // Gone messages are not found: recalled for everyone, hidden for one user.
+    client
+        .recall_message(RecallMessageRequest {
+            message_id: "m7".into(),
+            operator_id: "alice".into(),
+            recall_time_limit_seconds: 0,
+            tenant: tenant(&acme),
+            ..Default::default()
+        })
+        .await
+        .expect_err("ten minutes old: too late to recall");
+    client
+        .delete_message(DeleteMessageRequest {
+            session_id: "s1".into(),
+            message_ids: vec!["m7".into()],
+            context: Some(RequestContext {
+                actor: Some(ActorContext { actor_id: "alice".into(), ..Default::default() }),
+                ..Default::default()
+            }),
+            tenant: tenant(&acme),
+        })
+        .await?;
+    client
+        .delete_message_for_user(DeleteMessageForUserRequest {
+            message_id: "m3".into(),
+            user_id: "bob".into(),
+            tenant: tenant(&acme),
+            ..Default::default()
+        })
+        .await?;
+    let as_bob = |filters| SearchMessagesRequest {
+        context: Some(RequestContext {
+            actor: Some(ActorContext { actor_id: "bob".into(), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..search(&acme, filters)
+    };
+    assert_eq!(found(as_bob(vec![contains("消息")])).await?, ["m1", "m6"]);
+    assert_eq!(found(search(&acme, vec![contains("消息")])).await?, ["m1", "m3", "m6"]);
+
+    // Sorted and paged: every match once, in order, across pages.
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let mut request = search(&acme, vec![filter("session_id", FilterOperator::Eq, &["s1"])]);
+        request.sort = vec![SortExpression { field: "timestamp".into(), direction: SortDirection::Asc as i32 }];
+        request.pagination = Some(Pagination { cursor: cursor.clone(), limit: 2, ..Default::default() });
+        let page = client.search_messages(request).await?.into_inner();
+        seen.extend(page.messages.iter().map(|m| m.id.clone()));
+        let pagination = page.pagination.expect("pagination");
+        if !pagination.has_more {
+            break;
+        }
+        cursor = pagination.cursor;
+    }
+    assert_eq!(seen, ["m1", "m2", "m3", "m4", "m5"]);
+
+    // Bad input names the field.
+    for (request, field) in [
+        (search(&acme, vec![filter("colour", FilterOperator::Eq, &["red"])]), "colour"),
+        (search(&acme, vec![filter("content", FilterOperator::Eq, &["x"])]), "FILTER_OPERATOR_EQ"),
+        (search(&acme, vec![filter("seq", FilterOperator::Gt, &["NaN"])]), "seq"),
+        (
+            SearchMessagesRequest {
+                sort: vec![SortExpression { field: "length".into(), direction: 0 }],
+                ..search(&acme, vec![])
+            },
+            "sort.field",
+        ),
+        (
+            SearchMessagesRequest {
+                pagination: Some(Pagination { cursor: "not-a-cursor".into(), ..Default::default() }),
+                ..search(&acme, vec![])
+            },
+            "pagination.cursor",
+        ),
+    ] {
+        let error = client.search_messages(request).await.expect_err(field);
+        assert_eq!(error.code(), Code::InvalidArgument, "{field}");
+        assert!(error.message().contains(field), "{field}: {}", error.message());
+    }
+    let mut db = database.connect().await?;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM messages").fetch_one(&mut db).await?;
+    assert_eq!(rows, 8, "the table survived the SQL in the search text");
+
+    reader.stop().await?;
+    database.drop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_exported_as_a_stream_of_chunks() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let acme = unique("acme");
+    let mut requests: Vec<StoreMessageRequest> = (0..450)
+        .map(|index| {
+            let sender = if index % 2 == 0 { "alice" } else { "bob" };
+            chat(&acme, "big", &format!("m{index:03}"), sender, &format!("line {index} 消息"), index)
+        })
+        .collect();
+    requests.push(chat(&acme, "other", "x1", "alice", "not exported", 0));
+    store(&database, &requests).await?;
+
+    let reader = RunningReader::start(&database.url).await?;
+    let mut client = reader.client().await?;
+    let export = |filters| ExportMessagesRequest {
+        tenant: tenant(&acme),
+        session_id: "big".into(),
+        filters,
+        ..Default::default()
+    };
+    let mut stream = client.stream_export_messages(export(vec![])).await?.into_inner();
+    let mut chunks = Vec::new();
+    let mut ids = Vec::new();
+    while let Some(item) = stream.next().await {
+        let item = item?;
+        chunks.push(item.messages.len());
+        ids.extend(item.messages.into_iter().map(|m| m.id));
+    }
+    assert_eq!(chunks, [200, 200, 50]);
+    let expected: Vec<String> = (0..450).map(|index| format!("m{index:03}")).collect();
+    assert_eq!(ids, expected, "oldest first, each once");
+
+    let mut filtered = client
+        .stream_export_messages(export(vec![filter("sender_id", FilterOperator::Eq, &["bob"])]))
+        .await?
+        .into_inner();
+    let mut count = 0;
+    while let Some(item) = filtered.next().await {
+        count += item?.messages.iter().filter(|m| m.sender_id == "bob").count();
+    }
+    assert_eq!(count, 225);
+    let mut ranged = ExportMessagesRequest {
+        time_range: Some(TimeRange {
+            start_time: None,
+            end_time: Some(to_timestamp(chrono::Utc::now() - chrono::Duration::hours(2))),
+        }),
+        ..export(vec![])
+    };
+    let mut empty = client.stream_export_messages(ranged.clone()).await?.into_inner();
+    assert!(empty.next().await.is_none(), "nothing that old");
+    ranged.session_id.clear();
+    assert_eq!(client.stream_export_messages(ranged).await.expect_err("no session").code(), Code::InvalidArgument);
+    let unary = client.export_messages(export(vec![])).await.expect_err("unary export");
+    assert_eq!(unary.code(), Code::Unimplemented);
+
+    reader.stop().await?;
+    database.drop().await?;
+    Ok(())
+}
