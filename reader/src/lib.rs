@@ -69,6 +69,11 @@ pub async fn serve(
     }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    // Server reflection, so grpcurl and similar tools can discover the API.
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(flare_storage_common::proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("failed to build the reflection service")?;
     let ops_task =
         tokio::spawn(ops::serve(ops_listener, metrics.registry.clone(), readiness.clone(), shutdown.clone()));
     let readiness_task = tokio::spawn(watch_readiness(postgres.clone(), readiness, health_reporter, shutdown.clone()));
@@ -96,6 +101,7 @@ pub async fn serve(
     info!(addr = %grpc_listener.local_addr()?, "serving gRPC");
     let served = Server::builder()
         .add_service(health_service)
+        .add_service(reflection)
         .add_service(StorageReaderServiceServer::new(reader))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown.clone().cancelled_owned())
         .await;

@@ -106,7 +106,10 @@ impl SearchQuery {
                     Ok(SortDirection::Asc) => true,
                     Ok(SortDirection::Desc | SortDirection::Unspecified) => false,
                     Err(_) => {
-                        return Err(Error::invalid("sort.direction", format!("unknown value {}", expression.direction)));
+                        return Err(Error::invalid(
+                            "sort.direction",
+                            format!("unknown value {}", expression.direction),
+                        ));
                     }
                 };
             }

@@ -232,3 +232,45 @@ async fn redelivered_records_are_not_stored_twice() -> anyhow::Result<()> {
     database.drop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reader_serves_health_and_reflection() -> anyhow::Result<()> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let database = TestDatabase::create().await?;
+    let reader = RunningReader::start(&database.url).await?;
+    let channel = flare_storage_common::tonic::transport::Channel::from_shared(format!("http://{}", reader.grpc_addr))?
+        .connect()
+        .await?;
+
+    let mut reflection = ServerReflectionClient::new(channel.clone());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection.server_reflection_info(tokio_stream::iter([request])).await?.into_inner();
+    let response = responses.message().await?.and_then(|response| response.message_response);
+    let Some(MessageResponse::ListServicesResponse(list)) = response else { anyhow::bail!("unexpected {response:?}") };
+    let services: Vec<String> = list.service.into_iter().map(|service| service.name).collect();
+    assert!(services.contains(&"flare.storage.v1.StorageReaderService".to_owned()), "{services:?}");
+
+    let symbol = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol("flare.storage.v1.QueryMessagesRequest".into())),
+    };
+    let mut responses = reflection.server_reflection_info(tokio_stream::iter([symbol])).await?.into_inner();
+    let response = responses.message().await?.and_then(|response| response.message_response);
+    assert!(matches!(response, Some(MessageResponse::FileDescriptorResponse(_))), "{response:?}");
+
+    // /readyz and gRPC health follow Postgres.
+    eventually(Duration::from_secs(10), "ready", || async {
+        Ok((http_get(reader.metrics_addr, "/readyz").await?.0 == 200).then_some(()))
+    })
+    .await?;
+    reader.stop().await?;
+    database.drop().await?;
+    Ok(())
+}
