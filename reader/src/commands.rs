@@ -274,6 +274,27 @@ impl Commands {
         Ok(())
     }
 
+    /// Wipes burned content until none is due, then every `interval`, until shutdown.
+    pub async fn wipe_burned_periodically(&self, interval: Duration, shutdown: tokio_util::sync::CancellationToken) {
+        let strip = |payload: &[u8]| {
+            let mut message = Message::decode(payload).ok()?;
+            message.content = None;
+            Some(message.encode_to_vec())
+        };
+        loop {
+            match self.postgres.wipe_burned(100, strip).await {
+                Ok(100) => continue,
+                Ok(wiped) if wiped > 0 => tracing::info!(wiped, "burned message content wiped"),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "failed to wipe burned messages, retrying later"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
     /// The tenant's distinct tags.
     pub async fn tags(&self, tenant_id: &str) -> Result<Vec<String>, Error> {
         Ok(self.postgres.tags(tenant_id, 10_000).await?)

@@ -36,6 +36,9 @@ use crate::metrics::Metrics;
 use crate::store::postgres::PostgresStore;
 use crate::store::redis::RedisCache;
 
+/// How often burned message content is physically removed (reads hide it at once).
+const BURN_WIPE_INTERVAL: Duration = Duration::from_secs(10);
+
 /// How often the reader checks that its stores answer, for `/readyz` and gRPC health.
 const READINESS_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -86,8 +89,14 @@ pub async fn serve(
         ),
         None => None,
     };
+    let commands = Commands { postgres: postgres.clone(), cache: cache.clone(), recall_limit: config.recall_limit };
+    let wipe_task = {
+        let commands = Commands { postgres: postgres.clone(), cache: None, recall_limit: config.recall_limit };
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { commands.wipe_burned_periodically(BURN_WIPE_INTERVAL, shutdown).await })
+    };
     let reader = StorageReader {
-        commands: Commands { postgres: postgres.clone(), cache: cache.clone(), recall_limit: config.recall_limit },
+        commands,
         lookup: Lookup {
             postgres,
             cache,
@@ -107,6 +116,7 @@ pub async fn serve(
         .await;
     shutdown.cancel();
     let _ = readiness_task.await;
+    let _ = wipe_task.await;
     let _ = ops_task.await;
     served.context("gRPC server failed")?;
     info!("reader stopped");

@@ -377,6 +377,23 @@ async fn read_receipts_and_burn_after_read() -> anyhow::Result<()> {
         Ok(gone.then_some(()))
     })
     .await?;
+    // The background wipe then removes the content from the database itself.
+    eventually(Duration::from_secs(40), "burned content wiped from Postgres", || async {
+        let mut db = chat.database.connect().await?;
+        let (content_gone, text_gone, payload): (bool, bool, Vec<u8>) = sqlx::query_as(
+            "SELECT content IS NULL, content_text IS NULL, payload FROM messages WHERE message_id = 'm2'",
+        )
+        .fetch_one(&mut db)
+        .await?;
+        let stored = <Message as prost::Message>::decode(payload.as_slice())?;
+        Ok((content_gone && text_gone && stored.content.is_none()).then_some(()))
+    })
+    .await?;
+    let mut db = chat.database.connect().await?;
+    let untouched: bool = sqlx::query_scalar("SELECT content IS NOT NULL FROM messages WHERE message_id = 'm0'")
+        .fetch_one(&mut db)
+        .await?;
+    assert!(untouched, "only burned messages are wiped");
     chat.stop().await
 }
 

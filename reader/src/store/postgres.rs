@@ -482,6 +482,39 @@ impl PostgresStore {
         sql.push(format!(r#" ORDER BY "timestamp" {order}, message_id {order} LIMIT "#)).push_bind(limit);
         sql.build_query_as().fetch_all(&self.pool).await
     }
+
+    /// Physically removes the content of up to `limit` messages whose burn time has passed
+    /// (reads already hide it by time). Rows another instance is wiping are skipped, so every
+    /// reader can run this. Returns how many were wiped.
+    pub async fn wipe_burned(&self, limit: i64, strip: impl Fn(&[u8]) -> Option<Vec<u8>>) -> Result<u64, sqlx::Error> {
+        let mut transaction = self.pool.begin().await?;
+        let due: Vec<(String, String, DateTime<Utc>, Vec<u8>)> = sqlx::query_as(
+            r#"SELECT tenant_id, message_id, "timestamp", payload FROM messages
+               WHERE burned_at <= now() AND content IS NOT NULL
+               LIMIT $1 FOR UPDATE SKIP LOCKED"#,
+        )
+        .bind(limit)
+        .fetch_all(&mut *transaction)
+        .await?;
+        let mut wiped = 0;
+        for (tenant_id, message_id, timestamp, payload) in due {
+            // A payload that does not decode keeps its bytes but loses its content columns.
+            let payload = strip(&payload).unwrap_or(payload);
+            wiped += sqlx::query(
+                r#"UPDATE messages SET content = NULL, content_text = NULL, payload = $4, updated_at = now()
+                   WHERE tenant_id = $1 AND message_id = $2 AND "timestamp" = $3"#,
+            )
+            .bind(&tenant_id)
+            .bind(&message_id)
+            .bind(timestamp)
+            .bind(payload)
+            .execute(&mut *transaction)
+            .await?
+            .rows_affected();
+        }
+        transaction.commit().await?;
+        Ok(wiped)
+    }
 }
 
 fn push_among<'a>(sql: &mut QueryBuilder<'a, Postgres>, column: &str, among: &'a Among<String>) {
