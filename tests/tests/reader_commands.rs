@@ -184,6 +184,10 @@ impl Conversation {
     }
 }
 
+fn not_found<T>(result: Result<T, flare_storage_common::tonic::Status>) -> bool {
+    result.is_err_and(|status| status.code() == Code::NotFound)
+}
+
 fn ids(list: &[&str]) -> Vec<String> {
     list.iter().map(|id| (*id).to_owned()).collect()
 }
@@ -441,5 +445,103 @@ async fn attributes_and_tags_are_set_by_the_sender_and_listed_per_tenant() -> an
     let other =
         client.list_message_tags(ListMessageTagsRequest { context: None, tenant: tenant(&unique("globex")) }).await?;
     assert!(other.into_inner().tags.is_empty());
+    chat.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenant_can_neither_see_nor_change_anything() -> anyhow::Result<()> {
+    let chat = Conversation::start(4).await?;
+    let [mut client, _] = chat.clients().await?;
+    let intruder = unique("globex");
+    let other = || tenant(&intruder);
+
+    assert!(not_found(
+        client
+            .get_message(GetMessageRequest { message_id: "m0".into(), context: as_user("alice"), tenant: other() })
+            .await
+    ));
+    assert!(not_found(
+        client
+            .delete_message(DeleteMessageRequest {
+                session_id: chat.session.clone(),
+                message_ids: vec!["m0".into()],
+                context: actor("admin", ActorType::TenantAdmin),
+                tenant: other(),
+            })
+            .await
+    ));
+    assert!(not_found(
+        client
+            .recall_message(RecallMessageRequest {
+                message_id: "m0".into(),
+                operator_id: "alice".into(),
+                tenant: other(),
+                ..Default::default()
+            })
+            .await
+    ));
+    assert!(not_found(
+        client
+            .delete_message_for_user(DeleteMessageForUserRequest {
+                message_id: "m0".into(),
+                user_id: "bob".into(),
+                tenant: other(),
+                ..Default::default()
+            })
+            .await
+    ));
+    assert!(not_found(
+        client
+            .mark_message_read(MarkMessageReadRequest {
+                message_id: "m0".into(),
+                user_id: "bob".into(),
+                tenant: other(),
+                ..Default::default()
+            })
+            .await
+    ));
+    assert!(not_found(
+        client
+            .set_message_attributes(SetMessageAttributesRequest {
+                context: actor("admin", ActorType::TenantAdmin),
+                tenant: other(),
+                message_id: "m0".into(),
+                attributes: HashMap::from([("x".to_owned(), "y".to_owned())]),
+                tags: vec!["stolen".into()],
+            })
+            .await
+    ));
+    let cleared = client
+        .clear_session(ClearSessionRequest {
+            session_id: chat.session.clone(),
+            user_id: "bob".into(),
+            clear_type: ClearType::ClearAll as i32,
+            tenant: other(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(cleared.cleared_count, 0, "a clear in another tenant covers nothing here");
+    let page = client
+        .query_messages(QueryMessagesRequest {
+            session_id: chat.session.clone(),
+            limit: 10,
+            tenant: other(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert!(page.messages.is_empty());
+    let search =
+        client.search_messages(SearchMessagesRequest { tenant: other(), ..Default::default() }).await?.into_inner();
+    assert!(search.messages.is_empty());
+
+    // Nothing changed for the owner.
+    for user in ["alice", "bob"] {
+        assert_eq!(chat.visible_to(user).await?, ids(&["m3", "m2", "m1", "m0"]));
+    }
+    let m0 = chat.get("bob", "m0").await?.map_err(|code| anyhow::anyhow!("{code:?}"))?;
+    assert!(!m0.is_recalled && m0.read_by.is_empty() && m0.tags.is_empty() && m0.attributes.is_empty());
+    assert_eq!(text(&m0), Some("text 0"));
     chat.stop().await
 }
