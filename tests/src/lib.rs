@@ -186,6 +186,8 @@ pub fn writer_config(database_url: &str, topic: &str, dlq_topic: &str) -> flare_
         retry_max_backoff: Duration::from_millis(500),
         metrics_addr: ([127, 0, 0, 1], 0).into(),
         shutdown_timeout: Duration::from_secs(25),
+        retention: None,
+        retention_interval: Duration::from_secs(3600),
         crash_after_stage: None,
     }
 }

@@ -29,6 +29,9 @@ pub struct Config {
     pub retry_initial_backoff: Duration,
     pub retry_max_backoff: Duration,
     pub metrics_addr: SocketAddr,
+    /// Messages older than this are removed by the retention job; `None`: kept forever.
+    pub retention: Option<Duration>,
+    pub retention_interval: Duration,
     /// Longest time from SIGTERM to exit; a batch not finished by then is redelivered.
     pub shutdown_timeout: Duration,
     /// Fault injection for crash tests: abort right after this pipeline stage.
@@ -155,6 +158,11 @@ impl Config {
             retry_max_backoff,
             metrics_addr,
             shutdown_timeout: Duration::from_secs(positive("WRITER_SHUTDOWN_TIMEOUT_SECONDS", 25)?),
+            retention: match parsed("STORAGE_RETENTION_DAYS", 0)? {
+                0 => None,
+                days => Some(Duration::from_secs(days.saturating_mul(86_400))),
+            },
+            retention_interval: Duration::from_secs(positive("STORAGE_RETENTION_INTERVAL_SECONDS", 3600)?),
             crash_after_stage: get("WRITER_CRASH_AFTER_STAGE"),
         })
     }

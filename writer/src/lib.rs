@@ -12,6 +12,7 @@ pub mod consumer;
 pub mod deadletter;
 pub mod metrics;
 pub mod pipeline;
+pub mod retention;
 pub mod store;
 
 use std::sync::Arc;
@@ -99,13 +100,22 @@ async fn consume(
             let store = MongoStore::connect(&mongo.url, &mongo.database, &mongo.collection)
                 .await
                 .context("invalid MONGO_URL")?;
-            if until_ready("mongo indexes", shutdown, || store.ensure_indexes()).await.is_none() {
+            if until_ready("mongo indexes", shutdown, || store.ensure_indexes(config.retention)).await.is_none() {
                 return Ok(());
             }
             Some(store)
         }
     };
     readiness.set(true);
+    let retention_task = config.retention.map(|keep| {
+        tokio::spawn(retention::run_periodically(
+            postgres.clone(),
+            mongo.clone(),
+            keep,
+            config.retention_interval,
+            shutdown.clone(),
+        ))
+    });
 
     let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &config.kafka_bootstrap_servers)
@@ -127,8 +137,11 @@ async fn consume(
         max_message_bytes: config.max_message_bytes,
         crash_after_stage: config.crash_after_stage.clone(),
     };
-    consumer::run(&config, &pipeline, shutdown).await.context("kafka consumer failed")?;
-    Ok(())
+    let consumed = consumer::run(&config, &pipeline, shutdown).await.context("kafka consumer failed");
+    if let Some(task) = retention_task {
+        task.abort();
+    }
+    consumed
 }
 
 /// Retries `attempt` with backoff until it succeeds; `None` if shutdown came first.

@@ -10,11 +10,14 @@ use flare_storage_common::proto::storage::{Message, message_content};
 use futures::TryStreamExt as _;
 use mongodb::bson::{Bson, Document, doc, spec::BinarySubtype};
 use mongodb::error::{ErrorKind, Result};
+use mongodb::options::IndexOptions;
 use mongodb::{Client, Collection, IndexModel};
 
 use crate::store::postgres::MessageKey;
 
 const DUPLICATE_KEY: i32 = 11000;
+const NAMESPACE_NOT_FOUND: i32 = 26;
+const RETENTION_INDEX: &str = "retention_ttl";
 
 #[derive(Clone)]
 pub struct MongoStore {
@@ -33,8 +36,11 @@ impl MongoStore {
         Ok(Self { collection: client.database(database).collection(collection) })
     }
 
-    /// Creates the indexes the reader's queries need; safe to repeat.
-    pub async fn ensure_indexes(&self) -> Result<()> {
+    /// Creates the indexes the reader's queries need, and with `retention` a TTL index that
+    /// expires documents that much after their `timestamp`; safe to repeat, and a changed
+    /// retention replaces the TTL index.
+    pub async fn ensure_indexes(&self, retention: Option<std::time::Duration>) -> Result<()> {
+        self.ensure_retention_index(retention).await?;
         let indexes = [
             doc! { "tenant_id": 1, "session_id": 1, "timestamp": -1, "message_id": -1 },
             doc! { "tenant_id": 1, "session_id": 1, "seq": 1 },
@@ -44,6 +50,39 @@ impl MongoStore {
             self.collection.create_index(IndexModel::builder().keys(keys).build()).await?;
         }
         Ok(())
+    }
+
+    async fn ensure_retention_index(&self, retention: Option<std::time::Duration>) -> Result<()> {
+        let existing: Vec<IndexModel> = match self.collection.list_indexes().await {
+            Ok(cursor) => cursor.try_collect().await?,
+            // A collection that does not exist yet has no indexes.
+            Err(error) if matches!(error.kind.as_ref(), ErrorKind::Command(failure) if failure.code == NAMESPACE_NOT_FOUND) => {
+                Vec::new()
+            }
+            Err(error) => return Err(error),
+        };
+        let current = existing
+            .iter()
+            .find(|index| index.options.as_ref().and_then(|options| options.name.as_deref()) == Some(RETENTION_INDEX));
+        let current_ttl = current.and_then(|index| index.options.as_ref()?.expire_after);
+        if current.is_some() && current_ttl != retention {
+            self.collection.drop_index(RETENTION_INDEX).await?;
+        }
+        if let Some(retention) = retention
+            && current_ttl != Some(retention)
+        {
+            let options = IndexOptions::builder().name(RETENTION_INDEX.to_owned()).expire_after(retention).build();
+            self.collection
+                .create_index(IndexModel::builder().keys(doc! { "timestamp": 1 }).options(options).build())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes documents older than `cutoff` (what the TTL monitor has not removed yet).
+    pub async fn delete_before(&self, cutoff: chrono::DateTime<chrono::Utc>) -> Result<u64> {
+        let cutoff = mongodb::bson::DateTime::from_millis(cutoff.timestamp_millis());
+        Ok(self.collection.delete_many(doc! { "timestamp": { "$lt": cutoff } }).await?.deleted_count)
     }
 
     /// Inserts every message not stored yet; returns the keys of those that already were.

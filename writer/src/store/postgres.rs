@@ -114,6 +114,39 @@ impl PostgresStore {
         Ok(rows.into_iter().map(|(tenant, id, seq)| ((tenant, id), seq.unwrap_or(0))).collect())
     }
 
+    /// Whether the messages table is a TimescaleDB hypertable.
+    pub async fn has_timescaledb(&self) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')")
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    /// TimescaleDB retention: drops the chunks entirely older than `cutoff`.
+    pub async fn drop_chunks_before(&self, cutoff: DateTime<Utc>) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT drop_chunks('messages', older_than => $1)").bind(cutoff).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Deletes up to `limit` messages older than `cutoff` in one short statement.
+    pub async fn delete_batch_before(&self, cutoff: DateTime<Utc>, limit: i64) -> Result<u64, sqlx::Error> {
+        let deleted = sqlx::query(
+            r#"DELETE FROM messages WHERE ctid IN
+                   (SELECT ctid FROM messages WHERE "timestamp" < $1 LIMIT $2)"#,
+        )
+        .bind(cutoff)
+        .bind(limit)
+        .execute(&self.pool)
+        .await?;
+        Ok(deleted.rows_affected())
+    }
+
+    /// Forgets per-user hides older than `cutoff`: their messages are gone by now.
+    pub async fn delete_hidden_before(&self, cutoff: DateTime<Utc>) -> Result<u64, sqlx::Error> {
+        let deleted =
+            sqlx::query("DELETE FROM message_hidden WHERE hidden_at < $1").bind(cutoff).execute(&self.pool).await?;
+        Ok(deleted.rows_affected())
+    }
+
     /// The highest seq stored for a session (0 when none).
     pub async fn max_seq(&self, tenant_id: &str, session_id: &str) -> Result<i64, sqlx::Error> {
         sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM messages WHERE tenant_id = $1 AND session_id = $2")

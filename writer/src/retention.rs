@@ -1,0 +1,67 @@
+//! Retention (`STORAGE_RETENTION_DAYS`, off by default): messages older than the limit are
+//! removed from the databases by a periodic job. On TimescaleDB whole chunks are dropped; on
+//! plain PostgreSQL rows go in batches of [`DELETE_BATCH`], one short transaction each, so no
+//! lock is held for long; in MongoDB a TTL index on `timestamp` expires documents and the job
+//! deletes what the server's TTL monitor has not reached yet. Redis keys expire by their TTLs.
+//! Every writer instance runs the job; concurrent runs only share the work.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::store::mongo::MongoStore;
+use crate::store::postgres::PostgresStore;
+
+pub const DELETE_BATCH: i64 = 5_000;
+
+/// Runs retention every `interval` until shutdown.
+pub async fn run_periodically(
+    postgres: Option<PostgresStore>,
+    mongo: Option<MongoStore>,
+    keep: Duration,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match run_once(postgres.as_ref(), mongo.as_ref(), keep).await {
+            Ok(removed) if removed > 0 => info!(removed, "retention removed old messages"),
+            Ok(_) => {}
+            Err(error) => warn!(%error, "retention run failed, retrying at the next interval"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Removes everything older than `keep`; returns how many rows/documents went (chunks
+/// dropped on TimescaleDB are not counted).
+pub async fn run_once(
+    postgres: Option<&PostgresStore>,
+    mongo: Option<&MongoStore>,
+    keep: Duration,
+) -> anyhow::Result<u64> {
+    let cutoff = Utc::now() - chrono::Duration::from_std(keep)?;
+    let mut removed = 0;
+    if let Some(postgres) = postgres {
+        if postgres.has_timescaledb().await? {
+            postgres.drop_chunks_before(cutoff).await?;
+        } else {
+            loop {
+                let deleted = postgres.delete_batch_before(cutoff, DELETE_BATCH).await?;
+                removed += deleted;
+                if deleted < DELETE_BATCH as u64 {
+                    break;
+                }
+            }
+        }
+        postgres.delete_hidden_before(cutoff).await?;
+    }
+    if let Some(mongo) = mongo {
+        removed += mongo.delete_before(cutoff).await?;
+    }
+    Ok(removed)
+}
