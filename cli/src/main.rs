@@ -1,12 +1,10 @@
-//! `flare-storage` — operator commands around a running flare-storage:
+//! `flare-storage` — operator commands around a running flare-storage (see [`USAGE`]).
 //!
-//! ```text
-//! flare-storage create-topics [--partitions 8] TOPIC...
-//! flare-storage send-sample --session ID [--tenant ID] [--topic storage-messages]
-//! flare-storage query --session ID [--tenant ID] [--addr http://127.0.0.1:50051] [--limit 20] [--expect N]
-//! ```
-//!
-//! Kafka is found through `KAFKA_BOOTSTRAP_SERVERS` (default `127.0.0.1:9092`).
+//! Kafka is found through `KAFKA_BOOTSTRAP_SERVERS` (default `127.0.0.1:9092`), PostgreSQL
+//! through `POSTGRES_URL`, the reader through `--addr`.
+
+mod export;
+mod replay;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -26,10 +24,15 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-const USAGE: &str = "usage:
+pub const USAGE: &str = "usage:
+  flare-storage migrate                          apply database migrations (POSTGRES_URL)
   flare-storage create-topics [--partitions 8] TOPIC...
   flare-storage send-sample --session ID [--tenant ID] [--topic storage-messages]
-  flare-storage query --session ID [--tenant ID] [--addr http://127.0.0.1:50051] [--limit 20] [--expect N]";
+  flare-storage query --session ID [--tenant ID] [--addr http://127.0.0.1:50051] [--limit 20] [--expect N]
+  flare-storage export --session ID [--tenant ID] [--addr URL] [--from RFC3339] [--to RFC3339] [--out FILE]
+                                                 a session as JSON Lines (stdout by default)
+  flare-storage replay-dlq [--from storage-messages-dlq] [--to storage-messages] [--group flare-storage-dlq-replay]
+                                                 re-send dead-lettered records after a fix";
 
 /// A sample conversation: (sender, receiver, text).
 const CONVERSATION: [(&str, &str, &str); 8] = [
@@ -59,6 +62,43 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
     let (options, positional) = parse_options(rest)?;
     let option = |name: &str, default: &str| options.get(name).cloned().unwrap_or_else(|| default.to_owned());
     match command.as_str() {
+        "migrate" => {
+            let url = std::env::var("POSTGRES_URL").context("POSTGRES_URL is required")?;
+            let pool = sqlx::PgPool::connect(&url).await.context("cannot connect to POSTGRES_URL")?;
+            flare_storage_common::schema::migrate(&pool).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        "export" => {
+            let session = options.get("session").context("--session is required")?;
+            let time = |name: &str| -> anyhow::Result<Option<chrono::DateTime<chrono::Utc>>> {
+                options
+                    .get(name)
+                    .map(|value| {
+                        chrono::DateTime::parse_from_rfc3339(value)
+                            .map(|time| time.with_timezone(&chrono::Utc))
+                            .with_context(|| format!("--{name} must be an RFC 3339 time"))
+                    })
+                    .transpose()
+            };
+            export::run(export::Export {
+                addr: option("addr", "http://127.0.0.1:50051"),
+                tenant: option("tenant", "demo"),
+                session: session.clone(),
+                from: time("from")?,
+                to: time("to")?,
+                out: options.get("out").cloned(),
+            })
+            .await
+        }
+        "replay-dlq" => {
+            replay::run(
+                &option("from", "storage-messages-dlq"),
+                &option("to", "storage-messages"),
+                &option("group", "flare-storage-dlq-replay"),
+            )
+            .await
+        }
         "create-topics" => {
             let partitions: i32 = option("partitions", "8").parse().context("--partitions must be a number")?;
             create_topics(&positional, partitions).await
@@ -98,7 +138,7 @@ fn parse_options(args: &[String]) -> anyhow::Result<(HashMap<String, String>, Ve
     Ok((options, positional))
 }
 
-fn bootstrap_servers() -> String {
+pub fn bootstrap_servers() -> String {
     std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 

@@ -354,21 +354,26 @@ pub async fn redis_connection() -> anyhow::Result<redis::aio::MultiplexedConnect
     client.get_multiplexed_async_connection().await.context("Redis is not reachable at REDIS_URL")
 }
 
-/// The writer binary built next to the test binaries (`cargo build --bins`; `scripts/test.sh`
-/// does it), for tests that need a real process to kill.
+/// The writer binary built next to the test binaries, for tests that need a real process.
 pub fn writer_binary() -> anyhow::Result<std::path::PathBuf> {
+    binary("flare-storage-writer")
+}
+
+/// A binary of the workspace built next to the test binaries (`cargo build --bins`;
+/// `scripts/test.sh` does it).
+pub fn binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
     let test_binary = std::env::current_exe()?;
     let profile_dir = test_binary
         .parent()
         .and_then(std::path::Path::parent)
         .context("test binary is not in target/<profile>/deps")?;
-    let writer = profile_dir.join("flare-storage-writer");
+    let path = profile_dir.join(name);
     anyhow::ensure!(
-        writer.exists(),
+        path.exists(),
         "{} is missing: build it first (cargo build --bins, as scripts/test.sh does)",
-        writer.display()
+        path.display()
     );
-    Ok(writer)
+    Ok(path)
 }
 
 /// A TCP proxy in front of a real server, to take that server away from the app under test
