@@ -5,6 +5,7 @@
 
 mod export;
 mod replay;
+mod traffic;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -28,6 +29,9 @@ pub const USAGE: &str = "usage:
   flare-storage migrate                          apply database migrations (POSTGRES_URL)
   flare-storage create-topics [--partitions 8] TOPIC...
   flare-storage send-sample --session ID [--tenant ID] [--topic storage-messages]
+                                                 one short sample conversation
+  flare-storage produce [--messages 10000] [--rate 1000] [--direct 1000] [--groups 100] [--tenant demo] [--topic storage-messages] [--seed 1]
+                                                 sample traffic: one-to-one and group sessions, Chinese and English
   flare-storage query --session ID [--tenant ID] [--addr http://127.0.0.1:50051] [--limit 20] [--expect N]
   flare-storage export --session ID [--tenant ID] [--addr URL] [--from RFC3339] [--to RFC3339] [--out FILE]
                                                  a session as JSON Lines (stdout by default)
@@ -88,6 +92,21 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
                 from: time("from")?,
                 to: time("to")?,
                 out: options.get("out").cloned(),
+            })
+            .await
+        }
+        "produce" => {
+            let number = |name: &str, default: &str| -> anyhow::Result<u64> {
+                option(name, default).parse().with_context(|| format!("--{name} must be a number"))
+            };
+            traffic::run(traffic::Traffic {
+                topic: option("topic", "storage-messages"),
+                tenant: option("tenant", "demo"),
+                direct_sessions: u32::try_from(number("direct", "1000")?)?,
+                group_sessions: u32::try_from(number("groups", "100")?)?,
+                messages: number("messages", "10000")?,
+                rate: number("rate", "1000")?,
+                seed: number("seed", "1")?,
             })
             .await
         }

@@ -11,8 +11,9 @@ use flare_storage_common::prost_types;
 use flare_storage_common::proto::common::{ActorType, ErrorCode, Pagination, RequestContext, RpcStatus, TenantContext};
 use flare_storage_common::proto::storage::storage_reader_service_server::StorageReaderService;
 use flare_storage_common::proto::storage::*;
-use flare_storage_common::tonic::{self, Request, Response, Status};
+use flare_storage_common::tonic::{self, Code, Request, Response, Status};
 use tokio_stream::Stream;
+use tracing::Instrument as _;
 
 use crate::commands::{Actor, Commands, privileged};
 use crate::cursor::Cursor;
@@ -38,13 +39,22 @@ type Reply<T> = Result<Response<T>, Status>;
 
 impl StorageReader {
     /// Runs one RPC body, timing it and counting it by outcome.
+    /// Runs one RPC body in a span (`rpc`, then `tenant_id` and `session_id` once parsed;
+    /// never message content), timing it and counting it by outcome.
     async fn observe<T>(&self, rpc: &'static str, body: impl Future<Output = Result<T, Error>>) -> Reply<T> {
         let started = Instant::now();
-        let result = body.await.map_err(Status::from);
+        let span =
+            tracing::info_span!("rpc", rpc, tenant_id = tracing::field::Empty, session_id = tracing::field::Empty);
+        let result = body.instrument(span.clone()).await.map_err(Status::from);
         let code = match &result {
             Ok(_) => "OK".to_owned(),
             Err(status) => format!("{:?}", status.code()),
         };
+        if let Err(status) = &result
+            && matches!(status.code(), Code::Internal | Code::Unavailable)
+        {
+            span.in_scope(|| tracing::warn!(code, message = status.message(), "rpc failed"));
+        }
         self.metrics.queries.with_label_values(&[rpc, &code]).inc();
         self.metrics.query_latency.with_label_values(&[rpc]).observe(started.elapsed().as_secs_f64());
         result.map(Response::new)
@@ -59,10 +69,14 @@ fn ok_status() -> Option<RpcStatus> {
 fn tenant_of(tenant: Option<&TenantContext>) -> Result<&str, Error> {
     let tenant_id = tenant.map(|tenant| tenant.tenant_id.as_str()).unwrap_or("");
     require_id("tenant.tenant_id", tenant_id, false)?;
+    tracing::Span::current().record("tenant_id", tenant_id);
     Ok(tenant_id)
 }
 
 fn require_id(field: &'static str, value: &str, required: bool) -> Result<(), Error> {
+    if field == "session_id" {
+        tracing::Span::current().record("session_id", value);
+    }
     check_id(field, value, required).map_err(|invalid| Error::invalid(field, invalid.to_string()))
 }
 

@@ -15,7 +15,7 @@ use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::{ClientConfig, ClientContext, Message as _, Offset, TopicPartitionList};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, warn};
 
 use crate::config::Config;
 use crate::pipeline::Pipeline;
@@ -81,7 +81,8 @@ pub async fn run(config: &Config, pipeline: &Pipeline, shutdown: &CancellationTo
         if batch.is_empty() {
             continue;
         }
-        if pipeline.process(&batch, shutdown).await.is_err() {
+        let span = batch_span(&batch);
+        if pipeline.process(&batch, shutdown).instrument(span).await.is_err() {
             info!(records = batch.len(), "shutdown with a batch unfinished; it will be redelivered");
             break;
         }
@@ -132,6 +133,27 @@ async fn next_batch(
         }
     }
     batch
+}
+
+/// A span per batch: how many records, from which partitions and offsets (never content).
+fn batch_span(batch: &[Record]) -> tracing::Span {
+    let mut ranges: Vec<(i32, i64, i64)> = Vec::new();
+    for record in batch {
+        match ranges.iter_mut().find(|(partition, _, _)| *partition == record.partition) {
+            Some((_, first, last)) => {
+                *first = (*first).min(record.offset);
+                *last = (*last).max(record.offset);
+            }
+            None => ranges.push((record.partition, record.offset, record.offset)),
+        }
+    }
+    ranges.sort_unstable();
+    let offsets = ranges
+        .iter()
+        .map(|(partition, first, last)| format!("{partition}:{first}-{last}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    tracing::info_span!("batch", records = batch.len(), offsets)
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -318,14 +318,24 @@ impl Pipeline {
         self.metrics.seq_counter_misses.inc_by(unseeded.len() as u64);
         self.metrics.update_cache_hit_rate();
         if !unseeded.is_empty() {
-            let mut seeded_requests = Vec::with_capacity(unseeded.len());
-            for &slot in &unseeded {
-                let session = &sessions[slot];
-                let ids: Vec<MessageKey> =
-                    session.2.iter().map(|&index| (session.0.clone(), messages[index].id.clone())).collect();
-                let seed = self.seed(&session.0, &session.1, &ids).await?;
-                seeded_requests.push(request(session, Some(seed)));
-            }
+            let session_keys: Vec<(String, String)> =
+                unseeded.iter().map(|&slot| (sessions[slot].0.clone(), sessions[slot].1.clone())).collect();
+            let ids: Vec<Vec<MessageKey>> = unseeded
+                .iter()
+                .map(|&slot| {
+                    sessions[slot]
+                        .2
+                        .iter()
+                        .map(|&index| (sessions[slot].0.clone(), messages[index].id.clone()))
+                        .collect()
+                })
+                .collect();
+            let mut seeds = self.seeds(&session_keys, &ids).await?;
+            let seeded_requests: Vec<SeqRequest<'_>> = unseeded
+                .iter()
+                .zip(&session_keys)
+                .map(|(&slot, key)| request(&sessions[slot], Some(seeds.remove(key).unwrap_or_default())))
+                .collect();
             let seeded = self.redis.assign_seqs(&seeded_requests).await.map_err(|e| stage_error("seq")(&e))?;
             for (slot, seqs) in unseeded.into_iter().zip(seeded) {
                 assigned[slot] = seqs;
@@ -346,23 +356,48 @@ impl Pipeline {
         Ok(())
     }
 
-    /// The highest stored seq of a session and the stored seqs of `ids`, from every store.
-    async fn seed(&self, tenant_id: &str, session_id: &str, ids: &[MessageKey]) -> Result<Seed, StageError> {
-        let mut seed = Seed::default();
+    /// For each session, the highest stored seq and the stored seqs of its messages
+    /// (`ids[i]` belongs to `sessions[i]`), from every store: one query per store and kind
+    /// for the whole batch.
+    async fn seeds(
+        &self,
+        sessions: &[(String, String)],
+        ids: &[Vec<MessageKey>],
+    ) -> Result<HashMap<(String, String), Seed>, StageError> {
+        let mut seeds: HashMap<(String, String), Seed> =
+            sessions.iter().map(|session| (session.clone(), Seed::default())).collect();
+        let all_ids: Vec<MessageKey> = ids.iter().flatten().cloned().collect();
+        let mut known: HashMap<MessageKey, i64> = HashMap::new();
         if let Some(postgres) = &self.postgres {
-            seed.max_seq = postgres.max_seq(tenant_id, session_id).await.map_err(|e| stage_error("seq_seed")(&e))?;
-            let known = postgres.stored_seqs(ids).await.map_err(|e| stage_error("seq_seed")(&e))?;
-            seed.known.extend(known.into_iter().filter(|(_, seq)| *seq > 0).map(|((_, id), seq)| (id, seq)));
+            for (session, max) in postgres.max_seqs(sessions).await.map_err(|e| stage_error("seq_seed")(&e))? {
+                if let Some(seed) = seeds.get_mut(&session) {
+                    seed.max_seq = seed.max_seq.max(max);
+                }
+            }
+            known = postgres.stored_seqs(&all_ids).await.map_err(|e| stage_error("seq_seed")(&e))?;
         }
         if let Some(mongo) = &self.mongo {
-            let max = mongo.max_seq(tenant_id, session_id).await.map_err(|e| stage_error("seq_seed")(&e))?;
-            seed.max_seq = seed.max_seq.max(max);
+            for (session, max) in mongo.max_seqs(sessions).await.map_err(|e| stage_error("seq_seed")(&e))? {
+                if let Some(seed) = seeds.get_mut(&session) {
+                    seed.max_seq = seed.max_seq.max(max);
+                }
+            }
             if self.postgres.is_none() {
-                let known = mongo.stored_seqs(ids).await.map_err(|e| stage_error("seq_seed")(&e))?;
-                seed.known.extend(known.into_iter().filter(|(_, seq)| *seq > 0).map(|((_, id), seq)| (id, seq)));
+                known = mongo.stored_seqs(&all_ids).await.map_err(|e| stage_error("seq_seed")(&e))?;
             }
         }
-        Ok(seed)
+        // A message the stores already hold keeps its seq.
+        for (session, keys) in sessions.iter().zip(ids) {
+            let Some(seed) = seeds.get_mut(session) else { continue };
+            for key in keys {
+                if let Some(&seq) = known.get(key)
+                    && seq > 0
+                {
+                    seed.known.insert(key.1.clone(), seq);
+                }
+            }
+        }
+        Ok(seeds)
     }
 
     /// Writes the batch to Postgres and MongoDB; returns the keys that a store already held.

@@ -130,15 +130,27 @@ impl MongoStore {
         Ok(seqs)
     }
 
-    /// The highest seq stored for a session (0 when none).
-    pub async fn max_seq(&self, tenant_id: &str, session_id: &str) -> Result<i64> {
-        let newest = self
-            .collection
-            .find_one(doc! { "tenant_id": tenant_id, "session_id": session_id })
-            .sort(doc! { "seq": -1 })
-            .projection(doc! { "seq": 1 })
-            .await?;
-        Ok(newest.and_then(|document| document.get_i64("seq").ok()).unwrap_or(0))
+    /// The highest seq stored for each (tenant, session), in one aggregation; sessions with
+    /// nothing stored are absent.
+    pub async fn max_seqs(&self, sessions: &[(String, String)]) -> Result<Vec<((String, String), i64)>> {
+        let tenants: Vec<&str> = sessions.iter().map(|(tenant, _)| tenant.as_str()).collect();
+        let session_ids: Vec<&str> = sessions.iter().map(|(_, session)| session.as_str()).collect();
+        let pipeline = [
+            doc! { "$match": { "tenant_id": { "$in": tenants }, "session_id": { "$in": session_ids } } },
+            doc! { "$group": { "_id": { "tenant": "$tenant_id", "session": "$session_id" }, "max": { "$max": "$seq" } } },
+        ];
+        let groups: Vec<Document> = self.collection.aggregate(pipeline).await?.try_collect().await?;
+        let wanted: HashSet<&(String, String)> = sessions.iter().collect();
+        Ok(groups
+            .iter()
+            .filter_map(|group| {
+                let id = group.get_document("_id").ok()?;
+                let key = (id.get_str("tenant").ok()?.to_owned(), id.get_str("session").ok()?.to_owned());
+                let max = group.get_i64("max").ok()?;
+                // $in on both fields also matches other tenants' sessions of the same name.
+                wanted.contains(&key).then_some((key, max))
+            })
+            .collect())
     }
 
     pub async fn ping(&self) -> Result<()> {

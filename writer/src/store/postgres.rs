@@ -147,6 +147,24 @@ impl PostgresStore {
         Ok(deleted.rows_affected())
     }
 
+    /// The highest seq stored for each (tenant, session), in one round trip; sessions with
+    /// nothing stored are absent.
+    pub async fn max_seqs(&self, sessions: &[(String, String)]) -> Result<Vec<((String, String), i64)>, sqlx::Error> {
+        let (tenants, session_ids): (Vec<&str>, Vec<&str>) =
+            sessions.iter().map(|(tenant, session)| (tenant.as_str(), session.as_str())).unzip();
+        // One index probe per session on (tenant_id, session_id, seq).
+        let rows: Vec<(String, String, Option<i64>)> = sqlx::query_as(
+            r#"SELECT k.tenant_id, k.session_id,
+                      (SELECT max(m.seq) FROM messages m WHERE m.tenant_id = k.tenant_id AND m.session_id = k.session_id)
+               FROM UNNEST($1::text[], $2::text[]) AS k(tenant_id, session_id)"#,
+        )
+        .bind(tenants)
+        .bind(session_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().filter_map(|(tenant, session, max)| Some(((tenant, session), max?))).collect())
+    }
+
     /// The highest seq stored for a session (0 when none).
     pub async fn max_seq(&self, tenant_id: &str, session_id: &str) -> Result<i64, sqlx::Error> {
         sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM messages WHERE tenant_id = $1 AND session_id = $2")
