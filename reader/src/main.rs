@@ -18,7 +18,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init();
+    let telemetry = telemetry::init("flare-storage-reader");
 
     let result = match std::env::args().nth(1).as_deref() {
         None | Some("run") => {
@@ -40,6 +40,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    telemetry.shutdown().await;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -144,7 +144,7 @@ pub struct RunningWriter {
 
 impl RunningWriter {
     pub async fn start(config: flare_storage_writer::Config) -> anyhow::Result<Self> {
-        flare_storage_common::telemetry::init();
+        let _ = flare_storage_common::telemetry::init("flare-storage-test");
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let metrics_addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
@@ -207,7 +207,7 @@ impl RunningReader {
 
     /// A reader with the given Redis (or none: database reads only).
     pub async fn start_with(database_url: &str, redis_url: Option<String>) -> anyhow::Result<Self> {
-        flare_storage_common::telemetry::init();
+        let _ = flare_storage_common::telemetry::init("flare-storage-test");
         let grpc = TcpListener::bind("127.0.0.1:0").await?;
         let ops = TcpListener::bind("127.0.0.1:0").await?;
         let (grpc_addr, metrics_addr) = (grpc.local_addr()?, ops.local_addr()?);

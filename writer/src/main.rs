@@ -17,7 +17,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init();
+    let telemetry = telemetry::init("flare-storage-writer");
 
     let result = match std::env::args().nth(1).as_deref() {
         None | Some("run") => run(config).await,
@@ -33,6 +33,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    telemetry.shutdown().await;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
