@@ -162,3 +162,41 @@ async fn dead_letters_are_replayed_after_a_fix() -> anyhow::Result<()> {
     database.drop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sample_traffic_mixes_direct_and_group_sessions() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let (topic, dlq_topic) = (unique("messages"), unique("dlq"));
+    create_topics(&[&topic, &dlq_topic], 4).await?;
+    let tenant = unique("acme");
+    let output = tokio::task::spawn_blocking({
+        let (topic, tenant) = (topic.clone(), tenant.clone());
+        move || {
+            cli()?
+                .args(["produce", "--topic", &topic, "--tenant", &tenant, "--messages", "300", "--rate", "0"])
+                .args(["--direct", "20", "--groups", "5"])
+                .output()
+                .map_err(anyhow::Error::from)
+        }
+    })
+    .await??;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let writer = RunningWriter::start(writer_config(&database.url, &topic, &dlq_topic)).await?;
+    eventually(Duration::from_secs(60), "300 stored", || async { Ok((processed(&writer).await? == 300.0).then_some(())) })
+        .await?;
+    let mut db = database.connect().await?;
+    let (sessions, groups, chinese, max_receivers): (i64, i64, i64, i32) = sqlx::query_as(
+        r#"SELECT count(DISTINCT session_id), count(DISTINCT session_id) FILTER (WHERE session_type = 'group'),
+                  count(*) FILTER (WHERE content_text ~ '[一-龥]'), max(cardinality(receiver_ids))
+           FROM messages WHERE tenant_id = $1"#,
+    )
+    .bind(&tenant)
+    .fetch_one(&mut db)
+    .await?;
+    assert!(sessions > 10 && groups >= 1, "{sessions} sessions, {groups} groups");
+    assert!(chinese > 0 && chinese < 300, "a mix of Chinese and English: {chinese} of 300 with Chinese");
+    assert!(max_receivers >= 4, "groups have at least five members");
+    writer.stop().await?;
+    database.drop().await?;
+    Ok(())
+}
