@@ -182,8 +182,10 @@ async fn sample_traffic_mixes_direct_and_group_sessions() -> anyhow::Result<()> 
     .await??;
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let writer = RunningWriter::start(writer_config(&database.url, &topic, &dlq_topic)).await?;
-    eventually(Duration::from_secs(60), "300 stored", || async { Ok((processed(&writer).await? == 300.0).then_some(())) })
-        .await?;
+    eventually(Duration::from_secs(60), "300 stored", || async {
+        Ok((processed(&writer).await? == 300.0).then_some(()))
+    })
+    .await?;
     let mut db = database.connect().await?;
     let (sessions, groups, chinese, max_receivers): (i64, i64, i64, i32) = sqlx::query_as(
         r#"SELECT count(DISTINCT session_id), count(DISTINCT session_id) FILTER (WHERE session_type = 'group'),
