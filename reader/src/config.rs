@@ -19,6 +19,19 @@ pub struct Config {
     pub max_page_size: u32,
     /// Longest time after sending that a message can be recalled.
     pub recall_limit: Duration,
+    /// TLS for the gRPC port; `None`: plain text (for use behind a mesh or on a private network).
+    pub tls: Option<TlsConfig>,
+    /// When set, callers must send `authorization: Bearer <token>`.
+    pub auth_token: Option<String>,
+}
+
+/// Server certificate and key (PEM files), and with `client_ca` mutual TLS: only clients with
+/// a certificate signed by that CA get in.
+#[derive(Clone, Debug)]
+pub struct TlsConfig {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub client_ca: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Config {
@@ -30,6 +43,8 @@ impl std::fmt::Debug for Config {
             .field("redis", &self.redis_url.is_some())
             .field("default_range", &self.default_range)
             .field("max_page_size", &self.max_page_size)
+            .field("tls", &self.tls)
+            .field("auth_token", &self.auth_token.as_ref().map(|_| "<set>"))
             .finish_non_exhaustive()
     }
 }
@@ -85,6 +100,22 @@ impl Config {
                 .map_err(|_| ConfigError("POSTGRES_MAX_CONNECTIONS is too large".into()))?,
             default_range: Duration::from_secs(positive("STORAGE_READER_DEFAULT_RANGE_SECONDS", 7 * 24 * 3600)?),
             recall_limit: Duration::from_secs(positive("STORAGE_READER_RECALL_LIMIT_SECONDS", 120)?),
+            tls: match (
+                get("STORAGE_READER_TLS_CERT"),
+                get("STORAGE_READER_TLS_KEY"),
+                get("STORAGE_READER_TLS_CLIENT_CA"),
+            ) {
+                (None, None, None) => None,
+                (Some(cert), Some(key), client_ca) => {
+                    Some(TlsConfig { cert: cert.into(), key: key.into(), client_ca: client_ca.map(Into::into) })
+                }
+                _ => {
+                    return Err(ConfigError(
+                        "STORAGE_READER_TLS_CERT and STORAGE_READER_TLS_KEY go together (STORAGE_READER_TLS_CLIENT_CA needs both)".into(),
+                    ));
+                }
+            },
+            auth_token: get("STORAGE_READER_AUTH_TOKEN"),
             max_page_size: u32::try_from(max_page_size)
                 .ok()
                 .filter(|size| *size <= 10_000)
@@ -108,6 +139,23 @@ mod tests {
         assert_eq!(config.metrics_addr.to_string(), "0.0.0.0:9101");
         assert_eq!(config.default_range, Duration::from_secs(604_800));
         assert_eq!(config.max_page_size, 200);
+    }
+
+    #[test]
+    fn tls_needs_certificate_and_key_and_secrets_stay_hidden() {
+        let error =
+            config(&[("POSTGRES_URL", "postgres://h/db"), ("STORAGE_READER_TLS_CERT", "c.pem")]).expect_err("no key");
+        assert!(error.to_string().contains("STORAGE_READER_TLS_KEY"), "{error}");
+        let config = config(&[
+            ("POSTGRES_URL", "postgres://u:pw@h/db"),
+            ("STORAGE_READER_TLS_CERT", "c.pem"),
+            ("STORAGE_READER_TLS_KEY", "k.pem"),
+            ("STORAGE_READER_AUTH_TOKEN", "s3cret"),
+        ])
+        .expect("valid");
+        assert!(config.tls.is_some_and(|tls| tls.client_ca.is_none()));
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("s3cret") && !printed.contains("pw@"), "{printed}");
     }
 
     #[test]

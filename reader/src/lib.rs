@@ -21,13 +21,16 @@ use anyhow::Context as _;
 use flare_storage_common::ops::{self, Readiness};
 use flare_storage_common::proto::storage::storage_reader_service_server::StorageReaderServiceServer;
 use flare_storage_common::schema;
-use flare_storage_common::tonic::transport::Server;
+use flare_storage_common::tonic::{
+    self,
+    transport::{Certificate, Identity, Server, ServerTlsConfig},
+};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use config::Config;
+pub use config::{Config, TlsConfig};
 
 use crate::commands::Commands;
 use crate::grpc::StorageReader;
@@ -107,11 +110,19 @@ pub async fn serve(
         },
         metrics,
     };
-    info!(addr = %grpc_listener.local_addr()?, "serving gRPC");
-    let served = Server::builder()
+    info!(addr = %grpc_listener.local_addr()?, tls = config.tls.is_some(), auth = config.auth_token.is_some(), "serving gRPC");
+    let mut server = Server::builder();
+    if let Some(tls) = &config.tls {
+        server = server.tls_config(tls_config(tls)?).context("invalid TLS configuration")?;
+    }
+    // Health stays open to the platform's probes; the API needs the token when one is set.
+    let served = server
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(StorageReaderServiceServer::new(reader))
+        .add_service(StorageReaderServiceServer::with_interceptor(
+            reader,
+            BearerToken::new(config.auth_token.as_deref()),
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown.clone().cancelled_owned())
         .await;
     shutdown.cancel();
@@ -121,6 +132,49 @@ pub async fn serve(
     served.context("gRPC server failed")?;
     info!("reader stopped");
     Ok(())
+}
+
+/// The server's TLS identity and, for mutual TLS, the CA that client certificates must chain to.
+fn tls_config(tls: &TlsConfig) -> anyhow::Result<ServerTlsConfig> {
+    let read = |path: &std::path::Path| std::fs::read(path).with_context(|| format!("cannot read {}", path.display()));
+    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+    if let Some(client_ca) = &tls.client_ca {
+        config = config.client_ca_root(Certificate::from_pem(read(client_ca)?));
+    }
+    Ok(config)
+}
+
+/// Checks `authorization: Bearer <token>` on every API call when a token is configured.
+#[derive(Clone)]
+struct BearerToken {
+    expected: Option<Arc<[u8]>>,
+}
+
+impl BearerToken {
+    fn new(token: Option<&str>) -> Self {
+        Self { expected: token.map(|token| format!("Bearer {token}").into_bytes().into()) }
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let Some(expected) = &self.expected else { return Ok(request) };
+        let given = request.metadata().get("authorization").map(|value| value.as_bytes()).unwrap_or_default();
+        if constant_time_eq(given, expected) {
+            Ok(request)
+        } else {
+            Err(tonic::Status::unauthenticated("missing or wrong bearer token"))
+        }
+    }
+}
+
+/// Compares without an early exit, so response time does not reveal how much matched.
+fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
+    let mut difference = given.len() ^ expected.len();
+    for (index, byte) in expected.iter().enumerate() {
+        difference |= usize::from(given.get(index).copied().unwrap_or(0) ^ byte);
+    }
+    difference == 0
 }
 
 /// Marks the reader ready (HTTP `/readyz` and gRPC health) while Postgres answers.

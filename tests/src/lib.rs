@@ -207,11 +207,20 @@ impl RunningReader {
 
     /// A reader with the given Redis (or none: database reads only).
     pub async fn start_with(database_url: &str, redis_url: Option<String>) -> anyhow::Result<Self> {
+        Self::start_configured(database_url, redis_url, |_| {}).await
+    }
+
+    /// A reader whose test configuration `adjust` may change (TLS, tokens…).
+    pub async fn start_configured(
+        database_url: &str,
+        redis_url: Option<String>,
+        adjust: impl FnOnce(&mut flare_storage_reader::Config),
+    ) -> anyhow::Result<Self> {
         let _ = flare_storage_common::telemetry::init("flare-storage-test");
         let grpc = TcpListener::bind("127.0.0.1:0").await?;
         let ops = TcpListener::bind("127.0.0.1:0").await?;
         let (grpc_addr, metrics_addr) = (grpc.local_addr()?, ops.local_addr()?);
-        let config = flare_storage_reader::Config {
+        let mut config = flare_storage_reader::Config {
             grpc_addr,
             metrics_addr,
             postgres_url: database_url.into(),
@@ -222,7 +231,10 @@ impl RunningReader {
             default_range: Duration::from_secs(7 * 24 * 3600),
             recall_limit: Duration::from_secs(120),
             max_page_size: 200,
+            tls: None,
+            auth_token: None,
         };
+        adjust(&mut config);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(flare_storage_reader::serve(config, grpc, ops, shutdown.clone()));
         Ok(Self { grpc_addr, metrics_addr, shutdown, task })
