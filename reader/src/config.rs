@@ -153,7 +153,7 @@ mod tests {
             ("STORAGE_READER_AUTH_TOKEN", "s3cret"),
         ])
         .expect("valid");
-        assert!(config.tls.is_some_and(|tls| tls.client_ca.is_none()));
+        assert!(config.tls.as_ref().is_some_and(|tls| tls.client_ca.is_none()));
         let printed = format!("{config:?}");
         assert!(!printed.contains("s3cret") && !printed.contains("pw@"), "{printed}");
     }
