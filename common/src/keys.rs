@@ -91,6 +91,16 @@ impl SessionKeys {
     }
 }
 
+/// Field of [`SessionKeys::views`] saying `message_id` is hidden for `user_id`.
+pub fn hidden_view_field(user_id: &str, message_id: &str) -> String {
+    format!("hide:{user_id}:{message_id}")
+}
+
+/// Field of [`SessionKeys::views`] holding `user_id`'s clear watermark (µs).
+pub fn clear_view_field(user_id: &str) -> String {
+    format!("clear:{user_id}")
+}
+
 /// HASH session_id → last seq the user has in that session.
 pub fn user_cursors(tenant_id: &str, user_id: &str) -> String {
     format!("fs:{{{}:{tenant_id}:{user_id}}}:cursors", tenant_id.len())

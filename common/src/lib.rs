@@ -10,6 +10,7 @@ pub mod message;
 pub mod ops;
 pub mod proto;
 pub mod schema;
+pub mod settings;
 pub mod telemetry;
 
 pub use prost;

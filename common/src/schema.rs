@@ -3,6 +3,7 @@
 //! runs with an advisory lock, so several instances starting together are safe.
 
 use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
 
 /// The migrations of `migrations/`, in version order.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
@@ -10,4 +11,13 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 /// Applies every migration not yet applied to the database.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
+}
+
+/// A connection pool that connects on first use, so a binary can start before its database;
+/// a query waits at most five seconds for a connection.
+pub fn lazy_pool(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect_lazy(url)
 }

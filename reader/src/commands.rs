@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use flare_storage_common::keys::SessionKeys;
+use flare_storage_common::keys::{SessionKeys, clear_view_field, hidden_view_field};
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::common::ActorType;
 use flare_storage_common::proto::storage::{ClearType, Message};
@@ -171,7 +171,7 @@ impl Commands {
             return Err(Error::NotFound("message"));
         }
         let newly = self.postgres.hide_for_user(tenant_id, &target.session_id, user_id, message_id, permanent).await?;
-        self.merge_view(tenant_id, &target.session_id, format!("hide:{user_id}:{message_id}"), "1".into()).await?;
+        self.merge_view(tenant_id, &target.session_id, hidden_view_field(user_id, message_id), "1".into()).await?;
         Ok(i32::from(newly))
     }
 
@@ -197,7 +197,7 @@ impl Commands {
             }
         };
         let (watermark, cleared) = self.postgres.clear_session(tenant_id, session_id, user_id, before).await?;
-        self.merge_view(tenant_id, session_id, format!("clear:{user_id}"), watermark.timestamp_micros().to_string())
+        self.merge_view(tenant_id, session_id, clear_view_field(user_id), watermark.timestamp_micros().to_string())
             .await?;
         Ok((cleared, watermark))
     }

@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use flare_storage_common::settings::Settings;
+
 #[derive(Clone)]
 pub struct Config {
     pub grpc_addr: SocketAddr,
@@ -49,10 +51,7 @@ impl std::fmt::Debug for Config {
     }
 }
 
-/// A setting that is missing or cannot be used; the message names the variable.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(String);
+pub use flare_storage_common::settings::ConfigError;
 
 impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -60,46 +59,22 @@ impl Config {
     }
 
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let get = |name: &str| lookup(name).map(|value| value.trim().to_owned()).filter(|v| !v.is_empty());
-        let positive = |name: &str, default: u64| -> Result<u64, ConfigError> {
-            match get(name) {
-                None => Ok(default),
-                Some(value) => value
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|parsed| *parsed > 0)
-                    .ok_or_else(|| ConfigError(format!("{name} must be a positive integer, got {value:?}"))),
-            }
-        };
-        let address = |name: &str, default: &str| -> Result<SocketAddr, ConfigError> {
-            let value = get(name).unwrap_or_else(|| default.to_owned());
-            value.parse().map_err(|_| ConfigError(format!("{name} must be host:port, got {value:?}")))
-        };
-
-        let postgres_url = get("POSTGRES_URL").ok_or_else(|| ConfigError("POSTGRES_URL is required".into()))?;
-        if !postgres_url.starts_with("postgres://") && !postgres_url.starts_with("postgresql://") {
-            return Err(ConfigError("POSTGRES_URL must start with postgres:// or postgresql://".into()));
-        }
-        let max_page_size = positive("STORAGE_READER_MAX_PAGE_SIZE", 200)?;
-        let redis_url = get("REDIS_URL");
-        if let Some(url) = &redis_url
-            && !url.starts_with("redis://")
-            && !url.starts_with("rediss://")
-        {
-            return Err(ConfigError("REDIS_URL must start with redis:// or rediss://".into()));
-        }
+        let settings = Settings::new(lookup);
+        let postgres_url = settings
+            .url("POSTGRES_URL", &["postgres", "postgresql"])?
+            .ok_or_else(|| ConfigError("POSTGRES_URL is required".into()))?;
+        let max_page_size = settings.positive("STORAGE_READER_MAX_PAGE_SIZE", 200)?;
+        let get = |name: &str| settings.get(name);
         Ok(Self {
-            grpc_addr: address("STORAGE_READER_GRPC_ADDR", "0.0.0.0:50051")?,
-            metrics_addr: address("METRICS_ADDR", "0.0.0.0:9101")?,
+            grpc_addr: settings.address("STORAGE_READER_GRPC_ADDR", "0.0.0.0:50051")?,
+            metrics_addr: settings.address("METRICS_ADDR", "0.0.0.0:9101")?,
             postgres_url,
-            redis_url,
-            redis_hot_ttl: Duration::from_secs(positive("REDIS_HOT_TTL_SECONDS", 3600)?),
-            redis_hot_window: usize::try_from(positive("REDIS_HOT_MAX_MESSAGES", 200)?)
-                .map_err(|_| ConfigError("REDIS_HOT_MAX_MESSAGES is too large".into()))?,
-            postgres_max_connections: u32::try_from(positive("POSTGRES_MAX_CONNECTIONS", 16)?)
-                .map_err(|_| ConfigError("POSTGRES_MAX_CONNECTIONS is too large".into()))?,
-            default_range: Duration::from_secs(positive("STORAGE_READER_DEFAULT_RANGE_SECONDS", 7 * 24 * 3600)?),
-            recall_limit: Duration::from_secs(positive("STORAGE_READER_RECALL_LIMIT_SECONDS", 120)?),
+            redis_url: settings.url("REDIS_URL", &["redis", "rediss"])?,
+            redis_hot_ttl: settings.seconds("REDIS_HOT_TTL_SECONDS", 3600)?,
+            redis_hot_window: settings.size("REDIS_HOT_MAX_MESSAGES", 200)?,
+            postgres_max_connections: settings.size("POSTGRES_MAX_CONNECTIONS", 16)?,
+            default_range: settings.seconds("STORAGE_READER_DEFAULT_RANGE_SECONDS", 7 * 24 * 3600)?,
+            recall_limit: settings.seconds("STORAGE_READER_RECALL_LIMIT_SECONDS", 120)?,
             tls: match (
                 get("STORAGE_READER_TLS_CERT"),
                 get("STORAGE_READER_TLS_KEY"),

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use flare_storage_common::keys::SessionKeys;
+use flare_storage_common::keys::{SessionKeys, clear_view_field, hidden_view_field};
 use flare_storage_common::message::to_timestamp;
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::{Message, MessageOperation, MessageReadRecord, MessageTimeline};
@@ -223,13 +223,13 @@ impl Lookup {
         let mut facts: Vec<(String, String)> = views
             .hidden
             .into_iter()
-            .map(|(user, message_id)| (format!("hide:{user}:{message_id}"), "1".to_owned()))
+            .map(|(user, message_id)| (hidden_view_field(&user, &message_id), "1".to_owned()))
             .collect();
         facts.extend(
             views
                 .clears
                 .into_iter()
-                .map(|(user, before)| (format!("clear:{user}"), before.timestamp_micros().to_string())),
+                .map(|(user, before)| (clear_view_field(&user), before.timestamp_micros().to_string())),
         );
         // A failed load only means the next read asks again.
         let _ = cache.merge_views(keys, &facts, true).await;

@@ -209,7 +209,7 @@ async fn wild_requests_get_deliberate_answers() -> anyhow::Result<()> {
                 .delete_message_for_user(DeleteMessageForUserRequest {
                     message_id,
                     user_id: user,
-                    permanent: random.next() % 2 == 0,
+                    permanent: random.next().is_multiple_of(2),
                     context,
                     tenant: tenant_context,
                 })

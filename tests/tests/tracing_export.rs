@@ -15,10 +15,13 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{Tra
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 
-/// A collector that keeps every span it receives as (service, span name, attributes).
+/// A received span: (service name, span name, attributes as text).
+type ReceivedSpan = (String, String, Vec<(String, String)>);
+
+/// A collector that keeps every span it receives.
 #[derive(Clone, Default)]
 struct Collector {
-    spans: Arc<Mutex<Vec<(String, String, Vec<(String, String)>)>>>,
+    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
 }
 
 #[flare_storage_common::tonic::async_trait]

@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use flare_storage_common::settings::Settings;
+
 /// Everything the writer needs to run. Built by [`Config::from_env`]; tests build it directly.
 #[derive(Clone)]
 pub struct Config {
@@ -64,10 +66,7 @@ impl std::fmt::Debug for Config {
     }
 }
 
-/// A setting that is missing or cannot be used; the message names the variable.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(String);
+pub use flare_storage_common::settings::ConfigError;
 
 impl Config {
     /// Reads the process environment.
@@ -77,55 +76,21 @@ impl Config {
 
     /// Reads settings through `lookup` (the environment in production, a map in tests).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let get = |name: &str| lookup(name).map(|value| value.trim().to_owned()).filter(|v| !v.is_empty());
-        let required = |name: &str| get(name).ok_or_else(|| ConfigError(format!("{name} is required")));
-        let parsed = |name: &str, default: u64| -> Result<u64, ConfigError> {
-            match get(name) {
-                None => Ok(default),
-                Some(value) => value
-                    .parse::<u64>()
-                    .map_err(|_| ConfigError(format!("{name} must be a non-negative integer, got {value:?}"))),
-            }
-        };
-        let positive = |name: &str, default: u64| -> Result<u64, ConfigError> {
-            let value = parsed(name, default)?;
-            if value == 0 {
-                return Err(ConfigError(format!("{name} must be greater than 0")));
-            }
-            Ok(value)
-        };
-
-        let postgres_url = get("POSTGRES_URL");
-        if let Some(url) = &postgres_url
-            && !url.starts_with("postgres://")
-            && !url.starts_with("postgresql://")
-        {
-            return Err(ConfigError("POSTGRES_URL must start with postgres:// or postgresql://".into()));
-        }
-        let mongo = match get("MONGO_URL") {
-            None => None,
-            Some(url) if !url.starts_with("mongodb://") && !url.starts_with("mongodb+srv://") => {
-                return Err(ConfigError("MONGO_URL must start with mongodb://".into()));
-            }
-            Some(url) => Some(MongoConfig {
-                url,
-                database: get("MONGO_DATABASE").unwrap_or_else(|| "flare_im".into()),
-                collection: get("MONGO_COLLECTION").unwrap_or_else(|| "messages".into()),
-            }),
-        };
+        let settings = Settings::new(lookup);
+        let postgres_url = settings.url("POSTGRES_URL", &["postgres", "postgresql"])?;
+        let mongo = settings.url("MONGO_URL", &["mongodb", "mongodb+srv"])?.map(|url| MongoConfig {
+            url,
+            database: settings.text("MONGO_DATABASE", "flare_im"),
+            collection: settings.text("MONGO_COLLECTION", "messages"),
+        });
         if postgres_url.is_none() && mongo.is_none() {
             return Err(ConfigError("set POSTGRES_URL, MONGO_URL or both: messages need a database".into()));
         }
-        let redis_url = required("REDIS_URL")?;
-        if !redis_url.starts_with("redis://") && !redis_url.starts_with("rediss://") {
-            return Err(ConfigError("REDIS_URL must start with redis:// or rediss://".into()));
-        }
-        let metrics_addr = get("METRICS_ADDR").unwrap_or_else(|| "0.0.0.0:9100".into());
-        let metrics_addr = metrics_addr
-            .parse()
-            .map_err(|_| ConfigError(format!("METRICS_ADDR must be host:port, got {metrics_addr:?}")))?;
-        let retry_initial_backoff = Duration::from_millis(positive("WRITER_RETRY_INITIAL_BACKOFF_MS", 100)?);
-        let retry_max_backoff = Duration::from_millis(positive("WRITER_RETRY_MAX_BACKOFF_MS", 5_000)?);
+        let redis_url = settings
+            .url("REDIS_URL", &["redis", "rediss"])?
+            .ok_or_else(|| ConfigError("REDIS_URL is required".into()))?;
+        let retry_initial_backoff = settings.millis("WRITER_RETRY_INITIAL_BACKOFF_MS", 100)?;
+        let retry_max_backoff = settings.millis("WRITER_RETRY_MAX_BACKOFF_MS", 5_000)?;
         if retry_max_backoff < retry_initial_backoff {
             return Err(ConfigError(
                 "WRITER_RETRY_MAX_BACKOFF_MS must not be below WRITER_RETRY_INITIAL_BACKOFF_MS".into(),
@@ -133,37 +98,33 @@ impl Config {
         }
 
         Ok(Self {
-            kafka_bootstrap_servers: required("KAFKA_BOOTSTRAP_SERVERS")?,
-            kafka_topic: get("KAFKA_TOPIC").unwrap_or_else(|| "storage-messages".into()),
-            kafka_group_id: get("KAFKA_GROUP_ID").unwrap_or_else(|| "storage-writer".into()),
-            kafka_dlq_topic: get("KAFKA_DLQ_TOPIC").unwrap_or_else(|| "storage-messages-dlq".into()),
-            kafka_ack_topic: get("KAFKA_ACK_TOPIC"),
+            kafka_bootstrap_servers: settings.required("KAFKA_BOOTSTRAP_SERVERS")?,
+            kafka_topic: settings.text("KAFKA_TOPIC", "storage-messages"),
+            kafka_group_id: settings.text("KAFKA_GROUP_ID", "storage-writer"),
+            kafka_dlq_topic: settings.text("KAFKA_DLQ_TOPIC", "storage-messages-dlq"),
+            kafka_ack_topic: settings.get("KAFKA_ACK_TOPIC"),
             redis_url,
-            redis_hot_ttl: Duration::from_secs(positive("REDIS_HOT_TTL_SECONDS", 3600)?),
-            redis_idempotency_ttl: Duration::from_secs(positive("REDIS_IDEMPOTENCY_TTL_SECONDS", 86_400)?),
-            redis_hot_window: usize::try_from(positive("REDIS_HOT_MAX_MESSAGES", 200)?)
-                .map_err(|_| ConfigError("REDIS_HOT_MAX_MESSAGES is too large".into()))?,
+            redis_hot_ttl: settings.seconds("REDIS_HOT_TTL_SECONDS", 3600)?,
+            redis_idempotency_ttl: settings.seconds("REDIS_IDEMPOTENCY_TTL_SECONDS", 86_400)?,
+            redis_hot_window: settings.size("REDIS_HOT_MAX_MESSAGES", 200)?,
             mongo,
-            wal_hash_key: get("WAL_HASH_KEY"),
-            kafka_session_timeout: Duration::from_millis(positive("KAFKA_SESSION_TIMEOUT_MS", 10_000)?),
+            wal_hash_key: settings.get("WAL_HASH_KEY"),
+            kafka_session_timeout: settings.millis("KAFKA_SESSION_TIMEOUT_MS", 10_000)?,
             postgres_url,
-            postgres_max_connections: u32::try_from(positive("POSTGRES_MAX_CONNECTIONS", 8)?)
-                .map_err(|_| ConfigError("POSTGRES_MAX_CONNECTIONS is too large".into()))?,
-            batch_max_messages: usize::try_from(positive("WRITER_BATCH_SIZE", 500)?)
-                .map_err(|_| ConfigError("WRITER_BATCH_SIZE is too large".into()))?,
-            batch_max_wait: Duration::from_millis(positive("WRITER_BATCH_TIMEOUT_MS", 20)?),
-            max_message_bytes: usize::try_from(positive("WRITER_MAX_MESSAGE_BYTES", 1_048_576)?)
-                .map_err(|_| ConfigError("WRITER_MAX_MESSAGE_BYTES is too large".into()))?,
+            postgres_max_connections: settings.size("POSTGRES_MAX_CONNECTIONS", 8)?,
+            batch_max_messages: settings.size("WRITER_BATCH_SIZE", 500)?,
+            batch_max_wait: settings.millis("WRITER_BATCH_TIMEOUT_MS", 20)?,
+            max_message_bytes: settings.size("WRITER_MAX_MESSAGE_BYTES", 1_048_576)?,
             retry_initial_backoff,
             retry_max_backoff,
-            metrics_addr,
-            shutdown_timeout: Duration::from_secs(positive("WRITER_SHUTDOWN_TIMEOUT_SECONDS", 25)?),
-            retention: match parsed("STORAGE_RETENTION_DAYS", 0)? {
+            metrics_addr: settings.address("METRICS_ADDR", "0.0.0.0:9100")?,
+            shutdown_timeout: settings.seconds("WRITER_SHUTDOWN_TIMEOUT_SECONDS", 25)?,
+            retention: match settings.number("STORAGE_RETENTION_DAYS", 0)? {
                 0 => None,
                 days => Some(Duration::from_secs(days.saturating_mul(86_400))),
             },
-            retention_interval: Duration::from_secs(positive("STORAGE_RETENTION_INTERVAL_SECONDS", 3600)?),
-            crash_after_stage: get("WRITER_CRASH_AFTER_STAGE"),
+            retention_interval: settings.seconds("STORAGE_RETENTION_INTERVAL_SECONDS", 3600)?,
+            crash_after_stage: settings.get("WRITER_CRASH_AFTER_STAGE"),
         })
     }
 }

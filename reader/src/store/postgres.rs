@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::PgPoolOptions;
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, QueryBuilder};
 
@@ -110,11 +109,7 @@ pub struct Before<'a> {
 
 impl PostgresStore {
     pub fn connect(url: &str, max_connections: u32) -> Result<Self, sqlx::Error> {
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(std::time::Duration::from_secs(5))
-            .connect_lazy(url)?;
-        Ok(Self { pool })
+        Ok(Self { pool: flare_storage_common::schema::lazy_pool(url, max_connections)? })
     }
 
     pub fn pool(&self) -> &PgPool {

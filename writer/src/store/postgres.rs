@@ -8,7 +8,6 @@ use flare_storage_common::message::{content_type, message_tenant_id, searchable_
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::Message;
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
 
 #[derive(Clone)]
 pub struct PostgresStore {
@@ -50,11 +49,7 @@ RETURNING tenant_id, message_id
 
 impl PostgresStore {
     pub fn connect(url: &str, max_connections: u32) -> Result<Self, sqlx::Error> {
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(std::time::Duration::from_secs(5))
-            .connect_lazy(url)?;
-        Ok(Self { pool })
+        Ok(Self { pool: flare_storage_common::schema::lazy_pool(url, max_connections)? })
     }
 
     pub fn pool(&self) -> &PgPool {
