@@ -218,15 +218,16 @@ async fn redelivered_records_are_not_stored_twice() -> anyhow::Result<()> {
     first.stop().await?;
 
     // A writer in a new consumer group reads the whole topic again: every record is a
-    // redelivery, none is stored a second time.
+    // redelivery of completed work, none is stored a second time or called a duplicate.
     let second = RunningWriter::start(writer_config(&database.url, &topic, &dlq_topic)).await?;
-    eventually(Duration::from_secs(60), "all 20 records seen as duplicates", || async {
+    eventually(Duration::from_secs(60), "all 20 records seen as redeliveries", || async {
         let (_, body) = http_get(second.metrics_addr, "/metrics").await?;
-        Ok((metric_value(&body, "storage_writer_messages_duplicated_total") == Some(20.0)).then_some(()))
+        Ok((metric_value(&body, "storage_writer_messages_redelivered_total") == Some(20.0)).then_some(()))
     })
     .await?;
     let (_, body) = http_get(second.metrics_addr, "/metrics").await?;
     assert_eq!(metric_value(&body, "storage_writer_messages_processed_total"), Some(0.0));
+    assert_eq!(metric_value(&body, "storage_writer_messages_duplicated_total"), Some(0.0));
     assert_eq!(count_rows().await?, 20);
     second.stop().await?;
     database.drop().await?;

@@ -8,6 +8,7 @@ pub const WRITE_LATENCY: &str = "storage_writer_write_latency_seconds";
 pub const DEAD_LETTERED: &str = "storage_writer_dead_lettered_total";
 pub const BATCH_SIZE: &str = "storage_writer_batch_size";
 pub const STAGE_ERRORS: &str = "storage_writer_stage_errors_total";
+pub const MESSAGES_REDELIVERED: &str = "storage_writer_messages_redelivered_total";
 pub const STAGE_LATENCY: &str = "storage_writer_stage_latency_seconds";
 pub const CACHE_HIT_RATE: &str = "storage_writer_cache_hit_rate";
 pub const SEQ_COUNTER_LOOKUPS: &str = "storage_writer_seq_counter_lookups_total";
@@ -19,6 +20,9 @@ pub struct Metrics {
     pub processed: IntCounter,
     /// Messages that were already stored (redeliveries and upstream resends).
     pub duplicated: IntCounter,
+    /// Records delivered again after they had completed (crash or rebalance before the offset
+    /// commit); ACKed as persisted again.
+    pub redelivered: IntCounter,
     /// Time to make one batch durable in the stores.
     pub write_latency: Histogram,
     /// Records sent to the dead-letter topic, by reason kind.
@@ -40,6 +44,8 @@ impl Metrics {
         let registry = Registry::new();
         let processed = IntCounter::new(MESSAGES_PROCESSED, "Messages newly persisted")?;
         let duplicated = IntCounter::new(MESSAGES_DUPLICATED, "Messages found already persisted")?;
+        let redelivered =
+            IntCounter::new(MESSAGES_REDELIVERED, "Records delivered again after they had been persisted")?;
         let write_latency = Histogram::with_opts(
             HistogramOpts::new(WRITE_LATENCY, "Time to persist one batch in the stores")
                 .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
@@ -72,6 +78,7 @@ impl Metrics {
         registry.register(Box::new(cache_hit_rate.clone()))?;
         registry.register(Box::new(processed.clone()))?;
         registry.register(Box::new(duplicated.clone()))?;
+        registry.register(Box::new(redelivered.clone()))?;
         registry.register(Box::new(write_latency.clone()))?;
         registry.register(Box::new(dead_lettered.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;
@@ -80,6 +87,7 @@ impl Metrics {
             registry,
             processed,
             duplicated,
+            redelivered,
             write_latency,
             dead_lettered,
             batch_size,

@@ -105,6 +105,9 @@ pub struct Pipeline {
 struct Persisted {
     stored: usize,
     duplicates: usize,
+    /// Records delivered again after they had completed (a crash or rebalance before their
+    /// offset was committed): ACKed as persisted again, counted neither as new nor duplicate.
+    redelivered: usize,
 }
 
 impl Pipeline {
@@ -113,9 +116,13 @@ impl Pipeline {
         self.metrics.batch_size.observe(records.len() as f64);
         let ingested_at = Utc::now();
         let mut messages = Vec::with_capacity(records.len());
+        let mut origins = Vec::with_capacity(records.len());
         for record in records {
             match self.decode(record, ingested_at) {
-                Ok(message) => messages.push(message),
+                Ok(message) => {
+                    messages.push(message);
+                    origins.push((record.partition, record.offset));
+                }
                 Err(rejection) => self.dead_letter(record, &rejection, shutdown).await?,
             }
         }
@@ -124,10 +131,11 @@ impl Pipeline {
         }
 
         let started = Instant::now();
-        let persisted = self.retry(shutdown, || self.persist(&messages)).await?;
+        let persisted = self.retry(shutdown, || self.persist(&messages, &origins)).await?;
         self.metrics.write_latency.observe(started.elapsed().as_secs_f64());
         self.metrics.processed.inc_by(persisted.stored as u64);
         self.metrics.duplicated.inc_by(persisted.duplicates as u64);
+        self.metrics.redelivered.inc_by(persisted.redelivered as u64);
         debug!(stored = persisted.stored, duplicates = persisted.duplicates, "batch persisted");
         Ok(())
     }
@@ -160,8 +168,9 @@ impl Pipeline {
         Ok(())
     }
 
-    /// One attempt at every persistence stage for a batch of valid messages.
-    async fn persist(&self, batch: &[Message]) -> Result<Persisted, StageError> {
+    /// One attempt at every persistence stage for a batch of valid messages; `origins[i]` is
+    /// the (partition, offset) of the record of `batch[i]`.
+    async fn persist(&self, batch: &[Message], origins: &[(i32, i64)]) -> Result<Persisted, StageError> {
         let keys: Vec<MessageKey> =
             batch.iter().map(|message| (message_tenant_id(message).to_owned(), message.id.clone())).collect();
 
@@ -235,6 +244,10 @@ impl Pipeline {
         }
 
         let persisted_ms = persisted_at.timestamp_millis();
+        // A marker left by this very record (same partition and offset) means a redelivery of
+        // completed work, not a second sending of the message.
+        let redelivery = |index: usize, marker: &Done| marker.origin == origins.get(index).copied();
+        let redelivered = done.iter().filter(|(index, marker)| redelivery(**index, marker)).count();
         if let Some(acks) = &self.acks {
             let started = Instant::now();
             let mut events = Vec::with_capacity(batch.len());
@@ -242,6 +255,9 @@ impl Pipeline {
                 let first = first_of[key];
                 let (message, status, seq, persisted_ts, deduplicated) =
                     match (done.get(&first), pending_index.get(&first)) {
+                        (Some(marker), _) if index == first && redelivery(index, marker) => {
+                            (&batch[index], AckStatus::Persisted, marker.seq, marker.persisted_ms, true)
+                        }
                         (Some(marker), _) => {
                             (&batch[index], AckStatus::Duplicate, marker.seq, marker.persisted_ms, true)
                         }
@@ -270,17 +286,17 @@ impl Pipeline {
         }
 
         let started = Instant::now();
-        let markers: Vec<(SessionKeys, &str, Done)> = pending
-            .iter()
-            .map(|message| {
-                let keys = SessionKeys::new(message_tenant_id(message), &message.session_id);
-                (keys, message.id.as_str(), Done { seq: message.seq, persisted_ms })
-            })
-            .collect();
+        let mut markers: Vec<(SessionKeys, &str, Done)> = Vec::with_capacity(pending.len());
+        for (&index, &position) in &pending_index {
+            let message = &pending[position];
+            let keys = SessionKeys::new(message_tenant_id(message), &message.session_id);
+            let origin = origins.get(index).copied();
+            markers.push((keys, message.id.as_str(), Done { seq: message.seq, persisted_ms, origin }));
+        }
         self.redis.mark_done(&markers).await.map_err(|e| stage_error("mark_done")(&e))?;
         self.observe_stage("mark_done", started);
 
-        Ok(Persisted { stored: pending.len(), duplicates: batch.len() - pending.len() })
+        Ok(Persisted { stored: pending.len(), duplicates: batch.len() - pending.len() - redelivered, redelivered })
     }
 
     /// Gives every message without an upstream seq the next seq of its session, or the seq it

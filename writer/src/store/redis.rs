@@ -13,21 +13,33 @@ use flare_storage_common::keys::{HOT_FLOOR_ALL, SessionKeys, user_cursors};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Script};
 
-/// A message already durable everywhere, as its marker records it.
+/// A message already durable everywhere, as its marker records it: its seq, when it was
+/// persisted, and the Kafka record (partition, offset) that completed it — so a redelivery of
+/// that same record is told apart from a new record carrying the same message id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Done {
     pub seq: i64,
     pub persisted_ms: i64,
+    pub origin: Option<(i32, i64)>,
 }
 
 impl Done {
     fn encode(&self) -> String {
-        format!("{}:{}", self.seq, self.persisted_ms)
+        match self.origin {
+            Some((partition, offset)) => format!("{}:{}:{partition}:{offset}", self.seq, self.persisted_ms),
+            None => format!("{}:{}", self.seq, self.persisted_ms),
+        }
     }
 
     fn decode(value: &str) -> Option<Self> {
-        let (seq, persisted_ms) = value.split_once(':')?;
-        Some(Self { seq: seq.parse().ok()?, persisted_ms: persisted_ms.parse().ok()? })
+        let mut parts = value.split(':');
+        let seq = parts.next()?.parse().ok()?;
+        let persisted_ms = parts.next()?.parse().ok()?;
+        let origin = match (parts.next(), parts.next()) {
+            (Some(partition), Some(offset)) => Some((partition.parse().ok()?, offset.parse().ok()?)),
+            _ => None,
+        };
+        Some(Self { seq, persisted_ms, origin })
     }
 }
 
@@ -390,8 +402,13 @@ mod tests {
 
     #[test]
     fn done_markers_round_trip() {
-        let done = Done { seq: 42, persisted_ms: 1_700_000_000_000 };
-        assert_eq!(Done::decode(&done.encode()), Some(done));
+        for done in [
+            Done { seq: 42, persisted_ms: 1_700_000_000_000, origin: Some((3, 1234)) },
+            Done { seq: 1, persisted_ms: 5, origin: None },
+        ] {
+            assert_eq!(Done::decode(&done.encode()), Some(done));
+        }
         assert_eq!(Done::decode("garbage"), None);
+        assert_eq!(Done::decode("1:2:x:4"), None);
     }
 }

@@ -1,0 +1,238 @@
+//! Nothing lost, nothing duplicated, while writer processes are killed with SIGKILL at random
+//! moments during a stream, and while two writers share a group and one of them dies.
+//!
+//! The defaults keep CI short; the full run of the reliability suite sets
+//! `RELIABILITY_MESSAGES=100000 RELIABILITY_KILLS=10` (see docs/RELIABILITY.md).
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use flare_storage_common::message::to_timestamp;
+use flare_storage_common::prost::Message as _;
+use flare_storage_common::proto::common::TenantContext;
+use flare_storage_common::proto::storage::{Message, StoreMessageRequest};
+use flare_storage_e2e::*;
+use rdkafka::producer::FutureRecord;
+
+const PARTITIONS: i32 = 8;
+const SESSIONS: usize = 200;
+
+fn setting(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
+}
+
+struct Stream {
+    database: TestDatabase,
+    topic: String,
+    dlq_topic: String,
+    ack_topic: String,
+    group: String,
+    tenant: String,
+}
+
+impl Stream {
+    async fn new() -> anyhow::Result<Self> {
+        let stream = Self {
+            database: TestDatabase::create().await?,
+            topic: unique("messages"),
+            dlq_topic: unique("dlq"),
+            ack_topic: unique("acks"),
+            group: unique("group"),
+            tenant: unique("acme"),
+        };
+        create_topics(&[&stream.topic, &stream.dlq_topic, &stream.ack_topic], PARTITIONS).await?;
+        // Migrate before the first writer, so a kill during its start cannot race a migration.
+        let migrated =
+            Command::new(binary("flare-storage")?).arg("migrate").env("POSTGRES_URL", &stream.database.url).output()?;
+        anyhow::ensure!(migrated.status.success(), "{}", String::from_utf8_lossy(&migrated.stderr));
+        Ok(stream)
+    }
+
+    fn writer(&self) -> anyhow::Result<Child> {
+        Ok(Command::new(writer_binary()?)
+            .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
+            .env("KAFKA_TOPIC", &self.topic)
+            .env("KAFKA_GROUP_ID", &self.group)
+            .env("KAFKA_DLQ_TOPIC", &self.dlq_topic)
+            .env("KAFKA_ACK_TOPIC", &self.ack_topic)
+            .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
+            .env("REDIS_URL", redis_url())
+            .env("POSTGRES_URL", &self.database.url)
+            .env("METRICS_ADDR", "127.0.0.1:0")
+            .env("RUST_LOG", "error")
+            .env_remove("MONGO_URL")
+            .stdout(Stdio::null())
+            .spawn()?)
+    }
+
+    /// Produces `count` messages over `SESSIONS` sessions at about `rate` per second.
+    fn produce(&self, count: usize, rate: usize) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+        let (topic, tenant) = (self.topic.clone(), self.tenant.clone());
+        tokio::spawn(async move {
+            let producer = producer()?;
+            let started = tokio::time::Instant::now();
+            let base = chrono::Utc::now() - chrono::Duration::hours(1);
+            let mut pending = Vec::new();
+            for index in 0..count {
+                let session = format!("s{}", index % SESSIONS);
+                let request = StoreMessageRequest {
+                    session_id: session.clone(),
+                    message: Some(Message {
+                        id: format!("m{index}"),
+                        sender_id: "a".into(),
+                        receiver_id: "b".into(),
+                        timestamp: Some(to_timestamp(base + chrono::Duration::milliseconds(index as i64))),
+                        ..Default::default()
+                    }),
+                    tenant: Some(TenantContext { tenant_id: tenant.clone(), ..Default::default() }),
+                    ..Default::default()
+                };
+                let payload = request.encode_to_vec();
+                // Enqueue without waiting for each acknowledgement (linger would cap a
+                // one-at-a-time producer far below the rate); confirm them in chunks.
+                let record = FutureRecord::to(&topic).key(&session).payload(&payload);
+                pending.push(producer.send_result(record).map_err(|(error, _)| error)?);
+                if pending.len() >= 200 {
+                    for delivery in futures::future::join_all(pending.drain(..)).await {
+                        delivery?.map_err(|(error, _)| error)?;
+                    }
+                }
+                let due = Duration::from_secs_f64((index + 1) as f64 / rate as f64);
+                tokio::time::sleep_until(started + due).await;
+            }
+            for delivery in futures::future::join_all(pending).await {
+                delivery?.map_err(|(error, _)| error)?;
+            }
+            anyhow::Ok(())
+        })
+    }
+
+    async fn stored(&self) -> anyhow::Result<i64> {
+        let mut db = self.database.connect().await?;
+        Ok(sqlx::query_scalar("SELECT count(*) FROM messages").fetch_one(&mut db).await?)
+    }
+
+    /// Waits (a minute at most) for the last ACKs and markers to land and the reconciliation to
+    /// come out clean; otherwise fails with the last reconciliation's figures.
+    async fn reconciled(&self, sent: usize) -> anyhow::Result<String> {
+        let clean = eventually(Duration::from_secs(60), "a clean reconciliation", || async {
+            Ok(self.reconcile(sent).await.ok())
+        })
+        .await;
+        match clean {
+            Ok(report) => Ok(report),
+            Err(_) => self.reconcile(sent).await,
+        }
+    }
+
+    /// Checks the stores against what was sent: every message once, seqs 1..n per session in
+    /// production order, every message ACKed as persisted, none as a duplicate.
+    async fn reconcile(&self, sent: usize) -> anyhow::Result<String> {
+        let mut db = self.database.connect().await?;
+        let rows: Vec<(String, String, Option<i64>)> =
+            sqlx::query_as("SELECT session_id, message_id, seq FROM messages").fetch_all(&mut db).await?;
+        let ids: HashSet<&str> = rows.iter().map(|(_, id, _)| id.as_str()).collect();
+        let lost = (0..sent).filter(|index| !ids.contains(format!("m{index}").as_str())).count();
+        let duplicated = rows.len() - ids.len();
+        let mut by_session: HashMap<&str, Vec<(usize, i64)>> = HashMap::new();
+        for (session, id, seq) in &rows {
+            let index: usize = id.trim_start_matches('m').parse()?;
+            by_session.entry(session.as_str()).or_default().push((index, seq.unwrap_or(0)));
+        }
+        let mut gaps = 0;
+        for entries in by_session.values_mut() {
+            entries.sort_unstable();
+            for (position, (_, seq)) in entries.iter().enumerate() {
+                if *seq != position as i64 + 1 {
+                    gaps += 1;
+                }
+            }
+        }
+        let acks = read_topic(&self.ack_topic, PARTITIONS, usize::MAX, Duration::from_secs(3)).await?;
+        let mut acked = HashSet::new();
+        let mut duplicate_acks = 0;
+        for ack in &acks {
+            let json = ack.json()?;
+            match json["status"].as_str() {
+                Some("persisted") => {
+                    acked.insert(json["message_id"].as_str().unwrap_or_default().to_owned());
+                }
+                _ => duplicate_acks += 1,
+            }
+        }
+        let report = format!(
+            "sent {sent}, stored {}, lost {lost}, duplicated {duplicated}, seq out of order {gaps}, \
+             acked {} of {sent} ({} ack records, {duplicate_acks} as duplicate)",
+            ids.len(),
+            acked.len(),
+            acks.len()
+        );
+        anyhow::ensure!(lost == 0 && duplicated == 0 && gaps == 0, "{report}");
+        anyhow::ensure!(acked.len() == sent && duplicate_acks == 0, "{report}");
+        Ok(report)
+    }
+}
+
+fn kill_9(child: &mut Child) -> anyhow::Result<()> {
+    child.kill()?; // SIGKILL
+    child.wait()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_killed_at_random_moments_lose_and_duplicate_nothing() -> anyhow::Result<()> {
+    let (sent, kills) = (setting("RELIABILITY_MESSAGES", 6_000), setting("RELIABILITY_KILLS", 3));
+    let stream = Stream::new().await?;
+    let producing = stream.produce(sent, setting("RELIABILITY_RATE", 2_000));
+    // Deterministic "random" moments: 1.5 to 6 s after each start, so some kills land during
+    // a group join, some mid-batch.
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    for kill in 0..kills {
+        let mut writer = stream.writer()?;
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let after = Duration::from_millis(1_500 + seed % 4_500);
+        tokio::time::sleep(after).await;
+        kill_9(&mut writer)?;
+        eprintln!("kill {}: after {after:?}, {} stored", kill + 1, stream.stored().await?);
+    }
+    producing.await??;
+    let mut writer = stream.writer()?;
+    let budget = Duration::from_secs(60 + (sent / 500) as u64);
+    eventually(budget, "every message stored", || async { Ok((stream.stored().await? >= sent as i64).then_some(())) })
+        .await?;
+    // Let the last ACKs and markers land, then stop gracefully.
+    let report = stream.reconciled(sent).await?;
+    Command::new("kill").arg("-TERM").arg(writer.id().to_string()).status()?;
+    writer.wait()?;
+    eprintln!("{kills} kills: {report}");
+    stream.database.drop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_surviving_writer_takes_over_the_partitions_of_a_killed_one() -> anyhow::Result<()> {
+    let sent = setting("RELIABILITY_MESSAGES", 6_000) / 2;
+    let stream = Stream::new().await?;
+    let mut first = stream.writer()?;
+    let mut second = stream.writer()?;
+    let producing = stream.produce(sent, 1_000);
+    // Both have joined and are working when one dies.
+    eventually(Duration::from_secs(60), "work under way", || async {
+        Ok((stream.stored().await? > (sent / 4) as i64).then_some(()))
+    })
+    .await?;
+    kill_9(&mut first)?;
+    producing.await??;
+    eventually(Duration::from_secs(120), "every message stored by the survivor", || async {
+        Ok((stream.stored().await? >= sent as i64).then_some(()))
+    })
+    .await?;
+    let report = stream.reconciled(sent).await?;
+    kill_9(&mut second)?;
+    eprintln!("takeover: {report}");
+    stream.database.drop().await?;
+    Ok(())
+}
