@@ -50,6 +50,10 @@ impl Stream {
     }
 
     fn writer(&self) -> anyhow::Result<Child> {
+        self.writer_with_redis(&redis_url())
+    }
+
+    fn writer_with_redis(&self, redis: &str) -> anyhow::Result<Child> {
         Ok(Command::new(writer_binary()?)
             .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
             .env("KAFKA_TOPIC", &self.topic)
@@ -57,7 +61,7 @@ impl Stream {
             .env("KAFKA_DLQ_TOPIC", &self.dlq_topic)
             .env("KAFKA_ACK_TOPIC", &self.ack_topic)
             .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
-            .env("REDIS_URL", redis_url())
+            .env("REDIS_URL", redis)
             .env("POSTGRES_URL", &self.database.url)
             .env("METRICS_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "error")
@@ -233,6 +237,48 @@ async fn a_surviving_writer_takes_over_the_partitions_of_a_killed_one() -> anyho
     let report = stream.reconciled(sent).await?;
     kill_9(&mut second)?;
     eprintln!("takeover: {report}");
+    stream.database.drop().await?;
+    Ok(())
+}
+
+/// A Redis server of this test's own, without persistence, so it can be killed and restarted
+/// empty without disturbing other tests.
+fn own_redis(port: u16) -> anyhow::Result<Child> {
+    Ok(Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_losing_its_data_mid_stream_loses_and_duplicates_nothing() -> anyhow::Result<()> {
+    let sent = setting("RELIABILITY_MESSAGES", 6_000) / 2;
+    let stream = Stream::new().await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let redis = format!("redis://127.0.0.1:{port}");
+    let mut server = own_redis(port)?;
+    let mut writer = stream.writer_with_redis(&redis)?;
+    let producing = stream.produce(sent, 1_000);
+    eventually(Duration::from_secs(60), "work under way", || async {
+        Ok((stream.stored().await? > (sent / 4) as i64).then_some(()))
+    })
+    .await?;
+
+    // Redis dies and comes back empty: no markers, no seq counters, no remembered seqs.
+    kill_9(&mut server)?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut server = own_redis(port)?;
+    let stored_at_restart = stream.stored().await?;
+
+    producing.await??;
+    eventually(Duration::from_secs(120), "every message stored", || async {
+        Ok((stream.stored().await? >= sent as i64).then_some(()))
+    })
+    .await?;
+    let report = stream.reconciled(sent).await?;
+    kill_9(&mut writer)?;
+    kill_9(&mut server)?;
+    eprintln!("redis restarted empty at {stored_at_restart} stored: {report}");
     stream.database.drop().await?;
     Ok(())
 }
