@@ -168,6 +168,10 @@ print_env() {
   echo "export REDIS_URL='${REDIS_URL:-$DEFAULT_REDIS_URL}'"
   echo "export KAFKA_BOOTSTRAP_SERVERS='${KAFKA_BOOTSTRAP_SERVERS:-$DEFAULT_KAFKA}'"
   echo "export MONGO_URL='${MONGO_URL:-$DEFAULT_MONGO_URL}'"
+  # The MongoDB-protocol server's launcher, for tests that run an instance of their own.
+  if [[ -x "$(secantus_venv)/bin/secantusd-py" ]]; then
+    echo "export FLARE_SECANTUSD='$(secantus_venv)/bin/secantusd-py'"
+  fi
 }
 
 up() {

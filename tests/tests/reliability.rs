@@ -282,3 +282,76 @@ async fn redis_losing_its_data_mid_stream_loses_and_duplicates_nothing() -> anyh
     stream.database.drop().await?;
     Ok(())
 }
+
+/// A MongoDB-protocol server of this test's own (the launcher `scripts/services.sh` installs),
+/// keeping its data in `directory` so it can be killed and restarted without losing it.
+fn own_mongo(port: u16, directory: &std::path::Path) -> anyhow::Result<Child> {
+    let launcher = std::env::var("FLARE_SECANTUSD").map_err(|_| {
+        anyhow::anyhow!("FLARE_SECANTUSD is not set: run scripts/services.sh up (it installs the server)")
+    })?;
+    Ok(Command::new(launcher)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--sync-on-commit", "--storage-path"])
+        .arg(directory)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mongo_server_stopping_mid_stream_loses_nothing() -> anyhow::Result<()> {
+    use futures::TryStreamExt as _;
+
+    let sent = setting("RELIABILITY_MESSAGES", 6_000) / 4;
+    let stream = Stream::new().await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let directory = std::env::temp_dir().join(unique("mongo"));
+    std::fs::create_dir_all(&directory)?;
+    let mongo_url = format!("mongodb://127.0.0.1:{port}/?directConnection=true");
+    let mut server = own_mongo(port, &directory)?;
+    eventually(Duration::from_secs(30), "the Mongo server", || async {
+        Ok(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(drop))
+    })
+    .await?;
+    let mut writer = Command::new(writer_binary()?)
+        .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
+        .env("KAFKA_TOPIC", &stream.topic)
+        .env("KAFKA_GROUP_ID", &stream.group)
+        .env("KAFKA_DLQ_TOPIC", &stream.dlq_topic)
+        .env("KAFKA_ACK_TOPIC", &stream.ack_topic)
+        .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
+        .env("REDIS_URL", redis_url())
+        .env("POSTGRES_URL", &stream.database.url)
+        .env("MONGO_URL", &mongo_url)
+        .env("MONGO_DATABASE", "reliability")
+        .env("METRICS_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .spawn()?;
+    let producing = stream.produce(sent, 300);
+    eventually(Duration::from_secs(60), "work under way", || async {
+        Ok((stream.stored().await? > (sent / 4) as i64).then_some(()))
+    })
+    .await?;
+
+    kill_9(&mut server)?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut server = own_mongo(port, &directory)?;
+
+    producing.await??;
+    eventually(Duration::from_secs(120), "every message stored", || async {
+        Ok((stream.stored().await? >= sent as i64).then_some(()))
+    })
+    .await?;
+    let report = stream.reconciled(sent).await?;
+    let client = mongodb::Client::with_uri_str(&mongo_url).await?;
+    let collection = client.database("reliability").collection::<mongodb::bson::Document>("messages");
+    let documents: Vec<mongodb::bson::Document> = collection.find(mongodb::bson::doc! {}).await?.try_collect().await?;
+    let ids: HashSet<&str> = documents.iter().filter_map(|d| d.get_str("message_id").ok()).collect();
+    assert_eq!((documents.len(), ids.len()), (sent, sent), "MongoDB holds every message once");
+    kill_9(&mut writer)?;
+    kill_9(&mut server)?;
+    std::fs::remove_dir_all(&directory)?;
+    eprintln!("mongo stopped for 3 s mid-stream: {report}");
+    stream.database.drop().await?;
+    Ok(())
+}
