@@ -152,6 +152,20 @@ impl RunningWriter {
         Ok(Self { metrics_addr, shutdown, task })
     }
 
+    /// The writer's `storage_writer_messages_processed_total`.
+    pub async fn processed(&self) -> anyhow::Result<f64> {
+        let (_, body) = http_get(self.metrics_addr, "/metrics").await?;
+        Ok(metric_value(&body, "storage_writer_messages_processed_total").unwrap_or(0.0))
+    }
+
+    /// Waits (a minute at most) until the writer has newly stored exactly `count` messages.
+    pub async fn wait_processed(&self, count: usize) -> anyhow::Result<()> {
+        eventually(Duration::from_secs(60), "messages stored", || async {
+            Ok((self.processed().await? == count as f64).then_some(()))
+        })
+        .await
+    }
+
     /// Asks the writer to stop and waits until it has.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();

@@ -36,11 +36,6 @@ fn cli() -> anyhow::Result<Command> {
     Ok(command)
 }
 
-async fn processed(writer: &RunningWriter) -> anyhow::Result<f64> {
-    let (_, body) = http_get(writer.metrics_addr, "/metrics").await?;
-    Ok(metric_value(&body, "storage_writer_messages_processed_total").unwrap_or(0.0))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_and_export_a_session_as_json_lines() -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;
@@ -64,7 +59,7 @@ async fn migrate_and_export_a_session_as_json_lines() -> anyhow::Result<()> {
     }
     let writer = RunningWriter::start(writer_config(&database.url, &topic, &dlq_topic)).await?;
     eventually(Duration::from_secs(60), "30 stored", || async {
-        Ok((processed(&writer).await? == 30.0).then_some(()))
+        Ok((writer.processed().await? == 30.0).then_some(()))
     })
     .await?;
     let reader = RunningReader::start(&database.url).await?;
@@ -119,7 +114,7 @@ async fn dead_letters_are_replayed_after_a_fix() -> anyhow::Result<()> {
     eventually(Duration::from_secs(60), "one stored, one dead-lettered", || async {
         let (_, body) = http_get(writer.metrics_addr, "/metrics").await?;
         let dead = metric_value(&body, "storage_writer_dead_lettered_total{reason=\"too_large\"}") == Some(1.0);
-        Ok((dead && processed(&writer).await? == 1.0).then_some(()))
+        Ok((dead && writer.processed().await? == 1.0).then_some(()))
     })
     .await?;
     writer.stop().await?;
@@ -183,7 +178,7 @@ async fn sample_traffic_mixes_direct_and_group_sessions() -> anyhow::Result<()> 
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let writer = RunningWriter::start(writer_config(&database.url, &topic, &dlq_topic)).await?;
     eventually(Duration::from_secs(60), "300 stored", || async {
-        Ok((processed(&writer).await? == 300.0).then_some(()))
+        Ok((writer.processed().await? == 300.0).then_some(()))
     })
     .await?;
     let mut db = database.connect().await?;

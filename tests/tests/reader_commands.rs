@@ -105,11 +105,7 @@ impl Conversation {
     }
 
     async fn wait_stored(&self, count: usize) -> anyhow::Result<()> {
-        eventually(Duration::from_secs(60), "messages stored", || async {
-            let (_, body) = http_get(self.writer.metrics_addr, "/metrics").await?;
-            Ok((metric_value(&body, "storage_writer_messages_processed_total") == Some(count as f64)).then_some(()))
-        })
-        .await
+        self.writer.wait_processed(count).await
     }
 
     async fn clients(&self) -> anyhow::Result<[Client; 2]> {

@@ -4,7 +4,6 @@
 //! and still serves correct answers afterwards. `FUZZ_REQUESTS` sets the count (default 2,000).
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use flare_storage_common::message::to_timestamp;
 use flare_storage_common::prost_types::Timestamp;
@@ -100,11 +99,7 @@ async fn wild_requests_get_deliberate_answers() -> anyhow::Result<()> {
         produce_message(&producer, &topic, &request).await?;
     }
     let writer = RunningWriter::start(writer_config(&database.url, &topic, &dlq_topic)).await?;
-    eventually(Duration::from_secs(60), "3 stored", || async {
-        let (_, body) = http_get(writer.metrics_addr, "/metrics").await?;
-        Ok((metric_value(&body, "storage_writer_messages_processed_total") == Some(3.0)).then_some(()))
-    })
-    .await?;
+    writer.wait_processed(3).await?;
     writer.stop().await?;
 
     let reader = RunningReader::start(&database.url).await?;

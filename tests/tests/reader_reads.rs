@@ -97,12 +97,7 @@ async fn store_sessions(
     let mut config = writer_config(&database.url, &topic, &dlq_topic);
     config.redis_hot_window = window;
     let writer = RunningWriter::start(config).await?;
-    let total = (count * sessions.len()) as f64;
-    eventually(Duration::from_secs(60), "messages stored", || async {
-        let (_, body) = http_get(writer.metrics_addr, "/metrics").await?;
-        Ok((metric_value(&body, "storage_writer_messages_processed_total") == Some(total)).then_some(()))
-    })
-    .await?;
+    writer.wait_processed(count * sessions.len()).await?;
     writer.stop().await
 }
 

@@ -2,7 +2,6 @@
 //! any length, literal wildcards, SQL as data, filters, sort and paging, tenants, per-user and
 //! recalled messages; a streamed export of a whole session in chunks.
 
-use std::time::Duration;
 
 use flare_storage_common::message::to_timestamp;
 use flare_storage_common::proto::common::{
@@ -57,12 +56,7 @@ async fn store(database: &TestDatabase, requests: &[StoreMessageRequest]) -> any
         produce_message(&producer, &topic, request).await?;
     }
     let writer = RunningWriter::start(writer_config(&database.url, &topic, &dlq_topic)).await?;
-    eventually(Duration::from_secs(60), "messages stored", || async {
-        let (_, body) = http_get(writer.metrics_addr, "/metrics").await?;
-        Ok((metric_value(&body, "storage_writer_messages_processed_total") == Some(requests.len() as f64))
-            .then_some(()))
-    })
-    .await?;
+    writer.wait_processed(requests.len()).await?;
     writer.stop().await
 }
 
