@@ -172,6 +172,12 @@ print_env() {
   if [[ -x "$(secantus_venv)/bin/secantusd-py" ]]; then
     echo "export FLARE_SECANTUSD='$(secantus_venv)/bin/secantusd-py'"
   fi
+  # The PostgreSQL server binaries, for tests that stop and start a server of their own.
+  local bindir
+  bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)
+  if [[ -n "$bindir" && -x "$bindir/initdb" ]]; then
+    echo "export FLARE_PG_BINDIR='$bindir'"
+  fi
 }
 
 up() {

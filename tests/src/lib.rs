@@ -46,23 +46,28 @@ pub fn unique(prefix: &str) -> String {
 pub struct TestDatabase {
     pub name: String,
     pub url: String,
+    admin_url: String,
 }
 
 impl TestDatabase {
     pub async fn create() -> anyhow::Result<Self> {
-        let admin_url = postgres_url();
-        let mut admin = PgConnection::connect(&admin_url)
+        Self::create_on(&postgres_url()).await
+    }
+
+    /// A new database on the server of `admin_url` (a test's own server, say).
+    pub async fn create_on(admin_url: &str) -> anyhow::Result<Self> {
+        let mut admin = PgConnection::connect(admin_url)
             .await
-            .with_context(|| "Postgres is not reachable at POSTGRES_URL (run scripts/services.sh up)")?;
+            .with_context(|| format!("Postgres is not reachable at {admin_url} (run scripts/services.sh up)"))?;
         let name = unique("flare_test");
         sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await?;
-        Ok(Self { url: with_database(&admin_url, &name), name })
+        Ok(Self { url: with_database(admin_url, &name), name, admin_url: admin_url.to_owned() })
     }
 
     /// Drops the database; call at the end of a test that passed (a failed one leaves it for
     /// inspection).
     pub async fn drop(self) -> anyhow::Result<()> {
-        let mut admin = PgConnection::connect(&postgres_url()).await?;
+        let mut admin = PgConnection::connect(&self.admin_url).await?;
         sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).execute(&mut admin).await?;
         Ok(())
     }

@@ -1,25 +1,68 @@
 //! Nothing lost, nothing duplicated, while writer processes are killed with SIGKILL at random
-//! moments during a stream, and while two writers share a group and one of them dies.
+//! moments during a stream, while two writers share a group and one of them dies, and while
+//! Redis, PostgreSQL or the MongoDB server go away mid-stream. Every stream carries 1% poison
+//! records, each of which must end in the dead-letter topic and nowhere else.
 //!
 //! The defaults keep CI short; the full run of the reliability suite sets
 //! `RELIABILITY_MESSAGES=100000 RELIABILITY_KILLS=10` (see docs/RELIABILITY.md).
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use flare_storage_common::message::to_timestamp;
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::common::TenantContext;
-use flare_storage_common::proto::storage::{Message, StoreMessageRequest};
+use flare_storage_common::proto::storage::{Message, MessageContent, StoreMessageRequest, TextContent, message_content};
 use flare_storage_e2e::*;
 use rdkafka::producer::FutureRecord;
 
 const PARTITIONS: i32 = 8;
 const SESSIONS: usize = 200;
 
+/// Records above this size are dead-lettered by the writers of these tests.
+const MAX_MESSAGE_BYTES: usize = 4_096;
+
 fn setting(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
+}
+
+/// One record in a hundred is poison.
+fn is_poison(index: usize) -> bool {
+    index % 100 == 50
+}
+
+/// How many of the first `sent` records are valid messages.
+fn valid(sent: usize) -> usize {
+    (0..sent).filter(|index| !is_poison(*index)).count()
+}
+
+/// The record value of poison record `index`, unique per index, of four kinds in turn: bytes
+/// that are not protobuf, a message without an id, a payload over the size limit, an id over
+/// 64 bytes.
+fn poison(index: usize, session: &str, tenant: &str) -> Vec<u8> {
+    let request = |id: String, text: String| StoreMessageRequest {
+        session_id: session.to_owned(),
+        message: Some(Message {
+            id,
+            sender_id: format!("poison-{index}"),
+            content: Some(MessageContent {
+                content: Some(message_content::Content::Text(TextContent { text, ..Default::default() })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        tenant: Some(TenantContext { tenant_id: tenant.to_owned(), ..Default::default() }),
+        ..Default::default()
+    };
+    match (index / 100) % 4 {
+        // 0xff 0xff 0x7f: a field key whose wire type is 7, which does not exist.
+        0 => [&[0xff, 0xff, 0x7f][..], format!("garbage {index}").as_bytes()].concat(),
+        1 => request(String::new(), String::new()).encode_to_vec(),
+        2 => request(format!("p{index}"), "x".repeat(MAX_MESSAGE_BYTES)).encode_to_vec(),
+        _ => request(format!("{index}-{}", "x".repeat(64)), String::new()).encode_to_vec(),
+    }
 }
 
 struct Stream {
@@ -33,8 +76,13 @@ struct Stream {
 
 impl Stream {
     async fn new() -> anyhow::Result<Self> {
+        Self::on(&postgres_url()).await
+    }
+
+    /// A stream whose database lives on the Postgres server of `admin_url`.
+    async fn on(admin_url: &str) -> anyhow::Result<Self> {
         let stream = Self {
-            database: TestDatabase::create().await?,
+            database: TestDatabase::create_on(admin_url).await?,
             topic: unique("messages"),
             dlq_topic: unique("dlq"),
             ack_topic: unique("acks"),
@@ -50,27 +98,31 @@ impl Stream {
     }
 
     fn writer(&self) -> anyhow::Result<Child> {
-        self.writer_with_redis(&redis_url())
+        Ok(self.writer_command()?.spawn()?)
     }
 
-    fn writer_with_redis(&self, redis: &str) -> anyhow::Result<Child> {
-        Ok(Command::new(writer_binary()?)
+    /// A writer of this stream's group, on the shared Redis, without MongoDB.
+    fn writer_command(&self) -> anyhow::Result<Command> {
+        let mut command = Command::new(writer_binary()?);
+        command
             .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
             .env("KAFKA_TOPIC", &self.topic)
             .env("KAFKA_GROUP_ID", &self.group)
             .env("KAFKA_DLQ_TOPIC", &self.dlq_topic)
             .env("KAFKA_ACK_TOPIC", &self.ack_topic)
             .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
-            .env("REDIS_URL", redis)
+            .env("WRITER_MAX_MESSAGE_BYTES", MAX_MESSAGE_BYTES.to_string())
+            .env("REDIS_URL", redis_url())
             .env("POSTGRES_URL", &self.database.url)
             .env("METRICS_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "error")
             .env_remove("MONGO_URL")
-            .stdout(Stdio::null())
-            .spawn()?)
+            .stdout(Stdio::null());
+        Ok(command)
     }
 
-    /// Produces `count` messages over `SESSIONS` sessions at about `rate` per second.
+    /// Produces `count` records over `SESSIONS` sessions at about `rate` per second: message
+    /// `m<index>`, or poison where `is_poison(index)`.
     fn produce(&self, count: usize, rate: usize) -> tokio::task::JoinHandle<anyhow::Result<()>> {
         let (topic, tenant) = (self.topic.clone(), self.tenant.clone());
         tokio::spawn(async move {
@@ -80,6 +132,12 @@ impl Stream {
             let mut pending = Vec::new();
             for index in 0..count {
                 let session = format!("s{}", index % SESSIONS);
+                if is_poison(index) {
+                    let payload = poison(index, &session, &tenant);
+                    let record = FutureRecord::to(&topic).key(&session).payload(&payload);
+                    pending.push(producer.send_result(record).map_err(|(error, _)| error)?);
+                    continue;
+                }
                 let request = StoreMessageRequest {
                     session_id: session.clone(),
                     message: Some(Message {
@@ -130,14 +188,16 @@ impl Stream {
         }
     }
 
-    /// Checks the stores against what was sent: every message once, seqs 1..n per session in
-    /// production order, every message ACKed as persisted, none as a duplicate.
+    /// Checks the stores against what was sent: every valid message once, seqs 1..n per session
+    /// in production order, every message ACKed as persisted, none as a duplicate; every poison
+    /// record in the dead-letter topic with a reason, and nothing else there.
     async fn reconcile(&self, sent: usize) -> anyhow::Result<String> {
         let mut db = self.database.connect().await?;
         let rows: Vec<(String, String, Option<i64>)> =
             sqlx::query_as("SELECT session_id, message_id, seq FROM messages").fetch_all(&mut db).await?;
         let ids: HashSet<&str> = rows.iter().map(|(_, id, _)| id.as_str()).collect();
-        let lost = (0..sent).filter(|index| !ids.contains(format!("m{index}").as_str())).count();
+        let lost =
+            (0..sent).filter(|index| !is_poison(*index) && !ids.contains(format!("m{index}").as_str())).count();
         let duplicated = rows.len() - ids.len();
         let mut by_session: HashMap<&str, Vec<(usize, i64)>> = HashMap::new();
         for (session, id, seq) in &rows {
@@ -165,15 +225,32 @@ impl Stream {
                 _ => duplicate_acks += 1,
             }
         }
+        let poisons: HashSet<Vec<u8>> = (0..sent)
+            .filter(|index| is_poison(*index))
+            .map(|index| poison(index, &format!("s{}", index % SESSIONS), &self.tenant))
+            .collect();
+        let dead = read_topic(&self.dlq_topic, PARTITIONS, usize::MAX, Duration::from_secs(3)).await?;
+        let dead_letters: HashSet<Vec<u8>> = dead.iter().filter_map(|record| record.payload.clone()).collect();
+        let without_reason = dead.iter().filter(|record| record.header("flare-dlq-reason").is_none()).count();
+        let not_dead_lettered = poisons.difference(&dead_letters).count();
+        let wrongly_dead_lettered = dead_letters.difference(&poisons).count();
+        let valid = valid(sent);
         let report = format!(
-            "sent {sent}, stored {}, lost {lost}, duplicated {duplicated}, seq out of order {gaps}, \
-             acked {} of {sent} ({} ack records, {duplicate_acks} as duplicate)",
+            "sent {sent} ({valid} valid, {} poison), stored {}, lost {lost}, duplicated {duplicated}, \
+             seq out of order {gaps}, acked {} of {valid} ({} ack records, {duplicate_acks} as duplicate), \
+             dead-lettered {} of {} poison ({} dead-letter records, {without_reason} without reason, \
+             {wrongly_dead_lettered} valid ones)",
+            poisons.len(),
             ids.len(),
             acked.len(),
-            acks.len()
+            acks.len(),
+            poisons.len() - not_dead_lettered,
+            poisons.len(),
+            dead.len(),
         );
         anyhow::ensure!(lost == 0 && duplicated == 0 && gaps == 0, "{report}");
-        anyhow::ensure!(acked.len() == sent && duplicate_acks == 0, "{report}");
+        anyhow::ensure!(acked.len() == valid && duplicate_acks == 0, "{report}");
+        anyhow::ensure!(not_dead_lettered == 0 && wrongly_dead_lettered == 0 && without_reason == 0, "{report}");
         Ok(report)
     }
 }
@@ -205,7 +282,7 @@ async fn writers_killed_at_random_moments_lose_and_duplicate_nothing() -> anyhow
     producing.await??;
     let mut writer = stream.writer()?;
     let budget = Duration::from_secs(60 + (sent / 500) as u64);
-    eventually(budget, "every message stored", || async { Ok((stream.stored().await? >= sent as i64).then_some(())) })
+    eventually(budget, "every message stored", || async { Ok((stream.stored().await? >= valid(sent) as i64).then_some(())) })
         .await?;
     // Let the last ACKs and markers land, then stop gracefully.
     let report = stream.reconciled(sent).await?;
@@ -231,7 +308,7 @@ async fn a_surviving_writer_takes_over_the_partitions_of_a_killed_one() -> anyho
     kill_9(&mut first)?;
     producing.await??;
     eventually(Duration::from_secs(120), "every message stored by the survivor", || async {
-        Ok((stream.stored().await? >= sent as i64).then_some(()))
+        Ok((stream.stored().await? >= valid(sent) as i64).then_some(()))
     })
     .await?;
     let report = stream.reconciled(sent).await?;
@@ -257,7 +334,7 @@ async fn redis_losing_its_data_mid_stream_loses_and_duplicates_nothing() -> anyh
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let redis = format!("redis://127.0.0.1:{port}");
     let mut server = own_redis(port)?;
-    let mut writer = stream.writer_with_redis(&redis)?;
+    let mut writer = stream.writer_command()?.env("REDIS_URL", &redis).spawn()?;
     let producing = stream.produce(sent, 1_000);
     eventually(Duration::from_secs(60), "work under way", || async {
         Ok((stream.stored().await? > (sent / 4) as i64).then_some(()))
@@ -272,7 +349,7 @@ async fn redis_losing_its_data_mid_stream_loses_and_duplicates_nothing() -> anyh
 
     producing.await??;
     eventually(Duration::from_secs(120), "every message stored", || async {
-        Ok((stream.stored().await? >= sent as i64).then_some(()))
+        Ok((stream.stored().await? >= valid(sent) as i64).then_some(()))
     })
     .await?;
     let report = stream.reconciled(sent).await?;
@@ -312,20 +389,10 @@ async fn the_mongo_server_stopping_mid_stream_loses_nothing() -> anyhow::Result<
         Ok(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(drop))
     })
     .await?;
-    let mut writer = Command::new(writer_binary()?)
-        .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
-        .env("KAFKA_TOPIC", &stream.topic)
-        .env("KAFKA_GROUP_ID", &stream.group)
-        .env("KAFKA_DLQ_TOPIC", &stream.dlq_topic)
-        .env("KAFKA_ACK_TOPIC", &stream.ack_topic)
-        .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
-        .env("REDIS_URL", redis_url())
-        .env("POSTGRES_URL", &stream.database.url)
+    let mut writer = stream
+        .writer_command()?
         .env("MONGO_URL", &mongo_url)
         .env("MONGO_DATABASE", "reliability")
-        .env("METRICS_ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
         .spawn()?;
     let producing = stream.produce(sent, 300);
     eventually(Duration::from_secs(60), "work under way", || async {
@@ -339,7 +406,7 @@ async fn the_mongo_server_stopping_mid_stream_loses_nothing() -> anyhow::Result<
 
     producing.await??;
     eventually(Duration::from_secs(120), "every message stored", || async {
-        Ok((stream.stored().await? >= sent as i64).then_some(()))
+        Ok((stream.stored().await? >= valid(sent) as i64).then_some(()))
     })
     .await?;
     let report = stream.reconciled(sent).await?;
@@ -347,11 +414,135 @@ async fn the_mongo_server_stopping_mid_stream_loses_nothing() -> anyhow::Result<
     let collection = client.database("reliability").collection::<mongodb::bson::Document>("messages");
     let documents: Vec<mongodb::bson::Document> = collection.find(mongodb::bson::doc! {}).await?.try_collect().await?;
     let ids: HashSet<&str> = documents.iter().filter_map(|d| d.get_str("message_id").ok()).collect();
-    assert_eq!((documents.len(), ids.len()), (sent, sent), "MongoDB holds every message once");
+    assert_eq!((documents.len(), ids.len()), (valid(sent), valid(sent)), "MongoDB holds every message once");
     kill_9(&mut writer)?;
     kill_9(&mut server)?;
     std::fs::remove_dir_all(&directory)?;
     eprintln!("mongo stopped for 3 s mid-stream: {report}");
+    stream.database.drop().await?;
+    Ok(())
+}
+
+/// A PostgreSQL server of this test's own, from the machine's server binaries
+/// (`FLARE_PG_BINDIR`, which `scripts/services.sh env` prints), so it can be stopped and
+/// started without disturbing other tests. Removed on drop.
+struct OwnPostgres {
+    bindir: PathBuf,
+    directory: PathBuf,
+    port: u16,
+}
+
+impl OwnPostgres {
+    fn create() -> anyhow::Result<Self> {
+        let bindir = std::env::var("FLARE_PG_BINDIR").map_err(|_| {
+            anyhow::anyhow!("FLARE_PG_BINDIR is not set: run scripts/services.sh up (it prints the server's binaries)")
+        })?;
+        let server = Self {
+            bindir: bindir.into(),
+            directory: std::env::temp_dir().join(unique("pg")),
+            port: std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
+        };
+        std::fs::create_dir_all(&server.directory)?;
+        if running_as_root()? {
+            // The server refuses to run as root; its files belong to the postgres account.
+            let owned = Command::new("chown").arg("postgres:").arg(&server.directory).status()?;
+            anyhow::ensure!(owned.success(), "chown of {} failed", server.directory.display());
+        }
+        let data = server.directory.join("data");
+        server.run("initdb", &["-A", "trust", "-U", "postgres", "--no-sync", "-D", &data.to_string_lossy()])?;
+        server.start()?;
+        Ok(server)
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn start(&self) -> anyhow::Result<()> {
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c max_connections=100",
+            self.port,
+            self.directory.display()
+        );
+        let data = self.directory.join("data");
+        let log = self.directory.join("server.log");
+        self.run(
+            "pg_ctl",
+            &["-D", &data.to_string_lossy(), "-l", &log.to_string_lossy(), "-o", &options, "-w", "start"],
+        )
+    }
+
+    /// Stops the server the hard way: every backend quits at once, open transactions abort and
+    /// the next start recovers from the WAL.
+    fn stop(&self) -> anyhow::Result<()> {
+        let data = self.directory.join("data");
+        self.run("pg_ctl", &["-D", &data.to_string_lossy(), "-m", "immediate", "-w", "stop"])
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> anyhow::Result<()> {
+        let path = self.bindir.join(program);
+        let mut command = if running_as_root()? {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(&path);
+            command
+        } else {
+            Command::new(&path)
+        };
+        let output = command.args(args).stdin(Stdio::null()).output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "{program} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(())
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let _ = self.stop();
+        let _ = std::fs::remove_dir_all(&self.directory);
+    }
+}
+
+fn running_as_root() -> anyhow::Result<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    Ok(std::fs::metadata("/proc/self")?.uid() == 0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_for_twelve_seconds_mid_stream_loses_nothing() -> anyhow::Result<()> {
+    let sent = setting("RELIABILITY_MESSAGES", 6_000) / 2;
+    let postgres = OwnPostgres::create()?;
+    let stream = Stream::on(&postgres.url()).await?;
+    let mut writer = stream.writer()?;
+    // A stream of about 20 s, so records keep arriving while the database is away.
+    let producing = stream.produce(sent, sent / 20);
+    eventually(Duration::from_secs(60), "work under way", || async {
+        Ok((stream.stored().await? > (valid(sent) / 4) as i64).then_some(()))
+    })
+    .await?;
+
+    let stored_at_stop = stream.stored().await?;
+    postgres.stop()?;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    postgres.start()?;
+    let restarted = tokio::time::Instant::now();
+    let stored_at_restart = stream.stored().await?;
+
+    producing.await??;
+    eventually(Duration::from_secs(120), "every message stored", || async {
+        Ok((stream.stored().await? >= valid(sent) as i64).then_some(()))
+    })
+    .await?;
+    let drained = restarted.elapsed();
+    let report = stream.reconciled(sent).await?;
+    kill_9(&mut writer)?;
+    eprintln!(
+        "postgres stopped 12 s at {stored_at_stop} stored ({stored_at_restart} at restart), \
+         lag drained {drained:.1?} after restart: {report}"
+    );
     stream.database.drop().await?;
     Ok(())
 }
