@@ -107,16 +107,23 @@ fn acting_user<'a>(own: &'a str, field: &'static str, context: Option<&'a Reques
     }
 }
 
-/// The user whose view a read returns: `context.actor.actor_id`, or nobody's ('') when the
-/// request names no actor.
+/// The user whose view a read returns: the request's own user field, else
+/// `context.actor.actor_id`, else nobody's (''). Another user's view (what they deleted or
+/// cleared) is theirs: a context actor that is neither that user nor privileged may not read it.
 fn reading_user<'a>(own: &'a str, context: Option<&'a RequestContext>) -> Result<&'a str, Error> {
     require_id("user_id", own, false)?;
-    if !own.is_empty() {
-        return Ok(own);
+    let caller = context_actor(context);
+    if let Some((caller_id, _)) = caller {
+        require_id("context.actor.actor_id", caller_id, true)?;
     }
-    let caller = context_actor(context).map_or("", |(id, _)| id);
-    require_id("context.actor.actor_id", caller, false)?;
-    Ok(caller)
+    match caller {
+        Some((caller_id, privileged)) if !own.is_empty() && caller_id != own && !privileged => {
+            Err(Error::PermissionDenied("context.actor may not read another user's view"))
+        }
+        _ if !own.is_empty() => Ok(own),
+        Some((caller_id, _)) => Ok(caller_id),
+        None => Ok(""),
+    }
 }
 
 fn protobuf_time(field: &'static str, time: Option<&prost_types::Timestamp>) -> Result<Option<DateTime<Utc>>, Error> {

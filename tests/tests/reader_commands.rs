@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use flare_storage_common::message::to_timestamp;
-use flare_storage_common::proto::common::{ActorContext, ActorType, RequestContext, TenantContext};
+use flare_storage_common::proto::common::{
+    ActorContext, ActorType, FilterExpression, FilterOperator, RequestContext, TenantContext,
+};
 use flare_storage_common::proto::storage::storage_reader_service_client::StorageReaderServiceClient;
 use flare_storage_common::proto::storage::*;
 use flare_storage_common::tonic::transport::Channel;
@@ -444,73 +446,136 @@ async fn attributes_and_tags_are_set_by_the_sender_and_listed_per_tenant() -> an
     chat.stop().await
 }
 
+/// The isolation matrix: every RPC tried by another tenant, by a user acting for or reading as
+/// another user, and by a receiver on the sender's message. Each attempt is refused or finds
+/// nothing, and afterwards every message, view, tag and attribute is as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_tenant_can_neither_see_nor_change_anything() -> anyhow::Result<()> {
+async fn isolation_matrix_every_rpc_against_other_tenant_other_user_and_non_sender() -> anyhow::Result<()> {
+    use flare_storage_common::tonic::Status;
+    use futures::StreamExt as _;
+
     let chat = Conversation::start(4).await?;
     let [mut client, _] = chat.clients().await?;
+    let own = || tenant(&chat.tenant);
     let intruder = unique("globex");
     let other = || tenant(&intruder);
+    // State that must not leak or change: alice tagged m0; bob hid m1 for himself.
+    client
+        .set_message_attributes(SetMessageAttributesRequest {
+            context: as_user("alice"),
+            tenant: own(),
+            message_id: "m0".into(),
+            attributes: HashMap::from([("pinned".to_owned(), "yes".to_owned())]),
+            tags: vec!["secret-tag".into()],
+        })
+        .await?;
+    client
+        .delete_message_for_user(DeleteMessageForUserRequest {
+            message_id: "m1".into(),
+            user_id: "bob".into(),
+            tenant: own(),
+            ..Default::default()
+        })
+        .await?;
 
-    assert!(not_found(
-        client
-            .get_message(GetMessageRequest { message_id: "m0".into(), context: as_user("alice"), tenant: other() })
-            .await
-    ));
-    assert!(not_found(
-        client
-            .delete_message(DeleteMessageRequest {
-                session_id: chat.session.clone(),
-                message_ids: vec!["m0".into()],
-                context: actor("admin", ActorType::TenantAdmin),
-                tenant: other(),
-            })
-            .await
-    ));
-    assert!(not_found(
-        client
-            .recall_message(RecallMessageRequest {
-                message_id: "m0".into(),
-                operator_id: "alice".into(),
-                tenant: other(),
-                ..Default::default()
-            })
-            .await
-    ));
-    assert!(not_found(
-        client
-            .delete_message_for_user(DeleteMessageForUserRequest {
-                message_id: "m0".into(),
-                user_id: "bob".into(),
-                tenant: other(),
-                ..Default::default()
-            })
-            .await
-    ));
-    assert!(not_found(
-        client
-            .mark_message_read(MarkMessageReadRequest {
-                message_id: "m0".into(),
-                user_id: "bob".into(),
-                tenant: other(),
-                ..Default::default()
-            })
-            .await
-    ));
-    assert!(not_found(
-        client
-            .set_message_attributes(SetMessageAttributesRequest {
-                context: actor("admin", ActorType::TenantAdmin),
-                tenant: other(),
-                message_id: "m0".into(),
-                attributes: HashMap::from([("x".to_owned(), "y".to_owned())]),
-                tags: vec!["stolen".into()],
-            })
-            .await
-    ));
+    let code = |result: Result<(), Status>| result.err().map(|status| status.code());
+    let mut refused = Vec::new();
+    let mut expect = |what: &str, outcome: Option<Code>, wanted: Code| {
+        refused.push(format!("{what}: {outcome:?}"));
+        assert_eq!(outcome, Some(wanted), "{what}");
+    };
+
+    // Other tenant: commands find nothing, reads return nothing.
+    expect(
+        "other tenant GetMessage",
+        code(
+            client
+                .get_message(GetMessageRequest { message_id: "m0".into(), context: as_user("alice"), tenant: other() })
+                .await
+                .map(drop),
+        ),
+        Code::NotFound,
+    );
+    expect(
+        "other tenant DeleteMessage",
+        code(
+            client
+                .delete_message(DeleteMessageRequest {
+                    session_id: chat.session.clone(),
+                    message_ids: vec!["m0".into()],
+                    context: actor("admin", ActorType::TenantAdmin),
+                    tenant: other(),
+                })
+                .await
+                .map(drop),
+        ),
+        Code::NotFound,
+    );
+    expect(
+        "other tenant RecallMessage",
+        code(
+            client
+                .recall_message(RecallMessageRequest {
+                    message_id: "m0".into(),
+                    operator_id: "alice".into(),
+                    tenant: other(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        Code::NotFound,
+    );
+    expect(
+        "other tenant DeleteMessageForUser",
+        code(
+            client
+                .delete_message_for_user(DeleteMessageForUserRequest {
+                    message_id: "m0".into(),
+                    user_id: "alice".into(),
+                    tenant: other(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        Code::NotFound,
+    );
+    expect(
+        "other tenant MarkMessageRead",
+        code(
+            client
+                .mark_message_read(MarkMessageReadRequest {
+                    message_id: "m0".into(),
+                    user_id: "bob".into(),
+                    tenant: other(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        Code::NotFound,
+    );
+    expect(
+        "other tenant SetMessageAttributes",
+        code(
+            client
+                .set_message_attributes(SetMessageAttributesRequest {
+                    context: actor("admin", ActorType::TenantAdmin),
+                    tenant: other(),
+                    message_id: "m0".into(),
+                    attributes: HashMap::from([("x".to_owned(), "y".to_owned())]),
+                    tags: vec!["stolen".into()],
+                })
+                .await
+                .map(drop),
+        ),
+        Code::NotFound,
+    );
     let cleared = client
         .clear_session(ClearSessionRequest {
             session_id: chat.session.clone(),
-            user_id: "bob".into(),
+            user_id: "alice".into(),
             clear_type: ClearType::ClearAll as i32,
             tenant: other(),
             ..Default::default()
@@ -522,22 +587,225 @@ async fn another_tenant_can_neither_see_nor_change_anything() -> anyhow::Result<
         .query_messages(QueryMessagesRequest {
             session_id: chat.session.clone(),
             limit: 10,
+            context: as_user("alice"),
             tenant: other(),
             ..Default::default()
         })
         .await?
         .into_inner();
-    assert!(page.messages.is_empty());
-    let search =
-        client.search_messages(SearchMessagesRequest { tenant: other(), ..Default::default() }).await?.into_inner();
-    assert!(search.messages.is_empty());
-
-    // Nothing changed for the owner.
-    for user in ["alice", "bob"] {
-        assert_eq!(chat.visible_to(user).await?, ids(&["m3", "m2", "m1", "m0"]));
+    assert!(page.messages.is_empty(), "QueryMessages in another tenant");
+    let by_seq = client
+        .query_messages_by_seq(QueryMessagesBySeqRequest {
+            session_id: chat.session.clone(),
+            user_id: "alice".into(),
+            limit: 10,
+            tenant: other(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert!(by_seq.messages.is_empty(), "QueryMessagesBySeq in another tenant");
+    let search = client
+        .search_messages(SearchMessagesRequest {
+            tenant: other(),
+            filters: vec![FilterExpression {
+                field: "content".into(),
+                op: FilterOperator::Contains as i32,
+                values: vec!["text".into()],
+            }],
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert!(search.messages.is_empty(), "SearchMessages in another tenant");
+    let tags = client.list_message_tags(ListMessageTagsRequest { context: None, tenant: other() }).await?.into_inner();
+    assert!(tags.tags.is_empty(), "ListMessageTags in another tenant");
+    let mut export = client
+        .stream_export_messages(ExportMessagesRequest {
+            session_id: chat.session.clone(),
+            tenant: other(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut exported = 0;
+    while let Some(chunk) = export.next().await {
+        exported += chunk?.messages.len();
     }
-    let m0 = chat.get("bob", "m0").await?.map_err(|code| anyhow::anyhow!("{code:?}"))?;
-    assert!(!m0.is_recalled && m0.read_by.is_empty() && m0.tags.is_empty() && m0.attributes.is_empty());
+    assert_eq!(exported, 0, "StreamExportMessages in another tenant");
+
+    // Other user: mallory may neither act for alice or bob nor read their views.
+    expect(
+        "other user DeleteMessageForUser",
+        code(
+            client
+                .delete_message_for_user(DeleteMessageForUserRequest {
+                    message_id: "m0".into(),
+                    user_id: "alice".into(),
+                    context: as_user("mallory"),
+                    tenant: own(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        Code::PermissionDenied,
+    );
+    expect(
+        "other user ClearSession",
+        code(
+            client
+                .clear_session(ClearSessionRequest {
+                    session_id: chat.session.clone(),
+                    user_id: "alice".into(),
+                    clear_type: ClearType::ClearAll as i32,
+                    context: as_user("mallory"),
+                    tenant: own(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        Code::PermissionDenied,
+    );
+    expect(
+        "other user MarkMessageRead",
+        code(
+            client
+                .mark_message_read(MarkMessageReadRequest {
+                    message_id: "m0".into(),
+                    user_id: "bob".into(),
+                    context: as_user("mallory"),
+                    tenant: own(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        Code::PermissionDenied,
+    );
+    expect(
+        "other user QueryMessagesBySeq as bob",
+        code(
+            client
+                .query_messages_by_seq(QueryMessagesBySeqRequest {
+                    session_id: chat.session.clone(),
+                    user_id: "bob".into(),
+                    context: as_user("mallory"),
+                    limit: 10,
+                    tenant: own(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        Code::PermissionDenied,
+    );
+    expect(
+        "outsider DeleteMessageForUser on a message not theirs",
+        code(
+            client
+                .delete_message_for_user(DeleteMessageForUserRequest {
+                    message_id: "m0".into(),
+                    user_id: "mallory".into(),
+                    tenant: own(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        Code::NotFound,
+    );
+    expect(
+        "outsider MarkMessageRead on a message not theirs",
+        code(
+            client
+                .mark_message_read(MarkMessageReadRequest {
+                    message_id: "m0".into(),
+                    user_id: "mallory".into(),
+                    tenant: own(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        Code::NotFound,
+    );
+
+    // Non-sender: bob, the receiver of alice's m0, may not change it for everyone.
+    expect(
+        "non-sender DeleteMessage",
+        code(
+            client
+                .delete_message(DeleteMessageRequest {
+                    session_id: chat.session.clone(),
+                    message_ids: vec!["m0".into()],
+                    context: as_user("bob"),
+                    tenant: own(),
+                })
+                .await
+                .map(drop),
+        ),
+        Code::PermissionDenied,
+    );
+    expect(
+        "non-sender RecallMessage",
+        code(
+            client
+                .recall_message(RecallMessageRequest {
+                    message_id: "m0".into(),
+                    operator_id: "bob".into(),
+                    tenant: own(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        Code::PermissionDenied,
+    );
+    expect(
+        "non-sender SetMessageAttributes",
+        code(
+            client
+                .set_message_attributes(SetMessageAttributesRequest {
+                    context: as_user("bob"),
+                    tenant: own(),
+                    message_id: "m0".into(),
+                    attributes: HashMap::from([("pinned".to_owned(), "no".to_owned())]),
+                    tags: vec!["bobs".into()],
+                })
+                .await
+                .map(drop),
+        ),
+        Code::PermissionDenied,
+    );
+    expect(
+        "sender MarkMessageRead on their own message",
+        code(
+            client
+                .mark_message_read(MarkMessageReadRequest {
+                    message_id: "m0".into(),
+                    user_id: "alice".into(),
+                    tenant: own(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        Code::FailedPrecondition,
+    );
+
+    // Nothing changed: bob's hide is his alone, m0 is as alice left it, and the tags are hers.
+    assert_eq!(chat.visible_to("alice").await?, ids(&["m3", "m2", "m1", "m0"]));
+    assert_eq!(chat.visible_to("bob").await?, ids(&["m3", "m2", "m0"]));
+    assert_eq!(chat.visible_to("mallory").await?, ids(&["m3", "m2", "m1", "m0"]));
+    let m0 = chat.get("alice", "m0").await?.map_err(|code| anyhow::anyhow!("{code:?}"))?;
+    assert!(!m0.is_recalled && m0.read_by.is_empty());
+    assert_eq!(m0.tags, ["secret-tag"]);
+    assert_eq!(m0.attributes, HashMap::from([("pinned".to_owned(), "yes".to_owned())]));
     assert_eq!(text(&m0), Some("text 0"));
+    let tags = client.list_message_tags(ListMessageTagsRequest { context: None, tenant: own() }).await?.into_inner();
+    assert_eq!(tags.tags, ["secret-tag"]);
+    eprintln!("refused as expected:\n  {}", refused.join("\n  "));
     chat.stop().await
 }

@@ -2,7 +2,6 @@
 //! any length, literal wildcards, SQL as data, filters, sort and paging, tenants, per-user and
 //! recalled messages; a streamed export of a whole session in chunks.
 
-
 use flare_storage_common::message::to_timestamp;
 use flare_storage_common::proto::common::{
     ActorContext, FilterExpression, FilterOperator, Pagination, RequestContext, SortDirection, SortExpression,

@@ -14,7 +14,9 @@ use std::time::Duration;
 use flare_storage_common::message::to_timestamp;
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::common::TenantContext;
-use flare_storage_common::proto::storage::{Message, MessageContent, StoreMessageRequest, TextContent, message_content};
+use flare_storage_common::proto::storage::{
+    Message, MessageContent, StoreMessageRequest, TextContent, message_content,
+};
 use flare_storage_e2e::*;
 use rdkafka::producer::FutureRecord;
 
@@ -196,8 +198,7 @@ impl Stream {
         let rows: Vec<(String, String, Option<i64>)> =
             sqlx::query_as("SELECT session_id, message_id, seq FROM messages").fetch_all(&mut db).await?;
         let ids: HashSet<&str> = rows.iter().map(|(_, id, _)| id.as_str()).collect();
-        let lost =
-            (0..sent).filter(|index| !is_poison(*index) && !ids.contains(format!("m{index}").as_str())).count();
+        let lost = (0..sent).filter(|index| !is_poison(*index) && !ids.contains(format!("m{index}").as_str())).count();
         let duplicated = rows.len() - ids.len();
         let mut by_session: HashMap<&str, Vec<(usize, i64)>> = HashMap::new();
         for (session, id, seq) in &rows {
@@ -282,8 +283,10 @@ async fn writers_killed_at_random_moments_lose_and_duplicate_nothing() -> anyhow
     producing.await??;
     let mut writer = stream.writer()?;
     let budget = Duration::from_secs(60 + (sent / 500) as u64);
-    eventually(budget, "every message stored", || async { Ok((stream.stored().await? >= valid(sent) as i64).then_some(())) })
-        .await?;
+    eventually(budget, "every message stored", || async {
+        Ok((stream.stored().await? >= valid(sent) as i64).then_some(()))
+    })
+    .await?;
     // Let the last ACKs and markers land, then stop gracefully.
     let report = stream.reconciled(sent).await?;
     Command::new("kill").arg("-TERM").arg(writer.id().to_string()).status()?;
@@ -389,11 +392,8 @@ async fn the_mongo_server_stopping_mid_stream_loses_nothing() -> anyhow::Result<
         Ok(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(drop))
     })
     .await?;
-    let mut writer = stream
-        .writer_command()?
-        .env("MONGO_URL", &mongo_url)
-        .env("MONGO_DATABASE", "reliability")
-        .spawn()?;
+    let mut writer =
+        stream.writer_command()?.env("MONGO_URL", &mongo_url).env("MONGO_DATABASE", "reliability").spawn()?;
     let producing = stream.produce(sent, 300);
     eventually(Duration::from_secs(60), "work under way", || async {
         Ok((stream.stored().await? > (sent / 4) as i64).then_some(()))
