@@ -182,10 +182,6 @@ impl Conversation {
     }
 }
 
-fn not_found<T>(result: Result<T, flare_storage_common::tonic::Status>) -> bool {
-    result.is_err_and(|status| status.code() == Code::NotFound)
-}
-
 fn ids(list: &[&str]) -> Vec<String> {
     list.iter().map(|id| (*id).to_owned()).collect()
 }
