@@ -134,3 +134,9 @@ mod tests {
         assert_ne!(SessionKeys::new("", "4:x:y").state(), SessionKeys::new("x", "y").state());
     }
 }
+
+/// `_id` of a message's MongoDB document; the tenant is length-prefixed so ids cannot collide
+/// across tenants.
+pub fn document_id(tenant_id: &str, message_id: &str) -> String {
+    format!("{}:{tenant_id}:{message_id}", tenant_id.len())
+}

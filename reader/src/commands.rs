@@ -17,7 +17,8 @@ use flare_storage_common::proto::common::ActorType;
 use flare_storage_common::proto::storage::{ClearType, Message};
 
 use crate::error::Error;
-use crate::store::postgres::{Operation, PostgresStore, TargetRow};
+use crate::store::Databases;
+use crate::store::postgres::{Operation, TargetRow};
 use crate::store::redis::RedisCache;
 
 /// Who is acting (SPEC §2.3: the request's own user field, else `context.actor`), and
@@ -40,7 +41,7 @@ pub fn privileged(kind: ActorType) -> bool {
 }
 
 pub struct Commands {
-    pub postgres: PostgresStore,
+    pub databases: Databases,
     pub cache: Option<RedisCache>,
     /// Longest time after sending that a message can be recalled.
     pub recall_limit: Duration,
@@ -55,7 +56,7 @@ pub enum ClearUpTo<'a> {
 
 impl Commands {
     async fn target(&self, tenant_id: &str, message_id: &str) -> Result<TargetRow, Error> {
-        let target = self.postgres.target(tenant_id, message_id).await?.ok_or(Error::NotFound("message"))?;
+        let target = self.databases.target(tenant_id, message_id).await?.ok_or(Error::NotFound("message"))?;
         if target.deleted_at.is_some() {
             return Err(Error::NotFound("message"));
         }
@@ -92,7 +93,7 @@ impl Commands {
         actor: Actor<'_>,
     ) -> Result<i32, Error> {
         for message_id in message_ids {
-            let target = self.postgres.target(tenant_id, message_id).await?.ok_or(Error::NotFound("message"))?;
+            let target = self.databases.target(tenant_id, message_id).await?.ok_or(Error::NotFound("message"))?;
             if target.session_id != session_id {
                 return Err(Error::NotFound("message in this session"));
             }
@@ -101,7 +102,7 @@ impl Commands {
             }
         }
         let operation = operation("delete", actor.id, "");
-        let deleted = self.postgres.delete_for_everyone(tenant_id, session_id, message_ids, &operation).await?;
+        let deleted = self.databases.delete_for_everyone(tenant_id, session_id, message_ids, &operation).await?;
         // Also the ones deleted before: a retry after a cache failure must complete them.
         for message_id in message_ids {
             self.mark_gone(tenant_id, session_id, message_id, "deleted").await?;
@@ -130,7 +131,7 @@ impl Commands {
             return Ok(recalled_at);
         }
         let limit = requested_limit.map_or(self.recall_limit, |requested| requested.min(self.recall_limit));
-        let now = Utc::now();
+        let now = now_us();
         let age = now.signed_duration_since(target.row.timestamp);
         if age > chrono::Duration::from_std(limit).unwrap_or(chrono::Duration::MAX) {
             return Err(Error::FailedPrecondition(format!(
@@ -146,7 +147,7 @@ impl Commands {
             operation.metadata.insert("reason".into(), reason.into());
         }
         let recalled_at =
-            match self.postgres.recall(tenant_id, message_id, now, &message.encode_to_vec(), &operation).await? {
+            match self.databases.recall(tenant_id, message_id, now, &message.encode_to_vec(), &operation).await? {
                 Some(recalled_at) => recalled_at,
                 // Recalled concurrently: report that recall.
                 None => self.target(tenant_id, message_id).await?.row.recalled_at.unwrap_or(now),
@@ -170,7 +171,7 @@ impl Commands {
         if !concerns(&target, user_id) {
             return Err(Error::NotFound("message"));
         }
-        let newly = self.postgres.hide_for_user(tenant_id, &target.session_id, user_id, message_id, permanent).await?;
+        let newly = self.databases.hide_for_user(tenant_id, &target.session_id, user_id, message_id, permanent).await?;
         self.merge_view(tenant_id, &target.session_id, hidden_view_field(user_id, message_id), "1".into()).await?;
         Ok(i32::from(newly))
     }
@@ -188,7 +189,7 @@ impl Commands {
             ClearUpTo::All => Utc::now(),
             ClearUpTo::Time(time) => time,
             ClearUpTo::Message(message_id) => {
-                let target = self.postgres.target(tenant_id, message_id).await?.ok_or(Error::NotFound("message"))?;
+                let target = self.databases.target(tenant_id, message_id).await?.ok_or(Error::NotFound("message"))?;
                 if target.session_id != session_id {
                     return Err(Error::NotFound("message in this session"));
                 }
@@ -196,7 +197,7 @@ impl Commands {
                 target.row.timestamp - chrono::Duration::microseconds(1)
             }
         };
-        let (watermark, cleared) = self.postgres.clear_session(tenant_id, session_id, user_id, before).await?;
+        let (watermark, cleared) = self.databases.clear_session(tenant_id, session_id, user_id, before).await?;
         self.merge_view(tenant_id, session_id, clear_view_field(user_id), watermark.timestamp_micros().to_string())
             .await?;
         Ok((cleared, watermark))
@@ -218,12 +219,12 @@ impl Commands {
         if target.sender_id == user_id {
             return Err(Error::FailedPrecondition("a sender does not read their own message".into()));
         }
-        let now = Utc::now();
+        let now = now_us();
         let burn_at = target
             .is_burn_after_read
             .then(|| now + chrono::Duration::seconds(i64::from(target.burn_after_seconds.max(0))));
         let (read_by, burned_at) = self
-            .postgres
+            .databases
             .mark_read(tenant_id, message_id, user_id, now, burn_at)
             .await?
             .ok_or(Error::NotFound("message"))?;
@@ -261,7 +262,7 @@ impl Commands {
         }
         let operation = operation("set_attributes", actor.id, "");
         let tags = (!tags.is_empty()).then_some(tags);
-        if !self.postgres.set_attributes(tenant_id, message_id, attributes, tags, &operation).await? {
+        if !self.databases.set_attributes(tenant_id, message_id, attributes, tags, &operation).await? {
             return Err(Error::NotFound("message"));
         }
         // Attributes live in the cached body: make the window refill from the database.
@@ -282,8 +283,8 @@ impl Commands {
             Some(message.encode_to_vec())
         };
         loop {
-            match self.postgres.wipe_burned(100, strip).await {
-                Ok(100) => continue,
+            match self.databases.wipe_burned(100, strip).await {
+                Ok(wiped) if wiped >= 100 => continue,
                 Ok(wiped) if wiped > 0 => tracing::info!(wiped, "burned message content wiped"),
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "failed to wipe burned messages, retrying later"),
@@ -297,7 +298,7 @@ impl Commands {
 
     /// The tenant's distinct tags.
     pub async fn tags(&self, tenant_id: &str) -> Result<Vec<String>, Error> {
-        Ok(self.postgres.tags(tenant_id, 10_000).await?)
+        Ok(self.databases.tags(tenant_id, 10_000).await?)
     }
 
     /// Parses ClearSession's fields into what to clear.
@@ -340,4 +341,11 @@ fn operation(kind: &str, operator: &str, target_user: &str) -> Operation {
         target_user_id: target_user.into(),
         metadata: HashMap::new(),
     }
+}
+
+/// The current time at the microsecond precision every store keeps, so a time a command
+/// answers with equals the one read back later.
+fn now_us() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
 }

@@ -9,8 +9,11 @@ use flare_storage_common::settings::Settings;
 pub struct Config {
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
-    pub postgres_url: String,
+    /// The archive; optional when MongoDB is configured (at least one of the two).
+    pub postgres_url: Option<String>,
     pub postgres_max_connections: u32,
+    /// The realtime store, read before Postgres.
+    pub mongo: Option<MongoConfig>,
     /// The writer's hot cache; reads go to the databases only when unset.
     pub redis_url: Option<String>,
     /// Lifetime and size of a hot window the reader fills; the same as the writer's settings.
@@ -25,6 +28,13 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// When set, callers must send `authorization: Bearer <token>`.
     pub auth_token: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct MongoConfig {
+    pub url: String,
+    pub database: String,
+    pub collection: String,
 }
 
 /// Server certificate and key (PEM files), and with `client_ca` mutual TLS: only clients with
@@ -42,6 +52,8 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("grpc_addr", &self.grpc_addr)
             .field("metrics_addr", &self.metrics_addr)
+            .field("postgres", &self.postgres_url.is_some())
+            .field("mongo", &self.mongo.as_ref().map(|mongo| (&mongo.database, &mongo.collection)))
             .field("redis", &self.redis_url.is_some())
             .field("default_range", &self.default_range)
             .field("max_page_size", &self.max_page_size)
@@ -60,15 +72,22 @@ impl Config {
 
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let settings = Settings::new(lookup);
-        let postgres_url = settings
-            .url("POSTGRES_URL", &["postgres", "postgresql"])?
-            .ok_or_else(|| ConfigError("POSTGRES_URL is required".into()))?;
+        let postgres_url = settings.url("POSTGRES_URL", &["postgres", "postgresql"])?;
+        let mongo = settings.url("MONGO_URL", &["mongodb", "mongodb+srv"])?.map(|url| MongoConfig {
+            url,
+            database: settings.get("MONGO_DATABASE").unwrap_or_else(|| "flare_im".into()),
+            collection: settings.get("MONGO_COLLECTION").unwrap_or_else(|| "messages".into()),
+        });
+        if postgres_url.is_none() && mongo.is_none() {
+            return Err(ConfigError("POSTGRES_URL or MONGO_URL is required (at least one database)".into()));
+        }
         let max_page_size = settings.positive("STORAGE_READER_MAX_PAGE_SIZE", 200)?;
         let get = |name: &str| settings.get(name);
         Ok(Self {
             grpc_addr: settings.address("STORAGE_READER_GRPC_ADDR", "0.0.0.0:50051")?,
             metrics_addr: settings.address("METRICS_ADDR", "0.0.0.0:9101")?,
             postgres_url,
+            mongo,
             redis_url: settings.url("REDIS_URL", &["redis", "rediss"])?,
             redis_hot_ttl: settings.seconds("REDIS_HOT_TTL_SECONDS", 3600)?,
             redis_hot_window: settings.size("REDIS_HOT_MAX_MESSAGES", 200)?,
@@ -114,6 +133,11 @@ mod tests {
         assert_eq!(config.metrics_addr.to_string(), "0.0.0.0:9101");
         assert_eq!(config.default_range, Duration::from_secs(604_800));
         assert_eq!(config.max_page_size, 200);
+        assert!(config.mongo.is_none());
+        let config = config(&[("MONGO_URL", "mongodb://h:27017")]).expect("MongoDB alone is enough");
+        assert!(config.postgres_url.is_none());
+        let mongo = config.mongo.expect("mongo");
+        assert_eq!((mongo.database.as_str(), mongo.collection.as_str()), ("flare_im", "messages"));
     }
 
     #[test]
@@ -135,8 +159,10 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_variable() {
-        let error = config(&[]).expect_err("postgres missing");
-        assert_eq!(error.to_string(), "POSTGRES_URL is required");
+        let error = config(&[]).expect_err("no database");
+        assert_eq!(error.to_string(), "POSTGRES_URL or MONGO_URL is required (at least one database)");
+        let error = config(&[("MONGO_URL", "http://h")]).expect_err("not a MongoDB URL");
+        assert!(error.to_string().starts_with("MONGO_URL"), "{error}");
         let error = config(&[("POSTGRES_URL", "postgres://h/db"), ("STORAGE_READER_MAX_PAGE_SIZE", "-1")])
             .expect_err("negative page size");
         assert!(error.to_string().starts_with("STORAGE_READER_MAX_PAGE_SIZE"), "{error}");

@@ -23,6 +23,12 @@ pub enum Error {
     /// A store failed; the call may succeed if retried.
     #[error("failed to query the message store")]
     Store(#[from] sqlx::Error),
+    /// MongoDB failed; the call may succeed if retried.
+    #[error("failed to query the message store")]
+    Mongo(#[from] mongodb::error::Error),
+    /// Configuration guarantees a database; kept so no path can panic.
+    #[error("no message database is configured")]
+    NoDatabase,
     /// A stored message could not be decoded.
     #[error("stored message {message_id} is unreadable")]
     Corrupt { message_id: String },
@@ -44,7 +50,17 @@ impl Error {
             Error::Store(
                 sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_),
             ) => Code::Unavailable,
-            Error::Store(_) | Error::Corrupt { .. } => Code::Internal,
+            Error::Mongo(cause) if crate::store::mongo::unreachable(cause) => Code::Unavailable,
+            Error::Store(_) | Error::Mongo(_) | Error::Corrupt { .. } | Error::NoDatabase => Code::Internal,
+        }
+    }
+
+    /// The underlying cause, for logs.
+    pub fn cause(&self) -> String {
+        match self {
+            Error::Store(cause) => cause.to_string(),
+            Error::Mongo(cause) => cause.to_string(),
+            other => other.to_string(),
         }
     }
 }
@@ -53,7 +69,7 @@ impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let code = error.code();
         match &error {
-            Error::Store(cause) => error!(error = %cause, "store query failed"),
+            Error::Store(_) | Error::Mongo(_) => error!(error = %error.cause(), "store query failed"),
             Error::Corrupt { message_id } => error!(message_id, "stored message payload does not decode"),
             _ => {}
         }

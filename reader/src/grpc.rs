@@ -21,7 +21,7 @@ use crate::error::Error;
 use crate::lookup::{Lookup, PageQuery, SeqQuery, to_message};
 use crate::metrics::Metrics;
 use crate::search::{CURSOR_SCOPE, SearchQuery};
-use crate::store::postgres::PostgresStore;
+use crate::store::Databases;
 
 pub struct StorageReader {
     pub lookup: Lookup,
@@ -459,7 +459,7 @@ impl StorageReaderService for StorageReader {
             let time_range = request.time_range.unwrap_or_default();
             query.from = protobuf_time("time_range.start_time", time_range.start_time.as_ref())?;
             query.to = protobuf_time("time_range.end_time", time_range.end_time.as_ref())?;
-            Ok(Box::pin(export_stream(self.lookup.postgres.clone(), query)) as ExportStream)
+            Ok(Box::pin(export_stream(self.lookup.databases.clone(), query)) as ExportStream)
         })
         .await
     }
@@ -471,16 +471,16 @@ const EXPORT_CHUNK: i64 = 200;
 /// Streams a whole export in chunks, oldest first. A bounded channel of two chunks is the
 /// backpressure: a slow client stops the database reads, and only two chunks are ever held.
 fn export_stream(
-    postgres: PostgresStore,
+    databases: Databases,
     mut query: SearchQuery,
 ) -> impl Stream<Item = Result<StreamExportMessagesResponse, Status>> + Send {
     let (sender, receiver) = tokio::sync::mpsc::channel(2);
     tokio::spawn(async move {
         loop {
-            let rows = match postgres.search(&query, EXPORT_CHUNK).await {
+            let rows = match databases.search(&query, EXPORT_CHUNK).await {
                 Ok(rows) => rows,
                 Err(error) => {
-                    let _ = sender.send(Err(Status::from(Error::from(error)))).await;
+                    let _ = sender.send(Err(Status::from(error))).await;
                     return;
                 }
             };

@@ -30,12 +30,14 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use config::{Config, TlsConfig};
+pub use config::{Config, MongoConfig, TlsConfig};
 
 use crate::commands::Commands;
 use crate::grpc::StorageReader;
 use crate::lookup::{Lookup, SingleFlight};
 use crate::metrics::Metrics;
+use crate::store::Databases;
+use crate::store::mongo::MongoStore;
 use crate::store::postgres::PostgresStore;
 use crate::store::redis::RedisCache;
 
@@ -66,13 +68,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let metrics = Metrics::new().context("failed to register metrics")?;
     let readiness = Arc::new(Readiness::default());
-    let postgres = PostgresStore::connect(&config.postgres_url, config.postgres_max_connections)
-        .context("invalid POSTGRES_URL")?;
-    if let Err(error) = schema::migrate(postgres.pool()).await {
-        // Not fatal: the writer may own migrations, or the database may come up later;
-        // readiness reports whether queries can be answered.
-        warn!(%error, "failed to apply migrations at start");
-    }
+    let databases = connect_databases(&config).await?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     // Server reflection, so grpcurl and similar tools can discover the API.
@@ -82,7 +78,7 @@ pub async fn serve(
         .context("failed to build the reflection service")?;
     let ops_task =
         tokio::spawn(ops::serve(ops_listener, metrics.registry.clone(), readiness.clone(), shutdown.clone()));
-    let readiness_task = tokio::spawn(watch_readiness(postgres.clone(), readiness, health_reporter, shutdown.clone()));
+    let readiness_task = tokio::spawn(watch_readiness(databases.clone(), readiness, health_reporter, shutdown.clone()));
 
     let cache = match &config.redis_url {
         Some(url) => Some(
@@ -92,16 +88,16 @@ pub async fn serve(
         ),
         None => None,
     };
-    let commands = Commands { postgres: postgres.clone(), cache: cache.clone(), recall_limit: config.recall_limit };
+    let commands = Commands { databases: databases.clone(), cache: cache.clone(), recall_limit: config.recall_limit };
     let wipe_task = {
-        let commands = Commands { postgres: postgres.clone(), cache: None, recall_limit: config.recall_limit };
+        let commands = Commands { databases: databases.clone(), cache: None, recall_limit: config.recall_limit };
         let shutdown = shutdown.clone();
         tokio::spawn(async move { commands.wipe_burned_periodically(BURN_WIPE_INTERVAL, shutdown).await })
     };
     let reader = StorageReader {
         commands,
         lookup: Lookup {
-            postgres,
+            databases,
             cache,
             metrics: metrics.clone(),
             default_range: config.default_range,
@@ -132,6 +128,40 @@ pub async fn serve(
     served.context("gRPC server failed")?;
     info!("reader stopped");
     Ok(())
+}
+
+/// Clients for the configured databases. Neither needs to be up yet: migrations and indexes
+/// that fail here are only logged (the writer applies them too) and readiness tells when
+/// queries can be answered.
+async fn connect_databases(config: &Config) -> anyhow::Result<Databases> {
+    let postgres = match &config.postgres_url {
+        Some(url) => {
+            let postgres =
+                PostgresStore::connect(url, config.postgres_max_connections).context("invalid POSTGRES_URL")?;
+            if let Err(error) = schema::migrate(postgres.pool()).await {
+                warn!(%error, "failed to apply migrations at start");
+            }
+            Some(postgres)
+        }
+        None => None,
+    };
+    let mongo = match &config.mongo {
+        Some(mongo) => {
+            let store = MongoStore::connect(&mongo.url, &mongo.database, &mongo.collection)
+                .await
+                .context("invalid MONGO_URL")?;
+            // In the background: server selection waits out a MongoDB that is not up yet.
+            let indexing = store.clone();
+            tokio::spawn(async move {
+                if let Err(error) = indexing.ensure_indexes().await {
+                    warn!(%error, "failed to create MongoDB indexes at start");
+                }
+            });
+            Some(store)
+        }
+        None => None,
+    };
+    Ok(Databases { mongo, postgres })
 }
 
 /// The server's TLS identity and, for mutual TLS, the CA that client certificates must chain to.
@@ -177,15 +207,15 @@ fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
     difference == 0
 }
 
-/// Marks the reader ready (HTTP `/readyz` and gRPC health) while Postgres answers.
+/// Marks the reader ready (HTTP `/readyz` and gRPC health) while a database answers.
 async fn watch_readiness(
-    postgres: PostgresStore,
+    databases: Databases,
     readiness: Arc<Readiness>,
     health: tonic_health::server::HealthReporter,
     shutdown: CancellationToken,
 ) {
     loop {
-        let ready = sqlx::query("SELECT 1").execute(postgres.pool()).await.is_ok();
+        let ready = databases.answers().await;
         if ready != readiness.is_ready() {
             info!(ready, "readiness changed");
         }

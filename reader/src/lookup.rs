@@ -21,7 +21,8 @@ use crate::cursor::Cursor;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::search::{CURSOR_SCOPE, SearchQuery};
-use crate::store::postgres::{Before, PostgresStore, SessionPage, StoredRow};
+use crate::store::Databases;
+use crate::store::postgres::{Before, SessionPage, StoredRow};
 use crate::store::redis::{CachedEntry, FillEntry, RedisCache, SeqSlice, WindowRead};
 
 /// Page size when the request gives none.
@@ -32,7 +33,7 @@ pub const DEFAULT_PAGE_SIZE: u32 = 50;
 const TIE_SLACK: usize = 16;
 
 pub struct Lookup {
-    pub postgres: PostgresStore,
+    pub databases: Databases,
     pub cache: Option<RedisCache>,
     pub metrics: Metrics,
     pub default_range: Duration,
@@ -97,7 +98,7 @@ struct Bounds {
 impl Lookup {
     /// One message as `user` may see it ('' = no per-user filtering).
     pub async fn message(&self, tenant_id: &str, message_id: &str, user: &str) -> Result<Message, Error> {
-        let row = self.postgres.message(tenant_id, message_id, user).await?;
+        let row = self.databases.message(tenant_id, message_id, user).await?;
         row.map(to_message).transpose()?.ok_or(Error::NotFound("message"))
     }
 
@@ -131,7 +132,7 @@ impl Lookup {
                     .map(|cursor| Before { timestamp: cursor.timestamp, message_id: &cursor.message_id });
                 // One row more than the page tells whether another page exists, without counting.
                 let rows = self
-                    .postgres
+                    .databases
                     .session_page(SessionPage {
                         tenant_id: query.tenant_id,
                         session_id: query.session_id,
@@ -219,7 +220,7 @@ impl Lookup {
         tenant_id: &str,
         session_id: &str,
     ) -> Result<(), Error> {
-        let views = self.postgres.session_views(tenant_id, session_id).await?;
+        let views = self.databases.session_views(tenant_id, session_id).await?;
         let mut facts: Vec<(String, String)> = views
             .hidden
             .into_iter()
@@ -247,7 +248,7 @@ impl Lookup {
         let window = cache.window();
         // A command between this read and the fill bumps the version and voids the fill.
         let Some(version) = cache.version(keys).await else { return Ok(()) };
-        let rows = self.postgres.newest(tenant_id, session_id, window as i64).await?;
+        let rows = self.databases.newest(tenant_id, session_id, window as i64).await?;
         let complete = rows.len() < window;
         let mut entries = Vec::with_capacity(rows.len());
         for row in rows {
@@ -274,7 +275,7 @@ impl Lookup {
             query.from =
                 Some(now - chrono::Duration::from_std(self.default_range).unwrap_or(chrono::Duration::days(7)));
         }
-        let rows = self.postgres.search(&query, i64::from(limit) + 1).await?;
+        let rows = self.databases.search(&query, i64::from(limit) + 1).await?;
         let messages = rows.into_iter().map(to_message).collect::<Result<Vec<_>, _>>()?;
         Ok(self.cut_page(messages, limit, &query.tenant_id, CURSOR_SCOPE))
     }
@@ -300,7 +301,7 @@ impl Lookup {
             self.metrics.cache_miss();
         }
         let rows = self
-            .postgres
+            .databases
             .seq_range(query.tenant_id, query.session_id, query.after, query.before, wanted as i64, query.user)
             .await?;
         let messages = rows.into_iter().map(to_message).collect::<Result<Vec<_>, _>>()?;

@@ -31,7 +31,10 @@ async fn main() -> ExitCode {
             });
             flare_storage_reader::run(config, shutdown).await
         }
-        Some("migrate") => migrate(&config.postgres_url).await,
+        Some("migrate") => match &config.postgres_url {
+            Some(url) => migrate(url).await,
+            None => Err(anyhow::anyhow!("migrate needs POSTGRES_URL (MongoDB needs no migrations)")),
+        },
         Some("healthcheck") => {
             return if ops::probe_health(config.metrics_addr).await { ExitCode::SUCCESS } else { ExitCode::FAILURE };
         }

@@ -242,8 +242,9 @@ impl RunningReader {
         let mut config = flare_storage_reader::Config {
             grpc_addr,
             metrics_addr,
-            postgres_url: database_url.into(),
+            postgres_url: Some(database_url.into()),
             postgres_max_connections: 4,
+            mongo: None,
             redis_url,
             redis_hot_ttl: Duration::from_secs(600),
             redis_hot_window: 200,

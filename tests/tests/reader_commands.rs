@@ -1,6 +1,7 @@
 //! The reader's commands against the real services, each checked through a reader that uses
 //! the Redis hot window and one that reads the database only: what is gone for someone never
-//! comes back for them, from either; who may do what; bad input names its field.
+//! comes back for them, from either; who may do what; bad input names its field. Every test
+//! runs twice: with Postgres as the only database, and with MongoDB as the only database.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -41,11 +42,38 @@ fn text(message: &Message) -> Option<&str> {
     }
 }
 
+/// The database a conversation is stored in and read from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Store {
+    Postgres,
+    Mongo,
+}
+
+/// Runs the test body `$name(store)` once per store, as `$name::postgres` and `$name::mongo`.
+macro_rules! on_each_store {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() -> anyhow::Result<()> {
+                super::$name(super::Store::Postgres).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mongo() -> anyhow::Result<()> {
+                super::$name(super::Store::Mongo).await
+            }
+        }
+    };
+}
+
 /// A one-to-one conversation between alice (even) and bob (odd), sent `seconds_ago` back.
 struct Conversation {
     tenant: String,
     session: String,
+    store: Store,
     database: TestDatabase,
+    /// The MongoDB database of this test (used with `Store::Mongo`).
+    mongo_database: String,
     topic: String,
     cached: RunningReader,
     uncached: RunningReader,
@@ -53,17 +81,43 @@ struct Conversation {
 }
 
 impl Conversation {
-    async fn start(messages: usize) -> anyhow::Result<Self> {
+    async fn start(store: Store, messages: usize) -> anyhow::Result<Self> {
         let database = TestDatabase::create().await?;
+        let mongo_database = unique("flare");
         let (topic, dlq_topic) = (unique("messages"), unique("dlq"));
         create_topics(&[&topic, &dlq_topic], PARTITIONS).await?;
+        let mut writer = writer_config(&database.url, &topic, &dlq_topic);
+        let mongo = flare_storage_reader::MongoConfig {
+            url: mongo_url(),
+            database: mongo_database.clone(),
+            collection: "messages".into(),
+        };
+        if store == Store::Mongo {
+            writer.postgres_url = None;
+            writer.mongo = Some(flare_storage_writer::MongoConfig {
+                url: mongo.url.clone(),
+                database: mongo.database.clone(),
+                collection: mongo.collection.clone(),
+            });
+        }
+        let reader = |redis: Option<String>| {
+            let mongo = mongo.clone();
+            RunningReader::start_configured(&database.url, redis, move |config| {
+                if store == Store::Mongo {
+                    config.postgres_url = None;
+                    config.mongo = Some(mongo);
+                }
+            })
+        };
         let conversation = Self {
             tenant: unique("acme"),
             session: "chat".into(),
-            writer: RunningWriter::start(writer_config(&database.url, &topic, &dlq_topic)).await?,
-            cached: RunningReader::start(&database.url).await?,
-            uncached: RunningReader::start_with(&database.url, None).await?,
+            store,
+            writer: RunningWriter::start(writer).await?,
+            cached: reader(Some(redis_url())).await?,
+            uncached: reader(None).await?,
             database,
+            mongo_database,
             topic,
         };
         for index in 0..messages {
@@ -174,10 +228,44 @@ impl Conversation {
         Ok(metric_value(&body, "storage_reader_cache_lookups_total{result=\"hit\"}").unwrap_or(0.0))
     }
 
+    /// Whether the stored document or row of a message still has its content fields, and its
+    /// stored payload.
+    async fn stored_content(&self, id: &str) -> anyhow::Result<(bool, Message)> {
+        let (has_content, payload): (bool, Vec<u8>) = match self.store {
+            Store::Postgres => {
+                let mut db = self.database.connect().await?;
+                sqlx::query_as(
+                    "SELECT content IS NOT NULL OR content_text IS NOT NULL, payload FROM messages WHERE message_id = $1",
+                )
+                .bind(id)
+                .fetch_one(&mut db)
+                .await?
+            }
+            Store::Mongo => {
+                use mongodb::bson::{Bson, doc};
+                let client = mongodb::Client::with_uri_str(mongo_url()).await?;
+                let messages = client.database(&self.mongo_database).collection::<mongodb::bson::Document>("messages");
+                let document = messages
+                    .find_one(doc! { "message_id": id })
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("{id} not in MongoDB"))?;
+                let payload = match document.get("payload") {
+                    Some(Bson::Binary(binary)) => binary.bytes.clone(),
+                    _ => Vec::new(),
+                };
+                (!matches!(document.get("text"), None | Some(Bson::Null)), payload)
+            }
+        };
+        Ok((has_content, <Message as prost::Message>::decode(payload.as_slice())?))
+    }
+
     async fn stop(self) -> anyhow::Result<()> {
         self.writer.stop().await?;
         self.cached.stop().await?;
         self.uncached.stop().await?;
+        if self.store == Store::Mongo {
+            mongodb::Client::with_uri_str(mongo_url()).await?.database(&self.mongo_database).drop().await?;
+        }
         self.database.drop().await
     }
 }
@@ -186,9 +274,9 @@ fn ids(list: &[&str]) -> Vec<String> {
     list.iter().map(|id| (*id).to_owned()).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deleted_and_recalled_messages_are_gone_for_everyone() -> anyhow::Result<()> {
-    let chat = Conversation::start(6).await?;
+on_each_store!(deleted_and_recalled_messages_are_gone_for_everyone);
+async fn deleted_and_recalled_messages_are_gone_for_everyone(store: Store) -> anyhow::Result<()> {
+    let chat = Conversation::start(store, 6).await?;
     let [mut client, _] = chat.clients().await?;
     assert_eq!(chat.visible_to("alice").await?, ids(&["m5", "m4", "m3", "m2", "m1", "m0"]));
 
@@ -265,9 +353,9 @@ async fn deleted_and_recalled_messages_are_gone_for_everyone() -> anyhow::Result
     chat.stop().await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn per_user_deletes_and_clears_hide_only_for_that_user() -> anyhow::Result<()> {
-    let chat = Conversation::start(6).await?;
+on_each_store!(per_user_deletes_and_clears_hide_only_for_that_user);
+async fn per_user_deletes_and_clears_hide_only_for_that_user(store: Store) -> anyhow::Result<()> {
+    let chat = Conversation::start(store, 6).await?;
     let [mut client, _] = chat.clients().await?;
 
     let hide = |user: &str, id: &str, context| DeleteMessageForUserRequest {
@@ -329,9 +417,9 @@ async fn per_user_deletes_and_clears_hide_only_for_that_user() -> anyhow::Result
     chat.stop().await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn read_receipts_and_burn_after_read() -> anyhow::Result<()> {
-    let chat = Conversation::start(2).await?;
+on_each_store!(read_receipts_and_burn_after_read);
+async fn read_receipts_and_burn_after_read(store: Store) -> anyhow::Result<()> {
+    let chat = Conversation::start(store, 2).await?;
     chat.send(2, true).await?; // alice -> bob, burns 1 s after bob reads it
     chat.wait_stored(3).await?;
     let [mut client, _] = chat.clients().await?;
@@ -376,28 +464,19 @@ async fn read_receipts_and_burn_after_read() -> anyhow::Result<()> {
     })
     .await?;
     // The background wipe then removes the content from the database itself.
-    eventually(Duration::from_secs(40), "burned content wiped from Postgres", || async {
-        let mut db = chat.database.connect().await?;
-        let (content_gone, text_gone, payload): (bool, bool, Vec<u8>) = sqlx::query_as(
-            "SELECT content IS NULL, content_text IS NULL, payload FROM messages WHERE message_id = 'm2'",
-        )
-        .fetch_one(&mut db)
-        .await?;
-        let stored = <Message as prost::Message>::decode(payload.as_slice())?;
-        Ok((content_gone && text_gone && stored.content.is_none()).then_some(()))
+    eventually(Duration::from_secs(40), "burned content wiped from the database", || async {
+        let (has_content, stored) = chat.stored_content("m2").await?;
+        Ok((!has_content && stored.content.is_none()).then_some(()))
     })
     .await?;
-    let mut db = chat.database.connect().await?;
-    let untouched: bool = sqlx::query_scalar("SELECT content IS NOT NULL FROM messages WHERE message_id = 'm0'")
-        .fetch_one(&mut db)
-        .await?;
-    assert!(untouched, "only burned messages are wiped");
+    let (untouched, stored) = chat.stored_content("m0").await?;
+    assert!(untouched && stored.content.is_some(), "only burned messages are wiped");
     chat.stop().await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn attributes_and_tags_are_set_by_the_sender_and_listed_per_tenant() -> anyhow::Result<()> {
-    let chat = Conversation::start(3).await?;
+on_each_store!(attributes_and_tags_are_set_by_the_sender_and_listed_per_tenant);
+async fn attributes_and_tags_are_set_by_the_sender_and_listed_per_tenant(store: Store) -> anyhow::Result<()> {
+    let chat = Conversation::start(store, 3).await?;
     let [mut client, _] = chat.clients().await?;
     // Warm the window so the change has a cached copy to replace.
     chat.visible_to("alice").await?;
@@ -442,15 +521,15 @@ async fn attributes_and_tags_are_set_by_the_sender_and_listed_per_tenant() -> an
     chat.stop().await
 }
 
+on_each_store!(isolation_matrix_every_rpc_against_other_tenant_other_user_and_non_sender);
 /// The isolation matrix: every RPC tried by another tenant, by a user acting for or reading as
 /// another user, and by a receiver on the sender's message. Each attempt is refused or finds
 /// nothing, and afterwards every message, view, tag and attribute is as it was.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn isolation_matrix_every_rpc_against_other_tenant_other_user_and_non_sender() -> anyhow::Result<()> {
+async fn isolation_matrix_every_rpc_against_other_tenant_other_user_and_non_sender(store: Store) -> anyhow::Result<()> {
     use flare_storage_common::tonic::Status;
     use futures::StreamExt as _;
 
-    let chat = Conversation::start(4).await?;
+    let chat = Conversation::start(store, 4).await?;
     let [mut client, _] = chat.clients().await?;
     let own = || tenant(&chat.tenant);
     let intruder = unique("globex");

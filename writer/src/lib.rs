@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use config::Config;
+pub use config::{Config, MongoConfig};
 
 use crate::ack::Acks;
 use crate::deadletter::DeadLetters;

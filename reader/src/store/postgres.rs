@@ -90,6 +90,7 @@ fn user_filter(user_param: usize) -> String {
 }
 
 /// A page of a session's history, newest first.
+#[derive(Clone, Copy)]
 pub struct SessionPage<'a> {
     pub tenant_id: &'a str,
     pub session_id: &'a str,
@@ -102,6 +103,7 @@ pub struct SessionPage<'a> {
 }
 
 /// Where a page of a session's history starts: strictly older than this message.
+#[derive(Clone, Copy)]
 pub struct Before<'a> {
     pub timestamp: DateTime<Utc>,
     pub message_id: &'a str,
@@ -116,7 +118,6 @@ impl PostgresStore {
         &self.pool
     }
 
-    /// A message as `user` may see it ('' = no per-user filtering); deleted ones are absent.
     /// A message as `user` may see it ('' = no per-user filtering); deleted ones are absent.
     pub async fn message(
         &self,

@@ -1,9 +1,12 @@
 //! MongoDB realtime store: one unordered `insert_many` per batch. Documents are keyed by
 //! `_id` = `<len>:<tenant>:<message_id>`, so a redelivered message is a duplicate-key error
-//! (code 11000) on its own document and nothing else.
+//! (code 11000) on its own document and nothing else. Besides the `timestamp` date (for the
+//! TTL index) each document keeps `timestamp_us`, the microsecond time Postgres and the cache
+//! order by, so the reader pages every store the same way.
 
 use std::collections::{HashMap, HashSet};
 
+use flare_storage_common::keys::document_id;
 use flare_storage_common::message::{content_type, message_tenant_id, to_datetime};
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::{Message, message_content};
@@ -24,12 +27,6 @@ pub struct MongoStore {
     collection: Collection<Document>,
 }
 
-/// `_id` of a message's document; the tenant is length-prefixed so ids cannot collide across
-/// tenants.
-pub fn document_id(tenant_id: &str, message_id: &str) -> String {
-    format!("{}:{tenant_id}:{message_id}", tenant_id.len())
-}
-
 impl MongoStore {
     pub async fn connect(url: &str, database: &str, collection: &str) -> Result<Self> {
         let client = Client::with_uri_str(url).await?;
@@ -42,9 +39,9 @@ impl MongoStore {
     pub async fn ensure_indexes(&self, retention: Option<std::time::Duration>) -> Result<()> {
         self.ensure_retention_index(retention).await?;
         let indexes = [
-            doc! { "tenant_id": 1, "session_id": 1, "timestamp": -1, "message_id": -1 },
+            doc! { "tenant_id": 1, "session_id": 1, "timestamp_us": -1, "message_id": -1 },
             doc! { "tenant_id": 1, "session_id": 1, "seq": 1 },
-            doc! { "tenant_id": 1, "sender_id": 1, "timestamp": -1 },
+            doc! { "tenant_id": 1, "sender_id": 1, "timestamp_us": -1 },
         ];
         for keys in indexes {
             self.collection.create_index(IndexModel::builder().keys(keys).build()).await?;
@@ -185,6 +182,7 @@ fn to_document(message: &Message) -> Document {
         "session_type": &message.session_type,
         "status": &message.status,
         "timestamp": mongodb::bson::DateTime::from_millis(timestamp.timestamp_millis()),
+        "timestamp_us": timestamp.timestamp_micros(),
         "created_at": message
             .timeline
             .as_ref()

@@ -1,0 +1,617 @@
+//! MongoDB realtime store: the reader's queries and the changes of its commands on the
+//! documents the writer stores (one per message, `_id` = `keys::document_id`), and two
+//! collections of per-user views beside them: `<collection>_hidden` (one document per hidden
+//! message and user) and `<collection>_clears` (one clear watermark per session and user).
+//!
+//! Times are compared on the microsecond fields (`timestamp_us`, `deleted_at_us`, …), the
+//! precision Postgres and the cache order by, so a page means the same in every store. Every
+//! filter names the tenant, through `tenant_id` or a tenant-prefixed `_id`.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use flare_storage_common::keys::document_id;
+use futures::TryStreamExt as _;
+use mongodb::bson::{Bson, Document, doc, spec::BinarySubtype};
+use mongodb::error::{ErrorKind, Result};
+use mongodb::options::FindOptions;
+use mongodb::{Client, Collection, IndexModel};
+use sqlx::types::Json;
+
+use crate::search::{Among, Comparison, SearchQuery};
+use crate::store::postgres::{Operation, ReadRecord, SessionPage, SessionViews, StoredRow, TargetRow};
+
+#[derive(Clone)]
+pub struct MongoStore {
+    messages: Collection<Document>,
+    hidden: Collection<Document>,
+    clears: Collection<Document>,
+}
+
+/// Attribute merges retried when another command changed the attributes in between.
+const ATTRIBUTE_RETRIES: usize = 8;
+
+impl MongoStore {
+    /// A client for the server; it connects on first use, so the reader starts while MongoDB
+    /// is still coming up.
+    pub async fn connect(url: &str, database: &str, collection: &str) -> Result<Self> {
+        let database = Client::with_uri_str(url).await?.database(database);
+        Ok(Self {
+            messages: database.collection(collection),
+            hidden: database.collection(&format!("{collection}_hidden")),
+            clears: database.collection(&format!("{collection}_clears")),
+        })
+    }
+
+    /// Indexes of the view collections (the writer creates the messages' own); safe to repeat.
+    pub async fn ensure_indexes(&self) -> Result<()> {
+        for collection in [&self.hidden, &self.clears] {
+            for keys in [doc! { "tenant_id": 1, "session_id": 1 }, doc! { "tenant_id": 1, "user_id": 1 }] {
+                collection.create_index(IndexModel::builder().keys(keys).build()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        self.messages.client().database("admin").run_command(doc! { "ping": 1 }).await.map(drop)
+    }
+
+    async fn find(&self, clauses: Vec<Document>, sort: Document, limit: i64) -> Result<Vec<StoredRow>> {
+        let options = FindOptions::builder().sort(sort).limit(limit).build();
+        let documents: Vec<Document> =
+            self.messages.find(doc! { "$and": clauses }).with_options(options).await?.try_collect().await?;
+        documents.iter().map(stored_row).collect()
+    }
+
+    /// A message as `user` may see it ('' = no per-user filtering); deleted ones are absent.
+    pub async fn message(&self, tenant_id: &str, message_id: &str, user: &str) -> Result<Option<StoredRow>> {
+        let filter = doc! { "_id": document_id(tenant_id, message_id), "deleted_at_us": Bson::Null };
+        let Some(document) = self.messages.find_one(filter).await? else { return Ok(None) };
+        let row = stored_row(&document)?;
+        if !user.is_empty() {
+            let session_id = document.get_str("session_id").unwrap_or_default();
+            let hidden = self.hidden.find_one(doc! { "_id": hidden_id(tenant_id, user, message_id) }).await?;
+            let cleared_before = self.cleared_before(tenant_id, session_id, user).await?;
+            if hidden.is_some() || cleared_before.is_some_and(|before| row.timestamp.timestamp_micros() <= before) {
+                return Ok(None);
+            }
+        }
+        Ok(Some(row))
+    }
+
+    /// A message whatever its state, for commands that change it.
+    pub async fn target(&self, tenant_id: &str, message_id: &str) -> Result<Option<TargetRow>> {
+        let Some(document) = self.messages.find_one(doc! { "_id": document_id(tenant_id, message_id) }).await? else {
+            return Ok(None);
+        };
+        let text = |field: &str| document.get_str(field).unwrap_or_default().to_owned();
+        Ok(Some(TargetRow {
+            row: stored_row(&document)?,
+            session_id: text("session_id"),
+            sender_id: text("sender_id"),
+            receiver_id: text("receiver_id"),
+            receiver_ids: strings(document.get("receiver_ids")),
+            is_burn_after_read: document.get_bool("is_burn_after_read").unwrap_or(false),
+            burn_after_seconds: integer(document.get("burn_after_seconds")) as i32,
+            deleted_at: micros(document.get("deleted_at_us")),
+        }))
+    }
+
+    /// The newest `limit` messages of a session, newest first (to fill the hot window).
+    pub async fn newest(&self, tenant_id: &str, session_id: &str, limit: i64) -> Result<Vec<StoredRow>> {
+        let clauses = vec![doc! { "tenant_id": tenant_id, "session_id": session_id, "deleted_at_us": Bson::Null }];
+        self.find(clauses, doc! { "timestamp_us": -1, "message_id": -1 }, limit).await
+    }
+
+    /// Up to `limit` messages of a session with seq in (after, before), ascending.
+    pub async fn seq_range(
+        &self,
+        tenant_id: &str,
+        session_id: &str,
+        after: i64,
+        before: i64,
+        limit: i64,
+        user: &str,
+    ) -> Result<Vec<StoredRow>> {
+        let mut clauses = vec![doc! {
+            "tenant_id": tenant_id, "session_id": session_id, "deleted_at_us": Bson::Null,
+            "seq": { "$gt": after, "$lt": before },
+        }];
+        clauses.extend(self.user_clauses(tenant_id, Some(session_id), user).await?);
+        self.find(clauses, doc! { "seq": 1 }, limit).await
+    }
+
+    /// Up to `limit` messages of a session in [from, to], newest first, older than `before`,
+    /// as `user` may see them.
+    pub async fn session_page(&self, page: SessionPage<'_>) -> Result<Vec<StoredRow>> {
+        let SessionPage { tenant_id, session_id, from, to, before, limit, user } = page;
+        let mut clauses = vec![doc! {
+            "tenant_id": tenant_id, "session_id": session_id, "deleted_at_us": Bson::Null,
+            "timestamp_us": { "$gte": from.timestamp_micros(), "$lte": to.timestamp_micros() },
+        }];
+        if let Some(before) = before {
+            clauses.push(keyset("$lt", before.timestamp, before.message_id));
+        }
+        clauses.extend(self.user_clauses(tenant_id, Some(session_id), user).await?);
+        self.find(clauses, doc! { "timestamp_us": -1, "message_id": -1 }, limit).await
+    }
+
+    /// Conditions leaving out what `user` hid and what their clear watermarks cover, in one
+    /// session or (`None`) all of the tenant's.
+    async fn user_clauses(&self, tenant_id: &str, session_id: Option<&str>, user: &str) -> Result<Vec<Document>> {
+        if user.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut filter = doc! { "tenant_id": tenant_id, "user_id": user };
+        if let Some(session_id) = session_id {
+            filter.insert("session_id", session_id);
+        }
+        let hidden: Vec<Document> = self.hidden.find(filter.clone()).await?.try_collect().await?;
+        let clears: Vec<Document> = self.clears.find(filter).await?.try_collect().await?;
+        let mut clauses = Vec::new();
+        if !hidden.is_empty() {
+            let ids: Vec<&str> = hidden.iter().filter_map(|view| view.get_str("message_id").ok()).collect();
+            clauses.push(doc! { "message_id": { "$nin": ids } });
+        }
+        if !clears.is_empty() {
+            let covered: Vec<Document> = clears
+                .iter()
+                .map(|clear| {
+                    doc! {
+                        "session_id": clear.get_str("session_id").unwrap_or_default(),
+                        "timestamp_us": { "$lte": integer(clear.get("cleared_before_us")) },
+                    }
+                })
+                .collect();
+            clauses.push(doc! { "$nor": covered });
+        }
+        Ok(clauses)
+    }
+
+    async fn cleared_before(&self, tenant_id: &str, session_id: &str, user: &str) -> Result<Option<i64>> {
+        let clear = self.clears.find_one(doc! { "_id": clear_id(tenant_id, session_id, user) }).await?;
+        Ok(clear.map(|clear| integer(clear.get("cleared_before_us"))))
+    }
+
+    /// Soft-deletes messages of a session for everyone; returns the ids newly deleted.
+    pub async fn delete_for_everyone(
+        &self,
+        tenant_id: &str,
+        session_id: &str,
+        message_ids: &[String],
+        operation: &Operation,
+    ) -> Result<Vec<String>> {
+        let now = Utc::now().timestamp_micros();
+        let mut deleted = Vec::new();
+        for message_id in message_ids {
+            let result = self
+                .messages
+                .update_one(
+                    doc! { "_id": document_id(tenant_id, message_id), "session_id": session_id, "deleted_at_us": Bson::Null },
+                    doc! { "$set": { "deleted_at_us": now }, "$push": { "operations": operation_document(operation)? } },
+                )
+                .await?;
+            if result.modified_count > 0 {
+                deleted.push(message_id.clone());
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Marks a message recalled and drops its content; returns the recall time, or `None`
+    /// when it was already recalled.
+    pub async fn recall(
+        &self,
+        tenant_id: &str,
+        message_id: &str,
+        recalled_at: DateTime<Utc>,
+        payload_without_content: &[u8],
+        operation: &Operation,
+    ) -> Result<Option<DateTime<Utc>>> {
+        let result = self
+            .messages
+            .update_one(
+                doc! { "_id": document_id(tenant_id, message_id), "is_recalled": { "$ne": true } },
+                doc! {
+                    "$set": {
+                        "is_recalled": true,
+                        "recalled_at_us": recalled_at.timestamp_micros(),
+                        "text": Bson::Null,
+                        "payload": binary(payload_without_content),
+                    },
+                    "$push": { "operations": operation_document(operation)? },
+                },
+            )
+            .await?;
+        Ok((result.modified_count > 0).then_some(recalled_at))
+    }
+
+    /// Hides a message for one user; `permanent` is never taken back once set. Returns
+    /// whether it is newly hidden.
+    pub async fn hide_for_user(
+        &self,
+        tenant_id: &str,
+        session_id: &str,
+        user_id: &str,
+        message_id: &str,
+        permanent: bool,
+    ) -> Result<bool> {
+        let mut on_insert =
+            doc! { "tenant_id": tenant_id, "session_id": session_id, "user_id": user_id, "message_id": message_id };
+        let mut update = doc! {};
+        if permanent {
+            update.insert("$set", doc! { "permanent": true });
+        } else {
+            on_insert.insert("permanent", false);
+        }
+        update.insert("$setOnInsert", on_insert);
+        let result = self
+            .hidden
+            .update_one(doc! { "_id": hidden_id(tenant_id, user_id, message_id) }, update)
+            .upsert(true)
+            .await?;
+        Ok(result.upserted_id.is_some())
+    }
+
+    /// Raises a user's clear watermark for a session to `before` (never lowers it); returns
+    /// the watermark in force and how many visible messages it newly covers.
+    pub async fn clear_session(
+        &self,
+        tenant_id: &str,
+        session_id: &str,
+        user_id: &str,
+        before: DateTime<Utc>,
+    ) -> Result<(DateTime<Utc>, i64)> {
+        let previous = self.cleared_before(tenant_id, session_id, user_id).await?;
+        self.clears
+            .update_one(
+                doc! { "_id": clear_id(tenant_id, session_id, user_id) },
+                doc! {
+                    "$setOnInsert": { "tenant_id": tenant_id, "session_id": session_id, "user_id": user_id },
+                    "$max": { "cleared_before_us": before.timestamp_micros() },
+                    "$set": { "cleared_at_us": Utc::now().timestamp_micros() },
+                },
+            )
+            .upsert(true)
+            .await?;
+        let watermark = self.cleared_before(tenant_id, session_id, user_id).await?.unwrap_or(before.timestamp_micros());
+        let covered = self
+            .messages
+            .count_documents(doc! {
+                "tenant_id": tenant_id, "session_id": session_id, "deleted_at_us": Bson::Null,
+                "timestamp_us": { "$gt": previous.unwrap_or(i64::MIN), "$lte": watermark },
+            })
+            .await?;
+        Ok((DateTime::from_timestamp_micros(watermark).unwrap_or(before), covered as i64))
+    }
+
+    /// Records that `user_id` read a message (once; a later read keeps the first time) and,
+    /// for burn-after-read messages, the time its content is gone for everyone (the earliest
+    /// wins). Returns the read receipts and the burn time.
+    pub async fn mark_read(
+        &self,
+        tenant_id: &str,
+        message_id: &str,
+        user_id: &str,
+        read_at: DateTime<Utc>,
+        burn_at: Option<DateTime<Utc>>,
+    ) -> Result<Option<(Json<Vec<ReadRecord>>, Option<DateTime<Utc>>)>> {
+        let id = document_id(tenant_id, message_id);
+        self.messages
+            .update_one(
+                doc! { "_id": &id, "deleted_at_us": Bson::Null, "read_by.user_id": { "$ne": user_id } },
+                doc! { "$push": { "read_by": { "user_id": user_id, "read_at_us": read_at.timestamp_micros() } } },
+            )
+            .await?;
+        if let Some(burn_at) = burn_at {
+            let burn_us = burn_at.timestamp_micros();
+            self.messages
+                .update_one(
+                    doc! {
+                        "_id": &id, "deleted_at_us": Bson::Null,
+                        "$or": [{ "burned_at_us": Bson::Null }, { "burned_at_us": { "$gt": burn_us } }],
+                    },
+                    doc! { "$set": { "burned_at_us": burn_us } },
+                )
+                .await?;
+        }
+        let Some(document) = self.messages.find_one(doc! { "_id": &id, "deleted_at_us": Bson::Null }).await? else {
+            return Ok(None);
+        };
+        Ok(Some((Json(read_records(&document)), micros(document.get("burned_at_us")))))
+    }
+
+    /// Merges attributes into a message and, when `tags` is given, replaces its tags. The
+    /// merge is a compare-and-set on an attribute version, so concurrent merges both land
+    /// (attribute names may hold dots, which an update path would split).
+    pub async fn set_attributes(
+        &self,
+        tenant_id: &str,
+        message_id: &str,
+        attributes: &HashMap<String, String>,
+        tags: Option<&[String]>,
+        operation: &Operation,
+    ) -> Result<bool> {
+        let id = document_id(tenant_id, message_id);
+        for _ in 0..ATTRIBUTE_RETRIES {
+            let Some(document) = self.messages.find_one(doc! { "_id": &id, "deleted_at_us": Bson::Null }).await? else {
+                return Ok(false);
+            };
+            let version = document.get("attributes_version").cloned().unwrap_or(Bson::Null);
+            let mut merged = document.get_document("attributes").cloned().unwrap_or_default();
+            for (name, value) in attributes {
+                merged.insert(name.clone(), value.clone());
+            }
+            let mut set = doc! { "attributes": merged };
+            if let Some(tags) = tags {
+                set.insert("tags", tags);
+            }
+            let result = self
+                .messages
+                .update_one(
+                    doc! { "_id": &id, "deleted_at_us": Bson::Null, "attributes_version": version },
+                    doc! {
+                        "$set": set,
+                        "$inc": { "attributes_version": 1_i64 },
+                        "$push": { "operations": operation_document(operation)? },
+                    },
+                )
+                .await?;
+            if result.matched_count > 0 {
+                return Ok(true);
+            }
+        }
+        Err(mongodb::error::Error::custom("attributes kept changing concurrently; retry the command"))
+    }
+
+    /// The tenant's distinct tags, sorted, at most `limit`.
+    pub async fn tags(&self, tenant_id: &str, limit: i64) -> Result<Vec<String>> {
+        let values =
+            self.messages.distinct("tags", doc! { "tenant_id": tenant_id, "deleted_at_us": Bson::Null }).await?;
+        let mut tags: Vec<String> = values.into_iter().filter_map(|tag| tag.as_str().map(str::to_owned)).collect();
+        tags.sort_unstable();
+        tags.dedup();
+        tags.truncate(usize::try_from(limit).unwrap_or(0));
+        Ok(tags)
+    }
+
+    /// Every per-user view fact of a session (hides and clear watermarks).
+    pub async fn session_views(&self, tenant_id: &str, session_id: &str) -> Result<SessionViews> {
+        let filter = doc! { "tenant_id": tenant_id, "session_id": session_id };
+        let hidden: Vec<Document> = self.hidden.find(filter.clone()).await?.try_collect().await?;
+        let clears: Vec<Document> = self.clears.find(filter).await?.try_collect().await?;
+        let text = |view: &Document, field: &str| view.get_str(field).unwrap_or_default().to_owned();
+        Ok(SessionViews {
+            hidden: hidden.iter().map(|view| (text(view, "user_id"), text(view, "message_id"))).collect(),
+            clears: clears
+                .iter()
+                .filter_map(|clear| Some((text(clear, "user_id"), micros(clear.get("cleared_before_us"))?)))
+                .collect(),
+        })
+    }
+
+    /// Messages matching a search, `limit` at most, in its time order, after its cursor.
+    /// Text matches case-insensitively anywhere in the text, like the Postgres search.
+    pub async fn search(&self, query: &SearchQuery, limit: i64) -> Result<Vec<StoredRow>> {
+        let now_us = Utc::now().timestamp_micros();
+        let mut clauses = vec![doc! { "tenant_id": &query.tenant_id, "deleted_at_us": Bson::Null }];
+        for text in &query.contains {
+            clauses.push(doc! { "text": { "$regex": regex_literal(text), "$options": "i" } });
+            // Burned content is no longer searchable even before the background wipe.
+            clauses.push(doc! { "$or": [{ "burned_at_us": Bson::Null }, { "burned_at_us": { "$gt": now_us } }] });
+        }
+        among(&mut clauses, "session_id", &query.session_id);
+        among(&mut clauses, "sender_id", &query.sender_id);
+        among(&mut clauses, "business_type", &query.business_type);
+        among(&mut clauses, "message_type", &query.message_type);
+        among(&mut clauses, "tags", &query.tags);
+        for (comparison, value) in &query.seq {
+            clauses.push(doc! { "seq": { operator(*comparison): *value } });
+        }
+        if let Some(from) = query.from {
+            clauses.push(doc! { "timestamp_us": { "$gte": from.timestamp_micros() } });
+        }
+        if let Some(to) = query.to {
+            clauses.push(doc! { "timestamp_us": { "$lte": to.timestamp_micros() } });
+        }
+        if let Some(after) = &query.after {
+            clauses.push(keyset(if query.ascending { "$gt" } else { "$lt" }, after.timestamp, &after.message_id));
+        }
+        clauses.extend(self.user_clauses(&query.tenant_id, None, &query.user).await?);
+        let order = if query.ascending { 1 } else { -1 };
+        self.find(clauses, doc! { "timestamp_us": order, "message_id": order }, limit).await
+    }
+
+    /// Removes the content of up to `limit` messages whose burn time has passed (reads
+    /// already hide it by time). Returns how many were wiped.
+    pub async fn wipe_burned(&self, limit: i64, strip: impl Fn(&[u8]) -> Option<Vec<u8>>) -> Result<u64> {
+        let due = doc! { "burned_at_us": { "$lte": Utc::now().timestamp_micros() }, "burn_wiped": { "$ne": true } };
+        let options = FindOptions::builder().limit(limit).projection(doc! { "payload": 1 }).build();
+        let documents: Vec<Document> = self.messages.find(due).with_options(options).await?.try_collect().await?;
+        let mut wiped = 0;
+        for document in documents {
+            let mut set = doc! { "text": Bson::Null, "burn_wiped": true };
+            if let Some(payload) = payload(&document).and_then(|payload| strip(&payload)) {
+                set.insert("payload", binary(&payload));
+            }
+            let id = document.get("_id").cloned().unwrap_or(Bson::Null);
+            wiped += self.messages.update_one(doc! { "_id": id }, doc! { "$set": set }).await?.modified_count;
+        }
+        Ok(wiped)
+    }
+}
+
+/// Whether a MongoDB error means the server could not be reached (worth retrying elsewhere
+/// or later) rather than a failed operation.
+pub fn unreachable(error: &mongodb::error::Error) -> bool {
+    matches!(
+        error.kind.as_ref(),
+        ErrorKind::ServerSelection { .. } | ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. }
+    )
+}
+
+fn hidden_id(tenant_id: &str, user_id: &str, message_id: &str) -> String {
+    format!("{}:{tenant_id}:{}:{user_id}:{message_id}", tenant_id.len(), user_id.len())
+}
+
+fn clear_id(tenant_id: &str, session_id: &str, user_id: &str) -> String {
+    format!("{}:{tenant_id}:{}:{session_id}:{user_id}", tenant_id.len(), session_id.len())
+}
+
+/// Strictly after (`$gt`) or before (`$lt`) a (time, message id) position.
+fn keyset(direction: &str, timestamp: DateTime<Utc>, message_id: &str) -> Document {
+    let timestamp_us = timestamp.timestamp_micros();
+    doc! { "$or": [
+        { "timestamp_us": { direction: timestamp_us } },
+        { "timestamp_us": timestamp_us, "message_id": { direction: message_id } },
+    ] }
+}
+
+fn among<T: Into<Bson> + Clone>(clauses: &mut Vec<Document>, field: &str, among: &Among<T>) {
+    if let Some(include) = &among.include {
+        clauses.push(doc! { field: { "$in": include.iter().cloned().map(Into::into).collect::<Vec<Bson>>() } });
+    }
+    if !among.exclude.is_empty() {
+        clauses.push(doc! { field: { "$nin": among.exclude.iter().cloned().map(Into::into).collect::<Vec<Bson>>() } });
+    }
+}
+
+fn operator(comparison: Comparison) -> &'static str {
+    match comparison {
+        Comparison::Eq => "$eq",
+        Comparison::Ne => "$ne",
+        Comparison::Gt => "$gt",
+        Comparison::Ge => "$gte",
+        Comparison::Lt => "$lt",
+        Comparison::Le => "$lte",
+    }
+}
+
+/// A regular expression matching `text` literally: search text is data, never a pattern.
+fn regex_literal(text: &str) -> String {
+    let mut pattern = String::with_capacity(text.len() + 8);
+    for character in text.chars() {
+        if "\\^$.|?*+()[]{}".contains(character) {
+            pattern.push('\\');
+        }
+        pattern.push(character);
+    }
+    pattern
+}
+
+fn binary(bytes: &[u8]) -> Bson {
+    Bson::Binary(mongodb::bson::Binary { subtype: BinarySubtype::Generic, bytes: bytes.to_vec() })
+}
+
+fn payload(document: &Document) -> Option<Vec<u8>> {
+    match document.get("payload")? {
+        Bson::Binary(binary) => Some(binary.bytes.clone()),
+        _ => None,
+    }
+}
+
+fn operation_document(operation: &Operation) -> Result<Bson> {
+    mongodb::bson::to_bson(operation).map_err(|error| mongodb::error::Error::custom(error.to_string()))
+}
+
+/// A number of any BSON integer or double type; 0 when absent.
+fn integer(value: Option<&Bson>) -> i64 {
+    match value {
+        Some(Bson::Int64(value)) => *value,
+        Some(Bson::Int32(value)) => i64::from(*value),
+        Some(Bson::Double(value)) => *value as i64,
+        _ => 0,
+    }
+}
+
+fn micros(value: Option<&Bson>) -> Option<DateTime<Utc>> {
+    match value {
+        None | Some(Bson::Null) => None,
+        value => DateTime::from_timestamp_micros(integer(value)),
+    }
+}
+
+fn strings(value: Option<&Bson>) -> Vec<String> {
+    match value {
+        Some(Bson::Array(values)) => values.iter().filter_map(|value| value.as_str().map(str::to_owned)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn read_records(document: &Document) -> Vec<ReadRecord> {
+    let Ok(records) = document.get_array("read_by") else { return Vec::new() };
+    records
+        .iter()
+        .filter_map(Bson::as_document)
+        .map(|record| ReadRecord {
+            user_id: record.get_str("user_id").unwrap_or_default().to_owned(),
+            read_at_us: integer(record.get("read_at_us")),
+        })
+        .collect()
+}
+
+/// The stored payload and the fields that may have changed since it was written, shaped like
+/// a Postgres row so both stores answer alike.
+fn stored_row(document: &Document) -> Result<StoredRow> {
+    let message_id = document.get_str("message_id").unwrap_or_default().to_owned();
+    let timestamp = match document.get("timestamp_us") {
+        Some(value) => micros(Some(value)),
+        None => document
+            .get_datetime("timestamp")
+            .ok()
+            .and_then(|time| DateTime::from_timestamp_millis(time.timestamp_millis())),
+    }
+    .unwrap_or_default();
+    let operations = match document.get_array("operations") {
+        Ok(operations) => {
+            operations.iter().filter_map(|operation| mongodb::bson::from_bson(operation.clone()).ok()).collect()
+        }
+        Err(_) => Vec::new(),
+    };
+    let attributes = document
+        .get_document("attributes")
+        .map(|attributes| {
+            attributes.iter().filter_map(|(name, value)| Some((name.clone(), value.as_str()?.to_owned()))).collect()
+        })
+        .unwrap_or_default();
+    Ok(StoredRow {
+        payload: payload(document).unwrap_or_default(),
+        timestamp,
+        seq: document.get("seq").map(|seq| integer(Some(seq))),
+        status: document.get_str("status").unwrap_or_default().to_owned(),
+        is_recalled: document.get_bool("is_recalled").unwrap_or(false),
+        recalled_at: micros(document.get("recalled_at_us")),
+        tags: strings(document.get("tags")),
+        attributes: Json(attributes),
+        created_at: document
+            .get_datetime("created_at")
+            .ok()
+            .and_then(|time| DateTime::from_timestamp_millis(time.timestamp_millis()))
+            .unwrap_or(timestamp),
+        burned_at: micros(document.get("burned_at_us")),
+        read_by: Json(read_records(document)),
+        operations: Json(operations),
+        message_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn search_text_is_matched_literally() {
+        assert_eq!(regex_literal("100%"), "100%");
+        assert_eq!(regex_literal("a.b*c"), r"a\.b\*c");
+        assert_eq!(regex_literal("(消息)|[x]"), r"\(消息\)\|\[x\]");
+        assert_eq!(regex_literal(r"\d+$"), r"\\d\+\$");
+    }
+
+    #[test]
+    fn view_ids_cannot_collide_across_tenants_or_users() {
+        assert_ne!(hidden_id("a:b", "c", "m"), hidden_id("a", "b:c", "m"));
+        assert_ne!(hidden_id("t", "u:v", "m"), hidden_id("t", "u", "v:m"));
+        assert_ne!(clear_id("t", "s:u", "v"), clear_id("t", "s", "u:v"));
+    }
+}
