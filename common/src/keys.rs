@@ -106,6 +106,12 @@ pub fn user_cursors(tenant_id: &str, user_id: &str) -> String {
     format!("fs:{{{}:{tenant_id}:{user_id}}}:cursors", tenant_id.len())
 }
 
+/// `_id` of a message's MongoDB document; the tenant is length-prefixed so ids cannot collide
+/// across tenants.
+pub fn document_id(tenant_id: &str, message_id: &str) -> String {
+    format!("{}:{tenant_id}:{message_id}", tenant_id.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,10 +139,4 @@ mod tests {
         assert_ne!(user_cursors("a:b", "c"), user_cursors("a", "b:c"));
         assert_ne!(SessionKeys::new("", "4:x:y").state(), SessionKeys::new("x", "y").state());
     }
-}
-
-/// `_id` of a message's MongoDB document; the tenant is length-prefixed so ids cannot collide
-/// across tenants.
-pub fn document_id(tenant_id: &str, message_id: &str) -> String {
-    format!("{}:{tenant_id}:{message_id}", tenant_id.len())
 }

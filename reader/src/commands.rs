@@ -298,7 +298,7 @@ impl Commands {
 
     /// The tenant's distinct tags.
     pub async fn tags(&self, tenant_id: &str) -> Result<Vec<String>, Error> {
-        Ok(self.databases.tags(tenant_id, 10_000).await?)
+        self.databases.tags(tenant_id, 10_000).await
     }
 
     /// Parses ClearSession's fields into what to clear.

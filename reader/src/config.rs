@@ -128,15 +128,15 @@ mod tests {
 
     #[test]
     fn defaults_follow_the_spec() {
-        let config = config(&[("POSTGRES_URL", "postgres://h/db")]).expect("valid");
-        assert_eq!(config.grpc_addr.to_string(), "0.0.0.0:50051");
-        assert_eq!(config.metrics_addr.to_string(), "0.0.0.0:9101");
-        assert_eq!(config.default_range, Duration::from_secs(604_800));
-        assert_eq!(config.max_page_size, 200);
-        assert!(config.mongo.is_none());
-        let config = config(&[("MONGO_URL", "mongodb://h:27017")]).expect("MongoDB alone is enough");
-        assert!(config.postgres_url.is_none());
-        let mongo = config.mongo.expect("mongo");
+        let defaults = config(&[("POSTGRES_URL", "postgres://h/db")]).expect("valid");
+        assert_eq!(defaults.grpc_addr.to_string(), "0.0.0.0:50051");
+        assert_eq!(defaults.metrics_addr.to_string(), "0.0.0.0:9101");
+        assert_eq!(defaults.default_range, Duration::from_secs(604_800));
+        assert_eq!(defaults.max_page_size, 200);
+        assert!(defaults.mongo.is_none());
+        let mongo_only = config(&[("MONGO_URL", "mongodb://h:27017")]).expect("MongoDB alone is enough");
+        assert!(mongo_only.postgres_url.is_none());
+        let mongo = mongo_only.mongo.expect("mongo");
         assert_eq!((mongo.database.as_str(), mongo.collection.as_str()), ("flare_im", "messages"));
     }
 

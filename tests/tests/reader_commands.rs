@@ -752,7 +752,6 @@ async fn isolation_matrix_every_rpc_against_other_tenant_other_user_and_non_send
                     user_id: "bob".into(),
                     context: as_user("mallory"),
                     tenant: own(),
-                    ..Default::default()
                 })
                 .await
                 .map(drop),

@@ -51,7 +51,6 @@ fn poison(index: usize, session: &str, tenant: &str) -> Vec<u8> {
             sender_id: format!("poison-{index}"),
             content: Some(MessageContent {
                 content: Some(message_content::Content::Text(TextContent { text, ..Default::default() })),
-                ..Default::default()
             }),
             ..Default::default()
         }),
