@@ -362,20 +362,6 @@ async fn redis_losing_its_data_mid_stream_loses_and_duplicates_nothing() -> anyh
     Ok(())
 }
 
-/// A MongoDB-protocol server of this test's own (the launcher `scripts/services.sh` installs),
-/// keeping its data in `directory` so it can be killed and restarted without losing it.
-fn own_mongo(port: u16, directory: &std::path::Path) -> anyhow::Result<Child> {
-    let launcher = std::env::var("FLARE_SECANTUSD").map_err(|_| {
-        anyhow::anyhow!("FLARE_SECANTUSD is not set: run scripts/services.sh up (it installs the server)")
-    })?;
-    Ok(Command::new(launcher)
-        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--sync-on-commit", "--storage-path"])
-        .arg(directory)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mongo_server_stopping_mid_stream_loses_nothing() -> anyhow::Result<()> {
     use futures::TryStreamExt as _;
