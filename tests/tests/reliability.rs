@@ -73,6 +73,8 @@ struct Stream {
     ack_topic: String,
     group: String,
     tenant: String,
+    /// The writers' Redis, whose hot windows the reconciliation checks.
+    redis: String,
 }
 
 impl Stream {
@@ -89,6 +91,7 @@ impl Stream {
             ack_topic: unique("acks"),
             group: unique("group"),
             tenant: unique("acme"),
+            redis: redis_url(),
         };
         create_topics(&[&stream.topic, &stream.dlq_topic, &stream.ack_topic], PARTITIONS).await?;
         // Migrate before the first writer, so a kill during its start cannot race a migration.
@@ -113,7 +116,7 @@ impl Stream {
             .env("KAFKA_ACK_TOPIC", &self.ack_topic)
             .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
             .env("WRITER_MAX_MESSAGE_BYTES", MAX_MESSAGE_BYTES.to_string())
-            .env("REDIS_URL", redis_url())
+            .env("REDIS_URL", &self.redis)
             .env("POSTGRES_URL", &self.database.url)
             .env("METRICS_ADDR", "127.0.0.1:0")
             .env("RUST_LOG", "error")
@@ -235,11 +238,14 @@ impl Stream {
         let not_dead_lettered = poisons.difference(&dead_letters).count();
         let wrongly_dead_lettered = dead_letters.difference(&poisons).count();
         let valid = valid(sent);
+        let stored_seqs: HashMap<(&str, &str), i64> =
+            rows.iter().map(|(session, id, seq)| ((session.as_str(), id.as_str()), seq.unwrap_or(0))).collect();
+        let (cached, cache_faults) = self.check_hot_windows(&stored_seqs).await?;
         let report = format!(
             "sent {sent} ({valid} valid, {} poison), stored {}, lost {lost}, duplicated {duplicated}, \
              seq out of order {gaps}, acked {} of {valid} ({} ack records, {duplicate_acks} as duplicate), \
              dead-lettered {} of {} poison ({} dead-letter records, {without_reason} without reason, \
-             {wrongly_dead_lettered} valid ones)",
+             {wrongly_dead_lettered} valid ones), hot windows: {cached} entries, {cache_faults} faults",
             poisons.len(),
             ids.len(),
             acked.len(),
@@ -251,7 +257,38 @@ impl Stream {
         anyhow::ensure!(lost == 0 && duplicated == 0 && gaps == 0, "{report}");
         anyhow::ensure!(acked.len() == valid && duplicate_acks == 0, "{report}");
         anyhow::ensure!(not_dead_lettered == 0 && wrongly_dead_lettered == 0 && without_reason == 0, "{report}");
+        anyhow::ensure!(cache_faults == 0, "{report}");
         Ok(report)
+    }
+
+    /// Checks every session's hot window against the stored seqs: each entry is a stored
+    /// message with its stored seq and a body, and the entries are the session's newest
+    /// messages, a run of consecutive seqs ending at the session's last. Returns the number of
+    /// entries and of faults.
+    async fn check_hot_windows(&self, stored: &HashMap<(&str, &str), i64>) -> anyhow::Result<(usize, usize)> {
+        use redis::AsyncCommands as _;
+        let mut redis = redis::Client::open(self.redis.as_str())?.get_multiplexed_async_connection().await?;
+        let mut last_seq: HashMap<&str, i64> = HashMap::new();
+        for ((session, _), seq) in stored {
+            let last = last_seq.entry(session).or_default();
+            *last = (*last).max(*seq);
+        }
+        let (mut entries, mut faults) = (0, 0);
+        for (session, last) in last_seq {
+            let keys = flare_storage_common::keys::SessionKeys::new(&self.tenant, session);
+            let window: Vec<(String, f64)> = redis.zrange_withscores(keys.hot_index(), 0, -1).await?;
+            let bodies: Vec<String> = redis.hkeys(keys.hot_bodies()).await?;
+            let bodies: HashSet<&str> = bodies.iter().map(String::as_str).collect();
+            entries += window.len();
+            for (position, (id, seq)) in window.iter().enumerate() {
+                let expected = last - (window.len() - 1 - position) as i64;
+                let right_seq = stored.get(&(session, id.as_str())) == Some(&(*seq as i64));
+                if !right_seq || *seq as i64 != expected || !bodies.contains(id.as_str()) {
+                    faults += 1;
+                }
+            }
+        }
+        Ok((entries, faults))
     }
 }
 
@@ -332,11 +369,11 @@ fn own_redis(port: u16) -> anyhow::Result<Child> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_losing_its_data_mid_stream_loses_and_duplicates_nothing() -> anyhow::Result<()> {
     let sent = setting("RELIABILITY_MESSAGES", 6_000) / 2;
-    let stream = Stream::new().await?;
+    let mut stream = Stream::new().await?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let redis = format!("redis://127.0.0.1:{port}");
+    stream.redis = format!("redis://127.0.0.1:{port}");
     let mut server = own_redis(port)?;
-    let mut writer = stream.writer_command()?.env("REDIS_URL", &redis).spawn()?;
+    let mut writer = stream.writer()?;
     let producing = stream.produce(sent, 1_000);
     eventually(Duration::from_secs(60), "work under way", || async {
         Ok((stream.stored().await? > (sent / 4) as i64).then_some(()))
