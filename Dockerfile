@@ -35,6 +35,11 @@ ENTRYPOINT ["flare-storage-writer"]
 
 FROM runtime AS reader
 COPY --from=build /out/flare-storage-reader /usr/local/bin/
+# Where export jobs write when STORAGE_READER_EXPORT_DIR points here; a volume mounted on it
+# takes this ownership, so the non-root reader can write.
+USER 0:0
+RUN mkdir -p /var/lib/flare-storage/exports && chown 10001:10001 /var/lib/flare-storage/exports
+USER 10001:10001
 EXPOSE 50051 9101
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
   CMD ["flare-storage-reader", "healthcheck"]

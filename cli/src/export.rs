@@ -6,14 +6,13 @@ use std::io::Write as _;
 use std::time::Instant;
 
 use anyhow::Context as _;
-use base64::Engine as _;
 use chrono::{DateTime, Utc};
-use flare_storage_common::message::{to_datetime, to_timestamp};
+use flare_storage_common::export::to_json;
+use flare_storage_common::message::to_timestamp;
 use flare_storage_common::proto::common::{TenantContext, TimeRange};
+use flare_storage_common::proto::storage::ExportMessagesRequest;
 use flare_storage_common::proto::storage::storage_reader_service_client::StorageReaderServiceClient;
-use flare_storage_common::proto::storage::{ExportMessagesRequest, Message, message_content};
 use flare_storage_common::tonic::transport::Channel;
-use serde_json::{Value, json};
 use tokio_stream::StreamExt as _;
 
 pub struct Export {
@@ -66,45 +65,4 @@ pub async fn run(export: Export) -> anyhow::Result<()> {
         export.tenant
     );
     Ok(())
-}
-
-/// The fields of a message an export keeps, as JSON.
-pub fn to_json(message: &Message) -> Value {
-    let time = |timestamp: Option<&flare_storage_common::prost_types::Timestamp>| {
-        timestamp.and_then(to_datetime).map(|time| time.to_rfc3339())
-    };
-    let content = match message.content.as_ref().and_then(|content| content.content.as_ref()) {
-        Some(message_content::Content::Text(text)) => json!({ "text": text.text }),
-        Some(message_content::Content::Json(text)) => json!({ "json": text }),
-        Some(message_content::Content::Binary(bytes)) => {
-            json!({ "binary": base64::engine::general_purpose::STANDARD.encode(bytes) })
-        }
-        Some(message_content::Content::Custom(custom)) => json!({
-            "custom": {
-                "type": custom.r#type,
-                "payload": base64::engine::general_purpose::STANDARD.encode(&custom.payload),
-                "metadata": custom.metadata,
-            }
-        }),
-        None => Value::Null,
-    };
-    json!({
-        "id": message.id,
-        "session_id": message.session_id,
-        "seq": message.seq,
-        "tenant_id": message.tenant.as_ref().map(|tenant| tenant.tenant_id.as_str()).unwrap_or(""),
-        "sender_id": message.sender_id,
-        "receiver_id": message.receiver_id,
-        "receiver_ids": message.receiver_ids,
-        "timestamp": time(message.timestamp.as_ref()),
-        "message_type": message.message_type,
-        "business_type": message.business_type,
-        "session_type": message.session_type,
-        "content": content,
-        "is_recalled": message.is_recalled,
-        "recalled_at": time(message.recalled_at.as_ref()),
-        "tags": message.tags,
-        "attributes": message.attributes,
-        "extra": message.extra,
-    })
 }

@@ -5,6 +5,7 @@
 //! `tonic` and `prost` are re-exported so both binaries build against the exact versions the
 //! generated code was made with.
 
+pub mod export;
 pub mod keys;
 pub mod message;
 pub mod ops;

@@ -28,6 +28,8 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// When set, callers must send `authorization: Bearer <token>`.
     pub auth_token: Option<String>,
+    /// Where the unary ExportMessages writes its exports; without it that call is refused.
+    pub export_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone)]
@@ -58,6 +60,7 @@ impl std::fmt::Debug for Config {
             .field("default_range", &self.default_range)
             .field("max_page_size", &self.max_page_size)
             .field("tls", &self.tls)
+            .field("export_dir", &self.export_dir)
             .field("auth_token", &self.auth_token.as_ref().map(|_| "<set>"))
             .finish_non_exhaustive()
     }
@@ -110,6 +113,7 @@ impl Config {
                 }
             },
             auth_token: get("STORAGE_READER_AUTH_TOKEN"),
+            export_dir: get("STORAGE_READER_EXPORT_DIR").map(Into::into),
             max_page_size: u32::try_from(max_page_size)
                 .ok()
                 .filter(|size| *size <= 10_000)

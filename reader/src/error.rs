@@ -18,14 +18,15 @@ pub enum Error {
     /// The cache did not take a write the command needs; retrying the command completes it.
     #[error("the message cache is unavailable; retry the command")]
     CacheUnavailable,
-    #[error("{0} is not implemented yet")]
-    NotImplemented(&'static str),
     /// A store failed; the call may succeed if retried.
     #[error("failed to query the message store")]
     Store(#[from] sqlx::Error),
     /// MongoDB failed; the call may succeed if retried.
     #[error("failed to query the message store")]
     Mongo(#[from] mongodb::error::Error),
+    /// The export directory could not be written or read (full, unmounted…).
+    #[error("the export directory is not usable; retry later")]
+    ExportDirectory,
     /// Configuration guarantees a database; kept so no path can panic.
     #[error("no message database is configured")]
     NoDatabase,
@@ -45,8 +46,7 @@ impl Error {
             Error::NotFound(_) => Code::NotFound,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
-            Error::CacheUnavailable => Code::Unavailable,
-            Error::NotImplemented(_) => Code::Unimplemented,
+            Error::CacheUnavailable | Error::ExportDirectory => Code::Unavailable,
             Error::Store(
                 sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_),
             ) => Code::Unavailable,

@@ -18,6 +18,7 @@ use tracing::Instrument as _;
 use crate::commands::{Actor, Commands, privileged};
 use crate::cursor::Cursor;
 use crate::error::Error;
+use crate::export::{Exports, State};
 use crate::lookup::{Lookup, PageQuery, SeqQuery, to_message};
 use crate::metrics::Metrics;
 use crate::search::{CURSOR_SCOPE, SearchQuery};
@@ -26,6 +27,8 @@ use crate::store::Databases;
 pub struct StorageReader {
     pub lookup: Lookup,
     pub commands: Commands,
+    /// Export jobs of the unary ExportMessages; `None` without an export directory.
+    pub exports: Option<Exports>,
     pub metrics: Metrics,
 }
 
@@ -38,7 +41,6 @@ const MAX_TAGS: usize = 32;
 type Reply<T> = Result<Response<T>, Status>;
 
 impl StorageReader {
-    /// Runs one RPC body, timing it and counting it by outcome.
     /// Runs one RPC body in a span (`rpc`, then `tenant_id` and `session_id` once parsed;
     /// never message content), timing it and counting it by outcome.
     async fn observe<T>(&self, rpc: &'static str, body: impl Future<Output = Result<T, Error>>) -> Reply<T> {
@@ -395,11 +397,43 @@ impl StorageReaderService for StorageReader {
         .await
     }
 
-    async fn export_messages(&self, _: Request<ExportMessagesRequest>) -> Reply<ExportMessagesResponse> {
-        // The platform's unary export hands out a task id for an export job whose results it
-        // keeps elsewhere; flare-storage has no job store, so it exports by streaming.
+    async fn export_messages(&self, request: Request<ExportMessagesRequest>) -> Reply<ExportMessagesResponse> {
         self.observe("ExportMessages", async {
-            Err(Error::NotImplemented("ExportMessages (asynchronous export jobs); use StreamExportMessages"))
+            let request = request.into_inner();
+            let query = export_query(&request)?;
+            let Some(exports) = &self.exports else {
+                return Err(Error::FailedPrecondition(
+                    "export jobs need STORAGE_READER_EXPORT_DIR on the reader; StreamExportMessages exports without it"
+                        .into(),
+                ));
+            };
+            let export_task_id = exports.start(query, &request.session_id).await?;
+            Ok(ExportMessagesResponse { export_task_id, status: ok_status() })
+        })
+        .await
+    }
+
+    async fn get_export_task(&self, request: Request<GetExportTaskRequest>) -> Reply<GetExportTaskResponse> {
+        self.observe("GetExportTask", async {
+            let request = request.into_inner();
+            let tenant_id = tenant_of(request.tenant.as_ref())?;
+            require_id("export_task_id", &request.export_task_id, true)?;
+            let Some(exports) = &self.exports else { return Err(Error::NotFound("export task")) };
+            let manifest = exports.manifest(tenant_id, &request.export_task_id).await?;
+            Ok(GetExportTaskResponse {
+                export_task_id: manifest.task_id,
+                state: match manifest.state {
+                    State::Running => ExportTaskState::Running,
+                    State::Completed => ExportTaskState::Completed,
+                    State::Failed => ExportTaskState::Failed,
+                } as i32,
+                message_count: i64::try_from(manifest.message_count).unwrap_or(i64::MAX),
+                location: manifest.location,
+                error: manifest.error.unwrap_or_default(),
+                started_at: Some(to_timestamp(manifest.started_at)),
+                finished_at: manifest.finished_at.map(to_timestamp),
+                status: ok_status(),
+            })
         })
         .await
     }
@@ -449,20 +483,26 @@ impl StorageReaderService for StorageReader {
 
     async fn stream_export_messages(&self, request: Request<ExportMessagesRequest>) -> Reply<ExportStream> {
         self.observe("StreamExportMessages", async {
-            let request = request.into_inner();
-            let tenant_id = tenant_of(request.tenant.as_ref())?;
-            require_id("session_id", &request.session_id, true)?;
-            let user = reading_user("", request.context.as_ref())?;
-            let mut query = SearchQuery::parse(tenant_id, user, &request.filters, &[])?;
-            query.session_id.include = Some(vec![request.session_id.clone()]);
-            query.ascending = true;
-            let time_range = request.time_range.unwrap_or_default();
-            query.from = protobuf_time("time_range.start_time", time_range.start_time.as_ref())?;
-            query.to = protobuf_time("time_range.end_time", time_range.end_time.as_ref())?;
+            let query = export_query(&request.into_inner())?;
             Ok(Box::pin(export_stream(self.lookup.databases.clone(), query)) as ExportStream)
         })
         .await
     }
+}
+
+/// What an export request selects: one session of the tenant, oldest first, as the acting
+/// user sees it, within the time range and filters.
+fn export_query(request: &ExportMessagesRequest) -> Result<SearchQuery, Error> {
+    let tenant_id = tenant_of(request.tenant.as_ref())?;
+    require_id("session_id", &request.session_id, true)?;
+    let user = reading_user("", request.context.as_ref())?;
+    let mut query = SearchQuery::parse(tenant_id, user, &request.filters, &[])?;
+    query.session_id.include = Some(vec![request.session_id.clone()]);
+    query.ascending = true;
+    let time_range = request.time_range.unwrap_or_default();
+    query.from = protobuf_time("time_range.start_time", time_range.start_time.as_ref())?;
+    query.to = protobuf_time("time_range.end_time", time_range.end_time.as_ref())?;
+    Ok(query)
 }
 
 /// Messages exported per stream item.

@@ -8,6 +8,7 @@ pub mod commands;
 pub mod config;
 pub mod cursor;
 pub mod error;
+pub mod export;
 pub mod grpc;
 pub mod lookup;
 pub mod metrics;
@@ -69,6 +70,9 @@ pub async fn serve(
     let metrics = Metrics::new().context("failed to register metrics")?;
     let readiness = Arc::new(Readiness::default());
     let databases = connect_databases(&config).await?;
+    if let Some(directory) = &config.export_dir {
+        export::check_directory(directory)?;
+    }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     // Server reflection, so grpcurl and similar tools can discover the API.
@@ -94,8 +98,11 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         tokio::spawn(async move { commands.wipe_burned_periodically(BURN_WIPE_INTERVAL, shutdown).await })
     };
+    let exports =
+        config.export_dir.clone().map(|directory| export::Exports { directory, databases: databases.clone() });
     let reader = StorageReader {
         commands,
+        exports,
         lookup: Lookup {
             databases,
             cache,

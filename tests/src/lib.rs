@@ -253,6 +253,7 @@ impl RunningReader {
             max_page_size: 200,
             tls: None,
             auth_token: None,
+            export_dir: None,
         };
         adjust(&mut config);
         let shutdown = CancellationToken::new();

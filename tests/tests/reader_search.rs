@@ -1,11 +1,14 @@
 //! SearchMessages and StreamExportMessages against the real services: Chinese substrings of
 //! any length, literal wildcards, SQL as data, filters, sort and paging, tenants, per-user and
-//! recalled messages; a streamed export of a whole session in chunks.
+//! recalled messages; a streamed export of a whole session in chunks, and an export job
+//! writing it to a JSON Lines file.
+
+use std::time::Duration;
 
 use flare_storage_common::message::to_timestamp;
 use flare_storage_common::proto::common::{
-    ActorContext, FilterExpression, FilterOperator, Pagination, RequestContext, SortDirection, SortExpression,
-    TenantContext, TimeRange,
+    ActorContext, ErrorCode, FilterExpression, FilterOperator, Pagination, RequestContext, SortDirection,
+    SortExpression, TenantContext, TimeRange,
 };
 use flare_storage_common::proto::storage::*;
 use flare_storage_common::tonic::Code;
@@ -266,10 +269,94 @@ async fn a_session_is_exported_as_a_stream_of_chunks() -> anyhow::Result<()> {
     assert!(empty.next().await.is_none(), "nothing that old");
     ranged.session_id.clear();
     assert_eq!(client.stream_export_messages(ranged).await.expect_err("no session").code(), Code::InvalidArgument);
-    let unary = client.export_messages(export(vec![])).await.expect_err("unary export");
-    assert_eq!(unary.code(), Code::Unimplemented);
+    let unary = client.export_messages(export(vec![])).await.expect_err("no export directory");
+    assert_eq!(unary.code(), Code::FailedPrecondition);
+    assert!(unary.message().contains("STORAGE_READER_EXPORT_DIR"), "{unary:?}");
 
     reader.stop().await?;
+    database.drop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_job_writes_the_session_as_json_lines() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let acme = unique("acme");
+    let mut requests: Vec<StoreMessageRequest> = (0..450)
+        .map(|index| {
+            let sender = if index % 2 == 0 { "alice" } else { "bob" };
+            chat(&acme, "big", &format!("m{index:03}"), sender, &format!("line {index} 消息"), index)
+        })
+        .collect();
+    requests.push(chat(&acme, "other", "x1", "alice", "not exported", 0));
+    store(&database, &requests).await?;
+    let directory = std::env::temp_dir().join(unique("exports"));
+    let export_dir = directory.clone();
+    let reader = RunningReader::start_configured(&database.url, Some(redis_url()), |config| {
+        config.export_dir = Some(export_dir)
+    })
+    .await?;
+    let mut client = reader.client().await?;
+    // Deleted before the export: it must not be in the file.
+    client
+        .delete_message(DeleteMessageRequest {
+            session_id: "big".into(),
+            message_ids: vec!["m001".into()],
+            context: Some(RequestContext {
+                actor: Some(ActorContext { actor_id: "bob".into(), ..Default::default() }),
+                ..Default::default()
+            }),
+            tenant: tenant(&acme),
+        })
+        .await?;
+
+    let started = client
+        .export_messages(ExportMessagesRequest {
+            tenant: tenant(&acme),
+            session_id: "big".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(started.status.map(|status| status.code), Some(ErrorCode::Ok as i32));
+    let task = |tenant_id: &str, export_task_id: &str| GetExportTaskRequest {
+        tenant: tenant(tenant_id),
+        export_task_id: export_task_id.into(),
+        ..Default::default()
+    };
+    let done = eventually(Duration::from_secs(30), "the export job", || async {
+        let state = client.clone().get_export_task(task(&acme, &started.export_task_id)).await?.into_inner();
+        Ok((state.state != ExportTaskState::Running as i32).then_some(state))
+    })
+    .await?;
+    assert_eq!(done.state, ExportTaskState::Completed as i32, "{done:?}");
+    assert_eq!(done.message_count, 449);
+    assert!(done.started_at.is_some() && done.finished_at.is_some());
+    let file = std::fs::read_to_string(directory.join(&done.location))?;
+    let ids: Vec<String> = file
+        .lines()
+        .map(|line| Ok(serde_json::from_str::<serde_json::Value>(line)?["id"].as_str().unwrap_or_default().to_owned()))
+        .collect::<anyhow::Result<_>>()?;
+    let expected: Vec<String> = (0..450).filter(|index| *index != 1).map(|index| format!("m{index:03}")).collect();
+    assert_eq!(ids, expected, "oldest first, each once, the deleted one left out");
+    let first: serde_json::Value = serde_json::from_str(file.lines().next().unwrap_or_default())?;
+    assert_eq!(first["content"]["text"], "line 0 消息");
+    let leftovers: Vec<_> = std::fs::read_dir(directory.join(done.location.split('/').next().unwrap_or_default()))?
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_name().to_string_lossy().ends_with(".part"))
+        .collect();
+    assert!(leftovers.is_empty(), "no partial file remains");
+
+    // Another tenant does not see the task; ids are checked before any file is touched.
+    let other = client.get_export_task(task(&unique("globex"), &started.export_task_id)).await.expect_err("other");
+    assert_eq!(other.code(), Code::NotFound);
+    let traversal = client.get_export_task(task(&acme, "../../etc/passwd")).await.expect_err("not a task id");
+    assert_eq!(traversal.code(), Code::InvalidArgument);
+    let unknown = client.get_export_task(task(&acme, &"0".repeat(32))).await.expect_err("unknown");
+    assert_eq!(unknown.code(), Code::NotFound);
+
+    reader.stop().await?;
+    std::fs::remove_dir_all(&directory)?;
     database.drop().await?;
     Ok(())
 }
