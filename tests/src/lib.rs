@@ -470,6 +470,20 @@ pub fn url_through(url: &str, addr: SocketAddr) -> anyhow::Result<String> {
     Ok(format!("{scheme}://{credentials}{addr}{tail}"))
 }
 
+/// A MongoDB-protocol server of a test's own (the launcher `scripts/services.sh` installs),
+/// keeping its data in `directory` so it can be killed and restarted without losing it.
+pub fn own_mongo(port: u16, directory: &std::path::Path) -> anyhow::Result<std::process::Child> {
+    let launcher = std::env::var("FLARE_SECANTUSD").map_err(|_| {
+        anyhow::anyhow!("FLARE_SECANTUSD is not set: run scripts/services.sh up (it installs the server)")
+    })?;
+    Ok(std::process::Command::new(launcher)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--sync-on-commit", "--storage-path"])
+        .arg(directory)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,18 +510,4 @@ mod tests {
         assert_eq!(metric_value(text, "a_total"), Some(3.0));
         assert_eq!(metric_value(text, "missing"), None);
     }
-}
-
-/// A MongoDB-protocol server of a test's own (the launcher `scripts/services.sh` installs),
-/// keeping its data in `directory` so it can be killed and restarted without losing it.
-pub fn own_mongo(port: u16, directory: &std::path::Path) -> anyhow::Result<std::process::Child> {
-    let launcher = std::env::var("FLARE_SECANTUSD").map_err(|_| {
-        anyhow::anyhow!("FLARE_SECANTUSD is not set: run scripts/services.sh up (it installs the server)")
-    })?;
-    Ok(std::process::Command::new(launcher)
-        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--sync-on-commit", "--storage-path"])
-        .arg(directory)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?)
 }
