@@ -27,7 +27,6 @@ use flare_storage_common::tonic::{
     transport::{Certificate, Identity, Server, ServerTlsConfig},
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -126,7 +125,7 @@ pub async fn serve(
             reader,
             BearerToken::new(config.auth_token.as_deref()),
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown.clone().cancelled_owned())
+        .serve_with_incoming_shutdown(incoming(grpc_listener), shutdown.clone().cancelled_owned())
         .await;
     shutdown.cancel();
     let _ = readiness_task.await;
@@ -169,6 +168,13 @@ async fn connect_databases(config: &Config) -> anyhow::Result<Databases> {
         None => None,
     };
     Ok(Databases { mongo, postgres })
+}
+
+/// Accepted connections with TCP_NODELAY: a response goes out in more than one write
+/// (headers, then data), and with Nagle's algorithm the second waits for the client's delayed
+/// ACK — about 40 ms on every call that follows another on the same connection.
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// The server's TLS identity and, for mutual TLS, the CA that client certificates must chain to.

@@ -492,73 +492,15 @@ impl Pipeline {
     }
 
     async fn cache_hot(&self, pending: &[Message]) -> redis::RedisResult<()> {
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let sessions = group_by_session(pending)
-            .into_iter()
-            .map(|(keys, messages)| {
-                let entries = messages
-                    .iter()
-                    .map(|message| HotEntry {
-                        seq: message.seq,
-                        message_id: &message.id,
-                        timestamp_us: timestamp_us(message),
-                        body: message.encode_to_vec(),
-                    })
-                    .collect();
-                (keys, entries)
-            })
-            .collect::<Vec<_>>();
-        self.redis.cache_hot(&sessions).await
+        write_hot_windows(&self.redis, pending).await
     }
 
     async fn update_session_states(&self, pending: &[Message]) -> redis::RedisResult<()> {
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let sessions = group_by_session(pending)
-            .into_iter()
-            .map(|(keys, mut messages)| {
-                messages.sort_by_key(|message| message.seq);
-                let entries = messages
-                    .into_iter()
-                    .map(|message| StateEntry {
-                        seq: message.seq,
-                        message_id: &message.id,
-                        sender_id: &message.sender_id,
-                        message_type: message.message_type,
-                        content_type: content_type(message),
-                        timestamp_ms: message
-                            .timestamp
-                            .as_ref()
-                            .and_then(to_datetime)
-                            .map(|t| t.timestamp_millis())
-                            .unwrap_or(0),
-                        receivers: receivers(message),
-                    })
-                    .collect();
-                (keys, entries)
-            })
-            .collect::<Vec<_>>();
-        self.redis.update_states(&sessions).await
+        write_session_states(&self.redis, pending).await
     }
 
     async fn advance_cursors(&self, pending: &[Message]) -> redis::RedisResult<()> {
-        // One update per (user, session) per batch: the highest seq the user now has there.
-        let mut positions: HashMap<(&str, &str, &str), i64> = HashMap::new();
-        for message in pending {
-            let tenant_id = message_tenant_id(message);
-            let users =
-                std::iter::once(message.sender_id.as_str()).chain(receivers(message)).filter(|user| !user.is_empty());
-            for user in users {
-                let position = positions.entry((tenant_id, user, message.session_id.as_str())).or_insert(0);
-                *position = (*position).max(message.seq);
-            }
-        }
-        let cursors: Vec<(&str, &str, &str, i64)> =
-            positions.into_iter().map(|((tenant, user, session), seq)| (tenant, user, session, seq)).collect();
-        self.redis.advance_cursors(&cursors).await
+        write_cursors(&self.redis, pending).await
     }
 
     fn observe_stage(&self, stage: &'static str, started: Instant) {
@@ -617,6 +559,80 @@ fn take_stored_seqs(pending: &mut [Message], stored: &HashMap<MessageKey, i64>) 
 }
 
 /// Messages grouped by session, each group in batch order.
+/// The hot-cache stage: adds a batch's messages to their sessions' windows. Public so the
+/// benchmarks drive Redis with exactly the writer's commands.
+pub async fn write_hot_windows(redis: &RedisStore, pending: &[Message]) -> redis::RedisResult<()> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let sessions = group_by_session(pending)
+        .into_iter()
+        .map(|(keys, messages)| {
+            let entries = messages
+                .iter()
+                .map(|message| HotEntry {
+                    seq: message.seq,
+                    message_id: &message.id,
+                    timestamp_us: timestamp_us(message),
+                    body: message.encode_to_vec(),
+                })
+                .collect();
+            (keys, entries)
+        })
+        .collect::<Vec<_>>();
+    redis.cache_hot(&sessions).await
+}
+
+/// The session-state stage: last message, seq and unread counts of each session.
+pub async fn write_session_states(redis: &RedisStore, pending: &[Message]) -> redis::RedisResult<()> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let sessions = group_by_session(pending)
+        .into_iter()
+        .map(|(keys, mut messages)| {
+            messages.sort_by_key(|message| message.seq);
+            let entries = messages
+                .into_iter()
+                .map(|message| StateEntry {
+                    seq: message.seq,
+                    message_id: &message.id,
+                    sender_id: &message.sender_id,
+                    message_type: message.message_type,
+                    content_type: content_type(message),
+                    timestamp_ms: message
+                        .timestamp
+                        .as_ref()
+                        .and_then(to_datetime)
+                        .map(|t| t.timestamp_millis())
+                        .unwrap_or(0),
+                    receivers: receivers(message),
+                })
+                .collect();
+            (keys, entries)
+        })
+        .collect::<Vec<_>>();
+    redis.update_states(&sessions).await
+}
+
+/// The cursor stage: every member's position in each session of the batch.
+pub async fn write_cursors(redis: &RedisStore, pending: &[Message]) -> redis::RedisResult<()> {
+    // One update per (user, session) per batch: the highest seq the user now has there.
+    let mut positions: HashMap<(&str, &str, &str), i64> = HashMap::new();
+    for message in pending {
+        let tenant_id = message_tenant_id(message);
+        let users =
+            std::iter::once(message.sender_id.as_str()).chain(receivers(message)).filter(|user| !user.is_empty());
+        for user in users {
+            let position = positions.entry((tenant_id, user, message.session_id.as_str())).or_insert(0);
+            *position = (*position).max(message.seq);
+        }
+    }
+    let cursors: Vec<(&str, &str, &str, i64)> =
+        positions.into_iter().map(|((tenant, user, session), seq)| (tenant, user, session, seq)).collect();
+    redis.advance_cursors(&cursors).await
+}
+
 fn group_by_session(messages: &[Message]) -> Vec<(SessionKeys, Vec<&Message>)> {
     let mut groups: Vec<(SessionKeys, Vec<&Message>)> = Vec::new();
     let mut slot_of: HashMap<(&str, &str), usize> = HashMap::new();

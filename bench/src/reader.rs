@@ -1,0 +1,373 @@
+//! `flare-storage-bench reader`: a gRPC load generator against the reader — QueryMessages
+//! (page of 20) on hot sessions (answered from the Redis window) and on cold ones (a reader
+//! without Redis: every page from PostgreSQL), GetMessage, QueryMessagesBySeq — beside the
+//! same load on an empty handler (`empty-server`) in the same run.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use flare_storage_common::proto::common::TenantContext;
+use flare_storage_common::proto::storage::storage_reader_service_client::StorageReaderServiceClient;
+use flare_storage_common::proto::storage::{GetMessageRequest, QueryMessagesBySeqRequest, QueryMessagesRequest};
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+use sqlx::Connection as _;
+use tonic::transport::Channel;
+
+use crate::report::{Latencies, Report, Row, peak_rss_mib};
+use crate::services::{Database, Services, create_database, create_topics, drop_database, unique};
+use crate::workload::{Random, Workload};
+
+pub struct ReaderBench {
+    pub messages: usize,
+    pub sessions: usize,
+    pub concurrency: usize,
+    pub connections: usize,
+    pub seconds: u64,
+    pub writer_binary: PathBuf,
+    pub reader_binary: PathBuf,
+    pub json: PathBuf,
+}
+
+/// What the load generator asks for.
+struct Targets {
+    tenant: String,
+    /// (session id, highest seq).
+    sessions: Vec<(String, i64)>,
+    message_ids: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Call {
+    QueryPage,
+    GetMessage,
+    BySeq,
+}
+
+pub async fn run(bench: ReaderBench, services: Services) -> anyhow::Result<()> {
+    let mut report = Report::new(
+        "reader",
+        json!({
+            "messages": bench.messages, "sessions": bench.sessions, "concurrency": bench.concurrency,
+            "connections": bench.connections, "seconds": bench.seconds,
+        }),
+    );
+    let database = create_database(&services, "bench_reader").await?;
+    let tenant = unique("bench");
+    eprintln!("storing {} messages over {} sessions through the writer…", bench.messages, bench.sessions);
+    store(&bench, &services, &database, &tenant).await?;
+    let targets = Arc::new(targets(&database, &tenant).await?);
+
+    let empty = Server::start_empty()?;
+    let cached = Server::start_reader(&bench.reader_binary, &database, Some(&services.redis))?;
+    let uncached = Server::start_reader(&bench.reader_binary, &database, None)?;
+    for server in [&empty, &cached, &uncached] {
+        server.wait_ready().await?;
+    }
+
+    let load = |server: &Server, call: Call, rate: Option<f64>| {
+        drive(server.grpc, call, targets.clone(), bench.concurrency, bench.connections, bench.seconds, rate)
+    };
+    let mut empty_run = load(&empty, Call::GetMessage, None).await?;
+    report.push(empty_run.row("limit: empty tonic handler", ""));
+
+    let before = cache_lookups(cached.metrics).await?;
+    let mut hot = load(&cached, Call::QueryPage, None).await?;
+    let after = cache_lookups(cached.metrics).await?;
+    let hits = after.0 - before.0;
+    let hit_rate = hits / (hits + after.1 - before.1).max(1.0);
+    let note = format!("{:.0}% of empty; cache hit {:.1}%", 100.0 * hot.rate / empty_run.rate, 100.0 * hit_rate);
+    report.push(hot.row("QueryMessages hot (page 20)", note));
+    report.result("cache_hit_rate_hot", hit_rate);
+    let mut cold = load(&uncached, Call::QueryPage, None).await?;
+    let note = format!("{:.0}% of empty", 100.0 * cold.rate / empty_run.rate);
+    report.push(cold.row("QueryMessages cold (no cache, DB)", note));
+    let mut get = load(&cached, Call::GetMessage, None).await?;
+    let note = format!("{:.0}% of empty", 100.0 * get.rate / empty_run.rate);
+    report.push(get.row("GetMessage", note));
+    let mut by_seq = load(&cached, Call::BySeq, None).await?;
+    let note = format!("{:.0}% of empty", 100.0 * by_seq.rate / empty_run.rate);
+    report.push(by_seq.row("QueryMessagesBySeq (page 20)", note));
+
+    let mut half_hot = load(&cached, Call::QueryPage, Some(hot.rate / 2.0)).await?;
+    report.push(half_hot.row("QueryMessages hot at half load", "offered 50% of its maximum"));
+    let mut half_get = load(&cached, Call::GetMessage, Some(get.rate / 2.0)).await?;
+    report.push(half_get.row("GetMessage at half load", "offered 50% of its maximum"));
+
+    report.result("query_hot_ratio_to_empty", hot.rate / empty_run.rate);
+    report.result("get_message_ratio_to_empty", get.rate / empty_run.rate);
+    report.result("reader_peak_rss_mib", cached.peak_rss());
+    report.result("reader_without_cache_peak_rss_mib", uncached.peak_rss());
+    drop((empty, cached, uncached));
+    drop_database(&services, &database).await?;
+    report.finish(&bench.json)
+}
+
+/// Stores the benchmark's history through the writer (so the Redis windows are what
+/// production has), waiting until every message is in PostgreSQL.
+async fn store(bench: &ReaderBench, services: &Services, database: &Database, tenant: &str) -> anyhow::Result<()> {
+    let topic = unique("bench-reader-messages");
+    create_topics(services, &[&topic], 8).await?;
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &services.kafka).create()?;
+    let mut workload = Workload::new(tenant, bench.sessions, 11);
+    let mut pending = Vec::new();
+    for _ in 0..bench.messages {
+        let record = workload.next_record();
+        let delivery = FutureRecord::to(&topic).key(&record.session_id).payload(&record.payload);
+        pending.push(producer.send_result(delivery).map_err(|(error, _)| error)?);
+    }
+    for delivery in futures::future::join_all(pending).await {
+        delivery?.map_err(|(error, _)| error)?;
+    }
+    let mut writer = Command::new(&bench.writer_binary)
+        .env("KAFKA_BOOTSTRAP_SERVERS", &services.kafka)
+        .env("KAFKA_TOPIC", &topic)
+        .env("KAFKA_GROUP_ID", unique("bench-writer"))
+        .env("KAFKA_DLQ_TOPIC", unique("bench-dlq"))
+        .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
+        .env("REDIS_URL", &services.redis)
+        .env("POSTGRES_URL", &database.url)
+        .env("METRICS_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .env_remove("MONGO_URL")
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", bench.writer_binary.display()))?;
+    let mut connection = sqlx::PgConnection::connect(&database.url).await?;
+    let started = Instant::now();
+    loop {
+        // Until the writer has created the table, the count fails: nothing stored yet.
+        let stored: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM messages").fetch_one(&mut connection).await.unwrap_or_default();
+        if stored as usize >= bench.messages {
+            break;
+        }
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(1200), "only {stored} messages stored in 20 minutes");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Let the last batch's cache writes land before stopping.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Command::new("kill").args(["-TERM", &writer.id().to_string()]).status()?;
+    writer.wait()?;
+    Ok(())
+}
+
+async fn targets(database: &Database, tenant: &str) -> anyhow::Result<Targets> {
+    let mut connection = sqlx::PgConnection::connect(&database.url).await?;
+    let sessions: Vec<(String, i64)> =
+        sqlx::query_as("SELECT session_id, max(seq) FROM messages GROUP BY session_id ORDER BY session_id")
+            .fetch_all(&mut connection)
+            .await?;
+    let message_ids: Vec<String> = sqlx::query_scalar("SELECT message_id FROM messages ORDER BY random() LIMIT 20000")
+        .fetch_all(&mut connection)
+        .await?;
+    Ok(Targets { tenant: tenant.to_owned(), sessions, message_ids })
+}
+
+/// A server process under load: the reader, or the empty handler.
+struct Server {
+    child: Child,
+    grpc: SocketAddr,
+    metrics: Option<SocketAddr>,
+}
+
+impl Server {
+    fn free_addr() -> anyhow::Result<SocketAddr> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    }
+
+    fn start_empty() -> anyhow::Result<Self> {
+        let grpc = Self::free_addr()?;
+        let child = Command::new(std::env::current_exe()?)
+            .args(["empty-server", "--addr", &grpc.to_string()])
+            .stdout(Stdio::null())
+            .spawn()?;
+        Ok(Self { child, grpc, metrics: None })
+    }
+
+    fn start_reader(binary: &PathBuf, database: &Database, redis: Option<&str>) -> anyhow::Result<Self> {
+        let (grpc, metrics) = (Self::free_addr()?, Self::free_addr()?);
+        let mut command = Command::new(binary);
+        command
+            .env("POSTGRES_URL", &database.url)
+            .env("STORAGE_READER_GRPC_ADDR", grpc.to_string())
+            .env("METRICS_ADDR", metrics.to_string())
+            .env("RUST_LOG", "warn")
+            .env_remove("REDIS_URL")
+            .env_remove("MONGO_URL")
+            .stdout(Stdio::null());
+        if let Some(redis) = redis {
+            command.env("REDIS_URL", redis);
+        }
+        let child = command.spawn().with_context(|| format!("cannot start {}", binary.display()))?;
+        Ok(Self { child, grpc, metrics: Some(metrics) })
+    }
+
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(self.grpc).await.is_err() {
+            anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "{} did not listen in 30 s", self.grpc);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    fn peak_rss(&self) -> f64 {
+        peak_rss_mib(self.child.id()).unwrap_or(0.0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+/// The reader's cache lookups so far: (hits, misses).
+async fn cache_lookups(metrics: Option<SocketAddr>) -> anyhow::Result<(f64, f64)> {
+    let Some(addr) = metrics else { return Ok((0.0, 0.0)) };
+    let body = reqwest_lite(addr, "/metrics").await?;
+    let value = |label: &str| {
+        body.lines()
+            .find(|line| line.starts_with(&format!("storage_reader_cache_lookups_total{{result=\"{label}\"}}")))
+            .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Ok((value("hit"), value("miss")))
+}
+
+/// A plain HTTP/1.0 GET, enough for a metrics page.
+async fn reqwest_lite(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n").as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response)
+}
+
+struct LoadRun {
+    rate: f64,
+    errors: usize,
+    latencies: Latencies,
+}
+
+impl LoadRun {
+    fn row(&mut self, scenario: &str, note: impl Into<String>) -> Row {
+        let mut note = note.into();
+        if self.errors > 0 {
+            note = format!("{note}; {} errors", self.errors);
+        }
+        let rate = self.rate;
+        Row::with_latencies(scenario, rate, &mut self.latencies, note)
+    }
+}
+
+/// `concurrency` callers over `connections` HTTP/2 connections for `seconds` (after a second
+/// of warm-up), each calling as fast as answers come, or together at about `rate` per second.
+async fn drive(
+    addr: SocketAddr,
+    call: Call,
+    targets: Arc<Targets>,
+    concurrency: usize,
+    connections: usize,
+    seconds: u64,
+    rate: Option<f64>,
+) -> anyhow::Result<LoadRun> {
+    let mut channels = Vec::new();
+    for _ in 0..connections.max(1) {
+        channels.push(Channel::from_shared(format!("http://{addr}"))?.connect().await?);
+    }
+    let warmup = Duration::from_secs(1);
+    let measured = Duration::from_secs(seconds);
+    let started = Instant::now() + Duration::from_millis(50);
+    let mut workers = Vec::new();
+    for worker in 0..concurrency {
+        let mut client = StorageReaderServiceClient::new(channels[worker % channels.len()].clone());
+        let targets = targets.clone();
+        workers.push(tokio::spawn(async move {
+            let mut random = Random::new(worker as u64 * 7919 + 1);
+            let mut latencies = Latencies::default();
+            let (mut count, mut errors) = (0usize, 0usize);
+            // A worker's share of a fixed rate: one call every `interval`, offset per worker.
+            let interval = rate.map(|rate| Duration::from_secs_f64(concurrency as f64 / rate));
+            let mut next =
+                started + interval.map_or(Duration::ZERO, |interval| interval * worker as u32 / concurrency as u32);
+            loop {
+                if let Some(interval) = interval {
+                    tokio::time::sleep_until(next.into()).await;
+                    next += interval;
+                }
+                let sent = Instant::now();
+                if sent >= started + warmup + measured {
+                    break;
+                }
+                let ok = one_call(&mut client, call, &targets, &mut random).await;
+                if sent >= started + warmup {
+                    count += 1;
+                    if ok {
+                        latencies.record(sent.elapsed());
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            (count, errors, latencies)
+        }));
+    }
+    let mut run = LoadRun { rate: 0.0, errors: 0, latencies: Latencies::default() };
+    let mut total = 0;
+    for worker in workers {
+        let (count, errors, latencies) = worker.await?;
+        total += count;
+        run.errors += errors;
+        run.latencies.extend(latencies);
+    }
+    run.rate = total as f64 / measured.as_secs_f64();
+    Ok(run)
+}
+
+async fn one_call(
+    client: &mut StorageReaderServiceClient<Channel>,
+    call: Call,
+    targets: &Targets,
+    random: &mut Random,
+) -> bool {
+    let tenant = Some(TenantContext { tenant_id: targets.tenant.clone(), ..Default::default() });
+    let (session, max_seq) = &targets.sessions[random.below(targets.sessions.len() as u64) as usize];
+    match call {
+        Call::QueryPage => client
+            .query_messages(QueryMessagesRequest {
+                session_id: session.clone(),
+                limit: 20,
+                tenant,
+                ..Default::default()
+            })
+            .await
+            .is_ok(),
+        Call::GetMessage => {
+            let message_id = targets.message_ids[random.below(targets.message_ids.len() as u64) as usize].clone();
+            client.get_message(GetMessageRequest { message_id, context: None, tenant }).await.is_ok()
+        }
+        Call::BySeq => {
+            // Within the newest 200 (the hot window): gap filling after a short disconnect.
+            let after_seq = (max_seq - 20 - random.below(160) as i64).max(0);
+            client
+                .query_messages_by_seq(QueryMessagesBySeqRequest {
+                    session_id: session.clone(),
+                    after_seq,
+                    limit: 20,
+                    tenant,
+                    ..Default::default()
+                })
+                .await
+                .is_ok()
+        }
+    }
+}

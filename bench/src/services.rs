@@ -1,0 +1,72 @@
+//! The servers a benchmark runs against, found the way the rest of the project finds them
+//! (`scripts/services.sh env`), and the scratch databases and topics it makes there.
+
+use anyhow::Context as _;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use sqlx::Connection as _;
+
+#[derive(Clone)]
+pub struct Services {
+    pub postgres: String,
+    pub redis: String,
+    pub kafka: String,
+    pub mongo_url: Option<String>,
+}
+
+impl Services {
+    pub fn from_env() -> anyhow::Result<Self> {
+        let required = |name: &str| {
+            std::env::var(name).with_context(|| format!("{name} is not set: run `eval \"$(scripts/services.sh up)\"`"))
+        };
+        Ok(Self {
+            postgres: required("POSTGRES_URL")?,
+            redis: required("REDIS_URL")?,
+            kafka: required("KAFKA_BOOTSTRAP_SERVERS")?,
+            mongo_url: std::env::var("MONGO_URL").ok(),
+        })
+    }
+}
+
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_nanos());
+    format!("{prefix}_{:x}", nanos % (1 << 48))
+}
+
+pub struct Database {
+    pub name: String,
+    pub url: String,
+}
+
+/// A new empty database on the server of `POSTGRES_URL`.
+pub async fn create_database(services: &Services, prefix: &str) -> anyhow::Result<Database> {
+    let mut admin = sqlx::PgConnection::connect(&services.postgres).await.context("POSTGRES_URL")?;
+    let name = unique(prefix);
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await?;
+    let (base, query) = match services.postgres.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (services.postgres.as_str(), String::new()),
+    };
+    let server = &base[..base.rfind('/').filter(|slash| *slash > "postgres://".len()).unwrap_or(base.len())];
+    Ok(Database { url: format!("{server}/{name}{query}"), name })
+}
+
+pub async fn drop_database(services: &Services, database: &Database) -> anyhow::Result<()> {
+    let mut admin = sqlx::PgConnection::connect(&services.postgres).await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", database.name)).execute(&mut admin).await?;
+    Ok(())
+}
+
+/// Creates topics before anything subscribes (the test broker does not show a topic created
+/// later to a waiting consumer).
+pub async fn create_topics(services: &Services, names: &[&str], partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &services.kafka).create()?;
+    let topics: Vec<NewTopic<'_>> =
+        names.iter().map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(1))).collect();
+    for result in admin.create_topics(&topics, &AdminOptions::new()).await? {
+        result.map_err(|(topic, error)| anyhow::anyhow!("cannot create topic {topic}: {error}"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,541 @@
+//! `flare-storage-bench writer`: the writer's sustained throughput and its produce → ACK
+//! latency, beside this machine's limits measured in the same run on the same records — a
+//! raw Kafka consume, a raw PostgreSQL COPY and UNNEST insert, and the writer's own Redis
+//! commands without the rest of the writer.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use flare_storage_common::message::{content_type, message_tenant_id, normalize, searchable_text, to_datetime};
+use flare_storage_common::prost::Message as _;
+use flare_storage_common::proto::storage::{Message, StoreMessageRequest, message_content};
+use flare_storage_writer::store::postgres::PostgresStore;
+use flare_storage_writer::store::redis::RedisStore;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+use sqlx::Connection as _;
+
+use crate::report::{Latencies, Report, Row, peak_rss_mib};
+use crate::services::{Services, create_database, create_topics, drop_database, unique};
+use crate::workload::{Record, Workload};
+
+pub struct WriterBench {
+    pub messages: usize,
+    pub sessions: usize,
+    pub partitions: i32,
+    pub batch: usize,
+    pub latency_seconds: u64,
+    /// The latency run's offered rate, as a fraction of the measured sustained rate.
+    pub latency_fraction: f64,
+    /// Also store into MongoDB (a slow stand-in here), with this many messages.
+    pub mongo_messages: Option<usize>,
+    /// Record a CPU profile of the writer during the sustained run into this file.
+    pub profile: Option<PathBuf>,
+    pub writer_binary: PathBuf,
+    pub json: PathBuf,
+}
+
+pub async fn run(bench: WriterBench, services: Services) -> anyhow::Result<()> {
+    let mut report = Report::new(
+        "writer",
+        json!({
+            "messages": bench.messages, "sessions": bench.sessions, "partitions": bench.partitions,
+            "batch": bench.batch, "latency_seconds": bench.latency_seconds,
+            "latency_fraction": bench.latency_fraction, "mongo_messages": bench.mongo_messages,
+        }),
+    );
+    let tenant = unique("bench");
+    eprintln!("generating {} records over {} sessions…", bench.messages, bench.sessions);
+    let mut workload = Workload::new(&tenant, bench.sessions, 42);
+    let records: Vec<Record> = (0..bench.messages).map(|_| workload.next_record()).collect();
+    let bytes: usize = records.iter().map(|record| record.payload.len()).sum();
+    report.result("average_record_bytes", bytes / records.len().max(1));
+
+    let topic = unique("bench-messages");
+    create_topics(&services, &[&topic], bench.partitions).await?;
+    let started = Instant::now();
+    produce_all(&services, &topic, &records).await?;
+    report.push(Row::rate("kafka produce (preload)", rate(records.len(), started.elapsed()), ""));
+
+    let consume = raw_consume(&services, &topic, bench.partitions, records.len()).await?;
+    report.push(Row::rate("limit: raw kafka consume", consume, "BaseConsumer, all partitions"));
+
+    let messages = normalized(&records)?;
+    let (copy, unnest) = raw_postgres(&services, &messages, bench.batch).await?;
+    report.push(Row::rate("limit: raw postgres COPY", copy, "one COPY, same table and indexes"));
+    report.push(Row::rate(
+        "limit: raw postgres UNNEST",
+        unnest,
+        format!("writer's INSERT, batches of {}", bench.batch),
+    ));
+    let redis = raw_redis(&services, &messages, bench.batch).await?;
+    report.push(Row::rate("limit: raw redis (writer commands)", redis, "window + state + cursors per batch"));
+    drop(messages);
+
+    let database = create_database(&services, "bench_writer").await?;
+    let writer_run = sustained(&bench, &services, &topic, &database, None, bench.messages).await?;
+    let slowest = consume.min(copy).min(unnest).min(redis);
+    report.push(Row::rate(
+        "writer sustained (postgres+redis)",
+        writer_run.rate,
+        format!(
+            "{:.0}% of COPY, {:.0}% of slowest limit; {:.1}s incl. {:.1}s until first ACK",
+            100.0 * writer_run.rate / copy,
+            100.0 * writer_run.rate / slowest,
+            writer_run.elapsed.as_secs_f64(),
+            writer_run.first_ack.as_secs_f64()
+        ),
+    ));
+    report.result("writer_ratio_to_copy", writer_run.rate / copy);
+    report.result("writer_ratio_to_slowest_limit", writer_run.rate / slowest);
+    report.result("writer_peak_rss_mib", writer_run.peak_rss_mib);
+    if let Some(profile) = &writer_run.profile {
+        report.result("writer_profile_top", profile.clone());
+    }
+
+    let offered = (writer_run.rate * bench.latency_fraction).max(1.0);
+    let mut latencies = latency(&bench, &services, &database, None, offered).await?;
+    report.push(Row::with_latencies(
+        "writer produce→ACK latency",
+        offered,
+        &mut latencies,
+        format!("offered {:.0}% of sustained for {}s", bench.latency_fraction * 100.0, bench.latency_seconds),
+    ));
+    drop_database(&services, &database).await?;
+
+    if let Some(count) = bench.mongo_messages {
+        let mongo_url = services.mongo_url.clone().context("MONGO_URL is needed for --mongo")?;
+        let mongo_topic = unique("bench-messages-mongo");
+        create_topics(&services, &[&mongo_topic], bench.partitions).await?;
+        produce_all(&services, &mongo_topic, &records[..count.min(records.len())]).await?;
+        let database = create_database(&services, "bench_writer_mongo").await?;
+        let mongo = Some((mongo_url, unique("bench")));
+        let run = sustained(&bench, &services, &mongo_topic, &database, mongo.clone(), count).await?;
+        report.push(Row::rate(
+            "writer sustained (+mongo stand-in)",
+            run.rate,
+            format!("{count} messages; the MongoDB stand-in is a slow Python server"),
+        ));
+        let mut latencies =
+            latency(&bench, &services, &database, mongo, (run.rate * bench.latency_fraction).max(1.0)).await?;
+        report.push(Row::with_latencies(
+            "writer latency (+mongo stand-in)",
+            run.rate * bench.latency_fraction,
+            &mut latencies,
+            "",
+        ));
+        drop_database(&services, &database).await?;
+    }
+    report.finish(&bench.json)
+}
+
+fn rate(count: usize, elapsed: Duration) -> f64 {
+    count as f64 / elapsed.as_secs_f64().max(1e-9)
+}
+
+async fn produce_all(services: &Services, topic: &str, records: &[Record]) -> anyhow::Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &services.kafka)
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    let mut pending = Vec::with_capacity(50_000);
+    for record in records {
+        let delivery = FutureRecord::to(topic).key(&record.session_id).payload(&record.payload);
+        pending.push(producer.send_result(delivery).map_err(|(error, _)| error)?);
+        if pending.len() == 50_000 {
+            for delivery in futures::future::join_all(pending.drain(..)).await {
+                delivery?.map_err(|(error, _)| error)?;
+            }
+        }
+    }
+    for delivery in futures::future::join_all(pending).await {
+        delivery?.map_err(|(error, _)| error)?;
+    }
+    Ok(())
+}
+
+/// Reads every record of the topic by direct assignment: the broker and client's own rate.
+async fn raw_consume(services: &Services, topic: &str, partitions: i32, expected: usize) -> anyhow::Result<f64> {
+    let consumer = assigned_consumer(services, topic, partitions)?;
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let mut seen = 0;
+        while seen < expected {
+            if started.elapsed() > Duration::from_secs(600) {
+                anyhow::bail!("raw consume read {seen} of {expected} records in 10 minutes");
+            }
+            if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+                message?;
+                seen += 1;
+            }
+        }
+        Ok(rate(seen, started.elapsed()))
+    })
+    .await?
+}
+
+fn assigned_consumer(services: &Services, topic: &str, partitions: i32) -> anyhow::Result<BaseConsumer> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &services.kafka)
+        .set("group.id", unique("bench-reader"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for partition in 0..partitions {
+        assignment.add_partition_offset(topic, partition, rdkafka::Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    Ok(consumer)
+}
+
+/// The records as the writer stores them: normalised, with per-session seqs.
+fn normalized(records: &[Record]) -> anyhow::Result<Vec<Message>> {
+    let now = chrono::Utc::now();
+    let mut seqs: HashMap<String, i64> = HashMap::new();
+    records
+        .iter()
+        .map(|record| {
+            let request = StoreMessageRequest::decode(record.payload.as_slice())?;
+            let mut message = normalize(request, now, now)?;
+            let seq = seqs.entry(message.session_id.clone()).or_insert(0);
+            *seq += 1;
+            message.seq = *seq;
+            Ok(message)
+        })
+        .collect()
+}
+
+/// A fresh database with the product's schema: COPY of all rows, then (emptied) the writer's
+/// UNNEST insert in batches. Rates in rows per second.
+async fn raw_postgres(services: &Services, messages: &[Message], batch: usize) -> anyhow::Result<(f64, f64)> {
+    let database = create_database(services, "bench_raw").await?;
+    let store = PostgresStore::connect(&database.url, 4)?;
+    flare_storage_common::schema::migrate(store.pool()).await?;
+
+    let text = copy_text(messages);
+    let mut connection = sqlx::PgConnection::connect(&database.url).await?;
+    let started = Instant::now();
+    let mut copy = connection.copy_in_raw(COPY_STATEMENT).await?;
+    for chunk in text.chunks(1 << 20) {
+        copy.send(chunk).await?;
+    }
+    let copied = copy.finish().await?;
+    let copy_rate = rate(copied as usize, started.elapsed());
+    anyhow::ensure!(copied as usize == messages.len(), "COPY stored {copied} of {} rows", messages.len());
+
+    sqlx::query("TRUNCATE messages").execute(&mut connection).await?;
+    let started = Instant::now();
+    for chunk in messages.chunks(batch) {
+        store.insert_batch(chunk).await?;
+    }
+    let unnest_rate = rate(messages.len(), started.elapsed());
+    drop(connection);
+    drop(store);
+    drop_database(services, &database).await?;
+    Ok((copy_rate, unnest_rate))
+}
+
+const COPY_STATEMENT: &str = r#"COPY messages (
+    tenant_id, message_id, session_id, seq, sender_id, sender_type, receiver_id, receiver_ids,
+    content, content_type, message_type, business_type, session_type, status, "timestamp",
+    is_recalled, is_burn_after_read, burn_after_seconds, extra, tags, attributes,
+    payload, created_at, updated_at, content_text) FROM STDIN"#;
+
+/// The rows in COPY's text format, the same values the writer's insert stores.
+fn copy_text(messages: &[Message]) -> Vec<u8> {
+    let mut out = String::with_capacity(messages.len() * 1024);
+    let now = chrono::Utc::now().to_rfc3339();
+    for message in messages {
+        let timestamp = message.timestamp.as_ref().and_then(to_datetime).unwrap_or_default().to_rfc3339();
+        let content = match message.content.as_ref().and_then(|content| content.content.as_ref()) {
+            Some(message_content::Content::Text(text)) => hex(text.text.as_bytes()),
+            _ => "\\N".to_owned(),
+        };
+        let receivers: Vec<String> = message.receiver_ids.iter().map(|id| format!("\"{id}\"")).collect();
+        let fields = [
+            escape(message_tenant_id(message)),
+            escape(&message.id),
+            escape(&message.session_id),
+            message.seq.to_string(),
+            escape(&message.sender_id),
+            escape(&message.sender_type),
+            escape(&message.receiver_id),
+            escape(&format!("{{{}}}", receivers.join(","))),
+            content,
+            escape(content_type(message)),
+            message.message_type.to_string(),
+            escape(&message.business_type),
+            escape(&message.session_type),
+            escape(&message.status),
+            timestamp,
+            "f".into(),
+            "f".into(),
+            "0".into(),
+            "{}".into(),
+            "{}".into(),
+            "{}".into(),
+            hex(&message.encode_to_vec()),
+            now.clone(),
+            now.clone(),
+            searchable_text(message).map_or_else(|| "\\N".to_owned(), escape),
+        ];
+        out.push_str(&fields.join("\t"));
+        out.push('\n');
+    }
+    out.into_bytes()
+}
+
+fn escape(value: &str) -> String {
+    let mut escaped = String::with_capacity(value.len());
+    for character in value.chars() {
+        match character {
+            '\\' => escaped.push_str("\\\\"),
+            '\t' => escaped.push_str("\\t"),
+            '\n' => escaped.push_str("\\n"),
+            '\r' => escaped.push_str("\\r"),
+            other => escaped.push(other),
+        }
+    }
+    escaped
+}
+
+/// A bytea value in COPY text format (`\\x…`, the backslash itself escaped).
+fn hex(bytes: &[u8]) -> String {
+    let mut text = String::with_capacity(3 + bytes.len() * 2);
+    text.push_str("\\\\x");
+    for byte in bytes {
+        text.push_str(&format!("{byte:02x}"));
+    }
+    text
+}
+
+/// The writer's three Redis stages (hot windows, session states and unread counts, cursors)
+/// for every batch, nothing else. Messages per second.
+async fn raw_redis(services: &Services, messages: &[Message], batch: usize) -> anyhow::Result<f64> {
+    let store = RedisStore::connect(&services.redis, Duration::from_secs(600), Duration::from_secs(600), 200).await?;
+    let started = Instant::now();
+    for chunk in messages.chunks(batch) {
+        flare_storage_writer::pipeline::write_hot_windows(&store, chunk).await?;
+        flare_storage_writer::pipeline::write_session_states(&store, chunk).await?;
+        flare_storage_writer::pipeline::write_cursors(&store, chunk).await?;
+    }
+    Ok(rate(messages.len(), started.elapsed()))
+}
+
+struct SustainedRun {
+    rate: f64,
+    elapsed: Duration,
+    first_ack: Duration,
+    peak_rss_mib: f64,
+    profile: Option<String>,
+}
+
+fn start_writer(
+    bench: &WriterBench,
+    services: &Services,
+    topic: &str,
+    ack_topic: &str,
+    database_url: &str,
+    mongo: Option<&(String, String)>,
+) -> anyhow::Result<Child> {
+    let mut command = Command::new(&bench.writer_binary);
+    command
+        .env("KAFKA_BOOTSTRAP_SERVERS", &services.kafka)
+        .env("KAFKA_TOPIC", topic)
+        .env("KAFKA_GROUP_ID", unique("bench-writer"))
+        .env("KAFKA_ACK_TOPIC", ack_topic)
+        .env("KAFKA_DLQ_TOPIC", unique("bench-dlq"))
+        .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
+        .env("REDIS_URL", &services.redis)
+        .env("POSTGRES_URL", database_url)
+        .env("WRITER_BATCH_SIZE", bench.batch.to_string())
+        .env("METRICS_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .env_remove("MONGO_URL")
+        .stdout(Stdio::null());
+    if let Some((url, database)) = mongo {
+        command.env("MONGO_URL", url).env("MONGO_DATABASE", database);
+    }
+    command.spawn().with_context(|| format!("cannot start {}", bench.writer_binary.display()))
+}
+
+/// Starts a writer on a topic holding `expected` records and times it until every one is
+/// ACKed `persisted`.
+async fn sustained(
+    bench: &WriterBench,
+    services: &Services,
+    topic: &str,
+    database: &crate::services::Database,
+    mongo: Option<(String, String)>,
+    expected: usize,
+) -> anyhow::Result<SustainedRun> {
+    let ack_topic = unique("bench-acks");
+    create_topics(services, &[&ack_topic], bench.partitions).await?;
+    let acks = assigned_consumer(services, &ack_topic, bench.partitions)?;
+    let started = Instant::now();
+    let mut writer = start_writer(bench, services, topic, &ack_topic, &database.url, mongo.as_ref())?;
+    let pid = writer.id();
+    let mut profiler = match &bench.profile {
+        Some(path) if mongo.is_none() => Some(
+            Command::new("perf")
+                .args(["record", "-e", "cpu-clock", "-F", "499", "-g", "-o"])
+                .arg(path)
+                .args(["-p", &pid.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("perf record (Debian package linux-perf)")?,
+        ),
+        _ => None,
+    };
+    let (first_ack, last_ack) = tokio::task::spawn_blocking(move || {
+        let mut persisted = HashSet::with_capacity(expected);
+        let mut first = None;
+        while persisted.len() < expected {
+            if started.elapsed() > Duration::from_secs(1800) {
+                anyhow::bail!("{} of {expected} ACKs after 30 minutes", persisted.len());
+            }
+            let Some(message) = acks.poll(Duration::from_millis(100)) else { continue };
+            let message = message?;
+            let ack: serde_json::Value =
+                serde_json::from_slice(rdkafka::Message::payload(&message).unwrap_or_default())?;
+            if ack["status"] == "persisted"
+                && let Some(id) = ack["message_id"].as_str()
+            {
+                first.get_or_insert_with(|| started.elapsed());
+                persisted.insert(id.to_owned());
+            }
+        }
+        Ok((first.unwrap_or_default(), started.elapsed()))
+    })
+    .await??;
+    let peak_rss_mib = peak_rss_mib(pid).unwrap_or(0.0);
+    let profile = match profiler.as_mut() {
+        Some(profiler) => {
+            Command::new("kill").args(["-INT", &profiler.id().to_string()]).status()?;
+            profiler.wait()?;
+            bench.profile.as_ref().map(|path| top_of_profile(path)).transpose()?
+        }
+        None => None,
+    };
+    Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+    writer.wait()?;
+    let mut connection = sqlx::PgConnection::connect(&database.url).await?;
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM messages").fetch_one(&mut connection).await?;
+    anyhow::ensure!(stored as usize >= expected, "the writer ACKed {expected} but stored {stored}");
+    Ok(SustainedRun { rate: rate(expected, last_ack - first_ack), elapsed: last_ack, first_ack, peak_rss_mib, profile })
+}
+
+/// The functions with the most samples of their own, from `perf report`.
+fn top_of_profile(path: &std::path::Path) -> anyhow::Result<String> {
+    let output = Command::new("perf")
+        .args(["report", "--stdio", "--no-children", "--sort", "symbol", "--percent-limit", "1", "-g", "none", "-i"])
+        .arg(path)
+        .output()
+        .context("perf report")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    Ok(text.lines().filter(|line| line.contains('%')).take(25).collect::<Vec<_>>().join("\n"))
+}
+
+/// Offers `rate` messages per second for the configured time to a running writer and
+/// measures each message from the moment it was handed to the producer to its ACK.
+async fn latency(
+    bench: &WriterBench,
+    services: &Services,
+    database: &crate::services::Database,
+    mongo: Option<(String, String)>,
+    rate: f64,
+) -> anyhow::Result<Latencies> {
+    let (topic, ack_topic) = (unique("bench-latency"), unique("bench-latency-acks"));
+    create_topics(services, &[&topic, &ack_topic], bench.partitions).await?;
+    let acks = assigned_consumer(services, &ack_topic, bench.partitions)?;
+    let mut writer = start_writer(bench, services, &topic, &ack_topic, &database.url, mongo.as_ref())?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &services.kafka)
+        .set("linger.ms", "0")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    let mut workload = Workload::new(&unique("bench"), bench.sessions, 7);
+    let total = (rate * bench.latency_seconds as f64) as usize;
+    let warmup = 200;
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel::<(String, Instant)>();
+    let collector = tokio::task::spawn_blocking(move || -> anyhow::Result<Latencies> {
+        let mut sent: HashMap<String, Instant> = HashMap::new();
+        let mut acked: HashMap<String, Instant> = HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while acked.len() < total + warmup && Instant::now() < deadline {
+            sent.extend(sent_rx.try_iter());
+            let Some(message) = acks.poll(Duration::from_millis(5)) else { continue };
+            let received = Instant::now();
+            let ack: serde_json::Value =
+                serde_json::from_slice(rdkafka::Message::payload(&message?).unwrap_or_default())?;
+            if let Some(id) = ack["message_id"].as_str() {
+                acked.entry(id.to_owned()).or_insert(received);
+            }
+        }
+        sent.extend(sent_rx.try_iter());
+        let mut latencies = Latencies::default();
+        for (id, at) in &acked {
+            if let Some(sent_at) = sent.get(id) {
+                latencies.record(at.saturating_duration_since(*sent_at));
+            }
+        }
+        anyhow::ensure!(acked.len() >= total + warmup, "{} of {} ACKs arrived", acked.len(), total + warmup);
+        Ok(latencies)
+    });
+
+    // Warm-up: the writer has joined its group and served a first batch before timing starts.
+    let mut warm = Vec::new();
+    for _ in 0..warmup {
+        let record = workload.next_record();
+        let delivery = FutureRecord::to(&topic).key(&record.session_id).payload(&record.payload);
+        warm.push(producer.send_result(delivery).map_err(|(error, _)| error)?);
+    }
+    for delivery in futures::future::join_all(warm).await {
+        delivery?.map_err(|(error, _)| error)?;
+    }
+    tokio::time::sleep(Duration::from_secs(8)).await;
+
+    let started = Instant::now();
+    let mut pending = Vec::new();
+    for index in 0..total {
+        let due = started + Duration::from_secs_f64(index as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        let record = workload.next_record();
+        let delivery = FutureRecord::to(&topic).key(&record.session_id).payload(&record.payload);
+        sent_tx.send((record.message_id.clone(), Instant::now()))?;
+        pending.push(producer.send_result(delivery).map_err(|(error, _)| error)?);
+        if pending.len() >= 10_000 {
+            for delivery in futures::future::join_all(pending.drain(..)).await {
+                delivery?.map_err(|(error, _)| error)?;
+            }
+        }
+    }
+    for delivery in futures::future::join_all(pending).await {
+        delivery?.map_err(|(error, _)| error)?;
+    }
+    let latencies = collector.await??;
+    Command::new("kill").args(["-TERM", &writer.id().to_string()]).status()?;
+    writer.wait()?;
+    anyhow::ensure!(latencies.len() >= total, "measured {} of {total} messages", latencies.len());
+    Ok(latencies)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_text_escapes_what_copy_would_misread() {
+        assert_eq!(escape("a\tb\\c\nd"), "a\\tb\\\\c\\nd");
+        assert_eq!(hex(&[0, 255]), "\\\\x00ff");
+    }
+}
