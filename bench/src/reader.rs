@@ -20,7 +20,7 @@ use sqlx::Connection as _;
 use tonic::transport::Channel;
 
 use crate::report::{Latencies, Report, Row, peak_rss_mib};
-use crate::services::{Database, Services, create_database, create_topics, drop_database, unique};
+use crate::services::{Database, Services, create_database, create_topics, drop_database, forget_tenant, unique};
 use crate::workload::{Random, Workload};
 
 pub struct ReaderBench {
@@ -105,6 +105,7 @@ pub async fn run(bench: ReaderBench, services: Services) -> anyhow::Result<()> {
     report.result("reader_without_cache_peak_rss_mib", uncached.peak_rss());
     drop((empty, cached, uncached));
     drop_database(&services, &database).await?;
+    forget_tenant(&services, &tenant).await?;
     report.finish(&bench.json)
 }
 
@@ -282,7 +283,14 @@ async fn drive(
 ) -> anyhow::Result<LoadRun> {
     let mut channels = Vec::new();
     for _ in 0..connections.max(1) {
-        channels.push(Channel::from_shared(format!("http://{addr}"))?.connect().await?);
+        // HTTP/2's default 64 KiB connection window would cap a connection at a few pages
+        // in flight (a page of 20 is ~8 KiB); a gateway sets larger windows, and so do we.
+        let channel = Channel::from_shared(format!("http://{addr}"))?
+            .initial_connection_window_size(8 << 20)
+            .initial_stream_window_size(1 << 20)
+            .connect()
+            .await?;
+        channels.push(channel);
     }
     let warmup = Duration::from_secs(1);
     let measured = Duration::from_secs(seconds);

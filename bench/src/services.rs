@@ -70,3 +70,24 @@ pub async fn create_topics(services: &Services, names: &[&str], partitions: i32)
     }
     Ok(())
 }
+
+/// Removes every Redis key of `tenant` (all share the prefix `fs:{<len>:<tenant>:`), so runs
+/// start from an empty cache and leave nothing behind.
+pub async fn forget_tenant(services: &Services, tenant: &str) -> anyhow::Result<usize> {
+    use redis::AsyncCommands as _;
+    let client = redis::Client::open(services.redis.as_str())?;
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    let pattern = format!("fs:{{{}:{tenant}:*", tenant.len());
+    let keys: Vec<String> = {
+        let mut scan = connection.scan_match::<_, String>(&pattern).await?;
+        let mut keys = Vec::new();
+        while let Some(key) = futures::StreamExt::next(&mut scan).await {
+            keys.push(key?);
+        }
+        keys
+    };
+    for chunk in keys.chunks(1000) {
+        let _: () = redis::cmd("UNLINK").arg(chunk).query_async(&mut connection).await?;
+    }
+    Ok(keys.len())
+}

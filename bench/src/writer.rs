@@ -21,7 +21,7 @@ use serde_json::json;
 use sqlx::Connection as _;
 
 use crate::report::{Latencies, Report, Row, peak_rss_mib};
-use crate::services::{Services, create_database, create_topics, drop_database, unique};
+use crate::services::{Services, create_database, create_topics, drop_database, forget_tenant, unique};
 use crate::workload::{Record, Workload};
 
 pub struct WriterBench {
@@ -76,6 +76,7 @@ pub async fn run(bench: WriterBench, services: Services) -> anyhow::Result<()> {
     let redis = raw_redis(&services, &messages, bench.batch).await?;
     report.push(Row::rate("limit: raw redis (writer commands)", redis, "window + state + cursors per batch"));
     drop(messages);
+    forget_tenant(&services, &tenant).await?;
 
     let database = create_database(&services, "bench_writer").await?;
     let writer_run = sustained(&bench, &services, &topic, &database, None, bench.messages).await?;
@@ -99,7 +100,7 @@ pub async fn run(bench: WriterBench, services: Services) -> anyhow::Result<()> {
     }
 
     let offered = (writer_run.rate * bench.latency_fraction).max(1.0);
-    let mut latencies = latency(&bench, &services, &database, None, offered).await?;
+    let mut latencies = latency(&bench, &services, &database, &tenant, None, offered).await?;
     report.push(Row::with_latencies(
         "writer produce→ACK latency",
         offered,
@@ -121,8 +122,8 @@ pub async fn run(bench: WriterBench, services: Services) -> anyhow::Result<()> {
             run.rate,
             format!("{count} messages; the MongoDB stand-in is a slow Python server"),
         ));
-        let mut latencies =
-            latency(&bench, &services, &database, mongo, (run.rate * bench.latency_fraction).max(1.0)).await?;
+        let offered = (run.rate * bench.latency_fraction).max(1.0);
+        let mut latencies = latency(&bench, &services, &database, &tenant, mongo, offered).await?;
         report.push(Row::with_latencies(
             "writer latency (+mongo stand-in)",
             run.rate * bench.latency_fraction,
@@ -131,6 +132,7 @@ pub async fn run(bench: WriterBench, services: Services) -> anyhow::Result<()> {
         ));
         drop_database(&services, &database).await?;
     }
+    forget_tenant(&services, &tenant).await?;
     report.finish(&bench.json)
 }
 
@@ -451,6 +453,7 @@ async fn latency(
     bench: &WriterBench,
     services: &Services,
     database: &crate::services::Database,
+    tenant: &str,
     mongo: Option<(String, String)>,
     rate: f64,
 ) -> anyhow::Result<Latencies> {
@@ -463,7 +466,7 @@ async fn latency(
         .set("linger.ms", "0")
         .set("queue.buffering.max.messages", "1000000")
         .create()?;
-    let mut workload = Workload::new(&unique("bench"), bench.sessions, 7);
+    let mut workload = Workload::new(tenant, bench.sessions, 7);
     let total = (rate * bench.latency_seconds as f64) as usize;
     let warmup = 200;
     let (sent_tx, sent_rx) = std::sync::mpsc::channel::<(String, Instant)>();

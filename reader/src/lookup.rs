@@ -351,7 +351,10 @@ async fn page_from_window(
     user: &str,
 ) -> FromCache<Vec<Message>> {
     let wanted = bounds.limit + 1;
-    let fetch = wanted + TIE_SLACK;
+    // Only a page after a cursor steps over entries (those sharing the cursor's timestamp that
+    // earlier pages returned); a first page — opening a chat, the most common read — reads
+    // just what it returns, which keeps Redis' reply and its parsing small.
+    let fetch = if cursor.is_some() { wanted + TIE_SLACK } else { wanted };
     let max_us = match cursor {
         Some(cursor) => bounds.to_us.min(cursor.timestamp.timestamp_micros()),
         None => bounds.to_us,
