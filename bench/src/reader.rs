@@ -233,7 +233,7 @@ impl Drop for Server {
 /// The reader's cache lookups so far: (hits, misses).
 async fn cache_lookups(metrics: Option<SocketAddr>) -> anyhow::Result<(f64, f64)> {
     let Some(addr) = metrics else { return Ok((0.0, 0.0)) };
-    let body = reqwest_lite(addr, "/metrics").await?;
+    let body = crate::services::http_get(addr, "/metrics").await?;
     let value = |label: &str| {
         body.lines()
             .find(|line| line.starts_with(&format!("storage_reader_cache_lookups_total{{result=\"{label}\"}}")))
@@ -241,16 +241,6 @@ async fn cache_lookups(metrics: Option<SocketAddr>) -> anyhow::Result<(f64, f64)
             .unwrap_or(0.0)
     };
     Ok((value("hit"), value("miss")))
-}
-
-/// A plain HTTP/1.0 GET, enough for a metrics page.
-async fn reqwest_lite(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n").as_bytes()).await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    Ok(response)
 }
 
 struct LoadRun {

@@ -91,3 +91,13 @@ pub async fn forget_tenant(services: &Services, tenant: &str) -> anyhow::Result<
     }
     Ok(keys.len())
 }
+
+/// A plain HTTP/1.0 GET, enough for a metrics page.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n").as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response)
+}

@@ -73,7 +73,8 @@ pub async fn run(bench: WriterBench, services: Services) -> anyhow::Result<()> {
         unnest,
         format!("writer's INSERT, batches of {}", bench.batch),
     ));
-    let redis = raw_redis(&services, &messages, bench.batch).await?;
+    let (redis, redis_stages) = raw_redis(&services, &messages, bench.batch).await?;
+    report.result("raw_redis_stage_seconds", redis_stages);
     report.push(Row::rate("limit: raw redis (writer commands)", redis, "window + state + cursors per batch"));
     drop(messages);
     forget_tenant(&services, &tenant).await?;
@@ -95,6 +96,7 @@ pub async fn run(bench: WriterBench, services: Services) -> anyhow::Result<()> {
     report.result("writer_ratio_to_copy", writer_run.rate / copy);
     report.result("writer_ratio_to_slowest_limit", writer_run.rate / slowest);
     report.result("writer_peak_rss_mib", writer_run.peak_rss_mib);
+    report.result("writer_stage_seconds", writer_run.stages.clone());
     if let Some(profile) = &writer_run.profile {
         report.result("writer_profile_top", profile.clone());
     }
@@ -321,15 +323,34 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The writer's three Redis stages (hot windows, session states and unread counts, cursors)
 /// for every batch, nothing else. Messages per second.
-async fn raw_redis(services: &Services, messages: &[Message], batch: usize) -> anyhow::Result<f64> {
+/// Also returns the seconds spent in each of the three.
+async fn raw_redis(
+    services: &Services,
+    messages: &[Message],
+    batch: usize,
+) -> anyhow::Result<(f64, serde_json::Map<String, serde_json::Value>)> {
+    use flare_storage_writer::pipeline::{write_cursors, write_hot_windows, write_session_states};
     let store = RedisStore::connect(&services.redis, Duration::from_secs(600), Duration::from_secs(600), 200).await?;
+    let mut spent = [Duration::ZERO; 3];
     let started = Instant::now();
     for chunk in messages.chunks(batch) {
-        flare_storage_writer::pipeline::write_hot_windows(&store, chunk).await?;
-        flare_storage_writer::pipeline::write_session_states(&store, chunk).await?;
-        flare_storage_writer::pipeline::write_cursors(&store, chunk).await?;
+        let step = Instant::now();
+        write_hot_windows(&store, chunk).await?;
+        spent[0] += step.elapsed();
+        let step = Instant::now();
+        write_session_states(&store, chunk).await?;
+        spent[1] += step.elapsed();
+        let step = Instant::now();
+        write_cursors(&store, chunk).await?;
+        spent[2] += step.elapsed();
     }
-    Ok(rate(messages.len(), started.elapsed()))
+    let rate = rate(messages.len(), started.elapsed());
+    let stages = ["cache", "session_state", "cursors"]
+        .into_iter()
+        .zip(spent)
+        .map(|(stage, spent)| (stage.to_owned(), serde_json::Value::from(spent.as_secs_f64())))
+        .collect();
+    Ok((rate, stages))
 }
 
 struct SustainedRun {
@@ -338,6 +359,8 @@ struct SustainedRun {
     first_ack: Duration,
     peak_rss_mib: f64,
     profile: Option<String>,
+    /// Seconds spent per pipeline stage.
+    stages: serde_json::Map<String, serde_json::Value>,
 }
 
 fn start_writer(
@@ -347,7 +370,8 @@ fn start_writer(
     ack_topic: &str,
     database_url: &str,
     mongo: Option<&(String, String)>,
-) -> anyhow::Result<Child> {
+) -> anyhow::Result<(Child, std::net::SocketAddr)> {
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let mut command = Command::new(&bench.writer_binary);
     command
         .env("KAFKA_BOOTSTRAP_SERVERS", &services.kafka)
@@ -359,14 +383,38 @@ fn start_writer(
         .env("REDIS_URL", &services.redis)
         .env("POSTGRES_URL", database_url)
         .env("WRITER_BATCH_SIZE", bench.batch.to_string())
-        .env("METRICS_ADDR", "127.0.0.1:0")
+        .env("METRICS_ADDR", metrics.to_string())
         .env("RUST_LOG", "warn")
         .env_remove("MONGO_URL")
         .stdout(Stdio::null());
     if let Some((url, database)) = mongo {
         command.env("MONGO_URL", url).env("MONGO_DATABASE", database);
     }
-    command.spawn().with_context(|| format!("cannot start {}", bench.writer_binary.display()))
+    let child = command.spawn().with_context(|| format!("cannot start {}", bench.writer_binary.display()))?;
+    Ok((child, metrics))
+}
+
+/// Seconds the writer spent in each pipeline stage so far, from its own metrics.
+async fn stage_seconds(metrics: std::net::SocketAddr) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let body = crate::services::http_get(metrics, "/metrics").await?;
+    let prefix = "storage_writer_stage_latency_seconds_sum{stage=\"";
+    let mut stages: serde_json::Map<String, serde_json::Value> = body
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(prefix)?;
+            let (stage, value) = rest.split_once("\"} ")?;
+            Some((stage.to_owned(), serde_json::Value::from(value.trim().parse::<f64>().ok()?)))
+        })
+        .collect();
+    // The number of batches, so stage times can be read per batch.
+    if let Some(count) = body
+        .lines()
+        .find_map(|line| line.strip_prefix("storage_writer_stage_latency_seconds_count{stage=\"postgres\"} "))
+        .and_then(|count| count.trim().parse::<f64>().ok())
+    {
+        stages.insert("batches".into(), count.into());
+    }
+    Ok(stages)
 }
 
 /// Starts a writer on a topic holding `expected` records and times it until every one is
@@ -383,7 +431,7 @@ async fn sustained(
     create_topics(services, &[&ack_topic], bench.partitions).await?;
     let acks = assigned_consumer(services, &ack_topic, bench.partitions)?;
     let started = Instant::now();
-    let mut writer = start_writer(bench, services, topic, &ack_topic, &database.url, mongo.as_ref())?;
+    let (mut writer, metrics) = start_writer(bench, services, topic, &ack_topic, &database.url, mongo.as_ref())?;
     let pid = writer.id();
     let mut profiler = match &bench.profile {
         Some(path) if mongo.is_none() => Some(
@@ -420,6 +468,7 @@ async fn sustained(
     })
     .await??;
     let peak_rss_mib = peak_rss_mib(pid).unwrap_or(0.0);
+    let stages = stage_seconds(metrics).await.unwrap_or_default();
     let profile = match profiler.as_mut() {
         Some(profiler) => {
             Command::new("kill").args(["-INT", &profiler.id().to_string()]).status()?;
@@ -433,7 +482,14 @@ async fn sustained(
     let mut connection = sqlx::PgConnection::connect(&database.url).await?;
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM messages").fetch_one(&mut connection).await?;
     anyhow::ensure!(stored as usize >= expected, "the writer ACKed {expected} but stored {stored}");
-    Ok(SustainedRun { rate: rate(expected, last_ack - first_ack), elapsed: last_ack, first_ack, peak_rss_mib, profile })
+    Ok(SustainedRun {
+        rate: rate(expected, last_ack - first_ack),
+        elapsed: last_ack,
+        first_ack,
+        peak_rss_mib,
+        profile,
+        stages,
+    })
 }
 
 /// The functions with the most samples of their own, from `perf report`.
@@ -460,7 +516,7 @@ async fn latency(
     let (topic, ack_topic) = (unique("bench-latency"), unique("bench-latency-acks"));
     create_topics(services, &[&topic, &ack_topic], bench.partitions).await?;
     let acks = assigned_consumer(services, &ack_topic, bench.partitions)?;
-    let mut writer = start_writer(bench, services, &topic, &ack_topic, &database.url, mongo.as_ref())?;
+    let (mut writer, metrics) = start_writer(bench, services, &topic, &ack_topic, &database.url, mongo.as_ref())?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &services.kafka)
         .set("linger.ms", "0")
@@ -526,6 +582,14 @@ async fn latency(
         delivery?.map_err(|(error, _)| error)?;
     }
     let latencies = collector.await??;
+    let stages = stage_seconds(metrics).await.unwrap_or_default();
+    let batches = stages.get("batches").and_then(serde_json::Value::as_f64).unwrap_or(0.0).max(1.0);
+    let per_batch: serde_json::Map<String, serde_json::Value> = stages
+        .iter()
+        .filter(|(stage, _)| *stage != "batches")
+        .filter_map(|(stage, seconds)| Some((stage.clone(), (seconds.as_f64()? * 1000.0 / batches).into())))
+        .collect();
+    eprintln!("  latency run: {batches:.0} batches, ms per batch by stage: {}", serde_json::Value::from(per_batch));
     Command::new("kill").args(["-TERM", &writer.id().to_string()]).status()?;
     writer.wait()?;
     anyhow::ensure!(latencies.len() >= total, "measured {} of {total} messages", latencies.len());

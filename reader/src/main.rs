@@ -9,12 +9,6 @@ use flare_storage_common::{ops, schema, telemetry};
 use flare_storage_reader::Config;
 use tokio_util::sync::CancellationToken;
 
-/// mimalloc instead of the system allocator: under load the service spends a large share of
-/// its time allocating (decoded messages, Redis replies, gRPC buffers), and glibc's malloc
-/// contends on arena locks there (see docs/BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = match Config::from_env() {

@@ -15,6 +15,10 @@ pub struct Config {
     /// Where ACK events go; none are sent when unset.
     pub kafka_ack_topic: Option<String>,
     pub kafka_session_timeout: Duration,
+    /// Longest time the broker may hold a fetch when no records are waiting.
+    pub kafka_fetch_wait: Duration,
+    /// Bound of the client's prefetch queue, in KiB (librdkafka `queued.max.messages.kbytes`).
+    pub kafka_prefetch_kbytes: usize,
     pub redis_url: String,
     pub redis_hot_ttl: Duration,
     pub redis_idempotency_ttl: Duration,
@@ -110,6 +114,8 @@ impl Config {
             mongo,
             wal_hash_key: settings.get("WAL_HASH_KEY"),
             kafka_session_timeout: settings.millis("KAFKA_SESSION_TIMEOUT_MS", 10_000)?,
+            kafka_fetch_wait: settings.millis("KAFKA_FETCH_WAIT_MAX_MS", 100)?,
+            kafka_prefetch_kbytes: settings.size("KAFKA_PREFETCH_KBYTES", 16_384)?,
             postgres_url,
             postgres_max_connections: settings.size("POSTGRES_MAX_CONNECTIONS", 8)?,
             batch_max_messages: settings.size("WRITER_BATCH_SIZE", 500)?,

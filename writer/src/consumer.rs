@@ -67,6 +67,11 @@ fn create_consumer(config: &Config) -> KafkaResult<StreamConsumer<WriterContext>
         .set("session.timeout.ms", session_timeout_ms.to_string())
         .set("heartbeat.interval.ms", (session_timeout_ms / 3).max(1).to_string())
         .set("enable.partition.eof", "false")
+        // A fetch returns as soon as records wait; this bounds how long an idle fetch is held
+        // (brokers that hold it the full time would otherwise add up to 500 ms to every message).
+        .set("fetch.wait.max.ms", config.kafka_fetch_wait.as_millis().max(1).to_string())
+        // Prefetched records are memory: bounded, so a backlog does not grow the process.
+        .set("queued.max.messages.kbytes", config.kafka_prefetch_kbytes.max(1).to_string())
         .create_with_context(WriterContext)
 }
 
