@@ -113,9 +113,14 @@ pub async fn run(bench: WriterBench, services: Services) -> anyhow::Result<()> {
 
     if let Some(count) = bench.mongo_messages {
         let mongo_url = services.mongo_url.clone().context("MONGO_URL is needed for --mongo")?;
+        // Records of their own: the first run's done markers would (rightly) make the same
+        // message ids duplicates.
+        let mongo_tenant = unique("bench");
+        let mut workload = Workload::new(&mongo_tenant, bench.sessions, 43);
+        let mongo_records: Vec<Record> = (0..count).map(|_| workload.next_record()).collect();
         let mongo_topic = unique("bench-messages-mongo");
         create_topics(&services, &[&mongo_topic], bench.partitions).await?;
-        produce_all(&services, &mongo_topic, &records[..count.min(records.len())]).await?;
+        produce_all(&services, &mongo_topic, &mongo_records).await?;
         let database = create_database(&services, "bench_writer_mongo").await?;
         let mongo = Some((mongo_url, unique("bench")));
         let run = sustained(&bench, &services, &mongo_topic, &database, mongo.clone(), count).await?;
@@ -125,7 +130,7 @@ pub async fn run(bench: WriterBench, services: Services) -> anyhow::Result<()> {
             format!("{count} messages; the MongoDB stand-in is a slow Python server"),
         ));
         let offered = (run.rate * bench.latency_fraction).max(1.0);
-        let mut latencies = latency(&bench, &services, &database, &tenant, mongo, offered).await?;
+        let mut latencies = latency(&bench, &services, &database, &mongo_tenant, mongo, offered).await?;
         report.push(Row::with_latencies(
             "writer latency (+mongo stand-in)",
             run.rate * bench.latency_fraction,
@@ -133,6 +138,7 @@ pub async fn run(bench: WriterBench, services: Services) -> anyhow::Result<()> {
             "",
         ));
         drop_database(&services, &database).await?;
+        forget_tenant(&services, &mongo_tenant).await?;
     }
     forget_tenant(&services, &tenant).await?;
     report.finish(&bench.json)
