@@ -202,6 +202,7 @@ pub fn writer_config(database_url: &str, topic: &str, dlq_topic: &str) -> flare_
         wal_hash_key: None,
         batch_max_messages: 100,
         batch_max_wait: Duration::from_millis(20),
+        lanes: 2,
         max_message_bytes: 64 * 1024,
         retry_initial_backoff: Duration::from_millis(50),
         retry_max_backoff: Duration::from_millis(500),

@@ -31,6 +31,8 @@ pub struct Config {
     pub wal_hash_key: Option<String>,
     pub batch_max_messages: usize,
     pub batch_max_wait: Duration,
+    /// Batches in flight at once, each over its own share of the partitions.
+    pub lanes: usize,
     pub max_message_bytes: usize,
     pub retry_initial_backoff: Duration,
     pub retry_max_backoff: Duration,
@@ -65,6 +67,7 @@ impl std::fmt::Debug for Config {
             .field("wal_hash_key", &self.wal_hash_key)
             .field("batch_max_messages", &self.batch_max_messages)
             .field("batch_max_wait", &self.batch_max_wait)
+            .field("lanes", &self.lanes)
             .field("metrics_addr", &self.metrics_addr)
             .finish_non_exhaustive()
     }
@@ -120,6 +123,9 @@ impl Config {
             postgres_max_connections: settings.size("POSTGRES_MAX_CONNECTIONS", 8)?,
             batch_max_messages: settings.size("WRITER_BATCH_SIZE", 500)?,
             batch_max_wait: settings.millis("WRITER_BATCH_TIMEOUT_MS", 20)?,
+            lanes: settings.positive("WRITER_LANES", 2).and_then(|lanes| {
+                usize::try_from(lanes).map_err(|_| ConfigError("WRITER_LANES is too large".into()))
+            })?,
             max_message_bytes: settings.size("WRITER_MAX_MESSAGE_BYTES", 1_048_576)?,
             retry_initial_backoff,
             retry_max_backoff,

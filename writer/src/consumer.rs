@@ -1,11 +1,15 @@
-//! The Kafka side of the writer: fetches records in batches (closed by count or time), hands
-//! each batch to the pipeline and stores offsets only once the whole batch is durable.
+//! The Kafka side of the writer: fetches records, deals them to lanes by partition, and each
+//! lane hands its records to the pipeline in batches (closed by count or time), storing
+//! offsets only once the whole batch is durable.
 //!
-//! Batches are processed one after the other, so when offsets are stored every record at or
-//! below them in that partition is done: a failed record holds its partition because the
-//! batch containing it never completes, and no later batch is fetched meanwhile. Offsets are
-//! stored with `enable.auto.offset.store=false` and committed by librdkafka's auto-commit,
-//! on partition revoke and once more at shutdown.
+//! A partition always goes to the same lane (`partition % WRITER_LANES`) and a lane processes
+//! its batches one after the other, so when offsets are stored every record at or below them
+//! in that partition is done: a failed record holds its partition because the batch
+//! containing it never completes. A session is one partition, so its messages stay in order.
+//! Lanes exist so that one batch's database insert overlaps another's Redis stages: the
+//! stages wait on the stores, not on this process. Offsets are stored with
+//! `enable.auto.offset.store=false` and committed by librdkafka's auto-commit, on partition
+//! revoke and once more at shutdown.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -13,6 +17,7 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::{ClientConfig, ClientContext, Message as _, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, info, warn};
@@ -79,33 +84,95 @@ fn create_consumer(config: &Config) -> KafkaResult<StreamConsumer<WriterContext>
 pub async fn run(config: &Config, pipeline: &Pipeline, shutdown: &CancellationToken) -> KafkaResult<()> {
     let consumer = create_consumer(config)?;
     consumer.subscribe(&[&config.kafka_topic])?;
-    info!(topic = %config.kafka_topic, group = %config.kafka_group_id, "consuming");
+    info!(topic = %config.kafka_topic, group = %config.kafka_group_id, lanes = config.lanes, "consuming");
 
-    while !shutdown.is_cancelled() {
-        let batch = next_batch(&consumer, config, shutdown).await;
-        if batch.is_empty() {
-            continue;
+    // A lane's queue holds about two batches: enough to start its next batch at once, small
+    // enough that a lane stuck on a failing store soon stops the fetching (backpressure).
+    let (senders, receivers): (Vec<_>, Vec<_>) =
+        (0..config.lanes.max(1)).map(|_| mpsc::channel::<Record>(config.batch_max_messages.max(1) * 2)).unzip();
+    // A lane that stops (shutdown mid-batch) stops the fetching too.
+    let lanes_done = CancellationToken::new();
+    let consumer = &consumer;
+    let lanes = futures::future::join_all(receivers.into_iter().map(|receiver| {
+        let lanes_done = lanes_done.clone();
+        async move {
+            lane(receiver, consumer, config, pipeline, shutdown).await;
+            lanes_done.cancel();
         }
-        let span = batch_span(&batch);
-        if pipeline.process(&batch, shutdown).instrument(span).await.is_err() {
-            info!(records = batch.len(), "shutdown with a batch unfinished; it will be redelivered");
-            break;
+    }));
+    let deal = async {
+        loop {
+            let received = tokio::select! {
+                received = consumer.recv() => received,
+                () = shutdown.cancelled() => break,
+                () = lanes_done.cancelled() => break,
+            };
+            match received {
+                Ok(message) => {
+                    let record = Record {
+                        topic: message.topic().to_owned(),
+                        partition: message.partition(),
+                        offset: message.offset(),
+                        key: message.key().map(<[u8]>::to_vec),
+                        payload: message.payload().map(<[u8]>::to_vec),
+                        timestamp_ms: message.timestamp().to_millis(),
+                    };
+                    let lane = record.partition.unsigned_abs() as usize % senders.len();
+                    tokio::select! {
+                        sent = senders[lane].send(record) => if sent.is_err() { break },
+                        () = shutdown.cancelled() => break,
+                    }
+                }
+                // Fetch errors are about the connection, not about a record: no offset moves,
+                // so nothing is skipped. Pause briefly so a broker outage does not spin.
+                Err(error) => {
+                    warn!(%error, "kafka fetch failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
         }
-        store_offsets(&consumer, &batch);
-    }
+        // Closing the queues lets each lane finish what it holds (until the shutdown bound).
+        drop(senders);
+    };
+    tokio::join!(deal, lanes);
 
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
         Err(error) => warn!(%error, "final offset commit failed"),
     }
-    info!("consumer stopped");
     Ok(())
 }
 
-/// Waits for a first record, then collects more until the batch is full or
-/// `batch_max_wait` has passed. Returns early (possibly empty) on shutdown.
-async fn next_batch(
+/// One lane: batches of its partitions' records, processed one after the other.
+async fn lane(
+    mut receiver: mpsc::Receiver<Record>,
     consumer: &StreamConsumer<WriterContext>,
+    config: &Config,
+    pipeline: &Pipeline,
+    shutdown: &CancellationToken,
+) {
+    loop {
+        let batch = next_batch(&mut receiver, config, shutdown).await;
+        if batch.is_empty() {
+            if receiver.is_closed() || shutdown.is_cancelled() {
+                return;
+            }
+            continue;
+        }
+        let span = batch_span(&batch);
+        if pipeline.process(&batch, shutdown).instrument(span).await.is_err() {
+            info!(records = batch.len(), "shutdown with a batch unfinished; it will be redelivered");
+            return;
+        }
+        store_offsets(consumer, &batch);
+    }
+}
+
+/// Waits for a first record, then collects more until the batch is full or
+/// `batch_max_wait` has passed. Returns early (possibly empty) on shutdown or when the queue
+/// is closed and empty.
+async fn next_batch(
+    receiver: &mut mpsc::Receiver<Record>,
     config: &Config,
     shutdown: &CancellationToken,
 ) -> Vec<Record> {
@@ -113,28 +180,16 @@ async fn next_batch(
     let mut deadline: Option<Instant> = None;
     while batch.len() < config.batch_max_messages {
         let received = tokio::select! {
-            received = consumer.recv() => received,
+            received = receiver.recv() => received,
             () = shutdown.cancelled() => break,
             () = sleep_until(deadline) => break,
         };
         match received {
-            Ok(message) => {
-                batch.push(Record {
-                    topic: message.topic().to_owned(),
-                    partition: message.partition(),
-                    offset: message.offset(),
-                    key: message.key().map(<[u8]>::to_vec),
-                    payload: message.payload().map(<[u8]>::to_vec),
-                    timestamp_ms: message.timestamp().to_millis(),
-                });
+            Some(record) => {
+                batch.push(record);
                 deadline.get_or_insert_with(|| Instant::now() + config.batch_max_wait);
             }
-            // Fetch errors are about the connection, not about a record: no offset moves, so
-            // nothing is skipped. Pause briefly so a broker outage does not spin.
-            Err(error) => {
-                warn!(%error, "kafka fetch failed");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            None => break,
         }
     }
     batch
