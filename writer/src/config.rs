@@ -123,7 +123,7 @@ impl Config {
             postgres_max_connections: settings.size("POSTGRES_MAX_CONNECTIONS", 8)?,
             batch_max_messages: settings.size("WRITER_BATCH_SIZE", 500)?,
             batch_max_wait: settings.millis("WRITER_BATCH_TIMEOUT_MS", 20)?,
-            lanes: settings.positive("WRITER_LANES", 4).and_then(|lanes| {
+            lanes: settings.positive("WRITER_LANES", 1).and_then(|lanes| {
                 usize::try_from(lanes).map_err(|_| ConfigError("WRITER_LANES is too large".into()))
             })?,
             max_message_bytes: settings.size("WRITER_MAX_MESSAGE_BYTES", 1_048_576)?,
