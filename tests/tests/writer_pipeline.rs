@@ -485,3 +485,37 @@ async fn mongodb_receives_every_message_once() -> anyhow::Result<()> {
     database.drop().await?;
     Ok(())
 }
+
+/// A message id arriving again at the same partition and offset of *another* topic (a new
+/// input topic, a recreated one) is a second sending — ACKed `duplicate` — not a redelivery of
+/// the record that stored it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_position_in_another_topic_is_a_duplicate_not_a_redelivery() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let tenant = unique("acme");
+    let (first, second, dlq_topic, ack_topic) = (unique("in-a"), unique("in-b"), unique("dlq"), unique("acks"));
+    create_topics(&[&first, &second, &dlq_topic, &ack_topic], 1).await?;
+    let producer = producer()?;
+    let message = chat(&tenant, "s", "m1", "alice", &["bob"], 0);
+    for topic in [&first, &second] {
+        produce_message(&producer, topic, &message).await?;
+        let mut config = writer_config(&database.url, topic, &dlq_topic);
+        config.kafka_ack_topic = Some(ack_topic.clone());
+        let writer = RunningWriter::start(config).await?;
+        // The second writer stores nothing (a duplicate): its ACK says it is done.
+        eventually(Duration::from_secs(30), "the ACK", || async {
+            let acks = read_topic(&ack_topic, 1, usize::MAX, Duration::from_secs(1)).await?;
+            Ok((acks.len() >= if topic == &first { 1 } else { 2 }).then_some(()))
+        })
+        .await?;
+        writer.stop().await?;
+    }
+    let acks = read_topic(&ack_topic, 1, 2, Duration::from_secs(10)).await?;
+    let statuses: Vec<String> = acks
+        .iter()
+        .map(|ack| Ok(ack.json()?["status"].as_str().unwrap_or_default().to_owned()))
+        .collect::<anyhow::Result<_>>()?;
+    assert_eq!(statuses, ["persisted", "duplicate"], "offset 0 of the second topic is not the first record");
+    assert_eq!(row_count(&database).await?, 1);
+    database.drop().await
+}

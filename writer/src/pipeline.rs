@@ -131,7 +131,9 @@ impl Pipeline {
         }
 
         let started = Instant::now();
-        let persisted = self.retry(shutdown, || self.persist(&messages, &origins)).await?;
+        // One subscription, one topic: every record of a batch comes from it.
+        let topic = records.first().map_or("", |record| record.topic.as_str());
+        let persisted = self.retry(shutdown, || self.persist(&messages, topic, &origins)).await?;
         self.metrics.write_latency.observe(started.elapsed().as_secs_f64());
         self.metrics.processed.inc_by(persisted.stored as u64);
         self.metrics.duplicated.inc_by(persisted.duplicates as u64);
@@ -169,8 +171,8 @@ impl Pipeline {
     }
 
     /// One attempt at every persistence stage for a batch of valid messages; `origins[i]` is
-    /// the (partition, offset) of the record of `batch[i]`.
-    async fn persist(&self, batch: &[Message], origins: &[(i32, i64)]) -> Result<Persisted, StageError> {
+    /// the (partition, offset) in `topic` of the record of `batch[i]`.
+    async fn persist(&self, batch: &[Message], topic: &str, origins: &[(i32, i64)]) -> Result<Persisted, StageError> {
         let keys: Vec<MessageKey> =
             batch.iter().map(|message| (message_tenant_id(message).to_owned(), message.id.clone())).collect();
 
@@ -244,9 +246,9 @@ impl Pipeline {
         }
 
         let persisted_ms = persisted_at.timestamp_millis();
-        // A marker left by this very record (same partition and offset) means a redelivery of
-        // completed work, not a second sending of the message.
-        let redelivery = |index: usize, marker: &Done| marker.origin == origins.get(index).copied();
+        // A marker left by this very record (same topic, partition and offset) means a
+        // redelivery of completed work, not a second sending of the message.
+        let redelivery = |index: usize, marker: &Done| marker.left_by(topic, origins.get(index).copied());
         let redelivered = done.iter().filter(|(index, marker)| redelivery(**index, marker)).count();
         if let Some(acks) = &self.acks {
             let started = Instant::now();
@@ -291,7 +293,8 @@ impl Pipeline {
             let message = &pending[position];
             let keys = SessionKeys::new(message_tenant_id(message), &message.session_id);
             let origin = origins.get(index).copied();
-            markers.push((keys, message.id.as_str(), Done { seq: message.seq, persisted_ms, origin }));
+            let topic = Some(topic.to_owned());
+            markers.push((keys, message.id.as_str(), Done { seq: message.seq, persisted_ms, origin, topic }));
         }
         self.redis.mark_done(&markers).await.map_err(|e| stage_error("mark_done")(&e))?;
         self.observe_stage("mark_done", started);

@@ -14,32 +14,45 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Script};
 
 /// A message already durable everywhere, as its marker records it: its seq, when it was
-/// persisted, and the Kafka record (partition, offset) that completed it — so a redelivery of
-/// that same record is told apart from a new record carrying the same message id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// persisted, and the Kafka record (topic, partition, offset) that completed it — so a
+/// redelivery of that same record is told apart from a new record carrying the same message
+/// id, even one at the same position of another topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Done {
     pub seq: i64,
     pub persisted_ms: i64,
     pub origin: Option<(i32, i64)>,
+    /// The origin's topic; markers written before it was recorded have none.
+    pub topic: Option<String>,
 }
 
 impl Done {
+    /// `seq:persisted_ms[:partition:offset[:topic]]` — topic names cannot contain ':'.
     fn encode(&self) -> String {
-        match self.origin {
-            Some((partition, offset)) => format!("{}:{}:{partition}:{offset}", self.seq, self.persisted_ms),
-            None => format!("{}:{}", self.seq, self.persisted_ms),
+        match (self.origin, &self.topic) {
+            (Some((partition, offset)), Some(topic)) => {
+                format!("{}:{}:{partition}:{offset}:{topic}", self.seq, self.persisted_ms)
+            }
+            (Some((partition, offset)), None) => format!("{}:{}:{partition}:{offset}", self.seq, self.persisted_ms),
+            (None, _) => format!("{}:{}", self.seq, self.persisted_ms),
         }
     }
 
     fn decode(value: &str) -> Option<Self> {
-        let mut parts = value.split(':');
+        let mut parts = value.splitn(5, ':');
         let seq = parts.next()?.parse().ok()?;
         let persisted_ms = parts.next()?.parse().ok()?;
         let origin = match (parts.next(), parts.next()) {
             (Some(partition), Some(offset)) => Some((partition.parse().ok()?, offset.parse().ok()?)),
             _ => None,
         };
-        Some(Self { seq, persisted_ms, origin })
+        let topic = parts.next().filter(|topic| !topic.is_empty()).map(str::to_owned);
+        Some(Self { seq, persisted_ms, origin, topic })
+    }
+
+    /// Whether this marker was left by the record at `origin` of `topic`.
+    pub fn left_by(&self, topic: &str, origin: Option<(i32, i64)>) -> bool {
+        self.origin == origin && self.topic.as_deref().is_none_or(|marked| marked == topic)
     }
 }
 
@@ -403,11 +416,18 @@ mod tests {
     #[test]
     fn done_markers_round_trip() {
         for done in [
-            Done { seq: 42, persisted_ms: 1_700_000_000_000, origin: Some((3, 1234)) },
-            Done { seq: 1, persisted_ms: 5, origin: None },
+            Done { seq: 42, persisted_ms: 1_700_000_000_000, origin: Some((3, 1234)), topic: Some("in.v1".into()) },
+            Done { seq: 42, persisted_ms: 1_700_000_000_000, origin: Some((3, 1234)), topic: None },
+            Done { seq: 1, persisted_ms: 5, origin: None, topic: None },
         ] {
             assert_eq!(Done::decode(&done.encode()), Some(done));
         }
+        let marker = Done::decode("7:9:3:1234:messages").expect("marker");
+        assert!(marker.left_by("messages", Some((3, 1234))));
+        assert!(!marker.left_by("messages-v2", Some((3, 1234))), "same position of another topic");
+        assert!(!marker.left_by("messages", Some((3, 1235))));
+        let old = Done::decode("7:9:3:1234").expect("marker without topic");
+        assert!(old.left_by("anything", Some((3, 1234))), "markers from before the topic was kept");
         assert_eq!(Done::decode("garbage"), None);
         assert_eq!(Done::decode("1:2:x:4"), None);
     }
