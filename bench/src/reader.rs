@@ -13,15 +13,16 @@ use anyhow::Context as _;
 use flare_storage_common::proto::common::TenantContext;
 use flare_storage_common::proto::storage::storage_reader_service_client::StorageReaderServiceClient;
 use flare_storage_common::proto::storage::{GetMessageRequest, QueryMessagesBySeqRequest, QueryMessagesRequest};
-use rdkafka::ClientConfig;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 use sqlx::Connection as _;
 use tonic::transport::Channel;
 
 use crate::report::{Latencies, Report, Row, peak_rss_mib};
-use crate::services::{Database, Services, create_database, create_topics, drop_database, forget_tenant, unique};
-use crate::workload::{Random, Workload};
+use crate::services::{
+    Database, Services, create_database, create_topics, drop_database, forget_tenant, produce_all, unique,
+    writer_command,
+};
+use crate::workload::{Random, Record, Workload};
 
 pub struct ReaderBench {
     pub messages: usize,
@@ -114,29 +115,10 @@ pub async fn run(bench: ReaderBench, services: Services) -> anyhow::Result<()> {
 async fn store(bench: &ReaderBench, services: &Services, database: &Database, tenant: &str) -> anyhow::Result<()> {
     let topic = unique("bench-reader-messages");
     create_topics(services, &[&topic], 8).await?;
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &services.kafka).create()?;
     let mut workload = Workload::new(tenant, bench.sessions, 11);
-    let mut pending = Vec::new();
-    for _ in 0..bench.messages {
-        let record = workload.next_record();
-        let delivery = FutureRecord::to(&topic).key(&record.session_id).payload(&record.payload);
-        pending.push(producer.send_result(delivery).map_err(|(error, _)| error)?);
-    }
-    for delivery in futures::future::join_all(pending).await {
-        delivery?.map_err(|(error, _)| error)?;
-    }
-    let mut writer = Command::new(&bench.writer_binary)
-        .env("KAFKA_BOOTSTRAP_SERVERS", &services.kafka)
-        .env("KAFKA_TOPIC", &topic)
-        .env("KAFKA_GROUP_ID", unique("bench-writer"))
-        .env("KAFKA_DLQ_TOPIC", unique("bench-dlq"))
-        .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
-        .env("REDIS_URL", &services.redis)
-        .env("POSTGRES_URL", &database.url)
-        .env("METRICS_ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "warn")
-        .env_remove("MONGO_URL")
-        .stdout(Stdio::null())
+    let records: Vec<Record> = (0..bench.messages).map(|_| workload.next_record()).collect();
+    produce_all(services, &topic, &records).await?;
+    let mut writer = writer_command(&bench.writer_binary, services, &topic, &database.url)
         .spawn()
         .with_context(|| format!("cannot start {}", bench.writer_binary.display()))?;
     let mut connection = sqlx::PgConnection::connect(&database.url).await?;

@@ -5,7 +5,10 @@ use anyhow::Context as _;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::Connection as _;
+
+use crate::workload::Record;
 
 #[derive(Clone)]
 pub struct Services {
@@ -100,4 +103,52 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
     Ok(response)
+}
+
+/// Produces every record (keyed by session) and waits until the broker has them all.
+pub async fn produce_all(services: &Services, topic: &str, records: &[Record]) -> anyhow::Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &services.kafka)
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    let mut pending = Vec::with_capacity(50_000);
+    for record in records {
+        let delivery = FutureRecord::to(topic).key(&record.session_id).payload(&record.payload);
+        pending.push(producer.send_result(delivery).map_err(|(error, _)| error)?);
+        if pending.len() == 50_000 {
+            for delivery in futures::future::join_all(pending.drain(..)).await {
+                delivery?.map_err(|(error, _)| error)?;
+            }
+        }
+    }
+    for delivery in futures::future::join_all(pending).await {
+        delivery?.map_err(|(error, _)| error)?;
+    }
+    Ok(())
+}
+
+/// The writer binary set up for a benchmark: its own group and dead-letter topic, the
+/// benchmark's Redis and database, no MongoDB, quiet logs. Callers add what their run needs.
+pub fn writer_command(
+    binary: &std::path::Path,
+    services: &Services,
+    topic: &str,
+    database_url: &str,
+) -> std::process::Command {
+    let mut command = std::process::Command::new(binary);
+    command
+        .env("KAFKA_BOOTSTRAP_SERVERS", &services.kafka)
+        .env("KAFKA_TOPIC", topic)
+        .env("KAFKA_GROUP_ID", unique("bench-writer"))
+        .env("KAFKA_DLQ_TOPIC", unique("bench-dlq"))
+        .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
+        .env("REDIS_URL", &services.redis)
+        .env("POSTGRES_URL", database_url)
+        .env("METRICS_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .env_remove("MONGO_URL")
+        .stdout(std::process::Stdio::null());
+    command
 }

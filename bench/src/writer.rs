@@ -21,7 +21,9 @@ use serde_json::json;
 use sqlx::Connection as _;
 
 use crate::report::{Latencies, Report, Row, peak_rss_mib};
-use crate::services::{Services, create_database, create_topics, drop_database, forget_tenant, unique};
+use crate::services::{
+    Services, create_database, create_topics, drop_database, forget_tenant, produce_all, unique, writer_command,
+};
 use crate::workload::{Record, Workload};
 
 pub struct WriterBench {
@@ -146,29 +148,6 @@ pub async fn run(bench: WriterBench, services: Services) -> anyhow::Result<()> {
 
 fn rate(count: usize, elapsed: Duration) -> f64 {
     count as f64 / elapsed.as_secs_f64().max(1e-9)
-}
-
-async fn produce_all(services: &Services, topic: &str, records: &[Record]) -> anyhow::Result<()> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &services.kafka)
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()?;
-    let mut pending = Vec::with_capacity(50_000);
-    for record in records {
-        let delivery = FutureRecord::to(topic).key(&record.session_id).payload(&record.payload);
-        pending.push(producer.send_result(delivery).map_err(|(error, _)| error)?);
-        if pending.len() == 50_000 {
-            for delivery in futures::future::join_all(pending.drain(..)).await {
-                delivery?.map_err(|(error, _)| error)?;
-            }
-        }
-    }
-    for delivery in futures::future::join_all(pending).await {
-        delivery?.map_err(|(error, _)| error)?;
-    }
-    Ok(())
 }
 
 /// Reads every record of the topic by direct assignment: the broker and client's own rate.
@@ -378,21 +357,11 @@ fn start_writer(
     mongo: Option<&(String, String)>,
 ) -> anyhow::Result<(Child, std::net::SocketAddr)> {
     let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let mut command = Command::new(&bench.writer_binary);
+    let mut command = writer_command(&bench.writer_binary, services, topic, database_url);
     command
-        .env("KAFKA_BOOTSTRAP_SERVERS", &services.kafka)
-        .env("KAFKA_TOPIC", topic)
-        .env("KAFKA_GROUP_ID", unique("bench-writer"))
         .env("KAFKA_ACK_TOPIC", ack_topic)
-        .env("KAFKA_DLQ_TOPIC", unique("bench-dlq"))
-        .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
-        .env("REDIS_URL", &services.redis)
-        .env("POSTGRES_URL", database_url)
         .env("WRITER_BATCH_SIZE", bench.batch.to_string())
-        .env("METRICS_ADDR", metrics.to_string())
-        .env("RUST_LOG", "warn")
-        .env_remove("MONGO_URL")
-        .stdout(Stdio::null());
+        .env("METRICS_ADDR", metrics.to_string());
     if let Some((url, database)) = mongo {
         command.env("MONGO_URL", url).env("MONGO_DATABASE", database);
     }
