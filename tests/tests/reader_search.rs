@@ -216,18 +216,24 @@ async fn search_finds_substrings_in_any_language_and_only_what_it_should() -> an
     Ok(())
 }
 
+/// Session "big" of 450 messages m000..m449 (alice even, bob odd, in order) and one message in
+/// another session that no export of "big" may contain.
+async fn store_big_session(database: &TestDatabase, tenant_id: &str) -> anyhow::Result<()> {
+    let mut requests: Vec<StoreMessageRequest> = (0..450)
+        .map(|index| {
+            let sender = if index % 2 == 0 { "alice" } else { "bob" };
+            chat(tenant_id, "big", &format!("m{index:03}"), sender, &format!("line {index} 消息"), index)
+        })
+        .collect();
+    requests.push(chat(tenant_id, "other", "x1", "alice", "not exported", 0));
+    store(database, &requests).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_is_exported_as_a_stream_of_chunks() -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;
     let acme = unique("acme");
-    let mut requests: Vec<StoreMessageRequest> = (0..450)
-        .map(|index| {
-            let sender = if index % 2 == 0 { "alice" } else { "bob" };
-            chat(&acme, "big", &format!("m{index:03}"), sender, &format!("line {index} 消息"), index)
-        })
-        .collect();
-    requests.push(chat(&acme, "other", "x1", "alice", "not exported", 0));
-    store(&database, &requests).await?;
+    store_big_session(&database, &acme).await?;
 
     let reader = RunningReader::start(&database.url).await?;
     let mut client = reader.client().await?;
@@ -282,14 +288,7 @@ async fn a_session_is_exported_as_a_stream_of_chunks() -> anyhow::Result<()> {
 async fn an_export_job_writes_the_session_as_json_lines() -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;
     let acme = unique("acme");
-    let mut requests: Vec<StoreMessageRequest> = (0..450)
-        .map(|index| {
-            let sender = if index % 2 == 0 { "alice" } else { "bob" };
-            chat(&acme, "big", &format!("m{index:03}"), sender, &format!("line {index} 消息"), index)
-        })
-        .collect();
-    requests.push(chat(&acme, "other", "x1", "alice", "not exported", 0));
-    store(&database, &requests).await?;
+    store_big_session(&database, &acme).await?;
     let directory = std::env::temp_dir().join(unique("exports"));
     let export_dir = directory.clone();
     let reader = RunningReader::start_configured(&database.url, Some(redis_url()), |config| {

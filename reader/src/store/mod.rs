@@ -32,19 +32,7 @@ impl Databases {
         from_mongo: impl AsyncFnOnce(&MongoStore) -> Result<T, Error>,
         from_postgres: impl AsyncFnOnce(&PostgresStore) -> Result<T, Error>,
     ) -> Result<T, Error> {
-        if let Some(mongo) = &self.mongo {
-            match from_mongo(mongo).await {
-                Ok(answer) => return Ok(answer),
-                Err(error) if self.postgres.is_some() => {
-                    warn!(error = %error.cause(), "MongoDB read failed; reading from Postgres");
-                }
-                Err(error) => return Err(error),
-            }
-        }
-        match &self.postgres {
-            Some(postgres) => from_postgres(postgres).await,
-            None => Err(Error::NoDatabase),
-        }
+        self.read_unless(from_mongo, from_postgres, |_| false).await
     }
 
     /// Like `read`, and a message MongoDB does not hold is looked for in Postgres too (it
@@ -54,11 +42,21 @@ impl Databases {
         from_mongo: impl AsyncFnOnce(&MongoStore) -> Result<Option<T>, Error>,
         from_postgres: impl AsyncFnOnce(&PostgresStore) -> Result<Option<T>, Error>,
     ) -> Result<Option<T>, Error> {
+        self.read_unless(from_mongo, from_postgres, Option::is_none).await
+    }
+
+    /// MongoDB's answer, unless it failed or `ask_postgres` says Postgres should be asked as
+    /// well — and Postgres is there to ask.
+    async fn read_unless<T>(
+        &self,
+        from_mongo: impl AsyncFnOnce(&MongoStore) -> Result<T, Error>,
+        from_postgres: impl AsyncFnOnce(&PostgresStore) -> Result<T, Error>,
+        ask_postgres: impl Fn(&T) -> bool,
+    ) -> Result<T, Error> {
         if let Some(mongo) = &self.mongo {
             match from_mongo(mongo).await {
-                Ok(Some(answer)) => return Ok(Some(answer)),
-                Ok(None) if self.postgres.is_none() => return Ok(None),
-                Ok(None) => {}
+                Ok(answer) if self.postgres.is_none() || !ask_postgres(&answer) => return Ok(answer),
+                Ok(_) => {}
                 Err(error) if self.postgres.is_some() => {
                     warn!(error = %error.cause(), "MongoDB read failed; reading from Postgres");
                 }
