@@ -193,7 +193,7 @@ fn normalized(records: &[Record]) -> anyhow::Result<Vec<Message>> {
         .iter()
         .map(|record| {
             let request = StoreMessageRequest::decode(record.payload.as_slice())?;
-            let mut message = normalize(request, now, now)?;
+            let mut message = normalize(request, now, now, chrono::Duration::days(1))?;
             let seq = seqs.entry(message.session_id.clone()).or_insert(0);
             *seq += 1;
             message.seq = *seq;

@@ -12,6 +12,7 @@ pub mod ops;
 pub mod proto;
 pub mod schema;
 pub mod settings;
+pub mod stored_text;
 pub mod telemetry;
 
 pub use prost;

@@ -144,7 +144,7 @@ impl Commands {
         message.content = None;
         let mut operation = operation("recall", operator, "");
         if !reason.is_empty() {
-            operation.metadata.insert("reason".into(), reason.into());
+            operation.metadata.0.insert("reason".into(), reason.into());
         }
         let recalled_at =
             match self.databases.recall(tenant_id, message_id, now, &message.encode_to_vec(), &operation).await? {
@@ -339,7 +339,7 @@ fn operation(kind: &str, operator: &str, target_user: &str) -> Operation {
         operator_id: operator.into(),
         operated_at_us: Utc::now().timestamp_micros(),
         target_user_id: target_user.into(),
-        metadata: HashMap::new(),
+        metadata: Default::default(),
     }
 }
 

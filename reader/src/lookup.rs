@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use flare_storage_common::keys::{SessionKeys, clear_view_field, hidden_view_field};
-use flare_storage_common::message::to_timestamp;
+use flare_storage_common::message::{LATEST_STORABLE, to_timestamp};
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::{Message, MessageOperation, MessageReadRecord, MessageTimeline};
 
@@ -102,6 +102,15 @@ impl Lookup {
         row.map(to_message).transpose()?.ok_or(Error::NotFound("message"))
     }
 
+    /// The time range a read covers. Without an end it has none: a message dated ahead by
+    /// its sender's fast clock is still the newest of its session. Without a start it reaches
+    /// `default_range` back from the end, or from now when the end is open.
+    fn time_range(&self, from: Option<DateTime<Utc>>, to: Option<DateTime<Utc>>) -> (DateTime<Utc>, DateTime<Utc>) {
+        let default_range = chrono::Duration::from_std(self.default_range).unwrap_or(chrono::Duration::days(7));
+        let from = from.unwrap_or_else(|| to.unwrap_or_else(Utc::now) - default_range);
+        (from, to.unwrap_or(LATEST_STORABLE))
+    }
+
     fn page_size(&self, requested: u32) -> u32 {
         match requested {
             0 => DEFAULT_PAGE_SIZE.min(self.max_page_size),
@@ -113,11 +122,7 @@ impl Lookup {
     /// in the range.
     pub async fn session_page(&self, query: PageQuery<'_>) -> Result<Page, Error> {
         let limit = self.page_size(query.limit);
-        let to = query.to.unwrap_or_else(Utc::now);
-        let from = match query.from {
-            Some(from) => from,
-            None => to - chrono::Duration::from_std(self.default_range).unwrap_or(chrono::Duration::days(7)),
-        };
+        let (from, to) = self.time_range(query.from, query.to);
         if from > to {
             return Err(Error::invalid("start_time", "must not be after end_time"));
         }
@@ -270,10 +275,8 @@ impl Lookup {
         let limit = self.page_size(query.limit);
         if query.from.is_none() && query.to.is_none() {
             // A search without a time range looks as far back as a history query does.
-            let now = Utc::now();
-            query.to = Some(now);
-            query.from =
-                Some(now - chrono::Duration::from_std(self.default_range).unwrap_or(chrono::Duration::days(7)));
+            let (from, to) = self.time_range(None, None);
+            (query.from, query.to) = (Some(from), Some(to));
         }
         let rows = self.databases.search(&query, i64::from(limit) + 1).await?;
         let messages = rows.into_iter().map(to_message).collect::<Result<Vec<_>, _>>()?;
@@ -438,9 +441,8 @@ pub fn to_message(row: StoredRow) -> Result<Message, Error> {
     let mut message =
         Message::decode(row.payload.as_slice()).map_err(|_| Error::Corrupt { message_id: row.message_id.clone() })?;
     message.seq = row.seq.unwrap_or(0);
-    message.status = row.status;
     message.tags = row.tags;
-    message.attributes = row.attributes.0;
+    message.attributes = row.attributes.0.0;
     message.is_recalled = row.is_recalled;
     message.recalled_at = row.recalled_at.map(to_timestamp);
     // Recalled and burned content is never returned, whatever a store still holds.
@@ -466,7 +468,7 @@ pub fn to_message(row: StoredRow) -> Result<Message, Error> {
             operator_id: operation.operator_id,
             operated_at: DateTime::from_timestamp_micros(operation.operated_at_us).map(to_timestamp),
             target_user_id: operation.target_user_id,
-            metadata: operation.metadata,
+            metadata: operation.metadata.0,
         })
         .collect();
     let timeline = message.timeline.get_or_insert_with(MessageTimeline::default);

@@ -122,6 +122,31 @@ pub fn producer() -> anyhow::Result<FutureProducer> {
         .create()?)
 }
 
+/// A producer that sends records of up to `max_bytes` (librdkafka refuses larger ones itself).
+pub fn producer_for_large_records(max_bytes: usize) -> anyhow::Result<FutureProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.max.bytes", max_bytes.to_string())
+        .create()?)
+}
+
+/// Produces one record to a given partition and waits for the broker's acknowledgement.
+pub async fn produce_to(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: i32,
+    key: &str,
+    value: &[u8],
+) -> anyhow::Result<()> {
+    producer
+        .send(FutureRecord::to(topic).partition(partition).key(key).payload(value), Duration::from_secs(30))
+        .await
+        .map_err(|(error, _)| anyhow::anyhow!("failed to produce to {topic}/{partition}: {error}"))?;
+    Ok(())
+}
+
 /// Produces one record and waits for the broker's acknowledgement.
 pub async fn produce(producer: &FutureProducer, topic: &str, key: &str, value: &[u8]) -> anyhow::Result<()> {
     producer
@@ -204,6 +229,7 @@ pub fn writer_config(database_url: &str, topic: &str, dlq_topic: &str) -> flare_
         batch_max_wait: Duration::from_millis(20),
         lanes: 2,
         max_message_bytes: 64 * 1024,
+        max_future: Duration::from_secs(86_400),
         retry_initial_backoff: Duration::from_millis(50),
         retry_max_backoff: Duration::from_millis(500),
         metrics_addr: ([127, 0, 0, 1], 0).into(),
@@ -284,6 +310,42 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Stri
     let status = response.split(' ').nth(1).and_then(|code| code.parse().ok()).context("malformed HTTP response")?;
     let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
     Ok((status, body))
+}
+
+/// Asks an ops endpoint's `/readyz` every 50 ms, from its first 200 until
+/// [`ReadinessWatch::finish`], counting the answers and those that were not 200.
+pub struct ReadinessWatch {
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<(usize, usize)>>,
+}
+
+impl ReadinessWatch {
+    pub async fn start(addr: SocketAddr) -> anyhow::Result<Self> {
+        eventually(Duration::from_secs(60), "ready", || async {
+            Ok((http_get(addr, "/readyz").await?.0 == 200).then_some(()))
+        })
+        .await?;
+        let stop = CancellationToken::new();
+        let watching = stop.clone();
+        let task = tokio::spawn(async move {
+            let (mut answers, mut not_ready) = (0, 0);
+            while !watching.is_cancelled() {
+                answers += 1;
+                if http_get(addr, "/readyz").await?.0 != 200 {
+                    not_ready += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok((answers, not_ready))
+        });
+        Ok(Self { stop, task })
+    }
+
+    /// Stops watching; returns (answers, answers that were not 200).
+    pub async fn finish(self) -> anyhow::Result<(usize, usize)> {
+        self.stop.cancel();
+        self.task.await?
+    }
 }
 
 /// The value of an unlabelled metric in Prometheus text output.

@@ -80,7 +80,7 @@ async fn reads_go_to_mongo_first_and_to_postgres_while_mongo_is_down() -> anyhow
     // Mark MongoDB's copies, so an answer shows which database it came from.
     let documents =
         mongodb::Client::with_uri_str(&mongo_url).await?.database("chat").collection::<Document>("messages");
-    documents.update_many(doc! {}, doc! { "$set": { "status": "from-mongo" } }).await?;
+    documents.update_many(doc! {}, doc! { "$set": { "attributes": { "answered_by": "mongo" } } }).await?;
 
     let mut client = reader.client().await?;
     let search = |text: &str| SearchMessagesRequest {
@@ -96,14 +96,15 @@ async fn reads_go_to_mongo_first_and_to_postgres_while_mongo_is_down() -> anyhow
     };
     let get = || GetMessageRequest { message_id: "m0".into(), context: None, tenant: tenant(&tenant_id) };
     let found = |messages: &[Message]| messages.iter().map(|m| m.id.clone()).collect::<Vec<_>>();
+    let from_mongo = |message: &Message| message.attributes.get("answered_by").is_some_and(|by| by == "mongo");
 
     let page = client.query_messages(query()).await?.into_inner();
     assert_eq!(found(&page.messages), ["m3", "m2", "m1", "m0"]);
-    assert!(page.messages.iter().all(|m| m.status == "from-mongo"), "MongoDB answers first");
-    assert_eq!(client.get_message(get()).await?.into_inner().message.unwrap_or_default().status, "from-mongo");
+    assert!(page.messages.iter().all(from_mongo), "MongoDB answers first");
+    assert!(from_mongo(&client.get_message(get()).await?.into_inner().message.unwrap_or_default()));
     let chinese = client.search_messages(search("测试")).await?.into_inner();
     assert_eq!(found(&chinese.messages), ["m3", "m0"]);
-    assert!(chinese.messages.iter().all(|m| m.status == "from-mongo"));
+    assert!(chinese.messages.iter().all(from_mongo));
     let substring = client.search_messages(search("试消")).await?.into_inner();
     assert_eq!(found(&substring.messages), ["m0"]);
     let word = client.search_messages(search("hello")).await?.into_inner();
@@ -118,7 +119,7 @@ async fn reads_go_to_mongo_first_and_to_postgres_while_mongo_is_down() -> anyhow
     server.wait()?;
     let page = client.query_messages(query()).await?.into_inner();
     assert_eq!(found(&page.messages), ["m3", "m2", "m1", "m0"]);
-    assert!(page.messages.iter().all(|m| m.status != "from-mongo"), "Postgres answers");
+    assert!(!page.messages.iter().any(from_mongo), "Postgres answers");
     assert_eq!(found(&client.search_messages(search("测试")).await?.into_inner().messages), ["m3", "m0"]);
     assert!(client.get_message(get()).await.is_ok());
     eventually(Duration::from_secs(20), "readiness checked with MongoDB down", || async {

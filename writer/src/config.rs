@@ -34,6 +34,9 @@ pub struct Config {
     /// Batches in flight at once, each over its own share of the partitions.
     pub lanes: usize,
     pub max_message_bytes: usize,
+    /// How far ahead of the writer's clock a message may be dated; later ones are
+    /// dead-lettered.
+    pub max_future: Duration,
     pub retry_initial_backoff: Duration,
     pub retry_max_backoff: Duration,
     pub metrics_addr: SocketAddr,
@@ -127,6 +130,7 @@ impl Config {
                 usize::try_from(lanes).map_err(|_| ConfigError("WRITER_LANES is too large".into()))
             })?,
             max_message_bytes: settings.size("WRITER_MAX_MESSAGE_BYTES", 1_048_576)?,
+            max_future: settings.seconds("WRITER_MAX_FUTURE_SECONDS", 86_400)?,
             retry_initial_backoff,
             retry_max_backoff,
             metrics_addr: settings.address("METRICS_ADDR", "0.0.0.0:9100")?,
@@ -168,6 +172,7 @@ mod tests {
         assert_eq!(config.batch_max_messages, 500);
         assert_eq!(config.redis_hot_ttl, Duration::from_secs(3600));
         assert_eq!(config.redis_idempotency_ttl, Duration::from_secs(86_400));
+        assert_eq!(config.max_future, Duration::from_secs(86_400));
         assert!(config.kafka_ack_topic.is_none() && config.wal_hash_key.is_none() && config.mongo.is_none());
     }
 

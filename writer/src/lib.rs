@@ -122,6 +122,11 @@ async fn consume(
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("message.timeout.ms", "30000")
+        // Room to dead-letter a record of the largest accepted size with its headers.
+        .set(
+            "message.max.bytes",
+            config.max_message_bytes.saturating_add(64 * 1024).clamp(1_000_000, 1_000_000_000).to_string(),
+        )
         .create()
         .context("failed to create the Kafka producer")?;
     let pipeline = Pipeline {
@@ -135,6 +140,7 @@ async fn consume(
         readiness,
         backoff: Backoff { initial: config.retry_initial_backoff, max: config.retry_max_backoff },
         max_message_bytes: config.max_message_bytes,
+        max_future: chrono::Duration::from_std(config.max_future).unwrap_or(chrono::Duration::MAX),
         crash_after_stage: config.crash_after_stage.clone(),
     };
     let consumed = consumer::run(&config, &pipeline, shutdown).await.context("kafka consumer failed");

@@ -3,8 +3,15 @@
 //! 1. Decode and validate each record; what can never be stored goes to the dead-letter topic.
 //! 2. Persist the rest, as one unit that is repeated whole until it succeeds (every step is
 //!    idempotent, so a repeat after any failure has no second effect):
-//!    idempotency markers → per-session seq → Postgres → MongoDB → hot cache → session state
-//!    → user cursors → WAL entry removal → ACKs → done markers.
+//!    idempotency (done markers and the databases, at once) → per-session seq → Postgres →
+//!    MongoDB → hot cache → session state → user cursors → WAL entry removal → ACKs → done
+//!    markers.
+//! 3. Dead-letter what a database refused for good; the rest is stored and its offsets advance.
+//!
+//! A message id is unique within a tenant. Before a seq is handed out, the databases say which
+//! messages they already hold: one stored in another session is a duplicate and touches
+//! nothing of the session it was resent to; one stored in its own session (a redelivery, or a
+//! resend after its done marker expired) is carried on as stored, with its seq.
 //!
 //! Postgres comes before MongoDB because its unique (tenant, session, seq) index is the guard
 //! that catches a seq counter that went backwards (Redis restored from an old snapshot); the
@@ -15,7 +22,7 @@
 //! while a store is down.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -33,9 +40,10 @@ use crate::ack::{Ack, AckStatus, Acks};
 use crate::consumer::Record;
 use crate::deadletter::DeadLetters;
 use crate::metrics::Metrics;
-use crate::store::mongo::MongoStore;
-use crate::store::postgres::{MessageKey, PostgresStore};
-use crate::store::redis::{Done, HotEntry, RedisStore, Seed, SeqRequest, StateEntry};
+use crate::store::mongo::{MongoStore, document_size_refusal};
+use crate::store::postgres::PostgresStore;
+use crate::store::redis::{Done, HotEntry, RedisStore, SeqRequest, StateEntry};
+use crate::store::{MessageKey, StoredMessage};
 
 /// Shutdown arrived before the batch was finished; none of it may be committed.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +61,11 @@ pub enum Rejection {
     Undecodable(String),
     #[error("invalid message: {0}")]
     Invalid(#[from] InvalidMessage),
+    #[error("message too large for a store: {0}")]
+    TooLargeForStore(String),
+    /// A database refused the message when it was written (what validation did not foresee).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl Rejection {
@@ -60,9 +73,10 @@ impl Rejection {
     pub fn kind(&self) -> &'static str {
         match self {
             Rejection::Empty => "empty",
-            Rejection::TooLarge { .. } => "too_large",
+            Rejection::TooLarge { .. } | Rejection::TooLargeForStore(_) => "too_large",
             Rejection::Undecodable(_) => "undecodable",
             Rejection::Invalid(_) => "invalid",
+            Rejection::Refused(_) => "refused",
         }
     }
 }
@@ -97,6 +111,8 @@ pub struct Pipeline {
     pub readiness: Arc<Readiness>,
     pub backoff: Backoff,
     pub max_message_bytes: usize,
+    /// How far ahead of this process's clock a message may be dated.
+    pub max_future: chrono::Duration,
     /// Fault injection for crash tests: abort the process right after this stage.
     pub crash_after_stage: Option<String>,
 }
@@ -110,18 +126,43 @@ struct Persisted {
     redelivered: usize,
 }
 
+/// What the attempts at one batch learned, kept across its retries.
+#[derive(Default)]
+struct Learned {
+    /// Messages a database refused for good, with the reason: looked for only once, left out
+    /// of every later attempt, dead-lettered when the batch is done.
+    refused: HashMap<MessageKey, String>,
+    /// Messages this batch stored itself, so that a retry after a later stage failed does not
+    /// take them for messages stored before.
+    stored: HashSet<MessageKey>,
+}
+
+type Memory = Mutex<Learned>;
+
+/// Where a message of the batch stands.
+#[derive(Debug, Clone)]
+enum Fate {
+    /// Completed earlier: its done marker says so.
+    Done(Done),
+    /// The id is stored in another session: this record is a duplicate of that message.
+    StoredElsewhere(StoredMessage),
+    /// Being persisted by this attempt.
+    Pending,
+}
+
 impl Pipeline {
-    /// Makes every record of `records` durable. Returns `Err(Interrupted)` only on shutdown.
+    /// Makes every record of `records` durable, or dead-letters it with the reason it can
+    /// never be. Returns `Err(Interrupted)` only on shutdown.
     pub async fn process(&self, records: &[Record], shutdown: &CancellationToken) -> Result<(), Interrupted> {
         self.metrics.batch_size.observe(records.len() as f64);
         let ingested_at = Utc::now();
         let mut messages = Vec::with_capacity(records.len());
-        let mut origins = Vec::with_capacity(records.len());
+        let mut accepted = Vec::with_capacity(records.len());
         for record in records {
             match self.decode(record, ingested_at) {
                 Ok(message) => {
                     messages.push(message);
-                    origins.push((record.partition, record.offset));
+                    accepted.push(record);
                 }
                 Err(rejection) => self.dead_letter(record, &rejection, shutdown).await?,
             }
@@ -133,12 +174,22 @@ impl Pipeline {
         let started = Instant::now();
         // One subscription, one topic: every record of a batch comes from it.
         let topic = records.first().map_or("", |record| record.topic.as_str());
-        let persisted = self.retry(shutdown, || self.persist(&messages, topic, &origins)).await?;
+        let origins: Vec<(i32, i64)> = accepted.iter().map(|record| (record.partition, record.offset)).collect();
+        let memory = Memory::default();
+        let persisted = self.retry(shutdown, || self.persist(&messages, topic, &origins, &memory)).await?;
         self.metrics.write_latency.observe(started.elapsed().as_secs_f64());
         self.metrics.processed.inc_by(persisted.stored as u64);
         self.metrics.duplicated.inc_by(persisted.duplicates as u64);
         self.metrics.redelivered.inc_by(persisted.redelivered as u64);
         debug!(stored = persisted.stored, duplicates = persisted.duplicates, "batch persisted");
+
+        let refused = memory.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner).refused;
+        for (record, message) in accepted.iter().zip(&messages) {
+            let key = (message_tenant_id(message).to_owned(), message.id.clone());
+            if let Some(reason) = refused.get(&key) {
+                self.dead_letter(record, &Rejection::Refused(reason.clone()), shutdown).await?;
+            }
+        }
         Ok(())
     }
 
@@ -151,7 +202,13 @@ impl Pipeline {
             StoreMessageRequest::decode(payload).map_err(|error| Rejection::Undecodable(error.to_string()))?;
         // The record time stands in for a missing message time; it is the same on redelivery.
         let record_time = record.timestamp_ms.and_then(DateTime::from_timestamp_millis).unwrap_or(ingested_at);
-        Ok(normalize(request, record_time, ingested_at)?)
+        let message = normalize(request, record_time, ingested_at, self.max_future)?;
+        if self.mongo.is_some()
+            && let Some(reason) = document_size_refusal(&message)
+        {
+            return Err(Rejection::TooLargeForStore(reason));
+        }
+        Ok(message)
     }
 
     async fn dead_letter(
@@ -171,22 +228,31 @@ impl Pipeline {
     }
 
     /// One attempt at every persistence stage for a batch of valid messages; `origins[i]` is
-    /// the (partition, offset) in `topic` of the record of `batch[i]`.
-    async fn persist(&self, batch: &[Message], topic: &str, origins: &[(i32, i64)]) -> Result<Persisted, StageError> {
+    /// the (partition, offset) in `topic` of the record of `batch[i]`. Messages a database
+    /// refuses are recorded in `memory` and left out of every later stage and attempt.
+    async fn persist(
+        &self,
+        batch: &[Message],
+        topic: &str,
+        origins: &[(i32, i64)],
+        memory: &Memory,
+    ) -> Result<Persisted, StageError> {
         let keys: Vec<MessageKey> =
             batch.iter().map(|message| (message_tenant_id(message).to_owned(), message.id.clone())).collect();
+        let refused_before: HashSet<MessageKey> = lock(memory).refused.keys().cloned().collect();
 
         // A message appearing twice in one batch is handled once; later copies are duplicates.
         let mut first_of: HashMap<&MessageKey, usize> = HashMap::new();
         let mut unique = Vec::new();
         for (index, key) in keys.iter().enumerate() {
-            if !first_of.contains_key(key) {
+            if !refused_before.contains(key) && !first_of.contains_key(key) {
                 first_of.insert(key, index);
                 unique.push(index);
             }
         }
 
-        // Idempotency: a message with a done marker is already durable everywhere.
+        // Idempotency: a message with a done marker is already durable everywhere; the
+        // databases tell which of the others they hold, and in which session.
         let started = Instant::now();
         let marker_keys: Vec<(SessionKeys, &str)> = unique
             .iter()
@@ -195,19 +261,39 @@ impl Pipeline {
                 (SessionKeys::new(message_tenant_id(message), &message.session_id), message.id.as_str())
             })
             .collect();
-        let markers = self.redis.done_markers(&marker_keys).await.map_err(|e| stage_error("idempotency")(&e))?;
+        let unique_keys: Vec<MessageKey> = unique.iter().map(|&index| keys[index].clone()).collect();
+        let (markers, stored) = tokio::join!(self.redis.done_markers(&marker_keys), self.stored_messages(&unique_keys));
+        let markers = markers.map_err(|e| stage_error("idempotency")(&e))?;
+        let stored = stored?;
         self.observe_stage("idempotency", started);
-        let mut done: HashMap<usize, Done> = HashMap::new();
+
+        let persisted_at = Utc::now();
+        let mut fates: HashMap<MessageKey, Fate> = HashMap::new();
         let mut pending: Vec<Message> = Vec::new();
-        let mut pending_index: HashMap<usize, usize> = HashMap::new();
+        let mut already_stored: HashSet<MessageKey> = HashSet::new();
         for (&index, marker) in unique.iter().zip(markers) {
-            match marker {
-                Some(marker) => {
-                    done.insert(index, marker);
+            let key = &keys[index];
+            if let Some(marker) = marker {
+                fates.insert(key.clone(), Fate::Done(marker));
+                continue;
+            }
+            match stored.get(key) {
+                Some(found) if found.session_id != batch[index].session_id => {
+                    fates.insert(key.clone(), Fate::StoredElsewhere(found.clone()));
                 }
-                None => {
-                    pending_index.insert(index, pending.len());
-                    pending.push(batch[index].clone());
+                found => {
+                    if found.is_some() && !lock(memory).stored.contains(key) {
+                        already_stored.insert(key.clone());
+                    }
+                    // What a database holds is the message; a resend's copy may differ.
+                    let message = found.and_then(stored_copy).unwrap_or_else(|| {
+                        let mut message = batch[index].clone();
+                        message.timeline.get_or_insert_with(Default::default).persisted_time =
+                            Some(to_timestamp(persisted_at));
+                        message
+                    });
+                    fates.insert(key.clone(), Fate::Pending);
+                    pending.push(message);
                 }
             }
         }
@@ -217,11 +303,9 @@ impl Pipeline {
         self.observe_stage("seq", started);
         self.crash_point("seq");
 
-        let persisted_at = Utc::now();
-        for message in &mut pending {
-            message.timeline.get_or_insert_with(Default::default).persisted_time = Some(to_timestamp(persisted_at));
-        }
-        let already_stored = self.store_in_databases(&mut pending).await?;
+        let found_stored = self.store_in_databases(&mut pending, &mut fates, memory).await?;
+        let stored_before = lock(memory).stored.clone();
+        already_stored.extend(found_stored.into_iter().filter(|key| !stored_before.contains(key)));
 
         let started = Instant::now();
         self.cache_hot(&pending).await.map_err(|e| stage_error("cache")(&e))?;
@@ -237,75 +321,128 @@ impl Pipeline {
         self.observe_stage("cursors", started);
         self.crash_point("cursors");
 
+        let refused = lock(memory).refused.clone();
         if let Some(wal_key) = &self.wal_hash_key {
             let started = Instant::now();
-            let ids: HashSet<&str> = batch.iter().map(|message| message.id.as_str()).collect();
+            let ids: HashSet<&str> = batch
+                .iter()
+                .zip(&keys)
+                .filter(|(_, key)| !refused.contains_key(*key))
+                .map(|(message, _)| message.id.as_str())
+                .collect();
             let ids: Vec<&str> = ids.into_iter().collect();
             self.redis.remove_from_wal(wal_key, &ids).await.map_err(|e| stage_error("wal")(&e))?;
             self.observe_stage("wal", started);
         }
 
-        let persisted_ms = persisted_at.timestamp_millis();
-        // A marker left by this very record (same topic, partition and offset) means a
-        // redelivery of completed work, not a second sending of the message.
-        let redelivery = |index: usize, marker: &Done| marker.left_by(topic, origins.get(index).copied());
-        let redelivered = done.iter().filter(|(index, marker)| redelivery(**index, marker)).count();
-        if let Some(acks) = &self.acks {
-            let started = Instant::now();
-            let mut events = Vec::with_capacity(batch.len());
-            for (index, key) in keys.iter().enumerate() {
-                let first = first_of[key];
-                let (message, status, seq, persisted_ts, deduplicated) =
-                    match (done.get(&first), pending_index.get(&first)) {
-                        (Some(marker), _) if index == first && redelivery(index, marker) => {
-                            (&batch[index], AckStatus::Persisted, marker.seq, marker.persisted_ms, true)
-                        }
-                        (Some(marker), _) => {
-                            (&batch[index], AckStatus::Duplicate, marker.seq, marker.persisted_ms, true)
-                        }
-                        (None, Some(&position)) => {
-                            let message = &pending[position];
-                            let copy = index != first;
-                            let status = if copy { AckStatus::Duplicate } else { AckStatus::Persisted };
-                            (message, status, message.seq, persisted_ms, copy || already_stored.contains(key))
-                        }
-                        (None, None) => continue,
-                    };
-                events.push(Ack {
-                    message_id: message.id.clone(),
-                    session_id: message.session_id.clone(),
-                    status,
-                    ingestion_ts: ingestion_ms(message),
-                    persisted_ts,
-                    deduplicated,
-                    tenant_id: key.0.clone(),
-                    seq,
-                });
+        let pending_by_key: HashMap<MessageKey, &Message> = pending
+            .iter()
+            .map(|message| ((message_tenant_id(message).to_owned(), message.id.clone()), message))
+            .collect();
+        let mut acks = Vec::with_capacity(batch.len());
+        for (index, key) in keys.iter().enumerate() {
+            if refused.contains_key(key) {
+                continue;
             }
-            acks.publish(&events).await.map_err(|e| stage_error("ack")(&e))?;
+            let first = first_of[key];
+            let outcome = match &fates[key] {
+                Fate::Done(marker) => {
+                    // A marker left by this very record (same topic, partition and offset) means
+                    // a redelivery of completed work, not a second sending of the message.
+                    let redelivery = index == first && marker.left_by(topic, origins.get(index).copied());
+                    let status = if redelivery { AckStatus::Persisted } else { AckStatus::Duplicate };
+                    Outcome {
+                        status,
+                        session_id: &batch[first].session_id,
+                        seq: marker.seq,
+                        persisted_ms: marker.persisted_ms,
+                        deduplicated: true,
+                        redelivery,
+                    }
+                }
+                Fate::StoredElsewhere(found) => Outcome {
+                    status: AckStatus::Duplicate,
+                    session_id: &found.session_id,
+                    seq: found.seq,
+                    persisted_ms: found.persisted_ms,
+                    deduplicated: true,
+                    redelivery: false,
+                },
+                Fate::Pending => {
+                    let Some(message) = pending_by_key.get(key) else { continue };
+                    let copy = index != first;
+                    Outcome {
+                        status: if copy { AckStatus::Duplicate } else { AckStatus::Persisted },
+                        session_id: &message.session_id,
+                        seq: message.seq,
+                        persisted_ms: persisted_ms(message),
+                        deduplicated: copy || already_stored.contains(key),
+                        redelivery: false,
+                    }
+                }
+            };
+            acks.push((index, outcome));
+        }
+        if let Some(publisher) = &self.acks {
+            let started = Instant::now();
+            let events: Vec<Ack> = acks
+                .iter()
+                .map(|(index, outcome)| Ack {
+                    message_id: batch[*index].id.clone(),
+                    session_id: outcome.session_id.to_owned(),
+                    status: outcome.status,
+                    ingestion_ts: ingestion_ms(&batch[*index]),
+                    persisted_ts: outcome.persisted_ms,
+                    deduplicated: outcome.deduplicated,
+                    tenant_id: keys[*index].0.clone(),
+                    seq: outcome.seq,
+                })
+                .collect();
+            publisher.publish(&events).await.map_err(|e| stage_error("ack")(&e))?;
             self.observe_stage("ack", started);
             self.crash_point("ack");
         }
 
         let started = Instant::now();
-        let mut markers: Vec<(SessionKeys, &str, Done)> = Vec::with_capacity(pending.len());
-        for (&index, &position) in &pending_index {
-            let message = &pending[position];
-            let keys = SessionKeys::new(message_tenant_id(message), &message.session_id);
-            let origin = origins.get(index).copied();
-            let topic = Some(topic.to_owned());
-            markers.push((keys, message.id.as_str(), Done { seq: message.seq, persisted_ms, origin, topic }));
-        }
+        let markers: Vec<(SessionKeys, &str, Done)> = pending
+            .iter()
+            .map(|message| {
+                let key = (message_tenant_id(message).to_owned(), message.id.clone());
+                let origin = first_of.get(&key).and_then(|&index| origins.get(index)).copied();
+                let done = Done {
+                    seq: message.seq,
+                    persisted_ms: persisted_ms(message),
+                    origin,
+                    topic: Some(topic.to_owned()),
+                };
+                (SessionKeys::new(message_tenant_id(message), &message.session_id), message.id.as_str(), done)
+            })
+            .collect();
         self.redis.mark_done(&markers).await.map_err(|e| stage_error("mark_done")(&e))?;
         self.observe_stage("mark_done", started);
 
-        Ok(Persisted { stored: pending.len(), duplicates: batch.len() - pending.len() - redelivered, redelivered })
+        let duplicates = acks.iter().filter(|(_, outcome)| outcome.status == AckStatus::Duplicate).count();
+        let redelivered = acks.iter().filter(|(_, outcome)| outcome.redelivery).count();
+        let stored = pending_by_key.keys().filter(|key| !already_stored.contains(*key)).count();
+        Ok(Persisted { stored, duplicates, redelivered })
     }
 
-    /// Gives every message without an upstream seq the next seq of its session, or the seq it
-    /// got on an earlier delivery. A session whose counter is missing (new, or Redis lost its
-    /// data) is seeded from the highest seq in the stores, and messages the stores already
-    /// hold keep their stored seq.
+    /// Which of `keys` a database holds, from PostgreSQL when configured (the first store
+    /// written), else MongoDB. A failure counts against that store's stage.
+    async fn stored_messages(&self, keys: &[MessageKey]) -> Result<HashMap<MessageKey, StoredMessage>, StageError> {
+        if let Some(postgres) = &self.postgres {
+            return postgres.stored_messages(keys).await.map_err(|e| stage_error("postgres")(&e));
+        }
+        match &self.mongo {
+            Some(mongo) => mongo.stored_messages(keys).await.map_err(|e| stage_error("mongo")(&e)),
+            None => Ok(HashMap::new()),
+        }
+    }
+
+    /// Gives every message without a seq the next seq of its session, or the seq it got on an
+    /// earlier delivery. A session whose counter is missing (new, or Redis lost its data) is
+    /// seeded from the highest seq in the stores. Messages the stores already hold carry
+    /// their stored seq and take none.
     async fn assign_seqs(&self, messages: &mut [Message]) -> Result<(), StageError> {
         let mut sessions: Vec<(String, String, Vec<usize>)> = Vec::new();
         let mut session_of: HashMap<(&str, &str), usize> = HashMap::new();
@@ -324,7 +461,7 @@ impl Pipeline {
             return Ok(());
         }
 
-        let request = |session: &(String, String, Vec<usize>), seed: Option<Seed>| SeqRequest {
+        let request = |session: &(String, String, Vec<usize>), seed: Option<i64>| SeqRequest {
             keys: SessionKeys::new(&session.0, &session.1),
             message_ids: session.2.iter().map(|&index| messages[index].id.as_str()).collect(),
             seed,
@@ -339,21 +476,11 @@ impl Pipeline {
         if !unseeded.is_empty() {
             let session_keys: Vec<(String, String)> =
                 unseeded.iter().map(|&slot| (sessions[slot].0.clone(), sessions[slot].1.clone())).collect();
-            let ids: Vec<Vec<MessageKey>> = unseeded
-                .iter()
-                .map(|&slot| {
-                    sessions[slot]
-                        .2
-                        .iter()
-                        .map(|&index| (sessions[slot].0.clone(), messages[index].id.clone()))
-                        .collect()
-                })
-                .collect();
-            let mut seeds = self.seeds(&session_keys, &ids).await?;
+            let max_seqs = self.max_seqs(&session_keys).await?;
             let seeded_requests: Vec<SeqRequest<'_>> = unseeded
                 .iter()
                 .zip(&session_keys)
-                .map(|(&slot, key)| request(&sessions[slot], Some(seeds.remove(key).unwrap_or_default())))
+                .map(|(&slot, key)| request(&sessions[slot], Some(max_seqs.get(key).copied().unwrap_or(0))))
                 .collect();
             let seeded = self.redis.assign_seqs(&seeded_requests).await.map_err(|e| stage_error("seq")(&e))?;
             for (slot, seqs) in unseeded.into_iter().zip(seeded) {
@@ -375,67 +502,49 @@ impl Pipeline {
         Ok(())
     }
 
-    /// For each session, the highest stored seq and the stored seqs of its messages
-    /// (`ids[i]` belongs to `sessions[i]`), from every store: one query per store and kind
-    /// for the whole batch.
-    async fn seeds(
-        &self,
-        sessions: &[(String, String)],
-        ids: &[Vec<MessageKey>],
-    ) -> Result<HashMap<(String, String), Seed>, StageError> {
-        let mut seeds: HashMap<(String, String), Seed> =
-            sessions.iter().map(|session| (session.clone(), Seed::default())).collect();
-        let all_ids: Vec<MessageKey> = ids.iter().flatten().cloned().collect();
-        let mut known: HashMap<MessageKey, i64> = HashMap::new();
-        if let Some(postgres) = &self.postgres {
-            for (session, max) in postgres.max_seqs(sessions).await.map_err(|e| stage_error("seq_seed")(&e))? {
-                if let Some(seed) = seeds.get_mut(&session) {
-                    seed.max_seq = seed.max_seq.max(max);
-                }
+    /// The highest seq every store holds for each (tenant, session): one query per store for
+    /// the whole batch.
+    async fn max_seqs(&self, sessions: &[(String, String)]) -> Result<HashMap<(String, String), i64>, StageError> {
+        let mut max_seqs: HashMap<(String, String), i64> = HashMap::new();
+        let mut merge = |found: Vec<((String, String), i64)>| {
+            for (session, max) in found {
+                let current = max_seqs.entry(session).or_insert(0);
+                *current = (*current).max(max);
             }
-            known = postgres.stored_seqs(&all_ids).await.map_err(|e| stage_error("seq_seed")(&e))?;
+        };
+        if let Some(postgres) = &self.postgres {
+            merge(postgres.max_seqs(sessions).await.map_err(|e| stage_error("seq_seed")(&e))?);
         }
         if let Some(mongo) = &self.mongo {
-            for (session, max) in mongo.max_seqs(sessions).await.map_err(|e| stage_error("seq_seed")(&e))? {
-                if let Some(seed) = seeds.get_mut(&session) {
-                    seed.max_seq = seed.max_seq.max(max);
-                }
-            }
-            if self.postgres.is_none() {
-                known = mongo.stored_seqs(&all_ids).await.map_err(|e| stage_error("seq_seed")(&e))?;
-            }
+            merge(mongo.max_seqs(sessions).await.map_err(|e| stage_error("seq_seed")(&e))?);
         }
-        // A message the stores already hold keeps its seq.
-        for (session, keys) in sessions.iter().zip(ids) {
-            let Some(seed) = seeds.get_mut(session) else { continue };
-            for key in keys {
-                if let Some(&seq) = known.get(key)
-                    && seq > 0
-                {
-                    seed.known.insert(key.1.clone(), seq);
-                }
-            }
-        }
-        Ok(seeds)
+        Ok(max_seqs)
     }
 
-    /// Writes the batch to Postgres and MongoDB; returns the keys that a store already held.
-    /// A message already stored under another seq takes the stored one.
-    async fn store_in_databases(&self, pending: &mut [Message]) -> Result<HashSet<MessageKey>, StageError> {
+    /// Writes the batch to Postgres and MongoDB; returns the keys that a store already held
+    /// (what this batch stored itself is recorded in `memory`). Afterwards `pending` holds
+    /// only what is stored in every database: a message a database refuses is recorded in
+    /// `memory` (and removed from the databases that took it), one
+    /// found stored in another session (a resend racing its first copy) becomes a duplicate,
+    /// and one already stored under another seq takes the stored seq.
+    async fn store_in_databases(
+        &self,
+        pending: &mut Vec<Message>,
+        fates: &mut HashMap<MessageKey, Fate>,
+        memory: &Memory,
+    ) -> Result<HashSet<MessageKey>, StageError> {
         let mut already_stored = HashSet::new();
         if pending.is_empty() {
             return Ok(already_stored);
         }
         if let Some(postgres) = &self.postgres {
             let started = Instant::now();
-            let inserted = postgres.insert_batch(pending).await.map_err(|e| stage_error("postgres")(&e))?;
-            let not_inserted: Vec<MessageKey> = pending
-                .iter()
-                .map(|message| (message_tenant_id(message).to_owned(), message.id.clone()))
-                .filter(|key| !inserted.contains(key))
-                .collect();
-            if !not_inserted.is_empty() {
-                let stored = postgres.stored_seqs(&not_inserted).await.map_err(|e| stage_error("postgres")(&e))?;
+            let written = postgres.insert_batch(pending).await.map_err(|e| stage_error("postgres")(&e))?;
+            refuse(pending, &written.refused, "postgres", memory);
+            remember_stored(pending, &written.already_stored, memory);
+            if !written.already_stored.is_empty() {
+                let not_inserted: Vec<MessageKey> = written.already_stored.into_iter().collect();
+                let stored = self.stored_messages(&not_inserted).await?;
                 let conflicting: Vec<&MessageKey> =
                     not_inserted.iter().filter(|key| !stored.contains_key(*key)).collect();
                 if !conflicting.is_empty() {
@@ -448,7 +557,7 @@ impl Pipeline {
                         ),
                     });
                 }
-                take_stored_seqs(pending, &stored);
+                settle_already_stored(pending, &stored, fates);
                 already_stored.extend(stored.into_keys());
             }
             self.observe_stage("postgres", started);
@@ -456,13 +565,23 @@ impl Pipeline {
         }
         if let Some(mongo) = &self.mongo {
             let started = Instant::now();
-            let existing = mongo.insert_batch(pending).await.map_err(|e| stage_error("mongo")(&e))?;
-            if self.postgres.is_none() && !existing.is_empty() {
-                let keys: Vec<MessageKey> = existing.iter().cloned().collect();
-                let stored = mongo.stored_seqs(&keys).await.map_err(|e| stage_error("mongo")(&e))?;
-                take_stored_seqs(pending, &stored);
+            let written = mongo.insert_batch(pending).await.map_err(|e| stage_error("mongo")(&e))?;
+            if !written.refused.is_empty()
+                && let Some(postgres) = &self.postgres
+            {
+                let refused: Vec<&Message> = written.refused.iter().map(|(index, _)| &pending[*index]).collect();
+                postgres.delete_refused(&refused).await.map_err(|e| stage_error("mongo")(&e))?;
             }
-            already_stored.extend(existing);
+            refuse(pending, &written.refused, "mongo", memory);
+            if self.postgres.is_none() {
+                remember_stored(pending, &written.already_stored, memory);
+            }
+            if self.postgres.is_none() && !written.already_stored.is_empty() {
+                let keys: Vec<MessageKey> = written.already_stored.into_iter().collect();
+                let stored = self.stored_messages(&keys).await?;
+                settle_already_stored(pending, &stored, fates);
+                already_stored.extend(stored.into_keys());
+            }
             self.observe_stage("mongo", started);
             self.crash_point("mongo");
         }
@@ -547,21 +666,99 @@ impl Pipeline {
     }
 }
 
-/// Takes the seq a store already holds for a message over the one just assigned.
-fn take_stored_seqs(pending: &mut [Message], stored: &HashMap<MessageKey, i64>) {
+/// How one record of the batch ended, for its ACK and the metrics.
+struct Outcome<'a> {
+    status: AckStatus,
+    session_id: &'a str,
+    seq: i64,
+    persisted_ms: i64,
+    deduplicated: bool,
+    redelivery: bool,
+}
+
+fn lock(memory: &Memory) -> std::sync::MutexGuard<'_, Learned> {
+    memory.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Records every message of `pending` that the first database took, not finding it already
+/// stored, as stored by this batch.
+fn remember_stored(pending: &[Message], already_stored: &HashSet<MessageKey>, memory: &Memory) {
+    let mut memory = lock(memory);
     for message in pending {
         let key = (message_tenant_id(message).to_owned(), message.id.clone());
-        if let Some(&seq) = stored.get(&key)
-            && seq > 0
-            && seq != message.seq
-        {
-            warn!(message_id = %message.id, assigned = message.seq, stored = seq, "message already stored with another seq; keeping the stored one");
-            message.seq = seq;
+        if !already_stored.contains(&key) {
+            memory.stored.insert(key);
         }
     }
 }
 
-/// Messages grouped by session, each group in batch order.
+/// Records the messages at `refused` (indexes into `pending`) as refused by `store` and takes
+/// them out of `pending`.
+fn refuse(pending: &mut Vec<Message>, refused: &[(usize, String)], store: &str, memory: &Memory) {
+    if refused.is_empty() {
+        return;
+    }
+    let mut memory = lock(memory);
+    let mut gone = HashSet::new();
+    for (index, reason) in refused {
+        let Some(message) = pending.get(*index) else { continue };
+        let key = (message_tenant_id(message).to_owned(), message.id.clone());
+        warn!(store, message_id = %message.id, session_id = %message.session_id, reason = %reason, "database refused a message; it will be dead-lettered");
+        memory.refused.insert(key, reason.clone());
+        gone.insert(*index);
+    }
+    let mut index = 0;
+    pending.retain(|_| {
+        let keep = !gone.contains(&index);
+        index += 1;
+        keep
+    });
+}
+
+/// Handles messages a database already held when they were written (found after the
+/// idempotency stage: a resend racing its first copy, or a seq collision): one stored in
+/// another session becomes a duplicate of it and leaves `pending`; one stored in its own
+/// session takes the stored seq.
+fn settle_already_stored(
+    pending: &mut Vec<Message>,
+    stored: &HashMap<MessageKey, StoredMessage>,
+    fates: &mut HashMap<MessageKey, Fate>,
+) {
+    pending.retain_mut(|message| {
+        let key = (message_tenant_id(message).to_owned(), message.id.clone());
+        let Some(found) = stored.get(&key) else { return true };
+        if found.session_id != message.session_id {
+            warn!(message_id = %message.id, session_id = %message.session_id, stored_session_id = %found.session_id, "message id already stored in another session; a duplicate");
+            fates.insert(key, Fate::StoredElsewhere(found.clone()));
+            return false;
+        }
+        if found.seq > 0 && found.seq != message.seq {
+            warn!(message_id = %message.id, assigned = message.seq, stored = found.seq, "message already stored with another seq; keeping the stored one");
+            message.seq = found.seq;
+        }
+        true
+    });
+}
+
+/// The message as a database holds it, with its stored seq; `None` when the payload does not
+/// decode (then the record's own copy is written, and the databases keep theirs).
+fn stored_copy(stored: &StoredMessage) -> Option<Message> {
+    let mut message = Message::decode(stored.payload.as_slice()).ok()?;
+    if stored.seq > 0 {
+        message.seq = stored.seq;
+    }
+    Some(message)
+}
+
+fn persisted_ms(message: &Message) -> i64 {
+    message
+        .timeline
+        .as_ref()
+        .and_then(|timeline| timeline.persisted_time.as_ref())
+        .and_then(to_datetime)
+        .map_or(0, |time| time.timestamp_millis())
+}
+
 /// The hot-cache stage: adds a batch's messages to their sessions' windows. Public so the
 /// benchmarks drive Redis with exactly the writer's commands.
 pub async fn write_hot_windows(redis: &RedisStore, pending: &[Message]) -> redis::RedisResult<()> {
@@ -636,6 +833,7 @@ pub async fn write_cursors(redis: &RedisStore, pending: &[Message]) -> redis::Re
     redis.advance_cursors(&cursors).await
 }
 
+/// Messages grouped by session, each group in batch order.
 fn group_by_session(messages: &[Message]) -> Vec<(SessionKeys, Vec<&Message>)> {
     let mut groups: Vec<(SessionKeys, Vec<&Message>)> = Vec::new();
     let mut slot_of: HashMap<(&str, &str), usize> = HashMap::new();

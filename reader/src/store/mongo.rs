@@ -11,6 +11,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use flare_storage_common::keys::document_id;
+use flare_storage_common::stored_text::JsonStrings;
 use futures::TryStreamExt as _;
 use mongodb::bson::{Bson, Document, doc, spec::BinarySubtype};
 use mongodb::error::{ErrorKind, Result};
@@ -579,11 +580,10 @@ fn stored_row(document: &Document) -> Result<StoredRow> {
         payload: payload(document).unwrap_or_default(),
         timestamp,
         seq: document.get("seq").map(|seq| integer(Some(seq))),
-        status: document.get_str("status").unwrap_or_default().to_owned(),
         is_recalled: document.get_bool("is_recalled").unwrap_or(false),
         recalled_at: micros(document.get("recalled_at_us")),
         tags: strings(document.get("tags")),
-        attributes: Json(attributes),
+        attributes: Json(JsonStrings(attributes)),
         created_at: document
             .get_datetime("created_at")
             .ok()

@@ -1,12 +1,17 @@
 //! PostgreSQL / TimescaleDB: the reader's queries and the statements of its commands. Every
 //! statement is scoped by tenant_id; reads skip messages deleted for everyone and, given a
 //! user, those hidden or cleared for that user.
+//!
+//! JSON columns hold text by the rules of `stored_text` (U+0000 escaped): maps go in and come
+//! out through [`JsonStrings`].
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, QueryBuilder};
+
+use flare_storage_common::stored_text::{JsonStrings, escape_json_map};
 
 use crate::search::{Among, SearchQuery, like_pattern};
 
@@ -23,11 +28,10 @@ pub struct StoredRow {
     pub timestamp: DateTime<Utc>,
     pub payload: Vec<u8>,
     pub seq: Option<i64>,
-    pub status: String,
     pub is_recalled: bool,
     pub recalled_at: Option<DateTime<Utc>>,
     pub tags: Vec<String>,
-    pub attributes: Json<HashMap<String, String>>,
+    pub attributes: Json<JsonStrings>,
     pub created_at: DateTime<Utc>,
     pub burned_at: Option<DateTime<Utc>>,
     pub read_by: Json<Vec<ReadRecord>>,
@@ -50,7 +54,7 @@ pub struct Operation {
     #[serde(default)]
     pub target_user_id: String,
     #[serde(default)]
-    pub metadata: HashMap<String, String>,
+    pub metadata: JsonStrings,
 }
 
 /// A message a command acts on: the stored row and who it concerns.
@@ -74,7 +78,7 @@ pub struct SessionViews {
     pub clears: Vec<(String, DateTime<Utc>)>,
 }
 
-const COLUMNS: &str = r#"message_id, "timestamp", payload, seq, status, is_recalled, recalled_at, tags, attributes,
+const COLUMNS: &str = r#"message_id, "timestamp", payload, seq, is_recalled, recalled_at, tags, attributes,
     created_at, burned_at, read_by, operations"#;
 
 /// Conditions that hide messages from the user bound as parameter `user_param`: their
@@ -382,7 +386,7 @@ impl PostgresStore {
         )
         .bind(tenant_id)
         .bind(message_id)
-        .bind(Json(attributes))
+        .bind(Json(escape_json_map(attributes)))
         .bind(tags)
         .bind(Json(operation))
         .execute(&self.pool)

@@ -3,8 +3,14 @@
 //! (code 11000) on its own document and nothing else. Besides the `timestamp` date (for the
 //! TTL index) each document keeps `timestamp_us`, the microsecond time Postgres and the cache
 //! order by, so the reader pages every store the same way.
+//!
+//! Strings are stored as sent (BSON strings hold U+0000; keys, which cannot, are names without
+//! control characters). A document over MongoDB's 16 MiB limit is refused before it is sent
+//! ([`document_size_refusal`]); a document the server refuses for good (validation codes)
+//! is reported with the server's reason while the rest of the batch is stored.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 
 use flare_storage_common::keys::document_id;
 use flare_storage_common::message::{content_type, message_tenant_id, to_datetime};
@@ -16,7 +22,16 @@ use mongodb::error::{ErrorKind, Result};
 use mongodb::options::IndexOptions;
 use mongodb::{Client, Collection, IndexModel};
 
-use crate::store::postgres::MessageKey;
+use super::{MessageKey, StoredMessage, WriteFailure, Written, write_isolating};
+
+/// MongoDB's hard limit on a document (`maxBsonObjectSize`).
+pub const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
+
+/// Server error codes that refuse a document for what it holds, whatever the server's state:
+/// BadValue, FailedToParse, TypeMismatch, InvalidDBRef, DollarPrefixedFieldName,
+/// EmptyFieldName, DottedFieldName, DocumentValidationFailure, BSONObjectTooLarge,
+/// KeyTooLong and the "object to insert too large" family.
+const DATA_ERRORS: &[i32] = &[2, 9, 14, 52, 55, 56, 57, 121, 10334, 17280, 17419, 17420];
 
 const DUPLICATE_KEY: i32 = 11000;
 const NAMESPACE_NOT_FOUND: i32 = 26;
@@ -82,49 +97,89 @@ impl MongoStore {
         Ok(self.collection.delete_many(doc! { "timestamp": { "$lt": cutoff } }).await?.deleted_count)
     }
 
-    /// Inserts every message not stored yet; returns the keys of those that already were.
-    pub async fn insert_batch(&self, messages: &[Message]) -> Result<HashSet<MessageKey>> {
+    /// Inserts every message not stored yet. Reports those already stored and those the server
+    /// refuses for good (with its reason); every other message is stored.
+    pub async fn insert_batch(&self, messages: &[Message]) -> Result<Written> {
         if messages.is_empty() {
-            return Ok(HashSet::new());
+            return Ok(Written::default());
         }
-        let documents: Vec<Document> = messages.iter().map(to_document).collect();
-        match self.collection.insert_many(documents).ordered(false).await {
-            Ok(_) => Ok(HashSet::new()),
-            Err(error) => {
-                let ErrorKind::InsertMany(failure) = error.kind.as_ref() else {
-                    return Err(error);
-                };
-                let write_errors = failure.write_errors.as_deref().unwrap_or_default();
-                if failure.write_concern_error.is_some()
-                    || write_errors.iter().any(|write_error| write_error.code != DUPLICATE_KEY)
-                {
-                    return Err(error);
-                }
-                Ok(write_errors
-                    .iter()
-                    .filter_map(|write_error| messages.get(write_error.index))
-                    .map(|message| (message_tenant_id(message).to_owned(), message.id.clone()))
-                    .collect())
-            }
-        }
+        // The driver splits an insert_many into requests the server accepts by itself.
+        write_isolating(std::iter::once(0..messages.len()), |range| self.insert_range(messages, range)).await
     }
 
-    /// The stored seq of each of `keys` that exists.
-    pub async fn stored_seqs(&self, keys: &[MessageKey]) -> Result<HashMap<MessageKey, i64>> {
+    async fn insert_range(
+        &self,
+        messages: &[Message],
+        range: Range<usize>,
+    ) -> std::result::Result<Written, WriteFailure<mongodb::error::Error>> {
+        let offset = range.start;
+        let messages = &messages[range];
+        let documents: Vec<Document> = messages.iter().map(to_document).collect();
+        let error = match self.collection.insert_many(documents).ordered(false).await {
+            Ok(_) => return Ok(Written::default()),
+            Err(error) => error,
+        };
+        let failure = match error.kind.as_ref() {
+            ErrorKind::InsertMany(failure) if failure.write_concern_error.is_none() => failure,
+            // A document the driver cannot even encode is as final as one the server refuses.
+            ErrorKind::BsonSerialization(cause) => {
+                return Err(WriteFailure::Refused(format!("refused by MongoDB: cannot encode the document: {cause}")));
+            }
+            // The whole request refused for what it carries: split until the document is found.
+            ErrorKind::Command(command) if DATA_ERRORS.contains(&command.code) => {
+                return Err(WriteFailure::Refused(format!(
+                    "refused by MongoDB: {} (code {})",
+                    command.message, command.code
+                )));
+            }
+            _ => return Err(WriteFailure::Failed(error)),
+        };
+        let mut written = Written::default();
+        for write_error in failure.write_errors.as_deref().unwrap_or_default() {
+            let Some(message) = messages.get(write_error.index) else { continue };
+            match write_error.code {
+                DUPLICATE_KEY => {
+                    written.already_stored.insert((message_tenant_id(message).to_owned(), message.id.clone()));
+                }
+                code if DATA_ERRORS.contains(&code) => written.refused.push((
+                    offset + write_error.index,
+                    format!("refused by MongoDB: {} (code {code})", write_error.message),
+                )),
+                _ => return Err(WriteFailure::Failed(error)),
+            }
+        }
+        Ok(written)
+    }
+
+    /// Each of `keys` that is stored, in whichever session.
+    pub async fn stored_messages(&self, keys: &[MessageKey]) -> Result<HashMap<MessageKey, StoredMessage>> {
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
         let ids: Vec<String> = keys.iter().map(|(tenant, id)| document_id(tenant, id)).collect();
         let mut cursor = self
             .collection
             .find(doc! { "_id": { "$in": ids } })
-            .projection(doc! { "tenant_id": 1, "message_id": 1, "seq": 1 })
+            .projection(
+                doc! { "tenant_id": 1, "message_id": 1, "session_id": 1, "seq": 1, "created_at": 1, "payload": 1 },
+            )
             .await?;
-        let mut seqs = HashMap::new();
+        let mut stored = HashMap::new();
         while let Some(document) = cursor.try_next().await? {
-            let (Ok(tenant), Ok(id)) = (document.get_str("tenant_id"), document.get_str("message_id")) else {
+            let (Ok(tenant), Ok(id), Ok(session_id)) =
+                (document.get_str("tenant_id"), document.get_str("message_id"), document.get_str("session_id"))
+            else {
                 continue;
             };
-            seqs.insert((tenant.to_owned(), id.to_owned()), document.get_i64("seq").unwrap_or(0));
+            let message = StoredMessage {
+                session_id: session_id.to_owned(),
+                seq: document.get_i64("seq").unwrap_or(0),
+                persisted_ms: document.get_datetime("created_at").map(|time| time.timestamp_millis()).unwrap_or(0),
+                payload: document.get_binary_generic("payload").cloned().unwrap_or_default(),
+            };
+            stored.insert((tenant.to_owned(), id.to_owned()), message);
         }
-        Ok(seqs)
+        Ok(stored)
     }
 
     /// The highest seq stored for each (tenant, session), in one aggregation; sessions with
@@ -153,6 +208,19 @@ impl MongoStore {
     pub async fn ping(&self) -> Result<()> {
         self.collection.client().database("admin").run_command(doc! { "ping": 1 }).await.map(|_| ())
     }
+}
+
+/// Why `message` cannot be a MongoDB document, when its document would exceed
+/// [`MAX_DOCUMENT_BYTES`]. A document holds the payload plus copies of parts of it, so it is
+/// measured only when the payload comes within a fifth of the limit (the largest ratio of
+/// document to payload, a list of one-byte receiver ids, is under 5).
+pub fn document_size_refusal(message: &Message) -> Option<String> {
+    if message.encoded_len().saturating_mul(5) < MAX_DOCUMENT_BYTES {
+        return None;
+    }
+    let size = mongodb::bson::to_vec(&to_document(message)).map_or(usize::MAX, |bytes| bytes.len());
+    (size > MAX_DOCUMENT_BYTES)
+        .then(|| format!("its MongoDB document of {size} bytes exceeds MongoDB's limit of {MAX_DOCUMENT_BYTES} bytes"))
 }
 
 fn to_document(message: &Message) -> Document {
@@ -191,6 +259,12 @@ fn to_document(message: &Message) -> Document {
             .map(|time| mongodb::bson::DateTime::from_millis(time.timestamp_millis()))
             .unwrap_or_else(mongodb::bson::DateTime::now),
         "is_recalled": message.is_recalled,
+        // As the reader's recall command keeps it; PostgreSQL's `recalled_at` column alike.
+        "recalled_at_us": message
+            .recalled_at
+            .as_ref()
+            .and_then(to_datetime)
+            .map_or(Bson::Null, |time| Bson::Int64(time.timestamp_micros())),
         "is_burn_after_read": message.is_burn_after_read,
         "burn_after_seconds": message.burn_after_seconds,
         "tags": &message.tags,

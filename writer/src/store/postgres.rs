@@ -1,21 +1,41 @@
 //! PostgreSQL / TimescaleDB archive: one multi-row `INSERT … SELECT FROM UNNEST(…)` per batch,
 //! a single prepared statement whatever the batch size.
+//!
+//! Text goes in by the rules of `stored_text`: the payload keeps the message intact, derived
+//! text columns leave U+0000 out and JSON columns escape it. A statement that fails with a
+//! data error (SQLSTATE class 22 or 54, or a constraint other than uniqueness) is split until
+//! the refused messages stand alone ([`super::write_isolating`]).
 
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 
 use chrono::{DateTime, Utc};
 use flare_storage_common::message::{content_type, message_tenant_id, searchable_text, to_datetime};
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::Message;
+use flare_storage_common::stored_text::{derived_copy, escape_json_map};
 use sqlx::PgPool;
+
+use super::{MessageKey, StoredMessage, WriteFailure, Written, ranges_by_size, write_isolating};
+
+/// Most payload bytes one INSERT carries: PostgreSQL allocates each array parameter whole and
+/// refuses allocations over 1 GB, so a batch of large messages is written in several.
+const MAX_STATEMENT_BYTES: usize = 64 * 1024 * 1024;
 
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
 }
 
-/// (tenant_id, message_id) of a stored message.
-pub type MessageKey = (String, String);
+#[derive(sqlx::FromRow)]
+struct StoredRow {
+    tenant_id: String,
+    message_id: String,
+    session_id: String,
+    seq: Option<i64>,
+    created_at: DateTime<Utc>,
+    payload: Vec<u8>,
+}
 
 // No conflict target: on a plain table (tenant_id, message_id) is unique on its own as well as
 // with "timestamp", and either conflict means the message is already stored.
@@ -56,9 +76,34 @@ impl PostgresStore {
         &self.pool
     }
 
-    /// Inserts every message not stored yet; returns the keys of those that were new. Messages
+    /// Inserts every message not stored yet. Reports those already stored and those the
+    /// database refuses for good (with its error); every other message is stored. Messages
     /// must be normalised (tenant, session and timestamp set).
-    pub async fn insert_batch(&self, messages: &[Message]) -> Result<HashSet<MessageKey>, sqlx::Error> {
+    pub async fn insert_batch(&self, messages: &[Message]) -> Result<Written, sqlx::Error> {
+        let ranges = ranges_by_size(messages, MAX_STATEMENT_BYTES);
+        write_isolating(ranges, |range| self.insert_range(messages, range)).await
+    }
+
+    async fn insert_range(
+        &self,
+        messages: &[Message],
+        range: Range<usize>,
+    ) -> Result<Written, WriteFailure<sqlx::Error>> {
+        let messages = &messages[range];
+        let inserted = self.insert(messages).await.map_err(|error| match refusal(&error) {
+            Some(reason) => WriteFailure::Refused(reason),
+            None => WriteFailure::Failed(error),
+        })?;
+        let already_stored = messages
+            .iter()
+            .map(|message| (message_tenant_id(message).to_owned(), message.id.clone()))
+            .filter(|key| !inserted.contains(key))
+            .collect();
+        Ok(Written { already_stored, refused: Vec::new() })
+    }
+
+    /// One INSERT of `messages`; returns the keys of those that were new.
+    async fn insert(&self, messages: &[Message]) -> Result<HashSet<MessageKey>, sqlx::Error> {
         let columns = Columns::from_messages(messages);
         let rows: Vec<(String, String)> = sqlx::query_as(INSERT_BATCH)
             .bind(columns.tenant_id)
@@ -93,20 +138,66 @@ impl PostgresStore {
 }
 
 impl PostgresStore {
-    /// The stored seq of each of `keys` that exists (a message stored without seq reads 0).
-    pub async fn stored_seqs(&self, keys: &[MessageKey]) -> Result<HashMap<MessageKey, i64>, sqlx::Error> {
+    /// Each of `keys` that is stored, in whichever session: one index probe per key on
+    /// (tenant_id, message_id). Where a resend raced its first copy on a hypertable (no unique
+    /// index on the id alone), the earliest row stands for the message.
+    pub async fn stored_messages(
+        &self,
+        keys: &[MessageKey],
+    ) -> Result<HashMap<MessageKey, StoredMessage>, sqlx::Error> {
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
         let (tenants, ids): (Vec<&str>, Vec<&str>) =
             keys.iter().map(|(tenant, id)| (tenant.as_str(), id.as_str())).unzip();
-        let rows: Vec<(String, String, Option<i64>)> = sqlx::query_as(
-            r#"SELECT m.tenant_id, m.message_id, m.seq
+        let rows: Vec<StoredRow> = sqlx::query_as(
+            r#"SELECT DISTINCT ON (m.tenant_id, m.message_id)
+                      m.tenant_id, m.message_id, m.session_id, m.seq, m.created_at, m.payload
                FROM messages m JOIN UNNEST($1::text[], $2::text[]) AS k(tenant_id, message_id)
-                 ON m.tenant_id = k.tenant_id AND m.message_id = k.message_id"#,
+                 ON m.tenant_id = k.tenant_id AND m.message_id = k.message_id
+               ORDER BY m.tenant_id, m.message_id, m.created_at"#,
         )
         .bind(tenants)
         .bind(ids)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(|(tenant, id, seq)| ((tenant, id), seq.unwrap_or(0))).collect())
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let stored = StoredMessage {
+                    session_id: row.session_id,
+                    seq: row.seq.unwrap_or(0),
+                    persisted_ms: row.created_at.timestamp_millis(),
+                    payload: row.payload,
+                };
+                ((row.tenant_id, row.message_id), stored)
+            })
+            .collect())
+    }
+
+    /// Removes messages a later store refused, so no database shows what was dead-lettered.
+    /// Only the rows of this session and seq: a message of the same id stored elsewhere stays.
+    pub async fn delete_refused(&self, messages: &[&Message]) -> Result<(), sqlx::Error> {
+        let mut columns: (Vec<&str>, Vec<&str>, Vec<&str>, Vec<i64>) = Default::default();
+        for message in messages {
+            columns.0.push(message_tenant_id(message));
+            columns.1.push(&message.id);
+            columns.2.push(&message.session_id);
+            columns.3.push(message.seq);
+        }
+        sqlx::query(
+            r#"DELETE FROM messages m USING UNNEST($1::text[], $2::text[], $3::text[], $4::int8[])
+                   AS k(tenant_id, message_id, session_id, seq)
+               WHERE m.tenant_id = k.tenant_id AND m.message_id = k.message_id
+                 AND m.session_id = k.session_id AND m.seq = k.seq"#,
+        )
+        .bind(columns.0)
+        .bind(columns.1)
+        .bind(columns.2)
+        .bind(columns.3)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Whether the messages table is a TimescaleDB hypertable.
@@ -209,26 +300,26 @@ impl Columns {
             columns.session_id.push(message.session_id.clone());
             columns.seq.push((message.seq > 0).then_some(message.seq));
             columns.sender_id.push(message.sender_id.clone());
-            columns.sender_type.push(message.sender_type.clone());
+            columns.sender_type.push(derived_copy(&message.sender_type).into_owned());
             columns.receiver_id.push(message.receiver_id.clone());
             columns.receiver_ids.push(json_text(&message.receiver_ids));
             columns.content.push(message.content.as_ref().map(|content| content.encode_to_vec()));
             columns.content_type.push(content_type(message));
             columns.message_type.push(message.message_type);
-            columns.business_type.push(message.business_type.clone());
-            columns.session_type.push(message.session_type.clone());
-            columns.status.push(message.status.clone());
+            columns.business_type.push(derived_copy(&message.business_type).into_owned());
+            columns.session_type.push(derived_copy(&message.session_type).into_owned());
+            columns.status.push(derived_copy(&message.status).into_owned());
             // Normalisation guarantees a representable timestamp; the epoch is never reached.
             columns.timestamp.push(message.timestamp.as_ref().and_then(to_datetime).unwrap_or(DateTime::UNIX_EPOCH));
             columns.is_recalled.push(message.is_recalled);
             columns.recalled_at.push(message.recalled_at.as_ref().and_then(to_datetime));
             columns.is_burn_after_read.push(message.is_burn_after_read);
             columns.burn_after_seconds.push(message.burn_after_seconds);
-            columns.extra.push(json_text(&message.extra));
+            columns.extra.push(json_text(&escape_json_map(&message.extra)));
             columns.tags.push(json_text(&message.tags));
-            columns.attributes.push(json_text(&message.attributes));
+            columns.attributes.push(json_text(&escape_json_map(&message.attributes)));
             columns.payload.push(message.encode_to_vec());
-            columns.content_text.push(searchable_text(message).map(str::to_owned));
+            columns.content_text.push(searchable_text(message).map(|text| derived_copy(text).into_owned()));
             // The time the pipeline stamped as persisted, so every store and the cache agree.
             columns.persisted_at.push(
                 message
@@ -246,4 +337,23 @@ impl Columns {
 fn json_text<T: serde::Serialize>(value: &T) -> String {
     // Maps and lists of strings always serialise.
     serde_json::to_string(value).unwrap_or_else(|_| "null".into())
+}
+
+/// The reason to dead-letter, when `error` is the database refusing the data for good rather
+/// than failing: a data exception (class 22: out of range, invalid text, untranslatable
+/// character…), a program limit (class 54: index row or array too large), or a violated
+/// constraint other than uniqueness, which `ON CONFLICT DO NOTHING` absorbs (class 23).
+/// Everything else — connection loss, timeouts, serialization failures (40001), shutdown
+/// (57P01), missing objects — is transient.
+fn refusal(error: &sqlx::Error) -> Option<String> {
+    match error {
+        sqlx::Error::Database(database) => {
+            let code = database.code()?;
+            let data = code.starts_with("22") || code.starts_with("54") || (code.starts_with("23") && code != "23505");
+            data.then(|| format!("refused by PostgreSQL: {} (SQLSTATE {code})", database.message()))
+        }
+        // Failing to encode a value before sending it is as final as the server refusing it.
+        sqlx::Error::Encode(cause) => Some(format!("refused by PostgreSQL: cannot encode a value: {cause}")),
+        _ => None,
+    }
 }

@@ -60,15 +60,8 @@ impl Done {
 pub struct SeqRequest<'a> {
     pub keys: SessionKeys,
     pub message_ids: Vec<&'a str>,
-    /// Where the session's counter is missing: the highest seq the stores hold, and the seqs
-    /// they hold for messages of this request (those keep theirs).
-    pub seed: Option<Seed>,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct Seed {
-    pub max_seq: i64,
-    pub known: std::collections::HashMap<String, i64>,
+    /// Where the session's counter is missing: the highest seq the stores hold.
+    pub seed: Option<i64>,
 }
 
 /// One message for a session's hot window.
@@ -96,20 +89,16 @@ pub struct StateEntry<'a> {
 /// again).
 const ASSIGN_SEQ: &str = r#"
 -- KEYS[1] counter, KEYS[2] message_id -> seq hash
--- ARGV[1] hash ttl, ARGV[2] seed max ('' = none), then pairs: message_id, known seq ('' = none)
+-- ARGV[1] hash ttl, ARGV[2] seed max ('' = none), then message ids
 if redis.call('EXISTS', KEYS[1]) == 0 then
   if ARGV[2] == '' then return {} end
   redis.call('SET', KEYS[1], ARGV[2])
 end
 local out = {}
-for i = 3, #ARGV, 2 do
+for i = 3, #ARGV do
   local seq = redis.call('HGET', KEYS[2], ARGV[i])
   if not seq then
-    if ARGV[i + 1] ~= '' then
-      seq = ARGV[i + 1]
-    else
-      seq = redis.call('INCR', KEYS[1])
-    end
+    seq = redis.call('INCR', KEYS[1])
     redis.call('HSET', KEYS[2], ARGV[i], seq)
   end
   out[#out + 1] = tonumber(seq)
@@ -276,13 +265,12 @@ impl RedisStore {
         for request in requests {
             let mut invocation = self.assign_seq.key(request.keys.seq_counter());
             invocation.key(request.keys.seq_assigned()).arg(ttl);
-            match &request.seed {
-                Some(seed) => invocation.arg(seed.max_seq),
+            match request.seed {
+                Some(max_seq) => invocation.arg(max_seq),
                 None => invocation.arg(""),
             };
             for message_id in &request.message_ids {
-                let known = request.seed.as_ref().and_then(|seed| seed.known.get(*message_id));
-                invocation.arg(*message_id).arg(known.map(i64::to_string).unwrap_or_default());
+                invocation.arg(*message_id);
             }
             invocations.push(invocation);
         }
