@@ -111,7 +111,7 @@ impl Commands {
     }
 
     /// Recalls a message: only its sender, within `min(requested, configured)` seconds of
-    /// sending. Idempotent: a recalled message answers with its recall time.
+    /// sending (its timestamp, or when it was stored if that was earlier). Idempotent: a recalled message answers with its recall time.
     pub async fn recall(
         &self,
         tenant_id: &str,
@@ -132,7 +132,10 @@ impl Commands {
         }
         let limit = requested_limit.map_or(self.recall_limit, |requested| requested.min(self.recall_limit));
         let now = now_us();
-        let age = now.signed_duration_since(target.row.timestamp);
+        // Sent by its own timestamp, but never later than it was stored: a sender's clock
+        // running ahead (up to the writer's WRITER_MAX_FUTURE_SECONDS) must not stretch the window.
+        let sent = target.row.timestamp.min(target.row.created_at);
+        let age = now.signed_duration_since(sent);
         if age > chrono::Duration::from_std(limit).unwrap_or(chrono::Duration::MAX) {
             return Err(Error::FailedPrecondition(format!(
                 "the recall window of {}s after sending has passed",

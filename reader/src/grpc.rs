@@ -128,9 +128,11 @@ fn reading_user<'a>(own: &'a str, context: Option<&'a RequestContext>) -> Result
     }
 }
 
+/// A request time; a zero one (what a default-initialised client sends) counts as not given.
 fn protobuf_time(field: &'static str, time: Option<&prost_types::Timestamp>) -> Result<Option<DateTime<Utc>>, Error> {
     match time {
         None => Ok(None),
+        Some(prost_types::Timestamp { seconds: 0, nanos: 0 }) => Ok(None),
         Some(time) => {
             storable_time(field, time).map(Some).map_err(|invalid| Error::invalid(field, invalid.to_string()))
         }

@@ -655,8 +655,9 @@ async fn a_message_id_reused_in_another_session_is_a_duplicate() -> anyhow::Resu
 
 /// Kinds 3 and 4: a message dated ahead by its sender's fast clock (within the writer's
 /// limit) is listed and found by reads without an end time, from the cache and from the
-/// database; an explicit range is honoured as given. A zero timestamp, what a
-/// default-initialised client sends, takes the record's time instead of 1970.
+/// database; an explicit range is honoured as given; its recall window is not stretched. A
+/// zero timestamp, what a default-initialised client sends, takes the record's time instead
+/// of 1970, and a zero end time in a request counts as none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fast_clocks_and_zero_timestamps_leave_no_message_out_of_default_reads() -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;
@@ -715,8 +716,25 @@ async fn fast_clocks_and_zero_timestamps_leave_no_message_out_of_default_reads()
         assert_eq!(ids(&found.messages), ["fast-clock"]);
         let until_now = TimeRange { start_time: None, end_time: Some(to_timestamp(now)) };
         assert!(client.search_messages(search(Some(until_now))).await?.into_inner().messages.is_empty());
+        let zero_end = TimeRange { start_time: None, end_time: Some(Timestamp::default()) };
+        let found = client.search_messages(search(Some(zero_end))).await?.into_inner();
+        assert_eq!(ids(&found.messages), ["fast-clock"], "a zero end time counts as none");
         reader.stop().await?;
     }
+
+    // The recall window counts from when the message was stored when its clock ran ahead.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let reader = RunningReader::start(&database.url).await?;
+    let recall = RecallMessageRequest {
+        message_id: "fast-clock".into(),
+        operator_id: "alice".into(),
+        recall_time_limit_seconds: 1,
+        tenant: tenant_context(&tenant),
+        ..Default::default()
+    };
+    let refused = reader.client().await?.recall_message(recall).await.expect_err("the window has passed");
+    assert_eq!(refused.code(), flare_storage_common::tonic::Code::FailedPrecondition, "{refused:?}");
+    reader.stop().await?;
     writer.stop().await?;
     database.drop().await?;
     Ok(())
