@@ -9,7 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use flare_storage_common::message::{content_type, message_tenant_id, normalize, searchable_text, to_datetime};
+use flare_storage_common::message::{
+    TimeBounds, content_type, message_tenant_id, normalize, searchable_text, to_datetime,
+};
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::{Message, StoreMessageRequest, message_content};
 use flare_storage_writer::store::postgres::PostgresStore;
@@ -193,7 +195,8 @@ fn normalized(records: &[Record]) -> anyhow::Result<Vec<Message>> {
         .iter()
         .map(|record| {
             let request = StoreMessageRequest::decode(record.payload.as_slice())?;
-            let mut message = normalize(request, now, now, chrono::Duration::days(1))?;
+            let bounds = TimeBounds { max_ahead: chrono::Duration::days(1), max_age: None };
+            let mut message = normalize(request, now, now, bounds)?;
             let seq = seqs.entry(message.session_id.clone()).or_insert(0);
             *seq += 1;
             message.seq = *seq;

@@ -59,9 +59,13 @@ pub enum InvalidMessage {
     #[error("field {field} is after +262142-12-31T23:59:59.999999999Z, the latest time flare-storage represents")]
     TooLate { field: &'static str },
     #[error(
-        "field {field} is {ahead_seconds} s ahead of the writer's clock; at most {limit_seconds} s are accepted (WRITER_MAX_FUTURE_SECONDS)"
+        "field {field} is {ahead_seconds} s ahead of the record's time; at most {limit_seconds} s are accepted (WRITER_MAX_FUTURE_SECONDS)"
     )]
     InFuture { field: &'static str, ahead_seconds: i64, limit_seconds: i64 },
+    #[error(
+        "field {field} is {age_seconds} s before the record's time, past the retention of {limit_seconds} s (STORAGE_RETENTION_DAYS): it would be deleted at once"
+    )]
+    PastRetention { field: &'static str, age_seconds: i64, limit_seconds: i64 },
 }
 
 impl InvalidMessage {
@@ -111,18 +115,28 @@ pub fn check_name(field: &'static str, value: &str) -> Result<(), InvalidMessage
     Ok(())
 }
 
+/// How far a message's own timestamp may stray from its record's time.
+#[derive(Debug, Clone, Copy)]
+pub struct TimeBounds {
+    /// Later is refused: a message dated ahead sorts above everything sent after it until
+    /// that time.
+    pub max_ahead: chrono::Duration,
+    /// Earlier is refused when set (the retention): such a message would be deleted at once.
+    pub max_age: Option<chrono::Duration>,
+}
+
 /// Builds the stored form of a request.
 ///
-/// `record_time` stands in for a missing (or zero) message timestamp. It must be the same on
-/// every delivery of the record (the Kafka record timestamp), because the timestamp is part of
-/// the message's identity in a TimescaleDB hypertable. A timestamp more than `max_future`
-/// after `ingested_at` is refused: a message dated ahead would sort above everything sent
-/// after it until that time.
+/// `record_time` stands in for a missing (or zero) message timestamp and is what `bounds`
+/// are measured from. It must be the same on every delivery of the record (the Kafka record
+/// timestamp), because the timestamp is part of the message's identity in a TimescaleDB
+/// hypertable, and a redelivery must be judged as the first delivery was. A `seq` sent by the
+/// producer is dropped: the writer numbers every session itself.
 pub fn normalize(
     request: StoreMessageRequest,
     record_time: DateTime<Utc>,
     ingested_at: DateTime<Utc>,
-    max_future: chrono::Duration,
+    bounds: TimeBounds,
 ) -> Result<Message, InvalidMessage> {
     let tenant_id = tenant_id(&request).to_owned();
     let StoreMessageRequest { session_id, message, tenant, tags, .. } = request;
@@ -143,27 +157,21 @@ pub fn normalize(
     message_tenant.tenant_id = tenant_id;
     message.tenant = Some(message_tenant);
 
-    match message.timestamp.take().filter(|timestamp| !is_zero(timestamp)) {
+    match message.timestamp.take().filter(|timestamp| !is_unset(timestamp)) {
         Some(timestamp) => {
             let time = storable_time("message.timestamp", &timestamp)?;
-            let ahead = time.signed_duration_since(ingested_at);
-            if ahead > max_future {
-                return Err(InvalidMessage::InFuture {
-                    field: "message.timestamp",
-                    ahead_seconds: ahead.num_seconds(),
-                    limit_seconds: max_future.num_seconds(),
-                });
-            }
+            check_bounds("message.timestamp", time, record_time, bounds)?;
             message.timestamp = Some(timestamp);
         }
         None => message.timestamp = Some(to_timestamp(record_time)),
     }
-    message.recalled_at = message.recalled_at.filter(|timestamp| !is_zero(timestamp));
+    message.seq = 0;
+    message.recalled_at = message.recalled_at.filter(|timestamp| !is_unset(timestamp));
     if let Some(recalled_at) = &message.recalled_at {
         storable_time("message.recalled_at", recalled_at)?;
     }
     let timeline = message.timeline.get_or_insert_with(Default::default);
-    if timeline.ingestion_time.as_ref().is_none_or(is_zero) {
+    if timeline.ingestion_time.as_ref().is_none_or(is_unset) {
         timeline.ingestion_time = Some(to_timestamp(ingested_at));
     }
     // Request-level tags are key/value labels; they become attributes unless the message
@@ -196,9 +204,36 @@ fn check_names(
     Ok(())
 }
 
-/// A zero timestamp is what a default-initialised client sends for "not set".
-fn is_zero(timestamp: &Timestamp) -> bool {
+/// Whether a timestamp means "not set": zero (1970-01-01T00:00:00Z) is what a
+/// default-initialised client sends. Writer and reader both read it so.
+pub fn is_unset(timestamp: &Timestamp) -> bool {
     timestamp.seconds == 0 && timestamp.nanos == 0
+}
+
+fn check_bounds(
+    field: &'static str,
+    time: DateTime<Utc>,
+    record_time: DateTime<Utc>,
+    bounds: TimeBounds,
+) -> Result<(), InvalidMessage> {
+    let ahead = time.signed_duration_since(record_time);
+    if ahead > bounds.max_ahead {
+        return Err(InvalidMessage::InFuture {
+            field,
+            ahead_seconds: ahead.num_seconds(),
+            limit_seconds: bounds.max_ahead.num_seconds(),
+        });
+    }
+    if let Some(max_age) = bounds.max_age
+        && -ahead > max_age
+    {
+        return Err(InvalidMessage::PastRetention {
+            field,
+            age_seconds: (-ahead).num_seconds(),
+            limit_seconds: max_age.num_seconds(),
+        });
+    }
+    Ok(())
 }
 
 /// The time of `timestamp` when every store can hold it.
@@ -277,8 +312,8 @@ mod tests {
         DateTime::from_timestamp(1_700_000_000, 0).expect("valid time")
     }
 
-    fn day() -> chrono::Duration {
-        chrono::Duration::days(1)
+    fn day() -> TimeBounds {
+        TimeBounds { max_ahead: chrono::Duration::days(1), max_age: None }
     }
 
     fn normalized(request: StoreMessageRequest) -> Result<Message, InvalidMessage> {
@@ -430,7 +465,7 @@ mod tests {
 
         // The latest representable instant is storable when the writer allows that much future.
         let latest = LATEST_STORABLE.timestamp();
-        let unlimited = chrono::Duration::seconds(latest);
+        let unlimited = TimeBounds { max_ahead: chrono::Duration::seconds(latest), max_age: None };
         let far = |seconds: i64| {
             normalize(
                 with(|r| message_of(r).timestamp = Some(Timestamp { seconds, nanos: 0 })),
@@ -463,6 +498,35 @@ mod tests {
             InvalidMessage::InFuture { field: "message.timestamp", ahead_seconds: 86_401, limit_seconds: 86_400 }
         );
         assert!(refused.to_string().contains("WRITER_MAX_FUTURE_SECONDS"), "{refused}");
+
+        // Judged from the record's time, so every delivery of a record is judged alike.
+        let request = with(|r| message_of(r).timestamp = Some(to_timestamp(now() + chrono::Duration::days(2))));
+        let much_later = now() + chrono::Duration::days(3);
+        assert!(normalize(request, now(), much_later, day()).is_err());
+    }
+
+    #[test]
+    fn timestamps_past_the_retention_are_refused() {
+        let bounds = TimeBounds { max_ahead: chrono::Duration::days(1), max_age: Some(chrono::Duration::days(30)) };
+        let aged = |days: i64| {
+            let request = with(|r| message_of(r).timestamp = Some(to_timestamp(now() - chrono::Duration::days(days))));
+            normalize(request, now(), now(), bounds)
+        };
+        assert!(aged(29).is_ok());
+        let refused = aged(31).expect_err("past the retention");
+        assert!(matches!(refused, InvalidMessage::PastRetention { limit_seconds: 2_592_000, .. }), "{refused}");
+        assert!(refused.to_string().contains("STORAGE_RETENTION_DAYS"), "{refused}");
+        assert!(
+            normalized(with(|r| message_of(r).timestamp = Some(to_timestamp(now() - chrono::Duration::days(31)))))
+                .is_ok(),
+            "no retention, no limit"
+        );
+    }
+
+    #[test]
+    fn a_producer_seq_is_dropped() {
+        let message = normalized(with(|r| message_of(r).seq = 42)).expect("valid");
+        assert_eq!(message.seq, 0);
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! - JSON columns that readers return (`attributes`, `extra`, operation metadata) hold
 //!   [`escape_json_value`]'s reversible form, and readers return [`unescape_json_value`]'s.
 //!
-//! MongoDB's strings hold U+0000, so documents keep text as sent.
+//! MongoDB's strings hold U+0000, so the writer's documents keep text as sent; maps the reader
+//! keeps through [`JsonStrings`] (operation metadata) are stored escaped there too, and read
+//! back alike.
 
 use std::borrow::Cow;
 use std::collections::HashMap;

@@ -133,7 +133,7 @@ impl Commands {
         let limit = requested_limit.map_or(self.recall_limit, |requested| requested.min(self.recall_limit));
         let now = now_us();
         // Sent by its own timestamp, but never later than it was stored: a sender's clock
-        // running ahead (up to the writer's WRITER_MAX_FUTURE_SECONDS) must not stretch the window.
+        // running ahead (up to WRITER_MAX_FUTURE_SECONDS) must not stretch the window.
         let sent = target.row.timestamp.min(target.row.created_at);
         let age = now.signed_duration_since(sent);
         if age > chrono::Duration::from_std(limit).unwrap_or(chrono::Duration::MAX) {

@@ -6,6 +6,7 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
+use flare_storage_common::message::{EARLIEST_STORABLE, check_id};
 
 const VERSION: &str = "1";
 
@@ -49,8 +50,11 @@ impl Cursor {
         };
         let print = u64::from_str_radix(print, 16).map_err(|_| CursorError::Malformed)?;
         let micros: i64 = micros.parse().map_err(|_| CursorError::Malformed)?;
-        let timestamp = DateTime::from_timestamp_micros(micros).ok_or(CursorError::Malformed)?;
-        if message_id.is_empty() {
+        // Crafted cursors reach the databases: only what a real one can carry passes.
+        let timestamp = DateTime::from_timestamp_micros(micros)
+            .filter(|timestamp| *timestamp >= EARLIEST_STORABLE)
+            .ok_or(CursorError::Malformed)?;
+        if check_id("message_id", message_id, true).is_err() {
             return Err(CursorError::Malformed);
         }
         if print != fingerprint(tenant_id, session_id) {
@@ -100,7 +104,15 @@ mod tests {
         for garbage in ["", "!!!", "bm90IGEgY3Vyc29y", &URL_SAFE_NO_PAD.encode("1:zz:1:m"), &"A".repeat(300)] {
             assert_eq!(Cursor::decode(garbage, "t", "s"), Err(CursorError::Malformed), "{garbage}");
         }
-        let no_id = URL_SAFE_NO_PAD.encode(format!("1:{:016x}:5:", fingerprint("t", "s")));
-        assert_eq!(Cursor::decode(&no_id, "t", "s"), Err(CursorError::Malformed));
+        let print = fingerprint("t", "s");
+        let crafted = [
+            format!("1:{print:016x}:5:"),
+            format!("1:{print:016x}:5:id\0with nul"),
+            format!("1:{print:016x}:5:{}", "x".repeat(65)),
+            format!("1:{print:016x}:-210866803200000001:m"),
+        ];
+        for raw in crafted {
+            assert_eq!(Cursor::decode(&URL_SAFE_NO_PAD.encode(&raw), "t", "s"), Err(CursorError::Malformed), "{raw:?}");
+        }
     }
 }

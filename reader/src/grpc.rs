@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use flare_storage_common::message::{check_id, storable_time, to_timestamp};
+use flare_storage_common::message::{check_id, is_unset, storable_time, to_timestamp};
 use flare_storage_common::prost_types;
 use flare_storage_common::proto::common::{ActorType, ErrorCode, Pagination, RequestContext, RpcStatus, TenantContext};
 use flare_storage_common::proto::storage::storage_reader_service_server::StorageReaderService;
@@ -132,7 +132,7 @@ fn reading_user<'a>(own: &'a str, context: Option<&'a RequestContext>) -> Result
 fn protobuf_time(field: &'static str, time: Option<&prost_types::Timestamp>) -> Result<Option<DateTime<Utc>>, Error> {
     match time {
         None => Ok(None),
-        Some(prost_types::Timestamp { seconds: 0, nanos: 0 }) => Ok(None),
+        Some(time) if is_unset(time) => Ok(None),
         Some(time) => {
             storable_time(field, time).map(Some).map_err(|invalid| Error::invalid(field, invalid.to_string()))
         }

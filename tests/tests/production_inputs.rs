@@ -90,6 +90,31 @@ async fn metric(addr: std::net::SocketAddr, name: &str) -> anyhow::Result<f64> {
     Ok(metric_value(&http_get(addr, "/metrics").await?.1, name).unwrap_or(0.0))
 }
 
+/// Failed attempts of every pipeline stage together: a refusal is not a failure.
+async fn stage_errors(addr: std::net::SocketAddr) -> anyhow::Result<f64> {
+    let (_, body) = http_get(addr, "/metrics").await?;
+    Ok(body
+        .lines()
+        .filter(|line| line.starts_with("storage_writer_stage_errors_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// A writer started and ready, with its readiness watched from then on.
+async fn ready_writer(config: flare_storage_writer::Config) -> anyhow::Result<(RunningWriter, ReadinessWatch)> {
+    let writer = RunningWriter::start(config).await?;
+    let readiness = ReadinessWatch::start(writer.metrics_addr).await?;
+    Ok((writer, readiness))
+}
+
+/// Asserts the writer stayed ready and no stage failed since `ready_writer`.
+async fn assert_never_stalled(writer: &RunningWriter, readiness: ReadinessWatch) -> anyhow::Result<()> {
+    let (answers, not_ready) = readiness.finish().await?;
+    assert!(answers > 0 && not_ready == 0, "/readyz was not 200 {not_ready} times of {answers}");
+    assert_eq!(stage_errors(writer.metrics_addr).await?, 0.0, "no stage failed");
+    Ok(())
+}
+
 /// A record that no configured store can hold, the reason it must be dead-lettered with, and
 /// the session of the good message sent right after it.
 struct Unstorable {
@@ -159,7 +184,7 @@ async fn values_no_store_can_hold_are_dead_lettered_and_hold_up_nothing() -> any
     case("past-the-latest", "field message.timestamp is after +262142-12-31", &|r| {
         message_of(r).timestamp = Some(Timestamp { seconds: i64::MAX, nanos: 0 })
     });
-    case("two-days-ahead", "ahead of the writer's clock; at most 86400 s are accepted", &|r| {
+    case("two-days-ahead", "ahead of the record's time; at most 86400 s are accepted", &|r| {
         message_of(r).timestamp = Some(to_timestamp(now + chrono::Duration::days(2)))
     });
     case("negative-nanos", "field message.timestamp is not a valid timestamp", &|r| {
@@ -181,6 +206,12 @@ async fn values_no_store_can_hold_are_dead_lettered_and_hold_up_nothing() -> any
     };
     cases.push(oversized);
 
+    let mut config = writer_config(&database.url, &topic, &dlq_topic);
+    config.kafka_ack_topic = Some(ack_topic.clone());
+    config.max_message_bytes = MAX_RECORD;
+    config.mongo = Some(mongo_config(&mongo_database));
+    let (writer, readiness) = ready_writer(config).await?;
+
     let producer = producer_for_large_records(16 * 1024 * 1024)?;
     let mut good = Vec::new();
     for (index, case) in cases.iter().enumerate() {
@@ -201,12 +232,6 @@ async fn values_no_store_can_hold_are_dead_lettered_and_hold_up_nothing() -> any
         good.push(bystander);
     }
 
-    let mut config = writer_config(&database.url, &topic, &dlq_topic);
-    config.kafka_ack_topic = Some(ack_topic.clone());
-    config.max_message_bytes = MAX_RECORD;
-    config.mongo = Some(mongo_config(&mongo_database));
-    let writer = RunningWriter::start(config).await?;
-    let readiness = ReadinessWatch::start(writer.metrics_addr).await?;
     writer.wait_processed(good.len()).await?;
 
     let expected: HashSet<String> = good.iter().cloned().collect();
@@ -234,9 +259,7 @@ async fn values_no_store_can_hold_are_dead_lettered_and_hold_up_nothing() -> any
     let omitted = omitted.expect("the record too large for the dead-letter topic is dead-lettered without its value");
     assert!(omitted.payload.is_none() && omitted.header("flare-dlq-source-offset").is_some());
 
-    let (answers, not_ready) = readiness.finish().await?;
-    assert!(answers > 0 && not_ready == 0, "/readyz was not 200 {not_ready} times of {answers}");
-    assert_eq!(metric(writer.metrics_addr, "storage_writer_stage_errors_total{stage=\"postgres\"}").await?, 0.0);
+    assert_never_stalled(&writer, readiness).await?;
     writer.stop().await?;
     database.drop().await?;
     Ok(())
@@ -411,10 +434,13 @@ async fn a_refusal_nothing_foresaw_costs_only_the_refused_records() -> anyhow::R
     create_topics(&[&topic, &dlq_topic, &ack_topic], PARTITIONS).await?;
     let tenant = unique("acme");
     let now = Utc::now() - chrono::Duration::minutes(1);
+    let mut config = writer_config(&database.url, &topic, &dlq_topic);
+    config.kafka_ack_topic = Some(ack_topic.clone());
+    let (writer, readiness) = ready_writer(config).await?;
     let producer = producer()?;
     let mut good = HashSet::new();
     let refused = ["refused-1", "refused-2"];
-    // All on one partition, produced before the writer starts: they arrive as one batch.
+    // All on one partition: the refused ones arrive in batches with good ones.
     for index in 0..40 {
         let session = format!("s{}", index % 3);
         let (id, business_type) = match index {
@@ -433,10 +459,6 @@ async fn a_refusal_nothing_foresaw_costs_only_the_refused_records() -> anyhow::R
     let earliest = text_message(&tenant, "s0", "earliest", "the first instant", EARLIEST_STORABLE);
     produce_to(&producer, &topic, 0, "s0", &earliest.encode_to_vec()).await?;
     good.insert("earliest".to_owned());
-    let mut config = writer_config(&database.url, &topic, &dlq_topic);
-    config.kafka_ack_topic = Some(ack_topic.clone());
-    let writer = RunningWriter::start(config).await?;
-    let readiness = ReadinessWatch::start(writer.metrics_addr).await?;
     writer.wait_processed(good.len()).await?;
 
     assert_eq!(stored_ids(&database, &tenant).await?, good);
@@ -469,8 +491,7 @@ async fn a_refusal_nothing_foresaw_costs_only_the_refused_records() -> anyhow::R
         let unique: HashSet<&i64> = seqs.iter().collect();
         assert_eq!(unique.len(), seqs.len(), "{session}: seqs unique");
     }
-    let (answers, not_ready) = readiness.finish().await?;
-    assert!(answers > 0 && not_ready == 0, "/readyz was not 200 {not_ready} times of {answers}");
+    assert_never_stalled(&writer, readiness).await?;
     assert_eq!(metric(writer.metrics_addr, "storage_writer_dead_lettered_total{reason=\"refused\"}").await?, 2.0);
     writer.stop().await?;
     database.drop().await?;
@@ -490,6 +511,10 @@ async fn a_refusal_by_mongodb_is_taken_back_from_postgresql() -> anyhow::Result<
     let tenant = unique("acme");
     let mongo_database = unique("flare");
     let now = Utc::now() - chrono::Duration::minutes(1);
+    let mut config = writer_config(&database.url, &topic, &dlq_topic);
+    config.kafka_ack_topic = Some(ack_topic.clone());
+    config.mongo = Some(mongo_config(&mongo_database));
+    let (writer, readiness) = ready_writer(config).await?;
     let producer = producer()?;
     let mut good = HashSet::new();
     for index in 0..12 {
@@ -503,11 +528,6 @@ async fn a_refusal_by_mongodb_is_taken_back_from_postgresql() -> anyhow::Result<
             good.insert(id);
         }
     }
-    let mut config = writer_config(&database.url, &topic, &dlq_topic);
-    config.kafka_ack_topic = Some(ack_topic.clone());
-    config.mongo = Some(mongo_config(&mongo_database));
-    let writer = RunningWriter::start(config).await?;
-    let readiness = ReadinessWatch::start(writer.metrics_addr).await?;
     writer.wait_processed(good.len()).await?;
 
     let dead = read_topic(&dlq_topic, PARTITIONS, 1, Duration::from_secs(30)).await?;
@@ -517,8 +537,7 @@ async fn a_refusal_by_mongodb_is_taken_back_from_postgresql() -> anyhow::Result<
     assert_eq!(mongo_ids(&mongo_database, &tenant).await?, good);
     let acks = acks_by_id(&ack_topic, good.len()).await?;
     assert_eq!(acks.keys().cloned().collect::<HashSet<_>>(), good);
-    let (answers, not_ready) = readiness.finish().await?;
-    assert!(answers > 0 && not_ready == 0, "/readyz was not 200 {not_ready} times of {answers}");
+    assert_never_stalled(&writer, readiness).await?;
     writer.stop().await?;
     database.drop().await?;
     Ok(())
@@ -530,7 +549,58 @@ async fn a_refusal_by_mongodb_is_taken_back_from_postgresql() -> anyhow::Result<
 /// nothing of the session it names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_id_reused_in_another_session_is_a_duplicate() -> anyhow::Result<()> {
+    id_reuse(Store::Postgres).await
+}
+
+/// Kind 2 with MongoDB as the only database: it says which ids are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_id_reused_in_another_session_is_a_duplicate_in_mongodb() -> anyhow::Result<()> {
+    id_reuse(Store::Mongo).await
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Store {
+    Postgres,
+    Mongo,
+}
+
+/// (message id, session, seq) of every stored message of a tenant, by session and seq.
+async fn stored_rows(
+    store: Store,
+    database: &TestDatabase,
+    mongo_database: &str,
+    tenant: &str,
+) -> anyhow::Result<Vec<(String, String, i64)>> {
+    let mut rows: Vec<(String, String, i64)> = match store {
+        Store::Postgres => {
+            let mut db = database.connect().await?;
+            sqlx::query_as("SELECT message_id, session_id, seq FROM messages WHERE tenant_id = $1")
+                .bind(tenant)
+                .fetch_all(&mut db)
+                .await?
+        }
+        Store::Mongo => {
+            use futures::TryStreamExt as _;
+            let client = mongodb::Client::with_uri_str(mongo_url()).await?;
+            let collection = client.database(mongo_database).collection::<mongodb::bson::Document>("messages");
+            let documents: Vec<mongodb::bson::Document> =
+                collection.find(mongodb::bson::doc! { "tenant_id": tenant }).await?.try_collect().await?;
+            documents
+                .iter()
+                .map(|d| {
+                    let text = |field: &str| d.get_str(field).unwrap_or_default().to_owned();
+                    (text("message_id"), text("session_id"), d.get_i64("seq").unwrap_or_default())
+                })
+                .collect()
+        }
+    };
+    rows.sort_by(|a, b| (&a.1, a.2).cmp(&(&b.1, b.2)));
+    Ok(rows)
+}
+
+async fn id_reuse(store: Store) -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;
+    let mongo_database = unique("flare");
     let (topic, dlq_topic, ack_topic) = (unique("messages"), unique("dlq"), unique("acks"));
     create_topics(&[&topic, &dlq_topic, &ack_topic], PARTITIONS).await?;
     let tenant = unique("acme");
@@ -550,6 +620,10 @@ async fn a_message_id_reused_in_another_session_is_a_duplicate() -> anyhow::Resu
     send("s3", "s3-first", "hi", 3).await?;
     let mut config = writer_config(&database.url, &topic, &dlq_topic);
     config.kafka_ack_topic = Some(ack_topic.clone());
+    if store == Store::Mongo {
+        config.postgres_url = None;
+        config.mongo = Some(mongo_config(&mongo_database));
+    }
     let writer = RunningWriter::start(config).await?;
     writer.wait_processed(2).await?;
 
@@ -585,13 +659,7 @@ async fn a_message_id_reused_in_another_session_is_a_duplicate() -> anyhow::Resu
     send("s5", "s5-first", "hi", 10).await?;
     writer.wait_processed(5).await?;
 
-    let mut db = database.connect().await?;
-    let rows: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT message_id, session_id, seq FROM messages WHERE tenant_id = $1 ORDER BY session_id, seq",
-    )
-    .bind(&tenant)
-    .fetch_all(&mut db)
-    .await?;
+    let rows = stored_rows(store, &database, &mongo_database, &tenant).await?;
     let rows: Vec<(&str, &str, i64)> =
         rows.iter().map(|(id, session, seq)| (id.as_str(), session.as_str(), *seq)).collect();
     assert_eq!(
@@ -622,8 +690,20 @@ async fn a_message_id_reused_in_another_session_is_a_duplicate() -> anyhow::Resu
 
     // Nothing of the other sessions shows x1: not their pages (cached or not), not their state.
     let tenant_of = || tenant_context(&tenant);
+    let reader_mongo = flare_storage_reader::MongoConfig {
+        url: mongo_url(),
+        database: mongo_database.clone(),
+        collection: "messages".into(),
+    };
     for redis_url in [Some(redis_url()), None] {
-        let reader = RunningReader::start_with(&database.url, redis_url).await?;
+        let mongo = reader_mongo.clone();
+        let reader = RunningReader::start_configured(&database.url, redis_url, move |config| {
+            if store == Store::Mongo {
+                config.postgres_url = None;
+                config.mongo = Some(mongo);
+            }
+        })
+        .await?;
         let mut client = reader.client().await?;
         for session in ["s2", "s3", "s5"] {
             let page = client

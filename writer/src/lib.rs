@@ -10,6 +10,7 @@ pub mod ack;
 pub mod config;
 pub mod consumer;
 pub mod deadletter;
+pub mod dedup;
 pub mod metrics;
 pub mod pipeline;
 pub mod retention;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use flare_storage_common::message::TimeBounds;
 use flare_storage_common::ops::{self, Readiness};
 use flare_storage_common::schema;
 use tokio::net::TcpListener;
@@ -140,7 +142,10 @@ async fn consume(
         readiness,
         backoff: Backoff { initial: config.retry_initial_backoff, max: config.retry_max_backoff },
         max_message_bytes: config.max_message_bytes,
-        max_future: chrono::Duration::from_std(config.max_future).unwrap_or(chrono::Duration::MAX),
+        time_bounds: TimeBounds {
+            max_ahead: chrono::Duration::from_std(config.max_future).unwrap_or(chrono::Duration::MAX),
+            max_age: config.retention.and_then(|retention| chrono::Duration::from_std(retention).ok()),
+        },
         crash_after_stage: config.crash_after_stage.clone(),
     };
     let consumed = consumer::run(&config, &pipeline, shutdown).await.context("kafka consumer failed");

@@ -28,22 +28,23 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use flare_storage_common::keys::SessionKeys;
 use flare_storage_common::message::{
-    InvalidMessage, content_type, message_tenant_id, normalize, to_datetime, to_timestamp,
+    InvalidMessage, TimeBounds, content_type, message_tenant_id, normalize, to_datetime, to_timestamp,
 };
 use flare_storage_common::ops::Readiness;
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::{Message, StoreMessageRequest};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use crate::ack::{Ack, AckStatus, Acks};
 use crate::consumer::Record;
 use crate::deadletter::DeadLetters;
+use crate::dedup::{self, Decision, Fate, Outcome, outcome, persisted_ms};
 use crate::metrics::Metrics;
 use crate::store::mongo::{MongoStore, document_size_refusal};
 use crate::store::postgres::PostgresStore;
 use crate::store::redis::{Done, HotEntry, RedisStore, SeqRequest, StateEntry};
-use crate::store::{MessageKey, StoredMessage};
+use crate::store::{MessageKey, Partial, StoredMessage, Written, message_key};
 
 /// Shutdown arrived before the batch was finished; none of it may be committed.
 #[derive(Debug, thiserror::Error)]
@@ -111,8 +112,8 @@ pub struct Pipeline {
     pub readiness: Arc<Readiness>,
     pub backoff: Backoff,
     pub max_message_bytes: usize,
-    /// How far ahead of this process's clock a message may be dated.
-    pub max_future: chrono::Duration,
+    /// How far a message's timestamp may stray from its record's time.
+    pub time_bounds: TimeBounds,
     /// Fault injection for crash tests: abort the process right after this stage.
     pub crash_after_stage: Option<String>,
 }
@@ -138,17 +139,6 @@ struct Learned {
 }
 
 type Memory = Mutex<Learned>;
-
-/// Where a message of the batch stands.
-#[derive(Debug, Clone)]
-enum Fate {
-    /// Completed earlier: its done marker says so.
-    Done(Done),
-    /// The id is stored in another session: this record is a duplicate of that message.
-    StoredElsewhere(StoredMessage),
-    /// Being persisted by this attempt.
-    Pending,
-}
 
 impl Pipeline {
     /// Makes every record of `records` durable, or dead-letters it with the reason it can
@@ -202,7 +192,7 @@ impl Pipeline {
             StoreMessageRequest::decode(payload).map_err(|error| Rejection::Undecodable(error.to_string()))?;
         // The record time stands in for a missing message time; it is the same on redelivery.
         let record_time = record.timestamp_ms.and_then(DateTime::from_timestamp_millis).unwrap_or(ingested_at);
-        let message = normalize(request, record_time, ingested_at, self.max_future)?;
+        let message = normalize(request, record_time, ingested_at, self.time_bounds)?;
         if self.mongo.is_some()
             && let Some(reason) = document_size_refusal(&message)
         {
@@ -237,75 +227,16 @@ impl Pipeline {
         origins: &[(i32, i64)],
         memory: &Memory,
     ) -> Result<Persisted, StageError> {
-        let keys: Vec<MessageKey> =
-            batch.iter().map(|message| (message_tenant_id(message).to_owned(), message.id.clone())).collect();
-        let refused_before: HashSet<MessageKey> = lock(memory).refused.keys().cloned().collect();
-
-        // A message appearing twice in one batch is handled once; later copies are duplicates.
-        let mut first_of: HashMap<&MessageKey, usize> = HashMap::new();
-        let mut unique = Vec::new();
-        for (index, key) in keys.iter().enumerate() {
-            if !refused_before.contains(key) && !first_of.contains_key(key) {
-                first_of.insert(key, index);
-                unique.push(index);
-            }
-        }
-
-        // Idempotency: a message with a done marker is already durable everywhere; the
-        // databases tell which of the others they hold, and in which session.
-        let started = Instant::now();
-        let marker_keys: Vec<(SessionKeys, &str)> = unique
-            .iter()
-            .map(|&index| {
-                let message = &batch[index];
-                (SessionKeys::new(message_tenant_id(message), &message.session_id), message.id.as_str())
-            })
-            .collect();
-        let unique_keys: Vec<MessageKey> = unique.iter().map(|&index| keys[index].clone()).collect();
-        let (markers, stored) = tokio::join!(self.redis.done_markers(&marker_keys), self.stored_messages(&unique_keys));
-        let markers = markers.map_err(|e| stage_error("idempotency")(&e))?;
-        let stored = stored?;
-        self.observe_stage("idempotency", started);
-
-        let persisted_at = Utc::now();
-        let mut fates: HashMap<MessageKey, Fate> = HashMap::new();
-        let mut pending: Vec<Message> = Vec::new();
-        let mut already_stored: HashSet<MessageKey> = HashSet::new();
-        for (&index, marker) in unique.iter().zip(markers) {
-            let key = &keys[index];
-            if let Some(marker) = marker {
-                fates.insert(key.clone(), Fate::Done(marker));
-                continue;
-            }
-            match stored.get(key) {
-                Some(found) if found.session_id != batch[index].session_id => {
-                    fates.insert(key.clone(), Fate::StoredElsewhere(found.clone()));
-                }
-                found => {
-                    if found.is_some() && !lock(memory).stored.contains(key) {
-                        already_stored.insert(key.clone());
-                    }
-                    // What a database holds is the message; a resend's copy may differ.
-                    let message = found.and_then(stored_copy).unwrap_or_else(|| {
-                        let mut message = batch[index].clone();
-                        message.timeline.get_or_insert_with(Default::default).persisted_time =
-                            Some(to_timestamp(persisted_at));
-                        message
-                    });
-                    fates.insert(key.clone(), Fate::Pending);
-                    pending.push(message);
-                }
-            }
-        }
+        let keys: Vec<MessageKey> = batch.iter().map(message_key).collect();
+        let (mut decisions, mut pending, stored_before) = self.decide(batch, &keys, memory).await?;
 
         let started = Instant::now();
         self.assign_seqs(&mut pending).await?;
         self.observe_stage("seq", started);
         self.crash_point("seq");
 
-        let found_stored = self.store_in_databases(&mut pending, &mut fates, memory).await?;
-        let stored_before = lock(memory).stored.clone();
-        already_stored.extend(found_stored.into_iter().filter(|key| !stored_before.contains(key)));
+        let mut stored_before = stored_before;
+        stored_before.extend(self.store_in_databases(&mut pending, &mut decisions, memory).await?);
 
         let started = Instant::now();
         self.cache_hot(&pending).await.map_err(|e| stage_error("cache")(&e))?;
@@ -335,57 +266,33 @@ impl Pipeline {
             self.observe_stage("wal", started);
         }
 
-        let pending_by_key: HashMap<MessageKey, &Message> = pending
+        let persisted: HashMap<MessageKey, &Message> =
+            pending.iter().map(|message| (message_key(message), message)).collect();
+        let outcomes: Vec<(usize, Outcome<'_>)> = keys
             .iter()
-            .map(|message| ((message_tenant_id(message).to_owned(), message.id.clone()), message))
+            .enumerate()
+            .filter_map(|(index, key)| {
+                let decision = decisions.get(key)?;
+                let left_by_this_record = match &decision.fate {
+                    Fate::Done(marker) => marker.left_by(topic, origins.get(index).copied()),
+                    _ => false,
+                };
+                let representative_session = batch[decision.representative].session_id.as_str();
+                let persisted = persisted.get(key).copied();
+                outcome(
+                    index,
+                    decision,
+                    representative_session,
+                    persisted,
+                    left_by_this_record,
+                    stored_before.contains(key),
+                )
+                .map(|outcome| (index, outcome))
+            })
             .collect();
-        let mut acks = Vec::with_capacity(batch.len());
-        for (index, key) in keys.iter().enumerate() {
-            if refused.contains_key(key) {
-                continue;
-            }
-            let first = first_of[key];
-            let outcome = match &fates[key] {
-                Fate::Done(marker) => {
-                    // A marker left by this very record (same topic, partition and offset) means
-                    // a redelivery of completed work, not a second sending of the message.
-                    let redelivery = index == first && marker.left_by(topic, origins.get(index).copied());
-                    let status = if redelivery { AckStatus::Persisted } else { AckStatus::Duplicate };
-                    Outcome {
-                        status,
-                        session_id: &batch[first].session_id,
-                        seq: marker.seq,
-                        persisted_ms: marker.persisted_ms,
-                        deduplicated: true,
-                        redelivery,
-                    }
-                }
-                Fate::StoredElsewhere(found) => Outcome {
-                    status: AckStatus::Duplicate,
-                    session_id: &found.session_id,
-                    seq: found.seq,
-                    persisted_ms: found.persisted_ms,
-                    deduplicated: true,
-                    redelivery: false,
-                },
-                Fate::Pending => {
-                    let Some(message) = pending_by_key.get(key) else { continue };
-                    let copy = index != first;
-                    Outcome {
-                        status: if copy { AckStatus::Duplicate } else { AckStatus::Persisted },
-                        session_id: &message.session_id,
-                        seq: message.seq,
-                        persisted_ms: persisted_ms(message),
-                        deduplicated: copy || already_stored.contains(key),
-                        redelivery: false,
-                    }
-                }
-            };
-            acks.push((index, outcome));
-        }
         if let Some(publisher) = &self.acks {
             let started = Instant::now();
-            let events: Vec<Ack> = acks
+            let events: Vec<Ack> = outcomes
                 .iter()
                 .map(|(index, outcome)| Ack {
                     message_id: batch[*index].id.clone(),
@@ -407,8 +314,7 @@ impl Pipeline {
         let markers: Vec<(SessionKeys, &str, Done)> = pending
             .iter()
             .map(|message| {
-                let key = (message_tenant_id(message).to_owned(), message.id.clone());
-                let origin = first_of.get(&key).and_then(|&index| origins.get(index)).copied();
+                let origin = decisions.get(&message_key(message)).and_then(|d| origins.get(d.representative)).copied();
                 let done = Done {
                     seq: message.seq,
                     persisted_ms: persisted_ms(message),
@@ -421,15 +327,97 @@ impl Pipeline {
         self.redis.mark_done(&markers).await.map_err(|e| stage_error("mark_done")(&e))?;
         self.observe_stage("mark_done", started);
 
-        let duplicates = acks.iter().filter(|(_, outcome)| outcome.status == AckStatus::Duplicate).count();
-        let redelivered = acks.iter().filter(|(_, outcome)| outcome.redelivery).count();
-        let stored = pending_by_key.keys().filter(|key| !already_stored.contains(*key)).count();
-        Ok(Persisted { stored, duplicates, redelivered })
+        let count = |keep: fn(&Outcome<'_>) -> bool| outcomes.iter().filter(|(_, outcome)| keep(outcome)).count();
+        Ok(Persisted {
+            stored: count(|outcome| outcome.status == AckStatus::Persisted && !outcome.deduplicated),
+            duplicates: count(|outcome| outcome.status == AckStatus::Duplicate),
+            redelivered: count(|outcome| outcome.redelivery),
+        })
     }
 
-    /// Which of `keys` a database holds, from PostgreSQL when configured (the first store
-    /// written), else MongoDB. A failure counts against that store's stage.
-    async fn stored_messages(&self, keys: &[MessageKey]) -> Result<HashMap<MessageKey, StoredMessage>, StageError> {
+    /// The idempotency stage: looks up the done markers of every (message, session) of the
+    /// batch and, at the same time, which ids the databases hold; decides each message
+    /// (`dedup`). Returns the decisions, the messages to persist in batch order (as a database
+    /// holds them where it does) and the keys of those a database held before this batch.
+    async fn decide(
+        &self,
+        batch: &[Message],
+        keys: &[MessageKey],
+        memory: &Memory,
+    ) -> Result<(HashMap<MessageKey, Decision>, Vec<Message>, HashSet<MessageKey>), StageError> {
+        let refused: HashSet<MessageKey> = lock(memory).refused.keys().cloned().collect();
+        let mut pairs: HashSet<(&MessageKey, &str)> = HashSet::new();
+        let mut marker_lookups: Vec<(SessionKeys, &str)> = Vec::new();
+        let mut marker_of: Vec<(MessageKey, String)> = Vec::new();
+        let mut id_lookups: Vec<(MessageKey, &str)> = Vec::new();
+        let mut looked_up: HashSet<&MessageKey> = HashSet::new();
+        for (message, key) in batch.iter().zip(keys) {
+            if refused.contains(key) {
+                continue;
+            }
+            if pairs.insert((key, &message.session_id)) {
+                marker_lookups.push((SessionKeys::new(&key.0, &message.session_id), &message.id));
+                marker_of.push((key.clone(), message.session_id.clone()));
+            }
+            if looked_up.insert(key) {
+                id_lookups.push((key.clone(), &message.session_id));
+            }
+        }
+        let started = Instant::now();
+        let (markers, stored) =
+            tokio::join!(self.redis.done_markers(&marker_lookups), self.stored_messages(&id_lookups));
+        let markers: HashMap<(MessageKey, String), Done> = marker_of
+            .into_iter()
+            .zip(markers.map_err(|e| stage_error("idempotency")(&e))?)
+            .filter_map(|(pair, marker)| Some((pair, marker?)))
+            .collect();
+        let stored = stored?;
+        self.observe_stage("idempotency", started);
+
+        let records: Vec<(&MessageKey, &str)> =
+            keys.iter().zip(batch).map(|(key, message)| (key, message.session_id.as_str())).collect();
+        let decisions = dedup::decide(&records, &markers, &stored, &refused);
+        let mut representatives: Vec<(usize, &MessageKey, Option<&StoredMessage>)> = decisions
+            .iter()
+            .filter_map(|(key, decision)| match &decision.fate {
+                Fate::Pending { stored } => Some((decision.representative, key, stored.as_ref())),
+                _ => None,
+            })
+            .collect();
+        // Batch order: a session's messages take their seqs in partition order.
+        representatives.sort_unstable_by_key(|(index, _, _)| *index);
+        let persisted_at = to_timestamp(Utc::now());
+        let stored_by_this_batch = lock(memory).stored.clone();
+        let mut stored_before = HashSet::new();
+        let mut pending = Vec::with_capacity(representatives.len());
+        for (index, key, found) in representatives {
+            let mut message = batch[index].clone();
+            match found {
+                Some(found) => {
+                    if !stored_by_this_batch.contains(key) {
+                        stored_before.insert(key.clone());
+                    }
+                    // What a database holds is the message; a resend's copy may differ.
+                    message =
+                        found.payload.as_deref().and_then(|payload| Message::decode(payload).ok()).unwrap_or(message);
+                    if found.seq > 0 {
+                        message.seq = found.seq;
+                    }
+                }
+                None => message.timeline.get_or_insert_with(Default::default).persisted_time = Some(persisted_at),
+            }
+            pending.push(message);
+        }
+        Ok((decisions, pending, stored_before))
+    }
+
+    /// Which of `keys` a database holds (with the payload where it holds it in the session
+    /// given beside the key), from PostgreSQL when configured (the first store written), else
+    /// MongoDB. A failure counts against that store's stage.
+    async fn stored_messages(
+        &self,
+        keys: &[(MessageKey, &str)],
+    ) -> Result<HashMap<MessageKey, StoredMessage>, StageError> {
         if let Some(postgres) = &self.postgres {
             return postgres.stored_messages(keys).await.map_err(|e| stage_error("postgres")(&e));
         }
@@ -521,71 +509,108 @@ impl Pipeline {
         Ok(max_seqs)
     }
 
-    /// Writes the batch to Postgres and MongoDB; returns the keys that a store already held
-    /// (what this batch stored itself is recorded in `memory`). Afterwards `pending` holds
-    /// only what is stored in every database: a message a database refuses is recorded in
-    /// `memory` (and removed from the databases that took it), one
-    /// found stored in another session (a resend racing its first copy) becomes a duplicate,
+    /// Writes the batch to Postgres and MongoDB; returns the keys a database held before this
+    /// batch (what this batch stored itself is recorded in `memory`). Afterwards `pending`
+    /// holds only what is stored in every database: a message a database refuses is recorded
+    /// in `memory` (and taken back from the database this batch stored it in), one found
+    /// stored in another session (a resend racing its first copy) becomes a duplicate of it,
     /// and one already stored under another seq takes the stored seq.
     async fn store_in_databases(
         &self,
         pending: &mut Vec<Message>,
-        fates: &mut HashMap<MessageKey, Fate>,
+        decisions: &mut HashMap<MessageKey, Decision>,
         memory: &Memory,
     ) -> Result<HashSet<MessageKey>, StageError> {
-        let mut already_stored = HashSet::new();
+        let mut stored_before = HashSet::new();
         if pending.is_empty() {
-            return Ok(already_stored);
+            return Ok(stored_before);
         }
         if let Some(postgres) = &self.postgres {
             let started = Instant::now();
-            let written = postgres.insert_batch(pending).await.map_err(|e| stage_error("postgres")(&e))?;
+            let written = remember(postgres.insert_batch(pending).await, memory, "postgres")?;
             refuse(pending, &written.refused, "postgres", memory);
-            remember_stored(pending, &written.already_stored, memory);
-            if !written.already_stored.is_empty() {
-                let not_inserted: Vec<MessageKey> = written.already_stored.into_iter().collect();
-                let stored = self.stored_messages(&not_inserted).await?;
-                let conflicting: Vec<&MessageKey> =
-                    not_inserted.iter().filter(|key| !stored.contains_key(*key)).collect();
-                if !conflicting.is_empty() {
-                    self.reseed_after_conflict(pending, &conflicting).await?;
-                    return Err(StageError {
-                        stage: "postgres",
-                        message: format!(
-                            "{} message(s) hit a seq already in use; counters reseeded",
-                            conflicting.len()
-                        ),
-                    });
-                }
-                settle_already_stored(pending, &stored, fates);
-                already_stored.extend(stored.into_keys());
-            }
+            stored_before.extend(self.settle(pending, written.already_stored, decisions, memory, "postgres").await?);
             self.observe_stage("postgres", started);
             self.crash_point("postgres");
         }
         if let Some(mongo) = &self.mongo {
             let started = Instant::now();
-            let written = mongo.insert_batch(pending).await.map_err(|e| stage_error("mongo")(&e))?;
+            let result = mongo.insert_batch(pending).await;
+            let written = if self.postgres.is_none() {
+                remember(result, memory, "mongo")?
+            } else {
+                result.map_err(|partial| stage_error("mongo")(&partial))?
+            };
             if !written.refused.is_empty()
                 && let Some(postgres) = &self.postgres
             {
-                let refused: Vec<&Message> = written.refused.iter().map(|(index, _)| &pending[*index]).collect();
-                postgres.delete_refused(&refused).await.map_err(|e| stage_error("mongo")(&e))?;
+                let stored_now = lock(memory).stored.clone();
+                let take_back: Vec<&Message> = written
+                    .refused
+                    .iter()
+                    .map(|(index, _)| &pending[*index])
+                    .filter(|message| stored_now.contains(&message_key(message)))
+                    .collect();
+                postgres.delete_refused(&take_back).await.map_err(|e| stage_error("mongo")(&e))?;
             }
             refuse(pending, &written.refused, "mongo", memory);
             if self.postgres.is_none() {
-                remember_stored(pending, &written.already_stored, memory);
-            }
-            if self.postgres.is_none() && !written.already_stored.is_empty() {
-                let keys: Vec<MessageKey> = written.already_stored.into_iter().collect();
-                let stored = self.stored_messages(&keys).await?;
-                settle_already_stored(pending, &stored, fates);
-                already_stored.extend(stored.into_keys());
+                stored_before.extend(self.settle(pending, written.already_stored, decisions, memory, "mongo").await?);
             }
             self.observe_stage("mongo", started);
             self.crash_point("mongo");
         }
-        Ok(already_stored)
+        Ok(stored_before)
+    }
+
+    /// Handles the messages the first database already held when they were written, found
+    /// only now (a resend racing its first copy, or a seq collision): one stored in another
+    /// session becomes a duplicate of it and leaves `pending`; one stored in its own session
+    /// takes the stored seq; one not stored under its id collided on its seq, and the counter
+    /// is reseeded for the retry. Returns the keys stored before this batch.
+    async fn settle(
+        &self,
+        pending: &mut Vec<Message>,
+        already_stored: HashSet<MessageKey>,
+        decisions: &mut HashMap<MessageKey, Decision>,
+        memory: &Memory,
+        stage: &'static str,
+    ) -> Result<HashSet<MessageKey>, StageError> {
+        if already_stored.is_empty() {
+            return Ok(already_stored);
+        }
+        let lookups: Vec<(MessageKey, &str)> = pending
+            .iter()
+            .map(|message| (message_key(message), message.session_id.as_str()))
+            .filter(|(key, _)| already_stored.contains(key))
+            .collect();
+        let stored = self.stored_messages(&lookups).await?;
+        let conflicting: Vec<&MessageKey> = already_stored.iter().filter(|key| !stored.contains_key(*key)).collect();
+        if !conflicting.is_empty() {
+            self.reseed_after_conflict(pending, &conflicting).await?;
+            return Err(StageError {
+                stage,
+                message: format!("{} message(s) hit a seq already in use; counters reseeded", conflicting.len()),
+            });
+        }
+        pending.retain_mut(|message| {
+            let key = message_key(message);
+            let Some(found) = stored.get(&key) else { return true };
+            if found.session_id != message.session_id {
+                warn!(message_id = %message.id, session_id = %message.session_id, stored_session_id = %found.session_id, "message id already stored in another session; a duplicate");
+                if let Some(decision) = decisions.get_mut(&key) {
+                    decision.fate = Fate::StoredElsewhere(found.clone());
+                }
+                return false;
+            }
+            if found.seq > 0 && found.seq != message.seq {
+                warn!(message_id = %message.id, assigned = message.seq, stored = found.seq, "message already stored with another seq; keeping the stored one");
+                message.seq = found.seq;
+            }
+            true
+        });
+        let stored_by_this_batch = lock(memory).stored.clone();
+        Ok(already_stored.into_iter().filter(|key| !stored_by_this_batch.contains(key)).collect())
     }
 
     /// A seq collided with another message's: the counter is behind the stores. Raise it above
@@ -666,28 +691,25 @@ impl Pipeline {
     }
 }
 
-/// How one record of the batch ended, for its ACK and the metrics.
-struct Outcome<'a> {
-    status: AckStatus,
-    session_id: &'a str,
-    seq: i64,
-    persisted_ms: i64,
-    deduplicated: bool,
-    redelivery: bool,
-}
-
 fn lock(memory: &Memory) -> std::sync::MutexGuard<'_, Learned> {
     memory.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Records every message of `pending` that the first database took, not finding it already
-/// stored, as stored by this batch.
-fn remember_stored(pending: &[Message], already_stored: &HashSet<MessageKey>, memory: &Memory) {
-    let mut memory = lock(memory);
-    for message in pending {
-        let key = (message_tenant_id(message).to_owned(), message.id.clone());
-        if !already_stored.contains(&key) {
-            memory.stored.insert(key);
+/// The result of a database write, with what it stored — before a failure too — recorded in
+/// `memory` as stored by this batch.
+fn remember<E: std::error::Error>(
+    result: Result<Written, Partial<E>>,
+    memory: &Memory,
+    stage: &'static str,
+) -> Result<Written, StageError> {
+    match result {
+        Ok(written) => {
+            lock(memory).stored.extend(written.inserted.iter().cloned());
+            Ok(written)
+        }
+        Err(partial) => {
+            lock(memory).stored.extend(partial.written.inserted.iter().cloned());
+            Err(stage_error(stage)(&partial.error))
         }
     }
 }
@@ -698,13 +720,21 @@ fn refuse(pending: &mut Vec<Message>, refused: &[(usize, String)], store: &str, 
     if refused.is_empty() {
         return;
     }
+    if refused.len() == pending.len() && pending.len() > 1 {
+        // Possible, but more likely the database or its schema does not match this version:
+        // the records stay in the dead-letter topic to be replayed once that is fixed.
+        error!(
+            store,
+            records = pending.len(),
+            "the database refused every message of the batch; check its schema and settings"
+        );
+    }
     let mut memory = lock(memory);
     let mut gone = HashSet::new();
     for (index, reason) in refused {
         let Some(message) = pending.get(*index) else { continue };
-        let key = (message_tenant_id(message).to_owned(), message.id.clone());
         warn!(store, message_id = %message.id, session_id = %message.session_id, reason = %reason, "database refused a message; it will be dead-lettered");
-        memory.refused.insert(key, reason.clone());
+        memory.refused.insert(message_key(message), reason.clone());
         gone.insert(*index);
     }
     let mut index = 0;
@@ -713,50 +743,6 @@ fn refuse(pending: &mut Vec<Message>, refused: &[(usize, String)], store: &str, 
         index += 1;
         keep
     });
-}
-
-/// Handles messages a database already held when they were written (found after the
-/// idempotency stage: a resend racing its first copy, or a seq collision): one stored in
-/// another session becomes a duplicate of it and leaves `pending`; one stored in its own
-/// session takes the stored seq.
-fn settle_already_stored(
-    pending: &mut Vec<Message>,
-    stored: &HashMap<MessageKey, StoredMessage>,
-    fates: &mut HashMap<MessageKey, Fate>,
-) {
-    pending.retain_mut(|message| {
-        let key = (message_tenant_id(message).to_owned(), message.id.clone());
-        let Some(found) = stored.get(&key) else { return true };
-        if found.session_id != message.session_id {
-            warn!(message_id = %message.id, session_id = %message.session_id, stored_session_id = %found.session_id, "message id already stored in another session; a duplicate");
-            fates.insert(key, Fate::StoredElsewhere(found.clone()));
-            return false;
-        }
-        if found.seq > 0 && found.seq != message.seq {
-            warn!(message_id = %message.id, assigned = message.seq, stored = found.seq, "message already stored with another seq; keeping the stored one");
-            message.seq = found.seq;
-        }
-        true
-    });
-}
-
-/// The message as a database holds it, with its stored seq; `None` when the payload does not
-/// decode (then the record's own copy is written, and the databases keep theirs).
-fn stored_copy(stored: &StoredMessage) -> Option<Message> {
-    let mut message = Message::decode(stored.payload.as_slice()).ok()?;
-    if stored.seq > 0 {
-        message.seq = stored.seq;
-    }
-    Some(message)
-}
-
-fn persisted_ms(message: &Message) -> i64 {
-    message
-        .timeline
-        .as_ref()
-        .and_then(|timeline| timeline.persisted_time.as_ref())
-        .and_then(to_datetime)
-        .map_or(0, |time| time.timestamp_millis())
 }
 
 /// The hot-cache stage: adds a batch's messages to their sessions' windows. Public so the

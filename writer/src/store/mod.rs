@@ -3,7 +3,9 @@
 //!
 //! A database refuses some values for good (PostgreSQL SQLSTATE classes 22 and 54, MongoDB's
 //! validation codes): such a record must not hold up the others. [`write_isolating`] halves
-//! a refused range until the refused records stand alone; the rest is written.
+//! a refused range until the refused records stand alone; the rest is written. What was
+//! written before a transient failure is reported with it ([`Partial`]), so the retry knows
+//! what this batch stored itself.
 
 pub mod mongo;
 pub mod postgres;
@@ -12,14 +14,22 @@ pub mod redis;
 use std::collections::HashSet;
 use std::ops::Range;
 
+use flare_storage_common::message::message_tenant_id;
 use flare_storage_common::proto::storage::Message;
 
-/// (tenant_id, message_id) of a stored message.
+/// (tenant_id, message_id): a message's identity; unique within a tenant.
 pub type MessageKey = (String, String);
+
+/// The identity of a normalised message.
+pub fn message_key(message: &Message) -> MessageKey {
+    (message_tenant_id(message).to_owned(), message.id.clone())
+}
 
 /// What a database made of a batch.
 #[derive(Debug, Default)]
 pub struct Written {
+    /// Messages it stored now.
+    pub inserted: HashSet<MessageKey>,
     /// Messages it already held under their key.
     pub already_stored: HashSet<MessageKey>,
     /// Messages it refuses for good, by index in the batch, with its reason.
@@ -28,9 +38,38 @@ pub struct Written {
 
 impl Written {
     fn absorb(&mut self, other: Written) {
+        self.inserted.extend(other.inserted);
         self.already_stored.extend(other.already_stored);
         self.refused.extend(other.refused);
     }
+
+    /// What a write of `messages` (at `offset` in the batch) reported, every message neither
+    /// already stored nor refused counted as inserted.
+    fn of(
+        messages: &[Message],
+        offset: usize,
+        already_stored: HashSet<MessageKey>,
+        refused: Vec<(usize, String)>,
+    ) -> Self {
+        let refused_at: HashSet<usize> = refused.iter().map(|(index, _)| *index).collect();
+        let inserted = messages
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| !refused_at.contains(&(offset + index)))
+            .map(|(_, message)| message_key(message))
+            .filter(|key| !already_stored.contains(key))
+            .collect();
+        Self { inserted, already_stored, refused }
+    }
+}
+
+/// A write that failed for a reason unrelated to the data, with what it had written before.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct Partial<E: std::error::Error> {
+    pub written: Written,
+    #[source]
+    pub error: E,
 }
 
 /// A message as a database holds it, for telling redeliveries and resends apart.
@@ -41,8 +80,8 @@ pub struct StoredMessage {
     pub seq: i64,
     /// Epoch milliseconds.
     pub persisted_ms: i64,
-    /// The message as first stored (protobuf `Message`).
-    pub payload: Vec<u8>,
+    /// The message as first stored (protobuf `Message`), when it was asked for.
+    pub payload: Option<Vec<u8>>,
 }
 
 /// Why an attempt to write a range of a batch failed.
@@ -61,8 +100,9 @@ pub enum WriteFailure<E> {
 pub async fn write_isolating<E, F, Fut>(
     ranges: impl IntoIterator<Item = Range<usize>>,
     mut write: F,
-) -> Result<Written, E>
+) -> Result<Written, Partial<E>>
 where
+    E: std::error::Error,
     F: FnMut(Range<usize>) -> Fut,
     Fut: Future<Output = Result<Written, WriteFailure<E>>>,
 {
@@ -76,7 +116,7 @@ where
         }
         match write(range.clone()).await {
             Ok(part) => written.absorb(part),
-            Err(WriteFailure::Failed(error)) => return Err(error),
+            Err(WriteFailure::Failed(error)) => return Err(Partial { written, error }),
             Err(WriteFailure::Refused(reason)) if range.len() == 1 => written.refused.push((range.start, reason)),
             Err(WriteFailure::Refused(_)) => {
                 let middle = range.start + range.len() / 2;
@@ -115,13 +155,17 @@ mod tests {
     use super::*;
     use std::cell::RefCell;
 
+    #[derive(Debug, thiserror::Error, PartialEq)]
+    #[error("store down")]
+    struct Down;
+
     /// A store that refuses every range holding one of `bad`, fails when asked to, and
     /// records what it was asked to write.
     async fn write_to_fake(
         len: usize,
         bad: &[usize],
         fail_at: Option<usize>,
-    ) -> (Result<Written, &'static str>, usize) {
+    ) -> (Result<Written, Partial<Down>>, usize) {
         let calls = RefCell::new(0);
         let written = RefCell::new(Vec::new());
         let result = write_isolating(std::iter::once(0..len), |range: Range<usize>| {
@@ -132,10 +176,13 @@ mod tests {
                 written.borrow_mut().extend(range.clone());
             }
             async move {
-                match (fails, refused) {
-                    (true, _) => Err(WriteFailure::Failed("store down")),
-                    (_, true) => Err(WriteFailure::Refused(format!("bad in {range:?}"))),
-                    _ => Ok(Written::default()),
+                match (refused, fails) {
+                    (true, _) => Err(WriteFailure::Refused(format!("bad in {range:?}"))),
+                    (_, true) => Err(WriteFailure::Failed(Down)),
+                    _ => Ok(Written {
+                        inserted: range.map(|index| (String::new(), index.to_string())).collect(),
+                        ..Written::default()
+                    }),
                 }
             }
         })
@@ -174,9 +221,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failure_that_is_not_about_data_ends_the_write() {
+    async fn a_failure_that_is_not_about_data_ends_the_write_and_says_what_was_written() {
         let (result, _) = write_to_fake(100, &[7], Some(60)).await;
-        assert_eq!(result.err(), Some("store down"));
+        let partial = result.expect_err("store down");
+        assert_eq!(partial.error, Down);
+        // The first half was written but for the refused record; the failing half was not.
+        let mut written: Vec<usize> =
+            partial.written.inserted.iter().map(|(_, index)| index.parse().unwrap_or(usize::MAX)).collect();
+        written.sort_unstable();
+        assert_eq!(written, (0..50).filter(|index| *index != 7).collect::<Vec<_>>());
+        assert_eq!(partial.written.refused.len(), 1);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use flare_storage_common::proto::storage::Message;
 use flare_storage_common::stored_text::{derived_copy, escape_json_map};
 use sqlx::PgPool;
 
-use super::{MessageKey, StoredMessage, WriteFailure, Written, ranges_by_size, write_isolating};
+use super::{MessageKey, Partial, StoredMessage, WriteFailure, Written, message_key, ranges_by_size, write_isolating};
 
 /// Most payload bytes one INSERT carries: PostgreSQL allocates each array parameter whole and
 /// refuses allocations over 1 GB, so a batch of large messages is written in several.
@@ -34,7 +34,7 @@ struct StoredRow {
     session_id: String,
     seq: Option<i64>,
     created_at: DateTime<Utc>,
-    payload: Vec<u8>,
+    payload: Option<Vec<u8>>,
 }
 
 // No conflict target: on a plain table (tenant_id, message_id) is unique on its own as well as
@@ -76,10 +76,10 @@ impl PostgresStore {
         &self.pool
     }
 
-    /// Inserts every message not stored yet. Reports those already stored and those the
-    /// database refuses for good (with its error); every other message is stored. Messages
-    /// must be normalised (tenant, session and timestamp set).
-    pub async fn insert_batch(&self, messages: &[Message]) -> Result<Written, sqlx::Error> {
+    /// Inserts every message not stored yet. Reports those stored now, those already stored
+    /// and those the database refuses for good (with its error). Messages must be normalised
+    /// (tenant, session and timestamp set).
+    pub async fn insert_batch(&self, messages: &[Message]) -> Result<Written, Partial<sqlx::Error>> {
         let ranges = ranges_by_size(messages, MAX_STATEMENT_BYTES);
         write_isolating(ranges, |range| self.insert_range(messages, range)).await
     }
@@ -89,17 +89,14 @@ impl PostgresStore {
         messages: &[Message],
         range: Range<usize>,
     ) -> Result<Written, WriteFailure<sqlx::Error>> {
+        let offset = range.start;
         let messages = &messages[range];
         let inserted = self.insert(messages).await.map_err(|error| match refusal(&error) {
             Some(reason) => WriteFailure::Refused(reason),
             None => WriteFailure::Failed(error),
         })?;
-        let already_stored = messages
-            .iter()
-            .map(|message| (message_tenant_id(message).to_owned(), message.id.clone()))
-            .filter(|key| !inserted.contains(key))
-            .collect();
-        Ok(Written { already_stored, refused: Vec::new() })
+        let already_stored = messages.iter().map(message_key).filter(|key| !inserted.contains(key)).collect();
+        Ok(Written::of(messages, offset, already_stored, Vec::new()))
     }
 
     /// One INSERT of `messages`; returns the keys of those that were new.
@@ -138,27 +135,36 @@ impl PostgresStore {
 }
 
 impl PostgresStore {
-    /// Each of `keys` that is stored, in whichever session: one index probe per key on
-    /// (tenant_id, message_id). Where a resend raced its first copy on a hypertable (no unique
-    /// index on the id alone), the earliest row stands for the message.
+    /// Each of `keys` that is stored, in whichever session; the payload only where it is
+    /// stored in the session given beside the key (the only case that needs it). On a plain
+    /// table one index probe per key, on (tenant_id, message_id); on a TimescaleDB hypertable
+    /// one per key and chunk, there being no time to prune by. Where a resend raced its first
+    /// copy on a hypertable (no unique index on the id alone), the earliest row stands for the
+    /// message.
     pub async fn stored_messages(
         &self,
-        keys: &[MessageKey],
+        keys: &[(MessageKey, &str)],
     ) -> Result<HashMap<MessageKey, StoredMessage>, sqlx::Error> {
         if keys.is_empty() {
             return Ok(HashMap::new());
         }
-        let (tenants, ids): (Vec<&str>, Vec<&str>) =
-            keys.iter().map(|(tenant, id)| (tenant.as_str(), id.as_str())).unzip();
+        let mut columns: (Vec<&str>, Vec<&str>, Vec<&str>) = Default::default();
+        for ((tenant, id), session) in keys {
+            columns.0.push(tenant);
+            columns.1.push(id);
+            columns.2.push(session);
+        }
         let rows: Vec<StoredRow> = sqlx::query_as(
             r#"SELECT DISTINCT ON (m.tenant_id, m.message_id)
-                      m.tenant_id, m.message_id, m.session_id, m.seq, m.created_at, m.payload
-               FROM messages m JOIN UNNEST($1::text[], $2::text[]) AS k(tenant_id, message_id)
+                      m.tenant_id, m.message_id, m.session_id, m.seq, m.created_at,
+                      CASE WHEN m.session_id = k.session_id THEN m.payload END AS payload
+               FROM messages m JOIN UNNEST($1::text[], $2::text[], $3::text[]) AS k(tenant_id, message_id, session_id)
                  ON m.tenant_id = k.tenant_id AND m.message_id = k.message_id
                ORDER BY m.tenant_id, m.message_id, m.created_at"#,
         )
-        .bind(tenants)
-        .bind(ids)
+        .bind(columns.0)
+        .bind(columns.1)
+        .bind(columns.2)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
@@ -175,8 +181,8 @@ impl PostgresStore {
             .collect())
     }
 
-    /// Removes messages a later store refused, so no database shows what was dead-lettered.
-    /// Only the rows of this session and seq: a message of the same id stored elsewhere stays.
+    /// Removes messages this batch stored and a later store refused, so no database shows
+    /// what is dead-lettered. Only the rows of this session and seq.
     pub async fn delete_refused(&self, messages: &[&Message]) -> Result<(), sqlx::Error> {
         let mut columns: (Vec<&str>, Vec<&str>, Vec<&str>, Vec<i64>) = Default::default();
         for message in messages {
@@ -341,15 +347,17 @@ fn json_text<T: serde::Serialize>(value: &T) -> String {
 
 /// The reason to dead-letter, when `error` is the database refusing the data for good rather
 /// than failing: a data exception (class 22: out of range, invalid text, untranslatable
-/// character…), a program limit (class 54: index row or array too large), or a violated
-/// constraint other than uniqueness, which `ON CONFLICT DO NOTHING` absorbs (class 23).
-/// Everything else — connection loss, timeouts, serialization failures (40001), shutdown
-/// (57P01), missing objects — is transient.
+/// character…), a program limit (class 54: index row or array too large), or a check or
+/// exclusion constraint an operator added (23514, 23P01). Everything else is transient:
+/// connection loss, timeouts, serialization failures (40001), shutdown (57P01), missing
+/// objects, and the other integrity errors — uniqueness is absorbed by `ON CONFLICT DO
+/// NOTHING`, and a NOT NULL or foreign key violation (23502, 23503) can only come from a
+/// schema that does not match this version, which no record can be blamed for.
 fn refusal(error: &sqlx::Error) -> Option<String> {
     match error {
         sqlx::Error::Database(database) => {
             let code = database.code()?;
-            let data = code.starts_with("22") || code.starts_with("54") || (code.starts_with("23") && code != "23505");
+            let data = code.starts_with("22") || code.starts_with("54") || code == "23514" || code == "23P01";
             data.then(|| format!("refused by PostgreSQL: {} (SQLSTATE {code})", database.message()))
         }
         // Failing to encode a value before sending it is as final as the server refusing it.
