@@ -85,6 +85,14 @@ impl StorageReaderService for EmptyReader {
     async fn get_export_task(&self, _: Request<GetExportTaskRequest>) -> Reply<GetExportTaskResponse> {
         Ok(Response::new(GetExportTaskResponse::default()))
     }
+
+    async fn get_session_states(&self, _: Request<GetSessionStatesRequest>) -> Reply<GetSessionStatesResponse> {
+        Ok(Response::new(GetSessionStatesResponse::default()))
+    }
+
+    async fn mark_session_read(&self, _: Request<MarkSessionReadRequest>) -> Reply<MarkSessionReadResponse> {
+        Ok(Response::new(MarkSessionReadResponse::default()))
+    }
 }
 
 pub async fn serve(addr: SocketAddr) -> anyhow::Result<()> {

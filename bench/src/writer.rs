@@ -79,7 +79,7 @@ pub async fn run(bench: WriterBench, services: Services) -> anyhow::Result<()> {
     ));
     let (redis, redis_stages) = raw_redis(&services, &messages, bench.batch).await?;
     report.result("raw_redis_stage_seconds", redis_stages);
-    report.push(Row::rate("limit: raw redis (writer commands)", redis, "window + state + cursors per batch"));
+    report.push(Row::rate("limit: raw redis (writer commands)", redis, "window + state and read seqs per batch"));
     drop(messages);
     forget_tenant(&services, &tenant).await?;
 
@@ -309,17 +309,17 @@ fn hex(bytes: &[u8]) -> String {
     text
 }
 
-/// The writer's three Redis stages (hot windows, session states and unread counts, cursors)
-/// for every batch, nothing else. Messages per second.
-/// Also returns the seconds spent in each of the three.
+/// The writer's two Redis stages (hot windows; session states and senders' read seqs) for
+/// every batch, nothing else. Messages per second.
+/// Also returns the seconds spent in each of the two.
 async fn raw_redis(
     services: &Services,
     messages: &[Message],
     batch: usize,
 ) -> anyhow::Result<(f64, serde_json::Map<String, serde_json::Value>)> {
-    use flare_storage_writer::pipeline::{write_cursors, write_hot_windows, write_session_states};
+    use flare_storage_writer::pipeline::{write_hot_windows, write_session_states};
     let store = RedisStore::connect(&services.redis, Duration::from_secs(600), Duration::from_secs(600), 200).await?;
-    let mut spent = [Duration::ZERO; 3];
+    let mut spent = [Duration::ZERO; 2];
     let started = Instant::now();
     for chunk in messages.chunks(batch) {
         let step = Instant::now();
@@ -328,12 +328,9 @@ async fn raw_redis(
         let step = Instant::now();
         write_session_states(&store, chunk).await?;
         spent[1] += step.elapsed();
-        let step = Instant::now();
-        write_cursors(&store, chunk).await?;
-        spent[2] += step.elapsed();
     }
     let rate = rate(messages.len(), started.elapsed());
-    let stages = ["cache", "session_state", "cursors"]
+    let stages = ["cache", "session_state"]
         .into_iter()
         .zip(spent)
         .map(|(stage, spent)| (stage.to_owned(), serde_json::Value::from(spent.as_secs_f64())))

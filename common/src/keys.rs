@@ -3,7 +3,7 @@
 //! Every key of one session shares the Redis Cluster hash tag `{<len>:<tenant>:<session>}`, so
 //! the scripts that touch several of them run on one node. The tenant is length-prefixed so
 //! no (tenant, session) pair can spell the key of another: `("a:b", "c")` and `("a", "b:c")`
-//! give different tags. A user's keys use the same scheme with the user id.
+//! give different tags.
 
 /// `floor_us` of a hot window that holds every message of its session.
 pub const HOT_FLOOR_ALL: i64 = i64::MIN / 2;
@@ -65,14 +65,19 @@ impl SessionKeys {
         format!("{}:ver", self.tag)
     }
 
-    /// HASH of the session's state (last message, last seq, message count…).
+    /// HASH of the session's state: `last_seq`, `last_message_id`, `last_sender_id`,
+    /// `last_message_type`, `last_content_type`, `last_message_ts` (epoch ms) and
+    /// `message_count` (seqs handed out). Written once per session per writer batch, whatever
+    /// the session's size; rebuilt from the messages when missing.
     pub fn state(&self) -> String {
         format!("{}:state", self.tag)
     }
 
-    /// HASH user_id → unread count.
-    pub fn unread(&self) -> String {
-        format!("{}:unread", self.tag)
+    /// HASH user_id → the user's read seq in the session: every message at or below it is
+    /// read. Moved forward only, by the user's own messages (the writer) and read commands
+    /// (the reader); unread counts are derived from it, never counted per member.
+    pub fn reads(&self) -> String {
+        format!("{}:reads", self.tag)
     }
 
     /// STRING: the last seq handed out in the session.
@@ -101,11 +106,6 @@ pub fn clear_view_field(user_id: &str) -> String {
     format!("clear:{user_id}")
 }
 
-/// HASH session_id → last seq the user has in that session.
-pub fn user_cursors(tenant_id: &str, user_id: &str) -> String {
-    format!("fs:{{{}:{tenant_id}:{user_id}}}:cursors", tenant_id.len())
-}
-
 /// `_id` of a message's MongoDB document; the tenant is length-prefixed so ids cannot collide
 /// across tenants.
 pub fn document_id(tenant_id: &str, message_id: &str) -> String {
@@ -127,7 +127,7 @@ mod tests {
         let keys = SessionKeys::new("acme", "s1");
         let tag = hash_tag(&keys.hot_index()).to_owned();
         for key in
-            [keys.hot_bodies(), keys.state(), keys.unread(), keys.seq_counter(), keys.seq_assigned(), keys.done("m1")]
+            [keys.hot_bodies(), keys.state(), keys.reads(), keys.seq_counter(), keys.seq_assigned(), keys.done("m1")]
         {
             assert_eq!(hash_tag(&key), tag, "{key}");
         }
@@ -136,7 +136,6 @@ mod tests {
     #[test]
     fn tenants_cannot_collide() {
         assert_ne!(SessionKeys::new("a:b", "c"), SessionKeys::new("a", "b:c"));
-        assert_ne!(user_cursors("a:b", "c"), user_cursors("a", "b:c"));
         assert_ne!(SessionKeys::new("", "4:x:y").state(), SessionKeys::new("x", "y").state());
     }
 }

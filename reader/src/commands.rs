@@ -17,6 +17,7 @@ use flare_storage_common::proto::common::ActorType;
 use flare_storage_common::proto::storage::{ClearType, Message};
 
 use crate::error::Error;
+use crate::sessions::Sessions;
 use crate::store::Databases;
 use crate::store::postgres::{Operation, TargetRow};
 use crate::store::redis::RedisCache;
@@ -43,6 +44,8 @@ pub fn privileged(kind: ActorType) -> bool {
 pub struct Commands {
     pub databases: Databases,
     pub cache: Option<RedisCache>,
+    /// Read positions, which MarkMessageRead moves.
+    pub sessions: Sessions,
     /// Longest time after sending that a message can be recalled.
     pub recall_limit: Duration,
 }
@@ -206,9 +209,9 @@ impl Commands {
         Ok((cleared, watermark))
     }
 
-    /// Records that `user_id` read a message. For a burn-after-read message the content is
-    /// gone for everyone `burn_after_seconds` after the first read. The sender's own reads
-    /// are not receipts.
+    /// Records that `user_id` read a message, and moves their read seq in its session forward
+    /// to it. For a burn-after-read message the content is gone for everyone
+    /// `burn_after_seconds` after the first read. The sender's own reads are not receipts.
     pub async fn mark_read(
         &self,
         tenant_id: &str,
@@ -245,6 +248,9 @@ impl Commands {
                 &format!("burn:{}", burned_at.timestamp_micros()),
             )
             .await?;
+        }
+        if let Some(seq) = target.row.seq.filter(|seq| *seq > 0) {
+            self.sessions.advance(tenant_id, &target.session_id, user_id, seq).await?;
         }
         Ok((read_at, burned_at))
     }

@@ -22,11 +22,13 @@ use crate::export::{Exports, State};
 use crate::lookup::{Lookup, PageQuery, SeqQuery, to_message};
 use crate::metrics::Metrics;
 use crate::search::{CURSOR_SCOPE, SearchQuery};
+use crate::sessions::{SessionView, Sessions};
 use crate::store::Databases;
 
 pub struct StorageReader {
     pub lookup: Lookup,
     pub commands: Commands,
+    pub sessions: Sessions,
     /// Export jobs of the unary ExportMessages; `None` without an export directory.
     pub exports: Option<Exports>,
     pub metrics: Metrics,
@@ -34,6 +36,8 @@ pub struct StorageReader {
 
 /// Most message ids one DeleteMessage may name.
 const MAX_IDS_PER_DELETE: usize = 500;
+/// Most sessions one GetSessionStates may name.
+const MAX_SESSIONS_PER_STATE_REQUEST: usize = 500;
 const MAX_ATTRIBUTES: usize = 64;
 const MAX_ATTRIBUTE_VALUE_BYTES: usize = 4096;
 const MAX_TAGS: usize = 32;
@@ -60,6 +64,19 @@ impl StorageReader {
         self.metrics.queries.with_label_values(&[rpc, &code]).inc();
         self.metrics.query_latency.with_label_values(&[rpc]).observe(started.elapsed().as_secs_f64());
         result.map(Response::new)
+    }
+}
+
+fn session_state(view: SessionView) -> SessionState {
+    SessionState {
+        session_id: view.session_id,
+        last_seq: view.last_seq,
+        last_message_id: view.last_message_id,
+        last_sender_id: view.last_sender_id,
+        last_message_time: view.last_message_time.map(to_timestamp),
+        message_count: view.message_count,
+        read_seq: view.read_seq,
+        unread_count: view.unread_count,
     }
 }
 
@@ -413,6 +430,49 @@ impl StorageReaderService for StorageReader {
             };
             let export_task_id = exports.start(query, &request.session_id).await?;
             Ok(ExportMessagesResponse { export_task_id, status: ok_status() })
+        })
+        .await
+    }
+
+    async fn get_session_states(&self, request: Request<GetSessionStatesRequest>) -> Reply<GetSessionStatesResponse> {
+        self.observe("GetSessionStates", async {
+            let request = request.into_inner();
+            let tenant_id = tenant_of(request.tenant.as_ref())?;
+            let user = reading_user(&request.user_id, request.context.as_ref())?;
+            if user.is_empty() {
+                return Err(Error::invalid("user_id", "or context.actor.actor_id is required"));
+            }
+            if request.session_ids.is_empty() || request.session_ids.len() > MAX_SESSIONS_PER_STATE_REQUEST {
+                return Err(Error::invalid(
+                    "session_ids",
+                    format!("give 1 to {MAX_SESSIONS_PER_STATE_REQUEST} sessions"),
+                ));
+            }
+            for session_id in &request.session_ids {
+                check_id("session_ids", session_id, true)
+                    .map_err(|invalid| Error::invalid("session_ids", invalid.to_string()))?;
+            }
+            let views = self.sessions.states(tenant_id, user, &request.session_ids).await?;
+            Ok(GetSessionStatesResponse { states: views.into_iter().map(session_state).collect(), status: ok_status() })
+        })
+        .await
+    }
+
+    async fn mark_session_read(&self, request: Request<MarkSessionReadRequest>) -> Reply<MarkSessionReadResponse> {
+        self.observe("MarkSessionRead", async {
+            let request = request.into_inner();
+            let tenant_id = tenant_of(request.tenant.as_ref())?;
+            require_id("session_id", &request.session_id, true)?;
+            let actor = acting_user(&request.user_id, "user_id", request.context.as_ref())?;
+            if request.read_seq < 0 {
+                return Err(Error::invalid("read_seq", "must not be negative (0 = up to the last seq)"));
+            }
+            let view = self.sessions.mark_read(tenant_id, &request.session_id, actor.id, request.read_seq).await?;
+            Ok(MarkSessionReadResponse {
+                read_seq: view.read_seq,
+                unread_count: view.unread_count,
+                status: ok_status(),
+            })
         })
         .await
     }

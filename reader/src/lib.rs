@@ -13,6 +13,7 @@ pub mod grpc;
 pub mod lookup;
 pub mod metrics;
 pub mod search;
+pub mod sessions;
 pub mod store;
 
 use std::sync::Arc;
@@ -36,6 +37,7 @@ use crate::commands::Commands;
 use crate::grpc::StorageReader;
 use crate::lookup::{Lookup, SingleFlight};
 use crate::metrics::Metrics;
+use crate::sessions::Sessions;
 use crate::store::Databases;
 use crate::store::mongo::MongoStore;
 use crate::store::postgres::PostgresStore;
@@ -91,9 +93,20 @@ pub async fn serve(
         ),
         None => None,
     };
-    let commands = Commands { databases: databases.clone(), cache: cache.clone(), recall_limit: config.recall_limit };
+    let sessions = Sessions { databases: databases.clone(), cache: cache.clone(), metrics: metrics.clone() };
+    let commands = Commands {
+        databases: databases.clone(),
+        cache: cache.clone(),
+        sessions: sessions.clone(),
+        recall_limit: config.recall_limit,
+    };
     let wipe_task = {
-        let commands = Commands { databases: databases.clone(), cache: None, recall_limit: config.recall_limit };
+        let commands = Commands {
+            databases: databases.clone(),
+            cache: None,
+            sessions: Sessions { databases: databases.clone(), cache: None, metrics: metrics.clone() },
+            recall_limit: config.recall_limit,
+        };
         let shutdown = shutdown.clone();
         tokio::spawn(async move { commands.wipe_burned_periodically(BURN_WIPE_INTERVAL, shutdown).await })
     };
@@ -101,6 +114,7 @@ pub async fn serve(
         config.export_dir.clone().map(|directory| export::Exports { directory, databases: databases.clone() });
     let reader = StorageReader {
         commands,
+        sessions,
         exports,
         lookup: Lookup {
             databases,

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use flare_storage_common::keys::{SessionKeys, clear_view_field, hidden_view_field};
+use flare_storage_common::keys::SessionKeys;
 use flare_storage_common::message::{LATEST_STORABLE, to_timestamp};
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::{Message, MessageOperation, MessageReadRecord, MessageTimeline};
@@ -21,9 +21,9 @@ use crate::cursor::Cursor;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::search::{CURSOR_SCOPE, SearchQuery};
-use crate::store::Databases;
 use crate::store::postgres::{Before, SessionPage, StoredRow};
 use crate::store::redis::{CachedEntry, FillEntry, RedisCache, SeqSlice, WindowRead};
+use crate::store::{Databases, load_views};
 
 /// Page size when the request gives none.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
@@ -177,7 +177,7 @@ impl Lookup {
         let read = async || page_from_window(cache, &keys, query.after.as_ref(), bounds, query.user).await;
         let mut answer = read().await;
         if let FromCache::ViewsNotLoaded = answer {
-            self.load_views(cache, &keys, query.tenant_id, query.session_id).await?;
+            load_views(&self.databases, cache, &keys, query.tenant_id, query.session_id).await?;
             answer = read().await;
         }
         match answer {
@@ -216,32 +216,6 @@ impl Lookup {
         Ok(answer)
     }
 
-    /// Copies a session's per-user views (hides, clear watermarks) from the database into
-    /// the cache, so window reads can filter for any user.
-    async fn load_views(
-        &self,
-        cache: &RedisCache,
-        keys: &SessionKeys,
-        tenant_id: &str,
-        session_id: &str,
-    ) -> Result<(), Error> {
-        let views = self.databases.session_views(tenant_id, session_id).await?;
-        let mut facts: Vec<(String, String)> = views
-            .hidden
-            .into_iter()
-            .map(|(user, message_id)| (hidden_view_field(&user, &message_id), "1".to_owned()))
-            .collect();
-        facts.extend(
-            views
-                .clears
-                .into_iter()
-                .map(|(user, before)| (clear_view_field(&user), before.timestamp_micros().to_string())),
-        );
-        // A failed load only means the next read asks again.
-        let _ = cache.merge_views(keys, &facts, true).await;
-        Ok(())
-    }
-
     /// Reads the newest messages of a session from the database into its hot window.
     async fn fill_window(
         &self,
@@ -258,12 +232,21 @@ impl Lookup {
         let mut entries = Vec::with_capacity(rows.len());
         for row in rows {
             let timestamp_us = row.timestamp.timestamp_micros();
+            // The facts the databases hold, for windows rebuilt after Redis lost its overlays.
+            let gone = match (row.is_recalled, row.recalled_at, row.burned_at) {
+                (true, recalled_at, _) => {
+                    Some(format!("recalled:{}", recalled_at.unwrap_or_default().timestamp_micros()))
+                }
+                (false, _, Some(burned_at)) => Some(format!("burn:{}", burned_at.timestamp_micros())),
+                (false, _, None) => None,
+            };
             let message = to_message(row)?;
             entries.push(FillEntry {
                 seq: message.seq,
                 message_id: message.id.clone(),
                 timestamp_us,
                 body: message.encode_to_vec(),
+                gone,
             });
         }
         cache.fill(keys, &version, &entries, complete).await;
@@ -292,7 +275,7 @@ impl Lookup {
             let read = async || cache.by_seq(&keys, query.after, query.before, wanted + TIE_SLACK, query.user).await;
             let mut slice = read().await;
             if let Some(WindowRead::ViewsNotLoaded) = slice {
-                self.load_views(cache, &keys, query.tenant_id, query.session_id).await?;
+                load_views(&self.databases, cache, &keys, query.tenant_id, query.session_id).await?;
                 slice = read().await;
             }
             if let Some(WindowRead::Found(slice)) = slice

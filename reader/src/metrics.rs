@@ -6,6 +6,7 @@ pub const QUERIES: &str = "storage_reader_queries_total";
 pub const QUERY_LATENCY: &str = "storage_reader_query_latency_seconds";
 pub const CACHE_HIT_RATE: &str = "storage_reader_cache_hit_rate";
 pub const CACHE_LOOKUPS: &str = "storage_reader_cache_lookups_total";
+pub const UNREAD_COUNTS: &str = "storage_reader_unread_counts_total";
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -18,6 +19,9 @@ pub struct Metrics {
     cache_misses: IntCounter,
     /// hits / (hits + misses) of hot-window lookups since start.
     cache_hit_rate: Gauge,
+    /// Unread counts derived from the hot window / counted in a database.
+    pub unread_from_cache: IntCounter,
+    pub unread_from_database: IntCounter,
 }
 
 impl Metrics {
@@ -34,6 +38,14 @@ impl Metrics {
             &["result"],
         )?;
         let cache_hit_rate = Gauge::new(CACHE_HIT_RATE, "Share of hot-window lookups answered from Redis since start")?;
+        let unread_counts = IntCounterVec::new(
+            Opts::new(
+                UNREAD_COUNTS,
+                "Unread counts of a session for a user, by where they were derived (cache, database)",
+            ),
+            &["source"],
+        )?;
+        registry.register(Box::new(unread_counts.clone()))?;
         registry.register(Box::new(queries.clone()))?;
         registry.register(Box::new(query_latency.clone()))?;
         registry.register(Box::new(cache_lookups.clone()))?;
@@ -45,6 +57,8 @@ impl Metrics {
             cache_hits: cache_lookups.with_label_values(&["hit"]),
             cache_misses: cache_lookups.with_label_values(&["miss"]),
             cache_hit_rate,
+            unread_from_cache: unread_counts.with_label_values(&["cache"]),
+            unread_from_database: unread_counts.with_label_values(&["database"]),
         })
     }
 

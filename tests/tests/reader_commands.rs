@@ -132,9 +132,14 @@ impl Conversation {
     }
 
     async fn send(&self, index: usize, burn: bool) -> anyhow::Result<()> {
+        produce_message(&producer()?, &self.topic, &self.message(index, burn)).await
+    }
+
+    /// Message `m<index>` of the conversation, sent just now.
+    fn message(&self, index: usize, burn: bool) -> StoreMessageRequest {
         let sender = Self::sender(index);
         let receiver = if sender == "alice" { "bob" } else { "alice" };
-        let request = StoreMessageRequest {
+        StoreMessageRequest {
             session_id: self.session.clone(),
             message: Some(Message {
                 id: format!("m{index}"),
@@ -156,8 +161,7 @@ impl Conversation {
             }),
             tenant: tenant(&self.tenant),
             ..Default::default()
-        };
-        produce_message(&producer()?, &self.topic, &request).await
+        }
     }
 
     async fn wait_stored(&self, count: usize) -> anyhow::Result<()> {
@@ -220,6 +224,44 @@ impl Conversation {
             );
         }
         Ok(answers.swap_remove(0))
+    }
+
+    /// `user`'s state of the session from both readers (which must agree).
+    async fn state(&self, user: &str) -> anyhow::Result<SessionState> {
+        let mut answers = Vec::new();
+        for mut client in self.clients().await? {
+            let response = client
+                .get_session_states(GetSessionStatesRequest {
+                    context: as_user(user),
+                    tenant: tenant(&self.tenant),
+                    session_ids: vec![self.session.clone()],
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            anyhow::ensure!(response.states.len() == 1, "one state per session asked for: {response:?}");
+            answers.extend(response.states);
+        }
+        anyhow::ensure!(answers[0] == answers[1], "cache {:?} and database {:?} differ", answers[0], answers[1]);
+        Ok(answers.swap_remove(0))
+    }
+
+    /// (read seq, unread count) of `user`.
+    async fn unread(&self, user: &str) -> anyhow::Result<(i64, i64)> {
+        let state = self.state(user).await?;
+        Ok((state.read_seq, state.unread_count))
+    }
+
+    /// Forgets everything Redis holds for the conversation's tenant, as a restart without
+    /// persistence would.
+    async fn lose_redis(&self) -> anyhow::Result<()> {
+        use redis::AsyncCommands as _;
+        let mut redis = redis_connection().await?;
+        let keys: Vec<String> = redis.keys(format!("fs:{{{}:{}:*", self.tenant.len(), self.tenant)).await?;
+        if !keys.is_empty() {
+            let _: () = redis.del(keys).await?;
+        }
+        Ok(())
     }
 
     /// Window reads the caching reader answered from Redis.
@@ -521,6 +563,176 @@ async fn attributes_and_tags_are_set_by_the_sender_and_listed_per_tenant(store: 
     chat.stop().await
 }
 
+on_each_store!(unread_counts_are_exact_and_read_positions_only_move_forward);
+/// Session state without per-member counters: unread counts derived from read seqs leave out
+/// what is deleted, recalled, burned, hidden or cleared for the user and what the user sent;
+/// read positions move forward only — by the user's own messages, MarkMessageRead and
+/// MarkSessionRead — and everything is rebuilt from the databases when Redis loses it.
+async fn unread_counts_are_exact_and_read_positions_only_move_forward(store: Store) -> anyhow::Result<()> {
+    let chat = Conversation::start(store, 0).await?;
+    let [mut client, _] = chat.clients().await?;
+    // alice sends bob four messages (m0, m2, m4, m6: seqs 1-4).
+    for index in [0, 2, 4, 6] {
+        chat.send(index, false).await?;
+    }
+    chat.wait_stored(4).await?;
+    let state = chat.state("bob").await?;
+    assert_eq!((state.last_seq, state.message_count, state.last_message_id.as_str()), (4, 4, "m6"));
+    assert_eq!(state.last_sender_id, "alice");
+    assert_eq!(chat.unread("bob").await?, (0, 4));
+    assert_eq!(chat.unread("alice").await?, (4, 0), "her own messages are read");
+
+    // Deleted for everyone, recalled, and hidden for bob: none of them count for bob.
+    client
+        .delete_message(DeleteMessageRequest {
+            session_id: chat.session.clone(),
+            message_ids: vec!["m0".into()],
+            context: as_user("alice"),
+            tenant: tenant(&chat.tenant),
+        })
+        .await?;
+    client
+        .recall_message(RecallMessageRequest {
+            message_id: "m2".into(),
+            operator_id: "alice".into(),
+            tenant: tenant(&chat.tenant),
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(chat.unread("bob").await?, (0, 2), "three messages to bob, one deleted, one recalled");
+    client
+        .delete_message_for_user(DeleteMessageForUserRequest {
+            message_id: "m4".into(),
+            user_id: "bob".into(),
+            tenant: tenant(&chat.tenant),
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(chat.unread("bob").await?, (0, 1));
+
+    // Reading a message moves bob's read seq to it; MarkSessionRead never moves it back.
+    client
+        .mark_message_read(MarkMessageReadRequest {
+            message_id: "m6".into(),
+            user_id: "bob".into(),
+            tenant: tenant(&chat.tenant),
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(chat.unread("bob").await?, (4, 0));
+    let back = client
+        .mark_session_read(MarkSessionReadRequest {
+            session_id: chat.session.clone(),
+            user_id: "bob".into(),
+            read_seq: 2,
+            tenant: tenant(&chat.tenant),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!((back.read_seq, back.unread_count), (4, 0), "never backwards");
+
+    // A burn-after-read message sent to the whole session (no receivers named): once bob's
+    // read burns it, carol, who never read it, has nothing unread either.
+    let mut burning = chat.message(8, true);
+    if let Some(message) = burning.message.as_mut() {
+        message.receiver_id.clear();
+    }
+    produce_message(&producer()?, &chat.topic, &burning).await?;
+    chat.wait_stored(5).await?;
+    assert_eq!(chat.unread("carol").await?, (0, 3), "m4, m6 and m8: carol hid nothing");
+    client
+        .mark_message_read(MarkMessageReadRequest {
+            message_id: "m8".into(),
+            user_id: "bob".into(),
+            tenant: tenant(&chat.tenant),
+            ..Default::default()
+        })
+        .await?;
+    eventually(Duration::from_secs(10), "m8 burned for carol", || async {
+        Ok((chat.unread("carol").await? == (0, 2)).then_some(()))
+    })
+    .await?;
+
+    // bob's own message moves his read seq; alice has it unread. A clear covers it for her.
+    chat.send(9, false).await?;
+    chat.wait_stored(6).await?;
+    assert_eq!(chat.unread("bob").await?, (6, 0));
+    assert_eq!(chat.unread("alice").await?, (5, 1), "m8 was hers; m9 is new");
+    client
+        .clear_session(ClearSessionRequest {
+            session_id: chat.session.clone(),
+            user_id: "alice".into(),
+            clear_type: ClearType::ClearAll as i32,
+            tenant: tenant(&chat.tenant),
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(chat.unread("alice").await?, (5, 0), "cleared is not unread");
+
+    // MarkSessionRead with 0 reads up to the last seq.
+    let read = client
+        .mark_session_read(MarkSessionReadRequest {
+            session_id: chat.session.clone(),
+            user_id: "carol".into(),
+            tenant: tenant(&chat.tenant),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!((read.read_seq, read.unread_count), (6, 0));
+
+    // Redis loses everything: the same answers, rebuilt from the databases.
+    chat.lose_redis().await?;
+    assert_eq!(chat.unread("alice").await?, (5, 0));
+    assert_eq!(chat.unread("bob").await?, (6, 0));
+    assert_eq!(chat.unread("carol").await?, (6, 0));
+    assert_eq!(chat.unread("dave").await?, (0, 3), "m4, m6, m9 for someone new to the session");
+    let state = chat.state("dave").await?;
+    assert_eq!((state.last_seq, state.last_message_id.as_str(), state.last_sender_id.as_str()), (6, "m9", "bob"));
+
+    // A session nobody wrote to is all zeros; bad requests name their field.
+    let unknown = client
+        .get_session_states(GetSessionStatesRequest {
+            user_id: "alice".into(),
+            session_ids: vec!["nobody-wrote-here".into()],
+            tenant: tenant(&chat.tenant),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(unknown.states, [SessionState { session_id: "nobody-wrote-here".into(), ..Default::default() }]);
+    let too_many = GetSessionStatesRequest {
+        user_id: "alice".into(),
+        session_ids: (0..501).map(|index| format!("s{index}")).collect(),
+        tenant: tenant(&chat.tenant),
+        ..Default::default()
+    };
+    let error = client.get_session_states(too_many).await.expect_err("501 sessions");
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(error.message().contains("session_ids"), "{}", error.message());
+    let nobody = GetSessionStatesRequest {
+        session_ids: vec![chat.session.clone()],
+        tenant: tenant(&chat.tenant),
+        ..Default::default()
+    };
+    let error = client.get_session_states(nobody).await.expect_err("no user");
+    assert!(error.message().contains("user_id"), "{}", error.message());
+    let negative = MarkSessionReadRequest {
+        session_id: chat.session.clone(),
+        user_id: "bob".into(),
+        read_seq: -1,
+        tenant: tenant(&chat.tenant),
+        ..Default::default()
+    };
+    let error = client.mark_session_read(negative).await.expect_err("negative read seq");
+    assert!(error.message().contains("read_seq"), "{}", error.message());
+    let (_, body) = http_get(chat.cached.metrics_addr, "/metrics").await?;
+    let from_window = metric_value(&body, "storage_reader_unread_counts_total{source=\"cache\"}").unwrap_or(0.0);
+    assert!(from_window > 0.0, "the hot window answered unread counts too");
+    chat.stop().await
+}
+
 on_each_store!(isolation_matrix_every_rpc_against_other_tenant_other_user_and_non_sender);
 /// The isolation matrix: every RPC tried by another tenant, by a user acting for or reading as
 /// another user, and by a receiver on the sender's message. Each attempt is refused or finds
@@ -708,6 +920,30 @@ async fn isolation_matrix_every_rpc_against_other_tenant_other_user_and_non_send
         exported += chunk?.messages.len();
     }
     assert_eq!(exported, 0, "StreamExportMessages in another tenant");
+    let states = client
+        .get_session_states(GetSessionStatesRequest {
+            context: as_user("bob"),
+            tenant: other(),
+            session_ids: vec![chat.session.clone()],
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        states.states.iter().map(|state| state.last_seq).collect::<Vec<_>>(),
+        [0],
+        "GetSessionStates in another tenant"
+    );
+    let marked = client
+        .mark_session_read(MarkSessionReadRequest {
+            session_id: chat.session.clone(),
+            user_id: "alice".into(),
+            tenant: other(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(marked.read_seq, 0, "MarkSessionRead in another tenant");
 
     // Other user: mallory may neither act for alice or bob nor read their views.
     expect(
@@ -767,6 +1003,37 @@ async fn isolation_matrix_every_rpc_against_other_tenant_other_user_and_non_send
                     user_id: "bob".into(),
                     context: as_user("mallory"),
                     limit: 10,
+                    tenant: own(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        Code::PermissionDenied,
+    );
+    expect(
+        "other user GetSessionStates as bob",
+        code(
+            client
+                .get_session_states(GetSessionStatesRequest {
+                    user_id: "bob".into(),
+                    context: as_user("mallory"),
+                    tenant: own(),
+                    session_ids: vec![chat.session.clone()],
+                })
+                .await
+                .map(drop),
+        ),
+        Code::PermissionDenied,
+    );
+    expect(
+        "other user MarkSessionRead for alice",
+        code(
+            client
+                .mark_session_read(MarkSessionReadRequest {
+                    session_id: chat.session.clone(),
+                    user_id: "alice".into(),
+                    context: as_user("mallory"),
                     tenant: own(),
                     ..Default::default()
                 })
@@ -880,6 +1147,8 @@ async fn isolation_matrix_every_rpc_against_other_tenant_other_user_and_non_send
     assert_eq!(text(&m0), Some("text 0"));
     let tags = client.list_message_tags(ListMessageTagsRequest { context: None, tenant: own() }).await?.into_inner();
     assert_eq!(tags.tags, ["secret-tag"]);
+    assert_eq!(chat.unread("alice").await?, (3, 1), "alice has bob's m3 unread still");
+    assert_eq!(chat.unread("bob").await?, (4, 0));
     eprintln!("refused as expected:\n  {}", refused.join("\n  "));
     chat.stop().await
 }

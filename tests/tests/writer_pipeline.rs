@@ -1,11 +1,11 @@
-//! The writer's whole pipeline against the real services: seq, session state, unread counts,
-//! cursors, hot cache, WAL removal, ACKs, dead letters, MongoDB, crashes and store outages.
+//! The writer's whole pipeline against the real services: seq, session state, read seqs, hot
+//! cache, WAL removal, ACKs, dead letters, MongoDB, crashes and store outages.
 
 use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
 
-use flare_storage_common::keys::{SessionKeys, user_cursors};
+use flare_storage_common::keys::SessionKeys;
 use flare_storage_common::message::to_timestamp;
 use flare_storage_common::proto::common::TenantContext;
 use flare_storage_common::proto::storage::{
@@ -67,7 +67,7 @@ async fn wait_for_metric(addr: std::net::SocketAddr, name: &str, at_least: f64) 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn session_state_unread_counts_cursors_cache_wal_and_acks() -> anyhow::Result<()> {
+async fn session_state_read_seqs_cache_wal_and_acks() -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;
     let (topic, dlq_topic, ack_topic) = (unique("messages"), unique("dlq"), unique("acks"));
     create_topics(&[&topic, &dlq_topic, &ack_topic], PARTITIONS).await?;
@@ -121,7 +121,7 @@ async fn session_state_unread_counts_cursors_cache_wal_and_acks() -> anyhow::Res
     .collect();
     assert_eq!(seqs, expected);
 
-    // Session state and unread counts: receivers +1 per message, the sender back to 0.
+    // Session state, once per session; read seqs of the senders only — nothing per member.
     let g = SessionKeys::new(&tenant, "g");
     let state: HashMap<String, String> = redis.hgetall(g.state()).await?;
     assert_eq!(state.get("last_seq").map(String::as_str), Some("6"));
@@ -131,17 +131,11 @@ async fn session_state_unread_counts_cursors_cache_wal_and_acks() -> anyhow::Res
     assert_eq!(state.get("last_message_type").map(String::as_str), Some("1"));
     assert_eq!(state.get("last_content_type").map(String::as_str), Some("text"));
     assert!(state.get("last_message_ts").is_some_and(|ts| ts.parse::<i64>().is_ok_and(|ts| ts > 0)));
-    let unread: HashMap<String, i64> = redis.hgetall(g.unread()).await?;
-    assert_eq!(unread, HashMap::from([("a".into(), 3), ("b".into(), 1), ("c".into(), 0), ("d".into(), 6)]));
+    let reads: HashMap<String, i64> = redis.hgetall(g.reads()).await?;
+    assert_eq!(reads, HashMap::from([("a".into(), 3), ("b".into(), 5), ("c".into(), 6)]));
     let dm = SessionKeys::new(&tenant, "dm");
-    let unread: HashMap<String, i64> = redis.hgetall(dm.unread()).await?;
-    assert_eq!(unread, HashMap::from([("a".into(), 1), ("e".into(), 0)]));
-
-    // User cursors: each participant's last seq per session.
-    let cursors_a: HashMap<String, i64> = redis.hgetall(user_cursors(&tenant, "a")).await?;
-    assert_eq!(cursors_a, HashMap::from([("g".into(), 6), ("dm".into(), 3)]));
-    let cursors_d: HashMap<String, i64> = redis.hgetall(user_cursors(&tenant, "d")).await?;
-    assert_eq!(cursors_d, HashMap::from([("g".into(), 6)]));
+    let reads: HashMap<String, i64> = redis.hgetall(dm.reads()).await?;
+    assert_eq!(reads, HashMap::from([("a".into(), 2), ("e".into(), 3)]));
 
     // Hot cache: the newest three by seq, bodies carrying their seq.
     let hot: Vec<(String, i64)> = redis.zrange_withscores(g.hot_index(), 0, -1).await?;
@@ -201,8 +195,8 @@ async fn session_state_unread_counts_cursors_cache_wal_and_acks() -> anyhow::Res
     assert_eq!(persisted, 9);
     let state_after: HashMap<String, String> = redis.hgetall(g.state()).await?;
     assert_eq!(state_after, state);
-    let unread_after: HashMap<String, i64> = redis.hgetall(g.unread()).await?;
-    assert_eq!(unread_after.get("d"), Some(&6));
+    let reads_after: HashMap<String, i64> = redis.hgetall(g.reads()).await?;
+    assert_eq!(reads_after, HashMap::from([("a".into(), 3), ("b".into(), 5), ("c".into(), 6)]));
     assert_eq!(row_count(&database).await?, 9);
 
     writer.stop().await?;
@@ -414,8 +408,8 @@ async fn crash_and_restart(stage: &str) -> anyhow::Result<()> {
         let state: HashMap<String, String> = redis.hgetall(SessionKeys::new(&tenant, session).state()).await?;
         assert_eq!(state.get("message_count").map(String::as_str), Some("8"), "{session}: {state:?}");
         assert_eq!(state.get("last_seq").map(String::as_str), Some("8"));
-        let unread: HashMap<String, i64> = redis.hgetall(SessionKeys::new(&tenant, session).unread()).await?;
-        assert_eq!(unread.get("b"), Some(&8), "{session}: unread counted once per message");
+        let reads: HashMap<String, i64> = redis.hgetall(SessionKeys::new(&tenant, session).reads()).await?;
+        assert_eq!(reads.get("a"), Some(&8), "{session}: the sender's read seq at its last message");
     }
 
     // SIGTERM: the writer drains and exits cleanly.

@@ -4,8 +4,8 @@
 //! 2. Persist the rest, as one unit that is repeated whole until it succeeds (every step is
 //!    idempotent, so a repeat after any failure has no second effect):
 //!    idempotency (done markers and the databases, at once) → per-session seq → Postgres →
-//!    MongoDB → hot cache → session state → user cursors → WAL entry removal → ACKs → done
-//!    markers.
+//!    MongoDB → hot cache → session state and senders' read seqs → WAL entry removal → ACKs →
+//!    done markers.
 //! 3. Dead-letter what a database refused for good; the rest is stored and its offsets advance.
 //!
 //! A message id is unique within a tenant. Before a seq is handed out, the databases say which
@@ -246,11 +246,7 @@ impl Pipeline {
         let started = Instant::now();
         self.update_session_states(&pending).await.map_err(|e| stage_error("session_state")(&e))?;
         self.observe_stage("session_state", started);
-
-        let started = Instant::now();
-        self.advance_cursors(&pending).await.map_err(|e| stage_error("cursors")(&e))?;
-        self.observe_stage("cursors", started);
-        self.crash_point("cursors");
+        self.crash_point("session_state");
 
         let refused = lock(memory).refused.clone();
         if let Some(wal_key) = &self.wal_hash_key {
@@ -646,10 +642,6 @@ impl Pipeline {
         write_session_states(&self.redis, pending).await
     }
 
-    async fn advance_cursors(&self, pending: &[Message]) -> redis::RedisResult<()> {
-        write_cursors(&self.redis, pending).await
-    }
-
     fn observe_stage(&self, stage: &'static str, started: Instant) {
         self.metrics.stage_latency.with_label_values(&[stage]).observe(started.elapsed().as_secs_f64());
     }
@@ -769,7 +761,7 @@ pub async fn write_hot_windows(redis: &RedisStore, pending: &[Message]) -> redis
     redis.cache_hot(&sessions).await
 }
 
-/// The session-state stage: last message, seq and unread counts of each session.
+/// The session-state stage: last message and seq of each session, and its senders' read seqs.
 pub async fn write_session_states(redis: &RedisStore, pending: &[Message]) -> redis::RedisResult<()> {
     if pending.is_empty() {
         return Ok(());
@@ -792,31 +784,12 @@ pub async fn write_session_states(redis: &RedisStore, pending: &[Message]) -> re
                         .and_then(to_datetime)
                         .map(|t| t.timestamp_millis())
                         .unwrap_or(0),
-                    receivers: receivers(message),
                 })
                 .collect();
             (keys, entries)
         })
         .collect::<Vec<_>>();
     redis.update_states(&sessions).await
-}
-
-/// The cursor stage: every member's position in each session of the batch.
-pub async fn write_cursors(redis: &RedisStore, pending: &[Message]) -> redis::RedisResult<()> {
-    // One update per (user, session) per batch: the highest seq the user now has there.
-    let mut positions: HashMap<(&str, &str, &str), i64> = HashMap::new();
-    for message in pending {
-        let tenant_id = message_tenant_id(message);
-        let users =
-            std::iter::once(message.sender_id.as_str()).chain(receivers(message)).filter(|user| !user.is_empty());
-        for user in users {
-            let position = positions.entry((tenant_id, user, message.session_id.as_str())).or_insert(0);
-            *position = (*position).max(message.seq);
-        }
-    }
-    let cursors: Vec<(&str, &str, &str, i64)> =
-        positions.into_iter().map(|((tenant, user, session), seq)| (tenant, user, session, seq)).collect();
-    redis.advance_cursors(&cursors).await
 }
 
 /// Messages grouped by session, each group in batch order.
@@ -834,21 +807,6 @@ fn group_by_session(messages: &[Message]) -> Vec<(SessionKeys, Vec<&Message>)> {
     groups
 }
 
-/// Everyone a message is addressed to, once each, without its sender.
-fn receivers(message: &Message) -> Vec<&str> {
-    let mut receivers: Vec<&str> = message
-        .receiver_ids
-        .iter()
-        .chain(std::iter::once(&message.receiver_id))
-        .map(String::as_str)
-        .filter(|receiver| !receiver.is_empty() && *receiver != message.sender_id)
-        .collect();
-    // Groups have hundreds of members: sort + dedup rather than a quadratic scan.
-    receivers.sort_unstable();
-    receivers.dedup();
-    receivers
-}
-
 fn timestamp_us(message: &Message) -> i64 {
     message.timestamp.as_ref().and_then(to_datetime).map(|time| time.timestamp_micros()).unwrap_or(0)
 }
@@ -861,20 +819,4 @@ fn ingestion_ms(message: &Message) -> i64 {
         .and_then(to_datetime)
         .map(|time| time.timestamp_millis())
         .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn receivers_are_unique_and_exclude_the_sender() {
-        let message = Message {
-            sender_id: "a".into(),
-            receiver_id: "b".into(),
-            receiver_ids: vec!["a".into(), "b".into(), "c".into(), "".into()],
-            ..Default::default()
-        };
-        assert_eq!(receivers(&message), ["b", "c"]);
-    }
 }

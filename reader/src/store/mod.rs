@@ -14,10 +14,14 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use tracing::warn;
 
+use flare_storage_common::keys::{SessionKeys, clear_view_field, hidden_view_field};
+
 use crate::error::Error;
 use crate::search::SearchQuery;
 use mongo::MongoStore;
-use postgres::{Operation, PostgresStore, ReadRecord, SessionPage, SessionViews, StoredRow, TargetRow};
+use postgres::{
+    Operation, PostgresStore, ReadRecord, SessionHead, SessionPage, SessionViews, StoredRow, TargetRow, UnreadRange,
+};
 
 #[derive(Clone)]
 pub struct Databases {
@@ -148,6 +152,57 @@ impl Databases {
             async |postgres| Ok(postgres.session_views(tenant_id, session_id).await?),
         )
         .await
+    }
+
+    pub async fn session_heads(&self, tenant_id: &str, session_ids: &[String]) -> Result<Vec<SessionHead>, Error> {
+        self.read(
+            async |mongo| Ok(mongo.session_heads(tenant_id, session_ids).await?),
+            async |postgres| Ok(postgres.session_heads(tenant_id, session_ids).await?),
+        )
+        .await
+    }
+
+    pub async fn read_seqs(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+        session_ids: &[String],
+    ) -> Result<HashMap<String, i64>, Error> {
+        self.read(
+            async |mongo| Ok(mongo.read_seqs(tenant_id, user_id, session_ids).await?),
+            async |postgres| Ok(postgres.read_seqs(tenant_id, user_id, session_ids).await?),
+        )
+        .await
+    }
+
+    pub async fn unread_counts(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+        ranges: &[UnreadRange],
+    ) -> Result<HashMap<String, i64>, Error> {
+        self.read(
+            async |mongo| Ok(mongo.unread_counts(tenant_id, user_id, ranges).await?),
+            async |postgres| Ok(postgres.unread_counts(tenant_id, user_id, ranges).await?),
+        )
+        .await
+    }
+
+    /// Records a read position in every database; the highest one recorded.
+    pub async fn save_read_seq(
+        &self,
+        tenant_id: &str,
+        session_id: &str,
+        user_id: &str,
+        read_seq: i64,
+    ) -> Result<i64, Error> {
+        let answers = self
+            .change(
+                async |mongo| Ok(mongo.save_read_seq(tenant_id, session_id, user_id, read_seq).await?),
+                async |postgres| Ok(postgres.save_read_seq(tenant_id, session_id, user_id, read_seq).await?),
+            )
+            .await?;
+        answers.into_iter().max().ok_or(Error::NoDatabase)
     }
 
     pub async fn search(&self, query: &SearchQuery, limit: i64) -> Result<Vec<StoredRow>, Error> {
@@ -299,4 +354,27 @@ impl Databases {
             None => false,
         }
     }
+}
+
+/// Copies a session's per-user views (hides, clear watermarks) from the databases into the
+/// cache, so window reads can filter for any user.
+pub async fn load_views(
+    databases: &Databases,
+    cache: &redis::RedisCache,
+    keys: &SessionKeys,
+    tenant_id: &str,
+    session_id: &str,
+) -> Result<(), Error> {
+    let views = databases.session_views(tenant_id, session_id).await?;
+    let mut facts: Vec<(String, String)> = views
+        .hidden
+        .into_iter()
+        .map(|(user, message_id)| (hidden_view_field(&user, &message_id), "1".to_owned()))
+        .collect();
+    facts.extend(
+        views.clears.into_iter().map(|(user, before)| (clear_view_field(&user), before.timestamp_micros().to_string())),
+    );
+    // A failed load only means the next read asks again.
+    let _ = cache.merge_views(keys, &facts, true).await;
+    Ok(())
 }

@@ -20,13 +20,17 @@ use mongodb::{Client, Collection, IndexModel};
 use sqlx::types::Json;
 
 use crate::search::{Among, Comparison, SearchQuery};
-use crate::store::postgres::{Operation, ReadRecord, SessionPage, SessionViews, StoredRow, TargetRow};
+use crate::store::postgres::{
+    Operation, ReadRecord, SessionHead, SessionPage, SessionViews, StoredRow, TargetRow, UnreadRange,
+};
 
 #[derive(Clone)]
 pub struct MongoStore {
     messages: Collection<Document>,
     hidden: Collection<Document>,
     clears: Collection<Document>,
+    /// Read positions (MarkMessageRead, MarkSessionRead): `_id` as [`clear_id`], `read_seq`.
+    reads: Collection<Document>,
 }
 
 /// Attribute merges retried when another command changed the attributes in between.
@@ -41,12 +45,13 @@ impl MongoStore {
             messages: database.collection(collection),
             hidden: database.collection(&format!("{collection}_hidden")),
             clears: database.collection(&format!("{collection}_clears")),
+            reads: database.collection(&format!("{collection}_reads")),
         })
     }
 
     /// Indexes of the view collections (the writer creates the messages' own); safe to repeat.
     pub async fn ensure_indexes(&self) -> Result<()> {
-        for collection in [&self.hidden, &self.clears] {
+        for collection in [&self.hidden, &self.clears, &self.reads] {
             for keys in [doc! { "tenant_id": 1, "session_id": 1 }, doc! { "tenant_id": 1, "user_id": 1 }] {
                 collection.create_index(IndexModel::builder().keys(keys).build()).await?;
             }
@@ -168,6 +173,104 @@ impl MongoStore {
             clauses.push(doc! { "$nor": covered });
         }
         Ok(clauses)
+    }
+
+    /// The newest message of each of `session_ids` that has any: one aggregation that walks
+    /// the (tenant_id, session_id, seq) index backwards.
+    pub async fn session_heads(&self, tenant_id: &str, session_ids: &[String]) -> Result<Vec<SessionHead>> {
+        let pipeline = [
+            doc! { "$match": { "tenant_id": tenant_id, "session_id": { "$in": session_ids }, "seq": { "$gt": 0_i64 } } },
+            doc! { "$sort": { "session_id": 1, "seq": -1 } },
+            doc! { "$group": {
+                "_id": "$session_id", "seq": { "$first": "$seq" }, "message_id": { "$first": "$message_id" },
+                "sender_id": { "$first": "$sender_id" }, "timestamp_us": { "$first": "$timestamp_us" },
+                "message_type": { "$first": "$message_type" }, "content_type": { "$first": "$content_type" },
+            } },
+        ];
+        let groups: Vec<Document> = self.messages.aggregate(pipeline).await?.try_collect().await?;
+        Ok(groups
+            .iter()
+            .map(|group| {
+                let text = |field: &str| group.get_str(field).unwrap_or_default().to_owned();
+                SessionHead {
+                    session_id: text("_id"),
+                    last_seq: integer(group.get("seq")),
+                    last_message_id: text("message_id"),
+                    last_sender_id: text("sender_id"),
+                    last_message_time: micros(group.get("timestamp_us")).unwrap_or_default(),
+                    message_type: integer(group.get("message_type")) as i32,
+                    content_type: text("content_type"),
+                }
+            })
+            .collect())
+    }
+
+    /// `user_id`'s read seq in each of `session_ids`: the larger of the last read position
+    /// recorded and the seq of the user's newest own message (0 when neither exists).
+    pub async fn read_seqs(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+        session_ids: &[String],
+    ) -> Result<HashMap<String, i64>> {
+        let mut seqs: HashMap<String, i64> = session_ids.iter().map(|session| (session.clone(), 0)).collect();
+        let ids: Vec<String> = session_ids.iter().map(|session| clear_id(tenant_id, session, user_id)).collect();
+        let recorded: Vec<Document> = self.reads.find(doc! { "_id": { "$in": ids } }).await?.try_collect().await?;
+        let own = [
+            doc! { "$match": { "tenant_id": tenant_id, "session_id": { "$in": session_ids }, "sender_id": user_id } },
+            doc! { "$group": { "_id": "$session_id", "read_seq": { "$max": "$seq" } } },
+        ];
+        let own: Vec<Document> = self.messages.aggregate(own).await?.try_collect().await?;
+        let found = recorded.iter().filter_map(|read| Some((read.get_str("session_id").ok()?, read.get("read_seq"))));
+        let found =
+            found.chain(own.iter().filter_map(|group| Some((group.get_str("_id").ok()?, group.get("read_seq")))));
+        for (session_id, read_seq) in found {
+            if let Some(seq) = seqs.get_mut(session_id) {
+                *seq = (*seq).max(integer(read_seq));
+            }
+        }
+        Ok(seqs)
+    }
+
+    /// Records that `user_id` read `session_id` up to `read_seq` (never lowering what was
+    /// recorded); returns the position recorded now.
+    pub async fn save_read_seq(&self, tenant_id: &str, session_id: &str, user_id: &str, read_seq: i64) -> Result<i64> {
+        let id = clear_id(tenant_id, session_id, user_id);
+        self.reads
+            .update_one(
+                doc! { "_id": &id },
+                doc! {
+                    "$setOnInsert": { "tenant_id": tenant_id, "session_id": session_id, "user_id": user_id },
+                    "$max": { "read_seq": read_seq },
+                },
+            )
+            .upsert(true)
+            .await?;
+        let read = self.reads.find_one(doc! { "_id": &id }).await?;
+        Ok(read.map_or(read_seq, |read| integer(read.get("read_seq"))))
+    }
+
+    /// How many messages of each range `user_id` can see and did not send: not deleted,
+    /// recalled or burned, not hidden or cleared for the user.
+    pub async fn unread_counts(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+        ranges: &[UnreadRange],
+    ) -> Result<HashMap<String, i64>> {
+        let now_us = Utc::now().timestamp_micros();
+        let counts = ranges.iter().map(|range| async move {
+            let mut clauses = vec![doc! {
+                "tenant_id": tenant_id, "session_id": &range.session_id,
+                "seq": { "$gt": range.read_seq, "$lte": range.last_seq },
+                "deleted_at_us": Bson::Null, "is_recalled": { "$ne": true }, "sender_id": { "$ne": user_id },
+                "$or": [{ "burned_at_us": Bson::Null }, { "burned_at_us": { "$gt": now_us } }],
+            }];
+            clauses.extend(self.user_clauses(tenant_id, Some(&range.session_id), user_id).await?);
+            let count = self.messages.count_documents(doc! { "$and": clauses }).await?;
+            Ok::<_, mongodb::error::Error>((range.session_id.clone(), count as i64))
+        });
+        futures::future::try_join_all(counts).await.map(|counts| counts.into_iter().collect())
     }
 
     async fn cleared_before(&self, tenant_id: &str, session_id: &str, user: &str) -> Result<Option<i64>> {

@@ -71,6 +71,26 @@ pub struct TargetRow {
     pub deleted_at: Option<DateTime<Utc>>,
 }
 
+/// The newest message of a session: what its state shows.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct SessionHead {
+    pub session_id: String,
+    pub last_seq: i64,
+    pub last_message_id: String,
+    pub last_sender_id: String,
+    pub last_message_time: DateTime<Utc>,
+    pub message_type: i32,
+    pub content_type: String,
+}
+
+/// The seq range whose unread messages a user wants counted in a session: (read, last].
+#[derive(Debug, Clone)]
+pub struct UnreadRange {
+    pub session_id: String,
+    pub read_seq: i64,
+    pub last_seq: i64,
+}
+
 /// Every per-user view fact of a session, to load into the cache.
 #[derive(Debug, Default)]
 pub struct SessionViews {
@@ -404,6 +424,106 @@ impl PostgresStore {
         .bind(limit)
         .fetch_all(&self.pool)
         .await
+    }
+
+    /// The newest message of each of `session_ids` that has any (one index probe each, on
+    /// (tenant_id, session_id, seq)).
+    pub async fn session_heads(
+        &self,
+        tenant_id: &str,
+        session_ids: &[String],
+    ) -> Result<Vec<SessionHead>, sqlx::Error> {
+        sqlx::query_as(
+            r#"SELECT k.session_id, m.seq AS last_seq, m.message_id AS last_message_id,
+                      m.sender_id AS last_sender_id, m."timestamp" AS last_message_time,
+                      m.message_type, m.content_type
+               FROM UNNEST($2::text[]) AS k(session_id)
+               CROSS JOIN LATERAL (
+                   SELECT seq, message_id, sender_id, "timestamp", message_type, content_type FROM messages
+                   WHERE tenant_id = $1 AND session_id = k.session_id AND seq IS NOT NULL
+                   ORDER BY seq DESC LIMIT 1) m"#,
+        )
+        .bind(tenant_id)
+        .bind(session_ids)
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// `user_id`'s read seq in each of `session_ids`: the larger of the last read position
+    /// recorded and the seq of the user's newest own message (0 when neither exists).
+    pub async fn read_seqs(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+        session_ids: &[String],
+    ) -> Result<HashMap<String, i64>, sqlx::Error> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            r#"SELECT k.session_id, GREATEST(
+                   coalesce((SELECT r.read_seq FROM read_positions r
+                             WHERE r.tenant_id = $1 AND r.session_id = k.session_id AND r.user_id = $2), 0),
+                   coalesce((SELECT max(m.seq) FROM messages m
+                             WHERE m.tenant_id = $1 AND m.session_id = k.session_id AND m.sender_id = $2), 0))
+               FROM UNNEST($3::text[]) AS k(session_id)"#,
+        )
+        .bind(tenant_id)
+        .bind(user_id)
+        .bind(session_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Records that `user_id` read `session_id` up to `read_seq` (never lowering what was
+    /// recorded); returns the position recorded now.
+    pub async fn save_read_seq(
+        &self,
+        tenant_id: &str,
+        session_id: &str,
+        user_id: &str,
+        read_seq: i64,
+    ) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(
+            r#"INSERT INTO read_positions (tenant_id, session_id, user_id, read_seq) VALUES ($1, $2, $3, $4)
+               ON CONFLICT (tenant_id, session_id, user_id) DO UPDATE
+                   SET read_seq = GREATEST(read_positions.read_seq, EXCLUDED.read_seq), updated_at = now()
+               RETURNING read_seq"#,
+        )
+        .bind(tenant_id)
+        .bind(session_id)
+        .bind(user_id)
+        .bind(read_seq)
+        .fetch_one(&self.pool)
+        .await
+    }
+
+    /// How many messages of each range `user_id` can see and did not send: not deleted,
+    /// recalled or burned, not hidden or cleared for the user.
+    pub async fn unread_counts(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+        ranges: &[UnreadRange],
+    ) -> Result<HashMap<String, i64>, sqlx::Error> {
+        let sessions: Vec<&str> = ranges.iter().map(|range| range.session_id.as_str()).collect();
+        let reads: Vec<i64> = ranges.iter().map(|range| range.read_seq).collect();
+        let lasts: Vec<i64> = ranges.iter().map(|range| range.last_seq).collect();
+        let sql = format!(
+            r#"SELECT k.session_id, (SELECT count(*) FROM messages
+                   WHERE tenant_id = $1 AND session_id = k.session_id AND seq > k.read_seq AND seq <= k.last_seq
+                     AND deleted_at IS NULL AND NOT is_recalled AND (burned_at IS NULL OR burned_at > now())
+                     AND sender_id <> $2 {})
+               FROM UNNEST($3::text[], $4::int8[], $5::int8[]) AS k(session_id, read_seq, last_seq)"#,
+            user_filter(2)
+        );
+        let rows: Vec<(String, i64)> = sqlx::query_as(&sql)
+            .bind(tenant_id)
+            .bind(user_id)
+            .bind(sessions)
+            .bind(reads)
+            .bind(lasts)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().collect())
     }
 
     /// Every per-user view fact of a session (hides and clear watermarks).

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use flare_storage_common::keys::{HOT_FLOOR_ALL, SessionKeys};
+
+use crate::store::postgres::SessionHead;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Script};
 use tokio::sync::OnceCell;
@@ -84,16 +86,18 @@ return out
 
 /// Merges a database read into a window: the newest messages of the session, complete above
 /// ARGV[3] (or the whole session). Discarded if a command changed the session since the read
-/// began (ARGV[4] is the version seen then). Keeps the lower of the two floors, then trims
-/// like the writer does.
+/// began (ARGV[4] is the version seen then). A message's gone fact from the database (recalled,
+/// burn time) is added where the gone hash has none. Keeps the lower of the two floors, then
+/// trims like the writer does.
 const FILL: &str = r#"
 -- KEYS: seq zset, bodies, time zset, meta, gone, version
--- ARGV: window, ttl, floor of this fill, version, then groups: seq, id, ts_us, body
+-- ARGV: window, ttl, floor of this fill, version, then groups: seq, id, ts_us, body, gone ('' = none)
 if (redis.call('GET', KEYS[6]) or '0') ~= ARGV[4] then return 0 end
-for i = 5, #ARGV, 4 do
+for i = 5, #ARGV, 5 do
   redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
   redis.call('ZADD', KEYS[3], ARGV[i + 2], ARGV[i + 1])
   redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 3])
+  if ARGV[i + 4] ~= '' then redis.call('HSETNX', KEYS[5], ARGV[i + 1], ARGV[i + 4]) end
 end
 local floor = tonumber(ARGV[3])
 local current = redis.call('HGET', KEYS[4], 'floor_us')
@@ -156,6 +160,103 @@ if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]
 return 1
 "#;
 
+/// A session's state for one user: the state fields, the user's read seq ('' = not known),
+/// whether the session's per-user views are loaded ('1'/'0') and, when the hot window holds
+/// every message above the read seq, how many of those the user has not read ('' = the
+/// window cannot tell: it misses some, or the views are not loaded). Nothing when the state
+/// itself is not known. The user sent none of them: their own messages moved their read seq.
+const SESSION_STATE: &str = r#"
+-- KEYS: state, reads, seq zset, gone, views, time zset; ARGV: user, now_us
+local state = redis.call('HMGET', KEYS[1], 'last_seq', 'last_message_id', 'last_sender_id', 'last_message_ts', 'message_count')
+if not state[1] then return false end
+local read = redis.call('HGET', KEYS[2], ARGV[1])
+local loaded = tostring(redis.call('HEXISTS', KEYS[5], 'loaded'))
+local out = {state[1], state[2] or '', state[3] or '', state[4] or '0', state[5] or state[1], read or '', loaded, ''}
+if not read then return out end
+local last, floor = tonumber(state[1]), tonumber(read)
+if floor >= last then
+  out[8] = '0'
+  return out
+end
+if loaded == '0' then return out end
+local ids = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. read, state[1])
+if #ids ~= last - floor then return out end
+local clear = redis.call('HGET', KEYS[5], 'clear:' .. ARGV[1])
+local now = tonumber(ARGV[2])
+local unread = 0
+for _, id in ipairs(ids) do
+  local visible = true
+  local gone = redis.call('HGET', KEYS[4], id)
+  if gone then
+    if gone == 'deleted' or string.sub(gone, 1, 9) == 'recalled:' then visible = false end
+    if string.sub(gone, 1, 5) == 'burn:' and tonumber(string.sub(gone, 6)) <= now then visible = false end
+  end
+  if visible and redis.call('HEXISTS', KEYS[5], 'hide:' .. ARGV[1] .. ':' .. id) == 1 then visible = false end
+  if visible and clear then
+    local ts = redis.call('ZSCORE', KEYS[6], id)
+    if ts and tonumber(ts) <= tonumber(clear) then visible = false end
+  end
+  if visible then unread = unread + 1 end
+end
+out[8] = tostring(unread)
+return out
+"#;
+
+/// Puts a session's newest message into its state when the state is missing or older (the
+/// writer may have moved it on meanwhile).
+const SET_STATE: &str = r#"
+-- KEYS: state; ARGV: last_seq, message_id, sender_id, message_type, content_type, ts_ms
+if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0') then
+  redis.call('HSET', KEYS[1], 'last_seq', ARGV[1], 'last_message_id', ARGV[2], 'last_sender_id', ARGV[3],
+    'last_message_type', ARGV[4], 'last_content_type', ARGV[5], 'last_message_ts', ARGV[6], 'message_count', ARGV[1])
+end
+return 1
+"#;
+
+/// Moves a user's read seq forward (or sets it when unknown); returns the read seq now held.
+const ADVANCE_READ: &str = r#"
+-- KEYS: reads; ARGV: user, seq
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if not current or tonumber(ARGV[2]) > tonumber(current) then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return tonumber(ARGV[2])
+end
+return tonumber(current)
+"#;
+
+/// A session's state as Redis holds it, for one user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedState {
+    pub last_seq: i64,
+    pub last_message_id: String,
+    pub last_sender_id: String,
+    pub last_message_ms: i64,
+    pub message_count: i64,
+    /// `None`: not known (Redis lost it, or the user never sent nor read).
+    pub read_seq: Option<i64>,
+    /// Whether the session's per-user views (hides, clears) are in Redis.
+    pub views_loaded: bool,
+    /// `None`: the hot window cannot tell.
+    pub unread: Option<i64>,
+}
+
+impl CachedState {
+    fn parse(reply: &[Vec<u8>]) -> Option<Self> {
+        let [last_seq, message_id, sender_id, message_ms, count, read, loaded, unread] = reply else { return None };
+        let optional = |field: &[u8]| if field.is_empty() { Some(None) } else { parse_i64(field).map(Some) };
+        Some(Self {
+            last_seq: parse_i64(last_seq)?,
+            last_message_id: String::from_utf8(message_id.clone()).ok()?,
+            last_sender_id: String::from_utf8(sender_id.clone()).ok()?,
+            last_message_ms: parse_i64(message_ms)?,
+            message_count: parse_i64(count)?,
+            read_seq: optional(read)?,
+            views_loaded: loaded.as_slice() == b"1",
+            unread: optional(unread)?,
+        })
+    }
+}
+
 /// A cached message with its overlays.
 #[derive(Debug, Clone)]
 pub struct CachedEntry {
@@ -204,6 +305,8 @@ pub struct FillEntry {
     pub message_id: String,
     pub timestamp_us: i64,
     pub body: Vec<u8>,
+    /// What happened to the message, as `SessionKeys::gone` spells it.
+    pub gone: Option<String>,
 }
 
 #[derive(Clone)]
@@ -218,6 +321,9 @@ pub struct RedisCache {
     fill: Script,
     mark_gone: Script,
     merge_views: Script,
+    session_state: Script,
+    set_state: Script,
+    advance_read: Script,
 }
 
 impl RedisCache {
@@ -236,6 +342,9 @@ impl RedisCache {
             fill: Script::new(FILL),
             mark_gone: Script::new(MARK_GONE),
             merge_views: Script::new(MERGE_VIEWS),
+            session_state: Script::new(SESSION_STATE),
+            set_state: Script::new(SET_STATE),
+            advance_read: Script::new(ADVANCE_READ),
         };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
@@ -420,7 +529,12 @@ impl RedisCache {
                     .arg(floor)
                     .arg(version);
                 for entry in messages {
-                    invocation.arg(entry.seq).arg(&entry.message_id).arg(entry.timestamp_us).arg(entry.body.as_slice());
+                    invocation
+                        .arg(entry.seq)
+                        .arg(&entry.message_id)
+                        .arg(entry.timestamp_us)
+                        .arg(entry.body.as_slice())
+                        .arg(entry.gone.as_deref().unwrap_or_default());
                 }
                 invocation.invoke_async::<i64>(&mut connection).await
             })
@@ -474,6 +588,73 @@ impl RedisCache {
                 .await
         })
         .await
+    }
+
+    /// Each session's state for `user`, in one round trip; per session `None` when Redis does
+    /// not know its state. `None` altogether: no cache.
+    pub async fn session_states(
+        &self,
+        sessions: &[SessionKeys],
+        user: &str,
+        now_us: i64,
+    ) -> Option<Vec<Option<CachedState>>> {
+        self.call(async |mut connection| {
+            let mut pipe = redis::pipe();
+            pipe.load_script(&self.session_state).ignore();
+            let invocations: Vec<_> = sessions
+                .iter()
+                .map(|keys| {
+                    let mut invocation = self.session_state.key(keys.state());
+                    invocation
+                        .key(keys.reads())
+                        .key(keys.hot_index())
+                        .key(keys.gone())
+                        .key(keys.views())
+                        .key(keys.hot_time_index())
+                        .arg(user)
+                        .arg(now_us);
+                    invocation
+                })
+                .collect();
+            for invocation in &invocations {
+                pipe.invoke_script(invocation);
+            }
+            let replies: Vec<Option<Vec<Vec<u8>>>> = pipe.query_async(&mut connection).await?;
+            Ok(replies.iter().map(|reply| reply.as_deref().and_then(CachedState::parse)).collect())
+        })
+        .await
+    }
+
+    /// Puts a session's newest message (read from a database) into its state, unless the
+    /// state already shows a newer one. Best effort: the next read asks again.
+    pub async fn set_state(&self, keys: &SessionKeys, head: &SessionHead) {
+        let _ = self
+            .call(async |mut connection| {
+                self.set_state
+                    .key(keys.state())
+                    .arg(head.last_seq)
+                    .arg(&head.last_message_id)
+                    .arg(&head.last_sender_id)
+                    .arg(head.message_type)
+                    .arg(&head.content_type)
+                    .arg(head.last_message_time.timestamp_millis())
+                    .invoke_async::<i64>(&mut connection)
+                    .await
+            })
+            .await;
+    }
+
+    /// Moves `user`'s read seq in a session forward to `seq`; the read seq now held.
+    pub async fn advance_read(&self, keys: &SessionKeys, user: &str, seq: i64) -> Result<i64, CacheDown> {
+        let Some(connection) = self.connection.get().cloned() else { return Err(CacheDown) };
+        let mut connection = connection;
+        match self.advance_read.key(keys.reads()).arg(user).arg(seq).invoke_async::<i64>(&mut connection).await {
+            Ok(read_seq) => Ok(read_seq),
+            Err(error) => {
+                self.failed(&error);
+                Err(CacheDown)
+            }
+        }
     }
 
     pub fn window(&self) -> usize {

@@ -1,15 +1,15 @@
-//! Redis: idempotency markers, per-session seq, the hot cache, session state and user cursors.
+//! Redis: idempotency markers, per-session seq, the hot cache, session state and read seqs.
 //! Key layout in `flare_storage_common::keys`.
 //!
 //! Every operation here is idempotent, so the pipeline can repeat a whole batch after any
 //! failure: markers are `SET NX`, seqs are remembered per message id until the message is
-//! durable, state and cursors only move forward by seq, cache writes overwrite.
+//! durable, state and read seqs only move forward by seq, cache writes overwrite.
 //! Commands are pipelined per batch; the multi-key steps are Lua scripts over the keys of one
 //! session, which share a hash tag.
 
 use std::time::Duration;
 
-use flare_storage_common::keys::{HOT_FLOOR_ALL, SessionKeys, user_cursors};
+use flare_storage_common::keys::{HOT_FLOOR_ALL, SessionKeys};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Script};
 
@@ -81,7 +81,6 @@ pub struct StateEntry<'a> {
     pub message_type: i32,
     pub content_type: &'a str,
     pub timestamp_ms: i64,
-    pub receivers: Vec<&'a str>,
 }
 
 /// Hands out seqs. Returns, per message id, the seq it got, or an empty list when the session
@@ -156,45 +155,32 @@ for k = 1, 5 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
 return 1
 "#;
 
-/// Applies messages (ascending seq) to a session's state; a message at or below the applied
-/// seq was applied before and changes nothing, so counters never count twice.
+/// Applies messages (ascending seq) to a session's state, and moves each sender's read seq
+/// to their message (replying means having read). A message at or below the applied seq was
+/// applied before and changes nothing; read seqs only move forward. The work is the same for
+/// a session of two members or five thousand: nothing is written per member.
 const UPDATE_STATE: &str = r#"
--- KEYS[1] state hash, KEYS[2] unread hash
--- ARGV: groups of seq, message_id, sender_id, message_type, content_type, ts_ms, n, receivers...
+-- KEYS[1] state hash, KEYS[2] reads hash (user -> read seq)
+-- ARGV: groups of seq, message_id, sender_id, message_type, content_type, ts_ms
 local last = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
-local applied = 0
-local i = 1
 local latest = nil
-while i <= #ARGV do
+for i = 1, #ARGV, 6 do
   local seq = tonumber(ARGV[i])
-  local n = tonumber(ARGV[i + 6])
   if seq > last then
     last = seq
-    applied = applied + 1
     latest = i
-    local sender = ARGV[i + 2]
-    for r = i + 7, i + 6 + n do
-      if ARGV[r] ~= sender then redis.call('HINCRBY', KEYS[2], ARGV[r], 1) end
-    end
-    if sender ~= '' then redis.call('HSET', KEYS[2], sender, 0) end
   end
-  i = i + 7 + n
+  local sender = ARGV[i + 2]
+  if sender ~= '' and seq > tonumber(redis.call('HGET', KEYS[2], sender) or '0') then
+    redis.call('HSET', KEYS[2], sender, ARGV[i])
+  end
 end
 if latest then
   redis.call('HSET', KEYS[1],
     'last_seq', ARGV[latest], 'last_message_id', ARGV[latest + 1], 'last_sender_id', ARGV[latest + 2],
     'last_message_type', ARGV[latest + 3], 'last_content_type', ARGV[latest + 4],
-    'last_message_ts', ARGV[latest + 5])
-  redis.call('HINCRBY', KEYS[1], 'message_count', applied)
+    'last_message_ts', ARGV[latest + 5], 'message_count', ARGV[latest])
 end
-return applied
-"#;
-
-/// Moves a user's position in a session forward, never back.
-const ADVANCE_CURSOR: &str = r#"
--- KEYS[1] cursors hash; ARGV[1] session, ARGV[2] seq
-local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if tonumber(ARGV[2]) > current then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 return 1
 "#;
 
@@ -208,7 +194,6 @@ pub struct RedisStore {
     reseed: Script,
     cache_hot: Script,
     update_state: Script,
-    advance_cursor: Script,
 }
 
 impl RedisStore {
@@ -235,7 +220,6 @@ impl RedisStore {
             reseed: Script::new(RESEED),
             cache_hot: Script::new(CACHE_HOT),
             update_state: Script::new(UPDATE_STATE),
-            advance_cursor: Script::new(ADVANCE_CURSOR),
         })
     }
 
@@ -318,14 +302,14 @@ impl RedisStore {
         pipe.query_async(&mut self.connection.clone()).await
     }
 
-    /// Applies each session's messages (ascending seq) to its state and unread counts.
+    /// Applies each session's messages (ascending seq) to its state and its senders' read seqs.
     pub async fn update_states(&self, sessions: &[(SessionKeys, Vec<StateEntry<'_>>)]) -> RedisResult<()> {
         let mut pipe = redis::pipe();
         pipe.load_script(&self.update_state).ignore();
         let mut invocations = Vec::with_capacity(sessions.len());
         for (keys, entries) in sessions {
             let mut invocation = self.update_state.key(keys.state());
-            invocation.key(keys.unread());
+            invocation.key(keys.reads());
             for entry in entries {
                 invocation
                     .arg(entry.seq)
@@ -333,35 +317,10 @@ impl RedisStore {
                     .arg(entry.sender_id)
                     .arg(entry.message_type)
                     .arg(entry.content_type)
-                    .arg(entry.timestamp_ms)
-                    .arg(entry.receivers.len());
-                for receiver in &entry.receivers {
-                    invocation.arg(*receiver);
-                }
+                    .arg(entry.timestamp_ms);
             }
             invocations.push(invocation);
         }
-        for invocation in &invocations {
-            pipe.invoke_script(invocation).ignore();
-        }
-        pipe.query_async(&mut self.connection.clone()).await
-    }
-
-    /// Moves each (tenant, user, session) position forward to the given seq.
-    pub async fn advance_cursors(&self, cursors: &[(&str, &str, &str, i64)]) -> RedisResult<()> {
-        if cursors.is_empty() {
-            return Ok(());
-        }
-        let mut pipe = redis::pipe();
-        pipe.load_script(&self.advance_cursor).ignore();
-        let invocations: Vec<_> = cursors
-            .iter()
-            .map(|(tenant_id, user_id, session_id, seq)| {
-                let mut invocation = self.advance_cursor.key(user_cursors(tenant_id, user_id));
-                invocation.arg(*session_id).arg(*seq);
-                invocation
-            })
-            .collect();
         for invocation in &invocations {
             pipe.invoke_script(invocation).ignore();
         }
