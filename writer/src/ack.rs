@@ -4,8 +4,12 @@
 
 use std::time::Duration;
 
+use flare_storage_common::message::to_datetime;
+use flare_storage_common::proto::storage::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
+
+use crate::dedup::Outcome;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -26,6 +30,33 @@ pub struct Ack {
     pub deduplicated: bool,
     pub tenant_id: String,
     pub seq: i64,
+}
+
+impl Ack {
+    /// The ACK of a record carrying `message` (its own copy, as decoded) that ended as
+    /// `outcome`.
+    pub fn of(message: &Message, tenant_id: &str, outcome: &Outcome<'_>) -> Self {
+        Self {
+            message_id: message.id.clone(),
+            session_id: outcome.session_id.to_owned(),
+            status: outcome.status,
+            ingestion_ts: ingestion_ms(message),
+            persisted_ts: outcome.persisted_ms,
+            deduplicated: outcome.deduplicated,
+            tenant_id: tenant_id.to_owned(),
+            seq: outcome.seq,
+        }
+    }
+}
+
+/// When the message entered the platform (its timeline's ingestion time), epoch milliseconds.
+fn ingestion_ms(message: &Message) -> i64 {
+    message
+        .timeline
+        .as_ref()
+        .and_then(|timeline| timeline.ingestion_time.as_ref())
+        .and_then(to_datetime)
+        .map_or(0, |time| time.timestamp_millis())
 }
 
 #[derive(Clone)]

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use flare_storage_common::settings::Settings;
 
+use crate::error::Stage;
+
 /// Everything the writer needs to run. Built by [`Config::from_env`]; tests build it directly.
 #[derive(Clone)]
 pub struct Config {
@@ -46,7 +48,7 @@ pub struct Config {
     /// Longest time from SIGTERM to exit; a batch not finished by then is redelivered.
     pub shutdown_timeout: Duration,
     /// Fault injection for crash tests: abort right after this pipeline stage.
-    pub crash_after_stage: Option<String>,
+    pub crash_after_stage: Option<Stage>,
 }
 
 #[derive(Clone)]
@@ -140,7 +142,14 @@ impl Config {
                 days => Some(Duration::from_secs(days.saturating_mul(86_400))),
             },
             retention_interval: settings.seconds("STORAGE_RETENTION_INTERVAL_SECONDS", 3600)?,
-            crash_after_stage: settings.get("WRITER_CRASH_AFTER_STAGE"),
+            crash_after_stage: match settings.get("WRITER_CRASH_AFTER_STAGE") {
+                None => None,
+                Some(name) => Some(Stage::from_name(&name).ok_or_else(|| {
+                    ConfigError(format!(
+                        "WRITER_CRASH_AFTER_STAGE must name a stage (seq, postgres, mongo, cache, ack), not {name:?}"
+                    ))
+                })?),
+            },
         })
     }
 }

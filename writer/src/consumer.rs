@@ -1,15 +1,16 @@
 //! The Kafka side of the writer: fetches records, deals them to lanes by partition, and each
-//! lane hands its records to the pipeline in batches (closed by count or time), storing
-//! offsets only once the whole batch is durable.
+//! lane hands its records to the pipeline in batches (closed at once on a backlog, by time on a
+//! trickle), storing offsets only once the whole batch is done.
 //!
-//! A partition always goes to the same lane (`partition % WRITER_LANES`) and a lane processes
-//! its batches one after the other, so when offsets are stored every record at or below them
-//! in that partition is done: a failed record holds its partition because the batch
-//! containing it never completes. A session is one partition, so its messages stay in order.
-//! Lanes exist so that one batch's database insert overlaps another's Redis stages: the
-//! stages wait on the stores, not on this process. Offsets are stored with
-//! `enable.auto.offset.store=false` and committed by librdkafka's auto-commit, on partition
-//! revoke and once more at shutdown.
+//! A partition always goes to the same lane (`partition % WRITER_LANES`) and a lane takes each
+//! half of its batches one after the other, so when offsets are stored every record at or
+//! below them in that partition is done: a failed record holds its partition because the
+//! batch containing it never completes. A session is one partition, so its messages stay in
+//! order. Within a lane, consecutive batches overlap (one is stored in the databases while the
+//! one before it goes through the cache stage and its ACKs); with several lanes, batches of
+//! different partitions run side by side too. The stages wait on the stores, not on this
+//! process. Offsets are stored with `enable.auto.offset.store=false` and committed by
+//! librdkafka's auto-commit, on partition revoke and once more at shutdown.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -24,17 +25,7 @@ use tracing::{Instrument as _, info, warn};
 
 use crate::config::Config;
 use crate::pipeline::Pipeline;
-
-/// A Kafka record, copied out of the consumer's buffer so a batch can outlive the fetch.
-#[derive(Debug, Clone)]
-pub struct Record {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
-    pub timestamp_ms: Option<i64>,
-}
+use crate::record::Record;
 
 /// Logs group membership changes; librdkafka's auto-commit commits the stored offsets of
 /// revoked partitions itself.
@@ -143,7 +134,10 @@ pub async fn run(config: &Config, pipeline: &Pipeline, shutdown: &CancellationTo
     Ok(())
 }
 
-/// One lane: batches of its partitions' records, processed one after the other.
+/// One lane: batches of its partitions' records, in two halves that overlap — while batch N
+/// goes through the cache stage and its ACKs, batch N+1 is stored in the databases. Batches
+/// complete, and their offsets are stored, in order; one batch at most waits between the
+/// halves, so memory stays bounded.
 async fn lane(
     mut receiver: mpsc::Receiver<Record>,
     consumer: &StreamConsumer<WriterContext>,
@@ -151,44 +145,78 @@ async fn lane(
     pipeline: &Pipeline,
     shutdown: &CancellationToken,
 ) {
-    loop {
-        let batch = next_batch(&mut receiver, config, shutdown).await;
-        if batch.is_empty() {
-            if receiver.is_closed() || shutdown.is_cancelled() {
-                return;
+    let (stored_sender, mut stored_receiver) = mpsc::channel(1);
+    let first_half = async move {
+        loop {
+            let batch = next_batch(&mut receiver, config, shutdown).await;
+            if batch.is_empty() {
+                if receiver.is_closed() || shutdown.is_cancelled() {
+                    return;
+                }
+                continue;
             }
-            continue;
+            let span = batch_span(&batch);
+            let records = batch.len();
+            match pipeline.store(batch, shutdown).instrument(span.clone()).await {
+                Ok(stored) => {
+                    if stored_sender.send((stored, span)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    info!(records, "shutdown with a batch unfinished; it will be redelivered");
+                    return;
+                }
+            }
         }
-        let span = batch_span(&batch);
-        if pipeline.process(&batch, shutdown).instrument(span).await.is_err() {
-            info!(records = batch.len(), "shutdown with a batch unfinished; it will be redelivered");
-            return;
+    };
+    let second_half = async {
+        while let Some((stored, span)) = stored_receiver.recv().await {
+            match pipeline.finish(stored, shutdown).instrument(span).await {
+                Ok(records) => store_offsets(consumer, &records),
+                Err(_) => {
+                    info!("shutdown with a batch unfinished; it will be redelivered");
+                    return;
+                }
+            }
         }
-        store_offsets(consumer, &batch);
-    }
+    };
+    tokio::join!(first_half, second_half);
 }
 
-/// Waits for a first record, then collects more until the batch is full or
-/// `batch_max_wait` has passed. Returns early (possibly empty) on shutdown or when the queue
-/// is closed and empty.
+/// Waits for a first record, then takes what is queued behind it: a backlog closes the batch
+/// at once (up to `batch_max_messages`); a trickle collects more until `batch_max_wait` has
+/// passed. Returns early (possibly empty) on shutdown or when the queue is closed and empty.
 async fn next_batch(
     receiver: &mut mpsc::Receiver<Record>,
     config: &Config,
     shutdown: &CancellationToken,
 ) -> Vec<Record> {
     let mut batch = Vec::with_capacity(config.batch_max_messages);
-    let mut deadline: Option<Instant> = None;
+    let first = tokio::select! {
+        received = receiver.recv() => received,
+        () = shutdown.cancelled() => None,
+    };
+    let Some(first) = first else { return batch };
+    batch.push(first);
+    while batch.len() < config.batch_max_messages {
+        match receiver.try_recv() {
+            Ok(record) => batch.push(record),
+            Err(_) => break,
+        }
+    }
+    if batch.len() > 1 {
+        return batch;
+    }
+    let deadline = Instant::now() + config.batch_max_wait;
     while batch.len() < config.batch_max_messages {
         let received = tokio::select! {
             received = receiver.recv() => received,
             () = shutdown.cancelled() => break,
-            () = sleep_until(deadline) => break,
+            () = tokio::time::sleep_until(deadline) => break,
         };
         match received {
-            Some(record) => {
-                batch.push(record);
-                deadline.get_or_insert_with(|| Instant::now() + config.batch_max_wait);
-            }
+            Some(record) => batch.push(record),
             None => break,
         }
     }
@@ -214,13 +242,6 @@ fn batch_span(batch: &[Record]) -> tracing::Span {
         .collect::<Vec<_>>()
         .join(",");
     tracing::info_span!("batch", records = batch.len(), offsets)
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Stores, per partition, the offset after the batch's highest record.

@@ -14,7 +14,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::consumer::Record;
+use crate::record::Record;
 
 pub const HEADER_REASON: &str = "flare-dlq-reason";
 pub const HEADER_SOURCE_TOPIC: &str = "flare-dlq-source-topic";

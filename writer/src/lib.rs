@@ -11,9 +11,12 @@ pub mod config;
 pub mod consumer;
 pub mod deadletter;
 pub mod dedup;
+pub mod error;
 pub mod metrics;
 pub mod pipeline;
+pub mod record;
 pub mod retention;
+pub mod seq;
 pub mod store;
 
 use std::sync::Arc;
@@ -33,6 +36,7 @@ use crate::ack::Acks;
 use crate::deadletter::DeadLetters;
 use crate::metrics::Metrics;
 use crate::pipeline::{Backoff, Pipeline};
+use crate::store::Stores;
 use crate::store::mongo::MongoStore;
 use crate::store::postgres::PostgresStore;
 use crate::store::redis::RedisStore;
@@ -132,9 +136,7 @@ async fn consume(
         .create()
         .context("failed to create the Kafka producer")?;
     let pipeline = Pipeline {
-        redis,
-        postgres,
-        mongo,
+        stores: Stores { redis, postgres, mongo },
         acks: config.kafka_ack_topic.clone().map(|topic| Acks::new(producer.clone(), topic)),
         wal_hash_key: config.wal_hash_key.clone(),
         dead_letters: DeadLetters::new(producer, config.kafka_dlq_topic.clone()),
@@ -146,7 +148,7 @@ async fn consume(
             max_ahead: chrono::Duration::from_std(config.max_future).unwrap_or(chrono::Duration::MAX),
             max_age: config.retention.and_then(|retention| chrono::Duration::from_std(retention).ok()),
         },
-        crash_after_stage: config.crash_after_stage.clone(),
+        crash_after_stage: config.crash_after_stage,
     };
     let consumed = consumer::run(&config, &pipeline, shutdown).await.context("kafka consumer failed");
     if let Some(task) = retention_task {

@@ -1,12 +1,16 @@
-//! What happens to one batch of records.
+//! What happens to one batch of records, in two halves that a lane overlaps (batch N+1's
+//! first half runs while batch N's second half does; see `consumer.rs`):
 //!
-//! 1. Decode and validate each record; what can never be stored goes to the dead-letter topic.
-//! 2. Persist the rest, as one unit that is repeated whole until it succeeds (every step is
-//!    idempotent, so a repeat after any failure has no second effect):
-//!    idempotency (done markers and the databases, at once) → per-session seq → Postgres →
-//!    MongoDB → hot cache → session state and senders' read seqs → WAL entry removal → ACKs →
-//!    done markers.
-//! 3. Dead-letter what a database refused for good; the rest is stored and its offsets advance.
+//! 1. [`Pipeline::store`]: decode and validate each record (what can never be stored goes to
+//!    the dead-letter topic); decide which message each record stands for (`dedup`: done
+//!    markers and the databases' stored ids, looked up at once); assign seqs (`seq`); write
+//!    PostgreSQL, then MongoDB. A database refusing a message for good costs only that message.
+//! 2. [`Pipeline::finish`]: the cache stage — hot windows, session states, senders' read seqs,
+//!    WAL entry removal and done markers, in one Redis round trip — then the ACK events, then
+//!    the dead letters of refused messages. The consumer stores the batch's offsets after it.
+//!
+//! Each half is one unit repeated whole until it succeeds (with backoff, forever); every step
+//! is idempotent, so a repeat after any failure has no second effect.
 //!
 //! A message id is unique within a tenant. Before a seq is handed out, the databases say which
 //! messages they already hold: one stored in another session is a duplicate and touches
@@ -14,12 +18,11 @@
 //! resend after its done marker expired) is carried on as stored, with its seq.
 //!
 //! Postgres comes before MongoDB because its unique (tenant, session, seq) index is the guard
-//! that catches a seq counter that went backwards (Redis restored from an old snapshot); the
-//! seqs are corrected before anything else sees them. The hot cache is written after the
-//! databases so it never shows a message that is not durable. The done marker is written last:
-//! a crash anywhere before it means the batch is redelivered and completed, never reported as a
-//! duplicate. Until a batch is finished the consumer fetches nothing new, which bounds memory
-//! while a store is down.
+//! that catches a seq counter that went backwards. The hot cache is written after the
+//! databases, so it never shows a message that is not durable; its done markers are written
+//! with it, by session, after the databases — a crash anywhere before them means redelivery
+//! and completion, never a false "duplicate" — and the ACKs after them (a redelivered record
+//! whose marker it left is ACKed again).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -27,9 +30,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use flare_storage_common::keys::SessionKeys;
-use flare_storage_common::message::{
-    InvalidMessage, TimeBounds, content_type, message_tenant_id, normalize, to_datetime, to_timestamp,
-};
+use flare_storage_common::message::{InvalidMessage, TimeBounds, normalize, to_timestamp};
 use flare_storage_common::ops::Readiness;
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::{Message, StoreMessageRequest};
@@ -37,19 +38,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
 use crate::ack::{Ack, AckStatus, Acks};
-use crate::consumer::Record;
 use crate::deadletter::DeadLetters;
 use crate::dedup::{self, Decision, Fate, Outcome, outcome, persisted_ms};
+use crate::error::{Error, Stage};
 use crate::metrics::Metrics;
-use crate::store::mongo::{MongoStore, document_size_refusal};
-use crate::store::postgres::PostgresStore;
-use crate::store::redis::{Done, HotEntry, RedisStore, SeqRequest, StateEntry};
-use crate::store::{MessageKey, Partial, StoredMessage, Written, message_key};
-
-/// Shutdown arrived before the batch was finished; none of it may be committed.
-#[derive(Debug, thiserror::Error)]
-#[error("shutdown before the batch was persisted")]
-pub struct Interrupted;
+use crate::record::Record;
+use crate::seq;
+use crate::store::mongo::document_size_refusal;
+use crate::store::redis::{Done, DoneMessage};
+use crate::store::{Encoded, MessageKey, Partial, Stores, Written, message_key};
 
 /// Why a record goes to the dead-letter topic.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,19 +79,7 @@ impl Rejection {
     }
 }
 
-/// A failed pipeline stage; the whole batch is retried.
-#[derive(Debug, thiserror::Error)]
-#[error("stage {stage} failed: {message}")]
-pub struct StageError {
-    pub stage: &'static str,
-    pub message: String,
-}
-
-fn stage_error(stage: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> StageError {
-    move |error| StageError { stage, message: error.to_string() }
-}
-
-/// Backoff between attempts of a failing batch: doubles from `initial` up to `max`.
+/// Backoff between attempts of a failing stage: doubles from `initial` up to `max`.
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
     pub initial: Duration,
@@ -102,9 +87,7 @@ pub struct Backoff {
 }
 
 pub struct Pipeline {
-    pub redis: RedisStore,
-    pub postgres: Option<PostgresStore>,
-    pub mongo: Option<MongoStore>,
+    pub stores: Stores,
     pub acks: Option<Acks>,
     pub wal_hash_key: Option<String>,
     pub dead_letters: DeadLetters,
@@ -115,16 +98,23 @@ pub struct Pipeline {
     /// How far a message's timestamp may stray from its record's time.
     pub time_bounds: TimeBounds,
     /// Fault injection for crash tests: abort the process right after this stage.
-    pub crash_after_stage: Option<String>,
+    pub crash_after_stage: Option<Stage>,
 }
 
-/// What one attempt at persisting a batch achieved.
-struct Persisted {
-    stored: usize,
-    duplicates: usize,
-    /// Records delivered again after they had completed (a crash or rebalance before their
-    /// offset was committed): ACKed as persisted again, counted neither as new nor duplicate.
-    redelivered: usize,
+/// A batch through [`Pipeline::store`]: its messages are in the databases.
+pub struct Stored {
+    records: Vec<Record>,
+    /// The records that decoded (indexes into `records`), their messages and keys, aligned.
+    accepted: Vec<usize>,
+    batch: Vec<Message>,
+    keys: Vec<MessageKey>,
+    decisions: HashMap<MessageKey, Decision>,
+    /// The messages this batch persists, in batch order.
+    pending: Vec<Encoded>,
+    /// Keys a database held before this batch.
+    stored_before: HashSet<MessageKey>,
+    refused: HashMap<MessageKey, String>,
+    started: Instant,
 }
 
 /// What the attempts at one batch learned, kept across its retries.
@@ -140,47 +130,68 @@ struct Learned {
 
 type Memory = Mutex<Learned>;
 
+/// The result of one attempt at the first half.
+struct Attempt {
+    decisions: HashMap<MessageKey, Decision>,
+    pending: Vec<Encoded>,
+    stored_before: HashSet<MessageKey>,
+}
+
 impl Pipeline {
-    /// Makes every record of `records` durable, or dead-letters it with the reason it can
-    /// never be. Returns `Err(Interrupted)` only on shutdown.
-    pub async fn process(&self, records: &[Record], shutdown: &CancellationToken) -> Result<(), Interrupted> {
+    /// Both halves of a batch, one after the other. Returns `Err(Interrupted)` only on shutdown.
+    pub async fn process(&self, records: Vec<Record>, shutdown: &CancellationToken) -> Result<Vec<Record>, Error> {
+        let stored = self.store(records, shutdown).await?;
+        self.finish(stored, shutdown).await
+    }
+
+    /// The first half: every record of `records` decoded and validated (what can never be
+    /// stored is dead-lettered), and every message in the databases.
+    pub async fn store(&self, records: Vec<Record>, shutdown: &CancellationToken) -> Result<Stored, Error> {
         self.metrics.batch_size.observe(records.len() as f64);
+        let started = Instant::now();
         let ingested_at = Utc::now();
-        let mut messages = Vec::with_capacity(records.len());
         let mut accepted = Vec::with_capacity(records.len());
-        for record in records {
+        let mut batch = Vec::with_capacity(records.len());
+        for (index, record) in records.iter().enumerate() {
             match self.decode(record, ingested_at) {
                 Ok(message) => {
-                    messages.push(message);
-                    accepted.push(record);
+                    accepted.push(index);
+                    batch.push(message);
                 }
                 Err(rejection) => self.dead_letter(record, &rejection, shutdown).await?,
             }
         }
-        if messages.is_empty() {
-            return Ok(());
-        }
-
-        let started = Instant::now();
-        // One subscription, one topic: every record of a batch comes from it.
-        let topic = records.first().map_or("", |record| record.topic.as_str());
-        let origins: Vec<(i32, i64)> = accepted.iter().map(|record| (record.partition, record.offset)).collect();
+        let keys: Vec<MessageKey> = batch.iter().map(message_key).collect();
         let memory = Memory::default();
-        let persisted = self.retry(shutdown, || self.persist(&messages, topic, &origins, &memory)).await?;
-        self.metrics.write_latency.observe(started.elapsed().as_secs_f64());
-        self.metrics.processed.inc_by(persisted.stored as u64);
-        self.metrics.duplicated.inc_by(persisted.duplicates as u64);
-        self.metrics.redelivered.inc_by(persisted.redelivered as u64);
-        debug!(stored = persisted.stored, duplicates = persisted.duplicates, "batch persisted");
-
+        let Attempt { decisions, pending, stored_before } = if batch.is_empty() {
+            Attempt { decisions: HashMap::new(), pending: Vec::new(), stored_before: HashSet::new() }
+        } else {
+            self.retry(shutdown, || self.store_attempt(&batch, &keys, &memory)).await?
+        };
         let refused = memory.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner).refused;
-        for (record, message) in accepted.iter().zip(&messages) {
-            let key = (message_tenant_id(message).to_owned(), message.id.clone());
-            if let Some(reason) = refused.get(&key) {
-                self.dead_letter(record, &Rejection::Refused(reason.clone()), shutdown).await?;
+        Ok(Stored { records, accepted, batch, keys, decisions, pending, stored_before, refused, started })
+    }
+
+    /// The second half: the cache stage, ACKs and dead letters of what a database refused.
+    /// Returns the batch's records, all done: their offsets may be stored.
+    pub async fn finish(&self, stored: Stored, shutdown: &CancellationToken) -> Result<Vec<Record>, Error> {
+        if !stored.batch.is_empty() {
+            let outcomes = self.retry(shutdown, || self.finish_attempt(&stored)).await?;
+            let count = |keep: fn(&Outcome<'_>) -> bool| outcomes.iter().filter(|outcome| keep(outcome)).count() as u64;
+            let new = count(|outcome| outcome.status == AckStatus::Persisted && !outcome.deduplicated);
+            let duplicates = count(|outcome| outcome.status == AckStatus::Duplicate);
+            self.metrics.processed.inc_by(new);
+            self.metrics.duplicated.inc_by(duplicates);
+            self.metrics.redelivered.inc_by(count(|outcome| outcome.redelivery));
+            self.metrics.write_latency.observe(stored.started.elapsed().as_secs_f64());
+            debug!(stored = new, duplicates, "batch done");
+        }
+        for (&index, key) in stored.accepted.iter().zip(&stored.keys) {
+            if let Some(reason) = stored.refused.get(key) {
+                self.dead_letter(&stored.records[index], &Rejection::Refused(reason.clone()), shutdown).await?;
             }
         }
-        Ok(())
+        Ok(stored.records)
     }
 
     fn decode(&self, record: &Record, ingested_at: DateTime<Utc>) -> Result<Message, Rejection> {
@@ -193,7 +204,7 @@ impl Pipeline {
         // The record time stands in for a missing message time; it is the same on redelivery.
         let record_time = record.timestamp_ms.and_then(DateTime::from_timestamp_millis).unwrap_or(ingested_at);
         let message = normalize(request, record_time, ingested_at, self.time_bounds)?;
-        if self.mongo.is_some()
+        if self.stores.mongo.is_some()
             && let Some(reason) = document_size_refusal(&message)
         {
             return Err(Rejection::TooLargeForStore(reason));
@@ -206,129 +217,30 @@ impl Pipeline {
         record: &Record,
         rejection: &Rejection,
         shutdown: &CancellationToken,
-    ) -> Result<(), Interrupted> {
+    ) -> Result<(), Error> {
         let reason = rejection.to_string();
         warn!(topic = %record.topic, partition = record.partition, offset = record.offset, reason = %reason, "dead-lettering record");
         self.retry(shutdown, || async {
-            self.dead_letters.send(record, &reason).await.map_err(|error| stage_error("dead_letter")(&error))
+            self.dead_letters.send(record, &reason).await.map_err(Error::at(Stage::DeadLetter))
         })
         .await?;
         self.metrics.dead_lettered.with_label_values(&[rejection.kind()]).inc();
         Ok(())
     }
 
-    /// One attempt at every persistence stage for a batch of valid messages; `origins[i]` is
-    /// the (partition, offset) in `topic` of the record of `batch[i]`. Messages a database
-    /// refuses are recorded in `memory` and left out of every later stage and attempt.
-    async fn persist(
-        &self,
-        batch: &[Message],
-        topic: &str,
-        origins: &[(i32, i64)],
-        memory: &Memory,
-    ) -> Result<Persisted, StageError> {
-        let keys: Vec<MessageKey> = batch.iter().map(message_key).collect();
-        let (mut decisions, mut pending, stored_before) = self.decide(batch, &keys, memory).await?;
+    /// One attempt at the first half for the decoded `batch` (`keys` aligned). Messages a
+    /// database refuses are recorded in `memory` and left out of every later attempt.
+    async fn store_attempt(&self, batch: &[Message], keys: &[MessageKey], memory: &Memory) -> Result<Attempt, Error> {
+        let (mut decisions, mut pending, mut stored_before) = self.decide(batch, keys, memory).await?;
 
         let started = Instant::now();
-        self.assign_seqs(&mut pending).await?;
-        self.observe_stage("seq", started);
-        self.crash_point("seq");
+        seq::assign(&self.stores, &self.metrics, &mut pending).await?;
+        self.observe_stage(Stage::Seq, started);
+        self.crash_point(Stage::Seq);
 
-        let mut stored_before = stored_before;
+        let mut pending: Vec<Encoded> = pending.into_iter().map(Encoded::new).collect();
         stored_before.extend(self.store_in_databases(&mut pending, &mut decisions, memory).await?);
-
-        let started = Instant::now();
-        self.cache_hot(&pending).await.map_err(|e| stage_error("cache")(&e))?;
-        self.observe_stage("cache", started);
-        self.crash_point("cache");
-
-        let started = Instant::now();
-        self.update_session_states(&pending).await.map_err(|e| stage_error("session_state")(&e))?;
-        self.observe_stage("session_state", started);
-        self.crash_point("session_state");
-
-        let refused = lock(memory).refused.clone();
-        if let Some(wal_key) = &self.wal_hash_key {
-            let started = Instant::now();
-            let ids: HashSet<&str> = batch
-                .iter()
-                .zip(&keys)
-                .filter(|(_, key)| !refused.contains_key(*key))
-                .map(|(message, _)| message.id.as_str())
-                .collect();
-            let ids: Vec<&str> = ids.into_iter().collect();
-            self.redis.remove_from_wal(wal_key, &ids).await.map_err(|e| stage_error("wal")(&e))?;
-            self.observe_stage("wal", started);
-        }
-
-        let persisted: HashMap<MessageKey, &Message> =
-            pending.iter().map(|message| (message_key(message), message)).collect();
-        let outcomes: Vec<(usize, Outcome<'_>)> = keys
-            .iter()
-            .enumerate()
-            .filter_map(|(index, key)| {
-                let decision = decisions.get(key)?;
-                let left_by_this_record = match &decision.fate {
-                    Fate::Done(marker) => marker.left_by(topic, origins.get(index).copied()),
-                    _ => false,
-                };
-                let representative_session = batch[decision.representative].session_id.as_str();
-                let persisted = persisted.get(key).copied();
-                outcome(
-                    index,
-                    decision,
-                    representative_session,
-                    persisted,
-                    left_by_this_record,
-                    stored_before.contains(key),
-                )
-                .map(|outcome| (index, outcome))
-            })
-            .collect();
-        if let Some(publisher) = &self.acks {
-            let started = Instant::now();
-            let events: Vec<Ack> = outcomes
-                .iter()
-                .map(|(index, outcome)| Ack {
-                    message_id: batch[*index].id.clone(),
-                    session_id: outcome.session_id.to_owned(),
-                    status: outcome.status,
-                    ingestion_ts: ingestion_ms(&batch[*index]),
-                    persisted_ts: outcome.persisted_ms,
-                    deduplicated: outcome.deduplicated,
-                    tenant_id: keys[*index].0.clone(),
-                    seq: outcome.seq,
-                })
-                .collect();
-            publisher.publish(&events).await.map_err(|e| stage_error("ack")(&e))?;
-            self.observe_stage("ack", started);
-            self.crash_point("ack");
-        }
-
-        let started = Instant::now();
-        let markers: Vec<(SessionKeys, &str, Done)> = pending
-            .iter()
-            .map(|message| {
-                let origin = decisions.get(&message_key(message)).and_then(|d| origins.get(d.representative)).copied();
-                let done = Done {
-                    seq: message.seq,
-                    persisted_ms: persisted_ms(message),
-                    origin,
-                    topic: Some(topic.to_owned()),
-                };
-                (SessionKeys::new(message_tenant_id(message), &message.session_id), message.id.as_str(), done)
-            })
-            .collect();
-        self.redis.mark_done(&markers).await.map_err(|e| stage_error("mark_done")(&e))?;
-        self.observe_stage("mark_done", started);
-
-        let count = |keep: fn(&Outcome<'_>) -> bool| outcomes.iter().filter(|(_, outcome)| keep(outcome)).count();
-        Ok(Persisted {
-            stored: count(|outcome| outcome.status == AckStatus::Persisted && !outcome.deduplicated),
-            duplicates: count(|outcome| outcome.status == AckStatus::Duplicate),
-            redelivered: count(|outcome| outcome.redelivery),
-        })
+        Ok(Attempt { decisions, pending, stored_before })
     }
 
     /// The idempotency stage: looks up the done markers of every (message, session) of the
@@ -340,7 +252,7 @@ impl Pipeline {
         batch: &[Message],
         keys: &[MessageKey],
         memory: &Memory,
-    ) -> Result<(HashMap<MessageKey, Decision>, Vec<Message>, HashSet<MessageKey>), StageError> {
+    ) -> Result<(HashMap<MessageKey, Decision>, Vec<Message>, HashSet<MessageKey>), Error> {
         let refused: HashSet<MessageKey> = lock(memory).refused.keys().cloned().collect();
         let mut pairs: HashSet<(&MessageKey, &str)> = HashSet::new();
         let mut marker_lookups: Vec<(SessionKeys, &str)> = Vec::new();
@@ -361,19 +273,19 @@ impl Pipeline {
         }
         let started = Instant::now();
         let (markers, stored) =
-            tokio::join!(self.redis.done_markers(&marker_lookups), self.stored_messages(&id_lookups));
+            tokio::join!(self.stores.redis.done_markers(&marker_lookups), self.stores.stored_messages(&id_lookups));
         let markers: HashMap<(MessageKey, String), Done> = marker_of
             .into_iter()
-            .zip(markers.map_err(|e| stage_error("idempotency")(&e))?)
+            .zip(markers.map_err(Error::at(Stage::Idempotency))?)
             .filter_map(|(pair, marker)| Some((pair, marker?)))
             .collect();
         let stored = stored?;
-        self.observe_stage("idempotency", started);
+        self.observe_stage(Stage::Idempotency, started);
 
         let records: Vec<(&MessageKey, &str)> =
             keys.iter().zip(batch).map(|(key, message)| (key, message.session_id.as_str())).collect();
         let decisions = dedup::decide(&records, &markers, &stored, &refused);
-        let mut representatives: Vec<(usize, &MessageKey, Option<&StoredMessage>)> = decisions
+        let mut representatives: Vec<(usize, &MessageKey, Option<&crate::store::StoredMessage>)> = decisions
             .iter()
             .filter_map(|(key, decision)| match &decision.fate {
                 Fate::Pending { stored } => Some((decision.representative, key, stored.as_ref())),
@@ -407,104 +319,6 @@ impl Pipeline {
         Ok((decisions, pending, stored_before))
     }
 
-    /// Which of `keys` a database holds (with the payload where it holds it in the session
-    /// given beside the key), from PostgreSQL when configured (the first store written), else
-    /// MongoDB. A failure counts against that store's stage.
-    async fn stored_messages(
-        &self,
-        keys: &[(MessageKey, &str)],
-    ) -> Result<HashMap<MessageKey, StoredMessage>, StageError> {
-        if let Some(postgres) = &self.postgres {
-            return postgres.stored_messages(keys).await.map_err(|e| stage_error("postgres")(&e));
-        }
-        match &self.mongo {
-            Some(mongo) => mongo.stored_messages(keys).await.map_err(|e| stage_error("mongo")(&e)),
-            None => Ok(HashMap::new()),
-        }
-    }
-
-    /// Gives every message without a seq the next seq of its session, or the seq it got on an
-    /// earlier delivery. A session whose counter is missing (new, or Redis lost its data) is
-    /// seeded from the highest seq in the stores. Messages the stores already hold carry
-    /// their stored seq and take none.
-    async fn assign_seqs(&self, messages: &mut [Message]) -> Result<(), StageError> {
-        let mut sessions: Vec<(String, String, Vec<usize>)> = Vec::new();
-        let mut session_of: HashMap<(&str, &str), usize> = HashMap::new();
-        for (index, message) in messages.iter().enumerate() {
-            if message.seq > 0 {
-                continue;
-            }
-            let session = (message_tenant_id(message), message.session_id.as_str());
-            let slot = *session_of.entry(session).or_insert_with(|| {
-                sessions.push((session.0.to_owned(), session.1.to_owned(), Vec::new()));
-                sessions.len() - 1
-            });
-            sessions[slot].2.push(index);
-        }
-        if sessions.is_empty() {
-            return Ok(());
-        }
-
-        let request = |session: &(String, String, Vec<usize>), seed: Option<i64>| SeqRequest {
-            keys: SessionKeys::new(&session.0, &session.1),
-            message_ids: session.2.iter().map(|&index| messages[index].id.as_str()).collect(),
-            seed,
-        };
-        let requests: Vec<SeqRequest<'_>> = sessions.iter().map(|session| request(session, None)).collect();
-        let mut assigned = self.redis.assign_seqs(&requests).await.map_err(|e| stage_error("seq")(&e))?;
-
-        let unseeded: Vec<usize> = (0..sessions.len()).filter(|&slot| assigned[slot].is_none()).collect();
-        self.metrics.seq_counter_hits.inc_by((sessions.len() - unseeded.len()) as u64);
-        self.metrics.seq_counter_misses.inc_by(unseeded.len() as u64);
-        self.metrics.update_cache_hit_rate();
-        if !unseeded.is_empty() {
-            let session_keys: Vec<(String, String)> =
-                unseeded.iter().map(|&slot| (sessions[slot].0.clone(), sessions[slot].1.clone())).collect();
-            let max_seqs = self.max_seqs(&session_keys).await?;
-            let seeded_requests: Vec<SeqRequest<'_>> = unseeded
-                .iter()
-                .zip(&session_keys)
-                .map(|(&slot, key)| request(&sessions[slot], Some(max_seqs.get(key).copied().unwrap_or(0))))
-                .collect();
-            let seeded = self.redis.assign_seqs(&seeded_requests).await.map_err(|e| stage_error("seq")(&e))?;
-            for (slot, seqs) in unseeded.into_iter().zip(seeded) {
-                assigned[slot] = seqs;
-            }
-        }
-
-        let updates: Vec<(usize, i64)> = sessions
-            .iter()
-            .zip(assigned)
-            .flat_map(|(session, seqs)| session.2.iter().copied().zip(seqs.unwrap_or_default()))
-            .collect();
-        for (index, seq) in updates {
-            messages[index].seq = seq;
-        }
-        if let Some(message) = messages.iter().find(|message| message.seq <= 0) {
-            return Err(StageError { stage: "seq", message: format!("no seq assigned to message {}", message.id) });
-        }
-        Ok(())
-    }
-
-    /// The highest seq every store holds for each (tenant, session): one query per store for
-    /// the whole batch.
-    async fn max_seqs(&self, sessions: &[(String, String)]) -> Result<HashMap<(String, String), i64>, StageError> {
-        let mut max_seqs: HashMap<(String, String), i64> = HashMap::new();
-        let mut merge = |found: Vec<((String, String), i64)>| {
-            for (session, max) in found {
-                let current = max_seqs.entry(session).or_insert(0);
-                *current = (*current).max(max);
-            }
-        };
-        if let Some(postgres) = &self.postgres {
-            merge(postgres.max_seqs(sessions).await.map_err(|e| stage_error("seq_seed")(&e))?);
-        }
-        if let Some(mongo) = &self.mongo {
-            merge(mongo.max_seqs(sessions).await.map_err(|e| stage_error("seq_seed")(&e))?);
-        }
-        Ok(max_seqs)
-    }
-
     /// Writes the batch to Postgres and MongoDB; returns the keys a database held before this
     /// batch (what this batch stored itself is recorded in `memory`). Afterwards `pending`
     /// holds only what is stored in every database: a message a database refuses is recorded
@@ -513,48 +327,48 @@ impl Pipeline {
     /// and one already stored under another seq takes the stored seq.
     async fn store_in_databases(
         &self,
-        pending: &mut Vec<Message>,
+        pending: &mut Vec<Encoded>,
         decisions: &mut HashMap<MessageKey, Decision>,
         memory: &Memory,
-    ) -> Result<HashSet<MessageKey>, StageError> {
+    ) -> Result<HashSet<MessageKey>, Error> {
         let mut stored_before = HashSet::new();
         if pending.is_empty() {
             return Ok(stored_before);
         }
-        if let Some(postgres) = &self.postgres {
+        if let Some(postgres) = &self.stores.postgres {
             let started = Instant::now();
-            let written = remember(postgres.insert_batch(pending).await, memory, "postgres")?;
-            refuse(pending, &written.refused, "postgres", memory);
-            stored_before.extend(self.settle(pending, written.already_stored, decisions, memory, "postgres").await?);
-            self.observe_stage("postgres", started);
-            self.crash_point("postgres");
+            let written = remember(postgres.insert_batch(pending).await, memory, Stage::Postgres)?;
+            refuse(pending, &written.refused, Stage::Postgres, memory);
+            stored_before.extend(self.settle(pending, written.already_stored, decisions, memory).await?);
+            self.observe_stage(Stage::Postgres, started);
+            self.crash_point(Stage::Postgres);
         }
-        if let Some(mongo) = &self.mongo {
+        if let Some(mongo) = &self.stores.mongo {
             let started = Instant::now();
             let result = mongo.insert_batch(pending).await;
-            let written = if self.postgres.is_none() {
-                remember(result, memory, "mongo")?
+            let written = if self.stores.postgres.is_none() {
+                remember(result, memory, Stage::Mongo)?
             } else {
-                result.map_err(|partial| stage_error("mongo")(&partial))?
+                result.map_err(|partial| Error::at(Stage::Mongo)(partial.error))?
             };
             if !written.refused.is_empty()
-                && let Some(postgres) = &self.postgres
+                && let Some(postgres) = &self.stores.postgres
             {
                 let stored_now = lock(memory).stored.clone();
                 let take_back: Vec<&Message> = written
                     .refused
                     .iter()
-                    .map(|(index, _)| &pending[*index])
+                    .map(|(index, _)| &pending[*index].message)
                     .filter(|message| stored_now.contains(&message_key(message)))
                     .collect();
-                postgres.delete_refused(&take_back).await.map_err(|e| stage_error("mongo")(&e))?;
+                postgres.delete_refused(&take_back).await.map_err(Error::at(Stage::Mongo))?;
             }
-            refuse(pending, &written.refused, "mongo", memory);
-            if self.postgres.is_none() {
-                stored_before.extend(self.settle(pending, written.already_stored, decisions, memory, "mongo").await?);
+            refuse(pending, &written.refused, Stage::Mongo, memory);
+            if self.stores.postgres.is_none() {
+                stored_before.extend(self.settle(pending, written.already_stored, decisions, memory).await?);
             }
-            self.observe_stage("mongo", started);
-            self.crash_point("mongo");
+            self.observe_stage(Stage::Mongo, started);
+            self.crash_point(Stage::Mongo);
         }
         Ok(stored_before)
     }
@@ -566,42 +380,38 @@ impl Pipeline {
     /// is reseeded for the retry. Returns the keys stored before this batch.
     async fn settle(
         &self,
-        pending: &mut Vec<Message>,
+        pending: &mut Vec<Encoded>,
         already_stored: HashSet<MessageKey>,
         decisions: &mut HashMap<MessageKey, Decision>,
         memory: &Memory,
-        stage: &'static str,
-    ) -> Result<HashSet<MessageKey>, StageError> {
+    ) -> Result<HashSet<MessageKey>, Error> {
         if already_stored.is_empty() {
             return Ok(already_stored);
         }
         let lookups: Vec<(MessageKey, &str)> = pending
             .iter()
-            .map(|message| (message_key(message), message.session_id.as_str()))
+            .map(|encoded| (message_key(&encoded.message), encoded.message.session_id.as_str()))
             .filter(|(key, _)| already_stored.contains(key))
             .collect();
-        let stored = self.stored_messages(&lookups).await?;
+        let stored = self.stores.stored_messages(&lookups).await?;
         let conflicting: Vec<&MessageKey> = already_stored.iter().filter(|key| !stored.contains_key(*key)).collect();
         if !conflicting.is_empty() {
-            self.reseed_after_conflict(pending, &conflicting).await?;
-            return Err(StageError {
-                stage,
-                message: format!("{} message(s) hit a seq already in use; counters reseeded", conflicting.len()),
-            });
+            let messages = pending.iter().map(|encoded| &encoded.message);
+            return Err(seq::reseed_after_conflict(&self.stores, messages, &conflicting).await);
         }
-        pending.retain_mut(|message| {
-            let key = message_key(message);
+        pending.retain_mut(|encoded| {
+            let key = message_key(&encoded.message);
             let Some(found) = stored.get(&key) else { return true };
-            if found.session_id != message.session_id {
-                warn!(message_id = %message.id, session_id = %message.session_id, stored_session_id = %found.session_id, "message id already stored in another session; a duplicate");
+            if found.session_id != encoded.message.session_id {
+                warn!(message_id = %encoded.message.id, session_id = %encoded.message.session_id, stored_session_id = %found.session_id, "message id already stored in another session; a duplicate");
                 if let Some(decision) = decisions.get_mut(&key) {
                     decision.fate = Fate::StoredElsewhere(found.clone());
                 }
                 return false;
             }
-            if found.seq > 0 && found.seq != message.seq {
-                warn!(message_id = %message.id, assigned = message.seq, stored = found.seq, "message already stored with another seq; keeping the stored one");
-                message.seq = found.seq;
+            if found.seq > 0 && found.seq != encoded.message.seq {
+                warn!(message_id = %encoded.message.id, assigned = encoded.message.seq, stored = found.seq, "message already stored with another seq; keeping the stored one");
+                encoded.set_seq(found.seq);
             }
             true
         });
@@ -609,46 +419,86 @@ impl Pipeline {
         Ok(already_stored.into_iter().filter(|key| !stored_by_this_batch.contains(key)).collect())
     }
 
-    /// A seq collided with another message's: the counter is behind the stores. Raise it above
-    /// the stored maximum and forget the colliding assignments so the retry hands out new ones.
-    async fn reseed_after_conflict(&self, pending: &[Message], conflicting: &[&MessageKey]) -> Result<(), StageError> {
-        let postgres = self.postgres.as_ref().ok_or_else(|| StageError { stage: "seq", message: "no store".into() })?;
-        let mut by_session: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
-        for message in pending {
-            let key = (message_tenant_id(message).to_owned(), message.id.clone());
-            if conflicting.contains(&&key) {
-                by_session
-                    .entry((message_tenant_id(message), message.session_id.as_str()))
-                    .or_default()
-                    .push(&message.id);
+    /// One attempt at the second half; returns what became of every record.
+    async fn finish_attempt<'a>(&self, stored: &'a Stored) -> Result<Vec<Outcome<'a>>, Error> {
+        let topic = stored.records.first().map_or("", |record| record.topic.as_str());
+        let origin = |index: usize| {
+            let record = &stored.records[stored.accepted[index]];
+            (record.partition, record.offset)
+        };
+
+        let started = Instant::now();
+        let done: Vec<DoneMessage<'_>> = stored
+            .pending
+            .iter()
+            .map(|encoded| {
+                let representative = stored.decisions.get(&message_key(&encoded.message)).map(|d| d.representative);
+                let done = Done {
+                    seq: encoded.message.seq,
+                    persisted_ms: persisted_ms(&encoded.message),
+                    origin: representative.map(origin),
+                    topic: Some(topic.to_owned()),
+                };
+                DoneMessage { message: encoded, done }
+            })
+            .collect();
+        let wal_ids: Vec<&str> = match &self.wal_hash_key {
+            None => Vec::new(),
+            Some(_) => {
+                let ids: HashSet<&str> = stored
+                    .batch
+                    .iter()
+                    .zip(&stored.keys)
+                    .filter(|(_, key)| !stored.refused.contains_key(*key))
+                    .map(|(message, _)| message.id.as_str())
+                    .collect();
+                ids.into_iter().collect()
             }
+        };
+        let wal = self.wal_hash_key.as_deref().map(|key| (key, wal_ids.as_slice()));
+        self.stores.redis.finish(&done, wal).await.map_err(Error::at(Stage::Cache))?;
+        self.observe_stage(Stage::Cache, started);
+        self.crash_point(Stage::Cache);
+
+        let persisted: HashMap<MessageKey, &Message> =
+            stored.pending.iter().map(|encoded| (message_key(&encoded.message), &encoded.message)).collect();
+        let outcomes: Vec<(usize, Outcome<'_>)> = stored
+            .keys
+            .iter()
+            .enumerate()
+            .filter_map(|(index, key)| {
+                let decision = stored.decisions.get(key)?;
+                let left_by_this_record = match &decision.fate {
+                    Fate::Done(marker) => marker.left_by(topic, Some(origin(index))),
+                    _ => false,
+                };
+                let representative_session = stored.batch[decision.representative].session_id.as_str();
+                let persisted = persisted.get(key).copied();
+                let stored_before = stored.stored_before.contains(key);
+                outcome(index, decision, representative_session, persisted, left_by_this_record, stored_before)
+                    .map(|outcome| (index, outcome))
+            })
+            .collect();
+        if let Some(acks) = &self.acks {
+            let started = Instant::now();
+            let events: Vec<Ack> = outcomes
+                .iter()
+                .map(|(index, outcome)| Ack::of(&stored.batch[*index], &stored.keys[*index].0, outcome))
+                .collect();
+            acks.publish(&events).await.map_err(Error::at(Stage::Ack))?;
+            self.observe_stage(Stage::Ack, started);
+            self.crash_point(Stage::Ack);
         }
-        for ((tenant_id, session_id), ids) in by_session {
-            let max_seq = postgres.max_seq(tenant_id, session_id).await.map_err(|e| stage_error("seq_seed")(&e))?;
-            warn!(tenant_id, session_id, max_seq, "seq counter behind the stored messages; reseeding");
-            self.redis
-                .reseed(&SessionKeys::new(tenant_id, session_id), max_seq, &ids)
-                .await
-                .map_err(|e| stage_error("seq")(&e))?;
-        }
-        Ok(())
+        Ok(outcomes.into_iter().map(|(_, outcome)| outcome).collect())
     }
 
-    async fn cache_hot(&self, pending: &[Message]) -> redis::RedisResult<()> {
-        write_hot_windows(&self.redis, pending).await
+    fn observe_stage(&self, stage: Stage, started: Instant) {
+        self.metrics.stage_latency.with_label_values(&[stage.name()]).observe(started.elapsed().as_secs_f64());
     }
 
-    async fn update_session_states(&self, pending: &[Message]) -> redis::RedisResult<()> {
-        write_session_states(&self.redis, pending).await
-    }
-
-    fn observe_stage(&self, stage: &'static str, started: Instant) {
-        self.metrics.stage_latency.with_label_values(&[stage]).observe(started.elapsed().as_secs_f64());
-    }
-
-    fn crash_point(&self, stage: &str) {
-        if self.crash_after_stage.as_deref() == Some(stage) {
-            warn!(stage, "crash requested by WRITER_CRASH_AFTER_STAGE; aborting");
+    fn crash_point(&self, stage: Stage) {
+        if self.crash_after_stage == Some(stage) {
+            warn!(%stage, "crash requested by WRITER_CRASH_AFTER_STAGE; aborting");
             std::process::abort();
         }
     }
@@ -656,10 +506,10 @@ impl Pipeline {
     /// Runs `attempt` until it succeeds, backing off between failures. An attempt under way
     /// is allowed to finish so a shutdown still lands the batch in flight; after a failure,
     /// shutdown stops the retries. While attempts fail the writer reports itself not ready.
-    async fn retry<T, F, Fut>(&self, shutdown: &CancellationToken, mut attempt: F) -> Result<T, Interrupted>
+    async fn retry<T, F, Fut>(&self, shutdown: &CancellationToken, mut attempt: F) -> Result<T, Error>
     where
         F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, StageError>>,
+        Fut: Future<Output = Result<T, Error>>,
     {
         let mut delay = self.backoff.initial;
         loop {
@@ -668,13 +518,15 @@ impl Pipeline {
                     self.readiness.set(true);
                     return Ok(value);
                 }
-                Err(error) => {
+                Err(Error::Interrupted) => return Err(Error::Interrupted),
+                Err(failure) => {
                     self.readiness.set(false);
-                    self.metrics.stage_errors.with_label_values(&[error.stage]).inc();
-                    warn!(stage = error.stage, error = %error.message, retry_in_ms = delay.as_millis() as u64, "batch failed, retrying");
+                    let stage = failure.stage().map_or("unknown", Stage::name);
+                    self.metrics.stage_errors.with_label_values(&[stage]).inc();
+                    warn!(stage, error = %failure, retry_in_ms = delay.as_millis() as u64, "stage failed, retrying");
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
-                        () = shutdown.cancelled() => return Err(Interrupted),
+                        () = shutdown.cancelled() => return Err(Error::Interrupted),
                     }
                     delay = (delay * 2).min(self.backoff.max);
                 }
@@ -689,11 +541,10 @@ fn lock(memory: &Memory) -> std::sync::MutexGuard<'_, Learned> {
 
 /// The result of a database write, with what it stored — before a failure too — recorded in
 /// `memory` as stored by this batch.
-fn remember<E: std::error::Error>(
-    result: Result<Written, Partial<E>>,
-    memory: &Memory,
-    stage: &'static str,
-) -> Result<Written, StageError> {
+fn remember<E>(result: Result<Written, Partial<E>>, memory: &Memory, stage: Stage) -> Result<Written, Error>
+where
+    E: std::error::Error + Into<crate::error::Cause>,
+{
     match result {
         Ok(written) => {
             lock(memory).stored.extend(written.inserted.iter().cloned());
@@ -701,31 +552,28 @@ fn remember<E: std::error::Error>(
         }
         Err(partial) => {
             lock(memory).stored.extend(partial.written.inserted.iter().cloned());
-            Err(stage_error(stage)(&partial.error))
+            Err(Error::at(stage)(partial.error))
         }
     }
 }
 
-/// Records the messages at `refused` (indexes into `pending`) as refused by `store` and takes
-/// them out of `pending`.
-fn refuse(pending: &mut Vec<Message>, refused: &[(usize, String)], store: &str, memory: &Memory) {
+/// Records the messages at `refused` (indexes into `pending`) as refused by the database of
+/// `stage` and takes them out of `pending`.
+fn refuse(pending: &mut Vec<Encoded>, refused: &[(usize, String)], stage: Stage, memory: &Memory) {
     if refused.is_empty() {
         return;
     }
     if refused.len() == pending.len() && pending.len() > 1 {
         // Possible, but more likely the database or its schema does not match this version:
         // the records stay in the dead-letter topic to be replayed once that is fixed.
-        error!(
-            store,
-            records = pending.len(),
-            "the database refused every message of the batch; check its schema and settings"
-        );
+        error!(store = %stage, records = pending.len(), "the database refused every message of the batch; check its schema and settings");
     }
     let mut memory = lock(memory);
     let mut gone = HashSet::new();
     for (index, reason) in refused {
-        let Some(message) = pending.get(*index) else { continue };
-        warn!(store, message_id = %message.id, session_id = %message.session_id, reason = %reason, "database refused a message; it will be dead-lettered");
+        let Some(encoded) = pending.get(*index) else { continue };
+        let message = &encoded.message;
+        warn!(store = %stage, message_id = %message.id, session_id = %message.session_id, reason = %reason, "database refused a message; it will be dead-lettered");
         memory.refused.insert(message_key(message), reason.clone());
         gone.insert(*index);
     }
@@ -735,88 +583,4 @@ fn refuse(pending: &mut Vec<Message>, refused: &[(usize, String)], store: &str, 
         index += 1;
         keep
     });
-}
-
-/// The hot-cache stage: adds a batch's messages to their sessions' windows. Public so the
-/// benchmarks drive Redis with exactly the writer's commands.
-pub async fn write_hot_windows(redis: &RedisStore, pending: &[Message]) -> redis::RedisResult<()> {
-    if pending.is_empty() {
-        return Ok(());
-    }
-    let sessions = group_by_session(pending)
-        .into_iter()
-        .map(|(keys, messages)| {
-            let entries = messages
-                .iter()
-                .map(|message| HotEntry {
-                    seq: message.seq,
-                    message_id: &message.id,
-                    timestamp_us: timestamp_us(message),
-                    body: message.encode_to_vec(),
-                })
-                .collect();
-            (keys, entries)
-        })
-        .collect::<Vec<_>>();
-    redis.cache_hot(&sessions).await
-}
-
-/// The session-state stage: last message and seq of each session, and its senders' read seqs.
-pub async fn write_session_states(redis: &RedisStore, pending: &[Message]) -> redis::RedisResult<()> {
-    if pending.is_empty() {
-        return Ok(());
-    }
-    let sessions = group_by_session(pending)
-        .into_iter()
-        .map(|(keys, mut messages)| {
-            messages.sort_by_key(|message| message.seq);
-            let entries = messages
-                .into_iter()
-                .map(|message| StateEntry {
-                    seq: message.seq,
-                    message_id: &message.id,
-                    sender_id: &message.sender_id,
-                    message_type: message.message_type,
-                    content_type: content_type(message),
-                    timestamp_ms: message
-                        .timestamp
-                        .as_ref()
-                        .and_then(to_datetime)
-                        .map(|t| t.timestamp_millis())
-                        .unwrap_or(0),
-                })
-                .collect();
-            (keys, entries)
-        })
-        .collect::<Vec<_>>();
-    redis.update_states(&sessions).await
-}
-
-/// Messages grouped by session, each group in batch order.
-fn group_by_session(messages: &[Message]) -> Vec<(SessionKeys, Vec<&Message>)> {
-    let mut groups: Vec<(SessionKeys, Vec<&Message>)> = Vec::new();
-    let mut slot_of: HashMap<(&str, &str), usize> = HashMap::new();
-    for message in messages {
-        let session = (message_tenant_id(message), message.session_id.as_str());
-        let slot = *slot_of.entry(session).or_insert_with(|| {
-            groups.push((SessionKeys::new(session.0, session.1), Vec::new()));
-            groups.len() - 1
-        });
-        groups[slot].1.push(message);
-    }
-    groups
-}
-
-fn timestamp_us(message: &Message) -> i64 {
-    message.timestamp.as_ref().and_then(to_datetime).map(|time| time.timestamp_micros()).unwrap_or(0)
-}
-
-fn ingestion_ms(message: &Message) -> i64 {
-    message
-        .timeline
-        .as_ref()
-        .and_then(|timeline| timeline.ingestion_time.as_ref())
-        .and_then(to_datetime)
-        .map(|time| time.timestamp_millis())
-        .unwrap_or(0)
 }

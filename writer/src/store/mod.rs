@@ -11,11 +11,56 @@ pub mod mongo;
 pub mod postgres;
 pub mod redis;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
 use flare_storage_common::message::message_tenant_id;
 use flare_storage_common::proto::storage::Message;
+
+use crate::error::{Error, Stage};
+
+/// The stores one writer writes: Redis always, and at least one database.
+pub struct Stores {
+    pub redis: redis::RedisStore,
+    pub postgres: Option<postgres::PostgresStore>,
+    pub mongo: Option<mongo::MongoStore>,
+}
+
+impl Stores {
+    /// Which of `keys` a database holds (with the payload where it holds it in the session
+    /// given beside the key), from PostgreSQL when configured (the first store written), else
+    /// MongoDB. A failure counts against that database's stage.
+    pub async fn stored_messages(
+        &self,
+        keys: &[(MessageKey, &str)],
+    ) -> Result<HashMap<MessageKey, StoredMessage>, Error> {
+        if let Some(postgres) = &self.postgres {
+            return postgres.stored_messages(keys).await.map_err(Error::at(Stage::Postgres));
+        }
+        match &self.mongo {
+            Some(mongo) => mongo.stored_messages(keys).await.map_err(Error::at(Stage::Mongo)),
+            None => Ok(HashMap::new()),
+        }
+    }
+
+    /// The highest seq any database holds for each (tenant, session): one query per database.
+    pub async fn max_seqs(&self, sessions: &[(String, String)]) -> Result<HashMap<(String, String), i64>, Error> {
+        let mut max_seqs: HashMap<(String, String), i64> = HashMap::new();
+        let mut merge = |found: Vec<((String, String), i64)>| {
+            for (session, max) in found {
+                let current = max_seqs.entry(session).or_insert(0);
+                *current = (*current).max(max);
+            }
+        };
+        if let Some(postgres) = &self.postgres {
+            merge(postgres.max_seqs(sessions).await.map_err(Error::at(Stage::SeqSeed))?);
+        }
+        if let Some(mongo) = &self.mongo {
+            merge(mongo.max_seqs(sessions).await.map_err(Error::at(Stage::SeqSeed))?);
+        }
+        Ok(max_seqs)
+    }
+}
 
 /// (tenant_id, message_id): a message's identity; unique within a tenant.
 pub type MessageKey = (String, String);
@@ -23,6 +68,29 @@ pub type MessageKey = (String, String);
 /// The identity of a normalised message.
 pub fn message_key(message: &Message) -> MessageKey {
     (message_tenant_id(message).to_owned(), message.id.clone())
+}
+
+/// A message ready for the stores with its encoding (protobuf `Message`), made once and
+/// written as is everywhere: the databases' payload and the hot window's body.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub message: Message,
+    pub payload: Vec<u8>,
+}
+
+impl Encoded {
+    pub fn new(message: Message) -> Self {
+        use flare_storage_common::prost::Message as _;
+        let payload = message.encode_to_vec();
+        Self { message, payload }
+    }
+
+    /// Gives the message another seq (the one a database holds), encoding it again.
+    pub fn set_seq(&mut self, seq: i64) {
+        use flare_storage_common::prost::Message as _;
+        self.message.seq = seq;
+        self.payload = self.message.encode_to_vec();
+    }
 }
 
 /// What a database made of a batch.
@@ -46,7 +114,7 @@ impl Written {
     /// What a write of `messages` (at `offset` in the batch) reported, every message neither
     /// already stored nor refused counted as inserted.
     fn of(
-        messages: &[Message],
+        messages: &[Encoded],
         offset: usize,
         already_stored: HashSet<MessageKey>,
         refused: Vec<(usize, String)>,
@@ -56,7 +124,7 @@ impl Written {
             .iter()
             .enumerate()
             .filter(|(index, _)| !refused_at.contains(&(offset + index)))
-            .map(|(_, message)| message_key(message))
+            .map(|(_, encoded)| message_key(&encoded.message))
             .filter(|key| !already_stored.contains(key))
             .collect();
         Self { inserted, already_stored, refused }
@@ -132,12 +200,11 @@ where
 /// Consecutive ranges of `messages` whose encoded sizes add up to at most `max_bytes` each
 /// (a single larger message is a range of its own), so that no statement carries more than a
 /// database accepts in one parameter or request.
-pub fn ranges_by_size(messages: &[Message], max_bytes: usize) -> Vec<Range<usize>> {
-    use flare_storage_common::prost::Message as _;
+pub fn ranges_by_size(messages: &[Encoded], max_bytes: usize) -> Vec<Range<usize>> {
     let mut ranges = Vec::new();
     let (mut start, mut bytes) = (0, 0);
-    for (index, message) in messages.iter().enumerate() {
-        let size = message.encoded_len();
+    for (index, encoded) in messages.iter().enumerate() {
+        let size = encoded.payload.len();
         if index > start && bytes + size > max_bytes {
             ranges.push(start..index);
             (start, bytes) = (index, 0);
@@ -235,9 +302,9 @@ mod tests {
 
     #[test]
     fn ranges_respect_the_size_bound() {
-        let message = |bytes: usize| Message { id: "x".repeat(bytes), ..Default::default() };
-        let messages: Vec<Message> = [10, 10, 10, 100, 10].into_iter().map(message).collect();
-        let sizes: Vec<usize> = messages.iter().map(flare_storage_common::prost::Message::encoded_len).collect();
+        let message = |bytes: usize| Encoded::new(Message { id: "x".repeat(bytes), ..Default::default() });
+        let messages: Vec<Encoded> = [10, 10, 10, 100, 10].into_iter().map(message).collect();
+        let sizes: Vec<usize> = messages.iter().map(|encoded| encoded.payload.len()).collect();
         let bound = sizes[0] * 2;
         assert_eq!(ranges_by_size(&messages, bound), [0..2, 2..3, 3..4, 4..5]);
         assert_eq!(ranges_by_size(&messages, usize::MAX), std::iter::once(0..5).collect::<Vec<_>>());

@@ -22,7 +22,7 @@ use mongodb::error::{ErrorKind, Result};
 use mongodb::options::IndexOptions;
 use mongodb::{Client, Collection, IndexModel};
 
-use super::{MessageKey, Partial, StoredMessage, WriteFailure, Written, message_key, write_isolating};
+use super::{Encoded, MessageKey, Partial, StoredMessage, WriteFailure, Written, message_key, write_isolating};
 
 /// MongoDB's hard limit on a document (`maxBsonObjectSize`).
 pub const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
@@ -108,7 +108,7 @@ impl MongoStore {
     /// and those the server refuses for good (with its reason); every other message is stored.
     pub async fn insert_batch(
         &self,
-        messages: &[Message],
+        messages: &[Encoded],
     ) -> std::result::Result<Written, Partial<mongodb::error::Error>> {
         if messages.is_empty() {
             return Ok(Written::default());
@@ -119,12 +119,13 @@ impl MongoStore {
 
     async fn insert_range(
         &self,
-        messages: &[Message],
+        messages: &[Encoded],
         range: Range<usize>,
     ) -> std::result::Result<Written, WriteFailure<mongodb::error::Error>> {
         let offset = range.start;
         let messages = &messages[range];
-        let documents: Vec<Document> = messages.iter().map(to_document).collect();
+        let documents: Vec<Document> =
+            messages.iter().map(|encoded| to_document(&encoded.message, &encoded.payload)).collect();
         let error = match self.collection.insert_many(documents).ordered(false).await {
             Ok(_) => return Ok(Written::of(messages, offset, Default::default(), Vec::new())),
             Err(error) => error,
@@ -144,10 +145,10 @@ impl MongoStore {
         let mut already_stored = std::collections::HashSet::new();
         let mut refused = Vec::new();
         for write_error in failure.write_errors.as_deref().unwrap_or_default() {
-            let Some(message) = messages.get(write_error.index) else { continue };
+            let Some(encoded) = messages.get(write_error.index) else { continue };
             match write_error.code {
                 DUPLICATE_KEY => {
-                    already_stored.insert(message_key(message));
+                    already_stored.insert(message_key(&encoded.message));
                 }
                 code if DOCUMENT_REFUSED.contains(&code) => refused.push((
                     offset + write_error.index,
@@ -231,12 +232,13 @@ pub fn document_size_refusal(message: &Message) -> Option<String> {
     if message.encoded_len().saturating_mul(10) < MAX_DOCUMENT_BYTES {
         return None;
     }
-    let size = mongodb::bson::to_vec(&to_document(message)).map_or(usize::MAX, |bytes| bytes.len());
+    let size =
+        mongodb::bson::to_vec(&to_document(message, &message.encode_to_vec())).map_or(usize::MAX, |bytes| bytes.len());
     (size > MAX_DOCUMENT_BYTES)
         .then(|| format!("its MongoDB document of {size} bytes exceeds MongoDB's limit of {MAX_DOCUMENT_BYTES} bytes"))
 }
 
-fn to_document(message: &Message) -> Document {
+fn to_document(message: &Message, payload: &[u8]) -> Document {
     let tenant_id = message_tenant_id(message);
     let timestamp = message.timestamp.as_ref().and_then(to_datetime).unwrap_or_default();
     let text = match message.content.as_ref().and_then(|content| content.content.as_ref()) {
@@ -283,6 +285,6 @@ fn to_document(message: &Message) -> Document {
         "tags": &message.tags,
         "attributes": strings(&message.attributes),
         "extra": strings(&message.extra),
-        "payload": Bson::Binary(mongodb::bson::Binary { subtype: BinarySubtype::Generic, bytes: message.encode_to_vec() }),
+        "payload": Bson::Binary(mongodb::bson::Binary { subtype: BinarySubtype::Generic, bytes: payload.to_vec() }),
     }
 }

@@ -16,7 +16,9 @@ use flare_storage_common::proto::storage::Message;
 use flare_storage_common::stored_text::{derived_copy, escape_json_map};
 use sqlx::PgPool;
 
-use super::{MessageKey, Partial, StoredMessage, WriteFailure, Written, message_key, ranges_by_size, write_isolating};
+use super::{
+    Encoded, MessageKey, Partial, StoredMessage, WriteFailure, Written, message_key, ranges_by_size, write_isolating,
+};
 
 /// Most payload bytes one INSERT carries: PostgreSQL allocates each array parameter whole and
 /// refuses allocations over 1 GB, so a batch of large messages is written in several.
@@ -79,14 +81,14 @@ impl PostgresStore {
     /// Inserts every message not stored yet. Reports those stored now, those already stored
     /// and those the database refuses for good (with its error). Messages must be normalised
     /// (tenant, session and timestamp set).
-    pub async fn insert_batch(&self, messages: &[Message]) -> Result<Written, Partial<sqlx::Error>> {
+    pub async fn insert_batch(&self, messages: &[Encoded]) -> Result<Written, Partial<sqlx::Error>> {
         let ranges = ranges_by_size(messages, MAX_STATEMENT_BYTES);
         write_isolating(ranges, |range| self.insert_range(messages, range)).await
     }
 
     async fn insert_range(
         &self,
-        messages: &[Message],
+        messages: &[Encoded],
         range: Range<usize>,
     ) -> Result<Written, WriteFailure<sqlx::Error>> {
         let offset = range.start;
@@ -95,12 +97,16 @@ impl PostgresStore {
             Some(reason) => WriteFailure::Refused(reason),
             None => WriteFailure::Failed(error),
         })?;
-        let already_stored = messages.iter().map(message_key).filter(|key| !inserted.contains(key)).collect();
+        let already_stored = messages
+            .iter()
+            .map(|encoded| message_key(&encoded.message))
+            .filter(|key| !inserted.contains(key))
+            .collect();
         Ok(Written::of(messages, offset, already_stored, Vec::new()))
     }
 
     /// One INSERT of `messages`; returns the keys of those that were new.
-    async fn insert(&self, messages: &[Message]) -> Result<HashSet<MessageKey>, sqlx::Error> {
+    async fn insert(&self, messages: &[Encoded]) -> Result<HashSet<MessageKey>, sqlx::Error> {
         let columns = Columns::from_messages(messages);
         let rows: Vec<(String, String)> = sqlx::query_as(INSERT_BATCH)
             .bind(columns.tenant_id)
@@ -298,9 +304,9 @@ struct Columns {
 }
 
 impl Columns {
-    fn from_messages(messages: &[Message]) -> Self {
+    fn from_messages(messages: &[Encoded]) -> Self {
         let mut columns = Self::default();
-        for message in messages {
+        for Encoded { message, payload } in messages {
             columns.tenant_id.push(message_tenant_id(message).to_owned());
             columns.message_id.push(message.id.clone());
             columns.session_id.push(message.session_id.clone());
@@ -324,7 +330,7 @@ impl Columns {
             columns.extra.push(json_text(&escape_json_map(&message.extra)));
             columns.tags.push(json_text(&message.tags));
             columns.attributes.push(json_text(&escape_json_map(&message.attributes)));
-            columns.payload.push(message.encode_to_vec());
+            columns.payload.push(payload.clone());
             columns.content_text.push(searchable_text(message).map(|text| derived_copy(text).into_owned()));
             // The time the pipeline stamped as persisted, so every store and the cache agree.
             columns.persisted_at.push(

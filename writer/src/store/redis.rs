@@ -1,17 +1,27 @@
-//! Redis: idempotency markers, per-session seq, the hot cache, session state and read seqs.
-//! Key layout in `flare_storage_common::keys`.
+//! Redis: idempotency markers, per-session seq, and the cache stage — hot window, session
+//! state, senders' read seqs and done markers. Key layout in `flare_storage_common::keys`.
 //!
-//! Every operation here is idempotent, so the pipeline can repeat a whole batch after any
-//! failure: markers are `SET NX`, seqs are remembered per message id until the message is
-//! durable, state and read seqs only move forward by seq, cache writes overwrite.
-//! Commands are pipelined per batch; the multi-key steps are Lua scripts over the keys of one
-//! session, which share a hash tag.
+//! Every operation here is idempotent, so the pipeline can repeat a stage after any failure:
+//! markers are `SET NX`, seqs are remembered per message id until the message is durable,
+//! state and read seqs only move forward by seq, cache writes overwrite.
+//!
+//! A batch costs two round trips here: the seq scripts, and the cache stage. Both are one
+//! pipeline of Lua scripts, one call per session over keys that share the session's hash tag
+//! (one Redis Cluster slot). The cache stage's script writes a session's window, state and
+//! done markers together, so a marker never stands for work that did not happen. Scripts are
+//! called by SHA; a Redis that forgot them (restart, `SCRIPT FLUSH`) answers NOSCRIPT, and they
+//! are loaded and the pipeline sent again.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
+use chrono::DateTime;
 use flare_storage_common::keys::{HOT_FLOOR_ALL, SessionKeys};
+use flare_storage_common::message::{content_type, message_tenant_id, to_datetime};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisResult, Script};
+use redis::{ErrorKind, FromRedisValue, RedisResult, Script, ServerErrorKind};
+
+use super::Encoded;
 
 /// A message already durable everywhere, as its marker records it: its seq, when it was
 /// persisted, and the Kafka record (topic, partition, offset) that completed it — so a
@@ -64,25 +74,6 @@ pub struct SeqRequest<'a> {
     pub seed: Option<i64>,
 }
 
-/// One message for a session's hot window.
-pub struct HotEntry<'a> {
-    pub seq: i64,
-    pub message_id: &'a str,
-    pub timestamp_us: i64,
-    /// The encoded protobuf `Message`.
-    pub body: Vec<u8>,
-}
-
-/// One message's effect on its session's state.
-pub struct StateEntry<'a> {
-    pub seq: i64,
-    pub message_id: &'a str,
-    pub sender_id: &'a str,
-    pub message_type: i32,
-    pub content_type: &'a str,
-    pub timestamp_ms: i64,
-}
-
 /// Hands out seqs. Returns, per message id, the seq it got, or an empty list when the session
 /// counter is missing and no seed was given (the caller seeds it from the stores and calls
 /// again).
@@ -116,21 +107,38 @@ for i = 2, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
 return 1
 "#;
 
-/// Adds messages to a session's hot window, trims it to the newest ARGV[1] by seq and keeps
-/// its completeness floor (see `SessionKeys::hot_meta`): a window that receives a session's
-/// first message (seq 1) holds the whole session; trimming raises the floor to the newest
-/// evicted timestamp; a window of unknown completeness stays unknown.
-const CACHE_HOT: &str = r#"
--- KEYS[1] zset seq -> id, KEYS[2] hash id -> body, KEYS[3] zset time -> id, KEYS[4] meta hash,
--- KEYS[5] gone hash (only its expiry is refreshed, so it outlives the window)
--- ARGV[1] window, ARGV[2] ttl, ARGV[3] floor meaning 'all', then groups of four:
--- seq, message_id, timestamp_us, body
+/// The cache stage of one session, atomically: adds its messages (ascending seq) to the hot
+/// window, applies them to the session state and its senders' read seqs, then records them as
+/// done and forgets their remembered seqs.
+///
+/// Window: trimmed to the newest ARGV[1] by seq, keeping its completeness floor (see
+/// `SessionKeys::hot_meta`): a window that receives a session's first message (seq 1) holds
+/// the whole session; trimming raises the floor to the newest evicted timestamp; a window of
+/// unknown completeness stays unknown. State: a message at or below the applied seq was applied
+/// before and changes nothing; read seqs only move forward. Nothing is written per member.
+const FINISH_SESSION: &str = r#"
+-- KEYS: 1 seq zset, 2 bodies, 3 time zset, 4 meta, 5 gone (only its expiry is refreshed, so
+-- it outlives the window), 6 state, 7 reads, 8 seq-of hash, then one done marker per message
+-- ARGV: 1 window, 2 hot ttl, 3 floor meaning 'all', 4 marker ttl, then per message:
+-- seq, message_id, timestamp_us, body, sender_id, message_type, content_type, ts_ms, marker
 local starts_session = false
-for i = 4, #ARGV, 4 do
-  redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
-  redis.call('ZADD', KEYS[3], ARGV[i + 2], ARGV[i + 1])
-  redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 3])
-  if ARGV[i] == '1' then starts_session = true end
+local last = tonumber(redis.call('HGET', KEYS[6], 'last_seq') or '0')
+local latest = nil
+local n = 0
+for i = 5, #ARGV, 9 do
+  n = n + 1
+  local seq, id, sender = ARGV[i], ARGV[i + 1], ARGV[i + 4]
+  redis.call('ZADD', KEYS[1], seq, id)
+  redis.call('ZADD', KEYS[3], ARGV[i + 2], id)
+  redis.call('HSET', KEYS[2], id, ARGV[i + 3])
+  if seq == '1' then starts_session = true end
+  if tonumber(seq) > last then
+    last = tonumber(seq)
+    latest = i
+  end
+  if sender ~= '' and tonumber(seq) > tonumber(redis.call('HGET', KEYS[7], sender) or '0') then
+    redis.call('HSET', KEYS[7], sender, seq)
+  end
 end
 if starts_session and redis.call('EXISTS', KEYS[4]) == 0 then
   redis.call('HSET', KEYS[4], 'floor_us', ARGV[3])
@@ -144,45 +152,37 @@ if excess > 0 then
     if ts and (not evicted_max or ts > evicted_max) then evicted_max = ts end
   end
   redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
-  redis.call('ZREM', KEYS[3], unpack(old))
-  redis.call('HDEL', KEYS[2], unpack(old))
+  for start = 1, #old, 1000 do
+    local chunk = {unpack(old, start, math.min(start + 999, #old))}
+    redis.call('ZREM', KEYS[3], unpack(chunk))
+    redis.call('HDEL', KEYS[2], unpack(chunk))
+  end
   local floor = redis.call('HGET', KEYS[4], 'floor_us')
   if floor and evicted_max and evicted_max > tonumber(floor) then
     redis.call('HSET', KEYS[4], 'floor_us', string.format('%.0f', evicted_max))
   end
 end
 for k = 1, 5 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
-return 1
+if latest then
+  redis.call('HSET', KEYS[6],
+    'last_seq', ARGV[latest], 'last_message_id', ARGV[latest + 1], 'last_sender_id', ARGV[latest + 4],
+    'last_message_type', ARGV[latest + 5], 'last_content_type', ARGV[latest + 6],
+    'last_message_ts', ARGV[latest + 7], 'message_count', ARGV[latest])
+end
+local m = 0
+for i = 5, #ARGV, 9 do
+  m = m + 1
+  redis.call('SET', KEYS[8 + m], ARGV[i + 8], 'NX', 'EX', ARGV[4])
+  redis.call('HDEL', KEYS[8], ARGV[i + 1])
+end
+return n
 "#;
 
-/// Applies messages (ascending seq) to a session's state, and moves each sender's read seq
-/// to their message (replying means having read). A message at or below the applied seq was
-/// applied before and changes nothing; read seqs only move forward. The work is the same for
-/// a session of two members or five thousand: nothing is written per member.
-const UPDATE_STATE: &str = r#"
--- KEYS[1] state hash, KEYS[2] reads hash (user -> read seq)
--- ARGV: groups of seq, message_id, sender_id, message_type, content_type, ts_ms
-local last = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
-local latest = nil
-for i = 1, #ARGV, 6 do
-  local seq = tonumber(ARGV[i])
-  if seq > last then
-    last = seq
-    latest = i
-  end
-  local sender = ARGV[i + 2]
-  if sender ~= '' and seq > tonumber(redis.call('HGET', KEYS[2], sender) or '0') then
-    redis.call('HSET', KEYS[2], sender, ARGV[i])
-  end
-end
-if latest then
-  redis.call('HSET', KEYS[1],
-    'last_seq', ARGV[latest], 'last_message_id', ARGV[latest + 1], 'last_sender_id', ARGV[latest + 2],
-    'last_message_type', ARGV[latest + 3], 'last_content_type', ARGV[latest + 4],
-    'last_message_ts', ARGV[latest + 5], 'message_count', ARGV[latest])
-end
-return 1
-"#;
+/// A message already durable everywhere, with the Kafka record that completed it.
+pub struct DoneMessage<'a> {
+    pub message: &'a Encoded,
+    pub done: Done,
+}
 
 #[derive(Clone)]
 pub struct RedisStore {
@@ -192,8 +192,7 @@ pub struct RedisStore {
     hot_window: usize,
     assign_seq: Script,
     reseed: Script,
-    cache_hot: Script,
-    update_state: Script,
+    finish_session: Script,
 }
 
 impl RedisStore {
@@ -218,9 +217,22 @@ impl RedisStore {
             hot_window,
             assign_seq: Script::new(ASSIGN_SEQ),
             reseed: Script::new(RESEED),
-            cache_hot: Script::new(CACHE_HOT),
-            update_state: Script::new(UPDATE_STATE),
+            finish_session: Script::new(FINISH_SESSION),
         })
+    }
+
+    /// Sends a pipeline that calls `script` by SHA. A Redis that does not know the script
+    /// answers NOSCRIPT for every call of it, so nothing of it ran: the script is loaded and
+    /// the pipeline sent again.
+    async fn query_calling<T: FromRedisValue>(&self, pipe: &redis::Pipeline, script: &Script) -> RedisResult<T> {
+        let mut connection = self.connection.clone();
+        match pipe.query_async(&mut connection).await {
+            Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                script.load_async(&mut connection).await?;
+                pipe.query_async(&mut connection).await
+            }
+            result => result,
+        }
     }
 
     /// The done marker of each (session keys, message id), in order.
@@ -244,8 +256,6 @@ impl RedisStore {
         }
         let ttl = self.idempotency_ttl.as_secs().max(1);
         let mut pipe = redis::pipe();
-        pipe.load_script(&self.assign_seq).ignore();
-        let mut invocations = Vec::with_capacity(requests.len());
         for request in requests {
             let mut invocation = self.assign_seq.key(request.keys.seq_counter());
             invocation.key(request.keys.seq_assigned()).arg(ttl);
@@ -256,12 +266,9 @@ impl RedisStore {
             for message_id in &request.message_ids {
                 invocation.arg(*message_id);
             }
-            invocations.push(invocation);
+            pipe.invoke_script(&invocation);
         }
-        for invocation in &invocations {
-            pipe.invoke_script(invocation);
-        }
-        let results: Vec<Vec<i64>> = pipe.query_async(&mut self.connection.clone()).await?;
+        let results: Vec<Vec<i64>> = self.query_calling(&pipe, &self.assign_seq).await?;
         Ok(results.into_iter().map(|seqs| (!seqs.is_empty()).then_some(seqs)).collect())
     }
 
@@ -275,85 +282,75 @@ impl RedisStore {
         invocation.invoke_async(&mut self.connection.clone()).await
     }
 
-    /// Adds messages to each session's hot window.
-    pub async fn cache_hot(&self, sessions: &[(SessionKeys, Vec<HotEntry<'_>>)]) -> RedisResult<()> {
+    /// The cache stage of a batch, in one round trip: every session's hot window, state,
+    /// senders' read seqs and done markers (one script call per session, see
+    /// [`FINISH_SESSION`]), and the removal of the messages' upstream write-ahead entries
+    /// (`HDEL wal_key id…`).
+    pub async fn finish(&self, done: &[DoneMessage<'_>], wal: Option<(&str, &[&str])>) -> RedisResult<()> {
+        let wal = wal.filter(|(_, ids)| !ids.is_empty());
+        if done.is_empty() && wal.is_none() {
+            return Ok(());
+        }
+        let hot_ttl = self.hot_ttl.as_secs().max(1);
+        let marker_ttl = self.idempotency_ttl.as_secs().max(1);
         let mut pipe = redis::pipe();
-        pipe.load_script(&self.cache_hot).ignore();
-        let ttl = self.hot_ttl.as_secs().max(1);
-        let mut invocations = Vec::with_capacity(sessions.len());
-        for (keys, entries) in sessions {
-            let mut invocation = self.cache_hot.key(keys.hot_index());
+        for (keys, mut messages) in by_session(done) {
+            messages.sort_by_key(|done| done.message.message.seq);
+            let mut invocation = self.finish_session.key(keys.hot_index());
             invocation
                 .key(keys.hot_bodies())
                 .key(keys.hot_time_index())
                 .key(keys.hot_meta())
                 .key(keys.gone())
+                .key(keys.state())
+                .key(keys.reads())
+                .key(keys.seq_assigned())
                 .arg(self.hot_window)
-                .arg(ttl)
-                .arg(HOT_FLOOR_ALL);
-            for entry in entries {
-                invocation.arg(entry.seq).arg(entry.message_id).arg(entry.timestamp_us).arg(entry.body.as_slice());
-            }
-            invocations.push(invocation);
-        }
-        for invocation in &invocations {
-            pipe.invoke_script(invocation).ignore();
-        }
-        pipe.query_async(&mut self.connection.clone()).await
-    }
-
-    /// Applies each session's messages (ascending seq) to its state and its senders' read seqs.
-    pub async fn update_states(&self, sessions: &[(SessionKeys, Vec<StateEntry<'_>>)]) -> RedisResult<()> {
-        let mut pipe = redis::pipe();
-        pipe.load_script(&self.update_state).ignore();
-        let mut invocations = Vec::with_capacity(sessions.len());
-        for (keys, entries) in sessions {
-            let mut invocation = self.update_state.key(keys.state());
-            invocation.key(keys.reads());
-            for entry in entries {
+                .arg(hot_ttl)
+                .arg(HOT_FLOOR_ALL)
+                .arg(marker_ttl);
+            for DoneMessage { message: Encoded { message, payload }, done } in messages {
+                let time = message.timestamp.as_ref().and_then(to_datetime).unwrap_or(DateTime::UNIX_EPOCH);
                 invocation
-                    .arg(entry.seq)
-                    .arg(entry.message_id)
-                    .arg(entry.sender_id)
-                    .arg(entry.message_type)
-                    .arg(entry.content_type)
-                    .arg(entry.timestamp_ms);
+                    .key(keys.done(&message.id))
+                    .arg(message.seq)
+                    .arg(&message.id)
+                    .arg(time.timestamp_micros())
+                    .arg(payload.as_slice())
+                    .arg(&message.sender_id)
+                    .arg(message.message_type)
+                    .arg(content_type(message))
+                    .arg(time.timestamp_millis())
+                    .arg(done.encode());
             }
-            invocations.push(invocation);
+            pipe.invoke_script(&invocation).ignore();
         }
-        for invocation in &invocations {
-            pipe.invoke_script(invocation).ignore();
+        if let Some((wal_key, ids)) = wal {
+            pipe.cmd("HDEL").arg(wal_key).arg(ids).ignore();
         }
-        pipe.query_async(&mut self.connection.clone()).await
-    }
-
-    /// `HDEL wal_key id…`: the upstream's write-ahead entries of stored messages.
-    pub async fn remove_from_wal(&self, wal_key: &str, message_ids: &[&str]) -> RedisResult<()> {
-        if message_ids.is_empty() {
-            return Ok(());
-        }
-        redis::cmd("HDEL").arg(wal_key).arg(message_ids).query_async(&mut self.connection.clone()).await
-    }
-
-    /// Records messages as durable (`SET NX EX`, one command each) and forgets their
-    /// remembered seqs, which the markers now carry.
-    pub async fn mark_done(&self, messages: &[(SessionKeys, &str, Done)]) -> RedisResult<()> {
-        if messages.is_empty() {
-            return Ok(());
-        }
-        let ttl = self.idempotency_ttl.as_secs().max(1);
-        let mut pipe = redis::pipe();
-        for (keys, message_id, done) in messages {
-            pipe.cmd("SET").arg(keys.done(message_id)).arg(done.encode()).arg("NX").arg("EX").arg(ttl).ignore();
-            pipe.hdel(keys.seq_assigned(), *message_id).ignore();
-        }
-        pipe.query_async(&mut self.connection.clone()).await
+        self.query_calling(&pipe, &self.finish_session).await
     }
 
     /// Round trip for readiness checks.
     pub async fn ping(&self) -> RedisResult<()> {
         redis::cmd("PING").query_async(&mut self.connection.clone()).await
     }
+}
+
+/// Messages grouped by session, each group in batch order.
+fn by_session<'a, 'b>(done: &'a [DoneMessage<'b>]) -> Vec<(SessionKeys, Vec<&'a DoneMessage<'b>>)> {
+    let mut groups: Vec<(SessionKeys, Vec<&DoneMessage<'_>>)> = Vec::new();
+    let mut slot_of: HashMap<(&str, &str), usize> = HashMap::new();
+    for entry in done {
+        let message = &entry.message.message;
+        let session = (message_tenant_id(message), message.session_id.as_str());
+        let slot = *slot_of.entry(session).or_insert_with(|| {
+            groups.push((SessionKeys::new(session.0, session.1), Vec::new()));
+            groups.len() - 1
+        });
+        groups[slot].1.push(entry);
+    }
+    groups
 }
 
 #[cfg(test)]
