@@ -336,6 +336,7 @@ async fn raw_redis(
             .map(|message| DoneMessage {
                 message,
                 done: Done { seq: message.message.seq, persisted_ms: 0, origin: None, topic: None },
+                stored_before: false,
             })
             .collect();
         let step = Instant::now();

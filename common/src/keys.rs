@@ -53,10 +53,11 @@ impl SessionKeys {
     }
 
     /// HASH of per-user views of the session: `loaded` once filled from the database,
-    /// `clear:<user>` → µs watermark, `hide:<user>:<message_id>` → 1. Only ever grows (hides
-    /// and higher watermarks), so loads and commands merge in any order.
+    /// `clear:<user>` → µs watermark, [`hidden_view_field`] → 1. Only ever grows (hides and
+    /// higher watermarks), so loads and commands merge in any order. (Named `…:userviews`
+    /// since hide fields carry the user's length; the `…:views` of earlier versions expire.)
     pub fn views(&self) -> String {
-        format!("{}:views", self.tag)
+        format!("{}:userviews", self.tag)
     }
 
     /// STRING bumped by every command that changes cached messages; a window fill that
@@ -68,7 +69,7 @@ impl SessionKeys {
     /// HASH of the session's state: `last_seq`, `last_message_id`, `last_sender_id`,
     /// `last_message_type`, `last_content_type`, `last_message_ts` (epoch ms) and
     /// `message_count` (seqs handed out). Written once per session per writer batch, whatever
-    /// the session's size; rebuilt from the messages when missing.
+    /// the session's size; put back by the reader from the newest stored message when missing.
     pub fn state(&self) -> String {
         format!("{}:state", self.tag)
     }
@@ -96,9 +97,16 @@ impl SessionKeys {
     }
 }
 
-/// Field of [`SessionKeys::views`] saying `message_id` is hidden for `user_id`.
+/// Field of [`SessionKeys::views`] saying `message_id` is hidden for `user_id`: the user's
+/// [`hidden_view_prefix`], then the message id.
 pub fn hidden_view_field(user_id: &str, message_id: &str) -> String {
-    format!("hide:{user_id}:{message_id}")
+    format!("{}{message_id}", hidden_view_prefix(user_id))
+}
+
+/// `hide:<len>:<user>:` — length-prefixed, so user `a:b` hiding `c` is not user `a` hiding
+/// `b:c`. Scripts are given it and append the message id.
+pub fn hidden_view_prefix(user_id: &str) -> String {
+    format!("hide:{}:{user_id}:", user_id.len())
 }
 
 /// Field of [`SessionKeys::views`] holding `user_id`'s clear watermark (µs).
@@ -137,5 +145,6 @@ mod tests {
     fn tenants_cannot_collide() {
         assert_ne!(SessionKeys::new("a:b", "c"), SessionKeys::new("a", "b:c"));
         assert_ne!(SessionKeys::new("", "4:x:y").state(), SessionKeys::new("x", "y").state());
+        assert_ne!(hidden_view_field("a:b", "c"), hidden_view_field("a", "b:c"));
     }
 }

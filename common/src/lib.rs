@@ -11,6 +11,7 @@ pub mod message;
 pub mod ops;
 pub mod proto;
 pub mod schema;
+pub mod scripts;
 pub mod settings;
 pub mod stored_text;
 pub mod telemetry;

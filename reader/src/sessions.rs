@@ -21,7 +21,7 @@ use flare_storage_common::keys::SessionKeys;
 
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::store::postgres::UnreadRange;
+use crate::store::postgres::{SessionHead, UnreadRange};
 use crate::store::redis::{CachedState, RedisCache};
 use crate::store::{Databases, load_views};
 
@@ -46,13 +46,23 @@ pub struct SessionView {
     pub unread_count: i64,
 }
 
-impl Sessions {
-    /// `user`'s view of each of `session_ids` (of one tenant), in order.
-    pub async fn states(&self, tenant_id: &str, user: &str, session_ids: &[String]) -> Result<Vec<SessionView>, Error> {
-        let keys: Vec<SessionKeys> = session_ids.iter().map(|session| SessionKeys::new(tenant_id, session)).collect();
-        let cached = self.cached_states(tenant_id, user, session_ids, &keys).await?;
+/// Database lookups run at once for one request, at most (a request names up to 500 sessions).
+const CONCURRENT_LOOKUPS: usize = 8;
 
-        let mut views: Vec<SessionView> = session_ids
+impl Sessions {
+    /// `user`'s view of each of `session_ids` (of one tenant), in order; a session named twice
+    /// is answered twice.
+    pub async fn states(&self, tenant_id: &str, user: &str, session_ids: &[String]) -> Result<Vec<SessionView>, Error> {
+        let mut unique: Vec<String> = Vec::with_capacity(session_ids.len());
+        let mut seen = std::collections::HashSet::new();
+        for session_id in session_ids {
+            if seen.insert(session_id.as_str()) {
+                unique.push(session_id.clone());
+            }
+        }
+        let keys: Vec<SessionKeys> = unique.iter().map(|session| SessionKeys::new(tenant_id, session)).collect();
+        let cached = self.cached_states(tenant_id, user, &unique, &keys).await?;
+        let mut views: Vec<SessionView> = unique
             .iter()
             .zip(&cached)
             .map(|(session_id, cached)| match cached {
@@ -60,86 +70,23 @@ impl Sessions {
                 None => SessionView { session_id: session_id.clone(), ..SessionView::default() },
             })
             .collect();
-
-        // The state Redis does not hold: the newest message in the databases.
-        let unknown_state: Vec<usize> = (0..views.len()).filter(|&index| cached[index].is_none()).collect();
-        if !unknown_state.is_empty() {
-            let sessions: Vec<String> = unknown_state.iter().map(|&index| session_ids[index].clone()).collect();
-            let heads = self.databases.session_heads(tenant_id, &sessions).await?;
-            let position: HashMap<&str, usize> =
-                unknown_state.iter().map(|&index| (session_ids[index].as_str(), index)).collect();
-            for head in heads {
-                let Some(&index) = position.get(head.session_id.as_str()) else { continue };
-                let view = &mut views[index];
-                view.last_seq = head.last_seq;
-                view.message_count = head.last_seq;
-                view.last_message_id = head.last_message_id.clone();
-                view.last_sender_id = head.last_sender_id.clone();
-                // Session state keeps milliseconds, whichever store answers.
-                view.last_message_time = DateTime::from_timestamp_millis(head.last_message_time.timestamp_millis());
-                if let Some(cache) = &self.cache {
-                    cache.set_state(&keys[index], &head).await;
-                }
-            }
+        let heads = self.rebuild_states(tenant_id, &keys, &cached, &mut views).await?;
+        let reads = self.rebuild_reads(tenant_id, user, &keys, &cached, &mut views).await?;
+        if let Some(cache) = &self.cache {
+            cache.remember(&heads, &reads, user).await;
         }
-
-        // The read seqs Redis does not hold: the recorded position or the user's own newest
-        // message, whichever is later.
-        let unknown_read: Vec<usize> = (0..views.len())
-            .filter(|&index| {
-                views[index].last_seq > 0 && cached[index].as_ref().is_none_or(|state| state.read_seq.is_none())
-            })
-            .collect();
-        if !unknown_read.is_empty() {
-            let sessions: Vec<String> = unknown_read.iter().map(|&index| session_ids[index].clone()).collect();
-            let reads = self.databases.read_seqs(tenant_id, user, &sessions).await?;
-            for &index in &unknown_read {
-                let read_seq = reads.get(&session_ids[index]).copied().unwrap_or(0);
-                views[index].read_seq = read_seq;
-                if let Some(cache) = &self.cache {
-                    // Best effort: without it the next read rebuilds it again.
-                    let _ = cache.advance_read(&keys[index], user, read_seq).await;
-                }
-            }
-        }
-
-        // Unread counts the hot window could not give.
-        let ranges: Vec<UnreadRange> = views
+        self.count_unread(tenant_id, user, &cached, &mut views).await?;
+        let by_session: HashMap<&str, &SessionView> =
+            views.iter().map(|view| (view.session_id.as_str(), view)).collect();
+        Ok(session_ids
             .iter()
-            .zip(&cached)
-            .filter(|(view, cached)| {
-                view.read_seq < view.last_seq
-                    && cached.as_ref().is_none_or(|state| state.unread.is_none() || state.read_seq.is_none())
-            })
-            .map(|(view, _)| UnreadRange {
-                session_id: view.session_id.clone(),
-                read_seq: view.read_seq,
-                last_seq: view.last_seq,
-            })
-            .collect();
-        let from_cache = views.iter().zip(&cached).filter(|(view, cached)| {
-            view.read_seq < view.last_seq
-                && cached.as_ref().is_some_and(|state| state.unread.is_some() && state.read_seq.is_some())
-        });
-        self.metrics.unread_from_cache.inc_by(from_cache.count() as u64);
-        self.metrics.unread_from_database.inc_by(ranges.len() as u64);
-        if !ranges.is_empty() {
-            let counts = self.databases.unread_counts(tenant_id, user, &ranges).await?;
-            for view in &mut views {
-                if let Some(count) = counts.get(&view.session_id) {
-                    view.unread_count = *count;
-                }
-            }
-        }
-        for view in &mut views {
-            view.read_seq = view.read_seq.min(view.last_seq);
-        }
-        Ok(views)
+            .map(|session_id| by_session.get(session_id.as_str()).map(|view| (*view).clone()).unwrap_or_default())
+            .collect())
     }
 
     /// What Redis holds of each session for `user` (`None` where it does not know the state).
-    /// Sessions with unread messages whose per-user views Redis lacks get them loaded from
-    /// the databases and are asked again, so the hot window can count for them.
+    /// Sessions whose unread messages the hot window could count once their per-user views
+    /// are in Redis get them loaded from the databases and are asked again.
     async fn cached_states(
         &self,
         tenant_id: &str,
@@ -152,20 +99,17 @@ impl Sessions {
         let Some(mut cached) = cache.session_states(keys, user, now_us).await else {
             return Ok(vec![None; keys.len()]);
         };
-        let without_views: Vec<usize> = (0..cached.len())
-            .filter(|&index| {
-                cached[index].as_ref().is_some_and(|state| {
-                    !state.views_loaded && state.read_seq.is_some_and(|read_seq| read_seq < state.last_seq)
-                })
-            })
-            .collect();
+        let without_views: Vec<usize> =
+            (0..cached.len()).filter(|&index| cached[index].as_ref().is_some_and(|state| state.needs_views)).collect();
         if without_views.is_empty() {
             return Ok(cached);
         }
-        let loads = without_views
-            .iter()
-            .map(|&index| load_views(&self.databases, cache, &keys[index], tenant_id, &session_ids[index]));
-        futures::future::try_join_all(loads).await?;
+        for chunk in without_views.chunks(CONCURRENT_LOOKUPS) {
+            let loads = chunk
+                .iter()
+                .map(|&index| load_views(&self.databases, cache, &keys[index], tenant_id, &session_ids[index]));
+            futures::future::try_join_all(loads).await?;
+        }
         let again: Vec<SessionKeys> = without_views.iter().map(|&index| keys[index].clone()).collect();
         if let Some(answers) = cache.session_states(&again, user, now_us).await {
             for (index, answer) in without_views.into_iter().zip(answers) {
@@ -173,6 +117,107 @@ impl Sessions {
             }
         }
         Ok(cached)
+    }
+
+    /// The state of the sessions Redis does not know: their newest message in the databases.
+    /// Returns what to put back in Redis.
+    async fn rebuild_states(
+        &self,
+        tenant_id: &str,
+        keys: &[SessionKeys],
+        cached: &[Option<CachedState>],
+        views: &mut [SessionView],
+    ) -> Result<Vec<(SessionKeys, SessionHead)>, Error> {
+        let unknown: Vec<usize> = (0..views.len()).filter(|&index| cached[index].is_none()).collect();
+        if unknown.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sessions: Vec<String> = unknown.iter().map(|&index| views[index].session_id.clone()).collect();
+        let position: HashMap<String, usize> =
+            unknown.iter().map(|&index| (views[index].session_id.clone(), index)).collect();
+        let mut heads = Vec::new();
+        for head in self.databases.session_heads(tenant_id, &sessions).await? {
+            let Some(&index) = position.get(&head.session_id) else { continue };
+            let view = &mut views[index];
+            view.last_seq = head.last_seq;
+            view.message_count = head.last_seq;
+            view.last_message_id = head.last_message_id.clone();
+            view.last_sender_id = head.last_sender_id.clone();
+            // Session state keeps milliseconds, whichever store answers.
+            view.last_message_time = DateTime::from_timestamp_millis(head.last_message_time.timestamp_millis());
+            heads.push((keys[index].clone(), head));
+        }
+        Ok(heads)
+    }
+
+    /// `user`'s read seq where Redis does not hold it: the recorded read position or the
+    /// user's newest own message, whichever is later. Returns what to put back in Redis.
+    async fn rebuild_reads(
+        &self,
+        tenant_id: &str,
+        user: &str,
+        keys: &[SessionKeys],
+        cached: &[Option<CachedState>],
+        views: &mut [SessionView],
+    ) -> Result<Vec<(SessionKeys, i64)>, Error> {
+        let unknown: Vec<usize> = (0..views.len())
+            .filter(|&index| {
+                views[index].last_seq > 0 && cached[index].as_ref().is_none_or(|state| state.read_seq.is_none())
+            })
+            .collect();
+        if unknown.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sessions: Vec<String> = unknown.iter().map(|&index| views[index].session_id.clone()).collect();
+        let recorded = self.databases.read_seqs(tenant_id, user, &sessions).await?;
+        Ok(unknown
+            .into_iter()
+            .map(|index| {
+                let read_seq = recorded.get(&views[index].session_id).copied().unwrap_or(0);
+                views[index].read_seq = read_seq;
+                (keys[index].clone(), read_seq)
+            })
+            .collect())
+    }
+
+    /// Unread counts the hot window could not give, counted in the databases (one query for
+    /// all of them in PostgreSQL).
+    async fn count_unread(
+        &self,
+        tenant_id: &str,
+        user: &str,
+        cached: &[Option<CachedState>],
+        views: &mut [SessionView],
+    ) -> Result<(), Error> {
+        let from_window = |index: usize| {
+            cached[index].as_ref().is_some_and(|state| state.read_seq.is_some() && state.unread.is_some())
+        };
+        let mut ranges = Vec::new();
+        for (index, view) in views.iter_mut().enumerate() {
+            view.read_seq = view.read_seq.min(view.last_seq);
+            if view.read_seq >= view.last_seq {
+                view.unread_count = 0;
+            } else if from_window(index) {
+                self.metrics.unread_from_cache.inc();
+            } else {
+                ranges.push(UnreadRange {
+                    session_id: view.session_id.clone(),
+                    read_seq: view.read_seq,
+                    last_seq: view.last_seq,
+                });
+            }
+        }
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        self.metrics.unread_from_database.inc_by(ranges.len() as u64);
+        let counts = self.databases.unread_counts(tenant_id, user, &ranges).await?;
+        for view in views {
+            if let Some(count) = counts.get(&view.session_id) {
+                view.unread_count = *count;
+            }
+        }
+        Ok(())
     }
 
     /// Moves `user`'s read position in a session forward to `read_seq` (0, or anything beyond

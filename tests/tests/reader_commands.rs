@@ -682,8 +682,16 @@ async fn unread_counts_are_exact_and_read_positions_only_move_forward(store: Sto
         .into_inner();
     assert_eq!((read.read_seq, read.unread_count), (6, 0));
 
-    // Redis loses everything: the same answers, rebuilt from the databases.
+    // Redis loses everything, and an old message (m4, seq 3) is sent again meanwhile: the
+    // writer takes it for what it is (stored before) and leaves the state to be rebuilt, so
+    // the answers are the same, from the databases.
     chat.lose_redis().await?;
+    chat.send(4, false).await?;
+    eventually(Duration::from_secs(30), "the resend of m4 handled", || async {
+        let (_, body) = http_get(chat.writer.metrics_addr, "/metrics").await?;
+        Ok((metric_value(&body, "storage_writer_messages_redelivered_total").unwrap_or(0.0) >= 1.0).then_some(()))
+    })
+    .await?;
     assert_eq!(chat.unread("alice").await?, (5, 0));
     assert_eq!(chat.unread("bob").await?, (6, 0));
     assert_eq!(chat.unread("carol").await?, (6, 0));
@@ -691,7 +699,22 @@ async fn unread_counts_are_exact_and_read_positions_only_move_forward(store: Sto
     let state = chat.state("dave").await?;
     assert_eq!((state.last_seq, state.last_message_id.as_str(), state.last_sender_id.as_str()), (6, "m9", "bob"));
 
-    // A session nobody wrote to is all zeros; bad requests name their field.
+    // Sessions asked for twice are answered twice; a session nobody wrote to is all zeros.
+    let twice = client
+        .get_session_states(GetSessionStatesRequest {
+            user_id: "dave".into(),
+            session_ids: vec![chat.session.clone(), "nobody-wrote-here".into(), chat.session.clone()],
+            tenant: tenant(&chat.tenant),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(twice.states.len(), 3);
+    assert_eq!(twice.states[0], twice.states[2]);
+    assert_eq!((twice.states[0].last_seq, twice.states[0].unread_count), (6, 3));
+    assert_eq!(twice.states[1].last_seq, 0);
+
+    // Bad requests name their field.
     let unknown = client
         .get_session_states(GetSessionStatesRequest {
             user_id: "alice".into(),

@@ -432,14 +432,15 @@ impl Pipeline {
             .pending
             .iter()
             .map(|encoded| {
-                let representative = stored.decisions.get(&message_key(&encoded.message)).map(|d| d.representative);
+                let key = message_key(&encoded.message);
+                let representative = stored.decisions.get(&key).map(|decision| decision.representative);
                 let done = Done {
                     seq: encoded.message.seq,
                     persisted_ms: persisted_ms(&encoded.message),
                     origin: representative.map(origin),
                     topic: Some(topic.to_owned()),
                 };
-                DoneMessage { message: encoded, done }
+                DoneMessage { message: encoded, done, stored_before: stored.stored_before.contains(&key) }
             })
             .collect();
         let wal_ids: Vec<&str> = match &self.wal_hash_key {

@@ -188,21 +188,20 @@ impl Databases {
         .await
     }
 
-    /// Records a read position in every database; the highest one recorded.
+    /// Records a read position in every database, never lowering one.
     pub async fn save_read_seq(
         &self,
         tenant_id: &str,
         session_id: &str,
         user_id: &str,
         read_seq: i64,
-    ) -> Result<i64, Error> {
-        let answers = self
-            .change(
-                async |mongo| Ok(mongo.save_read_seq(tenant_id, session_id, user_id, read_seq).await?),
-                async |postgres| Ok(postgres.save_read_seq(tenant_id, session_id, user_id, read_seq).await?),
-            )
-            .await?;
-        answers.into_iter().max().ok_or(Error::NoDatabase)
+    ) -> Result<(), Error> {
+        self.change(
+            async |mongo| Ok(mongo.save_read_seq(tenant_id, session_id, user_id, read_seq).await?),
+            async |postgres| Ok(postgres.save_read_seq(tenant_id, session_id, user_id, read_seq).await?),
+        )
+        .await
+        .map(drop)
     }
 
     pub async fn search(&self, query: &SearchQuery, limit: i64) -> Result<Vec<StoredRow>, Error> {

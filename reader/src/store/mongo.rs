@@ -175,12 +175,12 @@ impl MongoStore {
         Ok(clauses)
     }
 
-    /// The newest message of each of `session_ids` that has any: one aggregation that walks
-    /// the (tenant_id, session_id, seq) index backwards.
+    /// The newest message of each of `session_ids` that has any: one aggregation over the
+    /// (tenant_id, session_id, seq) index, walked backwards (session and seq both descending).
     pub async fn session_heads(&self, tenant_id: &str, session_ids: &[String]) -> Result<Vec<SessionHead>> {
         let pipeline = [
             doc! { "$match": { "tenant_id": tenant_id, "session_id": { "$in": session_ids }, "seq": { "$gt": 0_i64 } } },
-            doc! { "$sort": { "session_id": 1, "seq": -1 } },
+            doc! { "$sort": { "tenant_id": -1, "session_id": -1, "seq": -1 } },
             doc! { "$group": {
                 "_id": "$session_id", "seq": { "$first": "$seq" }, "message_id": { "$first": "$message_id" },
                 "sender_id": { "$first": "$sender_id" }, "timestamp_us": { "$first": "$timestamp_us" },
@@ -232,13 +232,12 @@ impl MongoStore {
         Ok(seqs)
     }
 
-    /// Records that `user_id` read `session_id` up to `read_seq` (never lowering what was
-    /// recorded); returns the position recorded now.
-    pub async fn save_read_seq(&self, tenant_id: &str, session_id: &str, user_id: &str, read_seq: i64) -> Result<i64> {
-        let id = clear_id(tenant_id, session_id, user_id);
+    /// Records that `user_id` read `session_id` up to `read_seq`, never lowering what was
+    /// recorded.
+    pub async fn save_read_seq(&self, tenant_id: &str, session_id: &str, user_id: &str, read_seq: i64) -> Result<()> {
         self.reads
             .update_one(
-                doc! { "_id": &id },
+                doc! { "_id": clear_id(tenant_id, session_id, user_id) },
                 doc! {
                     "$setOnInsert": { "tenant_id": tenant_id, "session_id": session_id, "user_id": user_id },
                     "$max": { "read_seq": read_seq },
@@ -246,12 +245,12 @@ impl MongoStore {
             )
             .upsert(true)
             .await?;
-        let read = self.reads.find_one(doc! { "_id": &id }).await?;
-        Ok(read.map_or(read_seq, |read| integer(read.get("read_seq"))))
+        Ok(())
     }
 
     /// How many messages of each range `user_id` can see and did not send: not deleted,
-    /// recalled or burned, not hidden or cleared for the user.
+    /// recalled or burned, not hidden or cleared for the user. The user's views of all the
+    /// sessions in two queries, then one count per session, eight at a time.
     pub async fn unread_counts(
         &self,
         tenant_id: &str,
@@ -259,18 +258,37 @@ impl MongoStore {
         ranges: &[UnreadRange],
     ) -> Result<HashMap<String, i64>> {
         let now_us = Utc::now().timestamp_micros();
-        let counts = ranges.iter().map(|range| async move {
-            let mut clauses = vec![doc! {
-                "tenant_id": tenant_id, "session_id": &range.session_id,
+        let sessions: Vec<&str> = ranges.iter().map(|range| range.session_id.as_str()).collect();
+        let filter = doc! { "tenant_id": tenant_id, "user_id": user_id, "session_id": { "$in": &sessions } };
+        let hidden: Vec<Document> = self.hidden.find(filter.clone()).await?.try_collect().await?;
+        let clears: Vec<Document> = self.clears.find(filter).await?.try_collect().await?;
+        let count = |range: &UnreadRange| {
+            let session = range.session_id.as_str();
+            let hidden: Vec<&str> = hidden
+                .iter()
+                .filter(|view| view.get_str("session_id").is_ok_and(|id| id == session))
+                .filter_map(|view| view.get_str("message_id").ok())
+                .collect();
+            let cleared_before = clears
+                .iter()
+                .find(|clear| clear.get_str("session_id").is_ok_and(|id| id == session))
+                .map_or(i64::MIN, |clear| integer(clear.get("cleared_before_us")));
+            let filter = doc! {
+                "tenant_id": tenant_id, "session_id": session,
                 "seq": { "$gt": range.read_seq, "$lte": range.last_seq },
                 "deleted_at_us": Bson::Null, "is_recalled": { "$ne": true }, "sender_id": { "$ne": user_id },
                 "$or": [{ "burned_at_us": Bson::Null }, { "burned_at_us": { "$gt": now_us } }],
-            }];
-            clauses.extend(self.user_clauses(tenant_id, Some(&range.session_id), user_id).await?);
-            let count = self.messages.count_documents(doc! { "$and": clauses }).await?;
-            Ok::<_, mongodb::error::Error>((range.session_id.clone(), count as i64))
-        });
-        futures::future::try_join_all(counts).await.map(|counts| counts.into_iter().collect())
+                "message_id": { "$nin": hidden },
+                "timestamp_us": { "$gt": cleared_before },
+            };
+            let session = session.to_owned();
+            async move { Ok::<_, mongodb::error::Error>((session, self.messages.count_documents(filter).await? as i64)) }
+        };
+        let mut counts = HashMap::new();
+        for chunk in ranges.chunks(8) {
+            counts.extend(futures::future::try_join_all(chunk.iter().map(count)).await?);
+        }
+        Ok(counts)
     }
 
     async fn cleared_before(&self, tenant_id: &str, session_id: &str, user: &str) -> Result<Option<i64>> {

@@ -457,13 +457,16 @@ impl PostgresStore {
         user_id: &str,
         session_ids: &[String],
     ) -> Result<HashMap<String, i64>, sqlx::Error> {
+        // The own-message scan walks the session's seq index down to the recorded position
+        // only: nothing below it can raise the read seq.
         let rows: Vec<(String, i64)> = sqlx::query_as(
-            r#"SELECT k.session_id, GREATEST(
-                   coalesce((SELECT r.read_seq FROM read_positions r
-                             WHERE r.tenant_id = $1 AND r.session_id = k.session_id AND r.user_id = $2), 0),
-                   coalesce((SELECT max(m.seq) FROM messages m
-                             WHERE m.tenant_id = $1 AND m.session_id = k.session_id AND m.sender_id = $2), 0))
-               FROM UNNEST($3::text[]) AS k(session_id)"#,
+            r#"SELECT k.session_id, GREATEST(r.read_seq,
+                   (SELECT max(m.seq) FROM messages m
+                    WHERE m.tenant_id = $1 AND m.session_id = k.session_id AND m.sender_id = $2
+                      AND m.seq > r.read_seq))
+               FROM UNNEST($3::text[]) AS k(session_id)
+               CROSS JOIN LATERAL (SELECT coalesce((SELECT p.read_seq FROM read_positions p
+                   WHERE p.tenant_id = $1 AND p.session_id = k.session_id AND p.user_id = $2), 0) AS read_seq) r"#,
         )
         .bind(tenant_id)
         .bind(user_id)
@@ -473,27 +476,27 @@ impl PostgresStore {
         Ok(rows.into_iter().collect())
     }
 
-    /// Records that `user_id` read `session_id` up to `read_seq` (never lowering what was
-    /// recorded); returns the position recorded now.
+    /// Records that `user_id` read `session_id` up to `read_seq`, never lowering what was
+    /// recorded.
     pub async fn save_read_seq(
         &self,
         tenant_id: &str,
         session_id: &str,
         user_id: &str,
         read_seq: i64,
-    ) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar(
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
             r#"INSERT INTO read_positions (tenant_id, session_id, user_id, read_seq) VALUES ($1, $2, $3, $4)
                ON CONFLICT (tenant_id, session_id, user_id) DO UPDATE
-                   SET read_seq = GREATEST(read_positions.read_seq, EXCLUDED.read_seq), updated_at = now()
-               RETURNING read_seq"#,
+                   SET read_seq = GREATEST(read_positions.read_seq, EXCLUDED.read_seq), updated_at = now()"#,
         )
         .bind(tenant_id)
         .bind(session_id)
         .bind(user_id)
         .bind(read_seq)
-        .fetch_one(&self.pool)
-        .await
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// How many messages of each range `user_id` can see and did not send: not deleted,

@@ -13,13 +13,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use flare_storage_common::keys::{HOT_FLOOR_ALL, SessionKeys};
-
-use crate::store::postgres::SessionHead;
+use flare_storage_common::keys::{HOT_FLOOR_ALL, SessionKeys, hidden_view_prefix};
+use flare_storage_common::scripts::query_calling;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Script};
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
+
+use crate::store::postgres::SessionHead;
 
 const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
@@ -28,7 +29,8 @@ const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// watermark can raise it), then per entry: timestamp, body, gone state, hidden ('1'/'0').
 /// Nothing when the window's completeness is unknown.
 const READ_BY_TIME: &str = r#"
--- KEYS: meta, time zset, bodies, gone, views; ARGV: max_us, min_us, count, user ('' = none)
+-- KEYS: meta, time zset, bodies, gone, views
+-- ARGV: max_us, min_us, count, user ('' = none), the user's hide prefix
 local floor = redis.call('HGET', KEYS[1], 'floor_us')
 if not floor then return false end
 local user = ARGV[4]
@@ -48,7 +50,7 @@ for i = 1, #entries, 2 do
   out[#out + 1] = redis.call('HGET', KEYS[3], id) or ''
   out[#out + 1] = redis.call('HGET', KEYS[4], id) or ''
   local hidden = '0'
-  if user ~= '' and redis.call('HEXISTS', KEYS[5], 'hide:' .. user .. ':' .. id) == 1 then hidden = '1' end
+  if user ~= '' and redis.call('HEXISTS', KEYS[5], ARGV[5] .. id) == 1 then hidden = '1' end
   out[#out + 1] = hidden
 end
 return out
@@ -58,7 +60,7 @@ return out
 /// seq, views loaded, the user's clear watermark ('' = none), then per entry: seq, body, gone
 /// state, hidden.
 const READ_BY_SEQ: &str = r#"
--- KEYS: seq zset, bodies, gone, views; ARGV: after, before, count, user
+-- KEYS: seq zset, bodies, gone, views; ARGV: after, before, count, user, the user's hide prefix
 local lowest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if #lowest == 0 then return false end
 local highest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
@@ -78,7 +80,7 @@ for i = 1, #entries, 2 do
   out[#out + 1] = redis.call('HGET', KEYS[2], id) or ''
   out[#out + 1] = redis.call('HGET', KEYS[3], id) or ''
   local hidden = '0'
-  if user ~= '' and redis.call('HEXISTS', KEYS[4], 'hide:' .. user .. ':' .. id) == 1 then hidden = '1' end
+  if user ~= '' and redis.call('HEXISTS', KEYS[4], ARGV[5] .. id) == 1 then hidden = '1' end
   out[#out + 1] = hidden
 end
 return out
@@ -161,26 +163,31 @@ return 1
 "#;
 
 /// A session's state for one user: the state fields, the user's read seq ('' = not known),
-/// whether the session's per-user views are loaded ('1'/'0') and, when the hot window holds
-/// every message above the read seq, how many of those the user has not read ('' = the
-/// window cannot tell: it misses some, or the views are not loaded). Nothing when the state
-/// itself is not known. The user sent none of them: their own messages moved their read seq.
+/// whether the session's per-user views would be needed and are missing ('1'/'0'), and, when
+/// the hot window holds every message above the read seq and the views are loaded, how many
+/// of those the user can see ('' = the window cannot tell). Nothing when the state itself is
+/// not known. The user sent none of them: their own messages moved their read seq.
 const SESSION_STATE: &str = r#"
--- KEYS: state, reads, seq zset, gone, views, time zset; ARGV: user, now_us
+-- KEYS: state, reads, seq zset, gone, views, time zset
+-- ARGV: user, now_us, the user's hide prefix
 local state = redis.call('HMGET', KEYS[1], 'last_seq', 'last_message_id', 'last_sender_id', 'last_message_ts', 'message_count')
 if not state[1] then return false end
 local read = redis.call('HGET', KEYS[2], ARGV[1])
-local loaded = tostring(redis.call('HEXISTS', KEYS[5], 'loaded'))
-local out = {state[1], state[2] or '', state[3] or '', state[4] or '0', state[5] or state[1], read or '', loaded, ''}
+local out = {state[1], state[2] or '', state[3] or '', state[4] or '0', state[5] or state[1], read or '', '0', ''}
 if not read then return out end
-local last, floor = tonumber(state[1]), tonumber(read)
-if floor >= last then
+local last, read_seq = tonumber(state[1]), tonumber(read)
+if read_seq >= last then
   out[8] = '0'
   return out
 end
-if loaded == '0' then return out end
+-- Only a window holding every seq of (read, last] can count: seqs are unique, so it does when
+-- it holds that many of them.
+if redis.call('ZCOUNT', KEYS[3], '(' .. read, state[1]) ~= last - read_seq then return out end
+if redis.call('HEXISTS', KEYS[5], 'loaded') == 0 then
+  out[7] = '1'
+  return out
+end
 local ids = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. read, state[1])
-if #ids ~= last - floor then return out end
 local clear = redis.call('HGET', KEYS[5], 'clear:' .. ARGV[1])
 local now = tonumber(ARGV[2])
 local unread = 0
@@ -191,7 +198,7 @@ for _, id in ipairs(ids) do
     if gone == 'deleted' or string.sub(gone, 1, 9) == 'recalled:' then visible = false end
     if string.sub(gone, 1, 5) == 'burn:' and tonumber(string.sub(gone, 6)) <= now then visible = false end
   end
-  if visible and redis.call('HEXISTS', KEYS[5], 'hide:' .. ARGV[1] .. ':' .. id) == 1 then visible = false end
+  if visible and redis.call('HEXISTS', KEYS[5], ARGV[3] .. id) == 1 then visible = false end
   if visible and clear then
     local ts = redis.call('ZSCORE', KEYS[6], id)
     if ts and tonumber(ts) <= tonumber(clear) then visible = false end
@@ -234,8 +241,9 @@ pub struct CachedState {
     pub message_count: i64,
     /// `None`: not known (Redis lost it, or the user never sent nor read).
     pub read_seq: Option<i64>,
-    /// Whether the session's per-user views (hides, clears) are in Redis.
-    pub views_loaded: bool,
+    /// The window could count the unread messages once the session's per-user views (hides,
+    /// clears) are loaded into Redis.
+    pub needs_views: bool,
     /// `None`: the hot window cannot tell.
     pub unread: Option<i64>,
 }
@@ -251,7 +259,7 @@ impl CachedState {
             last_message_ms: parse_i64(message_ms)?,
             message_count: parse_i64(count)?,
             read_seq: optional(read)?,
-            views_loaded: loaded.as_slice() == b"1",
+            needs_views: loaded.as_slice() == b"1",
             unread: optional(unread)?,
         })
     }
@@ -438,6 +446,7 @@ impl RedisCache {
                 .arg(min_us)
                 .arg(count)
                 .arg(user)
+                .arg(hidden_view_prefix(user))
                 .invoke_async(&mut connection)
                 .await?;
             let Some(reply) = reply else { return Ok(Some(WindowRead::Unknown)) };
@@ -477,6 +486,7 @@ impl RedisCache {
                 .arg(before)
                 .arg(count)
                 .arg(user)
+                .arg(hidden_view_prefix(user))
                 .invoke_async(&mut connection)
                 .await?;
             let Some(reply) = reply else { return Ok(Some(WindowRead::Unknown)) };
@@ -557,7 +567,7 @@ impl RedisCache {
         .await
     }
 
-    /// Merges per-user view facts (`hide:<user>:<id>` → 1, `clear:<user>` → µs); `loaded`
+    /// Merges per-user view facts (`hidden_view_field` → 1, `clear:<user>` → µs); `loaded`
     /// marks them as the complete set from the database.
     pub async fn merge_views(
         &self,
@@ -600,7 +610,6 @@ impl RedisCache {
     ) -> Option<Vec<Option<CachedState>>> {
         self.call(async |mut connection| {
             let mut pipe = redis::pipe();
-            pipe.load_script(&self.session_state).ignore();
             let invocations: Vec<_> = sessions
                 .iter()
                 .map(|keys| {
@@ -612,49 +621,56 @@ impl RedisCache {
                         .key(keys.views())
                         .key(keys.hot_time_index())
                         .arg(user)
-                        .arg(now_us);
+                        .arg(now_us)
+                        .arg(hidden_view_prefix(user));
                     invocation
                 })
                 .collect();
             for invocation in &invocations {
                 pipe.invoke_script(invocation);
             }
-            let replies: Vec<Option<Vec<Vec<u8>>>> = pipe.query_async(&mut connection).await?;
+            let replies: Vec<Option<Vec<Vec<u8>>>> =
+                query_calling(&mut connection, &pipe, &[&self.session_state]).await?;
             Ok(replies.iter().map(|reply| reply.as_deref().and_then(CachedState::parse)).collect())
         })
         .await
     }
 
-    /// Puts a session's newest message (read from a database) into its state, unless the
-    /// state already shows a newer one. Best effort: the next read asks again.
-    pub async fn set_state(&self, keys: &SessionKeys, head: &SessionHead) {
+    /// Puts back what a read rebuilt from the databases, in one round trip: sessions' newest
+    /// messages into their states (unless a state shows a newer one) and `user`'s read seqs
+    /// (unless Redis holds a later one). Best effort: what does not land is rebuilt again.
+    pub async fn remember(&self, heads: &[(SessionKeys, SessionHead)], reads: &[(SessionKeys, i64)], user: &str) {
+        if heads.is_empty() && reads.is_empty() {
+            return;
+        }
         let _ = self
             .call(async |mut connection| {
-                self.set_state
-                    .key(keys.state())
-                    .arg(head.last_seq)
-                    .arg(&head.last_message_id)
-                    .arg(&head.last_sender_id)
-                    .arg(head.message_type)
-                    .arg(&head.content_type)
-                    .arg(head.last_message_time.timestamp_millis())
-                    .invoke_async::<i64>(&mut connection)
-                    .await
+                let mut pipe = redis::pipe();
+                for (keys, head) in heads {
+                    let mut invocation = self.set_state.key(keys.state());
+                    invocation
+                        .arg(head.last_seq)
+                        .arg(&head.last_message_id)
+                        .arg(&head.last_sender_id)
+                        .arg(head.message_type)
+                        .arg(&head.content_type)
+                        .arg(head.last_message_time.timestamp_millis());
+                    pipe.invoke_script(&invocation).ignore();
+                }
+                for (keys, read_seq) in reads {
+                    pipe.invoke_script(self.advance_read.key(keys.reads()).arg(user).arg(*read_seq)).ignore();
+                }
+                query_calling::<(), _>(&mut connection, &pipe, &[&self.set_state, &self.advance_read]).await
             })
             .await;
     }
 
-    /// Moves `user`'s read seq in a session forward to `seq`; the read seq now held.
-    pub async fn advance_read(&self, keys: &SessionKeys, user: &str, seq: i64) -> Result<i64, CacheDown> {
-        let Some(connection) = self.connection.get().cloned() else { return Err(CacheDown) };
-        let mut connection = connection;
-        match self.advance_read.key(keys.reads()).arg(user).arg(seq).invoke_async::<i64>(&mut connection).await {
-            Ok(read_seq) => Ok(read_seq),
-            Err(error) => {
-                self.failed(&error);
-                Err(CacheDown)
-            }
-        }
+    /// Moves `user`'s read seq in a session forward to `seq`.
+    pub async fn advance_read(&self, keys: &SessionKeys, user: &str, seq: i64) -> Result<(), CacheDown> {
+        self.must(async |mut connection| {
+            self.advance_read.key(keys.reads()).arg(user).arg(seq).invoke_async::<i64>(&mut connection).await
+        })
+        .await
     }
 
     pub fn window(&self) -> usize {

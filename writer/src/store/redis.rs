@@ -18,8 +18,9 @@ use std::time::Duration;
 use chrono::DateTime;
 use flare_storage_common::keys::{HOT_FLOOR_ALL, SessionKeys};
 use flare_storage_common::message::{content_type, message_tenant_id, to_datetime};
+use flare_storage_common::scripts::query_calling;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ErrorKind, FromRedisValue, RedisResult, Script, ServerErrorKind};
+use redis::{RedisResult, Script};
 
 use super::Encoded;
 
@@ -116,28 +117,36 @@ return 1
 /// the whole session; trimming raises the floor to the newest evicted timestamp; a window of
 /// unknown completeness stays unknown. State: a message at or below the applied seq was applied
 /// before and changes nothing; read seqs only move forward. Nothing is written per member.
+/// A message a database held before this batch (a redelivery, a resend) may be old: it only
+/// raises a state or read seq that exists, and never creates one — when Redis lost them, the
+/// reader rebuilds them from the databases, which know the newest.
 const FINISH_SESSION: &str = r#"
 -- KEYS: 1 seq zset, 2 bodies, 3 time zset, 4 meta, 5 gone (only its expiry is refreshed, so
 -- it outlives the window), 6 state, 7 reads, 8 seq-of hash, then one done marker per message
--- ARGV: 1 window, 2 hot ttl, 3 floor meaning 'all', 4 marker ttl, then per message:
--- seq, message_id, timestamp_us, body, sender_id, message_type, content_type, ts_ms, marker
+-- ARGV: 1 window, 2 hot ttl, 3 floor meaning 'all', 4 marker ttl, then per message: seq,
+-- message_id, timestamp_us, body, sender_id, message_type, content_type, ts_ms, marker,
+-- new ('1': stored by this batch, '0': held before)
 local starts_session = false
+local state_known = redis.call('EXISTS', KEYS[6]) == 1
 local last = tonumber(redis.call('HGET', KEYS[6], 'last_seq') or '0')
 local latest = nil
 local n = 0
-for i = 5, #ARGV, 9 do
+for i = 5, #ARGV, 10 do
   n = n + 1
-  local seq, id, sender = ARGV[i], ARGV[i + 1], ARGV[i + 4]
+  local seq, id, sender, new = ARGV[i], ARGV[i + 1], ARGV[i + 4], ARGV[i + 9] == '1'
   redis.call('ZADD', KEYS[1], seq, id)
   redis.call('ZADD', KEYS[3], ARGV[i + 2], id)
   redis.call('HSET', KEYS[2], id, ARGV[i + 3])
   if seq == '1' then starts_session = true end
-  if tonumber(seq) > last then
+  if (new or state_known) and tonumber(seq) > last then
     last = tonumber(seq)
     latest = i
   end
-  if sender ~= '' and tonumber(seq) > tonumber(redis.call('HGET', KEYS[7], sender) or '0') then
-    redis.call('HSET', KEYS[7], sender, seq)
+  if sender ~= '' then
+    local read = redis.call('HGET', KEYS[7], sender)
+    if (read and tonumber(seq) > tonumber(read)) or (not read and new) then
+      redis.call('HSET', KEYS[7], sender, seq)
+    end
   end
 end
 if starts_session and redis.call('EXISTS', KEYS[4]) == 0 then
@@ -170,7 +179,7 @@ if latest then
     'last_message_ts', ARGV[latest + 7], 'message_count', ARGV[latest])
 end
 local m = 0
-for i = 5, #ARGV, 9 do
+for i = 5, #ARGV, 10 do
   m = m + 1
   redis.call('SET', KEYS[8 + m], ARGV[i + 8], 'NX', 'EX', ARGV[4])
   redis.call('HDEL', KEYS[8], ARGV[i + 1])
@@ -178,10 +187,12 @@ end
 return n
 "#;
 
-/// A message already durable everywhere, with the Kafka record that completed it.
+/// A message durable in the databases, with the done marker that will say so.
 pub struct DoneMessage<'a> {
     pub message: &'a Encoded,
     pub done: Done,
+    /// A database held it before this batch (a redelivery, a resend): it may be old.
+    pub stored_before: bool,
 }
 
 #[derive(Clone)]
@@ -221,20 +232,6 @@ impl RedisStore {
         })
     }
 
-    /// Sends a pipeline that calls `script` by SHA. A Redis that does not know the script
-    /// answers NOSCRIPT for every call of it, so nothing of it ran: the script is loaded and
-    /// the pipeline sent again.
-    async fn query_calling<T: FromRedisValue>(&self, pipe: &redis::Pipeline, script: &Script) -> RedisResult<T> {
-        let mut connection = self.connection.clone();
-        match pipe.query_async(&mut connection).await {
-            Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                script.load_async(&mut connection).await?;
-                pipe.query_async(&mut connection).await
-            }
-            result => result,
-        }
-    }
-
     /// The done marker of each (session keys, message id), in order.
     pub async fn done_markers(&self, messages: &[(SessionKeys, &str)]) -> RedisResult<Vec<Option<Done>>> {
         if messages.is_empty() {
@@ -268,7 +265,7 @@ impl RedisStore {
             }
             pipe.invoke_script(&invocation);
         }
-        let results: Vec<Vec<i64>> = self.query_calling(&pipe, &self.assign_seq).await?;
+        let results: Vec<Vec<i64>> = query_calling(&mut self.connection.clone(), &pipe, &[&self.assign_seq]).await?;
         Ok(results.into_iter().map(|seqs| (!seqs.is_empty()).then_some(seqs)).collect())
     }
 
@@ -309,7 +306,7 @@ impl RedisStore {
                 .arg(hot_ttl)
                 .arg(HOT_FLOOR_ALL)
                 .arg(marker_ttl);
-            for DoneMessage { message: Encoded { message, payload }, done } in messages {
+            for DoneMessage { message: Encoded { message, payload }, done, stored_before } in messages {
                 let time = message.timestamp.as_ref().and_then(to_datetime).unwrap_or(DateTime::UNIX_EPOCH);
                 invocation
                     .key(keys.done(&message.id))
@@ -321,14 +318,15 @@ impl RedisStore {
                     .arg(message.message_type)
                     .arg(content_type(message))
                     .arg(time.timestamp_millis())
-                    .arg(done.encode());
+                    .arg(done.encode())
+                    .arg(if *stored_before { "0" } else { "1" });
             }
             pipe.invoke_script(&invocation).ignore();
         }
         if let Some((wal_key, ids)) = wal {
             pipe.cmd("HDEL").arg(wal_key).arg(ids).ignore();
         }
-        self.query_calling(&pipe, &self.finish_session).await
+        query_calling(&mut self.connection.clone(), &pipe, &[&self.finish_session]).await
     }
 
     /// Round trip for readiness checks.
