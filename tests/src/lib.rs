@@ -216,6 +216,7 @@ pub fn writer_config(database_url: &str, topic: &str, dlq_topic: &str) -> flare_
         // The test broker holds each group join for about half the session timeout.
         kafka_session_timeout: Duration::from_millis(6000),
         kafka_fetch_wait: Duration::from_millis(100),
+        kafka_max_poll_interval: Duration::from_secs(300),
         kafka_prefetch_kbytes: 16_384,
         redis_url: redis_url(),
         redis_hot_ttl: Duration::from_secs(600),

@@ -329,6 +329,16 @@ async fn values_the_stores_can_hold_are_kept_intact() -> anyhow::Result<()> {
             .await?;
 
     let get = |id: &str| GetMessageRequest { message_id: id.into(), context: None, tenant: tenant_context(&tenant) };
+    // Both databases keep the persisted time in microseconds: the same answer from either.
+    for request in &sent {
+        let id = &request.message.as_ref().expect("message").id;
+        let mut times = Vec::new();
+        for reader in [&postgres_reader, &mongo_reader] {
+            let stored = reader.client().await?.get_message(get(id)).await?.into_inner().message.unwrap_or_default();
+            times.push(stored.timeline.and_then(|timeline| timeline.persisted_time));
+        }
+        assert!(times[0].is_some() && times[0] == times[1], "{id}: {times:?}");
+    }
     for reader in [&postgres_reader, &mongo_reader] {
         let mut client = reader.client().await?;
         for request in &sent {

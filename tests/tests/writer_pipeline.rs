@@ -317,6 +317,53 @@ async fn postgres_and_redis_outages_lose_nothing() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A store down for longer than librdkafka's poll interval: the writer keeps polling (the
+/// blocked lane's partitions paused) and so keeps its partitions — no rebalance, no loop of
+/// them — and stores everything once the store is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_longer_than_the_poll_interval_keeps_the_partitions() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let (topic, dlq_topic) = (unique("messages"), unique("dlq"));
+    create_topics(&[&topic, &dlq_topic], PARTITIONS).await?;
+    let tenant = unique("acme");
+    let postgres_proxy = Proxy::start(url_addr(&database.url)?).await?;
+    let mut config = writer_config(&database.url, &topic, &dlq_topic);
+    config.postgres_url = Some(url_through(&database.url, postgres_proxy.addr)?);
+    config.kafka_max_poll_interval = Duration::from_secs(7);
+    config.batch_max_messages = 20;
+    config.lanes = 1;
+    let writer = RunningWriter::start(config).await?;
+    let producer = producer()?;
+    produce_message(&producer, &topic, &chat(&tenant, "s0", "first", "a", &["b"], 0)).await?;
+    writer.wait_processed(1).await?;
+    let rebalanced = |change: &'static str| {
+        let addr = writer.metrics_addr;
+        async move {
+            let name = format!("storage_writer_partitions_rebalanced_total{{change=\"{change}\"}}");
+            metric(addr, &name).await
+        }
+    };
+    let assigned = rebalanced("assigned").await?;
+    assert!(assigned > 0.0, "the writer holds partitions");
+
+    postgres_proxy.cut();
+    // More than the lane's queue and the batches in flight hold: the lane blocks.
+    for index in 0..400 {
+        let request = chat(&tenant, &format!("s{}", index % 8), &format!("m{index}"), "a", &["b"], index as i64 + 1);
+        produce_message(&producer, &topic, &request).await?;
+    }
+    wait_for_metric(writer.metrics_addr, "storage_writer_stage_errors_total{stage=\"postgres\"}", 1.0).await?;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert_eq!(rebalanced("revoked").await?, 0.0, "the writer kept its partitions through the outage");
+    postgres_proxy.restore();
+    writer.wait_processed(401).await?;
+    assert_eq!(row_count(&database).await?, 401);
+    assert_eq!((rebalanced("revoked").await?, rebalanced("assigned").await?), (0.0, assigned));
+    writer.stop().await?;
+    database.drop().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_after_postgres_loses_nothing_and_keeps_seqs() -> anyhow::Result<()> {
     crash_and_restart("postgres").await

@@ -19,6 +19,9 @@ pub struct Config {
     pub kafka_session_timeout: Duration,
     /// Longest time the broker may hold a fetch when no records are waiting.
     pub kafka_fetch_wait: Duration,
+    /// librdkafka `max.poll.interval.ms`: the consumer leaves the group when not polled this
+    /// long. The writer keeps polling (with blocked lanes' partitions paused) during outages.
+    pub kafka_max_poll_interval: Duration,
     /// Bound of the client's prefetch queue, in KiB (librdkafka `queued.max.messages.kbytes`).
     pub kafka_prefetch_kbytes: usize,
     pub redis_url: String,
@@ -123,6 +126,7 @@ impl Config {
             wal_hash_key: settings.get("WAL_HASH_KEY"),
             kafka_session_timeout: settings.millis("KAFKA_SESSION_TIMEOUT_MS", 10_000)?,
             kafka_fetch_wait: settings.millis("KAFKA_FETCH_WAIT_MAX_MS", 100)?,
+            kafka_max_poll_interval: settings.millis("KAFKA_MAX_POLL_INTERVAL_MS", 300_000)?,
             kafka_prefetch_kbytes: settings.size("KAFKA_PREFETCH_KBYTES", 16_384)?,
             postgres_url,
             postgres_max_connections: settings.size("POSTGRES_MAX_CONNECTIONS", 8)?,

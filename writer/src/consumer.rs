@@ -12,7 +12,7 @@
 //! process. Offsets are stored with `enable.auto.offset.store=false` and committed by
 //! librdkafka's auto-commit, on partition revoke and once more at shutdown.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -24,20 +24,29 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, info, warn};
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::record::Record;
 
-/// Logs group membership changes; librdkafka's auto-commit commits the stored offsets of
-/// revoked partitions itself.
-struct WriterContext;
+/// Logs and counts group membership changes; librdkafka's auto-commit commits the stored
+/// offsets of revoked partitions itself.
+struct WriterContext {
+    metrics: Metrics,
+}
 
 impl ClientContext for WriterContext {}
 
 impl ConsumerContext for WriterContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Revoke(partitions) => info!(partitions = partitions.count(), "partitions revoked"),
-            Rebalance::Assign(partitions) => info!(partitions = partitions.count(), "partitions assigned"),
+            Rebalance::Revoke(partitions) => {
+                info!(partitions = partitions.count(), "partitions revoked");
+                self.metrics.partitions_revoked.inc_by(partitions.count() as u64);
+            }
+            Rebalance::Assign(partitions) => {
+                info!(partitions = partitions.count(), "partitions assigned");
+                self.metrics.partitions_assigned.inc_by(partitions.count() as u64);
+            }
             Rebalance::Error(error) => warn!(%error, "rebalance failed"),
         }
     }
@@ -51,7 +60,7 @@ impl ConsumerContext for WriterContext {
     }
 }
 
-fn create_consumer(config: &Config) -> KafkaResult<StreamConsumer<WriterContext>> {
+fn create_consumer(config: &Config, metrics: Metrics) -> KafkaResult<StreamConsumer<WriterContext>> {
     let session_timeout_ms = config.kafka_session_timeout.as_millis().max(1);
     ClientConfig::new()
         .set("bootstrap.servers", &config.kafka_bootstrap_servers)
@@ -62,18 +71,19 @@ fn create_consumer(config: &Config) -> KafkaResult<StreamConsumer<WriterContext>
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", session_timeout_ms.to_string())
         .set("heartbeat.interval.ms", (session_timeout_ms / 3).max(1).to_string())
+        .set("max.poll.interval.ms", config.kafka_max_poll_interval.as_millis().max(session_timeout_ms).to_string())
         .set("enable.partition.eof", "false")
         // A fetch returns as soon as records wait; this bounds how long an idle fetch is held
         // (brokers that hold it the full time would otherwise add up to 500 ms to every message).
         .set("fetch.wait.max.ms", config.kafka_fetch_wait.as_millis().max(1).to_string())
         // Prefetched records are memory: bounded, so a backlog does not grow the process.
         .set("queued.max.messages.kbytes", config.kafka_prefetch_kbytes.max(1).to_string())
-        .create_with_context(WriterContext)
+        .create_with_context(WriterContext { metrics })
 }
 
 /// Consumes until `shutdown` is cancelled, then commits what is done and returns.
 pub async fn run(config: &Config, pipeline: &Pipeline, shutdown: &CancellationToken) -> KafkaResult<()> {
-    let consumer = create_consumer(config)?;
+    let consumer = create_consumer(config, pipeline.metrics.clone())?;
     consumer.subscribe(&[&config.kafka_topic])?;
     info!(topic = %config.kafka_topic, group = %config.kafka_group_id, lanes = config.lanes, "consuming");
 
@@ -91,35 +101,74 @@ pub async fn run(config: &Config, pipeline: &Pipeline, shutdown: &CancellationTo
             lanes_done.cancel();
         }
     }));
+    // A lane whose queue is full (its store is down, or a backlog) holds the records that keep
+    // arriving for it, and its partitions are paused; fetching goes on for the others, and the
+    // consumer keeps polling, so however long the outage it stays in its group.
     let deal = async {
+        let mut held: Vec<VecDeque<Record>> = (0..senders.len()).map(|_| VecDeque::new()).collect();
         loop {
-            let received = tokio::select! {
-                received = consumer.recv() => received,
-                () = shutdown.cancelled() => break,
-                () = lanes_done.cancelled() => break,
+            let blocked: Vec<usize> = (0..held.len()).filter(|&lane| !held[lane].is_empty()).collect();
+            let senders = &senders;
+            let room = async move {
+                if blocked.is_empty() {
+                    return std::future::pending().await;
+                }
+                let waits =
+                    blocked.into_iter().map(|lane| Box::pin(async move { (lane, senders[lane].reserve().await) }));
+                futures::future::select_all(waits).await.0
             };
-            match received {
-                Ok(message) => {
-                    let record = Record {
-                        topic: message.topic().to_owned(),
-                        partition: message.partition(),
-                        offset: message.offset(),
-                        key: message.key().map(<[u8]>::to_vec),
-                        payload: message.payload().map(<[u8]>::to_vec),
-                        timestamp_ms: message.timestamp().to_millis(),
-                    };
-                    let lane = record.partition.unsigned_abs() as usize % senders.len();
-                    tokio::select! {
-                        sent = senders[lane].send(record) => if sent.is_err() { break },
-                        () = shutdown.cancelled() => break,
+            tokio::select! {
+                received = consumer.recv() => match received {
+                    Ok(message) => {
+                        let record = Record {
+                            topic: message.topic().to_owned(),
+                            partition: message.partition(),
+                            offset: message.offset(),
+                            key: message.key().map(<[u8]>::to_vec),
+                            payload: message.payload().map(<[u8]>::to_vec),
+                            timestamp_ms: message.timestamp().to_millis(),
+                        };
+                        let lane = record.partition.unsigned_abs() as usize % senders.len();
+                        if !held[lane].is_empty() {
+                            held[lane].push_back(record);
+                            continue;
+                        }
+                        match senders[lane].try_send(record) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(record)) => {
+                                held[lane].push_back(record);
+                                pause_lane(consumer, lane, senders.len(), true);
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => break,
+                        }
+                    }
+                    // Fetch errors are about the connection, not about a record: no offset moves,
+                    // so nothing is skipped. Pause briefly so a broker outage does not spin.
+                    Err(error) => {
+                        warn!(%error, "kafka fetch failed");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                },
+                (lane, permit) = room => {
+                    let Ok(permit) = permit else { break };
+                    if let Some(record) = held[lane].pop_front() {
+                        permit.send(record);
+                    }
+                    while let Some(record) = held[lane].pop_front() {
+                        if let Err(error) = senders[lane].try_send(record) {
+                            match error {
+                                mpsc::error::TrySendError::Full(record) => held[lane].push_front(record),
+                                mpsc::error::TrySendError::Closed(_) => break,
+                            }
+                            break;
+                        }
+                    }
+                    if held[lane].is_empty() {
+                        pause_lane(consumer, lane, senders.len(), false);
                     }
                 }
-                // Fetch errors are about the connection, not about a record: no offset moves,
-                // so nothing is skipped. Pause briefly so a broker outage does not spin.
-                Err(error) => {
-                    warn!(%error, "kafka fetch failed");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
+                () = shutdown.cancelled() => break,
+                () = lanes_done.cancelled() => break,
             }
         }
         // Closing the queues lets each lane finish what it holds (until the shutdown bound).
@@ -221,6 +270,28 @@ async fn next_batch(
         }
     }
     batch
+}
+
+/// Pauses (or resumes) fetching for the assigned partitions of `lane`.
+fn pause_lane(consumer: &StreamConsumer<WriterContext>, lane: usize, lanes: usize, pause: bool) {
+    let Ok(assignment) = consumer.assignment() else { return };
+    let mut partitions = TopicPartitionList::new();
+    for element in assignment.elements() {
+        if element.partition().unsigned_abs() as usize % lanes == lane {
+            partitions.add_partition(element.topic(), element.partition());
+        }
+    }
+    let result = if pause { consumer.pause(&partitions) } else { consumer.resume(&partitions) };
+    match result {
+        Ok(()) => info!(
+            lane,
+            partitions = partitions.count(),
+            paused = pause,
+            "lane {}",
+            if pause { "full: its partitions paused" } else { "has room: its partitions resumed" }
+        ),
+        Err(error) => warn!(%error, lane, "failed to pause or resume partitions"),
+    }
 }
 
 /// A span per batch: how many records, from which partitions and offsets (never content).

@@ -12,6 +12,7 @@ pub const MESSAGES_REDELIVERED: &str = "storage_writer_messages_redelivered_tota
 pub const STAGE_LATENCY: &str = "storage_writer_stage_latency_seconds";
 pub const CACHE_HIT_RATE: &str = "storage_writer_cache_hit_rate";
 pub const SEQ_COUNTER_LOOKUPS: &str = "storage_writer_seq_counter_lookups_total";
+pub const PARTITIONS_REBALANCED: &str = "storage_writer_partitions_rebalanced_total";
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -37,6 +38,9 @@ pub struct Metrics {
     pub seq_counter_misses: IntCounter,
     /// hits / (hits + misses) of the seq counter lookups since start.
     pub cache_hit_rate: Gauge,
+    /// Partitions assigned to / revoked from this writer by group rebalances.
+    pub partitions_assigned: IntCounter,
+    pub partitions_revoked: IntCounter,
 }
 
 impl Metrics {
@@ -73,6 +77,11 @@ impl Metrics {
         let seq_counter_hits = seq_lookups.with_label_values(&["hit"]);
         let seq_counter_misses = seq_lookups.with_label_values(&["miss"]);
         let cache_hit_rate = Gauge::new(CACHE_HIT_RATE, "Share of session seq counters found in Redis since start")?;
+        let rebalanced = IntCounterVec::new(
+            Opts::new(PARTITIONS_REBALANCED, "Partitions assigned to or revoked from this writer, by change"),
+            &["change"],
+        )?;
+        registry.register(Box::new(rebalanced.clone()))?;
         registry.register(Box::new(stage_latency.clone()))?;
         registry.register(Box::new(seq_lookups))?;
         registry.register(Box::new(cache_hit_rate.clone()))?;
@@ -96,6 +105,8 @@ impl Metrics {
             seq_counter_hits,
             seq_counter_misses,
             cache_hit_rate,
+            partitions_assigned: rebalanced.with_label_values(&["assigned"]),
+            partitions_revoked: rebalanced.with_label_values(&["revoked"]),
         })
     }
 

@@ -705,10 +705,12 @@ fn stored_row(document: &Document) -> Result<StoredRow> {
         recalled_at: micros(document.get("recalled_at_us")),
         tags: strings(document.get("tags")),
         attributes: Json(JsonStrings(attributes)),
-        created_at: document
-            .get_datetime("created_at")
-            .ok()
-            .and_then(|time| DateTime::from_timestamp_millis(time.timestamp_millis()))
+        // Microseconds where the writer kept them (created_at_us), else the BSON date's ms.
+        created_at: micros(document.get("created_at_us"))
+            .or_else(|| {
+                let time = document.get_datetime("created_at").ok()?;
+                DateTime::from_timestamp_millis(time.timestamp_millis())
+            })
             .unwrap_or(timestamp),
         burned_at: micros(document.get("burned_at_us")),
         read_by: Json(read_records(document)),

@@ -172,7 +172,7 @@ impl MongoStore {
             .collection
             .find(doc! { "_id": { "$in": ids } })
             .projection(
-                doc! { "tenant_id": 1, "message_id": 1, "session_id": 1, "seq": 1, "created_at": 1, "payload": 1 },
+                doc! { "tenant_id": 1, "message_id": 1, "session_id": 1, "seq": 1, "created_at": 1, "created_at_us": 1, "payload": 1 },
             )
             .await?;
         let mut stored = HashMap::new();
@@ -240,6 +240,12 @@ pub fn document_size_refusal(message: &Message) -> Option<String> {
 
 fn to_document(message: &Message, payload: &[u8]) -> Document {
     let tenant_id = message_tenant_id(message);
+    let persisted_at = message
+        .timeline
+        .as_ref()
+        .and_then(|timeline| timeline.persisted_time.as_ref())
+        .and_then(to_datetime)
+        .unwrap_or_else(chrono::Utc::now);
     let timestamp = message.timestamp.as_ref().and_then(to_datetime).unwrap_or_default();
     let text = match message.content.as_ref().and_then(|content| content.content.as_ref()) {
         Some(message_content::Content::Text(text)) => Bson::String(text.text.clone()),
@@ -266,13 +272,9 @@ fn to_document(message: &Message, payload: &[u8]) -> Document {
         "status": &message.status,
         "timestamp": mongodb::bson::DateTime::from_millis(timestamp.timestamp_millis()),
         "timestamp_us": timestamp.timestamp_micros(),
-        "created_at": message
-            .timeline
-            .as_ref()
-            .and_then(|timeline| timeline.persisted_time.as_ref())
-            .and_then(to_datetime)
-            .map(|time| mongodb::bson::DateTime::from_millis(time.timestamp_millis()))
-            .unwrap_or_else(mongodb::bson::DateTime::now),
+        "created_at": mongodb::bson::DateTime::from_millis(persisted_at.timestamp_millis()),
+        // Microseconds, as PostgreSQL keeps created_at: persisted_time reads the same from both.
+        "created_at_us": persisted_at.timestamp_micros(),
         "is_recalled": message.is_recalled,
         // As the reader's recall command keeps it; PostgreSQL's `recalled_at` column alike.
         "recalled_at_us": message
