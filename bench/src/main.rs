@@ -17,6 +17,7 @@ use anyhow::{Context as _, bail};
 const USAGE: &str = "usage (after `eval \"$(scripts/services.sh up)\"` and `cargo build --release --bins`):
   flare-storage-bench writer [--messages 500000] [--sessions 10000] [--partitions 8] [--batch 500]
                              [--latency-seconds 30] [--latency-fraction 0.5] [--mongo-messages N]
+                             [--text natural|phrases] [--big-group-share 0.1]
                              [--profile FILE] [--json target/bench/writer.json]
       preload, then the writer's sustained rate (until every message is ACKed) and produce→ACK
       latency at a fraction of it, beside raw Kafka consume, PostgreSQL COPY/UNNEST and Redis
@@ -54,6 +55,12 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
                 latency_seconds: options.number("latency-seconds", 30)?,
                 latency_fraction: options.number("latency-fraction", 0.5)?,
                 mongo_messages: options.get("mongo-messages").map(str::parse).transpose()?,
+                text: match options.get("text").unwrap_or("natural") {
+                    "natural" => workload::TextMode::Natural,
+                    "phrases" => workload::TextMode::Phrases,
+                    other => anyhow::bail!("--text: natural or phrases, not {other:?}"),
+                },
+                big_group_share: options.number("big-group-share", 0.0)?,
                 profile: options.get("profile").map(PathBuf::from),
                 writer_binary: binary("FLARE_WRITER_BIN", "flare-storage-writer")?,
                 json: options.get("json").unwrap_or("target/bench/writer.json").into(),

@@ -1,6 +1,13 @@
 //! The benchmark's traffic, deterministic for a seed: 70% one-to-one sessions and 30% groups
-//! of 5–200 members, sessions drawn Zipf (s = 1) over a fixed population, text of 20–500 bytes
-//! of which about 40% is Chinese.
+//! of 5–200 members, sessions drawn Zipf (s = 1) over a fixed population — optionally with a
+//! 5,000-member group taking a share of all messages — and text of 20–500 bytes of which
+//! about 40% is Chinese.
+//!
+//! Text is natural by default: Chinese drawn Zipf (s = 1) over 3,000 CJK characters, other
+//! text drawn Zipf over a 2,000-word vocabulary of pronounceable words (shorter words more
+//! frequent, as in natural language), with punctuation. A text index costs what it costs on
+//! that spread of characters and words; sixteen repeated phrases ([`TextMode::Phrases`], kept
+//! to compare with earlier runs) make a trigram index look about three times cheaper.
 
 use flare_storage_common::message::to_timestamp;
 use flare_storage_common::prost::Message as _;
@@ -56,14 +63,98 @@ impl Random {
     }
 }
 
+/// How message text is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextMode {
+    /// Zipf over 3,000 CJK characters and a 2,000-word vocabulary.
+    Natural,
+    /// Sixteen fixed phrases (the benchmark's text before natural text).
+    Phrases,
+}
+
+/// The id and members of the large group (`Workload::with_big_group`).
+pub const BIG_GROUP: &str = "group-big";
+pub const BIG_GROUP_MEMBERS: usize = 5_000;
+
 pub struct Workload {
     pub tenant: String,
-    pub sessions: usize,
     /// Cumulative Zipf weights of session ranks 0..sessions.
     cumulative: Vec<f64>,
     random: Random,
     run: String,
     sequence: u64,
+    text: TextMode,
+    vocabulary: Vocabulary,
+    /// Share of messages sent to the 5,000-member group.
+    big_group_share: f64,
+}
+
+/// What natural text is drawn from: characters and words with cumulative Zipf weights.
+struct Vocabulary {
+    characters: Vec<char>,
+    character_weights: Vec<f64>,
+    words: Vec<String>,
+    word_weights: Vec<f64>,
+}
+
+impl Vocabulary {
+    fn new(random: &mut Random) -> Self {
+        // 3,000 distinct characters of the CJK Unified Ideographs block (U+4E00–U+9FA5),
+        // picked and ranked by a seeded shuffle.
+        let mut block: Vec<char> = (0x4E00..=0x9FA5).filter_map(char::from_u32).collect();
+        for index in (1..block.len()).rev() {
+            block.swap(index, random.below(index as u64 + 1) as usize);
+        }
+        block.truncate(3_000);
+        // 2,000 distinct pronounceable words; frequent ranks get fewer syllables.
+        const ONSETS: [&str; 24] = [
+            "", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "y", "ch", "sh",
+            "th", "st", "tr",
+        ];
+        const VOWELS: [&str; 9] = ["a", "e", "i", "o", "u", "ai", "ea", "ou", "oo"];
+        const CODAS: [&str; 9] = ["", "", "n", "r", "s", "t", "l", "nd", "ng"];
+        let mut words = Vec::with_capacity(2_000);
+        let mut seen = std::collections::HashSet::new();
+        while words.len() < 2_000 {
+            let syllables = 1 + (words.len() / 400).min(2) + random.below(2) as usize;
+            let mut word = String::new();
+            for _ in 0..syllables {
+                word.push_str(ONSETS[random.below(ONSETS.len() as u64) as usize]);
+                word.push_str(VOWELS[random.below(VOWELS.len() as u64) as usize]);
+                word.push_str(CODAS[random.below(CODAS.len() as u64) as usize]);
+            }
+            if seen.insert(word.clone()) {
+                words.push(word);
+            }
+        }
+        Self { character_weights: zipf(block.len()), characters: block, word_weights: zipf(words.len()), words }
+    }
+
+    fn character(&self, random: &mut Random) -> char {
+        self.characters[draw(&self.character_weights, random)]
+    }
+
+    fn word(&self, random: &mut Random) -> &str {
+        &self.words[draw(&self.word_weights, random)]
+    }
+}
+
+/// Cumulative Zipf (s = 1) weights of ranks 0..count.
+fn zipf(count: usize) -> Vec<f64> {
+    let mut total = 0.0;
+    (1..=count.max(1))
+        .map(|rank| {
+            total += 1.0 / rank as f64;
+            total
+        })
+        .collect()
+}
+
+/// A rank drawn by cumulative weights.
+fn draw(cumulative: &[f64], random: &mut Random) -> usize {
+    let total = cumulative.last().copied().unwrap_or(1.0);
+    let target = random.unit() * total;
+    cumulative.partition_point(|weight| *weight < target).min(cumulative.len().saturating_sub(1))
 }
 
 /// One generated record: its Kafka key (the session) and value.
@@ -75,21 +166,32 @@ pub struct Record {
 
 impl Workload {
     pub fn new(tenant: &str, sessions: usize, seed: u64) -> Self {
-        let mut total = 0.0;
-        let cumulative = (1..=sessions.max(1))
-            .map(|rank| {
-                total += 1.0 / rank as f64;
-                total
-            })
-            .collect();
+        let mut random = Random::new(seed);
+        // The vocabulary is the same for every seed: runs differ in traffic, not in language.
+        let vocabulary = Vocabulary::new(&mut Random::new(0x5eed));
+        random.next();
         Self {
             tenant: tenant.to_owned(),
-            sessions: sessions.max(1),
-            cumulative,
-            random: Random::new(seed),
+            cumulative: zipf(sessions),
+            random,
             run: format!("{seed:x}"),
             sequence: 0,
+            text: TextMode::Natural,
+            vocabulary,
+            big_group_share: 0.0,
         }
+    }
+
+    pub fn with_text(mut self, text: TextMode) -> Self {
+        self.text = text;
+        self
+    }
+
+    /// Sends `share` of all messages to one group of [`BIG_GROUP_MEMBERS`] members. Its
+    /// messages name no receivers, as large groups' messages do (membership is kept apart).
+    pub fn with_big_group(mut self, share: f64) -> Self {
+        self.big_group_share = share.clamp(0.0, 1.0);
+        self
     }
 
     /// The session of Zipf rank `rank`: a tenth of each ten ranks are groups, three of ten.
@@ -107,15 +209,73 @@ impl Workload {
     }
 
     fn draw_rank(&mut self) -> usize {
-        let total = self.cumulative.last().copied().unwrap_or(1.0);
-        let target = self.random.unit() * total;
-        self.cumulative.partition_point(|weight| *weight < target).min(self.sessions - 1)
+        draw(&self.cumulative, &mut self.random)
     }
 
     /// Text of 20–500 bytes, Chinese about 40% of the time, cut on a character boundary.
     fn text(&mut self) -> String {
         let length = 20 + self.random.below(478) as usize;
-        let phrases: &[&str] = if self.random.below(10) < 4 { &CHINESE } else { &ENGLISH };
+        let chinese = self.random.below(10) < 4;
+        let mut text = match self.text {
+            TextMode::Phrases => self.phrases(length, chinese),
+            TextMode::Natural if chinese => self.chinese(length),
+            TextMode::Natural => self.words(length),
+        };
+        // Back to a character boundary at most 500 bytes long.
+        let mut end = text.len().min(500);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text
+    }
+
+    /// Chinese of about `length` bytes: characters drawn Zipf-wise, a comma every few, a full
+    /// stop or question mark at the end of each clause run.
+    fn chinese(&mut self, length: usize) -> String {
+        let mut text = String::with_capacity(length + 8);
+        let mut clause = 0;
+        while text.len() + 3 < length {
+            text.push(self.vocabulary.character(&mut self.random));
+            clause += 1;
+            if clause > 4 && self.random.below(8) == 0 {
+                text.push(if self.random.below(4) == 0 { '。' } else { '，' });
+                clause = 0;
+            }
+        }
+        text.push(if self.random.below(5) == 0 { '？' } else { '。' });
+        text
+    }
+
+    /// Words of about `length` bytes, drawn Zipf-wise, in capitalised sentences.
+    fn words(&mut self, length: usize) -> String {
+        let mut text = String::with_capacity(length + 16);
+        let mut sentence_start = true;
+        while text.len() < length {
+            if !text.is_empty() {
+                text.push(' ');
+            }
+            let word = self.vocabulary.word(&mut self.random);
+            if sentence_start {
+                let mut characters = word.chars();
+                if let Some(first) = characters.next() {
+                    text.extend(first.to_uppercase());
+                    text.push_str(characters.as_str());
+                }
+            } else {
+                text.push_str(word);
+            }
+            sentence_start = self.random.below(9) == 0;
+            if sentence_start {
+                text.push(['.', '.', '?', '!'][self.random.below(4) as usize]);
+            }
+        }
+        text
+    }
+
+    /// The sixteen fixed phrases, repeated up to `length` bytes.
+    fn phrases(&mut self, length: usize, chinese: bool) -> String {
+        let phrases: &[&str] = if chinese { &CHINESE } else { &ENGLISH };
         let mut text = String::with_capacity(length + 64);
         while text.len() < length {
             if !text.is_empty() {
@@ -133,10 +293,16 @@ impl Workload {
     }
 
     pub fn next_record(&mut self) -> Record {
+        let big = self.big_group_share > 0.0 && self.random.unit() < self.big_group_share;
         let rank = self.draw_rank();
-        let session_id = Self::session_id(rank);
-        let members = Self::members(rank);
-        let sender = members[self.random.below(members.len() as u64) as usize].clone();
+        let (session_id, members, sender) = if big {
+            let sender = format!("user-{}", self.random.below(BIG_GROUP_MEMBERS as u64));
+            (BIG_GROUP.to_owned(), Vec::new(), sender)
+        } else {
+            let members = Self::members(rank);
+            let sender = members[self.random.below(members.len() as u64) as usize].clone();
+            (Self::session_id(rank), members, sender)
+        };
         let receivers: Vec<String> = members.iter().filter(|member| **member != sender).cloned().collect();
         let message_id = format!("b{}-{}", self.run, self.sequence);
         self.sequence += 1;
@@ -146,7 +312,7 @@ impl Workload {
             message: Some(Message {
                 id: message_id.clone(),
                 sender_id: sender,
-                receiver_id: if direct { receivers[0].clone() } else { String::new() },
+                receiver_id: if direct { receivers.first().cloned().unwrap_or_default() } else { String::new() },
                 receiver_ids: if direct { Vec::new() } else { receivers },
                 session_type: if direct { "single".into() } else { "group".into() },
                 message_type: MessageType::Text as i32,
@@ -186,5 +352,43 @@ mod tests {
         }
         let mut again = Workload::new("t", 10_000, 7);
         assert_eq!(again.next_record().session_id, records[0].session_id, "deterministic");
+    }
+
+    fn texts_of(workload: &mut Workload, count: usize) -> Vec<String> {
+        (0..count)
+            .map(|_| {
+                let record = workload.next_record();
+                let request = StoreMessageRequest::decode(record.payload.as_slice()).expect("decodes");
+                match request.message.and_then(|message| message.content).and_then(|content| content.content) {
+                    Some(message_content::Content::Text(text)) => text.text,
+                    _ => String::new(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn natural_text_spreads_over_thousands_of_characters_and_words() {
+        let texts = texts_of(&mut Workload::new("t", 1_000, 3), 5_000);
+        let characters: std::collections::HashSet<char> =
+            texts.iter().flat_map(|text| text.chars()).filter(|c| ('\u{4E00}'..='\u{9FA5}').contains(c)).collect();
+        let words: std::collections::HashSet<String> = texts
+            .iter()
+            .flat_map(|text| text.split(' ').map(|word| word.trim_matches(['.', '?', '!']).to_lowercase()))
+            .filter(|word| word.is_ascii() && !word.is_empty())
+            .collect();
+        assert!(characters.len() > 2_000, "{} distinct CJK characters", characters.len());
+        assert!(words.len() > 1_500, "{} distinct words", words.len());
+        let phrases = texts_of(&mut Workload::new("t", 1_000, 3).with_text(TextMode::Phrases), 5_000);
+        let phrase_characters: std::collections::HashSet<char> = phrases.iter().flat_map(|text| text.chars()).collect();
+        assert!(phrase_characters.len() < 200, "the phrases use {} characters", phrase_characters.len());
+    }
+
+    #[test]
+    fn the_big_group_takes_its_share() {
+        let mut workload = Workload::new("t", 1_000, 5).with_big_group(0.1);
+        let records: Vec<Record> = (0..10_000).map(|_| workload.next_record()).collect();
+        let big = records.iter().filter(|record| record.session_id == BIG_GROUP).count();
+        assert!((800..1_200).contains(&big), "{big} of 10000");
     }
 }

@@ -26,7 +26,7 @@ use crate::report::{Latencies, Report, Row, peak_rss_mib};
 use crate::services::{
     Services, create_database, create_topics, drop_database, forget_tenant, produce_all, unique, writer_command,
 };
-use crate::workload::{Record, Workload};
+use crate::workload::{Record, TextMode, Workload};
 
 pub struct WriterBench {
     pub messages: usize,
@@ -38,10 +38,19 @@ pub struct WriterBench {
     pub latency_fraction: f64,
     /// Also store into MongoDB (a slow stand-in here), with this many messages.
     pub mongo_messages: Option<usize>,
+    pub text: TextMode,
+    /// Share of messages sent to a 5,000-member group.
+    pub big_group_share: f64,
     /// Record a CPU profile of the writer during the sustained run into this file.
     pub profile: Option<PathBuf>,
     pub writer_binary: PathBuf,
     pub json: PathBuf,
+}
+
+impl WriterBench {
+    fn workload(&self, tenant: &str, seed: u64) -> Workload {
+        Workload::new(tenant, self.sessions, seed).with_text(self.text).with_big_group(self.big_group_share)
+    }
 }
 
 pub async fn run(bench: WriterBench, services: Services) -> anyhow::Result<()> {
@@ -51,11 +60,12 @@ pub async fn run(bench: WriterBench, services: Services) -> anyhow::Result<()> {
             "messages": bench.messages, "sessions": bench.sessions, "partitions": bench.partitions,
             "batch": bench.batch, "latency_seconds": bench.latency_seconds,
             "latency_fraction": bench.latency_fraction, "mongo_messages": bench.mongo_messages,
+            "text": format!("{:?}", bench.text), "big_group_share": bench.big_group_share,
         }),
     );
     let tenant = unique("bench");
     eprintln!("generating {} records over {} sessions…", bench.messages, bench.sessions);
-    let mut workload = Workload::new(&tenant, bench.sessions, 42);
+    let mut workload = bench.workload(&tenant, 42);
     let records: Vec<Record> = (0..bench.messages).map(|_| workload.next_record()).collect();
     let bytes: usize = records.iter().map(|record| record.payload.len()).sum();
     report.result("average_record_bytes", bytes / records.len().max(1));
@@ -94,16 +104,19 @@ pub async fn run(bench: WriterBench, services: Services) -> anyhow::Result<()> {
         "writer sustained (postgres+redis)",
         writer_run.rate,
         format!(
-            "{:.0}% of COPY, {:.0}% of slowest limit; {:.1}s incl. {:.1}s until first ACK",
+            "{:.0}% of COPY, {:.0}% of slowest limit; {:.1}s incl. {:.1}s until first ACK; Redis CPU {:.1} µs/message",
             100.0 * writer_run.rate / copy,
             100.0 * writer_run.rate / slowest,
             writer_run.elapsed.as_secs_f64(),
-            writer_run.first_ack.as_secs_f64()
+            writer_run.first_ack.as_secs_f64(),
+            writer_run.redis_cpu_us_per_message
         ),
     ));
     report.result("writer_ratio_to_copy", writer_run.rate / copy);
     report.result("writer_ratio_to_slowest_limit", writer_run.rate / slowest);
     report.result("writer_peak_rss_mib", writer_run.peak_rss_mib);
+    report.result("redis_cpu_us_per_message", writer_run.redis_cpu_us_per_message);
+
     report.result("writer_stage_seconds", writer_run.stages.clone());
     if let Some(profile) = &writer_run.profile {
         report.result("writer_profile_top", profile.clone());
@@ -124,7 +137,7 @@ pub async fn run(bench: WriterBench, services: Services) -> anyhow::Result<()> {
         // Records of their own: the first run's done markers would (rightly) make the same
         // message ids duplicates.
         let mongo_tenant = unique("bench");
-        let mut workload = Workload::new(&mongo_tenant, bench.sessions, 43);
+        let mut workload = bench.workload(&mongo_tenant, 43);
         let mongo_records: Vec<Record> = (0..count).map(|_| workload.next_record()).collect();
         let mongo_topic = unique("bench-messages-mongo");
         create_topics(&services, &[&mongo_topic], bench.partitions).await?;
@@ -356,6 +369,20 @@ struct SustainedRun {
     profile: Option<String>,
     /// Seconds spent per pipeline stage.
     stages: serde_json::Map<String, serde_json::Value>,
+    /// Redis's own CPU time (system + user) per stored message over the run, µs.
+    redis_cpu_us_per_message: f64,
+}
+
+/// Redis's own CPU time so far, seconds (`used_cpu_sys` + `used_cpu_user` of `INFO cpu`).
+async fn redis_cpu_seconds(services: &Services) -> anyhow::Result<f64> {
+    let mut connection = redis::Client::open(services.redis.as_str())?.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut connection).await?;
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':')?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Ok(field("used_cpu_sys") + field("used_cpu_user"))
 }
 
 fn start_writer(
@@ -415,6 +442,7 @@ async fn sustained(
     let ack_topic = unique("bench-acks");
     create_topics(services, &[&ack_topic], bench.partitions).await?;
     let acks = assigned_consumer(services, &ack_topic, bench.partitions)?;
+    let redis_cpu_before = redis_cpu_seconds(services).await?;
     let started = Instant::now();
     let (mut writer, metrics) = start_writer(bench, services, topic, &ack_topic, &database.url, mongo.as_ref())?;
     let pid = writer.id();
@@ -452,6 +480,7 @@ async fn sustained(
         Ok((first.unwrap_or_default(), started.elapsed()))
     })
     .await??;
+    let redis_cpu = redis_cpu_seconds(services).await? - redis_cpu_before;
     let peak_rss_mib = peak_rss_mib(pid).unwrap_or(0.0);
     let stages = stage_seconds(metrics).await.unwrap_or_default();
     let profile = match profiler.as_mut() {
@@ -474,6 +503,7 @@ async fn sustained(
         peak_rss_mib,
         profile,
         stages,
+        redis_cpu_us_per_message: redis_cpu * 1e6 / expected.max(1) as f64,
     })
 }
 
@@ -507,7 +537,7 @@ async fn latency(
         .set("linger.ms", "0")
         .set("queue.buffering.max.messages", "1000000")
         .create()?;
-    let mut workload = Workload::new(tenant, bench.sessions, 7);
+    let mut workload = bench.workload(tenant, 7);
     let total = (rate * bench.latency_seconds as f64) as usize;
     let warmup = 200;
     let (sent_tx, sent_rx) = std::sync::mpsc::channel::<(String, Instant)>();
