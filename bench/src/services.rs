@@ -147,7 +147,8 @@ pub fn writer_command(
         .env("REDIS_URL", &services.redis)
         .env("POSTGRES_URL", database_url)
         .env("METRICS_ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "warn")
+        // The writer's own logs (stderr), quiet unless asked for.
+        .env("RUST_LOG", std::env::var("FLARE_BENCH_WRITER_LOG").unwrap_or_else(|_| "warn".into()))
         .env_remove("MONGO_URL")
         .stdout(std::process::Stdio::null());
     command

@@ -78,8 +78,15 @@ fn create_consumer(config: &Config, metrics: Metrics) -> KafkaResult<StreamConsu
         .set("fetch.wait.max.ms", config.kafka_fetch_wait.as_millis().max(1).to_string())
         // Prefetched records are memory: bounded, so a backlog does not grow the process.
         .set("queued.max.messages.kbytes", config.kafka_prefetch_kbytes.max(1).to_string())
+        // With the prefetch queue at that bound, fetch again soon after the writer takes
+        // records: librdkafka's default waits a second, which stalled a backlog in steps.
+        .set("fetch.queue.backoff.ms", "10")
         .create_with_context(WriterContext { metrics })
 }
+
+/// How long the consumer waits for room in a lane's queue before it takes the lane for
+/// stalled and pauses its partitions (well within any poll interval).
+const LANE_STALL: Duration = Duration::from_secs(1);
 
 /// Consumes until `shutdown` is cancelled, then commits what is done and returns.
 pub async fn run(config: &Config, pipeline: &Pipeline, shutdown: &CancellationToken) -> KafkaResult<()> {
@@ -101,9 +108,9 @@ pub async fn run(config: &Config, pipeline: &Pipeline, shutdown: &CancellationTo
             lanes_done.cancel();
         }
     }));
-    // A lane whose queue is full (its store is down, or a backlog) holds the records that keep
-    // arriving for it, and its partitions are paused; fetching goes on for the others, and the
-    // consumer keeps polling, so however long the outage it stays in its group.
+    // A lane whose queue stays full (its store is down) holds the records that keep arriving
+    // for it, and its partitions are paused; fetching goes on for the others, and the consumer
+    // keeps polling, so however long the outage it stays in its group.
     let deal = async {
         let mut held: Vec<VecDeque<Record>> = (0..senders.len()).map(|_| VecDeque::new()).collect();
         loop {
@@ -133,13 +140,21 @@ pub async fn run(config: &Config, pipeline: &Pipeline, shutdown: &CancellationTo
                             held[lane].push_back(record);
                             continue;
                         }
-                        match senders[lane].try_send(record) {
-                            Ok(()) => {}
-                            Err(mpsc::error::TrySendError::Full(record)) => {
+                        // A full queue is normal on a backlog: wait a moment for room, as the
+                        // lane takes a batch at a time. Only a lane that stays full (its store
+                        // is failing) has its partitions paused: resuming a partition costs
+                        // this client about a second before it fetches again.
+                        let room = tokio::select! {
+                            room = tokio::time::timeout(LANE_STALL, senders[lane].reserve()) => room,
+                            () = shutdown.cancelled() => break,
+                        };
+                        match room {
+                            Ok(Ok(permit)) => permit.send(record),
+                            Ok(Err(_)) => break,
+                            Err(_) => {
                                 held[lane].push_back(record);
                                 pause_lane(consumer, lane, senders.len(), true);
                             }
-                            Err(mpsc::error::TrySendError::Closed(_)) => break,
                         }
                     }
                     // Fetch errors are about the connection, not about a record: no offset moves,
