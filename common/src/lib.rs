@@ -15,6 +15,7 @@ pub mod scripts;
 pub mod settings;
 pub mod stored_text;
 pub mod telemetry;
+pub mod text_search;
 
 pub use prost;
 pub use prost_types;

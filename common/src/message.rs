@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 use prost_types::Timestamp;
 
 use crate::proto::common::TenantContext;
-use crate::proto::storage::{Message, StoreMessageRequest, message_content};
+use crate::proto::storage::{Message, MessageContent, StoreMessageRequest, message_content};
 
 /// Upper bound on every identifier (message, session, tenant, user).
 pub const MAX_ID_BYTES: usize = 64;
@@ -265,9 +265,15 @@ pub fn content_type(message: &Message) -> &'static str {
     }
 }
 
-/// The text a search looks in: text content, or JSON content as written.
+/// The text a search looks in: text content, or JSON content as written. (The writer's
+/// search queue condition, `content_type IN ('text', 'json')`, follows this rule.)
 pub fn searchable_text(message: &Message) -> Option<&str> {
-    match message.content.as_ref()?.content.as_ref()? {
+    searchable_content(message.content.as_ref()?)
+}
+
+/// [`searchable_text`] of a message's content alone.
+pub fn searchable_content(content: &MessageContent) -> Option<&str> {
+    match content.content.as_ref()? {
         message_content::Content::Text(text) => Some(&text.text),
         message_content::Content::Json(json) => Some(json),
         message_content::Content::Binary(_) | message_content::Content::Custom(_) => None,
@@ -289,7 +295,7 @@ pub fn to_timestamp(time: DateTime<Utc>) -> Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::storage::{MessageContent, TextContent};
+    use crate::proto::storage::TextContent;
 
     fn request(session: &str, id: &str) -> StoreMessageRequest {
         StoreMessageRequest {

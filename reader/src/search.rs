@@ -5,6 +5,7 @@
 use chrono::{DateTime, Utc};
 use flare_storage_common::proto::common::{FilterExpression, FilterOperator, SortDirection, SortExpression};
 use flare_storage_common::proto::storage::MessageType;
+use flare_storage_common::text_search::normalize;
 
 use crate::cursor::Cursor;
 use crate::error::Error;
@@ -60,7 +61,8 @@ pub struct SearchQuery {
     pub tenant_id: String,
     /// The acting user, whose hidden and cleared messages are left out ('' = nobody's).
     pub user: String,
-    /// Substrings the text content must all contain.
+    /// Substrings the text content must all contain, in the searchable normal form
+    /// (`flare_storage_common::text_search::normalize`).
     pub contains: Vec<String>,
     pub session_id: Among<String>,
     pub sender_id: Among<String>,
@@ -152,7 +154,12 @@ impl SearchQuery {
                             format!("content: 1 to {MAX_TEXT_CHARS} characters"),
                         ));
                     }
-                    self.contains.push(text.clone());
+                    // Matched in normal form (`text_search`): case, width and composition aside.
+                    let normal = normalize(text);
+                    if normal.is_empty() {
+                        return Err(Error::invalid("filters.values", "content: nothing to search for"));
+                    }
+                    self.contains.push(normal);
                 }
             }
             "session_id" | "sender_id" | "business_type" => {
@@ -222,20 +229,6 @@ fn message_type(value: &str) -> Result<i32, Error> {
         .ok_or_else(|| Error::invalid("filters.values", format!("unknown message_type {value:?}")))
 }
 
-/// `text` as a literal ILIKE pattern body: `\`, `%` and `_` lose their wildcard meaning.
-pub fn like_pattern(text: &str) -> String {
-    let mut pattern = String::with_capacity(text.len() + 2);
-    pattern.push('%');
-    for character in text.chars() {
-        if matches!(character, '\\' | '%' | '_') {
-            pattern.push('\\');
-        }
-        pattern.push(character);
-    }
-    pattern.push('%');
-    pattern
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,12 +239,6 @@ mod tests {
             op: op as i32,
             values: values.iter().map(|v| (*v).to_owned()).collect(),
         }
-    }
-
-    #[test]
-    fn wildcards_in_search_text_are_literal() {
-        assert_eq!(like_pattern("50%_off\\"), "%50\\%\\_off\\\\%");
-        assert_eq!(like_pattern("消息"), "%消息%");
     }
 
     #[test]
@@ -271,6 +258,9 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(query.contains, ["消息"]);
+        let folded = SearchQuery::parse("t", "", &[filter("content", FilterOperator::Contains, &["ＣＡＦÉ"])], &[])
+            .expect("valid");
+        assert_eq!(folded.contains, ["café"]);
         assert_eq!(query.session_id.include, Some(vec!["b".to_owned()]));
         assert_eq!(query.message_type.include, Some(vec![MessageType::Text as i32]));
         assert_eq!(query.tags.exclude, ["spam"]);

@@ -168,6 +168,8 @@ pub async fn produce_message(
 /// A writer running in this process.
 pub struct RunningWriter {
     pub metrics_addr: SocketAddr,
+    /// The writer's PostgreSQL, whose search queue [`RunningWriter::wait_processed`] watches.
+    pub postgres_url: Option<String>,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<anyhow::Result<()>>,
 }
@@ -178,8 +180,9 @@ impl RunningWriter {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let metrics_addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
+        let postgres_url = config.postgres_url.clone();
         let task = tokio::spawn(flare_storage_writer::run_with_listener(config, listener, shutdown.clone()));
-        Ok(Self { metrics_addr, shutdown, task })
+        Ok(Self { metrics_addr, postgres_url, shutdown, task })
     }
 
     /// The writer's `storage_writer_messages_processed_total`.
@@ -188,12 +191,28 @@ impl RunningWriter {
         Ok(metric_value(&body, "storage_writer_messages_processed_total").unwrap_or(0.0))
     }
 
-    /// Waits (a minute at most) until the writer has newly stored exactly `count` messages.
+    /// Waits (a minute at most) until the writer has newly stored exactly `count` messages
+    /// and, with PostgreSQL, its search indexer has caught up with them.
     pub async fn wait_processed(&self, count: usize) -> anyhow::Result<()> {
         eventually(Duration::from_secs(60), "messages stored", || async {
             Ok((self.processed().await? == count as f64).then_some(()))
         })
-        .await
+        .await?;
+        self.wait_search_indexed().await
+    }
+
+    /// Waits (a minute at most) until PostgreSQL's search queue is empty: the indexer commits
+    /// its entries in the transaction that takes them off the queue.
+    pub async fn wait_search_indexed(&self) -> anyhow::Result<()> {
+        let Some(url) = &self.postgres_url else { return Ok(()) };
+        let db = sqlx::PgPool::connect(url).await?;
+        let caught_up = eventually(Duration::from_secs(60), "search index caught up", || async {
+            let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM search_queue").fetch_one(&db).await?;
+            Ok((queued == 0).then_some(()))
+        })
+        .await;
+        db.close().await;
+        caught_up
     }
 
     /// Asks the writer to stop and waits until it has.

@@ -177,15 +177,12 @@ async fn sample_traffic_mixes_direct_and_group_sessions() -> anyhow::Result<()> 
     .await??;
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let writer = RunningWriter::start(writer_config(&database.url, &topic, &dlq_topic)).await?;
-    eventually(Duration::from_secs(60), "300 stored", || async {
-        Ok((writer.processed().await? == 300.0).then_some(()))
-    })
-    .await?;
+    writer.wait_processed(300).await?;
     let mut db = database.connect().await?;
     let (sessions, groups, chinese, max_receivers): (i64, i64, i64, i32) = sqlx::query_as(
         r#"SELECT count(DISTINCT session_id), count(DISTINCT session_id) FILTER (WHERE session_type = 'group'),
-                  count(*) FILTER (WHERE content_text ~ '[一-龥]'), max(cardinality(receiver_ids))
-           FROM messages WHERE tenant_id = $1"#,
+                  count(*) FILTER (WHERE s.normal_text ~ '[一-龥]'), max(cardinality(receiver_ids))
+           FROM messages m LEFT JOIN message_search s USING (tenant_id, message_id) WHERE m.tenant_id = $1"#,
     )
     .bind(&tenant)
     .fetch_one(&mut db)

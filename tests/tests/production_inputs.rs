@@ -193,10 +193,10 @@ async fn values_no_store_can_hold_are_dead_lettered_and_hold_up_nothing() -> any
     case("recalled-too-early", "field message.recalled_at is before 4714-11-24T00:00:00Z BC", &|r| {
         message_of(r).recalled_at = Some(Timestamp { seconds: earliest - 1, nanos: 0 })
     });
-    // 9 MiB of text: a record within the writer's limit, a MongoDB document (payload and text)
-    // over MongoDB's 16 MiB.
+    // A 9 MiB extra value: a record within the writer's limit, a MongoDB document (the payload
+    // and the extra field both hold it) over MongoDB's 16 MiB.
     case("mongo-document", "exceeds MongoDB's limit of 16777216 bytes", &|r| {
-        message_of(r).content = text(&"字".repeat(3 * 1024 * 1024))
+        message_of(r).extra.insert("blob".into(), "字".repeat(3 * 1024 * 1024));
     });
     let oversized = Unstorable {
         session: "oversized".into(),

@@ -277,7 +277,8 @@ impl Conversation {
             Store::Postgres => {
                 let mut db = self.database.connect().await?;
                 sqlx::query_as(
-                    "SELECT content IS NOT NULL OR content_text IS NOT NULL, payload FROM messages WHERE message_id = $1",
+                    r#"SELECT content IS NOT NULL OR EXISTS (SELECT 1 FROM message_search s WHERE s.message_id = $1),
+                              payload FROM messages WHERE message_id = $1"#,
                 )
                 .bind(id)
                 .fetch_one(&mut db)
@@ -295,7 +296,8 @@ impl Conversation {
                     Some(Bson::Binary(binary)) => binary.bytes.clone(),
                     _ => Vec::new(),
                 };
-                (!matches!(document.get("text"), None | Some(Bson::Null)), payload)
+                let has_terms = matches!(document.get("search_terms"), Some(Bson::Array(terms)) if !terms.is_empty());
+                (has_terms || !matches!(document.get("search_text"), None | Some(Bson::Null)), payload)
             }
         };
         Ok((has_content, <Message as prost::Message>::decode(payload.as_slice())?))

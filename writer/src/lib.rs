@@ -4,7 +4,8 @@
 //!
 //! `consumer.rs` fetches batches and commits offsets, `pipeline.rs` decides what happens to
 //! each record, `store/` talks to Redis and the databases, `deadletter.rs` parks what can never
-//! be stored, `ack.rs` tells upstream what was stored.
+//! be stored, `ack.rs` tells upstream what was stored, `search_index.rs` keeps the search index
+//! up to date behind the inserts.
 
 pub mod ack;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod record;
 pub mod retention;
+pub mod search_index;
 pub mod seq;
 pub mod store;
 
@@ -123,6 +125,10 @@ async fn consume(
         ))
     });
 
+    let indexer_task = postgres
+        .as_ref()
+        .map(|postgres| tokio::spawn(search_index::run(postgres.pool().clone(), metrics.clone(), shutdown.clone())));
+
     let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &config.kafka_bootstrap_servers)
         .set("acks", "all")
@@ -152,6 +158,10 @@ async fn consume(
     };
     let consumed = consumer::run(&config, &pipeline, shutdown).await.context("kafka consumer failed");
     if let Some(task) = retention_task {
+        task.abort();
+    }
+    // The indexer stops at shutdown; an aborted batch rolls back into the queue.
+    if let Some(task) = indexer_task {
         task.abort();
     }
     consumed

@@ -13,6 +13,8 @@ pub const STAGE_LATENCY: &str = "storage_writer_stage_latency_seconds";
 pub const CACHE_HIT_RATE: &str = "storage_writer_cache_hit_rate";
 pub const SEQ_COUNTER_LOOKUPS: &str = "storage_writer_seq_counter_lookups_total";
 pub const PARTITIONS_REBALANCED: &str = "storage_writer_partitions_rebalanced_total";
+pub const SEARCH_INDEXED: &str = "storage_writer_search_indexed_total";
+pub const SEARCH_INDEX_LAG: &str = "storage_writer_search_index_lag_seconds";
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -41,6 +43,10 @@ pub struct Metrics {
     /// Partitions assigned to / revoked from this writer by group rebalances.
     pub partitions_assigned: IntCounter,
     pub partitions_revoked: IntCounter,
+    /// Messages the search indexer took from its queue (indexed, or gone by then).
+    pub search_indexed: IntCounter,
+    /// Time from a message's insert (when it was queued) to its search row's commit.
+    pub search_index_lag: Histogram,
 }
 
 impl Metrics {
@@ -81,6 +87,14 @@ impl Metrics {
             Opts::new(PARTITIONS_REBALANCED, "Partitions assigned to or revoked from this writer, by change"),
             &["change"],
         )?;
+        let search_indexed =
+            IntCounter::new(SEARCH_INDEXED, "Messages taken from the search queue and indexed (or found gone)")?;
+        let search_index_lag = Histogram::with_opts(
+            HistogramOpts::new(SEARCH_INDEX_LAG, "Time from a message's insert to its search index entry")
+                .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0]),
+        )?;
+        registry.register(Box::new(search_indexed.clone()))?;
+        registry.register(Box::new(search_index_lag.clone()))?;
         registry.register(Box::new(rebalanced.clone()))?;
         registry.register(Box::new(stage_latency.clone()))?;
         registry.register(Box::new(seq_lookups))?;
@@ -107,6 +121,8 @@ impl Metrics {
             cache_hit_rate,
             partitions_assigned: rebalanced.with_label_values(&["assigned"]),
             partitions_revoked: rebalanced.with_label_values(&["revoked"]),
+            search_indexed,
+            search_index_lag,
         })
     }
 

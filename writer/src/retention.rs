@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::store::mongo::MongoStore;
-use crate::store::postgres::PostgresStore;
+use crate::store::postgres::{AgedTable, PostgresStore};
 
 pub const DELETE_BATCH: i64 = 5_000;
 
@@ -37,6 +37,22 @@ pub async fn run_periodically(
     }
 }
 
+/// Deletes `table`'s rows older than `cutoff` batch by batch; returns how many went.
+async fn delete_all_before(
+    postgres: &PostgresStore,
+    table: AgedTable,
+    cutoff: chrono::DateTime<Utc>,
+) -> Result<u64, sqlx::Error> {
+    let mut removed = 0;
+    loop {
+        let deleted = postgres.delete_batch_before(table, cutoff, DELETE_BATCH).await?;
+        removed += deleted;
+        if deleted < DELETE_BATCH as u64 {
+            return Ok(removed);
+        }
+    }
+}
+
 /// Removes everything older than `keep`; returns how many rows/documents went (chunks
 /// dropped on TimescaleDB are not counted).
 pub async fn run_once(
@@ -50,14 +66,11 @@ pub async fn run_once(
         if postgres.has_timescaledb().await? {
             postgres.drop_chunks_before(cutoff).await?;
         } else {
-            loop {
-                let deleted = postgres.delete_batch_before(cutoff, DELETE_BATCH).await?;
-                removed += deleted;
-                if deleted < DELETE_BATCH as u64 {
-                    break;
-                }
-            }
+            removed += delete_all_before(postgres, AgedTable::Messages, cutoff).await?;
         }
+        // Search entries of expired messages (a plain table on TimescaleDB too); rows still
+        // queued for them are taken by the indexer and find no message.
+        delete_all_before(postgres, AgedTable::SearchIndex, cutoff).await?;
         postgres.delete_hidden_before(cutoff).await?;
     }
     if let Some(mongo) = mongo {

@@ -7,11 +7,12 @@
 //! precision Postgres and the cache order by, so a page means the same in every store. Every
 //! filter names the tenant, through `tenant_id` or a tenant-prefixed `_id`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use flare_storage_common::keys::document_id;
 use flare_storage_common::stored_text::JsonStrings;
+use flare_storage_common::text_search::query_terms;
 use futures::TryStreamExt as _;
 use mongodb::bson::{Bson, Document, doc, spec::BinarySubtype};
 use mongodb::error::{ErrorKind, Result};
@@ -311,7 +312,7 @@ impl MongoStore {
                 .messages
                 .update_one(
                     doc! { "_id": document_id(tenant_id, message_id), "session_id": session_id, "deleted_at_us": Bson::Null },
-                    doc! { "$set": { "deleted_at_us": now }, "$push": { "operations": operation_document(operation)? } },
+                    doc! { "$set": { "deleted_at_us": now, "search_text": Bson::Null, "search_terms": [] }, "$push": { "operations": operation_document(operation)? } },
                 )
                 .await?;
             if result.modified_count > 0 {
@@ -339,7 +340,8 @@ impl MongoStore {
                     "$set": {
                         "is_recalled": true,
                         "recalled_at_us": recalled_at.timestamp_micros(),
-                        "text": Bson::Null,
+                        "search_text": Bson::Null,
+                        "search_terms": [],
                         "payload": binary(payload_without_content),
                     },
                     "$push": { "operations": operation_document(operation)? },
@@ -514,13 +516,21 @@ impl MongoStore {
     }
 
     /// Messages matching a search, `limit` at most, in its time order, after its cursor.
-    /// Text matches case-insensitively anywhere in the text, like the Postgres search.
+    /// Text is found as in PostgreSQL: candidates by their index terms (multikey index on
+    /// `search_terms`), then the exact substring in the normal form `search_text`.
     pub async fn search(&self, query: &SearchQuery, limit: i64) -> Result<Vec<StoredRow>> {
         let now_us = Utc::now().timestamp_micros();
         let mut clauses = vec![doc! { "tenant_id": &query.tenant_id, "deleted_at_us": Bson::Null }];
-        for text in &query.contains {
-            clauses.push(doc! { "text": { "$regex": regex_literal(text), "$options": "i" } });
-            // Burned content is no longer searchable even before the background wipe.
+        if !query.contains.is_empty() {
+            let terms: BTreeSet<String> = query.contains.iter().flat_map(|text| query_terms(text)).collect();
+            if !terms.is_empty() {
+                clauses.push(doc! { "search_terms": { "$all": terms.into_iter().collect::<Vec<_>>() } });
+            }
+            for text in &query.contains {
+                clauses.push(doc! { "search_text": { "$regex": regex_literal(text) } });
+            }
+            // Recalled and burned content is never found, even before its terms are removed.
+            clauses.push(doc! { "is_recalled": { "$ne": true } });
             clauses.push(doc! { "$or": [{ "burned_at_us": Bson::Null }, { "burned_at_us": { "$gt": now_us } }] });
         }
         among(&mut clauses, "session_id", &query.session_id);
@@ -553,7 +563,7 @@ impl MongoStore {
         let documents: Vec<Document> = self.messages.find(due).with_options(options).await?.try_collect().await?;
         let mut wiped = 0;
         for document in documents {
-            let mut set = doc! { "text": Bson::Null, "burn_wiped": true };
+            let mut set = doc! { "search_text": Bson::Null, "search_terms": [], "burn_wiped": true };
             if let Some(payload) = payload(&document).and_then(|payload| strip(&payload)) {
                 set.insert("payload", binary(&payload));
             }

@@ -5,15 +5,16 @@
 //! JSON columns hold text by the rules of `stored_text` (U+0000 escaped): maps go in and come
 //! out through [`JsonStrings`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, QueryBuilder};
 
 use flare_storage_common::stored_text::{JsonStrings, escape_json_map};
+use flare_storage_common::text_search::query_terms;
 
-use crate::search::{Among, SearchQuery, like_pattern};
+use crate::search::{Among, SearchQuery};
 
 #[derive(Clone)]
 pub struct PostgresStore {
@@ -236,7 +237,8 @@ impl PostgresStore {
         query.fetch_all(&self.pool).await
     }
 
-    /// Soft-deletes messages of a session for everyone; returns the ids newly deleted.
+    /// Soft-deletes messages of a session for everyone; returns the ids newly deleted. Their
+    /// search entries go too.
     pub async fn delete_for_everyone(
         &self,
         tenant_id: &str,
@@ -244,7 +246,8 @@ impl PostgresStore {
         message_ids: &[String],
         operation: &Operation,
     ) -> Result<Vec<String>, sqlx::Error> {
-        sqlx::query_scalar(
+        let mut transaction = self.pool.begin().await?;
+        let deleted: Vec<String> = sqlx::query_scalar(
             r#"UPDATE messages SET deleted_at = now(), updated_at = now(),
                    operations = operations || jsonb_build_array($4::jsonb)
                WHERE tenant_id = $1 AND session_id = $2 AND message_id = ANY($3) AND deleted_at IS NULL
@@ -254,12 +257,15 @@ impl PostgresStore {
         .bind(session_id)
         .bind(message_ids)
         .bind(Json(operation))
-        .fetch_all(&self.pool)
-        .await
+        .fetch_all(&mut *transaction)
+        .await?;
+        unindex(&mut transaction, tenant_id, &deleted).await?;
+        transaction.commit().await?;
+        Ok(deleted)
     }
 
-    /// Marks a message recalled and drops its content from every column; returns the recall
-    /// time, or `None` when it was already recalled.
+    /// Marks a message recalled and drops its content from every column and from the search
+    /// index; returns the recall time, or `None` when it was already recalled.
     pub async fn recall(
         &self,
         tenant_id: &str,
@@ -268,8 +274,9 @@ impl PostgresStore {
         payload_without_content: &[u8],
         operation: &Operation,
     ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-        sqlx::query_scalar(
-            r#"UPDATE messages SET is_recalled = true, recalled_at = $3, content = NULL, content_text = NULL, payload = $4,
+        let mut transaction = self.pool.begin().await?;
+        let recalled = sqlx::query_scalar(
+            r#"UPDATE messages SET is_recalled = true, recalled_at = $3, content = NULL, payload = $4,
                    updated_at = now(), operations = operations || jsonb_build_array($5::jsonb)
                WHERE tenant_id = $1 AND message_id = $2 AND NOT is_recalled
                RETURNING recalled_at"#,
@@ -279,8 +286,11 @@ impl PostgresStore {
         .bind(recalled_at)
         .bind(payload_without_content)
         .bind(Json(operation))
-        .fetch_optional(&self.pool)
-        .await
+        .fetch_optional(&mut *transaction)
+        .await?;
+        unindex(&mut transaction, tenant_id, &[message_id.to_owned()]).await?;
+        transaction.commit().await?;
+        Ok(recalled)
     }
 
     /// Hides a message for one user; `permanent` is never taken back once set.
@@ -552,11 +562,22 @@ impl PostgresStore {
         let mut sql: QueryBuilder<'_, Postgres> =
             QueryBuilder::new(format!("SELECT {COLUMNS} FROM messages WHERE tenant_id = "));
         sql.push_bind(&query.tenant_id).push(" AND deleted_at IS NULL");
-        for text in &query.contains {
-            // Burned content is no longer searchable even before the background wipe.
-            sql.push(r" AND content_text ILIKE ")
-                .push_bind(like_pattern(text))
-                .push(r" ESCAPE '\' AND (burned_at IS NULL OR burned_at > now())");
+        if !query.contains.is_empty() {
+            // The search index finds candidates by their terms and checks the exact substrings
+            // in normal form; the message row decides whether the message is still there.
+            // Recalled and burned content is never found, even before its index entry goes.
+            let terms: BTreeSet<String> = query.contains.iter().flat_map(|text| query_terms(text)).collect();
+            sql.push(" AND NOT is_recalled AND (burned_at IS NULL OR burned_at > now())")
+                .push(" AND EXISTS (SELECT 1 FROM message_search s WHERE s.tenant_id = ")
+                .push_bind(&query.tenant_id)
+                .push(" AND s.message_id = messages.message_id");
+            if !terms.is_empty() {
+                sql.push(" AND s.terms @> ").push_bind(terms.into_iter().collect::<Vec<_>>());
+            }
+            for text in &query.contains {
+                sql.push(" AND strpos(s.normal_text, ").push_bind(text).push(") > 0");
+            }
+            sql.push(")");
         }
         push_among(&mut sql, "session_id", &query.session_id);
         push_among(&mut sql, "sender_id", &query.sender_id);
@@ -620,11 +641,12 @@ impl PostgresStore {
         .fetch_all(&mut *transaction)
         .await?;
         let mut wiped = 0;
+        let mut by_tenant: HashMap<String, Vec<String>> = HashMap::new();
         for (tenant_id, message_id, timestamp, payload) in due {
             // A payload that does not decode keeps its bytes but loses its content columns.
             let payload = strip(&payload).unwrap_or(payload);
             wiped += sqlx::query(
-                r#"UPDATE messages SET content = NULL, content_text = NULL, payload = $4, updated_at = now()
+                r#"UPDATE messages SET content = NULL, payload = $4, updated_at = now()
                    WHERE tenant_id = $1 AND message_id = $2 AND "timestamp" = $3"#,
             )
             .bind(&tenant_id)
@@ -634,10 +656,33 @@ impl PostgresStore {
             .execute(&mut *transaction)
             .await?
             .rows_affected();
+            by_tenant.entry(tenant_id).or_default().push(message_id);
+        }
+        for (tenant_id, message_ids) in by_tenant {
+            unindex(&mut transaction, &tenant_id, &message_ids).await?;
         }
         transaction.commit().await?;
         Ok(wiped)
     }
+}
+
+/// Removes messages' search entries. Run after the statement that changed the messages, in its
+/// transaction: a search indexer holding a message (`FOR SHARE`) made that statement wait, so
+/// this later statement sees the entry the indexer committed.
+async fn unindex(
+    transaction: &mut sqlx::Transaction<'_, Postgres>,
+    tenant_id: &str,
+    message_ids: &[String],
+) -> Result<(), sqlx::Error> {
+    if message_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("DELETE FROM message_search WHERE tenant_id = $1 AND message_id = ANY($2)")
+        .bind(tenant_id)
+        .bind(message_ids)
+        .execute(&mut **transaction)
+        .await?;
+    Ok(())
 }
 
 fn push_among<'a>(sql: &mut QueryBuilder<'a, Postgres>, column: &str, among: &'a Among<String>) {

@@ -13,9 +13,10 @@ use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
 use flare_storage_common::keys::document_id;
-use flare_storage_common::message::{content_type, message_tenant_id, to_datetime};
+use flare_storage_common::message::{content_type, message_tenant_id, searchable_text, to_datetime};
 use flare_storage_common::prost::Message as _;
-use flare_storage_common::proto::storage::{Message, message_content};
+use flare_storage_common::proto::storage::Message;
+use flare_storage_common::text_search::{index_terms, normalize};
 use futures::TryStreamExt as _;
 use mongodb::bson::{Bson, Document, doc, spec::BinarySubtype};
 use mongodb::error::{ErrorKind, Result};
@@ -26,6 +27,10 @@ use super::{Encoded, MessageKey, Partial, StoredMessage, WriteFailure, Written, 
 
 /// MongoDB's hard limit on a document (`maxBsonObjectSize`).
 pub const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
+/// Longest text (UTF-8 bytes) whose search terms a document carries: terms take several times
+/// the text's size, and a document must stay under [`MAX_DOCUMENT_BYTES`] for the message
+/// itself. A longer text is found through PostgreSQL only.
+const MAX_SEARCHABLE_BYTES: usize = 256 * 1024;
 
 /// Codes of a write error that refuse one document for what it holds, whatever the server's
 /// state: BadValue (2), FailedToParse (9), TypeMismatch (14), DollarPrefixedFieldName (52),
@@ -64,6 +69,7 @@ impl MongoStore {
             doc! { "tenant_id": 1, "session_id": 1, "timestamp_us": -1, "message_id": -1 },
             doc! { "tenant_id": 1, "session_id": 1, "seq": 1 },
             doc! { "tenant_id": 1, "sender_id": 1, "timestamp_us": -1 },
+            doc! { "tenant_id": 1, "search_terms": 1, "timestamp_us": -1 },
         ];
         for keys in indexes {
             self.collection.create_index(IndexModel::builder().keys(keys).build()).await?;
@@ -247,9 +253,15 @@ fn to_document(message: &Message, payload: &[u8]) -> Document {
         .and_then(to_datetime)
         .unwrap_or_else(chrono::Utc::now);
     let timestamp = message.timestamp.as_ref().and_then(to_datetime).unwrap_or_default();
-    let text = match message.content.as_ref().and_then(|content| content.content.as_ref()) {
-        Some(message_content::Content::Text(text)) => Bson::String(text.text.clone()),
-        _ => Bson::Null,
+    // The same normal form and terms as PostgreSQL's search index, kept on the document
+    // (multikey index on search_terms); a text too long to carry them is not searchable here.
+    let (search_text, search_terms) = match searchable_text(message).filter(|text| text.len() <= MAX_SEARCHABLE_BYTES) {
+        Some(text) => {
+            let normal = normalize(text);
+            let terms = index_terms(&normal);
+            (Bson::String(normal), Bson::from(terms))
+        }
+        None => (Bson::Null, Bson::Array(Vec::new())),
     };
     let strings = |map: &std::collections::HashMap<String, String>| -> Document {
         map.iter().map(|(key, value)| (key.clone(), Bson::String(value.clone()))).collect()
@@ -266,7 +278,8 @@ fn to_document(message: &Message, payload: &[u8]) -> Document {
         "receiver_ids": &message.receiver_ids,
         "message_type": message.message_type,
         "content_type": content_type(message),
-        "text": text,
+        "search_text": search_text,
+        "search_terms": search_terms,
         "business_type": &message.business_type,
         "session_type": &message.session_type,
         "status": &message.status,

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
 use chrono::{DateTime, Utc};
-use flare_storage_common::message::{content_type, message_tenant_id, searchable_text, to_datetime};
+use flare_storage_common::message::{content_type, message_tenant_id, to_datetime};
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::Message;
 use flare_storage_common::stored_text::{derived_copy, escape_json_map};
@@ -23,6 +23,13 @@ use super::{
 /// Most payload bytes one INSERT carries: PostgreSQL allocates each array parameter whole and
 /// refuses allocations over 1 GB, so a batch of large messages is written in several.
 const MAX_STATEMENT_BYTES: usize = 64 * 1024 * 1024;
+
+/// Tables retention trims by time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgedTable {
+    Messages,
+    SearchIndex,
+}
 
 #[derive(Clone)]
 pub struct PostgresStore {
@@ -43,30 +50,39 @@ struct StoredRow {
 // with "timestamp", and either conflict means the message is already stored.
 // Array-valued columns (receiver_ids, tags) travel as JSON text because UNNEST flattens a
 // two-dimensional array instead of yielding one array per row.
+// New text and JSON messages are queued for the search indexer in the same statement, so a
+// stored message is never left unindexed (migrations/20261130000002_search_index.sql).
 const INSERT_BATCH: &str = r#"
+WITH inserted AS (
 INSERT INTO messages (
     tenant_id, message_id, session_id, seq, sender_id, sender_type, receiver_id, receiver_ids,
     content, content_type, message_type, business_type, session_type, status, "timestamp",
     is_recalled, recalled_at, is_burn_after_read, burn_after_seconds, extra, tags, attributes,
-    payload, created_at, updated_at, content_text)
+    payload, created_at, updated_at)
 SELECT
     t.tenant_id, t.message_id, t.session_id, t.seq, t.sender_id, t.sender_type, t.receiver_id,
     ARRAY(SELECT jsonb_array_elements_text(t.receiver_ids::jsonb)),
     t.content, t.content_type, t.message_type, t.business_type, t.session_type, t.status, t.ts,
     t.is_recalled, t.recalled_at, t.is_burn_after_read, t.burn_after_seconds, t.extra::jsonb,
     ARRAY(SELECT jsonb_array_elements_text(t.tags::jsonb)), t.attributes::jsonb, t.payload,
-    t.persisted_at, t.persisted_at, t.content_text
+    t.persisted_at, t.persisted_at
 FROM UNNEST(
     $1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::text[], $8::text[],
     $9::bytea[], $10::text[], $11::int4[], $12::text[], $13::text[], $14::text[], $15::timestamptz[],
     $16::bool[], $17::timestamptz[], $18::bool[], $19::int4[], $20::text[], $21::text[], $22::text[],
-    $23::bytea[], $24::timestamptz[], $25::text[]
+    $23::bytea[], $24::timestamptz[]
 ) AS t(tenant_id, message_id, session_id, seq, sender_id, sender_type, receiver_id, receiver_ids,
        content, content_type, message_type, business_type, session_type, status, ts,
        is_recalled, recalled_at, is_burn_after_read, burn_after_seconds, extra, tags, attributes,
-       payload, persisted_at, content_text)
+       payload, persisted_at)
 ON CONFLICT DO NOTHING
-RETURNING tenant_id, message_id
+RETURNING tenant_id, message_id, "timestamp", content_type, is_recalled
+), queued AS (
+    INSERT INTO search_queue (tenant_id, message_id, "timestamp")
+    SELECT tenant_id, message_id, "timestamp" FROM inserted
+    WHERE content_type IN ('text', 'json') AND NOT is_recalled
+)
+SELECT tenant_id, message_id FROM inserted
 "#;
 
 impl PostgresStore {
@@ -133,7 +149,6 @@ impl PostgresStore {
             .bind(columns.attributes)
             .bind(columns.payload)
             .bind(columns.persisted_at)
-            .bind(columns.content_text)
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.into_iter().collect())
@@ -188,7 +203,7 @@ impl PostgresStore {
     }
 
     /// Removes messages this batch stored and a later store refused, so no database shows
-    /// what is dead-lettered. Only the rows of this session and seq.
+    /// what is dead-lettered, and their search entries. Only the rows of this session and seq.
     pub async fn delete_refused(&self, messages: &[&Message]) -> Result<(), sqlx::Error> {
         let mut columns: (Vec<&str>, Vec<&str>, Vec<&str>, Vec<i64>) = Default::default();
         for message in messages {
@@ -197,19 +212,32 @@ impl PostgresStore {
             columns.2.push(&message.session_id);
             columns.3.push(message.seq);
         }
-        sqlx::query(
+        let mut transaction = self.pool.begin().await?;
+        let deleted: Vec<(String, String)> = sqlx::query_as(
             r#"DELETE FROM messages m USING UNNEST($1::text[], $2::text[], $3::text[], $4::int8[])
                    AS k(tenant_id, message_id, session_id, seq)
                WHERE m.tenant_id = k.tenant_id AND m.message_id = k.message_id
-                 AND m.session_id = k.session_id AND m.seq = k.seq"#,
+                 AND m.session_id = k.session_id AND m.seq = k.seq
+               RETURNING m.tenant_id, m.message_id"#,
         )
         .bind(columns.0)
         .bind(columns.1)
         .bind(columns.2)
         .bind(columns.3)
-        .execute(&self.pool)
+        .fetch_all(&mut *transaction)
         .await?;
-        Ok(())
+        // A statement of its own, after the delete: an indexer that held one of these messages
+        // has committed its entry by now (search_index.rs).
+        let (tenants, ids): (Vec<String>, Vec<String>) = deleted.into_iter().unzip();
+        sqlx::query(
+            r#"DELETE FROM message_search s USING UNNEST($1::text[], $2::text[]) AS k(tenant_id, message_id)
+               WHERE s.tenant_id = k.tenant_id AND s.message_id = k.message_id"#,
+        )
+        .bind(tenants)
+        .bind(ids)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await
     }
 
     /// Whether the messages table is a TimescaleDB hypertable.
@@ -225,12 +253,21 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// Deletes up to `limit` messages older than `cutoff` in one short statement.
-    pub async fn delete_batch_before(&self, cutoff: DateTime<Utc>, limit: i64) -> Result<u64, sqlx::Error> {
-        let deleted = sqlx::query(
-            r#"DELETE FROM messages WHERE ctid IN
-                   (SELECT ctid FROM messages WHERE "timestamp" < $1 LIMIT $2)"#,
-        )
+    /// Deletes up to `limit` rows older than `cutoff` from `table` (`messages` or
+    /// `message_search`) in one short statement.
+    pub async fn delete_batch_before(
+        &self,
+        table: AgedTable,
+        cutoff: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<u64, sqlx::Error> {
+        let table = match table {
+            AgedTable::Messages => "messages",
+            AgedTable::SearchIndex => "message_search",
+        };
+        let deleted = sqlx::query(&format!(
+            r#"DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM {table} WHERE "timestamp" < $1 LIMIT $2)"#
+        ))
         .bind(cutoff)
         .bind(limit)
         .execute(&self.pool)
@@ -300,7 +337,6 @@ struct Columns {
     attributes: Vec<String>,
     payload: Vec<Vec<u8>>,
     persisted_at: Vec<DateTime<Utc>>,
-    content_text: Vec<Option<String>>,
 }
 
 impl Columns {
@@ -331,7 +367,6 @@ impl Columns {
             columns.tags.push(json_text(&message.tags));
             columns.attributes.push(json_text(&escape_json_map(&message.attributes)));
             columns.payload.push(payload.clone());
-            columns.content_text.push(searchable_text(message).map(|text| derived_copy(text).into_owned()));
             // The time the pipeline stamped as persisted, so every store and the cache agree.
             columns.persisted_at.push(
                 message
