@@ -5,6 +5,7 @@
 mod empty;
 mod reader;
 mod report;
+mod search;
 mod services;
 mod workload;
 mod writer;
@@ -24,6 +25,10 @@ const USAGE: &str = "usage (after `eval \"$(scripts/services.sh up)\"` and `carg
   flare-storage-bench reader [--messages 100000] [--sessions 1000] [--concurrency 64]
                              [--connections 4] [--seconds 15] [--json target/bench/reader.json]
       QueryMessages hot/cold, GetMessage, QueryMessagesBySeq, beside an empty gRPC handler
+  flare-storage-bench search [--messages 1000000] [--sessions 10000] [--queries 20] [--repeats 5]
+                             [--mongo-messages 20000] [--json target/bench/search.json]
+      SearchMessages tenant-wide for 1-, 2- and 4-character Chinese and English words, over
+      PostgreSQL (history loaded by COPY) and MongoDB (0 messages: no MongoDB run)
   flare-storage-bench empty-server --addr 127.0.0.1:50099
       the empty handler on its own (the reader benchmark starts it itself)
 
@@ -79,6 +84,18 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
                 json: options.get("json").unwrap_or("target/bench/reader.json").into(),
             };
             reader::run(bench, services::Services::from_env()?).await
+        }
+        "search" => {
+            let bench = search::SearchBench {
+                messages: options.number("messages", 1_000_000)?,
+                sessions: options.number("sessions", 10_000)?,
+                queries: options.number("queries", 20)?,
+                repeats: options.number("repeats", 5)?,
+                mongo_messages: options.number("mongo-messages", 20_000)?,
+                reader_binary: binary("FLARE_READER_BIN", "flare-storage-reader")?,
+                json: options.get("json").unwrap_or("target/bench/search.json").into(),
+            };
+            search::run(bench, services::Services::from_env()?).await
         }
         "empty-server" => {
             let addr = options.get("addr").context("--addr is required")?.parse()?;

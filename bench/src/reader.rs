@@ -153,9 +153,9 @@ async fn targets(database: &Database, tenant: &str) -> anyhow::Result<Targets> {
 }
 
 /// A server process under load: the reader, or the empty handler.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    grpc: SocketAddr,
+    pub(crate) grpc: SocketAddr,
     metrics: Option<SocketAddr>,
 }
 
@@ -174,24 +174,29 @@ impl Server {
     }
 
     fn start_reader(binary: &PathBuf, database: &Database, redis: Option<&str>) -> anyhow::Result<Self> {
+        let mut settings = vec![("POSTGRES_URL", database.url.as_str())];
+        settings.extend(redis.map(|redis| ("REDIS_URL", redis)));
+        Self::start_reader_with(binary, &settings)
+    }
+
+    /// The reader with these settings and no others of the environment's stores.
+    pub(crate) fn start_reader_with(binary: &PathBuf, settings: &[(&str, &str)]) -> anyhow::Result<Self> {
         let (grpc, metrics) = (Self::free_addr()?, Self::free_addr()?);
         let mut command = Command::new(binary);
         command
-            .env("POSTGRES_URL", &database.url)
             .env("STORAGE_READER_GRPC_ADDR", grpc.to_string())
             .env("METRICS_ADDR", metrics.to_string())
             .env("RUST_LOG", "warn")
+            .env_remove("POSTGRES_URL")
             .env_remove("REDIS_URL")
             .env_remove("MONGO_URL")
+            .envs(settings.iter().copied())
             .stdout(Stdio::null());
-        if let Some(redis) = redis {
-            command.env("REDIS_URL", redis);
-        }
         let child = command.spawn().with_context(|| format!("cannot start {}", binary.display()))?;
         Ok(Self { child, grpc, metrics: Some(metrics) })
     }
 
-    async fn wait_ready(&self) -> anyhow::Result<()> {
+    pub(crate) async fn wait_ready(&self) -> anyhow::Result<()> {
         let started = Instant::now();
         while tokio::net::TcpStream::connect(self.grpc).await.is_err() {
             anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "{} did not listen in 30 s", self.grpc);
@@ -200,7 +205,7 @@ impl Server {
         Ok(())
     }
 
-    fn peak_rss(&self) -> f64 {
+    pub(crate) fn peak_rss(&self) -> f64 {
         peak_rss_mib(self.child.id()).unwrap_or(0.0)
     }
 }

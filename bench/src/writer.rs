@@ -208,7 +208,7 @@ fn assigned_consumer(services: &Services, topic: &str, partitions: i32) -> anyho
 }
 
 /// The records as the writer stores them: normalised, with per-session seqs.
-fn normalized(records: &[Record]) -> anyhow::Result<Vec<Message>> {
+pub(crate) fn normalized(records: &[Record]) -> anyhow::Result<Vec<Message>> {
     let now = chrono::Utc::now();
     let mut seqs: HashMap<String, i64> = HashMap::new();
     records
@@ -271,7 +271,11 @@ struct RawPostgres {
     unnest: f64,
 }
 
-async fn copy_in(connection: &mut sqlx::PgConnection, statement: &str, text: &[u8]) -> anyhow::Result<usize> {
+pub(crate) async fn copy_in(
+    connection: &mut sqlx::PgConnection,
+    statement: &str,
+    text: &[u8],
+) -> anyhow::Result<usize> {
     let mut copy = connection.copy_in_raw(statement).await?;
     for chunk in text.chunks(1 << 20) {
         copy.send(chunk).await?;
@@ -279,12 +283,12 @@ async fn copy_in(connection: &mut sqlx::PgConnection, statement: &str, text: &[u
     Ok(copy.finish().await? as usize)
 }
 
-const COPY_SEARCH_STATEMENT: &str =
+pub(crate) const COPY_SEARCH_STATEMENT: &str =
     r#"COPY message_search (tenant_id, message_id, "timestamp", terms, normal_text) FROM STDIN"#;
 
 /// The search entries of the searchable messages in COPY's text format, as the indexer
 /// writes them.
-fn copy_search_text(messages: &[Message]) -> Vec<u8> {
+pub(crate) fn copy_search_text(messages: &[Message]) -> Vec<u8> {
     let mut out = String::with_capacity(messages.len() * 1024);
     for message in messages {
         let Some(text) = searchable_text(message) else { continue };
@@ -305,14 +309,14 @@ fn copy_search_text(messages: &[Message]) -> Vec<u8> {
     out.into_bytes()
 }
 
-const COPY_STATEMENT: &str = r#"COPY messages (
+pub(crate) const COPY_STATEMENT: &str = r#"COPY messages (
     tenant_id, message_id, session_id, seq, sender_id, sender_type, receiver_id, receiver_ids,
     content, content_type, message_type, business_type, session_type, status, "timestamp",
     is_recalled, is_burn_after_read, burn_after_seconds, extra, tags, attributes,
     payload, created_at, updated_at) FROM STDIN"#;
 
 /// The rows in COPY's text format, the same values the writer's insert stores.
-fn copy_text(messages: &[Message]) -> Vec<u8> {
+pub(crate) fn copy_text(messages: &[Message]) -> Vec<u8> {
     let mut out = String::with_capacity(messages.len() * 1024);
     let now = chrono::Utc::now().to_rfc3339();
     for message in messages {

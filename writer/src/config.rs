@@ -149,8 +149,10 @@ impl Config {
             crash_after_stage: match settings.get("WRITER_CRASH_AFTER_STAGE") {
                 None => None,
                 Some(name) => Some(Stage::from_name(&name).ok_or_else(|| {
+                    let names: Vec<&str> = Stage::ALL.iter().map(|stage| stage.name()).collect();
                     ConfigError(format!(
-                        "WRITER_CRASH_AFTER_STAGE must name a stage (seq, postgres, mongo, cache, ack), not {name:?}"
+                        "WRITER_CRASH_AFTER_STAGE must name a stage ({}), not {name:?}",
+                        names.join(", ")
                     ))
                 })?),
             },

@@ -23,10 +23,12 @@ pub enum Stage {
     Ack,
     /// Copying a record to the dead-letter topic.
     DeadLetter,
+    /// The search indexer's batch (`search_index.rs`), off the pipeline's path.
+    SearchIndex,
 }
 
 impl Stage {
-    const ALL: [Stage; 8] = [
+    pub const ALL: [Stage; 9] = [
         Stage::Idempotency,
         Stage::Seq,
         Stage::SeqSeed,
@@ -35,6 +37,7 @@ impl Stage {
         Stage::Cache,
         Stage::Ack,
         Stage::DeadLetter,
+        Stage::SearchIndex,
     ];
 
     pub fn name(self) -> &'static str {
@@ -47,6 +50,7 @@ impl Stage {
             Stage::Cache => "cache",
             Stage::Ack => "ack",
             Stage::DeadLetter => "dead_letter",
+            Stage::SearchIndex => "search_index",
         }
     }
 

@@ -36,6 +36,7 @@ pub use config::{Config, MongoConfig};
 
 use crate::ack::Acks;
 use crate::deadletter::DeadLetters;
+use crate::error::Stage;
 use crate::metrics::Metrics;
 use crate::pipeline::{Backoff, Pipeline};
 use crate::store::Stores;
@@ -125,9 +126,10 @@ async fn consume(
         ))
     });
 
-    let indexer_task = postgres
-        .as_ref()
-        .map(|postgres| tokio::spawn(search_index::run(postgres.pool().clone(), metrics.clone(), shutdown.clone())));
+    let indexer_task = postgres.as_ref().map(|postgres| {
+        let crash = config.crash_after_stage == Some(Stage::SearchIndex);
+        tokio::spawn(search_index::run(postgres.pool().clone(), metrics.clone(), crash, shutdown.clone()))
+    });
 
     let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &config.kafka_bootstrap_servers)

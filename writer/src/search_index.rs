@@ -24,6 +24,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::error::Stage;
 use crate::metrics::Metrics;
 
 /// Most queued messages one indexer transaction takes.
@@ -33,13 +34,17 @@ const IDLE_POLL: Duration = Duration::from_millis(100);
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Indexes queued messages until shutdown; a failing batch is retried after [`RETRY_AFTER`].
-pub async fn run(pool: PgPool, metrics: Metrics, shutdown: CancellationToken) {
+/// With `crash_before_commit` (`WRITER_CRASH_AFTER_STAGE=search_index`, for crash tests) the
+/// process aborts after writing the first batch's search rows, before its commit.
+pub async fn run(pool: PgPool, metrics: Metrics, crash_before_commit: bool, shutdown: CancellationToken) {
+    let stage = Stage::SearchIndex.name();
     loop {
-        let pause = match index_batch(&pool, BATCH, &metrics).await {
+        let pause = match index_batch(&pool, BATCH, &metrics, crash_before_commit).await {
             Ok(taken) if taken as i64 == BATCH => Duration::ZERO,
             Ok(_) => IDLE_POLL,
             Err(error) => {
-                warn!(%error, "search indexing failed, retrying");
+                metrics.stage_errors.with_label_values(&[stage]).inc();
+                warn!(%error, stage, "search indexing failed, retrying");
                 RETRY_AFTER
             }
         };
@@ -62,7 +67,12 @@ struct Entries {
 
 /// Indexes up to `limit` queued messages in one transaction; returns how many it took from the
 /// queue (those gone by then count too, and leave no search row).
-pub async fn index_batch(pool: &PgPool, limit: i64, metrics: &Metrics) -> Result<usize, sqlx::Error> {
+pub async fn index_batch(
+    pool: &PgPool,
+    limit: i64,
+    metrics: &Metrics,
+    crash_before_commit: bool,
+) -> Result<usize, sqlx::Error> {
     let mut transaction = pool.begin().await?;
     let taken: Vec<(String, String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
         r#"DELETE FROM search_queue WHERE id IN (
@@ -122,6 +132,10 @@ pub async fn index_batch(pool: &PgPool, limit: i64, metrics: &Metrics) -> Result
     .bind(rows.normal_text)
     .execute(&mut *transaction)
     .await?;
+    if crash_before_commit {
+        warn!(stage = Stage::SearchIndex.name(), "crash requested by WRITER_CRASH_AFTER_STAGE; aborting");
+        std::process::abort();
+    }
     transaction.commit().await?;
     let now = Utc::now();
     for (_, _, _, queued_at) in &taken {

@@ -558,72 +558,110 @@ impl PostgresStore {
     }
 
     /// Messages matching a search, `limit` at most, in its time order, after its cursor.
+    ///
+    /// A text search runs in up to two steps, because the database cannot read a term index in
+    /// time order and cannot tell how many messages share several terms (its estimate
+    /// multiplies their frequencies, and the trigrams of one word are anything but
+    /// independent):
+    /// 1. the newest [`RECENT_SCAN`] messages in the search's scope are checked one by one — a
+    ///    text found in more than about one message in a hundred fills the page here;
+    /// 2. otherwise, when the scope holds more than that, the term index gives every candidate
+    ///    of the tenant (rare by now), checked exactly and read in time order until the page
+    ///    is full.
+    ///
+    /// A text without terms (one or two Latin letters, punctuation) has no index to use and is
+    /// checked through the scope in time order.
     pub async fn search(&self, query: &SearchQuery, limit: i64) -> Result<Vec<StoredRow>, sqlx::Error> {
-        let mut sql: QueryBuilder<'_, Postgres> =
-            QueryBuilder::new(format!("SELECT {COLUMNS} FROM messages WHERE tenant_id = "));
-        sql.push_bind(&query.tenant_id).push(" AND deleted_at IS NULL");
+        let terms: Vec<String> =
+            query.contains.iter().flat_map(|text| query_terms(text)).collect::<BTreeSet<_>>().into_iter().collect();
+        if terms.is_empty() {
+            return self.search_scope(query, limit, None).await;
+        }
+        let recent = self.search_scope(query, limit, Some(RECENT_SCAN)).await?;
+        if recent.len() as i64 >= limit || !self.scope_exceeds(query, RECENT_SCAN).await? {
+            return Ok(recent);
+        }
+        self.search_candidates(query, &terms, limit).await
+    }
+
+    /// The search's scope in its time order, the first `bound` of it only when given, checked
+    /// message by message.
+    async fn search_scope(
+        &self,
+        query: &SearchQuery,
+        limit: i64,
+        bound: Option<i64>,
+    ) -> Result<Vec<StoredRow>, sqlx::Error> {
+        let order = order(query);
+        let mut sql: QueryBuilder<'_, Postgres> = QueryBuilder::new(format!("SELECT {COLUMNS} FROM "));
+        match bound {
+            Some(bound) => {
+                sql.push("(SELECT * FROM messages WHERE ");
+                push_conditions(&mut sql, query);
+                sql.push(format!(" {order} LIMIT ")).push_bind(bound).push(") AS messages WHERE true");
+            }
+            None => {
+                sql.push("messages WHERE ");
+                push_conditions(&mut sql, query);
+            }
+        }
         if !query.contains.is_empty() {
-            // The search index finds candidates by their terms and checks the exact substrings
-            // in normal form; the message row decides whether the message is still there.
-            // Recalled and burned content is never found, even before its index entry goes.
-            let terms: BTreeSet<String> = query.contains.iter().flat_map(|text| query_terms(text)).collect();
-            sql.push(" AND NOT is_recalled AND (burned_at IS NULL OR burned_at > now())")
-                .push(" AND EXISTS (SELECT 1 FROM message_search s WHERE s.tenant_id = ")
+            sql.push(" AND EXISTS (SELECT 1 FROM message_search s WHERE s.tenant_id = ")
                 .push_bind(&query.tenant_id)
                 .push(" AND s.message_id = messages.message_id");
-            if !terms.is_empty() {
-                sql.push(" AND s.terms @> ").push_bind(terms.into_iter().collect::<Vec<_>>());
-            }
-            for text in &query.contains {
-                sql.push(" AND strpos(s.normal_text, ").push_bind(text).push(") > 0");
-            }
+            push_substrings(&mut sql, query);
             sql.push(")");
         }
-        push_among(&mut sql, "session_id", &query.session_id);
-        push_among(&mut sql, "sender_id", &query.sender_id);
-        push_among(&mut sql, "business_type", &query.business_type);
-        if let Some(include) = &query.message_type.include {
-            sql.push(" AND message_type = ANY(").push_bind(include.clone()).push(")");
-        }
-        if !query.message_type.exclude.is_empty() {
-            sql.push(" AND NOT (message_type = ANY(").push_bind(query.message_type.exclude.clone()).push("))");
-        }
-        if let Some(include) = &query.tags.include {
-            sql.push(" AND tags && ").push_bind(include.clone());
-        }
-        if !query.tags.exclude.is_empty() {
-            sql.push(" AND NOT (tags && ").push_bind(query.tags.exclude.clone()).push(")");
-        }
-        for (comparison, value) in &query.seq {
-            sql.push(format!(" AND seq {} ", comparison.sql())).push_bind(*value);
-        }
+        sql.push(format!(" {order} LIMIT ")).push_bind(limit);
+        sql.build_query_as().fetch_all(&self.pool).await
+    }
+
+    /// Whether the search's scope holds more than `bound` messages.
+    async fn scope_exceeds(&self, query: &SearchQuery, bound: i64) -> Result<bool, sqlx::Error> {
+        let mut sql: QueryBuilder<'_, Postgres> = QueryBuilder::new("SELECT EXISTS (SELECT 1 FROM messages WHERE ");
+        push_conditions(&mut sql, query);
+        sql.push(" OFFSET ").push_bind(bound).push(" LIMIT 1)");
+        sql.build_query_scalar().fetch_one(&self.pool).await
+    }
+
+    /// Every candidate of the term index, checked exactly, then read in time order.
+    async fn search_candidates(
+        &self,
+        query: &SearchQuery,
+        terms: &[String],
+        limit: i64,
+    ) -> Result<Vec<StoredRow>, sqlx::Error> {
+        let direction = if query.ascending { "ASC" } else { "DESC" };
+        let mut sql: QueryBuilder<'_, Postgres> = QueryBuilder::new(format!(
+            r#"SELECT {COLUMNS} FROM (SELECT s.message_id AS search_id, s."timestamp" AS search_time
+               FROM message_search s WHERE s.tenant_id = "#
+        ));
+        sql.push_bind(&query.tenant_id).push(" AND s.terms @> ").push_bind(terms);
+        push_substrings(&mut sql, query);
         if let Some(from) = query.from {
-            sql.push(r#" AND "timestamp" >= "#).push_bind(from);
+            sql.push(r#" AND s."timestamp" >= "#).push_bind(from);
         }
         if let Some(to) = query.to {
-            sql.push(r#" AND "timestamp" <= "#).push_bind(to);
+            sql.push(r#" AND s."timestamp" <= "#).push_bind(to);
         }
         if let Some(after) = &query.after {
-            let direction = if query.ascending { ">" } else { "<" };
-            sql.push(format!(r#" AND ("timestamp", message_id) {direction} ("#))
+            let comparison = if query.ascending { ">" } else { "<" };
+            sql.push(format!(r#" AND (s."timestamp", s.message_id) {comparison} ("#))
                 .push_bind(after.timestamp)
                 .push(", ")
-                .push_bind(after.message_id.clone())
+                .push_bind(&after.message_id)
                 .push(")");
         }
-        if !query.user.is_empty() {
-            sql.push(
-                " AND NOT EXISTS (SELECT 1 FROM message_hidden h WHERE h.tenant_id = messages.tenant_id AND h.user_id = ",
-            )
-            .push_bind(&query.user)
-            .push(r#" AND h.message_id = messages.message_id) AND "timestamp" > coalesce((SELECT c.cleared_before
-                FROM session_clears c WHERE c.tenant_id = messages.tenant_id AND c.session_id = messages.session_id
-                AND c.user_id = "#)
-            .push_bind(&query.user)
-            .push("), '-infinity'::timestamptz)");
-        }
-        let order = if query.ascending { "ASC" } else { "DESC" };
-        sql.push(format!(r#" ORDER BY "timestamp" {order}, message_id {order} LIMIT "#)).push_bind(limit);
+        sql.push(format!(
+            r#" ORDER BY s."timestamp" {direction}, s.message_id {direction}) AS candidate
+               CROSS JOIN LATERAL (SELECT * FROM messages WHERE messages.message_id = candidate.search_id
+                   AND messages."timestamp" = candidate.search_time AND "#
+        ));
+        push_conditions(&mut sql, query);
+        sql.push(format!(
+            ") AS messages ORDER BY candidate.search_time {direction}, candidate.search_id {direction} LIMIT "
+        ))
+        .push_bind(limit);
         sql.build_query_as().fetch_all(&self.pool).await
     }
 
@@ -683,6 +721,79 @@ async fn unindex(
         .execute(&mut **transaction)
         .await?;
     Ok(())
+}
+
+/// Messages a text search's first step checks one by one before it asks the term index: the
+/// search costs about this many row checks at most in the first step, and the second step
+/// then only runs for texts found in fewer than about one in [`RECENT_SCAN`]/limit messages.
+const RECENT_SCAN: i64 = 2_000;
+
+/// `ORDER BY` of a search's time order.
+fn order(query: &SearchQuery) -> String {
+    let direction = if query.ascending { "ASC" } else { "DESC" };
+    format!(r#"ORDER BY "timestamp" {direction}, message_id {direction}"#)
+}
+
+/// The exact check of every searched text on the search entry `s`, in normal form.
+fn push_substrings<'a>(sql: &mut QueryBuilder<'a, Postgres>, query: &'a SearchQuery) {
+    for text in &query.contains {
+        sql.push(" AND strpos(s.normal_text, ").push_bind(text).push(") > 0");
+    }
+}
+
+/// Every condition of a search on the `messages` row but its text: the tenant, what is gone
+/// (deleted for everyone, hidden or cleared for the acting user, and for a text search
+/// recalled or burned content), the filters, the time range and the cursor.
+fn push_conditions<'a>(sql: &mut QueryBuilder<'a, Postgres>, query: &'a SearchQuery) {
+    sql.push("messages.tenant_id = ").push_bind(&query.tenant_id).push(" AND deleted_at IS NULL");
+    if !query.contains.is_empty() {
+        sql.push(" AND NOT is_recalled AND (burned_at IS NULL OR burned_at > now())");
+    }
+    push_among(sql, "session_id", &query.session_id);
+    push_among(sql, "sender_id", &query.sender_id);
+    push_among(sql, "business_type", &query.business_type);
+    if let Some(include) = &query.message_type.include {
+        sql.push(" AND message_type = ANY(").push_bind(include).push(")");
+    }
+    if !query.message_type.exclude.is_empty() {
+        sql.push(" AND NOT (message_type = ANY(").push_bind(&query.message_type.exclude).push("))");
+    }
+    if let Some(include) = &query.tags.include {
+        sql.push(" AND tags && ").push_bind(include);
+    }
+    if !query.tags.exclude.is_empty() {
+        sql.push(" AND NOT (tags && ").push_bind(&query.tags.exclude).push(")");
+    }
+    for (comparison, value) in &query.seq {
+        sql.push(format!(" AND seq {} ", comparison.sql())).push_bind(*value);
+    }
+    if let Some(from) = query.from {
+        sql.push(r#" AND "timestamp" >= "#).push_bind(from);
+    }
+    if let Some(to) = query.to {
+        sql.push(r#" AND "timestamp" <= "#).push_bind(to);
+    }
+    if let Some(after) = &query.after {
+        let direction = if query.ascending { ">" } else { "<" };
+        sql.push(format!(r#" AND ("timestamp", message_id) {direction} ("#))
+            .push_bind(after.timestamp)
+            .push(", ")
+            .push_bind(&after.message_id)
+            .push(")");
+    }
+    if !query.user.is_empty() {
+        sql.push(
+            " AND NOT EXISTS (SELECT 1 FROM message_hidden h WHERE h.tenant_id = messages.tenant_id AND h.user_id = ",
+        )
+        .push_bind(&query.user)
+        .push(
+            r#" AND h.message_id = messages.message_id) AND "timestamp" > coalesce((SELECT c.cleared_before
+            FROM session_clears c WHERE c.tenant_id = messages.tenant_id AND c.session_id = messages.session_id
+            AND c.user_id = "#,
+        )
+        .push_bind(&query.user)
+        .push("), '-infinity'::timestamptz)");
+    }
 }
 
 fn push_among<'a>(sql: &mut QueryBuilder<'a, Postgres>, column: &str, among: &'a Among<String>) {
