@@ -148,7 +148,7 @@ async fn load_postgres(
     }
     let started = Instant::now();
     sqlx::query("SET maintenance_work_mem = '1GB'").execute(&mut connection).await?;
-    sqlx::query("CREATE INDEX message_search_terms ON message_search USING GIN (tenant_id, terms)")
+    sqlx::query("CREATE INDEX message_search_terms ON message_search USING GIN (tenant_id, session_id, terms)")
         .execute(&mut connection)
         .await?;
     sqlx::query("ANALYZE").execute(&mut connection).await?;

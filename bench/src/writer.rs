@@ -126,12 +126,19 @@ pub async fn run(bench: WriterBench, services: Services) -> anyhow::Result<()> {
     }
 
     let offered = (writer_run.rate * bench.latency_fraction).max(1.0);
-    let mut latencies = latency(&bench, &services, &database, &tenant, None, offered).await?;
+    let (mut latencies, mut findable) = latency(&bench, &services, &database, &tenant, None, offered).await?;
     report.push(Row::with_latencies(
         "writer produce→ACK latency",
         offered,
         &mut latencies,
         format!("offered {:.0}% of sustained for {}s", bench.latency_fraction * 100.0, bench.latency_seconds),
+    ));
+    let followed = findable.len();
+    report.push(Row::with_latencies(
+        "ACK→findable by search (index lag)",
+        offered,
+        &mut findable,
+        format!("{followed} messages followed (1 ACK in 10), looked up every 20 ms"),
     ));
     drop_database(&services, &database).await?;
 
@@ -154,7 +161,7 @@ pub async fn run(bench: WriterBench, services: Services) -> anyhow::Result<()> {
             format!("{count} messages; the MongoDB stand-in is a slow Python server"),
         ));
         let offered = (run.rate * bench.latency_fraction).max(1.0);
-        let mut latencies = latency(&bench, &services, &database, &mongo_tenant, mongo, offered).await?;
+        let (mut latencies, _) = latency(&bench, &services, &database, &mongo_tenant, mongo, offered).await?;
         report.push(Row::with_latencies(
             "writer latency (+mongo stand-in)",
             run.rate * bench.latency_fraction,
@@ -284,21 +291,21 @@ pub(crate) async fn copy_in(
 }
 
 pub(crate) const COPY_SEARCH_STATEMENT: &str =
-    r#"COPY message_search (tenant_id, message_id, "timestamp", terms, normal_text) FROM STDIN"#;
+    r#"COPY message_search (tenant_id, message_id, session_id, "timestamp", terms, normal_text) FROM STDIN"#;
 
 /// The search entries of the searchable messages in COPY's text format, as the indexer
 /// writes them.
 pub(crate) fn copy_search_text(messages: &[Message]) -> Vec<u8> {
     let mut out = String::with_capacity(messages.len() * 1024);
     for message in messages {
-        let Some(text) = searchable_text(message) else { continue };
-        let normal = text_search::normalize(text);
+        let Some((normal, terms)) = searchable_text(message).and_then(text_search::index_entry) else { continue };
         // Terms are letters, digits and CJK characters: quoted, they need no escaping.
-        let terms: Vec<String> = text_search::index_terms(&normal).iter().map(|term| format!("\"{term}\"")).collect();
+        let terms: Vec<String> = terms.iter().map(|term| format!("\"{term}\"")).collect();
         let timestamp = message.timestamp.as_ref().and_then(to_datetime).unwrap_or_default().to_rfc3339();
         let fields = [
             escape(message_tenant_id(message)),
             escape(&message.id),
+            escape(&message.session_id),
             timestamp,
             format!("{{{}}}", terms.join(",")),
             escape(&normal),
@@ -578,7 +585,7 @@ async fn latency(
     tenant: &str,
     mongo: Option<(String, String)>,
     rate: f64,
-) -> anyhow::Result<Latencies> {
+) -> anyhow::Result<(Latencies, Latencies)> {
     let (topic, ack_topic) = (unique("bench-latency"), unique("bench-latency-acks"));
     create_topics(services, &[&topic, &ack_topic], bench.partitions).await?;
     let acks = assigned_consumer(services, &ack_topic, bench.partitions)?;
@@ -592,6 +599,8 @@ async fn latency(
     let total = (rate * bench.latency_seconds as f64) as usize;
     let warmup = 200;
     let (sent_tx, sent_rx) = std::sync::mpsc::channel::<(String, Instant)>();
+    let (acked_tx, acked_rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+    let findable = tokio::spawn(findable_after_ack(database.url.clone(), tenant.to_owned(), acked_rx));
     let collector = tokio::task::spawn_blocking(move || -> anyhow::Result<Latencies> {
         let mut sent: HashMap<String, Instant> = HashMap::new();
         let mut acked: HashMap<String, Instant> = HashMap::new();
@@ -602,10 +611,17 @@ async fn latency(
             let received = Instant::now();
             let ack: serde_json::Value =
                 serde_json::from_slice(rdkafka::Message::payload(&message?).unwrap_or_default())?;
-            if let Some(id) = ack["message_id"].as_str() {
-                acked.entry(id.to_owned()).or_insert(received);
+            if let Some(id) = ack["message_id"].as_str()
+                && !acked.contains_key(id)
+            {
+                acked.insert(id.to_owned(), received);
+                // One ACK in ten after the warm-up is followed until search finds it.
+                if acked.len() > warmup && acked.len().is_multiple_of(10) {
+                    let _ = acked_tx.send((id.to_owned(), received));
+                }
             }
         }
+        drop(acked_tx);
         sent.extend(sent_rx.try_iter());
         let mut latencies = Latencies::default();
         for (id, at) in &acked {
@@ -648,6 +664,7 @@ async fn latency(
         delivery?.map_err(|(error, _)| error)?;
     }
     let latencies = collector.await??;
+    let findable = findable.await??;
     let stages = stage_seconds(metrics).await.unwrap_or_default();
     let batches = stages.get("batches").and_then(serde_json::Value::as_f64).unwrap_or(0.0).max(1.0);
     let per_batch: serde_json::Map<String, serde_json::Value> = stages
@@ -659,6 +676,59 @@ async fn latency(
     Command::new("kill").args(["-TERM", &writer.id().to_string()]).status()?;
     writer.wait()?;
     anyhow::ensure!(latencies.len() >= total, "measured {} of {total} messages", latencies.len());
+    Ok((latencies, findable))
+}
+
+/// Time from each ACK received on `acked` until PostgreSQL's search index holds its message:
+/// the pending ids are looked up together every 20 ms (the measurement's resolution).
+async fn findable_after_ack(
+    url: String,
+    tenant: String,
+    mut acked: tokio::sync::mpsc::UnboundedReceiver<(String, Instant)>,
+) -> anyhow::Result<Latencies> {
+    let mut connection = sqlx::PgConnection::connect(&url).await?;
+    let mut pending: Vec<(String, Instant)> = Vec::new();
+    let mut latencies = Latencies::default();
+    let mut open = true;
+    while open || !pending.is_empty() {
+        loop {
+            match acked.try_recv() {
+                Ok(sample) => pending.push(sample),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        if !pending.is_empty() {
+            let ids: Vec<&str> = pending.iter().map(|(id, _)| id.as_str()).collect();
+            let found: HashSet<String> = sqlx::query_scalar(
+                "SELECT message_id FROM message_search WHERE tenant_id = $1 AND message_id = ANY($2)",
+            )
+            .bind(&tenant)
+            .bind(&ids)
+            .fetch_all(&mut connection)
+            .await?
+            .into_iter()
+            .collect();
+            let now = Instant::now();
+            pending.retain(|(id, acked_at)| {
+                let indexed = found.contains(id);
+                if indexed {
+                    latencies.record(now.saturating_duration_since(*acked_at));
+                }
+                !indexed
+            });
+            if let Some((id, acked_at)) = pending.first() {
+                anyhow::ensure!(
+                    acked_at.elapsed() < Duration::from_secs(120),
+                    "{id} not searchable 120 s after its ACK"
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     Ok(latencies)
 }
 

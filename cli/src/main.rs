@@ -19,6 +19,7 @@ use flare_storage_common::proto::storage::{
     Message, MessageContent, MessageType, QueryMessagesRequest, StoreMessageRequest, TextContent, message_content,
 };
 use flare_storage_common::tonic::transport::Channel;
+use flare_storage_writer::store::mongo::MongoStore;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -36,7 +37,9 @@ pub const USAGE: &str = "usage:
   flare-storage export --session ID [--tenant ID] [--addr URL] [--from RFC3339] [--to RFC3339] [--out FILE]
                                                  a session as JSON Lines (stdout by default)
   flare-storage replay-dlq [--from storage-messages-dlq] [--to storage-messages] [--group flare-storage-dlq-replay]
-                                                 re-send dead-lettered records after a fix";
+                                                 re-send dead-lettered records after a fix
+  flare-storage reindex-mongo [--batch 500]      give MongoDB documents stored by older writers their search
+                                                 fields (MONGO_URL, MONGO_DATABASE, MONGO_COLLECTION); resumable";
 
 /// A sample conversation: (sender, receiver, text).
 const CONVERSATION: [(&str, &str, &str); 8] = [
@@ -117,6 +120,20 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
                 &option("group", "flare-storage-dlq-replay"),
             )
             .await
+        }
+        "reindex-mongo" => {
+            let batch: i64 = option("batch", "500").parse().context("--batch must be a number")?;
+            let url = std::env::var("MONGO_URL").context("MONGO_URL is required")?;
+            let setting = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
+            let store = MongoStore::connect(
+                &url,
+                &setting("MONGO_DATABASE", "flare_im"),
+                &setting("MONGO_COLLECTION", "messages"),
+            )
+            .await?;
+            let updated = store.backfill_search(batch.max(1), |done| eprintln!("{done} documents reindexed")).await?;
+            println!("{updated} documents given their search fields");
+            Ok(())
         }
         "create-topics" => {
             let partitions: i32 = option("partitions", "8").parse().context("--partitions must be a number")?;

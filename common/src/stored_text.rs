@@ -3,7 +3,7 @@
 //! although a protobuf string may carry it.
 //!
 //! - The payload (`bytea`) keeps every message intact; readers decode it.
-//! - Derived copies that are only searched or filtered on (`content_text`, the label columns)
+//! - Derived copies that are only searched or filtered on (`message_search.normal_text`, the label columns)
 //!   leave U+0000 out: [`derived_copy`].
 //! - JSON columns that readers return (`attributes`, `extra`, operation metadata) hold
 //!   [`escape_json_value`]'s reversible form, and readers return [`unescape_json_value`]'s.

@@ -32,6 +32,23 @@ use icu_normalizer::ComposingNormalizer;
 use icu_properties::CodePointMapData;
 use icu_properties::props::Script;
 
+/// Longest normal form (UTF-8 bytes) the search index keeps, in either database: a longer text
+/// is not found by search. Its terms take several times its size, a MongoDB document must hold
+/// them beside the message under MongoDB's 16 MiB, and the indexer's statements stay bounded;
+/// one limit for both databases, so they agree on what search finds.
+pub const MAX_SEARCHABLE_BYTES: usize = 256 * 1024;
+
+/// What the search index keeps of a searchable text: its normal form and that form's terms.
+/// `None` when the normal form is longer than [`MAX_SEARCHABLE_BYTES`].
+pub fn index_entry(text: &str) -> Option<(String, Vec<String>)> {
+    let normal = normalize(text);
+    if normal.len() > MAX_SEARCHABLE_BYTES {
+        return None;
+    }
+    let terms = index_terms(&normal);
+    Some((normal, terms))
+}
+
 /// `text` in the searchable normal form: NFKC, case folded, NFKC again, without U+0000.
 pub fn normalize(text: &str) -> String {
     let nfkc = ComposingNormalizer::new_nfkc();
@@ -132,6 +149,17 @@ mod tests {
         assert_eq!(normalize("ﬁle"), "file");
         assert_eq!(normalize("a\0b"), "ab");
         assert_eq!(normalize("会议"), "会议");
+    }
+
+    #[test]
+    fn a_text_longer_than_the_limit_in_normal_form_has_no_entry() {
+        let at_limit = "a".repeat(MAX_SEARCHABLE_BYTES);
+        assert_eq!(index_entry(&at_limit).map(|(normal, _)| normal.len()), Some(MAX_SEARCHABLE_BYTES));
+        assert!(index_entry(&format!("{at_limit}b")).is_none());
+        // The limit is on the normal form: full-width letters (3 bytes) become ASCII (1 byte),
+        // and U+FDFA expands to 18 characters.
+        assert!(index_entry(&"Ａ".repeat(MAX_SEARCHABLE_BYTES / 2)).is_some());
+        assert!(index_entry(&"\u{fdfa}".repeat(MAX_SEARCHABLE_BYTES / 20)).is_none());
     }
 
     #[test]

@@ -180,7 +180,7 @@ async fn sample_traffic_mixes_direct_and_group_sessions() -> anyhow::Result<()> 
     writer.wait_processed(300).await?;
     let mut db = database.connect().await?;
     let (sessions, groups, chinese, max_receivers): (i64, i64, i64, i32) = sqlx::query_as(
-        r#"SELECT count(DISTINCT session_id), count(DISTINCT session_id) FILTER (WHERE session_type = 'group'),
+        r#"SELECT count(DISTINCT m.session_id), count(DISTINCT m.session_id) FILTER (WHERE session_type = 'group'),
                   count(*) FILTER (WHERE s.normal_text ~ '[一-龥]'), max(cardinality(receiver_ids))
            FROM messages m LEFT JOIN message_search s USING (tenant_id, message_id) WHERE m.tenant_id = $1"#,
     )

@@ -8,6 +8,11 @@
 //! nothing is lost or indexed twice. Every writer runs an indexer; `SKIP LOCKED` lets them
 //! share the queue.
 //!
+//! Messages stored before the search index existed are queued as `backfill` (by the
+//! migration that created it) and taken only when no new message waits, so new messages are
+//! findable at once while the history is indexed. A text whose normal form is longer than
+//! `text_search::MAX_SEARCHABLE_BYTES` gets no entry.
+//!
 //! The message rows are read `FOR SHARE`: a recall, burn wipe or delete of a message being
 //! indexed waits for this batch to commit and then removes its search row, and a message
 //! recalled, deleted or burned before the batch read it is left out.
@@ -18,9 +23,8 @@ use chrono::{DateTime, Utc};
 use flare_storage_common::message::searchable_content;
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::MessageContent;
-use flare_storage_common::stored_text::derived_copy;
-use flare_storage_common::text_search::{index_terms, normalize};
-use sqlx::PgPool;
+use flare_storage_common::text_search::index_entry;
+use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -60,13 +64,26 @@ pub async fn run(pool: PgPool, metrics: Metrics, crash_before_commit: bool, shut
 struct Entries {
     tenant_id: Vec<String>,
     message_id: Vec<String>,
+    session_id: Vec<String>,
     timestamp: Vec<DateTime<Utc>>,
     terms: Vec<String>,
     normal_text: Vec<String>,
+    /// Bytes of text held, to bound one statement.
+    bytes: usize,
 }
 
-/// Indexes up to `limit` queued messages in one transaction; returns how many it took from the
-/// queue (those gone by then count too, and leave no search row).
+/// Most text one INSERT of search entries carries: PostgreSQL refuses a statement whose
+/// parameters pass 1 GB, and a batch of long texts could.
+const MAX_STATEMENT_BYTES: usize = 64 * 1024 * 1024;
+
+/// A queued message taken by a batch: tenant, message id, timestamp, time queued.
+type Taken = (String, String, DateTime<Utc>, DateTime<Utc>);
+/// A message to index: tenant, message id, session, timestamp, encoded content.
+type Indexable = (String, String, String, DateTime<Utc>, Vec<u8>);
+
+/// Indexes up to `limit` queued messages in one transaction — new messages first, messages
+/// stored before the search index (`backfill`) only when no new one waits; returns how many it
+/// took from the queue (those gone by then count too, and leave no search row).
 pub async fn index_batch(
     pool: &PgPool,
     limit: i64,
@@ -74,25 +91,22 @@ pub async fn index_batch(
     crash_before_commit: bool,
 ) -> Result<usize, sqlx::Error> {
     let mut transaction = pool.begin().await?;
-    let taken: Vec<(String, String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
-        r#"DELETE FROM search_queue WHERE id IN (
-               SELECT id FROM search_queue ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-           RETURNING tenant_id, message_id, "timestamp", queued_at"#,
-    )
-    .bind(limit)
-    .fetch_all(&mut *transaction)
-    .await?;
-    if taken.is_empty() {
+    let live = take(&mut transaction, false, limit).await?;
+    let backfill = match limit - live.len() as i64 {
+        0 => Vec::new(),
+        room => take(&mut transaction, true, room).await?,
+    };
+    if live.is_empty() && backfill.is_empty() {
         return Ok(0);
     }
     let mut keys: (Vec<&str>, Vec<&str>, Vec<DateTime<Utc>>) = Default::default();
-    for (tenant_id, message_id, timestamp, _) in &taken {
+    for (tenant_id, message_id, timestamp, _) in live.iter().chain(&backfill) {
         keys.0.push(tenant_id);
         keys.1.push(message_id);
         keys.2.push(*timestamp);
     }
-    let messages: Vec<(String, String, DateTime<Utc>, Vec<u8>)> = sqlx::query_as(
-        r#"SELECT m.tenant_id, m.message_id, m."timestamp", m.content
+    let messages: Vec<Indexable> = sqlx::query_as(
+        r#"SELECT m.tenant_id, m.message_id, m.session_id, m."timestamp", m.content
            FROM messages m JOIN UNNEST($1::text[], $2::text[], $3::timestamptz[]) AS k(tenant_id, message_id, ts)
              ON m.tenant_id = k.tenant_id AND m.message_id = k.message_id AND m."timestamp" = k.ts
            WHERE NOT m.is_recalled AND m.deleted_at IS NULL AND m.content IS NOT NULL
@@ -104,43 +118,81 @@ pub async fn index_batch(
     .bind(keys.2)
     .fetch_all(&mut *transaction)
     .await?;
-    let mut rows = Entries::default();
-    for (tenant_id, message_id, timestamp, content) in messages {
-        // Content that does not decode has no text to find.
+    let mut entries = Entries::default();
+    for (tenant_id, message_id, session_id, timestamp, content) in messages {
+        // Content that does not decode has no text to find, nor has a text over the limit.
         let Ok(content) = MessageContent::decode(content.as_slice()) else { continue };
         let Some(text) = searchable_content(&content) else { continue };
-        let normal = normalize(&derived_copy(text));
+        let Some((normal, terms)) = index_entry(text) else { continue };
         // Terms never contain a space (spaces separate runs), so one space-joined string per
         // row carries them: UNNEST would flatten an array of arrays.
-        rows.terms.push(index_terms(&normal).join(" "));
-        rows.normal_text.push(normal);
-        rows.tenant_id.push(tenant_id);
-        rows.message_id.push(message_id);
-        rows.timestamp.push(timestamp);
+        let terms = terms.join(" ");
+        entries.bytes += normal.len() + terms.len();
+        entries.terms.push(terms);
+        entries.normal_text.push(normal);
+        entries.tenant_id.push(tenant_id);
+        entries.message_id.push(message_id);
+        entries.session_id.push(session_id);
+        entries.timestamp.push(timestamp);
+        if entries.bytes >= MAX_STATEMENT_BYTES {
+            insert(&mut transaction, std::mem::take(&mut entries)).await?;
+        }
     }
-    sqlx::query(
-        r#"INSERT INTO message_search (tenant_id, message_id, "timestamp", terms, normal_text)
-           SELECT tenant_id, message_id, ts, string_to_array(terms, ' '), normal_text
-           FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[])
-             AS t(tenant_id, message_id, ts, terms, normal_text)
-           ON CONFLICT (tenant_id, message_id) DO NOTHING"#,
-    )
-    .bind(rows.tenant_id)
-    .bind(rows.message_id)
-    .bind(rows.timestamp)
-    .bind(rows.terms)
-    .bind(rows.normal_text)
-    .execute(&mut *transaction)
-    .await?;
+    insert(&mut transaction, entries).await?;
     if crash_before_commit {
         warn!(stage = Stage::SearchIndex.name(), "crash requested by WRITER_CRASH_AFTER_STAGE; aborting");
         std::process::abort();
     }
     transaction.commit().await?;
+    // The lag of new messages only: a backfilled message was stored long before.
     let now = Utc::now();
-    for (_, _, _, queued_at) in &taken {
+    for (_, _, _, queued_at) in &live {
         metrics.search_index_lag.observe((now - *queued_at).num_microseconds().unwrap_or(0) as f64 / 1e6);
     }
-    metrics.search_indexed.inc_by(taken.len() as u64);
-    Ok(taken.len())
+    let taken = live.len() + backfill.len();
+    metrics.search_indexed.inc_by(taken as u64);
+    Ok(taken)
+}
+
+/// Takes up to `limit` queued messages, oldest first, of the backfill or of new messages; rows
+/// another indexer holds are skipped.
+async fn take(
+    transaction: &mut Transaction<'_, Postgres>,
+    backfill: bool,
+    limit: i64,
+) -> Result<Vec<Taken>, sqlx::Error> {
+    // Literal conditions, each matching its partial index (a parameter could not).
+    let sql = if backfill {
+        r#"DELETE FROM search_queue WHERE id IN (
+               SELECT id FROM search_queue WHERE backfill ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+           RETURNING tenant_id, message_id, "timestamp", queued_at"#
+    } else {
+        r#"DELETE FROM search_queue WHERE id IN (
+               SELECT id FROM search_queue WHERE NOT backfill ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+           RETURNING tenant_id, message_id, "timestamp", queued_at"#
+    };
+    sqlx::query_as(sql).bind(limit).fetch_all(&mut **transaction).await
+}
+
+/// Writes search entries; one already there (a message queued twice) is kept.
+async fn insert(transaction: &mut Transaction<'_, Postgres>, entries: Entries) -> Result<(), sqlx::Error> {
+    if entries.tenant_id.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        r#"INSERT INTO message_search (tenant_id, message_id, session_id, "timestamp", terms, normal_text)
+           SELECT tenant_id, message_id, session_id, ts, string_to_array(terms, ' '), normal_text
+           FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[])
+             AS t(tenant_id, message_id, session_id, ts, terms, normal_text)
+           ON CONFLICT (tenant_id, message_id) DO NOTHING"#,
+    )
+    .bind(entries.tenant_id)
+    .bind(entries.message_id)
+    .bind(entries.session_id)
+    .bind(entries.timestamp)
+    .bind(entries.terms)
+    .bind(entries.normal_text)
+    .execute(&mut **transaction)
+    .await?;
+    Ok(())
 }

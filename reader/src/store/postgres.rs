@@ -565,9 +565,9 @@ impl PostgresStore {
     /// independent):
     /// 1. the newest [`RECENT_SCAN`] messages in the search's scope are checked one by one — a
     ///    text found in more than about one message in a hundred fills the page here;
-    /// 2. otherwise, when the scope holds more than that, the term index gives every candidate
-    ///    of the tenant (rare by now), checked exactly and read in time order until the page
-    ///    is full.
+    /// 2. otherwise a scope of up to [`SCOPE_SCAN`] messages is checked whole, and a larger one
+    ///    through the term index: every candidate of the tenant (of its sessions, when the
+    ///    search names them), checked exactly and read in time order until the page is full.
     ///
     /// A text without terms (one or two Latin letters, punctuation) has no index to use and is
     /// checked through the scope in time order.
@@ -580,6 +580,9 @@ impl PostgresStore {
         let recent = self.search_scope(query, limit, Some(RECENT_SCAN)).await?;
         if recent.len() as i64 >= limit || !self.scope_exceeds(query, RECENT_SCAN).await? {
             return Ok(recent);
+        }
+        if !self.scope_exceeds(query, SCOPE_SCAN).await? {
+            return self.search_scope(query, limit, None).await;
         }
         self.search_candidates(query, &terms, limit).await
     }
@@ -608,7 +611,7 @@ impl PostgresStore {
         if !query.contains.is_empty() {
             sql.push(" AND EXISTS (SELECT 1 FROM message_search s WHERE s.tenant_id = ")
                 .push_bind(&query.tenant_id)
-                .push(" AND s.message_id = messages.message_id");
+                .push(r#" AND s.message_id = messages.message_id AND s."timestamp" = messages."timestamp""#);
             push_substrings(&mut sql, query);
             sql.push(")");
         }
@@ -637,6 +640,9 @@ impl PostgresStore {
                FROM message_search s WHERE s.tenant_id = "#
         ));
         sql.push_bind(&query.tenant_id).push(" AND s.terms @> ").push_bind(terms);
+        if let Some(sessions) = &query.session_id.include {
+            sql.push(" AND s.session_id = ANY(").push_bind(sessions).push(")");
+        }
         push_substrings(&mut sql, query);
         if let Some(from) = query.from {
             sql.push(r#" AND s."timestamp" >= "#).push_bind(from);
@@ -727,6 +733,11 @@ async fn unindex(
 /// search costs about this many row checks at most in the first step, and the second step
 /// then only runs for texts found in fewer than about one in [`RECENT_SCAN`]/limit messages.
 const RECENT_SCAN: i64 = 2_000;
+
+/// The largest scope a text search's second step checks whole rather than through the term
+/// index: small enough to check in a few tens of milliseconds, and it spares a narrow scope
+/// (one sender, a short time range) the candidates of the whole tenant.
+const SCOPE_SCAN: i64 = 10_000;
 
 /// `ORDER BY` of a search's time order.
 fn order(query: &SearchQuery) -> String {

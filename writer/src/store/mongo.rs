@@ -16,7 +16,7 @@ use flare_storage_common::keys::document_id;
 use flare_storage_common::message::{content_type, message_tenant_id, searchable_text, to_datetime};
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::Message;
-use flare_storage_common::text_search::{index_terms, normalize};
+use flare_storage_common::text_search::index_entry;
 use futures::TryStreamExt as _;
 use mongodb::bson::{Bson, Document, doc, spec::BinarySubtype};
 use mongodb::error::{ErrorKind, Result};
@@ -27,10 +27,6 @@ use super::{Encoded, MessageKey, Partial, StoredMessage, WriteFailure, Written, 
 
 /// MongoDB's hard limit on a document (`maxBsonObjectSize`).
 pub const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;
-/// Longest text (UTF-8 bytes) whose search terms a document carries: terms take several times
-/// the text's size, and a document must stay under [`MAX_DOCUMENT_BYTES`] for the message
-/// itself. A longer text is found through PostgreSQL only.
-const MAX_SEARCHABLE_BYTES: usize = 256 * 1024;
 
 /// Codes of a write error that refuse one document for what it holds, whatever the server's
 /// state: BadValue (2), FailedToParse (9), TypeMismatch (14), DollarPrefixedFieldName (52),
@@ -69,7 +65,7 @@ impl MongoStore {
             doc! { "tenant_id": 1, "session_id": 1, "timestamp_us": -1, "message_id": -1 },
             doc! { "tenant_id": 1, "session_id": 1, "seq": 1 },
             doc! { "tenant_id": 1, "sender_id": 1, "timestamp_us": -1 },
-            doc! { "tenant_id": 1, "search_terms": 1, "timestamp_us": -1 },
+            doc! { "tenant_id": 1, "search_terms": 1, "timestamp_us": -1, "message_id": -1 },
         ];
         for keys in indexes {
             self.collection.create_index(IndexModel::builder().keys(keys).build()).await?;
@@ -224,6 +220,58 @@ impl MongoStore {
             .collect())
     }
 
+    /// Gives the search fields (`search_text`, `search_terms`) to documents stored without them
+    /// — by writers older than the search index, whose documents carried `text` instead —
+    /// `batch` documents at a time, in `_id` order; returns how many it updated, calling
+    /// `progress` with the running count after each batch. Recalled, deleted and burned
+    /// messages get empty fields. Idempotent and resumable: it looks only for documents still
+    /// without `search_terms`, so run it again after an interruption, and once more after the
+    /// last older writer has stopped.
+    pub async fn backfill_search(&self, batch: i64, mut progress: impl FnMut(u64)) -> Result<u64> {
+        let mut updated = 0;
+        let mut after: Option<Bson> = None;
+        loop {
+            let mut filter = doc! { "search_terms": { "$exists": false } };
+            if let Some(after) = &after {
+                filter.insert("_id", doc! { "$gt": after.clone() });
+            }
+            let documents: Vec<Document> = self
+                .collection
+                .find(filter)
+                .sort(doc! { "_id": 1 })
+                .limit(batch)
+                .projection(doc! {
+                    "payload": 1, "is_recalled": 1, "deleted_at_us": 1, "burned_at_us": 1, "burn_wiped": 1,
+                })
+                .await?
+                .try_collect()
+                .await?;
+            let Some(last) = documents.last() else { return Ok(updated) };
+            after = last.get("_id").cloned();
+            let now_us = chrono::Utc::now().timestamp_micros();
+            for document in &documents {
+                let gone = document.get_bool("is_recalled").unwrap_or(false)
+                    || !matches!(document.get("deleted_at_us"), None | Some(Bson::Null))
+                    || document.get_i64("burned_at_us").is_ok_and(|burned| burned <= now_us)
+                    || document.get_bool("burn_wiped").unwrap_or(false);
+                let message = match document.get("payload") {
+                    Some(Bson::Binary(payload)) if !gone => Message::decode(payload.bytes.as_slice()).ok(),
+                    _ => None,
+                };
+                let (search_text, search_terms) = message.as_ref().map_or_else(no_search_fields, search_fields);
+                let Some(id) = document.get("_id") else { continue };
+                self.collection
+                    .update_one(
+                        doc! { "_id": id.clone(), "search_terms": { "$exists": false } },
+                        doc! { "$set": { "search_text": search_text, "search_terms": search_terms }, "$unset": { "text": "" } },
+                    )
+                    .await?;
+                updated += 1;
+            }
+            progress(updated);
+        }
+    }
+
     pub async fn ping(&self) -> Result<()> {
         self.collection.client().database("admin").run_command(doc! { "ping": 1 }).await.map(|_| ())
     }
@@ -244,6 +292,21 @@ pub fn document_size_refusal(message: &Message) -> Option<String> {
         .then(|| format!("its MongoDB document of {size} bytes exceeds MongoDB's limit of {MAX_DOCUMENT_BYTES} bytes"))
 }
 
+/// A message's `search_text` and `search_terms`: the same normal form and terms as
+/// PostgreSQL's search index, kept on the document (multikey index on `search_terms`); none
+/// for a text over `text_search::MAX_SEARCHABLE_BYTES` in normal form, as in PostgreSQL.
+fn search_fields(message: &Message) -> (Bson, Bson) {
+    match searchable_text(message).and_then(index_entry) {
+        Some((normal, terms)) => (Bson::String(normal), Bson::from(terms)),
+        None => no_search_fields(),
+    }
+}
+
+/// The search fields of a document nothing can find.
+fn no_search_fields() -> (Bson, Bson) {
+    (Bson::Null, Bson::Array(Vec::new()))
+}
+
 fn to_document(message: &Message, payload: &[u8]) -> Document {
     let tenant_id = message_tenant_id(message);
     let persisted_at = message
@@ -253,16 +316,7 @@ fn to_document(message: &Message, payload: &[u8]) -> Document {
         .and_then(to_datetime)
         .unwrap_or_else(chrono::Utc::now);
     let timestamp = message.timestamp.as_ref().and_then(to_datetime).unwrap_or_default();
-    // The same normal form and terms as PostgreSQL's search index, kept on the document
-    // (multikey index on search_terms); a text too long to carry them is not searchable here.
-    let (search_text, search_terms) = match searchable_text(message).filter(|text| text.len() <= MAX_SEARCHABLE_BYTES) {
-        Some(text) => {
-            let normal = normalize(text);
-            let terms = index_terms(&normal);
-            (Bson::String(normal), Bson::from(terms))
-        }
-        None => (Bson::Null, Bson::Array(Vec::new())),
-    };
+    let (search_text, search_terms) = search_fields(message);
     let strings = |map: &std::collections::HashMap<String, String>| -> Document {
         map.iter().map(|(key, value)| (key.clone(), Bson::String(value.clone()))).collect()
     };
