@@ -26,9 +26,10 @@ const USAGE: &str = "usage (after `eval \"$(scripts/services.sh up)\"` and `carg
                              [--connections 4] [--seconds 15] [--json target/bench/reader.json]
       QueryMessages hot/cold, GetMessage, QueryMessagesBySeq, beside an empty gRPC handler
   flare-storage-bench search [--messages 1000000] [--sessions 10000] [--queries 20] [--repeats 5]
-                             [--mongo-messages 20000] [--json target/bench/search.json]
+                             [--mongo-messages 2000] [--keep false] [--json target/bench/search.json]
       SearchMessages tenant-wide for 1-, 2- and 4-character Chinese and English words, over
-      PostgreSQL (history loaded by COPY) and MongoDB (0 messages: no MongoDB run)
+      PostgreSQL (history loaded by COPY) and MongoDB (0 messages: no MongoDB run); --keep true
+      leaves the PostgreSQL database for EXPLAIN and prints its URL
   flare-storage-bench empty-server --addr 127.0.0.1:50099
       the empty handler on its own (the reader benchmark starts it itself)
 
@@ -91,7 +92,8 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
                 sessions: options.number("sessions", 10_000)?,
                 queries: options.number("queries", 20)?,
                 repeats: options.number("repeats", 5)?,
-                mongo_messages: options.number("mongo-messages", 20_000)?,
+                mongo_messages: options.number("mongo-messages", 2_000)?,
+                keep: options.get("keep").is_some_and(|keep| keep == "true"),
                 reader_binary: binary("FLARE_READER_BIN", "flare-storage-reader")?,
                 json: options.get("json").unwrap_or("target/bench/search.json").into(),
             };

@@ -6,6 +6,7 @@
 //! built after the load, as a restore would), not through the writer: what is measured is the
 //! search, and a million messages through the writer would take most of an hour here.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,8 @@ pub struct SearchBench {
     pub repeats: usize,
     /// Messages of the MongoDB run (0: none).
     pub mongo_messages: usize,
+    /// Leave the PostgreSQL database (to look at plans) instead of dropping it.
+    pub keep: bool,
     pub reader_binary: PathBuf,
     pub json: PathBuf,
 }
@@ -85,7 +88,11 @@ pub async fn run(bench: SearchBench, services: Services) -> anyhow::Result<()> {
     measure(&mut report, &reader, &tenant, &queries, bench.repeats, "PostgreSQL").await?;
     report.result("reader_peak_rss_mib", reader.peak_rss());
     drop(reader);
-    drop_database(&services, &database).await?;
+    if bench.keep {
+        eprintln!("kept {} (tenant {tenant})", database.url);
+    } else {
+        drop_database(&services, &database).await?;
+    }
 
     if bench.mongo_messages > 0 {
         let mongo_url = services.mongo_url.clone().ok_or_else(|| anyhow::anyhow!("MONGO_URL is not set"))?;
@@ -98,7 +105,7 @@ pub async fn run(bench: SearchBench, services: Services) -> anyhow::Result<()> {
         eprintln!("loading {} messages into MongoDB…", bench.mongo_messages);
         let started = Instant::now();
         let records: Vec<Record> = (0..bench.mongo_messages).map(|_| workload.next_record()).collect();
-        let messages = normalized(&records)?;
+        let messages = normalized(&records, &mut HashMap::new())?;
         texts.extend(messages.iter().filter_map(|message| searchable_text(message).map(str::to_owned)));
         for chunk in messages.chunks(1_000) {
             let encoded: Vec<Encoded> = chunk.iter().cloned().map(Encoded::new).collect();
@@ -133,10 +140,11 @@ async fn load_postgres(
     let mut elapsed = Duration::ZERO;
     let mut entries = 0;
     let mut loaded = 0;
+    let mut seqs = HashMap::new();
     while loaded < count {
         let round = LOAD_CHUNK.min(count - loaded);
         let records: Vec<Record> = (0..round).map(|_| workload.next_record()).collect();
-        let messages: Vec<Message> = normalized(&records)?;
+        let messages: Vec<Message> = normalized(&records, &mut seqs)?;
         texts.extend(messages.iter().filter_map(|message| searchable_text(message).map(str::to_owned)));
         let (rows, search_rows) = (copy_text(&messages), copy_search_text(&messages));
         let started = Instant::now();

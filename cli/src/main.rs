@@ -132,7 +132,7 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
             )
             .await?;
             let updated = store.backfill_search(batch.max(1), |done| eprintln!("{done} documents reindexed")).await?;
-            println!("{updated} documents given their search fields");
+            println!("search fields written on {updated} documents");
             Ok(())
         }
         "create-topics" => {

@@ -851,7 +851,8 @@ fn unique_word(mut index: usize) -> String {
 }
 
 /// Documents stored by writers older than the search fields (they carried `text`) are found
-/// once `flare-storage reindex-mongo` has run; a recalled one stays unfound.
+/// once `flare-storage reindex-mongo` has run; a recalled one stays unfound, and one an older
+/// reader recalled (leaving its search fields) loses them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mongo_documents_of_older_writers_are_reindexed() -> anyhow::Result<()> {
     let mut deployment = Deployment::start(Store::Mongo).await?;
@@ -863,22 +864,28 @@ async fn mongo_documents_of_older_writers_are_reindexed() -> anyhow::Result<()> 
             request(&acme, "room", "text", "alice", text("明天的会议改到三点"), at),
             request(&acme, "room", "json", "alice", json, at + chrono::Duration::seconds(1)),
             request(&acme, "room", "recalled", "alice", text("会议取消了"), at + chrono::Duration::seconds(2)),
+            request(&acme, "room", "recalled-later", "alice", text("会议推迟"), at + chrono::Duration::seconds(3)),
         ])
         .await?;
     let documents = deployment.mongo().await?;
     documents
         .update_many(
-            doc! { "tenant_id": &acme },
+            doc! { "tenant_id": &acme, "message_id": { "$ne": "recalled-later" } },
             doc! { "$unset": { "search_text": "", "search_terms": "" }, "$set": { "text": "as older writers kept it" } },
         )
         .await?;
+    // Recalled by an older reader: only the flag changes.
     documents
-        .update_one(doc! { "tenant_id": &acme, "message_id": "recalled" }, doc! { "$set": { "is_recalled": true } })
+        .update_many(
+            doc! { "tenant_id": &acme, "message_id": { "$in": ["recalled", "recalled-later"] } },
+            doc! { "$set": { "is_recalled": true } },
+        )
         .await?;
     let mut client = deployment.reader.client().await?;
     let search =
         || SearchMessagesRequest { tenant: tenant(&acme), filters: vec![contains("会议")], ..Default::default() };
-    assert!(search_all(&mut client, search(), 20).await?.is_empty(), "documents without search fields are not found");
+    let before = search_all(&mut client, search(), 20).await?;
+    assert!(before.is_empty(), "documents without search fields are not found, nor recalled ones: {before:?}");
 
     let reindex = || {
         Command::new(binary("flare-storage")?)
@@ -893,14 +900,20 @@ async fn mongo_documents_of_older_writers_are_reindexed() -> anyhow::Result<()> 
     };
     let first = reindex()?;
     assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
-    assert_eq!(String::from_utf8_lossy(&first.stdout).trim(), "3 documents given their search fields");
+    assert_eq!(String::from_utf8_lossy(&first.stdout).trim(), "search fields written on 4 documents");
     let mut ids: Vec<String> =
         search_all(&mut client, search(), 20).await?.into_iter().map(|message| message.id).collect();
     ids.sort();
     assert_eq!(ids, ["json", "text"]);
     let leftovers = documents.count_documents(doc! { "tenant_id": &acme, "text": { "$exists": true } }).await?;
     assert_eq!(leftovers, 0, "the older field is gone");
+    let recalled_later = documents
+        .find_one(doc! { "tenant_id": &acme, "message_id": "recalled-later" })
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no recalled-later document"))?;
+    assert!(recalled_later.get_array("search_terms").is_ok_and(Vec::is_empty), "{recalled_later:?}");
+    assert!(recalled_later.get_str("search_text").is_err(), "the recalled text left the document");
     let again = reindex()?;
-    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), "0 documents given their search fields");
+    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), "search fields written on 0 documents");
     deployment.stop().await
 }

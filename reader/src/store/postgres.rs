@@ -564,10 +564,10 @@ impl PostgresStore {
     /// multiplies their frequencies, and the trigrams of one word are anything but
     /// independent):
     /// 1. the newest [`RECENT_SCAN`] messages in the search's scope are checked one by one — a
-    ///    text found in more than about one message in a hundred fills the page here;
-    /// 2. otherwise a scope of up to [`SCOPE_SCAN`] messages is checked whole, and a larger one
-    ///    through the term index: every candidate of the tenant (of its sessions, when the
-    ///    search names them), checked exactly and read in time order until the page is full.
+    ///    text found in more than about one message in 400 fills a page of 20 here;
+    /// 2. otherwise, when the scope holds more than that, the term index gives every candidate
+    ///    of the tenant (of its sessions, when the search names them), checked exactly and read
+    ///    in time order until the page is full.
     ///
     /// A text without terms (one or two Latin letters, punctuation) has no index to use and is
     /// checked through the scope in time order.
@@ -580,9 +580,6 @@ impl PostgresStore {
         let recent = self.search_scope(query, limit, Some(RECENT_SCAN)).await?;
         if recent.len() as i64 >= limit || !self.scope_exceeds(query, RECENT_SCAN).await? {
             return Ok(recent);
-        }
-        if !self.scope_exceeds(query, SCOPE_SCAN).await? {
-            return self.search_scope(query, limit, None).await;
         }
         self.search_candidates(query, &terms, limit).await
     }
@@ -729,15 +726,13 @@ async fn unindex(
     Ok(())
 }
 
-/// Messages a text search's first step checks one by one before it asks the term index: the
-/// search costs about this many row checks at most in the first step, and the second step
-/// then only runs for texts found in fewer than about one in [`RECENT_SCAN`]/limit messages.
-const RECENT_SCAN: i64 = 2_000;
-
-/// The largest scope a text search's second step checks whole rather than through the term
-/// index: small enough to check in a few tens of milliseconds, and it spares a narrow scope
-/// (one sender, a short time range) the candidates of the whole tenant.
-const SCOPE_SCAN: i64 = 10_000;
+/// Messages a text search's first step checks one by one before it asks the term index. The
+/// two steps cost about the same where they meet: a check costs ~3.5 µs (a search entry read
+/// by key), a candidate of the term index ~10 µs (its entry read from a random page), and a
+/// text found in a share `f` of a tenant's `n` messages costs `limit / f` checks or `f × n`
+/// candidates — equal at `f = √(0.35 × limit / n)`, ~8,000 checks for a page of 20 at a
+/// million messages (measured: docs/BENCHMARKS.md, search).
+const RECENT_SCAN: i64 = 8_000;
 
 /// `ORDER BY` of a search's time order.
 fn order(query: &SearchQuery) -> String {

@@ -222,11 +222,12 @@ impl MongoStore {
 
     /// Gives the search fields (`search_text`, `search_terms`) to documents stored without them
     /// — by writers older than the search index, whose documents carried `text` instead —
-    /// `batch` documents at a time, in `_id` order; returns how many it updated, calling
-    /// `progress` with the running count after each batch. Recalled, deleted and burned
-    /// messages get empty fields. Idempotent and resumable: it looks only for documents still
-    /// without `search_terms`, so run it again after an interruption, and once more after the
-    /// last older writer has stopped.
+    /// `batch` documents at a time, in `_id` order, calling `progress` with the running count
+    /// after each batch; recalled, deleted and burned messages get empty fields. Then empties
+    /// the fields of documents a reader older than them recalled, deleted or burn-wiped (it
+    /// left them). Returns how many documents it changed. Idempotent and resumable: it looks
+    /// only for documents still without `search_terms` or gone with terms, so run it again
+    /// after an interruption, and once more after the last older binary has stopped.
     pub async fn backfill_search(&self, batch: i64, mut progress: impl FnMut(u64)) -> Result<u64> {
         let mut updated = 0;
         let mut after: Option<Bson> = None;
@@ -246,7 +247,7 @@ impl MongoStore {
                 .await?
                 .try_collect()
                 .await?;
-            let Some(last) = documents.last() else { return Ok(updated) };
+            let Some(last) = documents.last() else { break };
             after = last.get("_id").cloned();
             let now_us = chrono::Utc::now().timestamp_micros();
             for document in &documents {
@@ -270,6 +271,15 @@ impl MongoStore {
             }
             progress(updated);
         }
+        let gone_with_terms = doc! {
+            "search_terms.0": { "$exists": true },
+            "$or": [{ "is_recalled": true }, { "deleted_at_us": { "$ne": Bson::Null } }, { "burn_wiped": true }],
+        };
+        let cleared = self
+            .collection
+            .update_many(gone_with_terms, doc! { "$set": { "search_text": Bson::Null, "search_terms": [] } })
+            .await?;
+        Ok(updated + cleared.modified_count)
     }
 
     pub async fn ping(&self) -> Result<()> {
