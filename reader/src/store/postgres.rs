@@ -641,20 +641,7 @@ impl PostgresStore {
             sql.push(" AND s.session_id = ANY(").push_bind(sessions).push(")");
         }
         push_substrings(&mut sql, query);
-        if let Some(from) = query.from {
-            sql.push(r#" AND s."timestamp" >= "#).push_bind(from);
-        }
-        if let Some(to) = query.to {
-            sql.push(r#" AND s."timestamp" <= "#).push_bind(to);
-        }
-        if let Some(after) = &query.after {
-            let comparison = if query.ascending { ">" } else { "<" };
-            sql.push(format!(r#" AND (s."timestamp", s.message_id) {comparison} ("#))
-                .push_bind(after.timestamp)
-                .push(", ")
-                .push_bind(&after.message_id)
-                .push(")");
-        }
+        push_time_bounds(&mut sql, query, "s.");
         sql.push(format!(
             r#" ORDER BY s."timestamp" {direction}, s.message_id {direction}) AS candidate
                CROSS JOIN LATERAL (SELECT * FROM messages WHERE messages.message_id = candidate.search_id
@@ -773,20 +760,7 @@ fn push_conditions<'a>(sql: &mut QueryBuilder<'a, Postgres>, query: &'a SearchQu
     for (comparison, value) in &query.seq {
         sql.push(format!(" AND seq {} ", comparison.sql())).push_bind(*value);
     }
-    if let Some(from) = query.from {
-        sql.push(r#" AND "timestamp" >= "#).push_bind(from);
-    }
-    if let Some(to) = query.to {
-        sql.push(r#" AND "timestamp" <= "#).push_bind(to);
-    }
-    if let Some(after) = &query.after {
-        let direction = if query.ascending { ">" } else { "<" };
-        sql.push(format!(r#" AND ("timestamp", message_id) {direction} ("#))
-            .push_bind(after.timestamp)
-            .push(", ")
-            .push_bind(&after.message_id)
-            .push(")");
-    }
+    push_time_bounds(sql, query, "");
     if !query.user.is_empty() {
         sql.push(
             " AND NOT EXISTS (SELECT 1 FROM message_hidden h WHERE h.tenant_id = messages.tenant_id AND h.user_id = ",
@@ -799,6 +773,25 @@ fn push_conditions<'a>(sql: &mut QueryBuilder<'a, Postgres>, query: &'a SearchQu
         )
         .push_bind(&query.user)
         .push("), '-infinity'::timestamptz)");
+    }
+}
+
+/// A search's time range and cursor on the `timestamp` and `message_id` of the table `alias`
+/// names (`"s."`, or `""` for `messages`).
+fn push_time_bounds<'a>(sql: &mut QueryBuilder<'a, Postgres>, query: &'a SearchQuery, alias: &str) {
+    if let Some(from) = query.from {
+        sql.push(format!(r#" AND {alias}"timestamp" >= "#)).push_bind(from);
+    }
+    if let Some(to) = query.to {
+        sql.push(format!(r#" AND {alias}"timestamp" <= "#)).push_bind(to);
+    }
+    if let Some(after) = &query.after {
+        let comparison = if query.ascending { ">" } else { "<" };
+        sql.push(format!(r#" AND ({alias}"timestamp", {alias}message_id) {comparison} ("#))
+            .push_bind(after.timestamp)
+            .push(", ")
+            .push_bind(&after.message_id)
+            .push(")");
     }
 }
 
