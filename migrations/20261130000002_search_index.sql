@@ -9,8 +9,9 @@
 -- Messages stored before this version are queued as `backfill`, which the indexer takes only
 -- when no new message waits, so new messages are findable at once during the catch-up.
 --
--- A search looks up its terms in the GIN index of (tenant_id, session_id, terms) — the session
--- is there for searches within one conversation — and checks the exact
+-- A search reads the newest entries in time order, then looks up its terms in the GIN index of
+-- (tenant_id, session_id, terms) — the session is there for searches within one conversation —
+-- and checks the exact
 -- substring on normal_text, then reads the message row for every other condition: nothing gone
 -- is returned even where the search row is still there.
 CREATE EXTENSION IF NOT EXISTS btree_gin;
@@ -37,6 +38,10 @@ CREATE TABLE IF NOT EXISTS message_search (
 );
 
 CREATE INDEX IF NOT EXISTS message_search_terms ON message_search USING GIN (tenant_id, session_id, terms);
+-- A search first reads the newest entries of a tenant or a session in time order.
+CREATE INDEX IF NOT EXISTS message_search_time ON message_search (tenant_id, "timestamp", message_id);
+CREATE INDEX IF NOT EXISTS message_search_session_time
+    ON message_search (tenant_id, session_id, "timestamp", message_id);
 -- Retention finds old search rows by time.
 CREATE INDEX IF NOT EXISTS message_search_time_brin ON message_search USING BRIN ("timestamp");
 

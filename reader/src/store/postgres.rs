@@ -559,100 +559,84 @@ impl PostgresStore {
 
     /// Messages matching a search, `limit` at most, in its time order, after its cursor.
     ///
-    /// A text search runs in up to two steps, because the database cannot read a term index in
-    /// time order and cannot tell how many messages share several terms (its estimate
+    /// A text search reads search entries (`message_search`: the normal-form text of every
+    /// message, indexed by time and by term) and then each match's message row for every
+    /// other condition. It runs in up to two steps, because the database cannot read a term
+    /// index in time order and cannot tell how many messages share several terms (its estimate
     /// multiplies their frequencies, and the trigrams of one word are anything but
     /// independent):
-    /// 1. the newest [`RECENT_SCAN`] messages in the search's scope are checked one by one — a
-    ///    text found in more than about one message in 400 fills a page of 20 here;
-    /// 2. otherwise, when the scope holds more than that, the term index gives every candidate
-    ///    of the tenant (of its sessions, when the search names them), checked exactly and read
-    ///    in time order until the page is full.
+    /// 1. the newest [`RECENT_SCAN`] entries of the tenant (of its sessions, when the search
+    ///    names them) in the time range are checked one by one, in time order — a text found in
+    ///    more than about one message in 800 fills a page of 20 here;
+    /// 2. otherwise, when there are more entries than that, the term index gives every
+    ///    candidate, checked exactly and read in time order until the page is full.
     ///
     /// A text without terms (one or two Latin letters, punctuation) has no index to use and is
-    /// checked through the scope in time order.
+    /// checked entry by entry in time order; a search without text reads the messages alone.
     pub async fn search(&self, query: &SearchQuery, limit: i64) -> Result<Vec<StoredRow>, sqlx::Error> {
+        if query.contains.is_empty() {
+            return self.search_messages(query, limit).await;
+        }
         let terms: Vec<String> =
             query.contains.iter().flat_map(|text| query_terms(text)).collect::<BTreeSet<_>>().into_iter().collect();
         if terms.is_empty() {
-            return self.search_scope(query, limit, None).await;
+            return self.search_entries(query, limit, Entries::All).await;
         }
-        let recent = self.search_scope(query, limit, Some(RECENT_SCAN)).await?;
-        if recent.len() as i64 >= limit || !self.scope_exceeds(query, RECENT_SCAN).await? {
+        let recent = self.search_entries(query, limit, Entries::Newest(RECENT_SCAN)).await?;
+        if recent.len() as i64 >= limit || !self.entries_exceed(query, RECENT_SCAN).await? {
             return Ok(recent);
         }
-        self.search_candidates(query, &terms, limit).await
+        self.search_entries(query, limit, Entries::Terms(&terms)).await
     }
 
-    /// The search's scope in its time order, the first `bound` of it only when given, checked
-    /// message by message.
-    async fn search_scope(
-        &self,
-        query: &SearchQuery,
-        limit: i64,
-        bound: Option<i64>,
-    ) -> Result<Vec<StoredRow>, sqlx::Error> {
-        let order = order(query);
-        let mut sql: QueryBuilder<'_, Postgres> = QueryBuilder::new(format!("SELECT {COLUMNS} FROM "));
-        match bound {
-            Some(bound) => {
-                sql.push("(SELECT * FROM messages WHERE ");
-                push_conditions(&mut sql, query);
-                sql.push(format!(" {order} LIMIT ")).push_bind(bound).push(") AS messages WHERE true");
-            }
-            None => {
-                sql.push("messages WHERE ");
-                push_conditions(&mut sql, query);
-            }
-        }
-        if !query.contains.is_empty() {
-            sql.push(" AND EXISTS (SELECT 1 FROM message_search s WHERE s.tenant_id = ")
-                .push_bind(&query.tenant_id)
-                .push(r#" AND s.message_id = messages.message_id AND s."timestamp" = messages."timestamp""#);
-            push_substrings(&mut sql, query);
-            sql.push(")");
-        }
-        sql.push(format!(" {order} LIMIT ")).push_bind(limit);
+    /// A search without text: the messages of its scope in its time order.
+    async fn search_messages(&self, query: &SearchQuery, limit: i64) -> Result<Vec<StoredRow>, sqlx::Error> {
+        let mut sql: QueryBuilder<'_, Postgres> = QueryBuilder::new(format!("SELECT {COLUMNS} FROM messages WHERE "));
+        push_conditions(&mut sql, query);
+        sql.push(format!(" {} LIMIT ", order(query))).push_bind(limit);
         sql.build_query_as().fetch_all(&self.pool).await
     }
 
-    /// Whether the search's scope holds more than `bound` messages.
-    async fn scope_exceeds(&self, query: &SearchQuery, bound: i64) -> Result<bool, sqlx::Error> {
-        let mut sql: QueryBuilder<'_, Postgres> = QueryBuilder::new("SELECT EXISTS (SELECT 1 FROM messages WHERE ");
-        push_conditions(&mut sql, query);
-        sql.push(" OFFSET ").push_bind(bound).push(" LIMIT 1)");
-        sql.build_query_scalar().fetch_one(&self.pool).await
-    }
-
-    /// Every candidate of the term index, checked exactly, then read in time order.
-    async fn search_candidates(
+    /// The search entries `entries` selects, in time order, checked exactly for every text of
+    /// the search, each joined to its message row for every other condition.
+    async fn search_entries(
         &self,
         query: &SearchQuery,
-        terms: &[String],
         limit: i64,
+        entries: Entries<'_>,
     ) -> Result<Vec<StoredRow>, sqlx::Error> {
         let direction = if query.ascending { "ASC" } else { "DESC" };
         let mut sql: QueryBuilder<'_, Postgres> = QueryBuilder::new(format!(
-            r#"SELECT {COLUMNS} FROM (SELECT s.message_id AS search_id, s."timestamp" AS search_time
-               FROM message_search s WHERE s.tenant_id = "#
+            r#"SELECT {COLUMNS} FROM (SELECT s.message_id AS search_id, s."timestamp" AS search_time, s.normal_text
+               FROM message_search s WHERE "#
         ));
-        sql.push_bind(&query.tenant_id).push(" AND s.terms @> ").push_bind(terms);
-        if let Some(sessions) = &query.session_id.include {
-            sql.push(" AND s.session_id = ANY(").push_bind(sessions).push(")");
+        push_entry_scope(&mut sql, query);
+        if let Entries::Terms(terms) = entries {
+            sql.push(" AND s.terms @> ").push_bind(terms);
         }
-        push_substrings(&mut sql, query);
-        push_time_bounds(&mut sql, query, "s.");
-        sql.push(format!(
-            r#" ORDER BY s."timestamp" {direction}, s.message_id {direction}) AS candidate
-               CROSS JOIN LATERAL (SELECT * FROM messages WHERE messages.message_id = candidate.search_id
-                   AND messages."timestamp" = candidate.search_time AND "#
-        ));
+        sql.push(format!(r#" ORDER BY s."timestamp" {direction}, s.message_id {direction}"#));
+        if let Entries::Newest(bound) = entries {
+            // The texts are checked after the bound: the newest entries, not the newest matches.
+            sql.push(" LIMIT ").push_bind(bound);
+        }
+        sql.push(
+            r#") AS s CROSS JOIN LATERAL (SELECT * FROM messages WHERE messages.message_id = s.search_id
+                   AND messages."timestamp" = s.search_time AND "#,
+        );
         push_conditions(&mut sql, query);
-        sql.push(format!(
-            ") AS messages ORDER BY candidate.search_time {direction}, candidate.search_id {direction} LIMIT "
-        ))
-        .push_bind(limit);
+        sql.push(") AS messages WHERE true");
+        push_substrings(&mut sql, query);
+        sql.push(format!(" ORDER BY s.search_time {direction}, s.search_id {direction} LIMIT ")).push_bind(limit);
         sql.build_query_as().fetch_all(&self.pool).await
+    }
+
+    /// Whether there are more than `bound` search entries in the search's entry scope.
+    async fn entries_exceed(&self, query: &SearchQuery, bound: i64) -> Result<bool, sqlx::Error> {
+        let mut sql: QueryBuilder<'_, Postgres> =
+            QueryBuilder::new("SELECT EXISTS (SELECT 1 FROM message_search s WHERE ");
+        push_entry_scope(&mut sql, query);
+        sql.push(" OFFSET ").push_bind(bound).push(" LIMIT 1)");
+        sql.build_query_scalar().fetch_one(&self.pool).await
     }
 
     /// Physically removes the content of up to `limit` messages whose burn time has passed
@@ -713,13 +697,23 @@ async fn unindex(
     Ok(())
 }
 
-/// Messages a text search's first step checks one by one before it asks the term index. The
-/// two steps cost about the same where they meet: a check costs ~3.5 µs (a search entry read
-/// by key), a candidate of the term index ~10 µs (its entry read from a random page), and a
-/// text found in a share `f` of a tenant's `n` messages costs `limit / f` checks or `f × n`
-/// candidates — equal at `f = √(0.35 × limit / n)`, ~8,000 checks for a page of 20 at a
-/// million messages (measured: docs/BENCHMARKS.md, search).
-const RECENT_SCAN: i64 = 8_000;
+/// Search entries a text search's first step checks one by one, in time order, before it
+/// asks the term index. The two steps cost about the same where they meet: a text found in a
+/// share `f` of a tenant's `n` messages costs `limit / f` entries read in time order or
+/// `f × n` candidates read from random pages (several times dearer each), ~16,000 entries at a
+/// million messages for a page of 20 (measured: docs/BENCHMARKS.md, search).
+const RECENT_SCAN: i64 = 16_000;
+
+/// The search entries a step of a text search reads.
+#[derive(Clone, Copy)]
+enum Entries<'a> {
+    /// The newest, at most this many.
+    Newest(i64),
+    /// Those holding all these terms.
+    Terms(&'a [String]),
+    /// Every one.
+    All,
+}
 
 /// `ORDER BY` of a search's time order.
 fn order(query: &SearchQuery) -> String {
@@ -774,6 +768,16 @@ fn push_conditions<'a>(sql: &mut QueryBuilder<'a, Postgres>, query: &'a SearchQu
         .push_bind(&query.user)
         .push("), '-infinity'::timestamptz)");
     }
+}
+
+/// The search entries a search can match at all: the tenant's, of the named sessions, in the
+/// time range, after the cursor.
+fn push_entry_scope<'a>(sql: &mut QueryBuilder<'a, Postgres>, query: &'a SearchQuery) {
+    sql.push("s.tenant_id = ").push_bind(&query.tenant_id);
+    if let Some(sessions) = &query.session_id.include {
+        sql.push(" AND s.session_id = ANY(").push_bind(sessions).push(")");
+    }
+    push_time_bounds(sql, query, "s.");
 }
 
 /// A search's time range and cursor on the `timestamp` and `message_id` of the table `alias`
