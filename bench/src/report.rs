@@ -33,6 +33,11 @@ impl Latencies {
     }
 }
 
+/// `count` operations over `elapsed`, per second.
+pub fn rate(count: usize, elapsed: Duration) -> f64 {
+    count as f64 / elapsed.as_secs_f64().max(1e-9)
+}
+
 /// One line of the results table.
 pub struct Row {
     pub scenario: String,

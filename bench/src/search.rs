@@ -20,7 +20,7 @@ use serde_json::json;
 use sqlx::Connection as _;
 
 use crate::reader::Server;
-use crate::report::{Latencies, Report, Row};
+use crate::report::{Latencies, Report, Row, rate};
 use crate::services::{Services, create_database, drop_database, unique};
 use crate::workload::{Random, Record, Workload};
 use crate::writer::{COPY_SEARCH_STATEMENT, COPY_STATEMENT, copy_in, copy_search_text, copy_text, normalized};
@@ -251,8 +251,4 @@ async fn measure(
         ));
     }
     Ok(())
-}
-
-fn rate(count: usize, elapsed: Duration) -> f64 {
-    count as f64 / elapsed.as_secs_f64().max(1e-9)
 }

@@ -23,7 +23,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 use sqlx::Connection as _;
 
-use crate::report::{Latencies, Report, Row, peak_rss_mib};
+use crate::report::{Latencies, Report, Row, peak_rss_mib, rate};
 use crate::services::{
     Services, create_database, create_topics, drop_database, forget_tenant, produce_all, unique, writer_command,
 };
@@ -194,10 +194,6 @@ pub async fn run(bench: WriterBench, services: Services) -> anyhow::Result<()> {
     }
     forget_tenant(&services, &tenant).await?;
     report.finish(&bench.json)
-}
-
-fn rate(count: usize, elapsed: Duration) -> f64 {
-    count as f64 / elapsed.as_secs_f64().max(1e-9)
 }
 
 /// Reads every record of the topic by direct assignment: the broker and client's own rate.

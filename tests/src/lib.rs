@@ -222,6 +222,41 @@ impl RunningWriter {
     }
 }
 
+/// The database a test's writer and reader store in and read from: PostgreSQL, or MongoDB
+/// alone (either one is a whole deployment).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    Postgres,
+    Mongo,
+}
+
+impl Store {
+    /// Points a test writer at this store: with `Mongo`, at the collection `messages` of the
+    /// MongoDB database `mongo_database` instead of PostgreSQL.
+    pub fn configure_writer(self, writer: &mut flare_storage_writer::Config, mongo_database: &str) {
+        if self == Store::Mongo {
+            writer.postgres_url = None;
+            writer.mongo = Some(flare_storage_writer::MongoConfig {
+                url: mongo_url(),
+                database: mongo_database.into(),
+                collection: "messages".into(),
+            });
+        }
+    }
+
+    /// Points a test reader at this store, as [`Store::configure_writer`] does a writer.
+    pub fn configure_reader(self, reader: &mut flare_storage_reader::Config, mongo_database: &str) {
+        if self == Store::Mongo {
+            reader.postgres_url = None;
+            reader.mongo = Some(flare_storage_reader::MongoConfig {
+                url: mongo_url(),
+                database: mongo_database.into(),
+                collection: "messages".into(),
+            });
+        }
+    }
+}
+
 /// Writer settings for a test: its own topic, group and dead-letter topic, Postgres only (a
 /// test adds MongoDB, ACKs or a WAL key where it needs them). Redis keys are isolated by the
 /// test's own tenant ids.

@@ -42,13 +42,6 @@ fn text(message: &Message) -> Option<&str> {
     }
 }
 
-/// The database a conversation is stored in and read from.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Store {
-    Postgres,
-    Mongo,
-}
-
 /// Runs the test body `$name(store)` once per store, as `$name::postgres` and `$name::mongo`.
 macro_rules! on_each_store {
     ($name:ident) => {
@@ -87,26 +80,11 @@ impl Conversation {
         let (topic, dlq_topic) = (unique("messages"), unique("dlq"));
         create_topics(&[&topic, &dlq_topic], PARTITIONS).await?;
         let mut writer = writer_config(&database.url, &topic, &dlq_topic);
-        let mongo = flare_storage_reader::MongoConfig {
-            url: mongo_url(),
-            database: mongo_database.clone(),
-            collection: "messages".into(),
-        };
-        if store == Store::Mongo {
-            writer.postgres_url = None;
-            writer.mongo = Some(flare_storage_writer::MongoConfig {
-                url: mongo.url.clone(),
-                database: mongo.database.clone(),
-                collection: mongo.collection.clone(),
-            });
-        }
+        store.configure_writer(&mut writer, &mongo_database);
         let reader = |redis: Option<String>| {
-            let mongo = mongo.clone();
+            let mongo_database = mongo_database.clone();
             RunningReader::start_configured(&database.url, redis, move |config| {
-                if store == Store::Mongo {
-                    config.postgres_url = None;
-                    config.mongo = Some(mongo);
-                }
+                store.configure_reader(config, &mongo_database);
             })
         };
         let conversation = Self {

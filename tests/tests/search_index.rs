@@ -30,12 +30,6 @@ const PARTITIONS: i32 = 2;
 /// Pages of one search the scan tests follow: a common text has thousands of matches.
 const PAGES_FOLLOWED: usize = 8;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Store {
-    Postgres,
-    Mongo,
-}
-
 /// A writer and a reader (no Redis: every search goes to the database) on one store, with this
 /// test's own topic, PostgreSQL database and MongoDB database.
 struct Deployment {
@@ -56,24 +50,9 @@ impl Deployment {
         create_topics(&[&topic, &dlq_topic], PARTITIONS).await?;
         let mut writer = writer_config(&database.url, &topic, &dlq_topic);
         writer.batch_max_messages = 500;
-        let mongo = flare_storage_reader::MongoConfig {
-            url: mongo_url(),
-            database: mongo_database.clone(),
-            collection: "messages".into(),
-        };
-        if store == Store::Mongo {
-            writer.postgres_url = None;
-            writer.mongo = Some(flare_storage_writer::MongoConfig {
-                url: mongo.url.clone(),
-                database: mongo.database.clone(),
-                collection: mongo.collection.clone(),
-            });
-        }
+        store.configure_writer(&mut writer, &mongo_database);
         let reader = RunningReader::start_configured(&database.url, None, |config| {
-            if store == Store::Mongo {
-                config.postgres_url = None;
-                config.mongo = Some(mongo);
-            }
+            store.configure_reader(config, &mongo_database);
         })
         .await?;
         Ok(Self {

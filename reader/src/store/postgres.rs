@@ -605,7 +605,7 @@ impl PostgresStore {
         limit: i64,
         entries: Entries<'_>,
     ) -> Result<Vec<StoredRow>, sqlx::Error> {
-        let direction = if query.ascending { "ASC" } else { "DESC" };
+        let direction = direction(query);
         let mut sql: QueryBuilder<'_, Postgres> = QueryBuilder::new(format!(
             r#"SELECT {COLUMNS} FROM (SELECT s.message_id AS search_id, s."timestamp" AS search_time, s.normal_text
                FROM message_search s WHERE "#
@@ -715,9 +715,14 @@ enum Entries<'a> {
     All,
 }
 
+/// The SQL direction of a search's time order.
+fn direction(query: &SearchQuery) -> &'static str {
+    if query.ascending { "ASC" } else { "DESC" }
+}
+
 /// `ORDER BY` of a search's time order.
 fn order(query: &SearchQuery) -> String {
-    let direction = if query.ascending { "ASC" } else { "DESC" };
+    let direction = direction(query);
     format!(r#"ORDER BY "timestamp" {direction}, message_id {direction}"#)
 }
 
