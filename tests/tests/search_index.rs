@@ -37,7 +37,8 @@ struct Deployment {
     database: TestDatabase,
     mongo_database: String,
     topic: String,
-    writer: RunningWriter,
+    /// None once stopped ([`Deployment::stop_writer`]).
+    writer: Option<RunningWriter>,
     reader: RunningReader,
     stored: usize,
 }
@@ -60,7 +61,7 @@ impl Deployment {
             database,
             mongo_database,
             topic,
-            writer: RunningWriter::start(writer).await?,
+            writer: Some(RunningWriter::start(writer).await?),
             reader,
             stored: 0,
         })
@@ -74,15 +75,24 @@ impl Deployment {
                 .await?;
         }
         self.stored += requests.len();
-        self.writer.wait_processed(self.stored).await
+        let writer = self.writer.as_ref().ok_or_else(|| anyhow::anyhow!("the writer was stopped"))?;
+        writer.wait_processed(self.stored).await
+    }
+
+    /// Stops the writer, and with it its search indexer, and waits until it has.
+    async fn stop_writer(&mut self) -> anyhow::Result<()> {
+        match self.writer.take() {
+            Some(writer) => writer.stop().await,
+            None => Ok(()),
+        }
     }
 
     async fn mongo(&self) -> anyhow::Result<mongodb::Collection<Document>> {
         Ok(mongodb::Client::with_uri_str(mongo_url()).await?.database(&self.mongo_database).collection("messages"))
     }
 
-    async fn stop(self) -> anyhow::Result<()> {
-        self.writer.stop().await?;
+    async fn stop(mut self) -> anyhow::Result<()> {
+        self.stop_writer().await?;
         self.reader.stop().await?;
         if self.store == Store::Mongo {
             mongodb::Client::with_uri_str(mongo_url()).await?.database(&self.mongo_database).drop().await?;
@@ -793,7 +803,7 @@ async fn new_messages_are_indexed_before_the_backfill() -> anyhow::Result<()> {
     deployment.store(&requests).await?;
     let url = deployment.database.url.clone();
     // No indexer runs from here on but the one called below.
-    deployment.writer.shutdown.cancel();
+    deployment.stop_writer().await?;
     let pool = sqlx::PgPool::connect(&url).await?;
     // m0–m3 stored before the search index (queued first, as the migration does); m4 and m5 new.
     sqlx::query("DELETE FROM message_search").execute(&pool).await?;
