@@ -17,6 +17,7 @@ use flare_storage_common::proto::common::ActorType;
 use flare_storage_common::proto::storage::{ClearType, Message};
 
 use crate::error::Error;
+use crate::lookup::to_message;
 use crate::sessions::Sessions;
 use crate::store::Databases;
 use crate::store::postgres::{Operation, TargetRow};
@@ -76,6 +77,19 @@ impl Commands {
         }
     }
 
+    /// Puts a message as the databases now hold it into its session's hot window, after a
+    /// command changed fields kept in the cached body (attributes, tags, read receipts,
+    /// operations, recall): every read path then shows the change, from every replica. A
+    /// message gone for everyone has nothing to show.
+    async fn rewrite_cached(&self, tenant_id: &str, session_id: &str, message_id: &str) -> Result<(), Error> {
+        let Some(cache) = &self.cache else { return Ok(()) };
+        let keys = SessionKeys::new(tenant_id, session_id);
+        let version = cache.version(&keys).await.ok_or(Error::CacheUnavailable)?;
+        let Some(row) = self.databases.message(tenant_id, message_id, "").await? else { return Ok(()) };
+        let body = to_message(row)?.encode_to_vec();
+        cache.rewrite(&keys, message_id, &version, &body).await.map_err(|_| Error::CacheUnavailable)
+    }
+
     async fn merge_view(&self, tenant_id: &str, session_id: &str, field: String, value: String) -> Result<(), Error> {
         match &self.cache {
             Some(cache) => cache
@@ -129,8 +143,10 @@ impl Commands {
         }
         let session_id = target.session_id.clone();
         if let (true, Some(recalled_at)) = (target.row.is_recalled, target.row.recalled_at) {
+            // A retry after a failed cache write completes it.
             self.mark_gone(tenant_id, &session_id, message_id, &format!("recalled:{}", recalled_at.timestamp_micros()))
                 .await?;
+            self.rewrite_cached(tenant_id, &session_id, message_id).await?;
             return Ok(recalled_at);
         }
         let limit = requested_limit.map_or(self.recall_limit, |requested| requested.min(self.recall_limit));
@@ -160,6 +176,7 @@ impl Commands {
             };
         self.mark_gone(tenant_id, &session_id, message_id, &format!("recalled:{}", recalled_at.timestamp_micros()))
             .await?;
+        self.rewrite_cached(tenant_id, &session_id, message_id).await?;
         Ok(recalled_at)
     }
 
@@ -249,6 +266,7 @@ impl Commands {
             )
             .await?;
         }
+        self.rewrite_cached(tenant_id, &target.session_id, message_id).await?;
         if let Some(seq) = target.row.seq.filter(|seq| *seq > 0) {
             self.sessions.advance(tenant_id, &target.session_id, user_id, seq).await?;
         }
@@ -274,14 +292,7 @@ impl Commands {
         if !self.databases.set_attributes(tenant_id, message_id, attributes, tags, &operation).await? {
             return Err(Error::NotFound("message"));
         }
-        // Attributes live in the cached body: make the window refill from the database.
-        if let Some(cache) = &self.cache {
-            cache
-                .invalidate(&SessionKeys::new(tenant_id, &target.session_id))
-                .await
-                .map_err(|_| Error::CacheUnavailable)?;
-        }
-        Ok(())
+        self.rewrite_cached(tenant_id, &target.session_id, message_id).await
     }
 
     /// Wipes burned content until none is due, then every `interval`, until shutdown.

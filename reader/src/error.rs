@@ -15,6 +15,10 @@ pub enum Error {
     PermissionDenied(&'static str),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The command lost every race with concurrent commands on the same data; retrying it
+    /// completes it.
+    #[error("{0}; retry the command")]
+    Aborted(&'static str),
     /// The cache did not take a write the command needs; retrying the command completes it.
     #[error("the message cache is unavailable; retry the command")]
     CacheUnavailable,
@@ -46,6 +50,7 @@ impl Error {
             Error::NotFound(_) => Code::NotFound,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::Aborted(_) => Code::Aborted,
             Error::CacheUnavailable | Error::ExportDirectory => Code::Unavailable,
             Error::Store(
                 sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_),

@@ -543,6 +543,215 @@ async fn attributes_and_tags_are_set_by_the_sender_and_listed_per_tenant(store: 
     chat.stop().await
 }
 
+/// What a command can change about a message, as a reader returns it: attributes, tags, who
+/// read it, recalled, content present, operations.
+type Fields = (Vec<(String, String)>, Vec<String>, Vec<String>, bool, bool, Vec<String>);
+
+fn fields(message: &Message) -> Fields {
+    let mut attributes: Vec<(String, String)> =
+        message.attributes.iter().map(|(key, value)| (key.clone(), value.clone())).collect();
+    attributes.sort();
+    (
+        attributes,
+        message.tags.clone(),
+        message.read_by.iter().map(|record| record.user_id.clone()).collect(),
+        message.is_recalled,
+        message.content.is_some(),
+        message.operations.iter().map(|operation| operation.operation_type.clone()).collect(),
+    )
+}
+
+/// Message `id` as every read path of `client` returns it to `user`: QueryMessagesBySeq (alone
+/// with `by_seq_only`), GetMessage, QueryMessages, SearchMessages (its own text; a recalled
+/// message is not found, so `None` there) and StreamExportMessages.
+async fn through_every_path(
+    client: &mut Client,
+    chat: &Conversation,
+    user: &str,
+    id: &str,
+    by_seq_only: bool,
+) -> anyhow::Result<Vec<(&'static str, Option<Fields>)>> {
+    let find = |messages: &[Message]| messages.iter().find(|message| message.id == id).map(fields);
+    let by_seq = client
+        .query_messages_by_seq(QueryMessagesBySeqRequest {
+            session_id: chat.session.clone(),
+            user_id: user.into(),
+            limit: 50,
+            tenant: tenant(&chat.tenant),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    if by_seq_only {
+        return Ok(vec![("QueryMessagesBySeq", find(&by_seq.messages))]);
+    }
+    let got = client
+        .get_message(GetMessageRequest { message_id: id.into(), context: as_user(user), tenant: tenant(&chat.tenant) })
+        .await?
+        .into_inner()
+        .message
+        .as_ref()
+        .map(fields);
+    let page = client
+        .query_messages(QueryMessagesRequest {
+            session_id: chat.session.clone(),
+            limit: 50,
+            context: as_user(user),
+            tenant: tenant(&chat.tenant),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let index = id.trim_start_matches('m');
+    let search = client
+        .search_messages(SearchMessagesRequest {
+            context: as_user(user),
+            tenant: tenant(&chat.tenant),
+            filters: vec![FilterExpression {
+                field: "content".into(),
+                op: FilterOperator::Contains as i32,
+                values: vec![format!("text {index}")],
+            }],
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut export = client
+        .stream_export_messages(ExportMessagesRequest {
+            session_id: chat.session.clone(),
+            context: as_user(user),
+            tenant: tenant(&chat.tenant),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut exported = Vec::new();
+    while let Some(chunk) = futures::StreamExt::next(&mut export).await {
+        exported.extend(chunk?.messages);
+    }
+    Ok(vec![
+        ("GetMessage", got),
+        ("QueryMessages", find(&page.messages)),
+        ("QueryMessagesBySeq", find(&by_seq.messages)),
+        ("SearchMessages", find(&search.messages)),
+        ("StreamExportMessages", find(&exported)),
+    ])
+}
+
+on_each_store!(every_read_path_shows_what_a_command_changed);
+/// Each command that changes a message's fields is seen the same way, right after its reply,
+/// through every read path of every reader: the one that ran it, another caching replica with
+/// a warm window, and one without Redis.
+async fn every_read_path_shows_what_a_command_changed(store: Store) -> anyhow::Result<()> {
+    let chat = Conversation::start(store, 6).await?;
+    let replica = RunningReader::start_configured(&chat.database.url, Some(redis_url()), |config| {
+        store.configure_reader(config, &chat.mongo_database);
+    })
+    .await?;
+    let mut commander = chat.cached.client().await?;
+    let mut readers = vec![chat.cached.client().await?, replica.client().await?, chat.uncached.client().await?];
+    let warm = async |readers: &mut Vec<Client>| -> anyhow::Result<()> {
+        for reader in readers.iter_mut() {
+            for id in ["m1", "m2", "m3"] {
+                through_every_path(reader, &chat, "alice", id, false).await?;
+            }
+        }
+        Ok(())
+    };
+    warm(&mut readers).await?;
+
+    let pinned = vec![("pinned".to_owned(), "1".to_owned())];
+    // After each command, every reader's QueryMessagesBySeq first (a time page refills a
+    // window its command left unknown), then every path.
+    let mut check = async |id: &str, want: Fields| -> anyhow::Result<()> {
+        for (round, reader) in readers.iter_mut().enumerate() {
+            let by_seq = through_every_path(reader, &chat, "alice", id, true).await?;
+            assert_eq!(by_seq, [("QueryMessagesBySeq", Some(want.clone()))], "{id}, reader {round} ({store:?})");
+        }
+        for (round, reader) in readers.iter_mut().enumerate() {
+            for (path, seen) in through_every_path(reader, &chat, "alice", id, false).await? {
+                // A recalled message is not found by search.
+                let want = (path != "SearchMessages" || !want.3).then(|| want.clone());
+                assert_eq!(seen, want, "{id} through {path} of reader {round} ({store:?})");
+            }
+        }
+        Ok(())
+    };
+    // m1 (bob's): attributes and tags set by bob.
+    commander
+        .set_message_attributes(SetMessageAttributesRequest {
+            context: as_user("bob"),
+            tenant: tenant(&chat.tenant),
+            message_id: "m1".into(),
+            attributes: HashMap::from([("pinned".to_owned(), "1".to_owned())]),
+            tags: vec!["starred".into()],
+        })
+        .await?;
+    check("m1", (pinned, vec!["starred".into()], vec![], false, true, vec!["set_attributes".into()])).await?;
+    // m2 (alice's): read by bob.
+    commander
+        .mark_message_read(MarkMessageReadRequest {
+            message_id: "m2".into(),
+            user_id: "bob".into(),
+            tenant: tenant(&chat.tenant),
+            ..Default::default()
+        })
+        .await?;
+    check("m2", (vec![], vec![], vec!["bob".into()], false, true, vec![])).await?;
+    // m3 (bob's): recalled by bob.
+    commander
+        .recall_message(RecallMessageRequest {
+            message_id: "m3".into(),
+            operator_id: "bob".into(),
+            reason: "typo".into(),
+            tenant: tenant(&chat.tenant),
+            ..Default::default()
+        })
+        .await?;
+    check("m3", (vec![], vec![], vec![], true, false, vec!["recall".into()])).await?;
+    // Commands on one message racing through two replicas, each retried while it answers
+    // ABORTED (it lost every race; a client retries that): the windows end as the database.
+    let other = replica.client().await?;
+    let racing = (0..16).map(|k| {
+        let mut client = if k % 2 == 0 { commander.clone() } else { other.clone() };
+        let request = SetMessageAttributesRequest {
+            context: as_user("bob"),
+            tenant: tenant(&chat.tenant),
+            message_id: "m5".into(),
+            attributes: HashMap::from([(format!("k{k}"), k.to_string())]),
+            tags: vec![format!("t{k}")],
+        };
+        async move {
+            loop {
+                match client.set_message_attributes(request.clone()).await {
+                    Err(status) if status.code() == Code::Aborted => continue,
+                    answer => return answer,
+                }
+            }
+        }
+    });
+    futures::future::try_join_all(racing).await?;
+    let mut truth = chat.uncached.client().await?;
+    let stored = truth
+        .get_message(GetMessageRequest {
+            message_id: "m5".into(),
+            context: as_user("alice"),
+            tenant: tenant(&chat.tenant),
+        })
+        .await?
+        .into_inner()
+        .message
+        .ok_or_else(|| anyhow::anyhow!("m5 missing"))?;
+    assert_eq!(stored.attributes.len(), 16, "every racing command merged its attribute");
+    check("m5", fields(&stored)).await?;
+    // The session's version, bumped by every command, expires with the window.
+    let version = flare_storage_common::keys::SessionKeys::new(&chat.tenant, &chat.session).version();
+    let ttl: i64 = redis::cmd("TTL").arg(&version).query_async(&mut redis_connection().await?).await?;
+    assert!(ttl > 0, "{version} has TTL {ttl}");
+    replica.stop().await?;
+    chat.stop().await
+}
+
 on_each_store!(unread_counts_are_exact_and_read_positions_only_move_forward);
 /// Session state without per-member counters: unread counts derived from read seqs leave out
 /// what is deleted, recalled, burned, hidden or cleared for the user and what the user sent;

@@ -18,7 +18,7 @@ use flare_storage_common::keys::{SessionKeys, clear_view_field, hidden_view_fiel
 
 use crate::error::Error;
 use crate::search::SearchQuery;
-use mongo::MongoStore;
+use mongo::{Merge, MongoStore};
 use postgres::{
     Operation, PostgresStore, ReadRecord, SessionHead, SessionPage, SessionViews, StoredRow, TargetRow, UnreadRange,
 };
@@ -321,7 +321,11 @@ impl Databases {
     ) -> Result<bool, Error> {
         let answers = self
             .change(
-                async |mongo| Ok(mongo.set_attributes(tenant_id, message_id, attributes, tags, operation).await?),
+                async |mongo| match mongo.set_attributes(tenant_id, message_id, attributes, tags, operation).await? {
+                    Merge::Done => Ok(true),
+                    Merge::NotFound => Ok(false),
+                    Merge::Contended => Err(Error::Aborted("the message's attributes kept changing concurrently")),
+                },
                 async |postgres| {
                     Ok(postgres.set_attributes(tenant_id, message_id, attributes, tags, operation).await?)
                 },

@@ -8,6 +8,7 @@
 //! filter names the tenant, through `tenant_id` or a tenant-prefixed `_id`.
 
 use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use flare_storage_common::keys::document_id;
@@ -36,6 +37,15 @@ pub struct MongoStore {
 
 /// Attribute merges retried when another command changed the attributes in between.
 const ATTRIBUTE_RETRIES: usize = 8;
+
+/// What a compare-and-set merge of a message's attributes came to.
+pub enum Merge {
+    Done,
+    /// No such message (or deleted).
+    NotFound,
+    /// Other merges won every attempt.
+    Contended,
+}
 
 impl MongoStore {
     /// A client for the server; it connects on first use, so the reader starts while MongoDB
@@ -448,7 +458,8 @@ impl MongoStore {
 
     /// Merges attributes into a message and, when `tags` is given, replaces its tags. The
     /// merge is a compare-and-set on an attribute version, so concurrent merges both land
-    /// (attribute names may hold dots, which an update path would split).
+    /// (attribute names may hold dots, which an update path would split); a lost race is
+    /// retried after a random pause of up to 2^attempt ms, [`ATTRIBUTE_RETRIES`] times.
     pub async fn set_attributes(
         &self,
         tenant_id: &str,
@@ -456,11 +467,15 @@ impl MongoStore {
         attributes: &HashMap<String, String>,
         tags: Option<&[String]>,
         operation: &Operation,
-    ) -> Result<bool> {
+    ) -> Result<Merge> {
         let id = document_id(tenant_id, message_id);
-        for _ in 0..ATTRIBUTE_RETRIES {
+        for attempt in 0..ATTRIBUTE_RETRIES {
+            if attempt > 0 {
+                let jitter = uuid::Uuid::new_v4().as_u128() % (1 << attempt);
+                tokio::time::sleep(Duration::from_millis(jitter as u64)).await;
+            }
             let Some(document) = self.messages.find_one(doc! { "_id": &id, "deleted_at_us": Bson::Null }).await? else {
-                return Ok(false);
+                return Ok(Merge::NotFound);
             };
             let version = document.get("attributes_version").cloned().unwrap_or(Bson::Null);
             let mut merged = document.get_document("attributes").cloned().unwrap_or_default();
@@ -483,10 +498,10 @@ impl MongoStore {
                 )
                 .await?;
             if result.matched_count > 0 {
-                return Ok(true);
+                return Ok(Merge::Done);
             }
         }
-        Err(mongodb::error::Error::custom("attributes kept changing concurrently; retry the command"))
+        Ok(Merge::Contended)
     }
 
     /// The tenant's distinct tags, sorted, at most `limit`.

@@ -141,6 +141,28 @@ end
 if not keep then redis.call('HSET', KEYS[1], ARGV[1], new) end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return 1
+"#;
+
+/// Puts a message's body as the databases hold it after a command into the window, where the
+/// window has the message. The body was read after the command's database write, and the
+/// session's version (ARGV[2]) before that read: if another command changed the session since,
+/// this body may lack its change — the body is dropped instead (a read that needs it goes to
+/// the database) and the window's completeness forgotten (the next time page refills it).
+/// Bumps the version, which voids fills begun before.
+const REWRITE: &str = r#"
+-- KEYS: bodies, meta, version; ARGV: message_id, version seen before the read, body, ttl
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  if (redis.call('GET', KEYS[3]) or '0') == ARGV[2] then
+    redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  else
+    redis.call('HDEL', KEYS[1], ARGV[1])
+    redis.call('HDEL', KEYS[2], 'floor_us')
+  end
+end
+redis.call('INCR', KEYS[3])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
 return 1
 "#;
 
@@ -328,6 +350,7 @@ pub struct RedisCache {
     read_by_seq: Script,
     fill: Script,
     mark_gone: Script,
+    rewrite: Script,
     merge_views: Script,
     session_state: Script,
     set_state: Script,
@@ -349,6 +372,7 @@ impl RedisCache {
             read_by_seq: Script::new(READ_BY_SEQ),
             fill: Script::new(FILL),
             mark_gone: Script::new(MARK_GONE),
+            rewrite: Script::new(REWRITE),
             merge_views: Script::new(MERGE_VIEWS),
             session_state: Script::new(SESSION_STATE),
             set_state: Script::new(SET_STATE),
@@ -587,14 +611,26 @@ impl RedisCache {
         .await
     }
 
-    /// Forgets how complete the window is and bumps the version, so the next read refills it
-    /// from the database (after a change the overlays cannot express, such as attributes).
-    pub async fn invalidate(&self, keys: &SessionKeys) -> Result<(), CacheDown> {
+    /// Puts a message's body, read from the databases after a command changed it and after
+    /// `version` was read, into the window (see [`REWRITE`]).
+    pub async fn rewrite(
+        &self,
+        keys: &SessionKeys,
+        message_id: &str,
+        version: &str,
+        body: &[u8],
+    ) -> Result<(), CacheDown> {
+        let ttl = self.hot_ttl.as_secs().max(1);
         self.must(async |mut connection| {
-            redis::pipe()
-                .hdel(keys.hot_meta(), "floor_us")
-                .incr(keys.version(), 1)
-                .query_async::<()>(&mut connection)
+            self.rewrite
+                .key(keys.hot_bodies())
+                .key(keys.hot_meta())
+                .key(keys.version())
+                .arg(message_id)
+                .arg(version)
+                .arg(body)
+                .arg(ttl)
+                .invoke_async::<i64>(&mut connection)
                 .await
         })
         .await
