@@ -191,27 +191,31 @@ impl Lookup {
             }
             FromCache::Unknown => {}
         }
-        // Cold window: one reader fills it, the others wait and then read the filled window.
+        // Cold window: one reader fills it, the others wait and then read the filled window. A
+        // waiter the filled window still cannot answer (a command voided the fill, the page is
+        // older than the window) asks the database rather than fill again.
         let key = keys.hot_meta();
-        let (answer, filled) = self
+        let keys = &keys;
+        let (answer, hit) = self
             .fills
-            .run(&key, async {
+            .run(&key, |led| async move {
                 if let FromCache::Answer(messages) = read().await {
-                    return Ok::<_, Error>((Some(messages), false));
+                    return Ok::<_, Error>((Some(messages), true));
                 }
-                self.fill_window(cache, &keys, query.tenant_id, query.session_id).await?;
-                match read().await {
-                    FromCache::Answer(messages) => Ok((Some(messages), true)),
-                    _ => Ok((None, true)),
+                if led {
+                    self.fill_window(cache, keys, query.tenant_id, query.session_id).await?;
+                    if let FromCache::Answer(messages) = read().await {
+                        return Ok((Some(messages), false));
+                    }
                 }
+                Ok((None, false))
             })
             .await?;
-        // Only the reader that went to the database counts a miss; those that waited for it
-        // were answered by the window.
-        if filled {
-            self.metrics.cache_miss();
-        } else {
+        // A read that went to the database, to fill or to answer, is a miss.
+        if hit {
             self.metrics.cache_hit();
+        } else {
+            self.metrics.cache_miss();
         }
         Ok(answer)
     }
@@ -466,20 +470,109 @@ pub struct SingleFlight {
 }
 
 impl SingleFlight {
-    pub async fn run<T>(&self, key: &str, work: impl Future<Output = T>) -> T {
+    /// Runs `work(led)` with the key's turn: `led` is true when no other task held the turn as
+    /// this one asked for it, false when it waited for one that did — whose work is then done,
+    /// so a waiter should use its result rather than do it again. A run dropped midway (its RPC
+    /// cancelled) leaves nothing behind.
+    pub async fn run<F: Future>(&self, key: &str, work: impl FnOnce(bool) -> F) -> F::Output {
         let lock = {
             let mut locks = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             locks.entry(key.to_owned()).or_default().clone()
         };
-        let result = {
-            let _turn = lock.lock().await;
-            work.await
+        // Declared first, dropped last: after the turn below has let go of its copy.
+        let forget = Forget { flights: self, key, lock: Some(lock.clone()) };
+        let (_turn, led) = match lock.try_lock_owned() {
+            Ok(turn) => (turn, true),
+            Err(_) => (forget.turn().lock_owned().await, false),
         };
-        let mut locks = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        // The map's copy and ours: nobody else is waiting, so the entry can go.
-        if locks.get(key).is_some_and(|entry| Arc::strong_count(entry) <= 2) {
-            locks.remove(key);
+        work(led).await
+    }
+
+    #[cfg(test)]
+    fn keys(&self) -> usize {
+        self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
+}
+
+/// Removes a key's entry when its last run ends, however it ends.
+struct Forget<'a> {
+    flights: &'a SingleFlight,
+    key: &'a str,
+    lock: Option<Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl Forget<'_> {
+    fn turn(&self) -> Arc<tokio::sync::Mutex<()>> {
+        self.lock.clone().unwrap_or_default()
+    }
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        let mut locks = self.flights.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        drop(self.lock.take());
+        // Only the map's copy left: nobody else runs or waits under this key.
+        if locks.get(self.key).is_some_and(|entry| Arc::strong_count(entry) == 1) {
+            locks.remove(self.key);
         }
-        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn one_run_leads_and_the_others_wait_for_it() {
+        let flights = Arc::new(SingleFlight::default());
+        let (led, ran) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (release, gate) = tokio::sync::oneshot::channel::<()>();
+        let mut gate = Some(gate);
+        let mut runs = Vec::new();
+        for _ in 0..8 {
+            let (flights, led, ran, gate) = (flights.clone(), led.clone(), ran.clone(), gate.take());
+            runs.push(tokio::spawn(async move {
+                flights
+                    .run("session", |leader| async move {
+                        led.fetch_add(usize::from(leader), Ordering::SeqCst);
+                        // The first run holds the turn until the test lets it go.
+                        if let Some(gate) = gate {
+                            let _ = gate.await;
+                        }
+                        ran.fetch_add(1, Ordering::SeqCst);
+                    })
+                    .await
+            }));
+        }
+        // Every run has asked for the turn (this runtime runs one task at a time).
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(ran.load(Ordering::SeqCst), 0, "the others wait for the first");
+        let _ = release.send(());
+        for run in runs {
+            run.await.expect("run");
+        }
+        assert_eq!(led.load(Ordering::SeqCst), 1, "one leader");
+        assert_eq!(ran.load(Ordering::SeqCst), 8);
+        assert_eq!(flights.keys(), 0, "the key goes with its last run");
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_run_leaves_no_key() {
+        let flights = SingleFlight::default();
+        // Cancelled while leading, and while waiting behind a run that is cancelled too.
+        let leading = flights.run("a", |_| std::future::pending::<()>());
+        assert!(tokio::time::timeout(Duration::from_millis(10), leading).await.is_err());
+        assert_eq!(flights.keys(), 0);
+        let first = flights.run("b", |_| std::future::pending::<()>());
+        let second = flights.run("b", |_| std::future::pending::<()>());
+        let both = futures::future::join(first, second);
+        assert!(tokio::time::timeout(Duration::from_millis(10), both).await.is_err());
+        assert_eq!(flights.keys(), 0);
+        // A later run of the same key leads again.
+        assert!(flights.run("b", |led| async move { led }).await);
     }
 }
