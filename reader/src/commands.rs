@@ -68,9 +68,14 @@ impl Commands {
     }
 
     async fn mark_gone(&self, tenant_id: &str, session_id: &str, message_id: &str, state: &str) -> Result<(), Error> {
+        self.mark_all_gone(tenant_id, session_id, &[(message_id, state)]).await
+    }
+
+    /// Lays `(message id, state)` facts over a session's cached messages.
+    async fn mark_all_gone(&self, tenant_id: &str, session_id: &str, facts: &[(&str, &str)]) -> Result<(), Error> {
         match &self.cache {
             Some(cache) => cache
-                .mark_gone(&SessionKeys::new(tenant_id, session_id), message_id, state)
+                .mark_gone(&SessionKeys::new(tenant_id, session_id), facts)
                 .await
                 .map_err(|_| Error::CacheUnavailable),
             None => Ok(()),
@@ -109,8 +114,11 @@ impl Commands {
         message_ids: &[String],
         actor: Actor<'_>,
     ) -> Result<i32, Error> {
+        let targets = self.databases.targets(tenant_id, message_ids).await?;
+        let targets: HashMap<&str, &TargetRow> =
+            targets.iter().map(|target| (target.row.message_id.as_str(), target)).collect();
         for message_id in message_ids {
-            let target = self.databases.target(tenant_id, message_id).await?.ok_or(Error::NotFound("message"))?;
+            let target = targets.get(message_id.as_str()).ok_or(Error::NotFound("message"))?;
             if target.session_id != session_id {
                 return Err(Error::NotFound("message in this session"));
             }
@@ -121,9 +129,8 @@ impl Commands {
         let operation = operation("delete", actor.id, "");
         let deleted = self.databases.delete_for_everyone(tenant_id, session_id, message_ids, &operation).await?;
         // Also the ones deleted before: a retry after a cache failure must complete them.
-        for message_id in message_ids {
-            self.mark_gone(tenant_id, session_id, message_id, "deleted").await?;
-        }
+        let facts: Vec<(&str, &str)> = message_ids.iter().map(|message_id| (message_id.as_str(), "deleted")).collect();
+        self.mark_all_gone(tenant_id, session_id, &facts).await?;
         Ok(i32::try_from(deleted.len()).unwrap_or(i32::MAX))
     }
 

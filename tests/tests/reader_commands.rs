@@ -316,6 +316,9 @@ async fn deleted_and_recalled_messages_are_gone_for_everyone(store: Store) -> an
     assert_eq!(deleted.status.map(|s| s.code), Some(flare_storage_common::proto::common::ErrorCode::Ok as i32));
     let by_service = client.delete_message(delete(&["m3", "m1"], actor("moderation", ActorType::Service))).await?;
     assert_eq!(by_service.into_inner().deleted_count, 1, "m1 was already deleted");
+    // One id not stored fails the whole request before anything is deleted (m5 stays below).
+    let partly_unknown = client.delete_message(delete(&["m5", "nope"], as_user("bob"))).await.expect_err("unknown");
+    assert_eq!(partly_unknown.code(), Code::NotFound);
     // The session must match, and other tenants cannot touch it.
     let mut wrong_session = delete(&["m0"], as_user("alice"));
     wrong_session.session_id = "another".into();

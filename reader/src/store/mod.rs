@@ -106,6 +106,18 @@ impl Databases {
         .await
     }
 
+    /// The messages of these ids that are stored (deleted ones too), each once; MongoDB's
+    /// answer unless it lacks one of them.
+    pub async fn targets(&self, tenant_id: &str, message_ids: &[String]) -> Result<Vec<TargetRow>, Error> {
+        let wanted = message_ids.iter().collect::<std::collections::HashSet<_>>().len();
+        self.read_unless(
+            async |mongo| Ok(mongo.targets(tenant_id, message_ids).await?),
+            async |postgres| Ok(postgres.targets(tenant_id, message_ids).await?),
+            |found: &Vec<TargetRow>| found.len() < wanted,
+        )
+        .await
+    }
+
     pub async fn newest(&self, tenant_id: &str, session_id: &str, limit: i64) -> Result<Vec<StoredRow>, Error> {
         self.read(
             async |mongo| Ok(mongo.newest(tenant_id, session_id, limit).await?),

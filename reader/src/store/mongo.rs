@@ -102,9 +102,21 @@ impl MongoStore {
         let Some(document) = self.messages.find_one(doc! { "_id": document_id(tenant_id, message_id) }).await? else {
             return Ok(None);
         };
+        Self::target_row(&document).map(Some)
+    }
+
+    /// The messages of these ids.
+    pub async fn targets(&self, tenant_id: &str, message_ids: &[String]) -> Result<Vec<TargetRow>> {
+        let ids: Vec<String> = message_ids.iter().map(|message_id| document_id(tenant_id, message_id)).collect();
+        let documents: Vec<Document> = self.messages.find(doc! { "_id": { "$in": ids } }).await?.try_collect().await?;
+        documents.iter().map(Self::target_row).collect()
+    }
+
+    /// A message document as the target of a command.
+    fn target_row(document: &Document) -> Result<TargetRow> {
         let text = |field: &str| document.get_str(field).unwrap_or_default().to_owned();
-        Ok(Some(TargetRow {
-            row: stored_row(&document)?,
+        Ok(TargetRow {
+            row: stored_row(document)?,
             session_id: text("session_id"),
             sender_id: text("sender_id"),
             receiver_id: text("receiver_id"),
@@ -112,7 +124,7 @@ impl MongoStore {
             is_burn_after_read: document.get_bool("is_burn_after_read").unwrap_or(false),
             burn_after_seconds: integer(document.get("burn_after_seconds")) as i32,
             deleted_at: micros(document.get("deleted_at_us")),
-        }))
+        })
     }
 
     /// The newest `limit` messages of a session, newest first (to fill the hot window).

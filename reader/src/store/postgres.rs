@@ -173,6 +173,16 @@ impl PostgresStore {
         sqlx::query_as(&sql).bind(tenant_id).bind(message_id).fetch_optional(&self.pool).await
     }
 
+    /// The messages of these ids, each once (the oldest row of an id, as [`Self::target`]).
+    pub async fn targets(&self, tenant_id: &str, message_ids: &[String]) -> Result<Vec<TargetRow>, sqlx::Error> {
+        let sql = format!(
+            r#"SELECT DISTINCT ON (message_id) {COLUMNS}, session_id, sender_id, receiver_id, receiver_ids,
+                      is_burn_after_read, burn_after_seconds, deleted_at
+               FROM messages WHERE tenant_id = $1 AND message_id = ANY($2) ORDER BY message_id, "timestamp""#
+        );
+        sqlx::query_as(&sql).bind(tenant_id).bind(message_ids).fetch_all(&self.pool).await
+    }
+
     /// The newest `limit` messages of a session, newest first (to fill the hot window).
     pub async fn newest(&self, tenant_id: &str, session_id: &str, limit: i64) -> Result<Vec<StoredRow>, sqlx::Error> {
         let sql = format!(

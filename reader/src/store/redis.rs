@@ -120,28 +120,30 @@ for k = 1, 5 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
 return 1
 "#;
 
-/// Records what happened to a message, keeping the strongest fact: deleted beats recalled
+/// Records what happened to messages, keeping the strongest fact: deleted beats recalled
 /// beats burn, and of two burns the earlier. Bumps the session version.
 const MARK_GONE: &str = r#"
--- KEYS: gone, version; ARGV: message_id, state, ttl
+-- KEYS: gone, version; ARGV: ttl, then pairs: message_id, state
 local function rank(state)
   if state == 'deleted' then return 3 end
   if string.sub(state, 1, 9) == 'recalled:' then return 2 end
   if string.sub(state, 1, 5) == 'burn:' then return 1 end
   return 0
 end
-local current = redis.call('HGET', KEYS[1], ARGV[1])
-local new = ARGV[2]
-local keep = false
-if current then
-  local a, b = rank(current), rank(new)
-  if a > b then keep = true end
-  if a == b and a == 1 and tonumber(string.sub(current, 6)) <= tonumber(string.sub(new, 6)) then keep = true end
+for i = 2, #ARGV, 2 do
+  local id, new = ARGV[i], ARGV[i + 1]
+  local current = redis.call('HGET', KEYS[1], id)
+  local keep = false
+  if current then
+    local a, b = rank(current), rank(new)
+    if a > b then keep = true end
+    if a == b and a == 1 and tonumber(string.sub(current, 6)) <= tonumber(string.sub(new, 6)) then keep = true end
+  end
+  if not keep then redis.call('HSET', KEYS[1], id, new) end
 end
-if not keep then redis.call('HSET', KEYS[1], ARGV[1], new) end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('INCR', KEYS[2])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
 return 1
 "#;
 
@@ -575,18 +577,17 @@ impl RedisCache {
             .await;
     }
 
-    /// Lays a fact over a cached message (see `SessionKeys::gone`).
-    pub async fn mark_gone(&self, keys: &SessionKeys, message_id: &str, state: &str) -> Result<(), CacheDown> {
+    /// Lays facts over cached messages of one session, `(message id, state)` each (see
+    /// `SessionKeys::gone`), in one call.
+    pub async fn mark_gone(&self, keys: &SessionKeys, facts: &[(&str, &str)]) -> Result<(), CacheDown> {
         let ttl = self.hot_ttl.as_secs().max(1);
         self.must(async |mut connection| {
-            self.mark_gone
-                .key(keys.gone())
-                .key(keys.version())
-                .arg(message_id)
-                .arg(state)
-                .arg(ttl)
-                .invoke_async::<i64>(&mut connection)
-                .await
+            let mut invocation = self.mark_gone.key(keys.gone());
+            invocation.key(keys.version()).arg(ttl);
+            for (message_id, state) in facts {
+                invocation.arg(message_id).arg(state);
+            }
+            invocation.invoke_async::<i64>(&mut connection).await
         })
         .await
     }
