@@ -22,7 +22,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::search::{CURSOR_SCOPE, SearchQuery};
 use crate::store::postgres::{Before, SessionPage, StoredRow};
-use crate::store::redis::{CachedEntry, FillEntry, RedisCache, SeqSlice, WindowRead};
+use crate::store::redis::{CachedEntry, FillEntry, RedisCache, SeqSlice, TimeSlice, WindowRead};
 use crate::store::{Databases, load_views};
 
 /// Page size when the request gives none.
@@ -349,23 +349,35 @@ async fn page_from_window(
         Some(cursor) => bounds.to_us.min(cursor.timestamp.timestamp_micros()),
         None => bounds.to_us,
     };
-    let slice = match cache.by_time(keys, max_us, bounds.from_us, fetch, user).await {
-        None => return FromCache::Miss,
-        Some(WindowRead::Unknown) => return FromCache::Unknown,
-        Some(WindowRead::ViewsNotLoaded) => return FromCache::ViewsNotLoaded,
-        Some(WindowRead::Found(slice)) => slice,
-    };
-    let now = Utc::now();
+    match cache.by_time(keys, max_us, bounds.from_us, fetch, user).await {
+        None => FromCache::Miss,
+        Some(WindowRead::Unknown) => FromCache::Unknown,
+        Some(WindowRead::ViewsNotLoaded) => FromCache::ViewsNotLoaded,
+        Some(WindowRead::Found(slice)) => match page_from_slice(&slice, cursor, wanted, fetch, Utc::now()) {
+            Some(page) => FromCache::Answer(page),
+            None => FromCache::Miss,
+        },
+    }
+}
+
+/// The `wanted` newest messages (fewer when the range has fewer) after `cursor` that a window
+/// slice provably holds — read newest first, at most `fetch` entries, from the cursor's
+/// timestamp (or the range's end) down to the range's start — or `None` when the window may
+/// lack one of them (or an entry cannot be read) and the database must answer.
+fn page_from_slice(
+    slice: &TimeSlice,
+    cursor: Option<&Cursor>,
+    wanted: usize,
+    fetch: usize,
+    now: DateTime<Utc>,
+) -> Option<Vec<Message>> {
     let range_exhausted = slice.entries.len() < fetch;
     let mut page = Vec::with_capacity(wanted);
     let mut oldest_examined_us = None;
     for entry in &slice.entries {
         // Messages sharing the cursor's timestamp with an id at or above it were on earlier
         // pages; the id is in the body.
-        let Some(message) = (match visible(entry, now) {
-            Some(message) => message,
-            None => return FromCache::Miss,
-        }) else {
+        let Some(message) = visible(entry, now)? else {
             oldest_examined_us = Some(entry.position);
             continue;
         };
@@ -389,7 +401,7 @@ async fn page_from_window(
         // the user's clear watermark, below which nothing is shown anyway).
         range_exhausted && slice.floor_us < slice.min_us
     };
-    if complete { FromCache::Answer(page) } else { FromCache::Miss }
+    complete.then_some(page)
 }
 
 /// A cached entry as its reader may see it: `Some(None)` when it is gone for them,
@@ -522,7 +534,116 @@ impl Drop for Forget<'_> {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use flare_storage_common::keys::HOT_FLOOR_ALL;
+    use proptest::prelude::*;
+
     use super::*;
+
+    /// A stored message of a test session: id, timestamp (µs), gone state.
+    #[derive(Debug, Clone)]
+    struct Stored {
+        id: String,
+        timestamp_us: i64,
+        gone: &'static str,
+    }
+
+    /// A session in seq order (timestamps out of order and shared, as senders' clocks make
+    /// them), of which the window keeps the newest `kept` by seq, as the writer trims it.
+    fn session() -> impl Strategy<Value = (Vec<Stored>, usize)> {
+        let message = (0i64..TIMES, prop::sample::select(vec!["", "", "", "deleted", "recalled:5"]));
+        (prop::collection::vec(message, 0..40), 0usize..45).prop_map(|(messages, kept)| {
+            let stored = messages
+                .into_iter()
+                .enumerate()
+                .map(|(seq, (timestamp_us, gone))| Stored { id: format!("m{seq:02}"), timestamp_us, gone })
+                .collect();
+            (stored, kept)
+        })
+    }
+
+    /// Timestamps (µs) the test sessions use: few, so that many messages share one.
+    const TIMES: i64 = 12;
+
+    /// Newest first by (timestamp, id), as the window's time index and the databases order.
+    fn newest_first(messages: &mut [&Stored]) {
+        messages.sort_by(|a, b| (b.timestamp_us, &b.id).cmp(&(a.timestamp_us, &a.id)));
+    }
+
+    /// What READ_BY_TIME returns: window entries in [min_us, max_us], newest first, `fetch` at
+    /// most, with the window's floor (every message above it is in the window).
+    fn read_by_time(window: &[Stored], evicted: &[Stored], max_us: i64, min_us: i64, fetch: usize) -> TimeSlice {
+        let floor_us = evicted.iter().map(|message| message.timestamp_us).max().unwrap_or(HOT_FLOOR_ALL);
+        let mut entries: Vec<&Stored> =
+            window.iter().filter(|message| (min_us..=max_us).contains(&message.timestamp_us)).collect();
+        newest_first(&mut entries);
+        let entries = entries
+            .into_iter()
+            .take(fetch)
+            .map(|message| CachedEntry {
+                position: message.timestamp_us,
+                body: Message {
+                    id: message.id.clone(),
+                    timestamp: DateTime::from_timestamp_micros(message.timestamp_us).map(to_timestamp),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+                gone: message.gone.to_owned(),
+                hidden: false,
+            })
+            .collect();
+        TimeSlice { floor_us, min_us, entries }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        /// Whatever page the window answers is the page the databases give: the `wanted`
+        /// newest visible messages in the range after the cursor. A first page of a window
+        /// holding the whole session with nothing deleted is always answered (a deleted entry
+        /// among the few a first page reads leaves it short, and the database answers).
+        #[test]
+        fn a_page_from_the_window_is_the_database_page(
+            (messages, kept) in session(),
+            from_us in 0i64..TIMES,
+            to_us in 0i64..TIMES,
+            limit in 1usize..6,
+            cursor_at in prop::option::of((0i64..TIMES, 0usize..40)),
+        ) {
+            let split = messages.len().saturating_sub(kept);
+            let (evicted, window) = messages.split_at(split);
+            let cursor = cursor_at.map(|(timestamp_us, seq)| Cursor {
+                timestamp: DateTime::from_timestamp_micros(timestamp_us).unwrap_or_default(),
+                message_id: format!("m{seq:02}"),
+            });
+            let wanted = limit + 1;
+            let fetch = if cursor.is_some() { wanted + TIE_SLACK } else { wanted };
+            let max_us = cursor.as_ref().map_or(to_us, |cursor| to_us.min(cursor.timestamp.timestamp_micros()));
+            let slice = read_by_time(window, evicted, max_us, from_us, fetch);
+            let answer = page_from_slice(&slice, cursor.as_ref(), wanted, fetch, Utc::now());
+
+            let mut expected: Vec<&Stored> = messages
+                .iter()
+                .filter(|message| message.gone != "deleted" && (from_us..=to_us).contains(&message.timestamp_us))
+                .filter(|message| cursor.as_ref().is_none_or(|cursor| {
+                    (message.timestamp_us, &message.id) < (cursor.timestamp.timestamp_micros(), &cursor.message_id)
+                }))
+                .collect();
+            newest_first(&mut expected);
+            let expected: Vec<&str> = expected.iter().take(wanted).map(|message| message.id.as_str()).collect();
+            if let Some(page) = &answer {
+                let ids: Vec<&str> = page.iter().map(|message| message.id.as_str()).collect();
+                prop_assert_eq!(ids, expected);
+                for message in page {
+                    let recalled = messages.iter().any(|stored| stored.id == message.id && stored.gone.starts_with("recalled:"));
+                    prop_assert_eq!(message.is_recalled, recalled);
+                }
+            }
+            let deleted = messages.iter().any(|message| message.gone == "deleted");
+            if evicted.is_empty() && !deleted && cursor.is_none() && from_us <= to_us {
+                prop_assert!(answer.is_some(), "a window of the whole session answers a first page");
+            }
+        }
+    }
 
     #[tokio::test]
     async fn one_run_leads_and_the_others_wait_for_it() {
