@@ -548,14 +548,16 @@ mod tests {
     }
 
     /// A session in seq order (timestamps out of order and shared, as senders' clocks make
-    /// them), of which the window keeps the newest `kept` by seq, as the writer trims it.
+    /// them; ids in no relation to seqs, as clients make them), of which the window keeps the
+    /// newest `kept` by seq, as the writer trims it.
     fn session() -> impl Strategy<Value = (Vec<Stored>, usize)> {
         let message = (0i64..TIMES, prop::sample::select(vec!["", "", "", "deleted", "recalled:5"]));
-        (prop::collection::vec(message, 0..40), 0usize..45).prop_map(|(messages, kept)| {
+        let ids = Just((0..40).collect::<Vec<usize>>()).prop_shuffle();
+        (prop::collection::vec(message, 0..40), ids, 0usize..45).prop_map(|(messages, ids, kept)| {
             let stored = messages
                 .into_iter()
-                .enumerate()
-                .map(|(seq, (timestamp_us, gone))| Stored { id: format!("m{seq:02}"), timestamp_us, gone })
+                .zip(ids)
+                .map(|((timestamp_us, gone), id)| Stored { id: format!("m{id:02}"), timestamp_us, gone })
                 .collect();
             (stored, kept)
         })
