@@ -51,6 +51,10 @@ pub struct Commands {
     pub recall_limit: Duration,
 }
 
+/// Reads of a changed message before its cached body is given up for the database's (see
+/// `Commands::rewrite_cached`).
+const REWRITE_TRIES: u32 = 3;
+
 /// How a ClearSession request says where to clear up to.
 pub enum ClearUpTo<'a> {
     All,
@@ -85,14 +89,23 @@ impl Commands {
     /// Puts a message as the databases now hold it into its session's hot window, after a
     /// command changed fields kept in the cached body (attributes, tags, read receipts,
     /// operations, recall): every read path then shows the change, from every replica. A
-    /// message gone for everyone has nothing to show.
+    /// message gone for everyone has nothing to show. Another command on the session between
+    /// the version read and the write makes it read again, [`REWRITE_TRIES`] times in all.
     async fn rewrite_cached(&self, tenant_id: &str, session_id: &str, message_id: &str) -> Result<(), Error> {
         let Some(cache) = &self.cache else { return Ok(()) };
         let keys = SessionKeys::new(tenant_id, session_id);
-        let version = cache.version(&keys).await.ok_or(Error::CacheUnavailable)?;
-        let Some(row) = self.databases.message(tenant_id, message_id, "").await? else { return Ok(()) };
-        let body = to_message(row)?.encode_to_vec();
-        cache.rewrite(&keys, message_id, &version, &body).await.map_err(|_| Error::CacheUnavailable)
+        for attempt in 1..=REWRITE_TRIES {
+            let version = cache.command_version(&keys).await.map_err(|_| Error::CacheUnavailable)?;
+            let Some(row) = self.databases.message(tenant_id, message_id, "").await? else { return Ok(()) };
+            // A payload that does not decode is cached as no body, which every read skips for
+            // the database: the command's change is stored, so it must not fail on it.
+            let body = to_message(row).map(|message| message.encode_to_vec()).unwrap_or_default();
+            let last = attempt == REWRITE_TRIES;
+            if cache.rewrite(&keys, message_id, &version, &body, last).await.map_err(|_| Error::CacheUnavailable)? {
+                break;
+            }
+        }
+        Ok(())
     }
 
     async fn merge_view(&self, tenant_id: &str, session_id: &str, field: String, value: String) -> Result<(), Error> {
@@ -149,38 +162,41 @@ impl Commands {
             return Err(Error::PermissionDenied("only the sender may recall a message"));
         }
         let session_id = target.session_id.clone();
-        if let (true, Some(recalled_at)) = (target.row.is_recalled, target.row.recalled_at) {
-            // A retry after a failed cache write completes it.
-            self.mark_gone(tenant_id, &session_id, message_id, &format!("recalled:{}", recalled_at.timestamp_micros()))
-                .await?;
-            self.rewrite_cached(tenant_id, &session_id, message_id).await?;
-            return Ok(recalled_at);
-        }
-        let limit = requested_limit.map_or(self.recall_limit, |requested| requested.min(self.recall_limit));
-        let now = now_us();
-        // Sent by its own timestamp, but never later than it was stored: a sender's clock
-        // running ahead (up to WRITER_MAX_FUTURE_SECONDS) must not stretch the window.
-        let sent = target.row.timestamp.min(target.row.created_at);
-        let age = now.signed_duration_since(sent);
-        if age > chrono::Duration::from_std(limit).unwrap_or(chrono::Duration::MAX) {
-            return Err(Error::FailedPrecondition(format!(
-                "the recall window of {}s after sending has passed",
-                limit.as_secs()
-            )));
-        }
         let mut message = Message::decode(target.row.payload.as_slice())
             .map_err(|_| Error::Corrupt { message_id: message_id.into() })?;
         message.content = None;
+        let payload_without_content = message.encode_to_vec();
         let mut operation = operation("recall", operator, "");
         if !reason.is_empty() {
             operation.metadata.0.insert("reason".into(), reason.into());
         }
-        let recalled_at =
-            match self.databases.recall(tenant_id, message_id, now, &message.encode_to_vec(), &operation).await? {
-                Some(recalled_at) => recalled_at,
-                // Recalled concurrently: report that recall.
-                None => self.target(tenant_id, message_id).await?.row.recalled_at.unwrap_or(now),
-            };
+        let recalled_at = match (target.row.is_recalled, target.row.recalled_at) {
+            // A retry: a database that failed last time gets the same recall (those that
+            // have it keep theirs), then the cache.
+            (true, Some(recalled_at)) => {
+                self.databases.recall(tenant_id, message_id, recalled_at, &payload_without_content, &operation).await?;
+                recalled_at
+            }
+            _ => {
+                let limit = requested_limit.map_or(self.recall_limit, |requested| requested.min(self.recall_limit));
+                let now = now_us();
+                // Sent by its own timestamp, but never later than it was stored: a sender's clock
+                // running ahead (up to WRITER_MAX_FUTURE_SECONDS) must not stretch the window.
+                let sent = target.row.timestamp.min(target.row.created_at);
+                let age = now.signed_duration_since(sent);
+                if age > chrono::Duration::from_std(limit).unwrap_or(chrono::Duration::MAX) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "the recall window of {}s after sending has passed",
+                        limit.as_secs()
+                    )));
+                }
+                match self.databases.recall(tenant_id, message_id, now, &payload_without_content, &operation).await? {
+                    Some(recalled_at) => recalled_at,
+                    // Recalled concurrently: report that recall.
+                    None => self.target(tenant_id, message_id).await?.row.recalled_at.unwrap_or(now),
+                }
+            }
+        };
         self.mark_gone(tenant_id, &session_id, message_id, &format!("recalled:{}", recalled_at.timestamp_micros()))
             .await?;
         self.rewrite_cached(tenant_id, &session_id, message_id).await?;

@@ -1,5 +1,6 @@
-//! Export jobs of the unary ExportMessages. A job writes the messages of a session (time range
-//! and filters as in search), oldest first, as JSON Lines to
+//! Exports: the messages an export selects, in chunks ([`chunks`], for StreamExportMessages and
+//! the jobs alike), and the jobs of the unary ExportMessages. A job writes the messages of a
+//! session (time range and filters as in search), oldest first, as JSON Lines to
 //! `<STORAGE_READER_EXPORT_DIR>/<tenant>/<task id>.jsonl`, beside a manifest `<task id>.json`
 //! that GetExportTask reads. On a volume shared by the readers, any replica answers for any
 //! task. The file is written as `.jsonl.part` and renamed when complete, so a consumer never
@@ -10,6 +11,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use flare_storage_common::export::to_json;
+use flare_storage_common::proto::storage::Message;
+use futures::{Stream, TryStreamExt as _};
 use tokio::io::AsyncWriteExt as _;
 
 use crate::cursor::Cursor;
@@ -20,6 +23,36 @@ use crate::store::Databases;
 
 /// Messages read from the database per step of a job.
 const CHUNK: i64 = 500;
+
+/// What `query` selects, in its order, as chunks of at most `size` messages, read one at a
+/// time as the stream is polled (a slow consumer stops the reads); ends after an error.
+pub fn chunks(
+    databases: Databases,
+    query: SearchQuery,
+    size: i64,
+) -> impl Stream<Item = Result<Vec<Message>, Error>> + Send {
+    futures::stream::try_unfold(Some(query), move |query| {
+        let databases = databases.clone();
+        async move {
+            let Some(mut query) = query else { return Ok(None) };
+            let rows = databases.search(&query, size).await?;
+            let full = rows.len() as i64 == size;
+            let last = rows.last().map(|row| Cursor { timestamp: row.timestamp, message_id: row.message_id.clone() });
+            let messages = rows.into_iter().map(to_message).collect::<Result<Vec<_>, _>>()?;
+            if messages.is_empty() {
+                return Ok(None);
+            }
+            let next = match (full, last) {
+                (true, Some(last)) => {
+                    query.after = Some(last);
+                    Some(query)
+                }
+                _ => None,
+            };
+            Ok(Some((messages, next)))
+        }
+    })
+}
 
 /// A running job refreshes its manifest at least this often; one not refreshed for
 /// `STALE_AFTER` belonged to a reader that stopped.
@@ -101,19 +134,16 @@ impl Exports {
         }
     }
 
-    async fn write_messages(&self, manifest: &mut Manifest, mut query: SearchQuery) -> Result<(), String> {
+    async fn write_messages(&self, manifest: &mut Manifest, query: SearchQuery) -> Result<(), String> {
         let path = self.directory.join(&manifest.location);
         let partial = path.with_extension("jsonl.part");
         let file = tokio::fs::File::create(&partial).await.map_err(|error| error.to_string())?;
         let mut out = tokio::io::BufWriter::new(file);
-        loop {
-            let rows = self.databases.search(&query, CHUNK).await.map_err(|error| error.to_string())?;
-            let full = rows.len() as i64 == CHUNK;
-            let last = rows.last().map(|row| Cursor { timestamp: row.timestamp, message_id: row.message_id.clone() });
+        let mut chunks = std::pin::pin!(chunks(self.databases.clone(), query, CHUNK));
+        while let Some(messages) = chunks.try_next().await.map_err(|error| error.to_string())? {
             let mut lines = Vec::new();
-            for row in rows {
-                let message = to_message(row).map_err(|error| error.to_string())?;
-                serde_json::to_writer(&mut lines, &to_json(&message)).map_err(|error| error.to_string())?;
+            for message in &messages {
+                serde_json::to_writer(&mut lines, &to_json(message)).map_err(|error| error.to_string())?;
                 lines.push(b'\n');
                 manifest.message_count += 1;
             }
@@ -121,10 +151,6 @@ impl Exports {
             if manifest.updated_at + STALE_AFTER / 4 < Utc::now() {
                 manifest.updated_at = Utc::now();
                 self.write_manifest(manifest).await.map_err(|error| error.to_string())?;
-            }
-            match (full, last) {
-                (true, Some(last)) => query.after = Some(last),
-                _ => break,
             }
         }
         out.flush().await.map_err(|error| error.to_string())?;

@@ -12,6 +12,7 @@ use flare_storage_common::proto::common::{ActorType, ErrorCode, Pagination, Requ
 use flare_storage_common::proto::storage::storage_reader_service_server::StorageReaderService;
 use flare_storage_common::proto::storage::*;
 use flare_storage_common::tonic::{self, Code, Request, Response, Status};
+use futures::TryStreamExt as _;
 use tokio_stream::Stream;
 use tracing::Instrument as _;
 
@@ -19,7 +20,7 @@ use crate::commands::{Actor, Commands, privileged};
 use crate::cursor::Cursor;
 use crate::error::Error;
 use crate::export::{Exports, State};
-use crate::lookup::{Lookup, PageQuery, SeqQuery, to_message};
+use crate::lookup::{Lookup, PageQuery, SeqQuery};
 use crate::metrics::Metrics;
 use crate::search::{CURSOR_SCOPE, SearchQuery};
 use crate::sessions::{SessionView, Sessions};
@@ -572,41 +573,12 @@ fn export_query(request: &ExportMessagesRequest) -> Result<SearchQuery, Error> {
 /// Messages exported per stream item.
 const EXPORT_CHUNK: i64 = 200;
 
-/// Streams a whole export in chunks, oldest first. A bounded channel of two chunks is the
-/// backpressure: a slow client stops the database reads, and only two chunks are ever held.
+/// Streams a whole export in chunks, oldest first, each read when the client takes the last.
 fn export_stream(
     databases: Databases,
-    mut query: SearchQuery,
+    query: SearchQuery,
 ) -> impl Stream<Item = Result<StreamExportMessagesResponse, Status>> + Send {
-    let (sender, receiver) = tokio::sync::mpsc::channel(2);
-    tokio::spawn(async move {
-        loop {
-            let rows = match databases.search(&query, EXPORT_CHUNK).await {
-                Ok(rows) => rows,
-                Err(error) => {
-                    let _ = sender.send(Err(Status::from(error))).await;
-                    return;
-                }
-            };
-            let last = rows.last().map(|row| Cursor { timestamp: row.timestamp, message_id: row.message_id.clone() });
-            let messages = match rows.into_iter().map(to_message).collect::<Result<Vec<_>, _>>() {
-                Ok(messages) => messages,
-                Err(error) => {
-                    let _ = sender.send(Err(Status::from(error))).await;
-                    return;
-                }
-            };
-            let full = messages.len() as i64 == EXPORT_CHUNK;
-            if !messages.is_empty()
-                && sender.send(Ok(StreamExportMessagesResponse { messages, status: ok_status() })).await.is_err()
-            {
-                return; // the client went away
-            }
-            match (full, last) {
-                (true, Some(last)) => query.after = Some(last),
-                _ => return,
-            }
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(receiver)
+    crate::export::chunks(databases, query, EXPORT_CHUNK)
+        .map_ok(|messages| StreamExportMessagesResponse { messages, status: ok_status() })
+        .map_err(Status::from)
 }

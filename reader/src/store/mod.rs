@@ -106,16 +106,29 @@ impl Databases {
         .await
     }
 
-    /// The messages of these ids that are stored (deleted ones too), each once; MongoDB's
-    /// answer unless it lacks one of them.
+    /// The messages of these ids that are stored (deleted ones too), each once: MongoDB's,
+    /// and PostgreSQL's of those MongoDB does not hold (as [`Self::target`] does per id).
     pub async fn targets(&self, tenant_id: &str, message_ids: &[String]) -> Result<Vec<TargetRow>, Error> {
-        let wanted = message_ids.iter().collect::<std::collections::HashSet<_>>().len();
-        self.read_unless(
-            async |mongo| Ok(mongo.targets(tenant_id, message_ids).await?),
-            async |postgres| Ok(postgres.targets(tenant_id, message_ids).await?),
-            |found: &Vec<TargetRow>| found.len() < wanted,
-        )
-        .await
+        let mut found = Vec::new();
+        if let Some(mongo) = &self.mongo {
+            match mongo.targets(tenant_id, message_ids).await {
+                Ok(rows) => found = rows,
+                Err(error) if self.postgres.is_some() => {
+                    warn!(error = %error, "MongoDB read failed; reading from Postgres");
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        let held: std::collections::HashSet<&str> = found.iter().map(|target| target.row.message_id.as_str()).collect();
+        let mut missing: Vec<String> = message_ids.iter().filter(|id| !held.contains(id.as_str())).cloned().collect();
+        missing.sort_unstable();
+        missing.dedup();
+        match &self.postgres {
+            Some(postgres) if !missing.is_empty() => found.extend(postgres.targets(tenant_id, &missing).await?),
+            None if self.mongo.is_none() => return Err(Error::NoDatabase),
+            _ => {}
+        }
+        Ok(found)
     }
 
     pub async fn newest(&self, tenant_id: &str, session_id: &str, limit: i64) -> Result<Vec<StoredRow>, Error> {

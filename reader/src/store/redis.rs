@@ -87,18 +87,23 @@ return out
 "#;
 
 /// Merges a database read into a window: the newest messages of the session, complete above
-/// ARGV[3] (or the whole session). Discarded if a command changed the session since the read
-/// began (ARGV[4] is the version seen then). A message's gone fact from the database (recalled,
-/// burn time) is added where the gone hash has none. Keeps the lower of the two floors, then
-/// trims like the writer does.
+/// ARGV[3] (or the whole session). If a command changed the session since the read began
+/// (ARGV[4] is the version seen then), a body the window already has is kept: the command has
+/// put its message there (see [`REWRITE`]), newer than this read. A message's gone fact from the
+/// database (recalled, burn time) is added where the gone hash has none. Keeps the lower of the
+/// two floors, then trims like the writer does.
 const FILL: &str = r#"
 -- KEYS: seq zset, bodies, time zset, meta, gone, version
 -- ARGV: window, ttl, floor of this fill, version, then groups: seq, id, ts_us, body, gone ('' = none)
-if (redis.call('GET', KEYS[6]) or '0') ~= ARGV[4] then return 0 end
+local unchanged = (redis.call('GET', KEYS[6]) or '0') == ARGV[4]
 for i = 5, #ARGV, 5 do
   redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
   redis.call('ZADD', KEYS[3], ARGV[i + 2], ARGV[i + 1])
-  redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 3])
+  if unchanged then
+    redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 3])
+  else
+    redis.call('HSETNX', KEYS[2], ARGV[i + 1], ARGV[i + 3])
+  end
   if ARGV[i + 4] ~= '' then redis.call('HSETNX', KEYS[5], ARGV[i + 1], ARGV[i + 4]) end
 end
 local floor = tonumber(ARGV[3])
@@ -142,26 +147,40 @@ for i = 2, #ARGV, 2 do
   if not keep then redis.call('HSET', KEYS[1], id, new) end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+-- The version: never a value it had before, even after it expired (see REWRITE).
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  local now = redis.call('TIME')
+  redis.call('SET', KEYS[2], now[1] .. string.format('%06d', tonumber(now[2])))
+end
 redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 return 1
 "#;
 
-/// Puts a message's body as the databases hold it after a command into the window, where the
-/// window has the message. The body was read after the command's database write, and the
-/// session's version (ARGV[2]) before that read: if another command changed the session since,
-/// this body may lack its change — the body is dropped instead (a read that needs it goes to
-/// the database) and the window's completeness forgotten (the next time page refills it).
-/// Bumps the version, which voids fills begun before.
+/// Puts a message's body as the databases hold it after a command into the window's bodies,
+/// whether or not the window lists the message yet (the writer may be about to add it, and it
+/// keeps a body it finds; a fill keeps it when a command ran during the fill). The body was
+/// read after the command's database write, and the session's version (ARGV[2]) before that
+/// read: if another command changed the session since, this body may lack its change, and
+/// nothing is written (reply 0, to try again) — or, on the last try (ARGV[5] = '1'), an empty
+/// body, which no read trusts (the database answers), and the window's completeness is
+/// forgotten, so the next time page refills it. Otherwise bumps the version, which never takes
+/// a value it had before (it starts from the clock when missing): a fill that began before
+/// then keeps this body.
 const REWRITE: &str = r#"
--- KEYS: bodies, meta, version; ARGV: message_id, version seen before the read, body, ttl
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
-  if (redis.call('GET', KEYS[3]) or '0') == ARGV[2] then
-    redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-  else
-    redis.call('HDEL', KEYS[1], ARGV[1])
-    redis.call('HDEL', KEYS[2], 'floor_us')
-  end
+-- KEYS: bodies, meta, version; ARGV: message_id, version seen before the read, body, ttl, last try
+if (redis.call('GET', KEYS[3]) or '0') == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+elseif ARGV[5] == '1' then
+  redis.call('HSET', KEYS[1], ARGV[1], '')
+  redis.call('HDEL', KEYS[2], 'floor_us')
+else
+  return 0
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  local now = redis.call('TIME')
+  redis.call('SET', KEYS[3], now[1] .. string.format('%06d', tonumber(now[2])))
 end
 redis.call('INCR', KEYS[3])
 redis.call('EXPIRE', KEYS[3], ARGV[4])
@@ -438,11 +457,12 @@ impl RedisCache {
         }
     }
 
-    /// Like [`Self::call`] but reports the failure, for writes a command depends on.
-    async fn must<T>(&self, call: impl AsyncFnOnce(ConnectionManager) -> RedisResult<T>) -> Result<(), CacheDown> {
+    /// Like [`Self::call`] but reports the failure, and does not wait out the pause after an
+    /// earlier failure: for what a command depends on.
+    async fn must<T>(&self, call: impl AsyncFnOnce(ConnectionManager) -> RedisResult<T>) -> Result<T, CacheDown> {
         let Some(connection) = self.connection.get().cloned() else { return Err(CacheDown) };
         match call(connection).await {
-            Ok(_) => Ok(()),
+            Ok(value) => Ok(value),
             Err(error) => {
                 self.failed(&error);
                 Err(CacheDown)
@@ -590,6 +610,7 @@ impl RedisCache {
             invocation.invoke_async::<i64>(&mut connection).await
         })
         .await
+        .map(drop)
     }
 
     /// Merges per-user view facts (`hidden_view_field` → 1, `clear:<user>` → µs); `loaded`
@@ -610,17 +631,30 @@ impl RedisCache {
             invocation.invoke_async::<i64>(&mut connection).await
         })
         .await
+        .map(drop)
+    }
+
+    /// The session's version, read by a command before it reads what it will put into the
+    /// window with [`Self::rewrite`].
+    pub async fn command_version(&self, keys: &SessionKeys) -> Result<String, CacheDown> {
+        self.must(async |mut connection| {
+            let version: Option<String> = redis::cmd("GET").arg(keys.version()).query_async(&mut connection).await?;
+            Ok(version.unwrap_or_else(|| "0".into()))
+        })
+        .await
     }
 
     /// Puts a message's body, read from the databases after a command changed it and after
-    /// `version` was read, into the window (see [`REWRITE`]).
+    /// `version` was read, into the window (see [`REWRITE`]); false when another command
+    /// changed the session meanwhile and nothing was written (never on the `last` try).
     pub async fn rewrite(
         &self,
         keys: &SessionKeys,
         message_id: &str,
         version: &str,
         body: &[u8],
-    ) -> Result<(), CacheDown> {
+        last: bool,
+    ) -> Result<bool, CacheDown> {
         let ttl = self.hot_ttl.as_secs().max(1);
         self.must(async |mut connection| {
             self.rewrite
@@ -631,10 +665,12 @@ impl RedisCache {
                 .arg(version)
                 .arg(body)
                 .arg(ttl)
+                .arg(if last { "1" } else { "0" })
                 .invoke_async::<i64>(&mut connection)
                 .await
         })
         .await
+        .map(|written| written == 1)
     }
 
     /// Each session's state for `user`, in one round trip; per session `None` when Redis does
@@ -708,6 +744,7 @@ impl RedisCache {
             self.advance_read.key(keys.reads()).arg(user).arg(seq).invoke_async::<i64>(&mut connection).await
         })
         .await
+        .map(drop)
     }
 
     pub fn window(&self) -> usize {

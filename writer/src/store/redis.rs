@@ -113,9 +113,11 @@ return 1
 /// done and forgets their remembered seqs.
 ///
 /// Window: trimmed to the newest ARGV[1] by seq, keeping its completeness floor (see
-/// `SessionKeys::hot_meta`): a window that receives a session's first message (seq 1) holds
-/// the whole session; trimming raises the floor to the newest evicted timestamp; a window of
-/// unknown completeness stays unknown. State: a message at or below the applied seq was applied
+/// `SessionKeys::hot_meta`): an empty window that receives a session's first message (seq 1,
+/// stored by this batch) holds the whole session; trimming raises the floor to the newest
+/// evicted timestamp; a window of unknown completeness stays unknown. A body the window has is
+/// kept: a reader's command may have put the message there, changed, before this batch (or
+/// this redelivery) reached the cache. State: a message at or below the applied seq was applied
 /// before and changes nothing; read seqs only move forward. Nothing is written per member.
 /// A message a database held before this batch (a redelivery, a resend) may be old: it only
 /// raises a state or read seq that exists, and never creates one — when Redis lost them, the
@@ -127,6 +129,7 @@ const FINISH_SESSION: &str = r#"
 -- message_id, timestamp_us, body, sender_id, message_type, content_type, ts_ms, marker,
 -- new ('1': stored by this batch, '0': held before)
 local starts_session = false
+local window_empty = redis.call('EXISTS', KEYS[1]) == 0
 local state_known = redis.call('EXISTS', KEYS[6]) == 1
 local last = tonumber(redis.call('HGET', KEYS[6], 'last_seq') or '0')
 local latest = nil
@@ -136,8 +139,8 @@ for i = 5, #ARGV, 10 do
   local seq, id, sender, new = ARGV[i], ARGV[i + 1], ARGV[i + 4], ARGV[i + 9] == '1'
   redis.call('ZADD', KEYS[1], seq, id)
   redis.call('ZADD', KEYS[3], ARGV[i + 2], id)
-  redis.call('HSET', KEYS[2], id, ARGV[i + 3])
-  if seq == '1' then starts_session = true end
+  redis.call('HSETNX', KEYS[2], id, ARGV[i + 3])
+  if seq == '1' and new and window_empty then starts_session = true end
   if (new or state_known) and tonumber(seq) > last then
     last = tonumber(seq)
     latest = i
