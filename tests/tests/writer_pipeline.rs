@@ -560,3 +560,87 @@ async fn the_same_position_in_another_topic_is_a_duplicate_not_a_redelivery() ->
     assert_eq!(row_count(&database).await?, 1);
     database.drop().await
 }
+
+/// A reader's command that lands between the writer's database write and its cache stage (the
+/// writer crashed in between) is not undone when the writer, restarted, puts the redelivered
+/// messages in the hot window: the window's pages show the command's change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_before_the_cache_stage_survives_the_redelivery() -> anyhow::Result<()> {
+    use flare_storage_common::proto::common::{ActorContext, RequestContext};
+    use flare_storage_common::proto::storage::{QueryMessagesBySeqRequest, SetMessageAttributesRequest};
+
+    let database = TestDatabase::create().await?;
+    let (topic, dlq_topic) = (unique("messages"), unique("dlq"));
+    create_topics(&[&topic, &dlq_topic], PARTITIONS).await?;
+    let (tenant, group) = (unique("acme"), unique("group"));
+    let producer = producer()?;
+    for index in 0..3 {
+        produce_message(&producer, &topic, &chat(&tenant, "s1", &format!("m{index}"), "a", &["b"], index)).await?;
+    }
+    let spawn_writer = |crash: Option<&str>| -> anyhow::Result<std::process::Child> {
+        let mut command = std::process::Command::new(writer_binary()?);
+        command
+            .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
+            .env("KAFKA_TOPIC", &topic)
+            .env("KAFKA_GROUP_ID", &group)
+            .env("KAFKA_DLQ_TOPIC", &dlq_topic)
+            .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
+            .env("REDIS_URL", redis_url())
+            .env("POSTGRES_URL", &database.url)
+            .env("METRICS_ADDR", "127.0.0.1:0")
+            .env("RUST_LOG", "warn")
+            .env_remove("MONGO_URL")
+            .stdout(Stdio::null());
+        if let Some(stage) = crash {
+            command.env("WRITER_CRASH_AFTER_STAGE", stage);
+        }
+        Ok(command.spawn()?)
+    };
+    let mut crashing = spawn_writer(Some("postgres"))?;
+    eventually(Duration::from_secs(60), "the injected crash", || {
+        let status = crashing.try_wait();
+        async move { Ok(status?) }
+    })
+    .await?;
+    assert_eq!(row_count(&database).await?, 3, "stored, not yet cached");
+
+    let reader = RunningReader::start(&database.url).await?;
+    let mut client = reader.client().await?;
+    client
+        .set_message_attributes(SetMessageAttributesRequest {
+            context: Some(RequestContext {
+                actor: Some(ActorContext { actor_id: "a".into(), ..Default::default() }),
+                ..Default::default()
+            }),
+            tenant: Some(TenantContext { tenant_id: tenant.clone(), ..Default::default() }),
+            message_id: "m1".into(),
+            attributes: HashMap::from([("pinned".to_owned(), "1".to_owned())]),
+            tags: vec!["starred".into()],
+        })
+        .await?;
+
+    let mut writer = spawn_writer(None)?;
+    let keys = SessionKeys::new(&tenant, "s1");
+    let redis = redis_connection().await?;
+    eventually(Duration::from_secs(60), "the redelivered messages in the window", || {
+        let (mut redis, index) = (redis.clone(), keys.hot_index());
+        async move { Ok((redis.zcard::<_, i64>(index).await? == 3).then_some(())) }
+    })
+    .await?;
+    let page = client
+        .query_messages_by_seq(QueryMessagesBySeqRequest {
+            session_id: "s1".into(),
+            limit: 10,
+            tenant: Some(TenantContext { tenant_id: tenant.clone(), ..Default::default() }),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let m1 = page.messages.iter().find(|message| message.id == "m1").expect("m1 on the page");
+    assert_eq!(m1.attributes.get("pinned").map(String::as_str), Some("1"), "{m1:?}");
+    assert_eq!(m1.tags, ["starred"]);
+    writer.kill()?;
+    writer.wait()?;
+    reader.stop().await?;
+    database.drop().await
+}
