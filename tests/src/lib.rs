@@ -512,6 +512,35 @@ pub fn writer_binary() -> anyhow::Result<std::path::PathBuf> {
     binary("flare-storage-writer")
 }
 
+/// The writer binary for a test's topics, consumer group and PostgreSQL database (no MongoDB),
+/// quiet, with a crash injected after `crash_after` (`WRITER_CRASH_AFTER_STAGE`) when given;
+/// add settings, then spawn it.
+pub fn writer_process(
+    topic: &str,
+    dlq_topic: &str,
+    group: &str,
+    postgres_url: &str,
+    crash_after: Option<&str>,
+) -> anyhow::Result<std::process::Command> {
+    let mut command = std::process::Command::new(writer_binary()?);
+    command
+        .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
+        .env("KAFKA_TOPIC", topic)
+        .env("KAFKA_GROUP_ID", group)
+        .env("KAFKA_DLQ_TOPIC", dlq_topic)
+        .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
+        .env("REDIS_URL", redis_url())
+        .env("POSTGRES_URL", postgres_url)
+        .env("METRICS_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "error")
+        .env_remove("MONGO_URL")
+        .stdout(std::process::Stdio::null());
+    if let Some(stage) = crash_after {
+        command.env("WRITER_CRASH_AFTER_STAGE", stage);
+    }
+    Ok(command)
+}
+
 /// A binary of the workspace built next to the test binaries (`cargo build --bins`;
 /// `scripts/test.sh` does it).
 pub fn binary(name: &str) -> anyhow::Result<std::path::PathBuf> {

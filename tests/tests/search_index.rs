@@ -725,24 +725,8 @@ async fn the_indexer_killed_mid_batch_catches_up() -> anyhow::Result<()> {
         .collect();
     futures::future::try_join_all(requests.iter().map(|request| produce_message(&producer, &topic, request))).await?;
     let writer = |crash: bool| -> anyhow::Result<std::process::Child> {
-        let mut command = Command::new(writer_binary()?);
-        command
-            .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
-            .env("KAFKA_TOPIC", &topic)
-            .env("KAFKA_GROUP_ID", &group)
-            .env("KAFKA_DLQ_TOPIC", &dlq_topic)
-            .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
-            .env("REDIS_URL", redis_url())
-            .env("POSTGRES_URL", &database.url)
-            .env("METRICS_ADDR", "127.0.0.1:0")
-            .env("RUST_LOG", "error")
-            .env_remove("MONGO_URL")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if crash {
-            command.env("WRITER_CRASH_AFTER_STAGE", "search_index");
-        }
-        Ok(command.spawn()?)
+        let mut command = writer_process(&topic, &dlq_topic, &group, &database.url, crash.then_some("search_index"))?;
+        Ok(command.stderr(Stdio::null()).spawn()?)
     };
     let pool = sqlx::PgPool::connect(&database.url).await?;
     let count = async |sql: &str| -> anyhow::Result<i64> { Ok(sqlx::query_scalar(sql).fetch_one(&pool).await?) };

@@ -2,7 +2,6 @@
 //! cache, WAL removal, ACKs, dead letters, MongoDB, crashes and store outages.
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::time::Duration;
 
 use flare_storage_common::keys::SessionKeys;
@@ -391,24 +390,8 @@ async fn crash_and_restart(stage: &str) -> anyhow::Result<()> {
     }
 
     let spawn_writer = |crash: Option<&str>| -> anyhow::Result<std::process::Child> {
-        let mut command = std::process::Command::new(writer_binary()?);
-        command
-            .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
-            .env("KAFKA_TOPIC", &topic)
-            .env("KAFKA_GROUP_ID", &group)
-            .env("KAFKA_DLQ_TOPIC", &dlq_topic)
-            .env("KAFKA_ACK_TOPIC", &ack_topic)
-            .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
-            .env("REDIS_URL", redis_url())
-            .env("POSTGRES_URL", &database.url)
-            .env("METRICS_ADDR", "127.0.0.1:0")
-            .env("WRITER_BATCH_SIZE", "5")
-            .env("RUST_LOG", "warn")
-            .env_remove("MONGO_URL")
-            .stdout(Stdio::null());
-        if let Some(stage) = crash {
-            command.env("WRITER_CRASH_AFTER_STAGE", stage);
-        }
+        let mut command = writer_process(&topic, &dlq_topic, &group, &database.url, crash)?;
+        command.env("KAFKA_ACK_TOPIC", &ack_topic).env("WRITER_BATCH_SIZE", "5");
         Ok(command.spawn()?)
     };
 
@@ -578,23 +561,7 @@ async fn a_command_before_the_cache_stage_survives_the_redelivery() -> anyhow::R
         produce_message(&producer, &topic, &chat(&tenant, "s1", &format!("m{index}"), "a", &["b"], index)).await?;
     }
     let spawn_writer = |crash: Option<&str>| -> anyhow::Result<std::process::Child> {
-        let mut command = std::process::Command::new(writer_binary()?);
-        command
-            .env("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap())
-            .env("KAFKA_TOPIC", &topic)
-            .env("KAFKA_GROUP_ID", &group)
-            .env("KAFKA_DLQ_TOPIC", &dlq_topic)
-            .env("KAFKA_SESSION_TIMEOUT_MS", "6000")
-            .env("REDIS_URL", redis_url())
-            .env("POSTGRES_URL", &database.url)
-            .env("METRICS_ADDR", "127.0.0.1:0")
-            .env("RUST_LOG", "warn")
-            .env_remove("MONGO_URL")
-            .stdout(Stdio::null());
-        if let Some(stage) = crash {
-            command.env("WRITER_CRASH_AFTER_STAGE", stage);
-        }
-        Ok(command.spawn()?)
+        Ok(writer_process(&topic, &dlq_topic, &group, &database.url, crash)?.spawn()?)
     };
     let mut crashing = spawn_writer(Some("postgres"))?;
     eventually(Duration::from_secs(60), "the injected crash", || {
