@@ -13,34 +13,15 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use flare_storage_common::keys::{SessionKeys, clear_view_field, hidden_view_field};
 use flare_storage_common::prost::Message as _;
-use flare_storage_common::proto::common::ActorType;
 use flare_storage_common::proto::storage::{ClearType, Message};
 
 use crate::error::Error;
 use crate::lookup::to_message;
+use crate::permissions::{self, Actor, Change};
 use crate::sessions::Sessions;
 use crate::store::Databases;
 use crate::store::postgres::{Operation, TargetRow};
 use crate::store::redis::RedisCache;
-
-/// Who is acting (SPEC §2.3: the request's own user field, else `context.actor`), and
-/// whether the caller is a service, tenant administrator or the system acting for users.
-#[derive(Debug, Clone, Copy)]
-pub struct Actor<'a> {
-    pub id: &'a str,
-    pub privileged: bool,
-}
-
-impl Actor<'_> {
-    pub fn is_privileged(&self) -> bool {
-        self.privileged
-    }
-}
-
-/// Whether an actor type acts on behalf of users.
-pub fn privileged(kind: ActorType) -> bool {
-    matches!(kind, ActorType::Service | ActorType::TenantAdmin | ActorType::System)
-}
 
 pub struct Commands {
     pub databases: Databases,
@@ -135,9 +116,7 @@ impl Commands {
             if target.session_id != session_id {
                 return Err(Error::NotFound("message in this session"));
             }
-            if !actor.is_privileged() && target.sender_id != actor.id {
-                return Err(Error::PermissionDenied("only the sender may delete a message for everyone"));
-            }
+            permissions::may_change(actor, target, Change::DeleteForEveryone)?;
         }
         let operation = operation("delete", actor.id, "");
         let deleted = self.databases.delete_for_everyone(tenant_id, session_id, message_ids, &operation).await?;
@@ -158,9 +137,7 @@ impl Commands {
         reason: &str,
     ) -> Result<DateTime<Utc>, Error> {
         let target = self.target(tenant_id, message_id).await?;
-        if target.sender_id != operator {
-            return Err(Error::PermissionDenied("only the sender may recall a message"));
-        }
+        permissions::may_change(Actor { id: operator, privileged: false }, &target, Change::Recall)?;
         let session_id = target.session_id.clone();
         let mut message = Message::decode(target.row.payload.as_slice())
             .map_err(|_| Error::Corrupt { message_id: message_id.into() })?;
@@ -214,7 +191,7 @@ impl Commands {
         permanent: bool,
     ) -> Result<i32, Error> {
         let target = self.target(tenant_id, message_id).await?;
-        if !concerns(&target, user_id) {
+        if !permissions::concerns(&target, user_id) {
             return Err(Error::NotFound("message"));
         }
         let newly = self.databases.hide_for_user(tenant_id, &target.session_id, user_id, message_id, permanent).await?;
@@ -259,7 +236,7 @@ impl Commands {
         user_id: &str,
     ) -> Result<(DateTime<Utc>, Option<DateTime<Utc>>), Error> {
         let target = self.target(tenant_id, message_id).await?;
-        if !concerns(&target, user_id) {
+        if !permissions::concerns(&target, user_id) {
             return Err(Error::NotFound("message"));
         }
         if target.sender_id == user_id {
@@ -307,9 +284,7 @@ impl Commands {
         actor: Actor<'_>,
     ) -> Result<(), Error> {
         let target = self.target(tenant_id, message_id).await?;
-        if !actor.is_privileged() && target.sender_id != actor.id {
-            return Err(Error::PermissionDenied("only the sender may change a message's attributes"));
-        }
+        permissions::may_change(actor, &target, Change::Attributes)?;
         let operation = operation("set_attributes", actor.id, "");
         let tags = (!tags.is_empty()).then_some(tags);
         if !self.databases.set_attributes(tenant_id, message_id, attributes, tags, &operation).await? {
@@ -368,14 +343,6 @@ impl Commands {
 
 /// Whether a message is addressed to or from `user_id`. A message naming no receivers (a
 /// group message without a member list) concerns everyone in its session.
-fn concerns(target: &TargetRow, user_id: &str) -> bool {
-    let names_receivers = !target.receiver_id.is_empty() || !target.receiver_ids.is_empty();
-    target.sender_id == user_id
-        || !names_receivers
-        || target.receiver_id == user_id
-        || target.receiver_ids.iter().any(|receiver| receiver == user_id)
-}
-
 fn operation(kind: &str, operator: &str, target_user: &str) -> Operation {
     Operation {
         operation_type: kind.into(),

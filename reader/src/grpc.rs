@@ -16,12 +16,13 @@ use futures::TryStreamExt as _;
 use tokio_stream::Stream;
 use tracing::Instrument as _;
 
-use crate::commands::{Actor, Commands, privileged};
+use crate::commands::Commands;
 use crate::cursor::Cursor;
 use crate::error::Error;
 use crate::export::{Exports, State};
 use crate::lookup::{Lookup, PageQuery, SeqQuery};
 use crate::metrics::Metrics;
+use crate::permissions::{self, Actor, privileged};
 use crate::search::{CURSOR_SCOPE, SearchQuery};
 use crate::sessions::{SessionView, Sessions};
 use crate::store::Databases;
@@ -119,10 +120,10 @@ fn acting_user<'a>(own: &'a str, field: &'static str, context: Option<&'a Reques
     match (own.is_empty(), caller) {
         (true, Some((caller_id, privileged))) => Ok(Actor { id: caller_id, privileged }),
         (true, None) => Err(Error::invalid(field, "or context.actor.actor_id is required")),
-        (false, Some((caller_id, privileged))) if caller_id != own && !privileged => {
-            Err(Error::PermissionDenied("context.actor may not act for another user"))
+        (false, Some((caller_id, privileged))) => {
+            permissions::may_act_for(Actor { id: caller_id, privileged }, own)?;
+            Ok(Actor { id: own, privileged })
         }
-        (false, Some((_, privileged))) => Ok(Actor { id: own, privileged }),
         (false, None) => Ok(Actor { id: own, privileged: false }),
     }
 }
@@ -137,8 +138,9 @@ fn reading_user<'a>(own: &'a str, context: Option<&'a RequestContext>) -> Result
         require_id("context.actor.actor_id", caller_id, true)?;
     }
     match caller {
-        Some((caller_id, privileged)) if !own.is_empty() && caller_id != own && !privileged => {
-            Err(Error::PermissionDenied("context.actor may not read another user's view"))
+        Some((caller_id, privileged)) if !own.is_empty() => {
+            permissions::may_read_view_of(Actor { id: caller_id, privileged }, own)?;
+            Ok(own)
         }
         _ if !own.is_empty() => Ok(own),
         Some((caller_id, _)) => Ok(caller_id),

@@ -12,6 +12,7 @@ pub mod export;
 pub mod grpc;
 pub mod lookup;
 pub mod metrics;
+pub mod permissions;
 pub mod search;
 pub mod sessions;
 pub mod store;
