@@ -60,10 +60,19 @@ impl SessionKeys {
         format!("{}:userviews", self.tag)
     }
 
-    /// STRING bumped by every command that changes cached messages; a window fill that
-    /// started before a bump is discarded rather than writing an older snapshot.
+    /// STRING: the session's ticket counter. A command that changes a cached message takes a
+    /// ticket after its database write and before it reads the message back, and a window fill
+    /// reads the counter before its database read: a read that follows a higher ticket is at
+    /// least as new, so [`Self::hot_stamps`] keeps the newest body. Started from the clock (µs)
+    /// when missing, so it never repeats a value after expiring.
     pub fn version(&self) -> String {
         format!("{}:ver", self.tag)
+    }
+
+    /// HASH message_id → the ticket (see [`Self::version`]) after which the cached body of the
+    /// message was read; a body read earlier does not replace it. Trimmed with the bodies.
+    pub fn hot_stamps(&self) -> String {
+        format!("{}:stamp", self.tag)
     }
 
     /// HASH of the session's state: `last_seq`, `last_message_id`, `last_sender_id`,

@@ -32,10 +32,6 @@ pub struct Commands {
     pub recall_limit: Duration,
 }
 
-/// Reads of a changed message before its cached body is given up for the database's (see
-/// `Commands::rewrite_cached`).
-const REWRITE_TRIES: u32 = 3;
-
 /// How a ClearSession request says where to clear up to.
 pub enum ClearUpTo<'a> {
     All,
@@ -69,24 +65,20 @@ impl Commands {
 
     /// Puts a message as the databases now hold it into its session's hot window, after a
     /// command changed fields kept in the cached body (attributes, tags, read receipts,
-    /// operations, recall): every read path then shows the change, from every replica. A
-    /// message gone for everyone has nothing to show. Another command on the session between
-    /// the version read and the write makes it read again, [`REWRITE_TRIES`] times in all.
+    /// operations, recall): every read path then shows the change, from every replica. The
+    /// ticket, taken after the database write and before the read, orders this body against
+    /// other commands' and fills' (see `SessionKeys::version`). A message gone for everyone
+    /// has nothing to show.
     async fn rewrite_cached(&self, tenant_id: &str, session_id: &str, message_id: &str) -> Result<(), Error> {
         let Some(cache) = &self.cache else { return Ok(()) };
         let keys = SessionKeys::new(tenant_id, session_id);
-        for attempt in 1..=REWRITE_TRIES {
-            let version = cache.command_version(&keys).await.map_err(|_| Error::CacheUnavailable)?;
-            let Some(row) = self.databases.message(tenant_id, message_id, "").await? else { return Ok(()) };
-            // A payload that does not decode is cached as no body, which every read skips for
-            // the database: the command's change is stored, so it must not fail on it.
-            let body = to_message(row).map(|message| message.encode_to_vec()).unwrap_or_default();
-            let last = attempt == REWRITE_TRIES;
-            if cache.rewrite(&keys, message_id, &version, &body, last).await.map_err(|_| Error::CacheUnavailable)? {
-                break;
-            }
-        }
-        Ok(())
+        let ticket = cache.ticket(&keys).await.map_err(|_| Error::CacheUnavailable)?;
+        let Some(row) = self.databases.message(tenant_id, message_id, "").await? else { return Ok(()) };
+        let seq = row.seq.unwrap_or(0);
+        // A payload that does not decode is cached as no body, which every read skips for the
+        // database: the command's change is stored, so it must not fail on it.
+        let body = to_message(row).map(|message| message.encode_to_vec()).unwrap_or_default();
+        cache.rewrite(&keys, message_id, seq, ticket, &body).await.map_err(|_| Error::CacheUnavailable)
     }
 
     async fn merge_view(&self, tenant_id: &str, session_id: &str, field: String, value: String) -> Result<(), Error> {

@@ -192,7 +192,7 @@ impl Lookup {
             FromCache::Unknown => {}
         }
         // Cold window: one reader fills it, the others wait and then read the filled window. A
-        // waiter the filled window still cannot answer (a command voided the fill, the page is
+        // waiter the filled window still cannot answer (a command left a body to reread, the page is
         // older than the window) asks the database rather than fill again.
         let key = keys.hot_meta();
         let keys = &keys;
@@ -229,8 +229,8 @@ impl Lookup {
         session_id: &str,
     ) -> Result<(), Error> {
         let window = cache.window();
-        // A command between this read and the fill bumps the version and voids the fill.
-        let Some(version) = cache.version(keys).await else { return Ok(()) };
+        // Bodies commands put after this ticket are newer than this read: the fill keeps them.
+        let Some(ticket) = cache.ticket_now(keys).await else { return Ok(()) };
         let rows = self.databases.newest(tenant_id, session_id, window as i64).await?;
         let complete = rows.len() < window;
         let mut entries = Vec::with_capacity(rows.len());
@@ -253,7 +253,7 @@ impl Lookup {
                 gone,
             });
         }
-        cache.fill(keys, &version, &entries, complete).await;
+        cache.fill(keys, ticket, &entries, complete).await;
         Ok(())
     }
 

@@ -87,22 +87,22 @@ return out
 "#;
 
 /// Merges a database read into a window: the newest messages of the session, complete above
-/// ARGV[3] (or the whole session). If a command changed the session since the read began
-/// (ARGV[4] is the version seen then), a body the window already has is kept: the command has
-/// put its message there (see [`REWRITE`]), newer than this read. A message's gone fact from the
-/// database (recalled, burn time) is added where the gone hash has none. Keeps the lower of the
-/// two floors, then trims like the writer does.
+/// ARGV[3] (or the whole session). ARGV[4] is the session's ticket (`SessionKeys::version`)
+/// read before the database read: a body a command put after a later ticket is newer than this
+/// read and is kept; every other body is replaced and stamped with that ticket. A message's
+/// gone fact from the database (recalled, burn time) is added where the gone hash has none.
+/// Keeps the lower of the two floors, then trims like the writer does.
 const FILL: &str = r#"
--- KEYS: seq zset, bodies, time zset, meta, gone, version
--- ARGV: window, ttl, floor of this fill, version, then groups: seq, id, ts_us, body, gone ('' = none)
-local unchanged = (redis.call('GET', KEYS[6]) or '0') == ARGV[4]
+-- KEYS: seq zset, bodies, time zset, meta, gone, stamps
+-- ARGV: window, ttl, floor of this fill, ticket, then groups: seq, id, ts_us, body, gone ('' = none)
+local ticket = tonumber(ARGV[4])
 for i = 5, #ARGV, 5 do
   redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
   redis.call('ZADD', KEYS[3], ARGV[i + 2], ARGV[i + 1])
-  if unchanged then
+  local stamp = redis.call('HGET', KEYS[6], ARGV[i + 1])
+  if not stamp or tonumber(stamp) <= ticket then
     redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 3])
-  else
-    redis.call('HSETNX', KEYS[2], ARGV[i + 1], ARGV[i + 3])
+    redis.call('HSET', KEYS[6], ARGV[i + 1], ARGV[4])
   end
   if ARGV[i + 4] ~= '' then redis.call('HSETNX', KEYS[5], ARGV[i + 1], ARGV[i + 4]) end
 end
@@ -119,16 +119,18 @@ if excess > 0 then
   redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
   redis.call('ZREM', KEYS[3], unpack(old))
   redis.call('HDEL', KEYS[2], unpack(old))
+  redis.call('HDEL', KEYS[6], unpack(old))
 end
 redis.call('HSET', KEYS[4], 'floor_us', string.format('%.0f', floor))
 for k = 1, 5 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
+redis.call('EXPIRE', KEYS[6], ARGV[2])
 return 1
 "#;
 
 /// Records what happened to messages, keeping the strongest fact: deleted beats recalled
-/// beats burn, and of two burns the earlier. Bumps the session version.
+/// beats burn, and of two burns the earlier (fills only add facts where none is).
 const MARK_GONE: &str = r#"
--- KEYS: gone, version; ARGV: ttl, then pairs: message_id, state
+-- KEYS: gone; ARGV: ttl, then pairs: message_id, state
 local function rank(state)
   if state == 'deleted' then return 3 end
   if string.sub(state, 1, 9) == 'recalled:' then return 2 end
@@ -147,43 +149,39 @@ for i = 2, #ARGV, 2 do
   if not keep then redis.call('HSET', KEYS[1], id, new) end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
--- The version: never a value it had before, even after it expired (see REWRITE).
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  local now = redis.call('TIME')
-  redis.call('SET', KEYS[2], now[1] .. string.format('%06d', tonumber(now[2])))
-end
-redis.call('INCR', KEYS[2])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
 return 1
 "#;
 
-/// Puts a message's body as the databases hold it after a command into the window's bodies,
-/// whether or not the window lists the message yet (the writer may be about to add it, and it
-/// keeps a body it finds; a fill keeps it when a command ran during the fill). The body was
-/// read after the command's database write, and the session's version (ARGV[2]) before that
-/// read: if another command changed the session since, this body may lack its change, and
-/// nothing is written (reply 0, to try again) — or, on the last try (ARGV[5] = '1'), an empty
-/// body, which no read trusts (the database answers), and the window's completeness is
-/// forgotten, so the next time page refills it. Otherwise bumps the version, which never takes
-/// a value it had before (it starts from the clock when missing): a fill that began before
-/// then keeps this body.
-const REWRITE: &str = r#"
--- KEYS: bodies, meta, version; ARGV: message_id, version seen before the read, body, ttl, last try
-if (redis.call('GET', KEYS[3]) or '0') == ARGV[2] then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-elseif ARGV[5] == '1' then
-  redis.call('HSET', KEYS[1], ARGV[1], '')
-  redis.call('HDEL', KEYS[2], 'floor_us')
-else
-  return 0
-end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-if redis.call('EXISTS', KEYS[3]) == 0 then
+/// Hands out the session's next ticket (see `SessionKeys::version`), starting from the clock
+/// (µs) when the counter is missing, so no ticket repeats one handed out before it expired.
+const TICKET: &str = r#"
+-- KEYS: version; ARGV: ttl
+if redis.call('EXISTS', KEYS[1]) == 0 then
   local now = redis.call('TIME')
-  redis.call('SET', KEYS[3], now[1] .. string.format('%06d', tonumber(now[2])))
+  redis.call('SET', KEYS[1], now[1] .. string.format('%06d', tonumber(now[2])))
 end
-redis.call('INCR', KEYS[3])
-redis.call('EXPIRE', KEYS[3], ARGV[4])
+local ticket = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return ticket
+"#;
+
+/// Puts a message's body, read from the databases after the command took ticket ARGV[2],
+/// into the window, unless a body read after a later ticket is there. A message the window
+/// does not list yet gets its body too when the writer may still add it (the window is empty,
+/// or the message is newer than the oldest it holds; the writer keeps a body it finds); an
+/// older one is left out, so no body outlives the window's trims. Reply: 1 when written.
+const REWRITE: &str = r#"
+-- KEYS: bodies, stamps, seq zset; ARGV: message_id, ticket, body, ttl, seq
+local stamp = redis.call('HGET', KEYS[2], ARGV[1])
+if stamp and tonumber(stamp) >= tonumber(ARGV[2]) then return 0 end
+if not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
+  local lowest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+  if #lowest > 0 and tonumber(ARGV[5]) <= tonumber(lowest[2]) then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
 "#;
 
@@ -371,6 +369,7 @@ pub struct RedisCache {
     read_by_seq: Script,
     fill: Script,
     mark_gone: Script,
+    ticket: Script,
     rewrite: Script,
     merge_views: Script,
     session_state: Script,
@@ -393,6 +392,7 @@ impl RedisCache {
             read_by_seq: Script::new(READ_BY_SEQ),
             fill: Script::new(FILL),
             mark_gone: Script::new(MARK_GONE),
+            ticket: Script::new(TICKET),
             rewrite: Script::new(REWRITE),
             merge_views: Script::new(MERGE_VIEWS),
             session_state: Script::new(SESSION_STATE),
@@ -554,18 +554,19 @@ impl RedisCache {
         .flatten()
     }
 
-    /// The session's version, read before a database read that may fill the window.
-    pub async fn version(&self, keys: &SessionKeys) -> Option<String> {
+    /// The session's last ticket (0 when none), read before a database read that may fill the
+    /// window.
+    pub async fn ticket_now(&self, keys: &SessionKeys) -> Option<i64> {
         self.call(async |mut connection| {
-            let version: Option<String> = redis::cmd("GET").arg(keys.version()).query_async(&mut connection).await?;
-            Ok(version.unwrap_or_else(|| "0".into()))
+            let ticket: Option<i64> = redis::cmd("GET").arg(keys.version()).query_async(&mut connection).await?;
+            Ok(ticket.unwrap_or(0))
         })
         .await
     }
 
-    /// Puts the newest messages of a session (from a database read begun at `version`) into
+    /// Puts the newest messages of a session (from a database read begun after `ticket`) into
     /// its window. `complete` says the read returned the whole session.
-    pub async fn fill(&self, keys: &SessionKeys, version: &str, messages: &[FillEntry], complete: bool) {
+    pub async fn fill(&self, keys: &SessionKeys, ticket: i64, messages: &[FillEntry], complete: bool) {
         let floor = match (complete, messages.iter().map(|entry| entry.timestamp_us).min()) {
             (true, _) | (false, None) => HOT_FLOOR_ALL,
             (false, Some(oldest)) => oldest,
@@ -579,11 +580,11 @@ impl RedisCache {
                     .key(keys.hot_time_index())
                     .key(keys.hot_meta())
                     .key(keys.gone())
-                    .key(keys.version())
+                    .key(keys.hot_stamps())
                     .arg(self.hot_window)
                     .arg(ttl)
                     .arg(floor)
-                    .arg(version);
+                    .arg(ticket);
                 for entry in messages {
                     invocation
                         .arg(entry.seq)
@@ -603,7 +604,7 @@ impl RedisCache {
         let ttl = self.hot_ttl.as_secs().max(1);
         self.must(async |mut connection| {
             let mut invocation = self.mark_gone.key(keys.gone());
-            invocation.key(keys.version()).arg(ttl);
+            invocation.arg(ttl);
             for (message_id, state) in facts {
                 invocation.arg(message_id).arg(state);
             }
@@ -634,43 +635,42 @@ impl RedisCache {
         .map(drop)
     }
 
-    /// The session's version, read by a command before it reads what it will put into the
-    /// window with [`Self::rewrite`].
-    pub async fn command_version(&self, keys: &SessionKeys) -> Result<String, CacheDown> {
+    /// The session's next ticket, taken by a command after its database write and before it
+    /// reads the message back for [`Self::rewrite`].
+    pub async fn ticket(&self, keys: &SessionKeys) -> Result<i64, CacheDown> {
+        let ttl = self.hot_ttl.as_secs().max(1);
         self.must(async |mut connection| {
-            let version: Option<String> = redis::cmd("GET").arg(keys.version()).query_async(&mut connection).await?;
-            Ok(version.unwrap_or_else(|| "0".into()))
+            self.ticket.key(keys.version()).arg(ttl).invoke_async::<i64>(&mut connection).await
         })
         .await
     }
 
-    /// Puts a message's body, read from the databases after a command changed it and after
-    /// `version` was read, into the window (see [`REWRITE`]); false when another command
-    /// changed the session meanwhile and nothing was written (never on the `last` try).
+    /// Puts a message's body (`seq` its seq, 0 when unknown), read after `ticket`, into the
+    /// window (see [`REWRITE`]).
     pub async fn rewrite(
         &self,
         keys: &SessionKeys,
         message_id: &str,
-        version: &str,
+        seq: i64,
+        ticket: i64,
         body: &[u8],
-        last: bool,
-    ) -> Result<bool, CacheDown> {
+    ) -> Result<(), CacheDown> {
         let ttl = self.hot_ttl.as_secs().max(1);
         self.must(async |mut connection| {
             self.rewrite
                 .key(keys.hot_bodies())
-                .key(keys.hot_meta())
-                .key(keys.version())
+                .key(keys.hot_stamps())
+                .key(keys.hot_index())
                 .arg(message_id)
-                .arg(version)
+                .arg(ticket)
                 .arg(body)
                 .arg(ttl)
-                .arg(if last { "1" } else { "0" })
+                .arg(seq)
                 .invoke_async::<i64>(&mut connection)
                 .await
         })
         .await
-        .map(|written| written == 1)
+        .map(drop)
     }
 
     /// Each session's state for `user`, in one round trip; per session `None` when Redis does
@@ -780,4 +780,74 @@ fn entries(groups: &[Vec<u8>]) -> Option<Vec<CachedEntry>> {
             _ => None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use redis::AsyncCommands as _;
+
+    use super::*;
+
+    /// A cache on the test Redis (`REDIS_URL`) and keys of a session no other test uses.
+    async fn cache_and_keys() -> anyhow::Result<(RedisCache, SessionKeys, redis::aio::MultiplexedConnection)> {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let cache = RedisCache::connect(&url, Duration::from_secs(60), 3).await?;
+        for _ in 0..100 {
+            if cache.is_connected() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::ensure!(cache.is_connected(), "Redis is not reachable at {url}");
+        let tenant = format!("stamps-{}", uuid::Uuid::new_v4());
+        let connection = redis::Client::open(url)?.get_multiplexed_async_connection().await?;
+        Ok((cache, SessionKeys::new(&tenant, "s"), connection))
+    }
+
+    fn entry(seq: i64, id: &str, body: &str) -> FillEntry {
+        FillEntry { seq, message_id: id.into(), timestamp_us: seq, body: body.into(), gone: None }
+    }
+
+    /// The protocol that keeps the newest body whatever order commands and fills arrive in:
+    /// a body read after a later ticket is never replaced by one read after an earlier one.
+    #[tokio::test]
+    async fn the_body_read_after_the_latest_ticket_stays() -> anyhow::Result<()> {
+        let (cache, keys, mut redis) = cache_and_keys().await?;
+        let body = async |redis: &mut redis::aio::MultiplexedConnection, id: &str| -> anyhow::Result<String> {
+            Ok(redis.hget::<_, _, Option<String>>(keys.hot_bodies(), id).await?.unwrap_or_default())
+        };
+        // Tickets start from the clock (µs), so they never repeat one handed out before the
+        // counter expired.
+        let first = cache.ticket(&keys).await.map_err(|_| anyhow::anyhow!("ticket"))?;
+        assert!(first > 1_700_000_000_000_000, "{first}");
+        assert_eq!(cache.ticket(&keys).await.ok(), Some(first + 1));
+        assert_eq!(cache.ticket_now(&keys).await, Some(first + 1));
+
+        cache.fill(&keys, 0, &[entry(1, "a", "a0"), entry(2, "b", "b0"), entry(3, "c", "c0")], true).await;
+        let rewrite = async |id: &str, seq: i64, ticket: i64, text: &str| {
+            cache.rewrite(&keys, id, seq, ticket, text.as_bytes()).await.map_err(|_| anyhow::anyhow!("rewrite"))
+        };
+        rewrite("b", 2, first + 10, "b10").await?;
+        rewrite("b", 2, first + 5, "b5").await?;
+        assert_eq!(body(&mut redis, "b").await?, "b10", "a body read after an earlier ticket does not replace it");
+        cache.fill(&keys, first + 7, &[entry(2, "b", "b-fill7"), entry(3, "c", "c-fill7")], true).await;
+        assert_eq!(body(&mut redis, "b").await?, "b10", "nor does a fill begun before the command's ticket");
+        assert_eq!(body(&mut redis, "c").await?, "c-fill7", "a body no command put is the fill's");
+        cache.fill(&keys, first + 12, &[entry(2, "b", "b-fill12")], true).await;
+        assert_eq!(body(&mut redis, "b").await?, "b-fill12", "a fill begun after it replaces it");
+        rewrite("b", 2, first + 11, "b11").await?;
+        assert_eq!(body(&mut redis, "b").await?, "b-fill12");
+
+        // Not listed: a message newer than the window's oldest gets its body (the writer is
+        // about to add it and keeps it); an older one does not (no trim would remove it).
+        rewrite("d", 4, first + 20, "d20").await?;
+        assert_eq!(body(&mut redis, "d").await?, "d20");
+        rewrite("z", 0, first + 21, "z21").await?;
+        assert_eq!(body(&mut redis, "z").await?, "", "older than the window");
+        let _: () = redis
+            .del(&[keys.hot_index(), keys.hot_time_index(), keys.hot_bodies(), keys.hot_meta(), keys.hot_stamps()])
+            .await?;
+        let _: () = redis.del(&[keys.version(), keys.gone()]).await?;
+        Ok(())
+    }
 }

@@ -124,7 +124,8 @@ return 1
 /// reader rebuilds them from the databases, which know the newest.
 const FINISH_SESSION: &str = r#"
 -- KEYS: 1 seq zset, 2 bodies, 3 time zset, 4 meta, 5 gone (only its expiry is refreshed, so
--- it outlives the window), 6 state, 7 reads, 8 seq-of hash, then one done marker per message
+-- it outlives the window), 6 state, 7 reads, 8 seq-of hash, 9 body stamps, then one done
+-- marker per message
 -- ARGV: 1 window, 2 hot ttl, 3 floor meaning 'all', 4 marker ttl, then per message: seq,
 -- message_id, timestamp_us, body, sender_id, message_type, content_type, ts_ms, marker,
 -- new ('1': stored by this batch, '0': held before)
@@ -168,6 +169,7 @@ if excess > 0 then
     local chunk = {unpack(old, start, math.min(start + 999, #old))}
     redis.call('ZREM', KEYS[3], unpack(chunk))
     redis.call('HDEL', KEYS[2], unpack(chunk))
+    redis.call('HDEL', KEYS[9], unpack(chunk))
   end
   local floor = redis.call('HGET', KEYS[4], 'floor_us')
   if floor and evicted_max and evicted_max > tonumber(floor) then
@@ -175,6 +177,7 @@ if excess > 0 then
   end
 end
 for k = 1, 5 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
+if redis.call('EXISTS', KEYS[9]) == 1 then redis.call('EXPIRE', KEYS[9], ARGV[2]) end
 if latest then
   redis.call('HSET', KEYS[6],
     'last_seq', ARGV[latest], 'last_message_id', ARGV[latest + 1], 'last_sender_id', ARGV[latest + 4],
@@ -184,7 +187,7 @@ end
 local m = 0
 for i = 5, #ARGV, 10 do
   m = m + 1
-  redis.call('SET', KEYS[8 + m], ARGV[i + 8], 'NX', 'EX', ARGV[4])
+  redis.call('SET', KEYS[9 + m], ARGV[i + 8], 'NX', 'EX', ARGV[4])
   redis.call('HDEL', KEYS[8], ARGV[i + 1])
 end
 return n
@@ -305,6 +308,7 @@ impl RedisStore {
                 .key(keys.state())
                 .key(keys.reads())
                 .key(keys.seq_assigned())
+                .key(keys.hot_stamps())
                 .arg(self.hot_window)
                 .arg(hot_ttl)
                 .arg(HOT_FLOOR_ALL)
