@@ -192,7 +192,7 @@ impl Lookup {
             FromCache::Unknown => {}
         }
         // Cold window: one reader fills it, the others wait and then read the filled window. A
-        // waiter the filled window still cannot answer (a command left a body to reread, the page is
+        // waiter the filled window still cannot answer (a command changed a message during the fill, the page is
         // older than the window) asks the database rather than fill again.
         let key = keys.hot_meta();
         let keys = &keys;

@@ -713,7 +713,8 @@ async fn every_read_path_shows_what_a_command_changed(store: Store) -> anyhow::R
         .await?;
     check("m3", (vec![], vec![], vec![], true, false, vec!["recall".into()])).await?;
     // Commands on one message racing through two replicas, each retried while it answers
-    // ABORTED (it lost every race; a client retries that): the windows end as the database.
+    // ABORTED (MongoDB's attribute merge lost every race; a client retries that): the windows
+    // end as the database.
     let other = replica.client().await?;
     let racing = (0..16).map(|k| {
         let mut client = if k % 2 == 0 { commander.clone() } else { other.clone() };
@@ -747,7 +748,7 @@ async fn every_read_path_shows_what_a_command_changed(store: Store) -> anyhow::R
         .ok_or_else(|| anyhow::anyhow!("m5 missing"))?;
     assert_eq!(stored.attributes.len(), 16, "every racing command merged its attribute");
     check("m5", fields(&stored)).await?;
-    // The session's version, bumped by every command, expires with the window.
+    // The session's ticket counter, taken by every command that changes a message, expires.
     let version = flare_storage_common::keys::SessionKeys::new(&chat.tenant, &chat.session).version();
     let ttl: i64 = redis::cmd("TTL").arg(&version).query_async(&mut redis_connection().await?).await?;
     assert!(ttl > 0, "{version} has TTL {ttl}");

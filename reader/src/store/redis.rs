@@ -89,13 +89,16 @@ return out
 /// Merges a database read into a window: the newest messages of the session, complete above
 /// ARGV[3] (or the whole session). ARGV[4] is the session's ticket (`SessionKeys::version`)
 /// read before the database read: a body a command put after a later ticket is newer than this
-/// read and is kept; every other body is replaced and stamped with that ticket. A message's
+/// read and is kept (a message such a command changed without a body stays without one, and
+/// the window's completeness is left unknown, so the next page refills it); every other body
+/// is replaced and stamped with that ticket. A message's
 /// gone fact from the database (recalled, burn time) is added where the gone hash has none.
 /// Keeps the lower of the two floors, then trims like the writer does.
 const FILL: &str = r#"
 -- KEYS: seq zset, bodies, time zset, meta, gone, stamps
 -- ARGV: window, ttl, floor of this fill, ticket, then groups: seq, id, ts_us, body, gone ('' = none)
 local ticket = tonumber(ARGV[4])
+local bodiless = false
 for i = 5, #ARGV, 5 do
   redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
   redis.call('ZADD', KEYS[3], ARGV[i + 2], ARGV[i + 1])
@@ -103,6 +106,8 @@ for i = 5, #ARGV, 5 do
   if not stamp or tonumber(stamp) <= ticket then
     redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 3])
     redis.call('HSET', KEYS[6], ARGV[i + 1], ARGV[4])
+  elseif redis.call('HEXISTS', KEYS[2], ARGV[i + 1]) == 0 then
+    bodiless = true
   end
   if ARGV[i + 4] ~= '' then redis.call('HSETNX', KEYS[5], ARGV[i + 1], ARGV[i + 4]) end
 end
@@ -121,7 +126,21 @@ if excess > 0 then
   redis.call('HDEL', KEYS[2], unpack(old))
   redis.call('HDEL', KEYS[6], unpack(old))
 end
-redis.call('HSET', KEYS[4], 'floor_us', string.format('%.0f', floor))
+-- A message a command changed after this read, listed without its body: the next page
+-- refills (after a later ticket) rather than trusting the window around it.
+if bodiless then
+  redis.call('HDEL', KEYS[4], 'floor_us')
+else
+  redis.call('HSET', KEYS[4], 'floor_us', string.format('%.0f', floor))
+end
+-- Tickets of messages the window does not list matter only to fills begun before them: drop
+-- those a minute older than this one's (tickets run with the clock in µs).
+local stamps = redis.call('HGETALL', KEYS[6])
+for k = 1, #stamps, 2 do
+  if tonumber(stamps[k + 1]) < ticket - 60000000 and not redis.call('ZSCORE', KEYS[1], stamps[k]) then
+    redis.call('HDEL', KEYS[6], stamps[k])
+  end
+end
 for k = 1, 5 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
 redis.call('EXPIRE', KEYS[6], ARGV[2])
 return 1
@@ -167,22 +186,38 @@ return ticket
 
 /// Puts a message's body, read from the databases after the command took ticket ARGV[2],
 /// into the window, unless a body read after a later ticket is there. A message the window
-/// does not list yet gets its body too when the writer may still add it (the window is empty,
-/// or the message is newer than the oldest it holds; the writer keeps a body it finds); an
-/// older one is left out, so no body outlives the window's trims. Reply: 1 when written.
+/// does not list gets its body too when the writer has yet to add it (its seq is above the
+/// session's last applied seq; the writer keeps a body it finds). Any other unlisted message
+/// keeps only the ticket, and loses any body: a fill that read it before this command then
+/// lists it without a body (the database answers for it) instead of with its older read.
+/// Reply: 1 when the body was written.
 const REWRITE: &str = r#"
--- KEYS: bodies, stamps, seq zset; ARGV: message_id, ticket, body, ttl, seq
+-- KEYS: bodies, stamps, seq zset, state; ARGV: message_id, ticket, body, ttl, seq
 local stamp = redis.call('HGET', KEYS[2], ARGV[1])
 if stamp and tonumber(stamp) >= tonumber(ARGV[2]) then return 0 end
-if not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
-  local lowest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
-  if #lowest > 0 and tonumber(ARGV[5]) <= tonumber(lowest[2]) then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+local listed = redis.call('ZSCORE', KEYS[3], ARGV[1])
+local applied = tonumber(redis.call('HGET', KEYS[4], 'last_seq') or '0')
+if not listed and tonumber(ARGV[5]) <= applied then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 0
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
+"#;
+
+/// The session's last ticket, read by a fill before its database read; when the counter is
+/// missing, it is started from the clock (µs) — above every ticket handed out before it
+/// expired — so the fill can replace the bodies those tickets stamped.
+const TICKET_NOW: &str = r#"
+-- KEYS: version; ARGV: ttl
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local now = redis.call('TIME')
+  redis.call('SET', KEYS[1], now[1] .. string.format('%06d', tonumber(now[2])), 'EX', ARGV[1])
+end
+return tonumber(redis.call('GET', KEYS[1]))
 "#;
 
 /// Merges per-user view facts: hides (field -> '1') and clear watermarks (the higher wins).
@@ -370,6 +405,7 @@ pub struct RedisCache {
     fill: Script,
     mark_gone: Script,
     ticket: Script,
+    ticket_now: Script,
     rewrite: Script,
     merge_views: Script,
     session_state: Script,
@@ -393,6 +429,7 @@ impl RedisCache {
             fill: Script::new(FILL),
             mark_gone: Script::new(MARK_GONE),
             ticket: Script::new(TICKET),
+            ticket_now: Script::new(TICKET_NOW),
             rewrite: Script::new(REWRITE),
             merge_views: Script::new(MERGE_VIEWS),
             session_state: Script::new(SESSION_STATE),
@@ -554,12 +591,12 @@ impl RedisCache {
         .flatten()
     }
 
-    /// The session's last ticket (0 when none), read before a database read that may fill the
-    /// window.
+    /// The session's last ticket, read before a database read that may fill the window (see
+    /// [`TICKET_NOW`]).
     pub async fn ticket_now(&self, keys: &SessionKeys) -> Option<i64> {
+        let ttl = self.hot_ttl.as_secs().max(1);
         self.call(async |mut connection| {
-            let ticket: Option<i64> = redis::cmd("GET").arg(keys.version()).query_async(&mut connection).await?;
-            Ok(ticket.unwrap_or(0))
+            self.ticket_now.key(keys.version()).arg(ttl).invoke_async::<i64>(&mut connection).await
         })
         .await
     }
@@ -661,6 +698,7 @@ impl RedisCache {
                 .key(keys.hot_bodies())
                 .key(keys.hot_stamps())
                 .key(keys.hot_index())
+                .key(keys.state())
                 .arg(message_id)
                 .arg(ticket)
                 .arg(body)
@@ -791,7 +829,7 @@ mod tests {
     /// A cache on the test Redis (`REDIS_URL`) and keys of a session no other test uses.
     async fn cache_and_keys() -> anyhow::Result<(RedisCache, SessionKeys, redis::aio::MultiplexedConnection)> {
         let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let cache = RedisCache::connect(&url, Duration::from_secs(60), 3).await?;
+        let cache = RedisCache::connect(&url, Duration::from_secs(60), 10).await?;
         for _ in 0..100 {
             if cache.is_connected() {
                 break;
@@ -817,11 +855,14 @@ mod tests {
             Ok(redis.hget::<_, _, Option<String>>(keys.hot_bodies(), id).await?.unwrap_or_default())
         };
         // Tickets start from the clock (µs), so they never repeat one handed out before the
-        // counter expired.
+        // counter expired; so does a fill's reading of a missing counter.
+        let started = cache.ticket_now(&keys).await.unwrap_or_default();
+        assert!(started > 1_700_000_000_000_000, "{started}");
         let first = cache.ticket(&keys).await.map_err(|_| anyhow::anyhow!("ticket"))?;
-        assert!(first > 1_700_000_000_000_000, "{first}");
+        assert_eq!(first, started + 1);
         assert_eq!(cache.ticket(&keys).await.ok(), Some(first + 1));
         assert_eq!(cache.ticket_now(&keys).await, Some(first + 1));
+        let _: () = redis.hset(keys.state(), "last_seq", 3).await?;
 
         cache.fill(&keys, 0, &[entry(1, "a", "a0"), entry(2, "b", "b0"), entry(3, "c", "c0")], true).await;
         let rewrite = async |id: &str, seq: i64, ticket: i64, text: &str| {
@@ -838,16 +879,26 @@ mod tests {
         rewrite("b", 2, first + 11, "b11").await?;
         assert_eq!(body(&mut redis, "b").await?, "b-fill12");
 
-        // Not listed: a message newer than the window's oldest gets its body (the writer is
-        // about to add it and keeps it); an older one does not (no trim would remove it).
+        // Not listed: a message the writer has yet to add gets its body (the writer keeps it);
+        // an older one keeps only the ticket and loses any body, so a fill that read it before
+        // lists it without one and leaves the window to be refilled.
         rewrite("d", 4, first + 20, "d20").await?;
         assert_eq!(body(&mut redis, "d").await?, "d20");
-        rewrite("z", 0, first + 21, "z21").await?;
-        assert_eq!(body(&mut redis, "z").await?, "", "older than the window");
+        let _: () = redis.hset(keys.hot_bodies(), "y", "y-old").await?;
+        rewrite("y", 0, first + 21, "y21").await?;
+        assert_eq!(body(&mut redis, "y").await?, "", "older than the session's applied seq");
+        cache.fill(&keys, first + 15, &[entry(0, "y", "y-fill15")], true).await;
+        assert_eq!(body(&mut redis, "y").await?, "", "the fill read it before the command");
+        let floor: Option<String> = redis.hget(keys.hot_meta(), "floor_us").await?;
+        assert_eq!(floor, None, "a window listing a message without its body is refilled");
+        cache.fill(&keys, first + 21, &[entry(0, "y", "y-fill21")], true).await;
+        assert_eq!(body(&mut redis, "y").await?, "y-fill21");
+        let floor: Option<String> = redis.hget(keys.hot_meta(), "floor_us").await?;
+        assert!(floor.is_some());
         let _: () = redis
             .del(&[keys.hot_index(), keys.hot_time_index(), keys.hot_bodies(), keys.hot_meta(), keys.hot_stamps()])
             .await?;
-        let _: () = redis.del(&[keys.version(), keys.gone()]).await?;
+        let _: () = redis.del(&[keys.version(), keys.gone(), keys.state()]).await?;
         Ok(())
     }
 }

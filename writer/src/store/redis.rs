@@ -115,9 +115,10 @@ return 1
 /// Window: trimmed to the newest ARGV[1] by seq, keeping its completeness floor (see
 /// `SessionKeys::hot_meta`): an empty window that receives a session's first message (seq 1,
 /// stored by this batch) holds the whole session; trimming raises the floor to the newest
-/// evicted timestamp; a window of unknown completeness stays unknown. A body the window has is
-/// kept: a reader's command may have put the message there, changed, before this batch (or
-/// this redelivery) reached the cache. State: a message at or below the applied seq was applied
+/// evicted timestamp; a window of unknown completeness stays unknown. A message a reader's
+/// command has stamped (`SessionKeys::hot_stamps`) keeps the body that command put, or none:
+/// the command changed it before this batch (or this redelivery) reached the cache, and this
+/// payload is the one first sent. State: a message at or below the applied seq was applied
 /// before and changes nothing; read seqs only move forward. Nothing is written per member.
 /// A message a database held before this batch (a redelivery, a resend) may be old: it only
 /// raises a state or read seq that exists, and never creates one — when Redis lost them, the
@@ -140,7 +141,7 @@ for i = 5, #ARGV, 10 do
   local seq, id, sender, new = ARGV[i], ARGV[i + 1], ARGV[i + 4], ARGV[i + 9] == '1'
   redis.call('ZADD', KEYS[1], seq, id)
   redis.call('ZADD', KEYS[3], ARGV[i + 2], id)
-  redis.call('HSETNX', KEYS[2], id, ARGV[i + 3])
+  if redis.call('HEXISTS', KEYS[9], id) == 0 then redis.call('HSETNX', KEYS[2], id, ARGV[i + 3]) end
   if seq == '1' and new and window_empty then starts_session = true end
   if (new or state_known) and tonumber(seq) > last then
     last = tonumber(seq)
