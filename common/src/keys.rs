@@ -63,14 +63,16 @@ impl SessionKeys {
     /// STRING: the session's ticket counter. A command that changes a cached message takes a
     /// ticket after its database write and before it reads the message back, and a window fill
     /// reads the counter before its database read: a read that follows a higher ticket is at
-    /// least as new, so [`Self::hot_stamps`] keeps the newest body. Started from the clock (µs)
-    /// when missing, so it never repeats a value after expiring.
+    /// least as new, so [`Self::hot_stamps`] keeps the newest body. Raised to the clock (µs)
+    /// whenever behind it, so tickets follow the clock and never repeat after it expires.
     pub fn version(&self) -> String {
         format!("{}:ver", self.tag)
     }
 
     /// HASH message_id → the ticket (see [`Self::version`]) after which the cached body of the
-    /// message was read; a body read earlier does not replace it. Trimmed with the bodies.
+    /// message was read (or, for a message the window does not list, after which a command
+    /// changed it); a body read earlier does not replace it. Trimmed with the bodies; fills drop
+    /// those of unlisted messages once a minute old.
     pub fn hot_stamps(&self) -> String {
         format!("{}:stamp", self.tag)
     }

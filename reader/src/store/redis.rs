@@ -98,7 +98,7 @@ const FILL: &str = r#"
 -- KEYS: seq zset, bodies, time zset, meta, gone, stamps
 -- ARGV: window, ttl, floor of this fill, ticket, then groups: seq, id, ts_us, body, gone ('' = none)
 local ticket = tonumber(ARGV[4])
-local bodiless = false
+local bodiless = {}
 for i = 5, #ARGV, 5 do
   redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
   redis.call('ZADD', KEYS[3], ARGV[i + 2], ARGV[i + 1])
@@ -107,7 +107,7 @@ for i = 5, #ARGV, 5 do
     redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 3])
     redis.call('HSET', KEYS[6], ARGV[i + 1], ARGV[4])
   elseif redis.call('HEXISTS', KEYS[2], ARGV[i + 1]) == 0 then
-    bodiless = true
+    bodiless[#bodiless + 1] = ARGV[i + 1]
   end
   if ARGV[i + 4] ~= '' then redis.call('HSETNX', KEYS[5], ARGV[i + 1], ARGV[i + 4]) end
 end
@@ -128,7 +128,11 @@ if excess > 0 then
 end
 -- A message a command changed after this read, listed without its body: the next page
 -- refills (after a later ticket) rather than trusting the window around it.
-if bodiless then
+local listed_bodiless = false
+for _, id in ipairs(bodiless) do
+  if redis.call('ZSCORE', KEYS[1], id) then listed_bodiless = true end
+end
+if listed_bodiless then
   redis.call('HDEL', KEYS[4], 'floor_us')
 else
   redis.call('HSET', KEYS[4], 'floor_us', string.format('%.0f', floor))
@@ -171,13 +175,15 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
 "#;
 
-/// Hands out the session's next ticket (see `SessionKeys::version`), starting from the clock
-/// (µs) when the counter is missing, so no ticket repeats one handed out before it expired.
+/// Hands out the session's next ticket (see `SessionKeys::version`): the counter is first
+/// raised to the clock (µs) when behind it, so tickets follow the clock and no ticket repeats
+/// one handed out before the counter expired.
 const TICKET: &str = r#"
 -- KEYS: version; ARGV: ttl
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  local now = redis.call('TIME')
-  redis.call('SET', KEYS[1], now[1] .. string.format('%06d', tonumber(now[2])))
+local now = redis.call('TIME')
+local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
+if tonumber(redis.call('GET', KEYS[1]) or '0') < clock then
+  redis.call('SET', KEYS[1], string.format('%.0f', clock))
 end
 local ticket = redis.call('INCR', KEYS[1])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
@@ -185,11 +191,13 @@ return ticket
 "#;
 
 /// Puts a message's body, read from the databases after the command took ticket ARGV[2],
-/// into the window, unless a body read after a later ticket is there. A message the window
-/// does not list gets its body too when the writer has yet to add it (its seq is above the
-/// session's last applied seq; the writer keeps a body it finds). Any other unlisted message
-/// keeps only the ticket, and loses any body: a fill that read it before this command then
-/// lists it without a body (the database answers for it) instead of with its older read.
+/// into the window, unless a body read at the same or a later ticket is there. A message the
+/// window does not list gets its body too when the writer seems yet to add it (its seq is above
+/// the session state's `last_seq`; the writer keeps a body it finds). Any other unlisted
+/// message keeps only the ticket, and loses any body: a fill that read it before this command
+/// then lists it without a body (the database answers for it) instead of with its older read,
+/// and so does the writer if `last_seq` was ahead of it (a state rebuilt from the databases);
+/// either leaves the window's completeness unknown, so the next page refills it.
 /// Reply: 1 when the body was written.
 const REWRITE: &str = r#"
 -- KEYS: bodies, stamps, seq zset, state; ARGV: message_id, ticket, body, ttl, seq
@@ -208,16 +216,19 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 "#;
 
-/// The session's last ticket, read by a fill before its database read; when the counter is
-/// missing, it is started from the clock (µs) — above every ticket handed out before it
-/// expired — so the fill can replace the bodies those tickets stamped.
+/// The session's last ticket, read by a fill before its database read, with the counter first
+/// raised to the clock (µs) as [`TICKET`] does: every later ticket is above it, and it is above
+/// every ticket handed out before the counter expired, so the fill can replace their bodies.
 const TICKET_NOW: &str = r#"
 -- KEYS: version; ARGV: ttl
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  local now = redis.call('TIME')
-  redis.call('SET', KEYS[1], now[1] .. string.format('%06d', tonumber(now[2])), 'EX', ARGV[1])
+local now = redis.call('TIME')
+local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current < clock then
+  redis.call('SET', KEYS[1], string.format('%.0f', clock), 'EX', ARGV[1])
+  return clock
 end
-return tonumber(redis.call('GET', KEYS[1]))
+return current
 "#;
 
 /// Merges per-user view facts: hides (field -> '1') and clear watermarks (the higher wins).
@@ -854,14 +865,15 @@ mod tests {
         let body = async |redis: &mut redis::aio::MultiplexedConnection, id: &str| -> anyhow::Result<String> {
             Ok(redis.hget::<_, _, Option<String>>(keys.hot_bodies(), id).await?.unwrap_or_default())
         };
-        // Tickets start from the clock (µs), so they never repeat one handed out before the
-        // counter expired; so does a fill's reading of a missing counter.
+        // Tickets follow the clock (µs) and only grow, so they never repeat one handed out
+        // before the counter expired; a fill's reading is the clock too, and below the next.
         let started = cache.ticket_now(&keys).await.unwrap_or_default();
         assert!(started > 1_700_000_000_000_000, "{started}");
         let first = cache.ticket(&keys).await.map_err(|_| anyhow::anyhow!("ticket"))?;
-        assert_eq!(first, started + 1);
-        assert_eq!(cache.ticket(&keys).await.ok(), Some(first + 1));
-        assert_eq!(cache.ticket_now(&keys).await, Some(first + 1));
+        let second = cache.ticket(&keys).await.map_err(|_| anyhow::anyhow!("ticket"))?;
+        assert!(started < first && first < second, "{started} {first} {second}");
+        let read = cache.ticket_now(&keys).await.unwrap_or_default();
+        assert!(read >= second && read < cache.ticket(&keys).await.unwrap_or_default());
         let _: () = redis.hset(keys.state(), "last_seq", 3).await?;
 
         cache.fill(&keys, 0, &[entry(1, "a", "a0"), entry(2, "b", "b0"), entry(3, "c", "c0")], true).await;

@@ -131,6 +131,7 @@ const FINISH_SESSION: &str = r#"
 -- message_id, timestamp_us, body, sender_id, message_type, content_type, ts_ms, marker,
 -- new ('1': stored by this batch, '0': held before)
 local starts_session = false
+local bodiless = false
 local window_empty = redis.call('EXISTS', KEYS[1]) == 0
 local state_known = redis.call('EXISTS', KEYS[6]) == 1
 local last = tonumber(redis.call('HGET', KEYS[6], 'last_seq') or '0')
@@ -141,7 +142,12 @@ for i = 5, #ARGV, 10 do
   local seq, id, sender, new = ARGV[i], ARGV[i + 1], ARGV[i + 4], ARGV[i + 9] == '1'
   redis.call('ZADD', KEYS[1], seq, id)
   redis.call('ZADD', KEYS[3], ARGV[i + 2], id)
-  if redis.call('HEXISTS', KEYS[9], id) == 0 then redis.call('HSETNX', KEYS[2], id, ARGV[i + 3]) end
+  if redis.call('HEXISTS', KEYS[9], id) == 0 then
+    redis.call('HSETNX', KEYS[2], id, ARGV[i + 3])
+  elseif redis.call('HEXISTS', KEYS[2], id) == 0 then
+    -- Stamped by a command without a body: the next page refills the window.
+    bodiless = true
+  end
   if seq == '1' and new and window_empty then starts_session = true end
   if (new or state_known) and tonumber(seq) > last then
     last = tonumber(seq)
@@ -157,6 +163,7 @@ end
 if starts_session and redis.call('EXISTS', KEYS[4]) == 0 then
   redis.call('HSET', KEYS[4], 'floor_us', ARGV[3])
 end
+if bodiless then redis.call('HDEL', KEYS[4], 'floor_us') end
 local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
 if excess > 0 then
   local old = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
