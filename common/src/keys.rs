@@ -65,11 +65,11 @@ impl SessionKeys {
     /// reads the counter before its database read: a read that follows a higher ticket is at
     /// least as new, so [`Self::hot_stamps`] keeps the newest body. Raised to the clock (µs)
     /// whenever behind it, so tickets follow the clock and never repeat after it expires.
-    pub fn version(&self) -> String {
+    pub fn tickets(&self) -> String {
         format!("{}:ver", self.tag)
     }
 
-    /// HASH message_id → the ticket (see [`Self::version`]) after which the cached body of the
+    /// HASH message_id → the ticket (see [`Self::tickets`]) after which the cached body of the
     /// message was read (or, for a message the window does not list, after which a command
     /// changed it); a body read earlier does not replace it. Trimmed with the bodies; fills drop
     /// those of unlisted messages once a minute old.

@@ -67,7 +67,7 @@ impl Commands {
     /// command changed fields kept in the cached body (attributes, tags, read receipts,
     /// operations, recall): every read path then shows the change, from every replica. The
     /// ticket, taken after the database write and before the read, orders this body against
-    /// other commands' and fills' (see `SessionKeys::version`). A message gone for everyone
+    /// other commands' and fills' (see `SessionKeys::tickets`). A message gone for everyone
     /// has nothing to show.
     async fn rewrite_cached(&self, tenant_id: &str, session_id: &str, message_id: &str) -> Result<(), Error> {
         let Some(cache) = &self.cache else { return Ok(()) };
@@ -333,8 +333,6 @@ impl Commands {
     }
 }
 
-/// Whether a message is addressed to or from `user_id`. A message naming no receivers (a
-/// group message without a member list) concerns everyone in its session.
 fn operation(kind: &str, operator: &str, target_user: &str) -> Operation {
     Operation {
         operation_type: kind.into(),

@@ -192,8 +192,8 @@ impl Lookup {
             FromCache::Unknown => {}
         }
         // Cold window: one reader fills it, the others wait and then read the filled window. A
-        // waiter the filled window still cannot answer (a command changed a message during the fill, the page is
-        // older than the window) asks the database rather than fill again.
+        // waiter the filled window still cannot answer (a command changed a message during the
+        // fill, the page is older than the window) asks the database rather than fill again.
         let key = keys.hot_meta();
         let keys = &keys;
         let (answer, hit) = self

@@ -749,9 +749,9 @@ async fn every_read_path_shows_what_a_command_changed(store: Store) -> anyhow::R
     assert_eq!(stored.attributes.len(), 16, "every racing command merged its attribute");
     check("m5", fields(&stored)).await?;
     // The session's ticket counter, taken by every command that changes a message, expires.
-    let version = flare_storage_common::keys::SessionKeys::new(&chat.tenant, &chat.session).version();
-    let ttl: i64 = redis::cmd("TTL").arg(&version).query_async(&mut redis_connection().await?).await?;
-    assert!(ttl > 0, "{version} has TTL {ttl}");
+    let tickets = flare_storage_common::keys::SessionKeys::new(&chat.tenant, &chat.session).tickets();
+    let ttl: i64 = redis::cmd("TTL").arg(&tickets).query_async(&mut redis_connection().await?).await?;
+    assert!(ttl > 0, "{tickets} has TTL {ttl}");
     replica.stop().await?;
     chat.stop().await
 }

@@ -87,7 +87,7 @@ return out
 "#;
 
 /// Merges a database read into a window: the newest messages of the session, complete above
-/// ARGV[3] (or the whole session). ARGV[4] is the session's ticket (`SessionKeys::version`)
+/// ARGV[3] (or the whole session). ARGV[4] is the session's ticket (`SessionKeys::tickets`)
 /// read before the database read: a body a command put after a later ticket is newer than this
 /// read and is kept (a message such a command changed without a body stays without one, and
 /// the window's completeness is left unknown, so the next page refills it); every other body
@@ -175,17 +175,20 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
 "#;
 
-/// Hands out the session's next ticket (see `SessionKeys::version`): the counter is first
-/// raised to the clock (µs) when behind it, so tickets follow the clock and no ticket repeats
-/// one handed out before the counter expired.
+/// The session's ticket counter (see `SessionKeys::tickets`), first raised to the clock (µs)
+/// when behind it, so tickets follow the clock and none repeats one handed out before the
+/// counter expired. With ARGV[2] = '1' (a command) it hands out the next ticket; with '0' (a
+/// fill, before its database read) it returns the last one: every later ticket is above it,
+/// and it is above every ticket handed out before the counter expired.
 const TICKET: &str = r#"
--- KEYS: version; ARGV: ttl
+-- KEYS: ticket counter; ARGV: ttl, take ('1') or read ('0')
 local now = redis.call('TIME')
 local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
 if tonumber(redis.call('GET', KEYS[1]) or '0') < clock then
   redis.call('SET', KEYS[1], string.format('%.0f', clock))
 end
-local ticket = redis.call('INCR', KEYS[1])
+local ticket = tonumber(redis.call('GET', KEYS[1]))
+if ARGV[2] == '1' then ticket = redis.call('INCR', KEYS[1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return ticket
 "#;
@@ -214,21 +217,6 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
-"#;
-
-/// The session's last ticket, read by a fill before its database read, with the counter first
-/// raised to the clock (µs) as [`TICKET`] does: every later ticket is above it, and it is above
-/// every ticket handed out before the counter expired, so the fill can replace their bodies.
-const TICKET_NOW: &str = r#"
--- KEYS: version; ARGV: ttl
-local now = redis.call('TIME')
-local clock = tonumber(now[1]) * 1000000 + tonumber(now[2])
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if current < clock then
-  redis.call('SET', KEYS[1], string.format('%.0f', clock), 'EX', ARGV[1])
-  return clock
-end
-return current
 "#;
 
 /// Merges per-user view facts: hides (field -> '1') and clear watermarks (the higher wins).
@@ -416,7 +404,6 @@ pub struct RedisCache {
     fill: Script,
     mark_gone: Script,
     ticket: Script,
-    ticket_now: Script,
     rewrite: Script,
     merge_views: Script,
     session_state: Script,
@@ -440,7 +427,6 @@ impl RedisCache {
             fill: Script::new(FILL),
             mark_gone: Script::new(MARK_GONE),
             ticket: Script::new(TICKET),
-            ticket_now: Script::new(TICKET_NOW),
             rewrite: Script::new(REWRITE),
             merge_views: Script::new(MERGE_VIEWS),
             session_state: Script::new(SESSION_STATE),
@@ -603,11 +589,11 @@ impl RedisCache {
     }
 
     /// The session's last ticket, read before a database read that may fill the window (see
-    /// [`TICKET_NOW`]).
+    /// [`TICKET`]).
     pub async fn ticket_now(&self, keys: &SessionKeys) -> Option<i64> {
         let ttl = self.hot_ttl.as_secs().max(1);
         self.call(async |mut connection| {
-            self.ticket_now.key(keys.version()).arg(ttl).invoke_async::<i64>(&mut connection).await
+            self.ticket.key(keys.tickets()).arg(ttl).arg("0").invoke_async::<i64>(&mut connection).await
         })
         .await
     }
@@ -688,7 +674,7 @@ impl RedisCache {
     pub async fn ticket(&self, keys: &SessionKeys) -> Result<i64, CacheDown> {
         let ttl = self.hot_ttl.as_secs().max(1);
         self.must(async |mut connection| {
-            self.ticket.key(keys.version()).arg(ttl).invoke_async::<i64>(&mut connection).await
+            self.ticket.key(keys.tickets()).arg(ttl).arg("1").invoke_async::<i64>(&mut connection).await
         })
         .await
     }
@@ -910,7 +896,7 @@ mod tests {
         let _: () = redis
             .del(&[keys.hot_index(), keys.hot_time_index(), keys.hot_bodies(), keys.hot_meta(), keys.hot_stamps()])
             .await?;
-        let _: () = redis.del(&[keys.version(), keys.gone(), keys.state()]).await?;
+        let _: () = redis.del(&[keys.tickets(), keys.gone(), keys.state()]).await?;
         Ok(())
     }
 }
