@@ -125,6 +125,13 @@ pub fn clear_view_field(user_id: &str) -> String {
     format!("clear:{user_id}")
 }
 
+/// STRING: the session a tenant's message belongs to — a fact that never changes — so a reader
+/// asked for a message by id alone finds it in that session's hot window. Set by readers when a
+/// database answered for the message; expires after the hot window's TTL.
+pub fn message_session(tenant_id: &str, message_id: &str) -> String {
+    format!("fs:session-of:{}", document_id(tenant_id, message_id))
+}
+
 /// `_id` of a message's MongoDB document; the tenant is length-prefixed so ids cannot collide
 /// across tenants.
 pub fn document_id(tenant_id: &str, message_id: &str) -> String {

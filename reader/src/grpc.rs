@@ -9,7 +9,12 @@ use chrono::{DateTime, Utc};
 use flare_storage_common::message::{check_id, is_unset, storable_time, to_timestamp};
 use flare_storage_common::prost_types;
 use flare_storage_common::proto::common::{ActorType, ErrorCode, Pagination, RequestContext, RpcStatus, TenantContext};
-use flare_storage_common::proto::storage::storage_reader_service_server::StorageReaderService;
+use flare_storage_common::proto::EncodedMessage;
+use flare_storage_common::proto::serving::storage_reader_service_server::StorageReaderService;
+use flare_storage_common::proto::serving::{
+    GetMessageResponse, QueryMessagesBySeqResponse, QueryMessagesResponse, SearchMessagesResponse,
+    StreamExportMessagesResponse,
+};
 use flare_storage_common::proto::storage::*;
 use flare_storage_common::tonic::{self, Code, Request, Response, Status};
 use futures::TryStreamExt as _;
@@ -534,7 +539,7 @@ impl StorageReaderService for StorageReader {
                     user,
                 })
                 .await?;
-            let last_seq = page.messages.last().map_or(request.after_seq, |message| message.seq);
+            let last_seq = page.last_seq.unwrap_or(request.after_seq);
             Ok(QueryMessagesBySeqResponse {
                 messages: page.messages,
                 next_cursor: if page.has_more { last_seq.to_string() } else { String::new() },
@@ -581,6 +586,9 @@ fn export_stream(
     query: SearchQuery,
 ) -> impl Stream<Item = Result<StreamExportMessagesResponse, Status>> + Send {
     crate::export::chunks(databases, query, EXPORT_CHUNK)
-        .map_ok(|messages| StreamExportMessagesResponse { messages, status: ok_status() })
+        .map_ok(|messages| StreamExportMessagesResponse {
+            messages: messages.iter().map(EncodedMessage::from).collect(),
+            status: ok_status(),
+        })
         .map_err(Status::from)
 }

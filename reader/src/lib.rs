@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use flare_storage_common::ops::{self, Readiness};
-use flare_storage_common::proto::storage::storage_reader_service_server::StorageReaderServiceServer;
+use flare_storage_common::proto::serving::storage_reader_service_server::StorageReaderServiceServer;
 use flare_storage_common::schema;
 use flare_storage_common::tonic::{
     self,
@@ -36,7 +36,7 @@ pub use config::{Config, MongoConfig, TlsConfig};
 
 use crate::commands::Commands;
 use crate::grpc::StorageReader;
-use crate::lookup::{Lookup, SingleFlight};
+use crate::lookup::{Lookup, SESSIONS_OF_CAPACITY, SingleFlight};
 use crate::metrics::Metrics;
 use crate::sessions::Sessions;
 use crate::store::Databases;
@@ -124,6 +124,7 @@ pub async fn serve(
             default_range: config.default_range,
             max_page_size: config.max_page_size,
             fills: SingleFlight::default(),
+            sessions_of: quick_cache::sync::Cache::new(SESSIONS_OF_CAPACITY),
         },
         metrics,
     };

@@ -12,9 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use flare_storage_common::keys::SessionKeys;
+use flare_storage_common::keys::{SessionKeys, document_id};
 use flare_storage_common::message::{LATEST_STORABLE, to_timestamp};
 use flare_storage_common::prost::Message as _;
+use flare_storage_common::proto::EncodedMessage;
 use flare_storage_common::proto::storage::{Message, MessageOperation, MessageReadRecord, MessageTimeline};
 
 use crate::cursor::Cursor;
@@ -39,7 +40,13 @@ pub struct Lookup {
     pub default_range: Duration,
     pub max_page_size: u32,
     pub fills: SingleFlight,
+    /// Sessions of messages read by id (`keys::document_id` → session id), kept in the
+    /// process: a message never changes session, so no replica can contradict an entry.
+    pub sessions_of: quick_cache::sync::Cache<String, String>,
 }
+
+/// Messages whose session a reader keeps in memory for reads by id (about 150 bytes each).
+pub const SESSIONS_OF_CAPACITY: usize = 100_000;
 
 /// A validated QueryMessages request.
 pub struct PageQuery<'a> {
@@ -54,8 +61,9 @@ pub struct PageQuery<'a> {
     pub user: &'a str,
 }
 
+/// A page of messages encoded as they are sent.
 pub struct Page {
-    pub messages: Vec<Message>,
+    pub messages: Vec<EncodedMessage>,
     pub next_cursor: Option<String>,
     pub limit: u32,
 }
@@ -72,9 +80,30 @@ pub struct SeqQuery<'a> {
 }
 
 pub struct SeqPage {
-    pub messages: Vec<Message>,
+    pub messages: Vec<EncodedMessage>,
     pub has_more: bool,
+    /// Seq of the page's last message.
+    pub last_seq: Option<i64>,
     pub limit: u32,
+}
+
+/// A message on its way out: its encoding, and where it stands in the order being paged
+/// (`position`: timestamp in µs for time pages, seq for seq pages; then id).
+#[derive(Debug)]
+struct Listed {
+    position: i64,
+    id: String,
+    encoded: EncodedMessage,
+}
+
+impl Listed {
+    fn by_time(message: &Message) -> Self {
+        Self { position: timestamp_us(message), id: message.id.clone(), encoded: EncodedMessage::from(message) }
+    }
+
+    fn by_seq(message: &Message) -> Self {
+        Self { position: message.seq, id: message.id.clone(), encoded: EncodedMessage::from(message) }
+    }
 }
 
 /// What the hot window could say about a page.
@@ -96,10 +125,50 @@ struct Bounds {
 }
 
 impl Lookup {
-    /// One message as `user` may see it ('' = no per-user filtering).
-    pub async fn message(&self, tenant_id: &str, message_id: &str, user: &str) -> Result<Message, Error> {
+    /// One message as `user` may see it ('' = no per-user filtering): from its session's hot
+    /// window when the message's session is known and the window holds it as the user sees it,
+    /// else from the databases (which then tell its session for the next read).
+    pub async fn message(&self, tenant_id: &str, message_id: &str, user: &str) -> Result<EncodedMessage, Error> {
+        if let Some(cache) = &self.cache {
+            if let Some(encoded) = self.cached_message(cache, tenant_id, message_id, user).await {
+                self.metrics.cache_hit();
+                return Ok(encoded);
+            }
+            self.metrics.cache_miss();
+        }
         let row = self.databases.message(tenant_id, message_id, user).await?;
-        row.map(to_message).transpose()?.ok_or(Error::NotFound("message"))
+        let message = row.map(to_message).transpose()?.ok_or(Error::NotFound("message"))?;
+        if let Some(cache) = &self.cache
+            && !message.session_id.is_empty()
+        {
+            self.sessions_of.insert(document_id(tenant_id, message_id), message.session_id.clone());
+            cache.remember_session_of(tenant_id, message_id, &message.session_id).await;
+        }
+        Ok(EncodedMessage::from(&message))
+    }
+
+    /// A message from its session's hot window, when the window can answer for it. Anything
+    /// the window does not show as visible (not listed, deleted, hidden, cleared) is left to
+    /// the databases, which also know of a message id stored in two sessions.
+    async fn cached_message(
+        &self,
+        cache: &RedisCache,
+        tenant_id: &str,
+        message_id: &str,
+        user: &str,
+    ) -> Option<EncodedMessage> {
+        let known = document_id(tenant_id, message_id);
+        let session_id = match self.sessions_of.get(&known) {
+            Some(session_id) => session_id,
+            None => {
+                let session_id = cache.session_of(tenant_id, message_id).await?;
+                self.sessions_of.insert(known, session_id.clone());
+                session_id
+            }
+        };
+        let keys = SessionKeys::new(tenant_id, &session_id);
+        let entry = cache.one(&keys, message_id, user).await?;
+        visible(entry, Utc::now()).flatten()
     }
 
     /// The time range a read covers. Without an end it has none: a message dated ahead by
@@ -148,30 +217,15 @@ impl Lookup {
                         user: query.user,
                     })
                     .await?;
-                rows.into_iter().map(to_message).collect::<Result<Vec<_>, _>>()?
+                listed(rows, Listed::by_time)?
             }
         };
-        Ok(self.cut_page(messages, limit, query.tenant_id, query.session_id))
-    }
-
-    /// Cuts `limit + 1` newest-first messages into a page and its cursor.
-    fn cut_page(&self, mut messages: Vec<Message>, limit: u32, tenant_id: &str, session_id: &str) -> Page {
-        let has_more = messages.len() > limit as usize;
-        messages.truncate(limit as usize);
-        let next_cursor = match (has_more, messages.last()) {
-            (true, Some(last)) => last
-                .timestamp
-                .as_ref()
-                .and_then(flare_storage_common::message::to_datetime)
-                .map(|timestamp| Cursor { timestamp, message_id: last.id.clone() }.encode(tenant_id, session_id)),
-            _ => None,
-        };
-        Page { messages, next_cursor, limit }
+        Ok(cut_page(messages, limit, query.tenant_id, query.session_id))
     }
 
     /// The page (limit + 1 messages at most) from the hot window, filling the window first
     /// when its completeness is unknown; `None` when the database must answer.
-    async fn cached_page(&self, query: &PageQuery<'_>, bounds: &Bounds) -> Result<Option<Vec<Message>>, Error> {
+    async fn cached_page(&self, query: &PageQuery<'_>, bounds: &Bounds) -> Result<Option<Vec<Listed>>, Error> {
         let Some(cache) = &self.cache else { return Ok(None) };
         let keys = SessionKeys::new(query.tenant_id, query.session_id);
         let read = async || page_from_window(cache, &keys, query.after.as_ref(), bounds, query.user).await;
@@ -266,8 +320,7 @@ impl Lookup {
             (query.from, query.to) = (Some(from), Some(to));
         }
         let rows = self.databases.search(&query, i64::from(limit) + 1).await?;
-        let messages = rows.into_iter().map(to_message).collect::<Result<Vec<_>, _>>()?;
-        Ok(self.cut_page(messages, limit, &query.tenant_id, CURSOR_SCOPE))
+        Ok(cut_page(listed(rows, Listed::by_time)?, limit, &query.tenant_id, CURSOR_SCOPE))
     }
 
     /// Messages of a session by seq, ascending, for gap filling.
@@ -276,14 +329,14 @@ impl Lookup {
         let wanted = limit as usize + 1;
         if let Some(cache) = &self.cache {
             let keys = SessionKeys::new(query.tenant_id, query.session_id);
-            let read = async || cache.by_seq(&keys, query.after, query.before, wanted + TIE_SLACK, query.user).await;
+            let read = async || cache.by_seq(&keys, query.after, query.before, wanted, query.user).await;
             let mut slice = read().await;
             if let Some(WindowRead::ViewsNotLoaded) = slice {
                 load_views(&self.databases, cache, &keys, query.tenant_id, query.session_id).await?;
                 slice = read().await;
             }
             if let Some(WindowRead::Found(slice)) = slice
-                && let Some(messages) = seq_page_from_window(&slice, query.after, wanted)
+                && let Some(messages) = seq_page_from_window(slice, query.after, wanted)
             {
                 self.metrics.cache_hit();
                 return Ok(seq_page(messages, limit));
@@ -294,42 +347,56 @@ impl Lookup {
             .databases
             .seq_range(query.tenant_id, query.session_id, query.after, query.before, wanted as i64, query.user)
             .await?;
-        let messages = rows.into_iter().map(to_message).collect::<Result<Vec<_>, _>>()?;
-        Ok(seq_page(messages, limit))
+        Ok(seq_page(listed(rows, Listed::by_seq)?, limit))
     }
 }
 
-fn seq_page(mut messages: Vec<Message>, limit: u32) -> SeqPage {
+/// Stored rows as messages on their way out.
+fn listed(rows: Vec<StoredRow>, list: fn(&Message) -> Listed) -> Result<Vec<Listed>, Error> {
+    rows.into_iter().map(|row| to_message(row).map(|message| list(&message))).collect()
+}
+
+/// Cuts `limit + 1` newest-first messages into a page and its cursor.
+fn cut_page(mut messages: Vec<Listed>, limit: u32, tenant_id: &str, session_id: &str) -> Page {
     let has_more = messages.len() > limit as usize;
     messages.truncate(limit as usize);
-    SeqPage { messages, has_more, limit }
+    let next_cursor = match (has_more, messages.last()) {
+        (true, Some(last)) => DateTime::from_timestamp_micros(last.position)
+            .map(|timestamp| Cursor { timestamp, message_id: last.id.clone() }.encode(tenant_id, session_id)),
+        _ => None,
+    };
+    Page { messages: messages.into_iter().map(|message| message.encoded).collect(), next_cursor, limit }
+}
+
+fn seq_page(mut messages: Vec<Listed>, limit: u32) -> SeqPage {
+    let has_more = messages.len() > limit as usize;
+    messages.truncate(limit as usize);
+    let last_seq = messages.last().map(|message| message.position);
+    SeqPage { messages: messages.into_iter().map(|message| message.encoded).collect(), has_more, last_seq, limit }
 }
 
 /// Up to `wanted` visible messages from a seq slice, if the window covers the range.
-fn seq_page_from_window(slice: &SeqSlice, after: i64, wanted: usize) -> Option<Vec<Message>> {
+fn seq_page_from_window(slice: SeqSlice, after: i64, wanted: usize) -> Option<Vec<Listed>> {
     // Seqs are contiguous in a session, so a window with as many entries as its seq span
     // holds every message from its lowest seq up.
     let contiguous = slice.size == slice.highest_seq - slice.lowest_seq + 1;
     if !contiguous || slice.lowest_seq > after.saturating_add(1) {
         return None;
     }
+    // The script left out what the user cannot see: a page short of `wanted` is right only
+    // when the range ran out.
+    if slice.entries.len() < wanted && !slice.exhausted {
+        return None;
+    }
     let now = Utc::now();
     let mut messages = Vec::with_capacity(wanted);
-    for entry in &slice.entries {
-        if let Some(message) = visible(entry, now)? {
-            let cleared = slice.cleared_before_us.is_some_and(|cleared| timestamp_us(&message) <= cleared);
-            if !cleared {
-                messages.push(message);
-            }
-        }
-        if messages.len() == wanted {
-            break;
+    for entry in slice.entries.into_iter().take(wanted) {
+        let (position, id) = (entry.position, entry.id.clone());
+        if let Some(encoded) = visible(entry, now)? {
+            messages.push(Listed { position, id, encoded });
         }
     }
-    // A full page, or every entry of the range was read; otherwise hidden entries used up the
-    // read before the page filled, and the database answers.
-    let read_whole_range = slice.entries.len() < wanted + TIE_SLACK;
-    (messages.len() == wanted || read_whole_range).then_some(messages)
+    Some(messages)
 }
 
 /// Answers a time page from the window if it provably can.
@@ -339,7 +406,7 @@ async fn page_from_window(
     cursor: Option<&Cursor>,
     bounds: &Bounds,
     user: &str,
-) -> FromCache<Vec<Message>> {
+) -> FromCache<Vec<Listed>> {
     let wanted = bounds.limit + 1;
     // Only a page after a cursor steps over entries (those sharing the cursor's timestamp that
     // earlier pages returned); a first page — opening a chat, the most common read — reads
@@ -353,7 +420,7 @@ async fn page_from_window(
         None => FromCache::Miss,
         Some(WindowRead::Unknown) => FromCache::Unknown,
         Some(WindowRead::ViewsNotLoaded) => FromCache::ViewsNotLoaded,
-        Some(WindowRead::Found(slice)) => match page_from_slice(&slice, cursor, wanted, fetch, Utc::now()) {
+        Some(WindowRead::Found(slice)) => match page_from_slice(slice, cursor, wanted, fetch, Utc::now()) {
             Some(page) => FromCache::Answer(page),
             None => FromCache::Miss,
         },
@@ -365,32 +432,31 @@ async fn page_from_window(
 /// timestamp (or the range's end) down to the range's start — or `None` when the window may
 /// lack one of them (or an entry cannot be read) and the database must answer.
 fn page_from_slice(
-    slice: &TimeSlice,
+    slice: TimeSlice,
     cursor: Option<&Cursor>,
     wanted: usize,
     fetch: usize,
     now: DateTime<Utc>,
-) -> Option<Vec<Message>> {
+) -> Option<Vec<Listed>> {
     let range_exhausted = slice.entries.len() < fetch;
     let mut page = Vec::with_capacity(wanted);
     let mut oldest_examined_us = None;
-    for entry in &slice.entries {
+    for entry in slice.entries {
+        let (position, id) = (entry.position, entry.id.clone());
         // Messages sharing the cursor's timestamp with an id at or above it were on earlier
-        // pages; the id is in the body.
-        let Some(message) = visible(entry, now)? else {
-            oldest_examined_us = Some(entry.position);
-            continue;
-        };
+        // pages.
         if let Some(cursor) = cursor
-            && entry.position == cursor.timestamp.timestamp_micros()
-            && message.id >= cursor.message_id
+            && position == cursor.timestamp.timestamp_micros()
+            && id >= cursor.message_id
         {
             continue;
         }
-        oldest_examined_us = Some(entry.position);
-        page.push(message);
-        if page.len() == wanted {
-            break;
+        oldest_examined_us = Some(position);
+        if let Some(encoded) = visible(entry, now)? {
+            page.push(Listed { position, id, encoded });
+            if page.len() == wanted {
+                break;
+            }
         }
     }
     let complete = if page.len() == wanted {
@@ -404,26 +470,35 @@ fn page_from_slice(
     complete.then_some(page)
 }
 
-/// A cached entry as its reader may see it: `Some(None)` when it is gone for them,
-/// `None` when the entry cannot be trusted (body missing or undecodable).
-fn visible(entry: &CachedEntry, now: DateTime<Utc>) -> Option<Option<Message>> {
+/// A cached entry as its reader may see it: `Some(None)` when it is gone for them, `None`
+/// when the entry cannot be trusted (body missing, or undecodable where it must be changed).
+/// The body is sent as stored; only a message recalled or burned since it was cached, whose
+/// content must not be shown, is decoded and encoded again.
+fn visible(entry: CachedEntry, now: DateTime<Utc>) -> Option<Option<EncodedMessage>> {
     if entry.hidden || entry.gone == "deleted" {
         return Some(None);
     }
     if entry.body.is_empty() {
         return None;
     }
-    let mut message = Message::decode(entry.body.as_slice()).ok()?;
-    if let Some(recalled_us) = entry.gone.strip_prefix("recalled:") {
-        message.is_recalled = true;
-        message.recalled_at = recalled_us.parse().ok().and_then(DateTime::from_timestamp_micros).map(to_timestamp);
-        message.content = None;
-    } else if let Some(burn_us) = entry.gone.strip_prefix("burn:")
-        && burn_us.parse::<i64>().is_ok_and(|burn_us| burn_us <= now.timestamp_micros())
-    {
-        message.content = None;
+    let encoded = EncodedMessage(entry.body);
+    let recalled_at = entry.gone.strip_prefix("recalled:").map(|recalled_us| {
+        recalled_us.parse().ok().and_then(DateTime::from_timestamp_micros).map(to_timestamp)
+    });
+    let burned = entry
+        .gone
+        .strip_prefix("burn:")
+        .is_some_and(|burn_us| burn_us.parse::<i64>().is_ok_and(|burn_us| burn_us <= now.timestamp_micros()));
+    if recalled_at.is_none() && !burned {
+        return Some(Some(encoded));
     }
-    Some(Some(message))
+    let mut message = encoded.decode().ok()?;
+    if let Some(recalled_at) = recalled_at {
+        message.is_recalled = true;
+        message.recalled_at = recalled_at;
+    }
+    message.content = None;
+    Some(Some(EncodedMessage::from(&message)))
 }
 
 fn timestamp_us(message: &Message) -> i64 {
@@ -582,6 +657,7 @@ mod tests {
             .into_iter()
             .take(fetch)
             .map(|message| CachedEntry {
+                id: message.id.clone(),
                 position: message.timestamp_us,
                 body: Message {
                     id: message.id.clone(),
@@ -621,7 +697,7 @@ mod tests {
             let fetch = if cursor.is_some() { wanted + TIE_SLACK } else { wanted };
             let max_us = cursor.as_ref().map_or(to_us, |cursor| to_us.min(cursor.timestamp.timestamp_micros()));
             let slice = read_by_time(window, evicted, max_us, from_us, fetch);
-            let answer = page_from_slice(&slice, cursor.as_ref(), wanted, fetch, Utc::now());
+            let answer = page_from_slice(slice, cursor.as_ref(), wanted, fetch, Utc::now());
 
             let mut expected: Vec<&Stored> = messages
                 .iter()
@@ -635,7 +711,9 @@ mod tests {
             if let Some(page) = &answer {
                 let ids: Vec<&str> = page.iter().map(|message| message.id.as_str()).collect();
                 prop_assert_eq!(ids, expected);
-                for message in page {
+                for listed in page {
+                    let message = listed.encoded.decode()?;
+                    prop_assert_eq!(&message.id, &listed.id);
                     let recalled = messages.iter().any(|stored| stored.id == message.id && stored.gone.starts_with("recalled:"));
                     prop_assert_eq!(message.is_recalled, recalled);
                 }

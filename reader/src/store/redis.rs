@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use flare_storage_common::keys::{HOT_FLOOR_ALL, SessionKeys, hidden_view_prefix};
+use flare_storage_common::keys::{HOT_FLOOR_ALL, SessionKeys, hidden_view_prefix, message_session};
 use flare_storage_common::scripts::query_calling;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisResult, Script};
+use redis::{AsyncCommands as _, RedisResult, Script};
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
@@ -26,8 +26,9 @@ const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 /// Newest-first window entries between two timestamps, with everything needed to filter them
 /// for one user. Reply: floor, views loaded ('1'/'0'), lower bound used (the user's clear
-/// watermark can raise it), then per entry: timestamp, body, gone state, hidden ('1'/'0').
-/// Nothing when the window's completeness is unknown.
+/// watermark can raise it), then per entry: id, timestamp, body ('' when hidden or deleted, the
+/// reader needs only its place), gone state, hidden ('1'/'0'). Nothing when the window's
+/// completeness is unknown. A fixed number of commands whatever the page's size.
 const READ_BY_TIME: &str = r#"
 -- KEYS: meta, time zset, bodies, gone, views
 -- ARGV: max_us, min_us, count, user ('' = none), the user's hide prefix
@@ -44,46 +45,116 @@ end
 local out = {floor, loaded, string.format('%.0f', min)}
 if loaded == '0' then return out end
 local entries = redis.call('ZREVRANGEBYSCORE', KEYS[2], ARGV[1], string.format('%.0f', min), 'WITHSCORES', 'LIMIT', 0, ARGV[3])
-for i = 1, #entries, 2 do
-  local id = entries[i]
-  out[#out + 1] = entries[i + 1]
-  out[#out + 1] = redis.call('HGET', KEYS[3], id) or ''
-  out[#out + 1] = redis.call('HGET', KEYS[4], id) or ''
-  local hidden = '0'
-  if user ~= '' and redis.call('HEXISTS', KEYS[5], ARGV[5] .. id) == 1 then hidden = '1' end
-  out[#out + 1] = hidden
+if #entries == 0 then return out end
+local ids = {}
+for i = 1, #entries, 2 do ids[#ids + 1] = entries[i] end
+local gone = redis.call('HMGET', KEYS[4], unpack(ids))
+local hidden = {}
+if user ~= '' then
+  local fields = {}
+  for i, id in ipairs(ids) do fields[i] = ARGV[5] .. id end
+  hidden = redis.call('HMGET', KEYS[5], unpack(fields))
+end
+local shown = {}
+for i, id in ipairs(ids) do
+  if not hidden[i] and gone[i] ~= 'deleted' then shown[#shown + 1] = id end
+end
+local bodies = {}
+if #shown > 0 then
+  local found = redis.call('HMGET', KEYS[3], unpack(shown))
+  for i, id in ipairs(shown) do bodies[id] = found[i] end
+end
+for i, id in ipairs(ids) do
+  out[#out + 1] = id
+  out[#out + 1] = entries[2 * i]
+  out[#out + 1] = bodies[id] or ''
+  out[#out + 1] = gone[i] or ''
+  out[#out + 1] = hidden[i] and '1' or '0'
 end
 return out
 "#;
 
-/// Ascending window entries by seq in (ARGV[1], ARGV[2]). Reply: lowest seq, size, highest
-/// seq, views loaded, the user's clear watermark ('' = none), then per entry: seq, body, gone
-/// state, hidden.
+/// Ascending window entries by seq in (ARGV[1], ARGV[2]) that the user can see (not deleted,
+/// not hidden, not before their clear watermark), ARGV[3] of them when the range has as many:
+/// entries the user cannot see are stepped over in further reads, so a page reads exactly
+/// itself unless some are. Reply: lowest seq, size, highest seq, views loaded, whether the range
+/// ran out ('1'/'0'), then per entry: id, seq, body, gone state. Nothing when the window is empty.
 const READ_BY_SEQ: &str = r#"
--- KEYS: seq zset, bodies, gone, views; ARGV: after, before, count, user, the user's hide prefix
+-- KEYS: seq zset, bodies, gone, views, time zset
+-- ARGV: after, before, count, user, the user's hide prefix
 local lowest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if #lowest == 0 then return false end
 local highest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 local user = ARGV[4]
 local loaded = '1'
-local clear = ''
+local clear = nil
 if user ~= '' then
   if redis.call('HEXISTS', KEYS[4], 'loaded') == 0 then loaded = '0' end
-  clear = redis.call('HGET', KEYS[4], 'clear:' .. user) or ''
+  clear = redis.call('HGET', KEYS[4], 'clear:' .. user)
 end
-local out = {lowest[2], tostring(redis.call('ZCARD', KEYS[1])), highest[2], loaded, clear}
+local out = {lowest[2], tostring(redis.call('ZCARD', KEYS[1])), highest[2], loaded, '0'}
 if loaded == '0' then return out end
-local entries = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '(' .. ARGV[2], 'WITHSCORES', 'LIMIT', 0, ARGV[3])
-for i = 1, #entries, 2 do
-  local id = entries[i]
-  out[#out + 1] = entries[i + 1]
-  out[#out + 1] = redis.call('HGET', KEYS[2], id) or ''
-  out[#out + 1] = redis.call('HGET', KEYS[3], id) or ''
-  local hidden = '0'
-  if user ~= '' and redis.call('HEXISTS', KEYS[4], ARGV[5] .. id) == 1 then hidden = '1' end
-  out[#out + 1] = hidden
+local wanted = tonumber(ARGV[3])
+local shown, seqs = {}, {}
+local offset, exhausted = 0, false
+-- Each further read is as large as what is still missing; a user hiding most of the range
+-- costs a few reads, never the whole window at once.
+while #shown < wanted and not exhausted do
+  local batch = wanted - #shown
+  local entries = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '(' .. ARGV[2], 'WITHSCORES', 'LIMIT', offset, batch)
+  offset = offset + #entries / 2
+  if #entries / 2 < batch then exhausted = true end
+  if #entries == 0 then break end
+  local ids = {}
+  for i = 1, #entries, 2 do ids[#ids + 1] = entries[i] end
+  local gone = redis.call('HMGET', KEYS[3], unpack(ids))
+  local hidden = {}
+  if user ~= '' then
+    local fields = {}
+    for i, id in ipairs(ids) do fields[i] = ARGV[5] .. id end
+    hidden = redis.call('HMGET', KEYS[4], unpack(fields))
+  end
+  local times = {}
+  if clear then times = redis.call('ZMSCORE', KEYS[5], unpack(ids)) end
+  for i, id in ipairs(ids) do
+    local cleared = clear and times[i] and tonumber(times[i]) <= tonumber(clear)
+    if not hidden[i] and gone[i] ~= 'deleted' and not cleared then
+      shown[#shown + 1] = {id, entries[2 * i], gone[i] or ''}
+    end
+  end
+end
+if exhausted then out[5] = '1' end
+if #shown == 0 then return out end
+local ids = {}
+for i, entry in ipairs(shown) do ids[i] = entry[1] end
+local bodies = redis.call('HMGET', KEYS[2], unpack(ids))
+for i, entry in ipairs(shown) do
+  out[#out + 1] = entry[1]
+  out[#out + 1] = entry[2]
+  out[#out + 1] = bodies[i] or ''
+  out[#out + 1] = entry[3]
 end
 return out
+"#;
+
+/// One message of the window as `user` may see it, for a read by id. Reply: body, gone state;
+/// nothing when the window does not list it with a body, when it is deleted, or when it is
+/// hidden or cleared for the user or their views are not loaded — the databases answer those.
+const READ_ONE: &str = r#"
+-- KEYS: seq zset, bodies, gone, views, time zset; ARGV: message_id, user, the user's hide prefix
+local id, user = ARGV[1], ARGV[2]
+if not redis.call('ZSCORE', KEYS[1], id) then return false end
+local body = redis.call('HGET', KEYS[2], id)
+if not body then return false end
+local gone = redis.call('HGET', KEYS[3], id) or ''
+if gone == 'deleted' then return false end
+if user ~= '' then
+  if redis.call('HEXISTS', KEYS[4], 'loaded') == 0 then return false end
+  if redis.call('HEXISTS', KEYS[4], ARGV[3] .. id) == 1 then return false end
+  local clear = redis.call('HGET', KEYS[4], 'clear:' .. user)
+  if clear and tonumber(redis.call('ZSCORE', KEYS[5], id) or '0') <= tonumber(clear) then return false end
+end
+return {body, gone}
 "#;
 
 /// Merges a database read into a window: the newest messages of the session, complete above
@@ -343,9 +414,11 @@ impl CachedState {
 /// A cached message with its overlays.
 #[derive(Debug, Clone)]
 pub struct CachedEntry {
+    pub id: String,
     /// Timestamp (µs) in time reads, seq in seq reads.
     pub position: i64,
-    /// The encoded message; empty when missing.
+    /// The message encoded as it is sent; empty when missing, and in time reads when the
+    /// entry is hidden or deleted (not shown, so not sent).
     pub body: Vec<u8>,
     /// `deleted`, `recalled:<µs>`, `burn:<µs>`, or empty.
     pub gone: String,
@@ -362,14 +435,15 @@ pub struct TimeSlice {
     pub entries: Vec<CachedEntry>,
 }
 
-/// Ascending window entries in a seq range.
+/// Ascending window entries in a seq range that the user can see (none hidden, deleted or
+/// cleared for them).
 #[derive(Debug)]
 pub struct SeqSlice {
     pub lowest_seq: i64,
     pub highest_seq: i64,
     pub size: i64,
-    /// The user's clear watermark (µs), if any.
-    pub cleared_before_us: Option<i64>,
+    /// Every entry of the window in the range was read (fewer may be shown than were asked).
+    pub exhausted: bool,
     pub entries: Vec<CachedEntry>,
 }
 
@@ -401,6 +475,7 @@ pub struct RedisCache {
     hot_window: usize,
     read_by_time: Script,
     read_by_seq: Script,
+    read_one: Script,
     fill: Script,
     mark_gone: Script,
     ticket: Script,
@@ -424,6 +499,7 @@ impl RedisCache {
             hot_window,
             read_by_time: Script::new(READ_BY_TIME),
             read_by_seq: Script::new(READ_BY_SEQ),
+            read_one: Script::new(READ_ONE),
             fill: Script::new(FILL),
             mark_gone: Script::new(MARK_GONE),
             ticket: Script::new(TICKET),
@@ -530,15 +606,18 @@ impl RedisCache {
                 .invoke_async(&mut connection)
                 .await?;
             let Some(reply) = reply else { return Ok(Some(WindowRead::Unknown)) };
-            let [floor, loaded, min, rest @ ..] = reply.as_slice() else { return Ok(None) };
+            let mut reply = reply.into_iter();
+            let (Some(floor), Some(loaded), Some(min)) = (reply.next(), reply.next(), reply.next()) else {
+                return Ok(None);
+            };
             if loaded.as_slice() != b"1" {
                 return Ok(Some(WindowRead::ViewsNotLoaded));
             }
             Ok((|| {
                 Some(WindowRead::Found(TimeSlice {
-                    floor_us: parse_i64(floor)?,
-                    min_us: parse_i64(min)?,
-                    entries: entries(rest)?,
+                    floor_us: parse_i64(&floor)?,
+                    min_us: parse_i64(&min)?,
+                    entries: entries(reply, true)?,
                 }))
             })())
         })
@@ -546,7 +625,8 @@ impl RedisCache {
         .flatten()
     }
 
-    /// Up to `count` entries with seq in (after, before), ascending, with the window's extent.
+    /// Up to `count` entries with seq in (after, before) that `user` can see, ascending, with
+    /// the window's extent (see [`READ_BY_SEQ`]).
     pub async fn by_seq(
         &self,
         keys: &SessionKeys,
@@ -562,6 +642,7 @@ impl RedisCache {
                 .key(keys.hot_bodies())
                 .key(keys.gone())
                 .key(keys.views())
+                .key(keys.hot_time_index())
                 .arg(after)
                 .arg(before)
                 .arg(count)
@@ -570,22 +651,63 @@ impl RedisCache {
                 .invoke_async(&mut connection)
                 .await?;
             let Some(reply) = reply else { return Ok(Some(WindowRead::Unknown)) };
-            let [lowest, size, highest, loaded, clear, rest @ ..] = reply.as_slice() else { return Ok(None) };
+            let mut reply = reply.into_iter();
+            let (Some(lowest), Some(size), Some(highest), Some(loaded), Some(exhausted)) =
+                (reply.next(), reply.next(), reply.next(), reply.next(), reply.next())
+            else {
+                return Ok(None);
+            };
             if loaded.as_slice() != b"1" {
                 return Ok(Some(WindowRead::ViewsNotLoaded));
             }
             Ok((|| {
                 Some(WindowRead::Found(SeqSlice {
-                    lowest_seq: parse_i64(lowest)?,
-                    size: parse_i64(size)?,
-                    highest_seq: parse_i64(highest)?,
-                    cleared_before_us: if clear.is_empty() { None } else { Some(parse_i64(clear)?) },
-                    entries: entries(rest)?,
+                    lowest_seq: parse_i64(&lowest)?,
+                    size: parse_i64(&size)?,
+                    highest_seq: parse_i64(&highest)?,
+                    exhausted: exhausted.as_slice() == b"1",
+                    entries: entries(reply, false)?,
                 }))
             })())
         })
         .await
         .flatten()
+    }
+
+    /// Message `message_id` of a session's window as `user` may see it ('' = no per-user
+    /// filtering), when the window can answer for it (see [`READ_ONE`]).
+    pub async fn one(&self, keys: &SessionKeys, message_id: &str, user: &str) -> Option<CachedEntry> {
+        self.call(async |mut connection| {
+            let reply: Option<(Vec<u8>, String)> = self
+                .read_one
+                .key(keys.hot_index())
+                .key(keys.hot_bodies())
+                .key(keys.gone())
+                .key(keys.views())
+                .key(keys.hot_time_index())
+                .arg(message_id)
+                .arg(user)
+                .arg(hidden_view_prefix(user))
+                .invoke_async(&mut connection)
+                .await?;
+            Ok(reply.map(|(body, gone)| CachedEntry { id: message_id.to_owned(), position: 0, body, gone, hidden: false }))
+        })
+        .await
+        .flatten()
+    }
+
+    /// The session of a tenant's message, when a reader recorded it (see
+    /// [`message_session`]).
+    pub async fn session_of(&self, tenant_id: &str, message_id: &str) -> Option<String> {
+        let key = message_session(tenant_id, message_id);
+        self.call(async |mut connection| connection.get::<_, Option<String>>(&key).await).await.flatten()
+    }
+
+    /// Records the session of a tenant's message for later reads by id.
+    pub async fn remember_session_of(&self, tenant_id: &str, message_id: &str, session_id: &str) {
+        let key = message_session(tenant_id, message_id);
+        let ttl = self.hot_ttl.as_secs().max(1);
+        self.call(async |mut connection| connection.set_ex::<_, _, ()>(&key, session_id, ttl).await).await;
     }
 
     /// The session's last ticket, read before a database read that may fill the window (see
@@ -802,19 +924,24 @@ fn parse_i64(bytes: &[u8]) -> Option<i64> {
     text.parse::<i64>().ok().or_else(|| text.parse::<f64>().ok().map(|value| value as i64))
 }
 
-fn entries(groups: &[Vec<u8>]) -> Option<Vec<CachedEntry>> {
-    groups
-        .chunks(4)
-        .map(|group| match group {
-            [position, body, gone, hidden] => Some(CachedEntry {
-                position: parse_i64(position)?,
-                body: body.clone(),
-                gone: String::from_utf8(gone.clone()).ok()?,
-                hidden: hidden.as_slice() == b"1",
-            }),
-            _ => None,
-        })
-        .collect()
+/// Window entries from a read's reply, taking the bodies without copying them: groups of id,
+/// position, body, gone state, and with `flagged` a hidden flag.
+fn entries(reply: impl ExactSizeIterator<Item = Vec<u8>>, flagged: bool) -> Option<Vec<CachedEntry>> {
+    let width = if flagged { 5 } else { 4 };
+    let mut entries = Vec::with_capacity(reply.len() / width);
+    let mut reply = reply.into_iter();
+    while let Some(id) = reply.next() {
+        let (Some(position), Some(body), Some(gone)) = (reply.next(), reply.next(), reply.next()) else { return None };
+        let hidden = if flagged { reply.next()?.as_slice() == b"1" } else { false };
+        entries.push(CachedEntry {
+            id: String::from_utf8(id).ok()?,
+            position: parse_i64(&position)?,
+            body,
+            gone: String::from_utf8(gone).ok()?,
+            hidden,
+        });
+    }
+    Some(entries)
 }
 
 #[cfg(test)]
