@@ -167,8 +167,15 @@ impl Lookup {
             }
         };
         let keys = SessionKeys::new(tenant_id, &session_id);
-        let entry = cache.one(&keys, message_id, user).await?;
-        visible(entry, Utc::now()).flatten()
+        let mut read = cache.one(&keys, message_id, user).await?;
+        if let WindowRead::ViewsNotLoaded = read {
+            load_views(&self.databases, cache, &keys, tenant_id, &session_id).await.ok()?;
+            read = cache.one(&keys, message_id, user).await?;
+        }
+        match read {
+            WindowRead::Found(entry) => visible(entry, Utc::now()).flatten(),
+            WindowRead::Unknown | WindowRead::ViewsNotLoaded => None,
+        }
     }
 
     /// The time range a read covers. Without an end it has none: a message dated ahead by

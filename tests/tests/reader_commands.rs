@@ -756,6 +756,108 @@ async fn every_read_path_shows_what_a_command_changed(store: Store) -> anyhow::R
     chat.stop().await
 }
 
+on_each_store!(get_message_is_answered_from_the_window_and_never_shows_what_is_gone);
+/// GetMessage is answered from the session's hot window once a replica knows the message's
+/// session, and agrees with the database (message for message, byte for byte) after commands
+/// sent to another replica: deleted, hidden and cleared messages are not found for whom they
+/// are gone, recalled ones lose their content, attributes show at once.
+async fn get_message_is_answered_from_the_window_and_never_shows_what_is_gone(store: Store) -> anyhow::Result<()> {
+    let chat = Conversation::start(store, 6).await?;
+    let replica = RunningReader::start_configured(&chat.database.url, Some(redis_url()), |config| {
+        store.configure_reader(config, &chat.mongo_database);
+    })
+    .await?;
+    let hits = async || -> anyhow::Result<f64> {
+        let (_, body) = http_get(replica.metrics_addr, "/metrics").await?;
+        Ok(metric_value(&body, "storage_reader_cache_lookups_total{result=\"hit\"}").unwrap_or(0.0))
+    };
+    let (mut replica_client, mut database_client) = (replica.client().await?, chat.uncached.client().await?);
+    let everyone = ["m0", "m1", "m2", "m3", "m4", "m5"];
+    // Each answer of the replica, and whether it is the database's exactly.
+    let mut compare = async |user: &str, id: &str| -> anyhow::Result<Result<Message, Code>> {
+        let request = || GetMessageRequest { message_id: id.into(), context: as_user(user), tenant: tenant(&chat.tenant) };
+        let cached = replica_client.get_message(request()).await;
+        let stored = database_client.get_message(request()).await;
+        let cached = cached.map(|reply| reply.into_inner().message.unwrap_or_default()).map_err(|status| status.code());
+        let stored = stored.map(|reply| reply.into_inner().message.unwrap_or_default()).map_err(|status| status.code());
+        assert_eq!(cached, stored, "{id} for {user} ({store:?})");
+        Ok(cached)
+    };
+    // First reads learn each message's session from the database; the next come from Redis.
+    for id in everyone {
+        compare("alice", id).await?.map_err(|code| anyhow::anyhow!("{id}: {code:?}"))?;
+    }
+    let before = hits().await?;
+    for id in everyone {
+        compare("alice", id).await?.map_err(|code| anyhow::anyhow!("{id}: {code:?}"))?;
+    }
+    assert_eq!(hits().await? - before, 6.0, "every read by id came from the window ({store:?})");
+
+    let mut commander = chat.cached.client().await?;
+    commander
+        .delete_message(DeleteMessageRequest {
+            session_id: chat.session.clone(),
+            message_ids: vec!["m1".into()],
+            context: as_user("bob"),
+            tenant: tenant(&chat.tenant),
+        })
+        .await?;
+    commander
+        .delete_message_for_user(DeleteMessageForUserRequest {
+            message_id: "m2".into(),
+            user_id: "bob".into(),
+            permanent: false,
+            context: as_user("bob"),
+            tenant: tenant(&chat.tenant),
+        })
+        .await?;
+    commander
+        .recall_message(RecallMessageRequest {
+            message_id: "m4".into(),
+            operator_id: "alice".into(),
+            tenant: tenant(&chat.tenant),
+            ..Default::default()
+        })
+        .await?;
+    commander
+        .set_message_attributes(SetMessageAttributesRequest {
+            context: as_user("bob"),
+            tenant: tenant(&chat.tenant),
+            message_id: "m5".into(),
+            attributes: HashMap::from([("pinned".to_owned(), "1".to_owned())]),
+            tags: vec!["starred".into()],
+        })
+        .await?;
+    commander
+        .clear_session(ClearSessionRequest {
+            session_id: chat.session.clone(),
+            user_id: "alice".into(),
+            clear_type: ClearType::ClearBeforeMessage as i32,
+            clear_before_message_id: "m3".into(),
+            tenant: tenant(&chat.tenant),
+            ..Default::default()
+        })
+        .await?;
+
+    let before = hits().await?;
+    for user in ["alice", "bob"] {
+        for id in everyone {
+            let answer = compare(user, id).await?;
+            let gone = id == "m1" || (user == "bob" && id == "m2") || (user == "alice" && ["m0", "m2"].contains(&id));
+            assert_eq!(answer.as_ref().err(), gone.then_some(&Code::NotFound), "{id} for {user} ({store:?})");
+            if let Ok(message) = answer {
+                assert_eq!(message.is_recalled, id == "m4");
+                assert_eq!(text(&message).is_some(), id != "m4", "{id}: recalled content is never shown");
+                assert_eq!(message.tags, if id == "m5" { vec!["starred".to_owned()] } else { vec![] });
+            }
+        }
+    }
+    // Bob's m0, m3, m4, m5 and alice's m3, m4, m5 are in the window as each sees them.
+    assert!(hits().await? - before >= 7.0, "visible messages came from the window ({store:?})");
+    replica.stop().await?;
+    chat.stop().await
+}
+
 on_each_store!(unread_counts_are_exact_and_read_positions_only_move_forward);
 /// Session state without per-member counters: unread counts derived from read seqs leave out
 /// what is deleted, recalled, burned, hidden or cleared for the user and what the user sent;

@@ -294,7 +294,10 @@ impl Pipeline {
             .collect();
         // Batch order: a session's messages take their seqs in partition order.
         representatives.sort_unstable_by_key(|(index, _, _)| *index);
-        let persisted_at = to_timestamp(Utc::now());
+        // In µs, as the databases keep it (PostgreSQL's timestamptz, MongoDB's `created_at_us`):
+        // the cached body then reads exactly as the databases' rows.
+        let now = Utc::now();
+        let persisted_at = to_timestamp(DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now));
         let stored_by_this_batch = lock(memory).stored.clone();
         let mut stored_before = HashSet::new();
         let mut pending = Vec::with_capacity(representatives.len());

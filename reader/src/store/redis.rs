@@ -138,8 +138,9 @@ return out
 "#;
 
 /// One message of the window as `user` may see it, for a read by id. Reply: body, gone state;
-/// nothing when the window does not list it with a body, when it is deleted, or when it is
-/// hidden or cleared for the user or their views are not loaded — the databases answer those.
+/// `{'views'}` when the session's per-user views are not loaded; nothing when the window does
+/// not list it with a body, or when it is deleted, hidden or cleared for the user — the
+/// databases answer those.
 const READ_ONE: &str = r#"
 -- KEYS: seq zset, bodies, gone, views, time zset; ARGV: message_id, user, the user's hide prefix
 local id, user = ARGV[1], ARGV[2]
@@ -149,7 +150,7 @@ if not body then return false end
 local gone = redis.call('HGET', KEYS[3], id) or ''
 if gone == 'deleted' then return false end
 if user ~= '' then
-  if redis.call('HEXISTS', KEYS[4], 'loaded') == 0 then return false end
+  if redis.call('HEXISTS', KEYS[4], 'loaded') == 0 then return {'views'} end
   if redis.call('HEXISTS', KEYS[4], ARGV[3] .. id) == 1 then return false end
   local clear = redis.call('HGET', KEYS[4], 'clear:' .. user)
   if clear and tonumber(redis.call('ZSCORE', KEYS[5], id) or '0') <= tonumber(clear) then return false end
@@ -450,7 +451,8 @@ pub struct SeqSlice {
 /// What a window read found.
 pub enum WindowRead<T> {
     Found(T),
-    /// Completeness unknown: fill the window first.
+    /// Completeness unknown: fill the window first (for a read by id: the window cannot
+    /// answer).
     Unknown,
     /// The session's per-user views are not in Redis: load them first.
     ViewsNotLoaded,
@@ -675,10 +677,11 @@ impl RedisCache {
     }
 
     /// Message `message_id` of a session's window as `user` may see it ('' = no per-user
-    /// filtering), when the window can answer for it (see [`READ_ONE`]).
-    pub async fn one(&self, keys: &SessionKeys, message_id: &str, user: &str) -> Option<CachedEntry> {
+    /// filtering), when the window can answer for it (see [`READ_ONE`]); `Unknown` when it
+    /// cannot.
+    pub async fn one(&self, keys: &SessionKeys, message_id: &str, user: &str) -> Option<WindowRead<CachedEntry>> {
         self.call(async |mut connection| {
-            let reply: Option<(Vec<u8>, String)> = self
+            let reply: Option<Vec<Vec<u8>>> = self
                 .read_one
                 .key(keys.hot_index())
                 .key(keys.hot_bodies())
@@ -690,7 +693,14 @@ impl RedisCache {
                 .arg(hidden_view_prefix(user))
                 .invoke_async(&mut connection)
                 .await?;
-            Ok(reply.map(|(body, gone)| CachedEntry { id: message_id.to_owned(), position: 0, body, gone, hidden: false }))
+            let mut reply = reply.unwrap_or_default().into_iter();
+            Ok(match (reply.next(), reply.next()) {
+                (Some(body), Some(gone)) => String::from_utf8(gone).ok().map(|gone| {
+                    WindowRead::Found(CachedEntry { id: message_id.to_owned(), position: 0, body, gone, hidden: false })
+                }),
+                (Some(_), None) => Some(WindowRead::ViewsNotLoaded),
+                _ => Some(WindowRead::Unknown),
+            })
         })
         .await
         .flatten()
