@@ -184,6 +184,38 @@ impl Conversation {
         Ok(answers.swap_remove(0))
     }
 
+    /// Every small QueryMessagesBySeq page of the session (limits 1–3 from each seq) is the
+    /// same from both readers, `has_more` and `last_seq` included.
+    async fn seq_pages_agree(&self, user: &str) -> anyhow::Result<()> {
+        let [mut cached, mut uncached] = self.clients().await?;
+        for limit in 1..=3 {
+            for after in 0..=6 {
+                let request = || QueryMessagesBySeqRequest {
+                    session_id: self.session.clone(),
+                    user_id: user.into(),
+                    after_seq: after,
+                    limit,
+                    tenant: tenant(&self.tenant),
+                    ..Default::default()
+                };
+                let a = cached.query_messages_by_seq(request()).await?.into_inner();
+                let b = uncached.query_messages_by_seq(request()).await?.into_inner();
+                let seqs = |page: &QueryMessagesBySeqResponse| page.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+                anyhow::ensure!(
+                    (seqs(&a), a.has_more, a.last_seq) == (seqs(&b), b.has_more, b.last_seq),
+                    "{user} after {after} limit {limit}: cache {:?} {} {}, database {:?} {} {}",
+                    seqs(&a),
+                    a.has_more,
+                    a.last_seq,
+                    seqs(&b),
+                    b.has_more,
+                    b.last_seq
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The message as `user` gets it from both readers (which must agree on its fields).
     async fn get(&self, user: &str, id: &str) -> anyhow::Result<Result<Message, Code>> {
         let mut answers = Vec::new();
@@ -405,6 +437,10 @@ async fn per_user_deletes_and_clears_hide_only_for_that_user(store: Store) -> an
     assert!(chat.cache_hits().await? >= hits + 4.0, "per-user views are filtered in the window");
     assert_eq!(chat.get("bob", "m2").await?.err(), Some(Code::NotFound));
     assert!(chat.get("alice", "m2").await?.is_ok());
+    // Small seq pages step over the hidden message in the window exactly as the database does.
+    let hits = chat.cache_hits().await?;
+    chat.seq_pages_agree("bob").await?;
+    assert!(chat.cache_hits().await? >= hits + 10.0, "seq pages around a hidden message came from the window");
 
     // Alice clears everything before m3; bob is unaffected.
     let clear = |user: &str, kind: ClearType, before_id: &str| ClearSessionRequest {
@@ -420,6 +456,7 @@ async fn per_user_deletes_and_clears_hide_only_for_that_user(store: Store) -> an
     assert_eq!(chat.visible_to("alice").await?, ids(&["m5", "m4", "m3"]));
     assert_eq!(chat.visible_to("bob").await?, ids(&["m5", "m4", "m3", "m1", "m0"]));
     assert_eq!(chat.get("alice", "m0").await?.err(), Some(Code::NotFound));
+    chat.seq_pages_agree("alice").await?;
 
     // Bob clears all; what arrives afterwards is visible again.
     client.clear_session(clear("bob", ClearType::ClearAll, "")).await?;
