@@ -83,3 +83,51 @@ impl prost::Message for EncodedMessage {
         self.0.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+
+    fn message(id: &str, text: &str) -> storage::Message {
+        storage::Message {
+            id: id.into(),
+            session_id: "s".into(),
+            seq: 7,
+            content: Some(storage::MessageContent {
+                content: Some(storage::message_content::Content::Text(storage::TextContent {
+                    text: text.into(),
+                    mentions: vec![],
+                })),
+            }),
+            tags: vec!["starred".into()],
+            ..Default::default()
+        }
+    }
+
+    /// A served response holding encoded messages is, byte for byte, the client's response
+    /// holding those messages, and reads back as it.
+    #[test]
+    fn served_responses_are_the_clients_bytes() {
+        let messages = vec![message("a", "你好"), message("b", ""), storage::Message::default()];
+        let client = storage::QueryMessagesResponse {
+            messages: messages.clone(),
+            next_cursor: "c".into(),
+            has_more: true,
+            ..Default::default()
+        };
+        let served = serving::QueryMessagesResponse {
+            messages: messages.iter().map(EncodedMessage::from).collect(),
+            next_cursor: "c".into(),
+            has_more: true,
+            ..Default::default()
+        };
+        assert_eq!(served.encode_to_vec(), client.encode_to_vec());
+        let read = serving::QueryMessagesResponse::decode(client.encode_to_vec().as_slice()).expect("decodes");
+        assert_eq!(read, served);
+        let one = serving::GetMessageResponse { message: Some(EncodedMessage::from(&messages[0])), status: None };
+        let decoded = storage::GetMessageResponse::decode(one.encode_to_vec().as_slice()).expect("decodes");
+        assert_eq!(decoded.message.as_ref(), Some(&messages[0]));
+    }
+}
