@@ -2,7 +2,7 @@
 //! limits measured in the same run (see [`USAGE`] and docs/BENCHMARKS.md). They report; they
 //! never pass or fail on a number.
 
-mod empty;
+mod baseline;
 mod reader;
 mod report;
 mod search;
@@ -24,14 +24,17 @@ const USAGE: &str = "usage (after `eval \"$(scripts/services.sh up)\"` and `carg
       latency at a fraction of it, beside raw Kafka consume, PostgreSQL COPY/UNNEST and Redis
   flare-storage-bench reader [--messages 100000] [--sessions 1000] [--concurrency 64]
                              [--connections 4] [--seconds 15] [--json target/bench/reader.json]
-      QueryMessages hot/cold, GetMessage, QueryMessagesBySeq, beside an empty gRPC handler
+      QueryMessages hot/cold, GetMessage, QueryMessagesBySeq (sessions and messages drawn Zipf
+      over recent history), beside an empty gRPC handler and one answering the reader's own
+      responses (captured from it), under the same load
   flare-storage-bench search [--messages 1000000] [--sessions 10000] [--queries 20] [--repeats 5]
                              [--mongo-messages 2000] [--keep false] [--json target/bench/search.json]
       SearchMessages tenant-wide for 1-, 2- and 4-character Chinese and English words, over
       PostgreSQL (history loaded by COPY) and MongoDB (0 messages: no MongoDB run); --keep true
       leaves the PostgreSQL database for EXPLAIN and prints its URL
   flare-storage-bench empty-server --addr 127.0.0.1:50099
-      the empty handler on its own (the reader benchmark starts it itself)
+  flare-storage-bench canned-server --addr 127.0.0.1:50099 --responses FILE
+      the baselines on their own (the reader benchmark starts them itself)
 
 The writer and reader binaries are taken from target/release (override with FLARE_WRITER_BIN,
 FLARE_READER_BIN); services from POSTGRES_URL, REDIS_URL, KAFKA_BOOTSTRAP_SERVERS, MONGO_URL.";
@@ -101,7 +104,12 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
         }
         "empty-server" => {
             let addr = options.get("addr").context("--addr is required")?.parse()?;
-            empty::serve(addr).await
+            baseline::serve(addr, baseline::Canned::default()).await
+        }
+        "canned-server" => {
+            let addr = options.get("addr").context("--addr is required")?.parse()?;
+            let responses = options.get("responses").context("--responses is required")?;
+            baseline::serve(addr, baseline::Canned::load(responses.as_ref())?).await
         }
         "help" | "--help" | "-h" => {
             println!("{USAGE}");

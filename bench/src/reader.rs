@@ -1,7 +1,13 @@
 //! `flare-storage-bench reader`: a gRPC load generator against the reader — QueryMessages
 //! (page of 20) on hot sessions (answered from the Redis window) and on cold ones (a reader
 //! without Redis: every page from PostgreSQL), GetMessage, QueryMessagesBySeq — beside the
-//! same load on an empty handler (`empty-server`) in the same run.
+//! same load on two baselines in the same run: an empty handler (`empty-server`) and one that
+//! answers the very responses the reader gave (`canned-server`).
+//!
+//! Sessions are drawn Zipf (s = 1) by activity, messages Zipf over each session's newest
+//! [`RECENT`] (recent history: the chats people open, the messages they quote and link). The
+//! generator skips response fields by their lengths instead of decoding them, so the rates
+//! measure the servers, not the client.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,19 +16,29 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::common::TenantContext;
+use flare_storage_common::proto::serving;
 use flare_storage_common::proto::storage::storage_reader_service_client::StorageReaderServiceClient;
 use flare_storage_common::proto::storage::{GetMessageRequest, QueryMessagesBySeqRequest, QueryMessagesRequest};
 use serde_json::json;
 use sqlx::Connection as _;
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
+
+use crate::baseline::Canned;
 
 use crate::report::{Latencies, Report, Row, peak_rss_mib};
 use crate::services::{
     Database, Services, create_database, create_topics, drop_database, forget_tenant, produce_all, unique,
     writer_command,
 };
-use crate::workload::{Random, Record, Workload};
+use crate::workload::{Random, Record, Workload, draw, zipf};
+
+/// Newest messages of a session that GetMessage asks for.
+const RECENT: usize = 50;
+/// Messages per QueryMessages and QueryMessagesBySeq page.
+const PAGE: i32 = 20;
 
 pub struct ReaderBench {
     pub messages: usize,
@@ -38,9 +54,19 @@ pub struct ReaderBench {
 /// What the load generator asks for.
 struct Targets {
     tenant: String,
-    /// (session id, highest seq).
-    sessions: Vec<(String, i64)>,
-    message_ids: Vec<String>,
+    /// Busiest first.
+    sessions: Vec<Session>,
+    /// Cumulative Zipf weights over `sessions`.
+    session_weights: Vec<f64>,
+    /// Cumulative Zipf weights over a session's newest messages, newest first.
+    recent_weights: Vec<f64>,
+}
+
+struct Session {
+    id: String,
+    last_seq: i64,
+    /// Ids of the newest [`RECENT`] messages, newest first.
+    recent: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -48,6 +74,16 @@ enum Call {
     QueryPage,
     GetMessage,
     BySeq,
+}
+
+impl Call {
+    fn path(self) -> &'static str {
+        match self {
+            Self::QueryPage => "/flare.storage.v1.StorageReaderService/QueryMessages",
+            Self::GetMessage => "/flare.storage.v1.StorageReaderService/GetMessage",
+            Self::BySeq => "/flare.storage.v1.StorageReaderService/QueryMessagesBySeq",
+        }
+    }
 }
 
 pub async fn run(bench: ReaderBench, services: Services) -> anyhow::Result<()> {
@@ -64,50 +100,116 @@ pub async fn run(bench: ReaderBench, services: Services) -> anyhow::Result<()> {
     store(&bench, &services, &database, &tenant).await?;
     let targets = Arc::new(targets(&database, &tenant).await?);
 
-    let empty = Server::start_empty()?;
+    let empty = Server::start_baseline(&["empty-server"])?;
     let cached = Server::start_reader(&bench.reader_binary, &database, Some(&services.redis))?;
     let uncached = Server::start_reader(&bench.reader_binary, &database, None)?;
     for server in [&empty, &cached, &uncached] {
         server.wait_ready().await?;
     }
+    let canned = capture(cached.grpc, &targets).await?;
+    let responses = bench.json.with_extension("canned.bin");
+    canned.save(&responses)?;
+    let canned_server = Server::start_baseline(&["canned-server", "--responses", &responses.to_string_lossy()])?;
+    canned_server.wait_ready().await?;
 
     let load = |server: &Server, call: Call, rate: Option<f64>| {
         drive(server.grpc, call, targets.clone(), bench.concurrency, bench.connections, bench.seconds, rate)
     };
     let mut empty_run = load(&empty, Call::GetMessage, None).await?;
     report.push(empty_run.row("limit: empty tonic handler", ""));
+    let sizes = [
+        (Call::QueryPage, canned.page.encoded_len(), "QueryMessages"),
+        (Call::GetMessage, canned.message.encoded_len(), "GetMessage"),
+        (Call::BySeq, canned.by_seq.encoded_len(), "BySeq"),
+    ];
+    let mut canned_rates = Vec::new();
+    for (call, bytes, name) in sizes {
+        let mut run = load(&canned_server, call, None).await?;
+        report.push(run.row(&format!("limit: canned {name} ({bytes} B)"), "the reader's response, answered as is"));
+        canned_rates.push(run.rate);
+    }
+    let [canned_page, canned_get, canned_by_seq] = canned_rates[..] else { unreachable!("three baselines") };
 
-    let before = cache_lookups(cached.metrics).await?;
-    let mut hot = load(&cached, Call::QueryPage, None).await?;
-    let after = cache_lookups(cached.metrics).await?;
-    let hits = after.0 - before.0;
-    let hit_rate = hits / (hits + after.1 - before.1).max(1.0);
-    let note = format!("{:.0}% of empty; cache hit {:.1}%", 100.0 * hot.rate / empty_run.rate, 100.0 * hit_rate);
-    report.push(hot.row("QueryMessages hot (page 20)", note));
-    report.result("cache_hit_rate_hot", hit_rate);
+    let mut hit_rates = Vec::new();
+    let mut measured = Vec::new();
+    for (call, name, key, canned_rate) in [
+        (Call::QueryPage, "QueryMessages hot (page 20)", "query_hot", canned_page),
+        (Call::GetMessage, "GetMessage", "get_message", canned_get),
+        (Call::BySeq, "QueryMessagesBySeq (page 20)", "by_seq", canned_by_seq),
+    ] {
+        let before = cache_lookups(cached.metrics).await?;
+        let mut run = load(&cached, call, None).await?;
+        let after = cache_lookups(cached.metrics).await?;
+        let hits = after.0 - before.0;
+        let hit_rate = hits / (hits + after.1 - before.1).max(1.0);
+        let note = format!(
+            "{:.0}% of canned, {:.0}% of empty; cache hit {:.1}%",
+            100.0 * run.rate / canned_rate,
+            100.0 * run.rate / empty_run.rate,
+            100.0 * hit_rate
+        );
+        report.push(run.row(name, note));
+        report.result(&format!("{key}_ratio_to_canned"), run.rate / canned_rate);
+        report.result(&format!("{key}_ratio_to_empty"), run.rate / empty_run.rate);
+        report.result(&format!("{key}_cache_hit_rate"), hit_rate);
+        hit_rates.push(hit_rate);
+        measured.push((call, name, run.rate));
+    }
     let mut cold = load(&uncached, Call::QueryPage, None).await?;
     let note = format!("{:.0}% of empty", 100.0 * cold.rate / empty_run.rate);
     report.push(cold.row("QueryMessages cold (no cache, DB)", note));
-    let mut get = load(&cached, Call::GetMessage, None).await?;
-    let note = format!("{:.0}% of empty", 100.0 * get.rate / empty_run.rate);
-    report.push(get.row("GetMessage", note));
-    let mut by_seq = load(&cached, Call::BySeq, None).await?;
-    let note = format!("{:.0}% of empty", 100.0 * by_seq.rate / empty_run.rate);
-    report.push(by_seq.row("QueryMessagesBySeq (page 20)", note));
+    for (call, name, rate) in measured {
+        let mut half = load(&cached, call, Some(rate / 2.0)).await?;
+        report.push(half.row(&format!("{name} at half load"), "offered 50% of its maximum"));
+    }
 
-    let mut half_hot = load(&cached, Call::QueryPage, Some(hot.rate / 2.0)).await?;
-    report.push(half_hot.row("QueryMessages hot at half load", "offered 50% of its maximum"));
-    let mut half_get = load(&cached, Call::GetMessage, Some(get.rate / 2.0)).await?;
-    report.push(half_get.row("GetMessage at half load", "offered 50% of its maximum"));
-
-    report.result("query_hot_ratio_to_empty", hot.rate / empty_run.rate);
-    report.result("get_message_ratio_to_empty", get.rate / empty_run.rate);
     report.result("reader_peak_rss_mib", cached.peak_rss());
     report.result("reader_without_cache_peak_rss_mib", uncached.peak_rss());
-    drop((empty, cached, uncached));
+    drop((empty, canned_server, cached, uncached));
     drop_database(&services, &database).await?;
     forget_tenant(&services, &tenant).await?;
     report.finish(&bench.json)
+}
+
+/// The reader's answers to one call of each kind on the busiest session, as the canned
+/// baseline serves them.
+async fn capture(addr: SocketAddr, targets: &Targets) -> anyhow::Result<Canned> {
+    let mut client = StorageReaderServiceClient::new(Channel::from_shared(format!("http://{addr}"))?.connect().await?);
+    let session = targets.sessions.first().context("no sessions stored")?;
+    let tenant = Some(TenantContext { tenant_id: targets.tenant.clone(), ..Default::default() });
+    let page = client
+        .query_messages(QueryMessagesRequest {
+            session_id: session.id.clone(),
+            limit: PAGE,
+            tenant: tenant.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let message = client
+        .get_message(GetMessageRequest {
+            message_id: session.recent.first().context("empty session")?.clone(),
+            context: None,
+            tenant: tenant.clone(),
+        })
+        .await?
+        .into_inner();
+    let by_seq = client
+        .query_messages_by_seq(QueryMessagesBySeqRequest {
+            session_id: session.id.clone(),
+            after_seq: (session.last_seq - 2 * i64::from(PAGE)).max(0),
+            limit: PAGE,
+            tenant,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    // Decoded by the client, then read as the served types, which keep the messages encoded.
+    Ok(Canned {
+        page: serving::QueryMessagesResponse::decode(page.encode_to_vec().as_slice())?,
+        message: serving::GetMessageResponse::decode(message.encode_to_vec().as_slice())?,
+        by_seq: serving::QueryMessagesBySeqResponse::decode(by_seq.encode_to_vec().as_slice())?,
+    })
 }
 
 /// Stores the benchmark's history through the writer (so the Redis windows are what
@@ -142,14 +244,22 @@ async fn store(bench: &ReaderBench, services: &Services, database: &Database, te
 
 async fn targets(database: &Database, tenant: &str) -> anyhow::Result<Targets> {
     let mut connection = sqlx::PgConnection::connect(&database.url).await?;
-    let sessions: Vec<(String, i64)> =
-        sqlx::query_as("SELECT session_id, max(seq) FROM messages GROUP BY session_id ORDER BY session_id")
-            .fetch_all(&mut connection)
-            .await?;
-    let message_ids: Vec<String> = sqlx::query_scalar("SELECT message_id FROM messages ORDER BY random() LIMIT 20000")
-        .fetch_all(&mut connection)
-        .await?;
-    Ok(Targets { tenant: tenant.to_owned(), sessions, message_ids })
+    let rows: Vec<(String, i64, Vec<String>)> = sqlx::query_as(
+        r#"SELECT session_id, max(seq),
+                  (array_agg(message_id ORDER BY seq DESC))[1:$1]
+           FROM messages GROUP BY session_id ORDER BY count(*) DESC, session_id"#,
+    )
+    .bind(RECENT as i32)
+    .fetch_all(&mut connection)
+    .await?;
+    let sessions: Vec<Session> =
+        rows.into_iter().map(|(id, last_seq, recent)| Session { id, last_seq, recent }).collect();
+    Ok(Targets {
+        tenant: tenant.to_owned(),
+        session_weights: zipf(sessions.len()),
+        recent_weights: zipf(RECENT),
+        sessions,
+    })
 }
 
 /// A server process under load: the reader, or the empty handler.
@@ -164,10 +274,12 @@ impl Server {
         Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
     }
 
-    fn start_empty() -> anyhow::Result<Self> {
+    /// This binary's `empty-server` or `canned-server` with these arguments.
+    fn start_baseline(args: &[&str]) -> anyhow::Result<Self> {
         let grpc = Self::free_addr()?;
         let child = Command::new(std::env::current_exe()?)
-            .args(["empty-server", "--addr", &grpc.to_string()])
+            .args(args)
+            .args(["--addr", &grpc.to_string()])
             .stdout(Stdio::null())
             .spawn()?;
         Ok(Self { child, grpc, metrics: None })
@@ -274,7 +386,7 @@ async fn drive(
     let started = Instant::now() + Duration::from_millis(50);
     let mut workers = Vec::new();
     for worker in 0..concurrency {
-        let mut client = StorageReaderServiceClient::new(channels[worker % channels.len()].clone());
+        let mut client = tonic::client::Grpc::new(channels[worker % channels.len()].clone());
         let targets = targets.clone();
         workers.push(tokio::spawn(async move {
             let mut random = Random::new(worker as u64 * 7919 + 1);
@@ -319,40 +431,71 @@ async fn drive(
 }
 
 async fn one_call(
-    client: &mut StorageReaderServiceClient<Channel>,
+    client: &mut tonic::client::Grpc<Channel>,
     call: Call,
     targets: &Targets,
     random: &mut Random,
 ) -> bool {
     let tenant = Some(TenantContext { tenant_id: targets.tenant.clone(), ..Default::default() });
-    let (session, max_seq) = &targets.sessions[random.below(targets.sessions.len() as u64) as usize];
+    let session = &targets.sessions[draw(&targets.session_weights, random)];
     match call {
-        Call::QueryPage => client
-            .query_messages(QueryMessagesRequest {
-                session_id: session.clone(),
-                limit: 20,
-                tenant,
-                ..Default::default()
-            })
-            .await
-            .is_ok(),
+        Call::QueryPage => {
+            let request = QueryMessagesRequest { session_id: session.id.clone(), limit: PAGE, tenant, ..Default::default() };
+            unary(client, call, request).await
+        }
         Call::GetMessage => {
-            let message_id = targets.message_ids[random.below(targets.message_ids.len() as u64) as usize].clone();
-            client.get_message(GetMessageRequest { message_id, context: None, tenant }).await.is_ok()
+            let newest = draw(&targets.recent_weights, random).min(session.recent.len().saturating_sub(1));
+            let Some(message_id) = session.recent.get(newest).cloned() else { return false };
+            unary(client, call, GetMessageRequest { message_id, context: None, tenant }).await
         }
         Call::BySeq => {
             // Within the newest 200 (the hot window): gap filling after a short disconnect.
-            let after_seq = (max_seq - 20 - random.below(160) as i64).max(0);
-            client
-                .query_messages_by_seq(QueryMessagesBySeqRequest {
-                    session_id: session.clone(),
-                    after_seq,
-                    limit: 20,
-                    tenant,
-                    ..Default::default()
-                })
-                .await
-                .is_ok()
+            let after_seq = (session.last_seq - i64::from(PAGE) - random.below(160) as i64).max(0);
+            let request = QueryMessagesBySeqRequest {
+                session_id: session.id.clone(),
+                after_seq,
+                limit: PAGE,
+                tenant,
+                ..Default::default()
+            };
+            unary(client, call, request).await
         }
     }
+}
+
+/// One call whose response is received whole but not decoded.
+async fn unary<T: flare_storage_common::prost::Message + Send + Sync + 'static>(
+    client: &mut tonic::client::Grpc<Channel>,
+    call: Call,
+    request: T,
+) -> bool {
+    if client.ready().await.is_err() {
+        return false;
+    }
+    let codec = tonic_prost::ProstCodec::<T, Skipped>::default();
+    client.unary(tonic::Request::new(request), PathAndQuery::from_static(call.path()), codec).await.is_ok()
+}
+
+/// A response read by skipping each field by its length, without decoding it.
+#[derive(Debug, Default, Clone)]
+struct Skipped;
+
+impl flare_storage_common::prost::Message for Skipped {
+    fn encode_raw(&self, _: &mut impl flare_storage_common::prost::bytes::BufMut) {}
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: flare_storage_common::prost::encoding::WireType,
+        buf: &mut impl flare_storage_common::prost::bytes::Buf,
+        ctx: flare_storage_common::prost::encoding::DecodeContext,
+    ) -> Result<(), flare_storage_common::prost::DecodeError> {
+        flare_storage_common::prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        0
+    }
+
+    fn clear(&mut self) {}
 }

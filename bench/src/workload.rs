@@ -140,7 +140,7 @@ impl Vocabulary {
 }
 
 /// Cumulative Zipf (s = 1) weights of ranks 0..count.
-fn zipf(count: usize) -> Vec<f64> {
+pub fn zipf(count: usize) -> Vec<f64> {
     let mut total = 0.0;
     (1..=count.max(1))
         .map(|rank| {
@@ -151,7 +151,7 @@ fn zipf(count: usize) -> Vec<f64> {
 }
 
 /// A rank drawn by cumulative weights.
-fn draw(cumulative: &[f64], random: &mut Random) -> usize {
+pub fn draw(cumulative: &[f64], random: &mut Random) -> usize {
     let total = cumulative.last().copied().unwrap_or(1.0);
     let target = random.unit() * total;
     cumulative.partition_point(|weight| *weight < target).min(cumulative.len().saturating_sub(1))

@@ -1,25 +1,60 @@
-//! `flare-storage-bench empty-server`: the StorageReaderService with every call answered at
-//! once with an empty response — the most this machine's gRPC stack can serve, the reader
-//! benchmark's yardstick. Run as its own process, like the reader.
+//! The reader benchmark's yardsticks, each run as its own process like the reader:
+//! `flare-storage-bench empty-server` answers every call at once with an empty response — the
+//! most this machine's gRPC stack can serve — and `canned-server` answers QueryMessages,
+//! GetMessage and QueryMessagesBySeq with the very responses the reader gave (captured by the
+//! benchmark), through the reader's own served types: what the same bytes cost to send.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::pin::Pin;
 
-use flare_storage_common::proto::storage::storage_reader_service_server::{
+use flare_storage_common::prost::Message as _;
+use flare_storage_common::proto::serving::storage_reader_service_server::{
     StorageReaderService, StorageReaderServiceServer,
+};
+use flare_storage_common::proto::serving::{
+    GetMessageResponse, QueryMessagesBySeqResponse, QueryMessagesResponse, SearchMessagesResponse,
+    StreamExportMessagesResponse,
 };
 use flare_storage_common::proto::storage::*;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-pub struct EmptyReader;
+/// Responses answered to every call of their RPC (empty by default).
+#[derive(Default)]
+pub struct Canned {
+    pub page: QueryMessagesResponse,
+    pub message: GetMessageResponse,
+    pub by_seq: QueryMessagesBySeqResponse,
+}
+
+impl Canned {
+    /// Writes the three responses, length-delimited, for `canned-server --responses`.
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let mut bytes = Vec::new();
+        self.page.encode_length_delimited(&mut bytes)?;
+        self.message.encode_length_delimited(&mut bytes)?;
+        self.by_seq.encode_length_delimited(&mut bytes)?;
+        Ok(std::fs::write(path, bytes)?)
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let bytes = std::fs::read(path)?;
+        let mut buf = bytes.as_slice();
+        Ok(Self {
+            page: QueryMessagesResponse::decode_length_delimited(&mut buf)?,
+            message: GetMessageResponse::decode_length_delimited(&mut buf)?,
+            by_seq: QueryMessagesBySeqResponse::decode_length_delimited(&mut buf)?,
+        })
+    }
+}
 
 type Reply<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
-impl StorageReaderService for EmptyReader {
+impl StorageReaderService for Canned {
     async fn query_messages(&self, _: Request<QueryMessagesRequest>) -> Reply<QueryMessagesResponse> {
-        Ok(Response::new(QueryMessagesResponse::default()))
+        Ok(Response::new(self.page.clone()))
     }
 
     async fn search_messages(&self, _: Request<SearchMessagesRequest>) -> Reply<SearchMessagesResponse> {
@@ -27,7 +62,7 @@ impl StorageReaderService for EmptyReader {
     }
 
     async fn get_message(&self, _: Request<GetMessageRequest>) -> Reply<GetMessageResponse> {
-        Ok(Response::new(GetMessageResponse::default()))
+        Ok(Response::new(self.message.clone()))
     }
 
     async fn delete_message(&self, _: Request<DeleteMessageRequest>) -> Reply<DeleteMessageResponse> {
@@ -69,7 +104,7 @@ impl StorageReaderService for EmptyReader {
     }
 
     async fn query_messages_by_seq(&self, _: Request<QueryMessagesBySeqRequest>) -> Reply<QueryMessagesBySeqResponse> {
-        Ok(Response::new(QueryMessagesBySeqResponse::default()))
+        Ok(Response::new(self.by_seq.clone()))
     }
 
     type StreamExportMessagesStream =
@@ -95,9 +130,9 @@ impl StorageReaderService for EmptyReader {
     }
 }
 
-pub async fn serve(addr: SocketAddr) -> anyhow::Result<()> {
+pub async fn serve(addr: SocketAddr, canned: Canned) -> anyhow::Result<()> {
     tonic::transport::Server::builder()
-        .add_service(StorageReaderServiceServer::new(EmptyReader))
+        .add_service(StorageReaderServiceServer::new(canned))
         .serve_with_shutdown(addr, async {
             let _ = tokio::signal::ctrl_c().await;
         })
