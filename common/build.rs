@@ -46,8 +46,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Names of the storage package's top-level messages that hold a `Message`, directly or
-/// through another such message.
+/// Names of the storage package's top-level messages that hold a `Message`, directly, in a
+/// nested type, or through another such message.
 fn holding_message(descriptors: &prost_types::FileDescriptorSet) -> HashSet<String> {
     let messages: Vec<_> = descriptors
         .file
@@ -59,7 +59,7 @@ fn holding_message(descriptors: &prost_types::FileDescriptorSet) -> HashSet<Stri
     loop {
         let before = holding.len();
         for message in &messages {
-            if message.field.iter().any(|field| holding.contains(field.type_name())) {
+            if refers_to(message, &holding) {
                 holding.insert(format!("{STORAGE_PACKAGE}.{}", message.name()));
             }
         }
@@ -68,4 +68,10 @@ fn holding_message(descriptors: &prost_types::FileDescriptorSet) -> HashSet<Stri
         }
     }
     holding.iter().filter_map(|name| name.strip_prefix(&format!("{STORAGE_PACKAGE}.")).map(str::to_owned)).collect()
+}
+
+/// Whether a message or one of its nested types has a field of one of these types.
+fn refers_to(message: &prost_types::DescriptorProto, types: &HashSet<String>) -> bool {
+    message.field.iter().any(|field| types.contains(field.type_name()))
+        || message.nested_type.iter().any(|nested| refers_to(nested, types))
 }

@@ -108,6 +108,9 @@ pub async fn run(bench: ReaderBench, services: Services) -> anyhow::Result<()> {
     }
     let canned = capture(cached.grpc, &targets).await?;
     let responses = bench.json.with_extension("canned.bin");
+    if let Some(folder) = responses.parent() {
+        std::fs::create_dir_all(folder)?;
+    }
     canned.save(&responses)?;
     let canned_server = Server::start_baseline(&["canned-server", "--responses", &responses.to_string_lossy()])?;
     canned_server.wait_ready().await?;
@@ -130,7 +133,6 @@ pub async fn run(bench: ReaderBench, services: Services) -> anyhow::Result<()> {
     }
     let [canned_page, canned_get, canned_by_seq] = canned_rates[..] else { unreachable!("three baselines") };
 
-    let mut hit_rates = Vec::new();
     let mut measured = Vec::new();
     for (call, name, key, canned_rate) in [
         (Call::QueryPage, "QueryMessages hot (page 20)", "query_hot", canned_page),
@@ -152,7 +154,6 @@ pub async fn run(bench: ReaderBench, services: Services) -> anyhow::Result<()> {
         report.result(&format!("{key}_ratio_to_canned"), run.rate / canned_rate);
         report.result(&format!("{key}_ratio_to_empty"), run.rate / empty_run.rate);
         report.result(&format!("{key}_cache_hit_rate"), hit_rate);
-        hit_rates.push(hit_rate);
         measured.push((call, name, run.rate));
     }
     let mut cold = load(&uncached, Call::QueryPage, None).await?;
@@ -444,8 +445,9 @@ async fn one_call(
             unary(client, call, request).await
         }
         Call::GetMessage => {
-            let newest = draw(&targets.recent_weights, random).min(session.recent.len().saturating_sub(1));
-            let Some(message_id) = session.recent.get(newest).cloned() else { return false };
+            // Zipf over the messages the session has, when it has fewer than RECENT.
+            let weights = &targets.recent_weights[..session.recent.len().min(RECENT)];
+            let Some(message_id) = session.recent.get(draw(weights, random)).cloned() else { return false };
             unary(client, call, GetMessageRequest { message_id, context: None, tenant }).await
         }
         Call::BySeq => {

@@ -127,7 +127,8 @@ pub fn clear_view_field(user_id: &str) -> String {
 
 /// STRING: the session a tenant's message belongs to — a fact that never changes — so a reader
 /// asked for a message by id alone finds it in that session's hot window. Set by readers when a
-/// database answered for the message; expires after the hot window's TTL.
+/// database answered for the message (one key per message read by id, about 100 bytes, for
+/// the hot window's TTL).
 pub fn message_session(tenant_id: &str, message_id: &str) -> String {
     format!("fs:session-of:{}", document_id(tenant_id, message_id))
 }

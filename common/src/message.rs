@@ -107,6 +107,11 @@ pub fn check_id(field: &'static str, value: &str, required: bool) -> Result<(), 
     check_name(field, value)
 }
 
+/// `time` cut to whole microseconds, the precision both databases keep.
+pub fn in_micros(time: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(time.timestamp_micros()).unwrap_or(time)
+}
+
 /// Validates a name (tag, map key): any length, no control characters.
 pub fn check_name(field: &'static str, value: &str) -> Result<(), InvalidMessage> {
     if value.chars().any(char::is_control) {
@@ -131,7 +136,10 @@ pub struct TimeBounds {
 /// are measured from. It must be the same on every delivery of the record (the Kafka record
 /// timestamp), because the timestamp is part of the message's identity in a TimescaleDB
 /// hypertable, and a redelivery must be judged as the first delivery was. A `seq` sent by the
-/// producer is dropped: the writer numbers every session itself.
+/// producer is dropped: the writer numbers every session itself. So are read receipts and
+/// operations (only the reader's commands add them), and the content of a message sent
+/// already recalled; its `recalled_at` is kept in µs, as the databases keep it — so the
+/// message reads the same from the cache as from either database.
 pub fn normalize(
     request: StoreMessageRequest,
     record_time: DateTime<Utc>,
@@ -166,9 +174,14 @@ pub fn normalize(
         None => message.timestamp = Some(to_timestamp(record_time)),
     }
     message.seq = 0;
-    message.recalled_at = message.recalled_at.filter(|timestamp| !is_unset(timestamp));
-    if let Some(recalled_at) = &message.recalled_at {
-        storable_time("message.recalled_at", recalled_at)?;
+    message.read_by.clear();
+    message.operations.clear();
+    message.recalled_at = match message.recalled_at.take().filter(|timestamp| !is_unset(timestamp)) {
+        Some(recalled_at) => Some(to_timestamp(in_micros(storable_time("message.recalled_at", &recalled_at)?))),
+        None => None,
+    };
+    if message.is_recalled {
+        message.content = None;
     }
     let timeline = message.timeline.get_or_insert_with(Default::default);
     if timeline.ingestion_time.as_ref().is_none_or(is_unset) {
@@ -295,7 +308,7 @@ pub fn to_timestamp(time: DateTime<Utc>) -> Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::storage::TextContent;
+    use crate::proto::storage::{MessageOperation, MessageReadRecord, TextContent};
 
     fn request(session: &str, id: &str) -> StoreMessageRequest {
         StoreMessageRequest {
@@ -527,6 +540,29 @@ mod tests {
                 .is_ok(),
             "no retention, no limit"
         );
+    }
+
+    /// What only the store writes, and the content of a message sent recalled, never come
+    /// from the producer; times come in the databases' µs.
+    #[test]
+    fn fields_the_store_owns_are_not_taken_from_the_producer() {
+        let recalled = with(|request| {
+            let sent = request.message.as_mut().expect("message");
+            sent.is_recalled = true;
+            sent.recalled_at = Some(Timestamp { seconds: 1_700_000_000, nanos: 123_456_789 });
+            sent.read_by = vec![MessageReadRecord { user_id: "bob".into(), ..Default::default() }];
+            sent.operations = vec![MessageOperation { operation_type: "recall".into(), ..Default::default() }];
+        });
+        let message = normalized(recalled).expect("valid");
+        assert_eq!(message.content, None);
+        assert!(message.read_by.is_empty() && message.operations.is_empty());
+        assert_eq!(message.recalled_at, Some(Timestamp { seconds: 1_700_000_000, nanos: 123_456_000 }));
+        assert!(message.is_recalled);
+
+        let sent = request("s", "m");
+        let content = sent.message.as_ref().and_then(|message| message.content.clone());
+        assert!(content.is_some());
+        assert_eq!(normalized(sent).expect("valid").content, content, "content stays unless recalled");
     }
 
     #[test]

@@ -61,7 +61,8 @@ impl prost::Message for EncodedMessage {
     }
 
     /// Decoding appends each field as `Message` reads it, encoded again: protobuf merges
-    /// concatenated encodings, so the bytes stay a valid `Message`.
+    /// concatenated encodings, so the bytes stay a valid `Message`. Fields `Message` does not
+    /// know are dropped, as decoding into `Message` drops them.
     fn merge_field(
         &mut self,
         tag: u32,

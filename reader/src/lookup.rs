@@ -41,7 +41,8 @@ pub struct Lookup {
     pub max_page_size: u32,
     pub fills: SingleFlight,
     /// Sessions of messages read by id (`keys::document_id` → session id), kept in the
-    /// process: a message never changes session, so no replica can contradict an entry.
+    /// process: a message never changes session, so no replica can contradict an entry. (An id
+    /// a producer reused in a second session is answered from the session first found.)
     pub sessions_of: quick_cache::sync::Cache<String, String>,
 }
 
@@ -129,8 +130,13 @@ impl Lookup {
     /// window when the message's session is known and the window holds it as the user sees it,
     /// else from the databases (which then tell its session for the next read).
     pub async fn message(&self, tenant_id: &str, message_id: &str, user: &str) -> Result<EncodedMessage, Error> {
+        let mut session_known = false;
         if let Some(cache) = &self.cache {
-            if let Some(encoded) = self.cached_message(cache, tenant_id, message_id, user).await {
+            let session_id = self.session_of(cache, tenant_id, message_id).await;
+            session_known = session_id.is_some();
+            if let Some(session_id) = session_id
+                && let Some(encoded) = self.cached_message(cache, tenant_id, &session_id, message_id, user).await
+            {
                 self.metrics.cache_hit();
                 return Ok(encoded);
             }
@@ -139,37 +145,44 @@ impl Lookup {
         let row = self.databases.message(tenant_id, message_id, user).await?;
         let message = row.map(to_message).transpose()?.ok_or(Error::NotFound("message"))?;
         if let Some(cache) = &self.cache
+            && !session_known
             && !message.session_id.is_empty()
         {
             self.sessions_of.insert(document_id(tenant_id, message_id), message.session_id.clone());
-            cache.remember_session_of(tenant_id, message_id, &message.session_id).await;
+            // Not awaited: the answer does not depend on it.
+            let (cache, tenant_id, message_id, session_id) =
+                (cache.clone(), tenant_id.to_owned(), message_id.to_owned(), message.session_id.clone());
+            tokio::spawn(async move { cache.remember_session_of(&tenant_id, &message_id, &session_id).await });
         }
         Ok(EncodedMessage::from(&message))
     }
 
+    /// The session of a message, if this process or Redis knows it.
+    async fn session_of(&self, cache: &RedisCache, tenant_id: &str, message_id: &str) -> Option<String> {
+        let known = document_id(tenant_id, message_id);
+        if let Some(session_id) = self.sessions_of.get(&known) {
+            return Some(session_id);
+        }
+        let session_id = cache.session_of(tenant_id, message_id).await?;
+        self.sessions_of.insert(known, session_id.clone());
+        Some(session_id)
+    }
+
     /// A message from its session's hot window, when the window can answer for it. Anything
     /// the window does not show as visible (not listed, deleted, hidden, cleared) is left to
-    /// the databases, which also know of a message id stored in two sessions.
+    /// the databases.
     async fn cached_message(
         &self,
         cache: &RedisCache,
         tenant_id: &str,
+        session_id: &str,
         message_id: &str,
         user: &str,
     ) -> Option<EncodedMessage> {
-        let known = document_id(tenant_id, message_id);
-        let session_id = match self.sessions_of.get(&known) {
-            Some(session_id) => session_id,
-            None => {
-                let session_id = cache.session_of(tenant_id, message_id).await?;
-                self.sessions_of.insert(known, session_id.clone());
-                session_id
-            }
-        };
-        let keys = SessionKeys::new(tenant_id, &session_id);
+        let keys = SessionKeys::new(tenant_id, session_id);
         let mut read = cache.one(&keys, message_id, user).await?;
         if let WindowRead::ViewsNotLoaded = read {
-            load_views(&self.databases, cache, &keys, tenant_id, &session_id).await.ok()?;
+            load_views(&self.databases, cache, &keys, tenant_id, session_id).await.ok()?;
             read = cache.one(&keys, message_id, user).await?;
         }
         match read {

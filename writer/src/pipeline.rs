@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use flare_storage_common::keys::SessionKeys;
-use flare_storage_common::message::{InvalidMessage, TimeBounds, normalize, to_timestamp};
+use flare_storage_common::message::{InvalidMessage, TimeBounds, in_micros, normalize, to_timestamp};
 use flare_storage_common::ops::Readiness;
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::{Message, StoreMessageRequest};
@@ -295,9 +295,8 @@ impl Pipeline {
         // Batch order: a session's messages take their seqs in partition order.
         representatives.sort_unstable_by_key(|(index, _, _)| *index);
         // In µs, as the databases keep it (PostgreSQL's timestamptz, MongoDB's `created_at_us`):
-        // the cached body then reads exactly as the databases' rows.
-        let now = Utc::now();
-        let persisted_at = to_timestamp(DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now));
+        // the cached body then reads as the databases' rows.
+        let persisted_at = to_timestamp(in_micros(Utc::now()));
         let stored_by_this_batch = lock(memory).stored.clone();
         let mut stored_before = HashSet::new();
         let mut pending = Vec::with_capacity(representatives.len());

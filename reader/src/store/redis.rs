@@ -24,6 +24,20 @@ use crate::store::postgres::SessionHead;
 
 const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
+/// Lua helper of the window reads: `many('HMGET', key, fields)` (or ZMSCORE) in chunks, so a
+/// page of any size stays within Lua's limit on unpacked values (about 8,000). Missing values
+/// are `false`, as HMGET gives them.
+const MANY: &str = r#"
+local function many(command, key, fields)
+  local out = {}
+  for first = 1, #fields, 1000 do
+    local part = redis.call(command, key, unpack(fields, first, math.min(first + 999, #fields)))
+    for i = 1, #part do out[#out + 1] = part[i] end
+  end
+  return out
+end
+"#;
+
 /// Newest-first window entries between two timestamps, with everything needed to filter them
 /// for one user. Reply: floor, views loaded ('1'/'0'), lower bound used (the user's clear
 /// watermark can raise it), then per entry: id, timestamp, body ('' when hidden or deleted, the
@@ -48,12 +62,12 @@ local entries = redis.call('ZREVRANGEBYSCORE', KEYS[2], ARGV[1], string.format('
 if #entries == 0 then return out end
 local ids = {}
 for i = 1, #entries, 2 do ids[#ids + 1] = entries[i] end
-local gone = redis.call('HMGET', KEYS[4], unpack(ids))
+local gone = many('HMGET', KEYS[4], ids)
 local hidden = {}
 if user ~= '' then
   local fields = {}
   for i, id in ipairs(ids) do fields[i] = ARGV[5] .. id end
-  hidden = redis.call('HMGET', KEYS[5], unpack(fields))
+  hidden = many('HMGET', KEYS[5], fields)
 end
 local shown = {}
 for i, id in ipairs(ids) do
@@ -61,7 +75,7 @@ for i, id in ipairs(ids) do
 end
 local bodies = {}
 if #shown > 0 then
-  local found = redis.call('HMGET', KEYS[3], unpack(shown))
+  local found = many('HMGET', KEYS[3], shown)
   for i, id in ipairs(shown) do bodies[id] = found[i] end
 end
 for i, id in ipairs(ids) do
@@ -95,7 +109,7 @@ end
 local out = {lowest[2], tostring(redis.call('ZCARD', KEYS[1])), highest[2], loaded, '0'}
 if loaded == '0' then return out end
 local wanted = tonumber(ARGV[3])
-local shown, seqs = {}, {}
+local shown = {}
 local offset, exhausted = 0, false
 -- Each further read is as large as what is still missing; a user hiding most of the range
 -- costs a few reads, never the whole window at once.
@@ -107,15 +121,15 @@ while #shown < wanted and not exhausted do
   if #entries == 0 then break end
   local ids = {}
   for i = 1, #entries, 2 do ids[#ids + 1] = entries[i] end
-  local gone = redis.call('HMGET', KEYS[3], unpack(ids))
+  local gone = many('HMGET', KEYS[3], ids)
   local hidden = {}
   if user ~= '' then
     local fields = {}
     for i, id in ipairs(ids) do fields[i] = ARGV[5] .. id end
-    hidden = redis.call('HMGET', KEYS[4], unpack(fields))
+    hidden = many('HMGET', KEYS[4], fields)
   end
   local times = {}
-  if clear then times = redis.call('ZMSCORE', KEYS[5], unpack(ids)) end
+  if clear then times = many('ZMSCORE', KEYS[5], ids) end
   for i, id in ipairs(ids) do
     local cleared = clear and times[i] and tonumber(times[i]) <= tonumber(clear)
     if not hidden[i] and gone[i] ~= 'deleted' and not cleared then
@@ -127,7 +141,7 @@ if exhausted then out[5] = '1' end
 if #shown == 0 then return out end
 local ids = {}
 for i, entry in ipairs(shown) do ids[i] = entry[1] end
-local bodies = redis.call('HMGET', KEYS[2], unpack(ids))
+local bodies = many('HMGET', KEYS[2], ids)
 for i, entry in ipairs(shown) do
   out[#out + 1] = entry[1]
   out[#out + 1] = entry[2]
@@ -416,7 +430,7 @@ impl CachedState {
 #[derive(Debug, Clone)]
 pub struct CachedEntry {
     pub id: String,
-    /// Timestamp (µs) in time reads, seq in seq reads.
+    /// Timestamp (µs) in time reads, seq in seq reads, 0 in reads by id.
     pub position: i64,
     /// The message encoded as it is sent; empty when missing, and in time reads when the
     /// entry is hidden or deleted (not shown, so not sent).
@@ -499,8 +513,8 @@ impl RedisCache {
             started: Instant::now(),
             hot_ttl,
             hot_window,
-            read_by_time: Script::new(READ_BY_TIME),
-            read_by_seq: Script::new(READ_BY_SEQ),
+            read_by_time: Script::new(&format!("{MANY}{READ_BY_TIME}")),
+            read_by_seq: Script::new(&format!("{MANY}{READ_BY_SEQ}")),
             read_one: Script::new(READ_ONE),
             fill: Script::new(FILL),
             mark_gone: Script::new(MARK_GONE),
