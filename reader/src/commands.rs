@@ -23,6 +23,7 @@ use crate::store::Databases;
 use crate::store::postgres::{Operation, TargetRow};
 use crate::store::redis::RedisCache;
 
+#[derive(Clone)]
 pub struct Commands {
     pub databases: Databases,
     pub cache: Option<RedisCache>,

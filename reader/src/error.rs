@@ -34,6 +34,9 @@ pub enum Error {
     /// Configuration guarantees a database; kept so no path can panic.
     #[error("no message database is configured")]
     NoDatabase,
+    /// A command's task ended without an answer (it panicked).
+    #[error("the command was interrupted; retry the command")]
+    Interrupted,
     /// A stored message could not be decoded.
     #[error("stored message {message_id} is unreadable")]
     Corrupt { message_id: String },
@@ -56,7 +59,9 @@ impl Error {
                 sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_),
             ) => Code::Unavailable,
             Error::Mongo(cause) if crate::store::mongo::unreachable(cause) => Code::Unavailable,
-            Error::Store(_) | Error::Mongo(_) | Error::Corrupt { .. } | Error::NoDatabase => Code::Internal,
+            Error::Store(_) | Error::Mongo(_) | Error::Corrupt { .. } | Error::NoDatabase | Error::Interrupted => {
+                Code::Internal
+            }
         }
     }
 

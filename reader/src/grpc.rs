@@ -177,6 +177,16 @@ fn millis(field: &'static str, value: i64) -> Result<Option<DateTime<Utc>>, Erro
 
 type ExportStream = Pin<Box<dyn Stream<Item = Result<StreamExportMessagesResponse, Status>> + Send>>;
 
+/// Runs a command to its end even when its caller goes away (a cancelled RPC drops its
+/// future): a command stopped between its database write and its cache write would leave the
+/// hot window showing the message as it was — a deleted message listed, a recalled one with
+/// its content. A retry of a command that did complete changes nothing more.
+async fn to_completion<T: Send + 'static>(
+    command: impl Future<Output = Result<T, Error>> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::spawn(command.in_current_span()).await.unwrap_or_else(|_| Err(Error::Interrupted))
+}
+
 #[tonic::async_trait]
 impl StorageReaderService for StorageReader {
     async fn query_messages(&self, request: Request<QueryMessagesRequest>) -> Reply<QueryMessagesResponse> {
@@ -281,7 +291,8 @@ impl StorageReaderService for StorageReader {
     }
 
     async fn delete_message(&self, request: Request<DeleteMessageRequest>) -> Reply<DeleteMessageResponse> {
-        self.observe("DeleteMessage", async {
+        let commands = self.commands.clone();
+        self.observe("DeleteMessage", to_completion(async move {
             let request = request.into_inner();
             let tenant_id = tenant_of(request.tenant.as_ref())?;
             require_id("session_id", &request.session_id, true)?;
@@ -292,14 +303,15 @@ impl StorageReaderService for StorageReader {
                 require_id("message_ids", message_id, true)?;
             }
             let actor = acting_user("", "context.actor.actor_id", request.context.as_ref())?;
-            let deleted = self.commands.delete(tenant_id, &request.session_id, &request.message_ids, actor).await?;
+            let deleted = commands.delete(tenant_id, &request.session_id, &request.message_ids, actor).await?;
             Ok(DeleteMessageResponse { success: true, deleted_count: deleted, status: ok_status() })
-        })
+        }))
         .await
     }
 
     async fn recall_message(&self, request: Request<RecallMessageRequest>) -> Reply<RecallMessageResponse> {
-        self.observe("RecallMessage", async {
+        let commands = self.commands.clone();
+        self.observe("RecallMessage", to_completion(async move {
             let request = request.into_inner();
             let tenant_id = tenant_of(request.tenant.as_ref())?;
             require_id("message_id", &request.message_id, true)?;
@@ -315,14 +327,14 @@ impl StorageReaderService for StorageReader {
                 return Err(Error::invalid("reason", format!("is longer than {MAX_ATTRIBUTE_VALUE_BYTES} bytes")));
             }
             let recalled_at =
-                self.commands.recall(tenant_id, &request.message_id, actor.id, requested, &request.reason).await?;
+                commands.recall(tenant_id, &request.message_id, actor.id, requested, &request.reason).await?;
             Ok(RecallMessageResponse {
                 success: true,
                 error_message: String::new(),
                 recalled_at: Some(to_timestamp(recalled_at)),
                 status: ok_status(),
             })
-        })
+        }))
         .await
     }
 
@@ -330,20 +342,22 @@ impl StorageReaderService for StorageReader {
         &self,
         request: Request<DeleteMessageForUserRequest>,
     ) -> Reply<DeleteMessageForUserResponse> {
-        self.observe("DeleteMessageForUser", async {
+        let commands = self.commands.clone();
+        self.observe("DeleteMessageForUser", to_completion(async move {
             let request = request.into_inner();
             let tenant_id = tenant_of(request.tenant.as_ref())?;
             require_id("message_id", &request.message_id, true)?;
             let actor = acting_user(&request.user_id, "user_id", request.context.as_ref())?;
             let deleted =
-                self.commands.delete_for_user(tenant_id, &request.message_id, actor.id, request.permanent).await?;
+                commands.delete_for_user(tenant_id, &request.message_id, actor.id, request.permanent).await?;
             Ok(DeleteMessageForUserResponse { success: true, deleted_count: deleted, status: ok_status() })
-        })
+        }))
         .await
     }
 
     async fn clear_session(&self, request: Request<ClearSessionRequest>) -> Reply<ClearSessionResponse> {
-        self.observe("ClearSession", async {
+        let commands = self.commands.clone();
+        self.observe("ClearSession", to_completion(async move {
             let request = request.into_inner();
             let tenant_id = tenant_of(request.tenant.as_ref())?;
             require_id("session_id", &request.session_id, true)?;
@@ -351,7 +365,7 @@ impl StorageReaderService for StorageReader {
             let actor = acting_user(&request.user_id, "user_id", request.context.as_ref())?;
             let before_time = protobuf_time("clear_before_time", request.clear_before_time.as_ref())?;
             let up_to = Commands::clear_up_to(request.clear_type, &request.clear_before_message_id, before_time)?;
-            let (cleared, _watermark) = self.commands.clear(tenant_id, &request.session_id, actor.id, up_to).await?;
+            let (cleared, _watermark) = commands.clear(tenant_id, &request.session_id, actor.id, up_to).await?;
             Ok(ClearSessionResponse {
                 success: true,
                 error_message: String::new(),
@@ -359,17 +373,18 @@ impl StorageReaderService for StorageReader {
                 cleared_at: Some(to_timestamp(Utc::now())),
                 status: ok_status(),
             })
-        })
+        }))
         .await
     }
 
     async fn mark_message_read(&self, request: Request<MarkMessageReadRequest>) -> Reply<MarkMessageReadResponse> {
-        self.observe("MarkMessageRead", async {
+        let commands = self.commands.clone();
+        self.observe("MarkMessageRead", to_completion(async move {
             let request = request.into_inner();
             let tenant_id = tenant_of(request.tenant.as_ref())?;
             require_id("message_id", &request.message_id, true)?;
             let actor = acting_user(&request.user_id, "user_id", request.context.as_ref())?;
-            let (read_at, burned_at) = self.commands.mark_read(tenant_id, &request.message_id, actor.id).await?;
+            let (read_at, burned_at) = commands.mark_read(tenant_id, &request.message_id, actor.id).await?;
             Ok(MarkMessageReadResponse {
                 success: true,
                 error_message: String::new(),
@@ -377,7 +392,7 @@ impl StorageReaderService for StorageReader {
                 burned_at: burned_at.map(to_timestamp),
                 status: ok_status(),
             })
-        })
+        }))
         .await
     }
 
@@ -385,7 +400,8 @@ impl StorageReaderService for StorageReader {
         &self,
         request: Request<SetMessageAttributesRequest>,
     ) -> Reply<SetMessageAttributesResponse> {
-        self.observe("SetMessageAttributes", async {
+        let commands = self.commands.clone();
+        self.observe("SetMessageAttributes", to_completion(async move {
             let request = request.into_inner();
             let tenant_id = tenant_of(request.tenant.as_ref())?;
             require_id("message_id", &request.message_id, true)?;
@@ -408,11 +424,11 @@ impl StorageReaderService for StorageReader {
             for tag in &request.tags {
                 require_id("tags", tag, true)?;
             }
-            self.commands
+            commands
                 .set_attributes(tenant_id, &request.message_id, &request.attributes, &request.tags, actor)
                 .await?;
             Ok(SetMessageAttributesResponse { status: ok_status() })
-        })
+        }))
         .await
     }
 
@@ -467,7 +483,8 @@ impl StorageReaderService for StorageReader {
     }
 
     async fn mark_session_read(&self, request: Request<MarkSessionReadRequest>) -> Reply<MarkSessionReadResponse> {
-        self.observe("MarkSessionRead", async {
+        let sessions = self.sessions.clone();
+        self.observe("MarkSessionRead", to_completion(async move {
             let request = request.into_inner();
             let tenant_id = tenant_of(request.tenant.as_ref())?;
             require_id("session_id", &request.session_id, true)?;
@@ -475,13 +492,13 @@ impl StorageReaderService for StorageReader {
             if request.read_seq < 0 {
                 return Err(Error::invalid("read_seq", "must not be negative (0 = up to the last seq)"));
             }
-            let view = self.sessions.mark_read(tenant_id, &request.session_id, actor.id, request.read_seq).await?;
+            let view = sessions.mark_read(tenant_id, &request.session_id, actor.id, request.read_seq).await?;
             Ok(MarkSessionReadResponse {
                 read_seq: view.read_seq,
                 unread_count: view.unread_count,
                 status: ok_status(),
             })
-        })
+        }))
         .await
     }
 

@@ -895,6 +895,63 @@ async fn get_message_is_answered_from_the_window_and_never_shows_what_is_gone(st
     chat.stop().await
 }
 
+/// A command whose caller goes away while it waits on the database (here a row lock another
+/// transaction holds) still finishes: once the lock is gone, the database and the hot window
+/// both hold its change, and every reader shows it — no window keeps the message as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_whose_caller_goes_away_still_reaches_the_window() -> anyhow::Result<()> {
+    let chat = Conversation::start(Store::Postgres, 4).await?;
+    let before = chat.visible_to("alice").await?;
+    assert_eq!(before, ids(&["m3", "m2", "m1", "m0"]), "the window is warm");
+
+    let mut lock = chat.database.connect().await?;
+    sqlx::query("BEGIN").execute(&mut lock).await?;
+    sqlx::query("SELECT 1 FROM messages WHERE message_id = 'm1' FOR UPDATE").execute(&mut lock).await?;
+    let mut client = chat.cached.client().await?;
+    let request = SetMessageAttributesRequest {
+        context: as_user("bob"),
+        tenant: tenant(&chat.tenant),
+        message_id: "m1".into(),
+        attributes: HashMap::from([("pinned".to_owned(), "1".to_owned())]),
+        tags: vec!["starred".into()],
+    };
+    let gave_up = tokio::time::timeout(Duration::from_millis(500), client.set_message_attributes(request)).await;
+    assert!(gave_up.is_err(), "the command waits for the row lock");
+    sqlx::query("COMMIT").execute(&mut lock).await?;
+
+    let want = (
+        vec![("pinned".to_owned(), "1".to_owned())],
+        vec!["starred".to_owned()],
+        vec![],
+        false,
+        true,
+        vec!["set_attributes".to_owned()],
+    );
+    eventually(Duration::from_secs(10), "the abandoned command's change on every reader", || {
+        let chat = &chat;
+        let want = want.clone();
+        async move {
+            let mut seen = Vec::new();
+            for mut reader in chat.clients().await? {
+                let by_seq = reader
+                    .query_messages_by_seq(QueryMessagesBySeqRequest {
+                        session_id: chat.session.clone(),
+                        user_id: "alice".into(),
+                        limit: 10,
+                        tenant: tenant(&chat.tenant),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                seen.push(by_seq.messages.iter().find(|message| message.id == "m1").map(fields));
+            }
+            Ok(seen.iter().all(|fields| fields.as_ref() == Some(&want)).then_some(()))
+        }
+    })
+    .await?;
+    chat.stop().await
+}
+
 on_each_store!(unread_counts_are_exact_and_read_positions_only_move_forward);
 /// Session state without per-member counters: unread counts derived from read seqs leave out
 /// what is deleted, recalled, burned, hidden or cleared for the user and what the user sent;
