@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use flare_storage_common::keys::{HOT_FLOOR_ALL, SessionKeys, hidden_view_prefix, message_session};
 use flare_storage_common::scripts::query_calling;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands as _, RedisResult, Script};
+use redis::{AsyncCommands as _, RedisResult, Script, Value};
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
@@ -40,9 +40,11 @@ end
 
 /// Newest-first window entries between two timestamps, with everything needed to filter them
 /// for one user. Reply: floor, views loaded ('1'/'0'), lower bound used (the user's clear
-/// watermark can raise it), then per entry: id, timestamp, body ('' when hidden or deleted, the
-/// reader needs only its place), gone state, hidden ('1'/'0'). Nothing when the window's
-/// completeness is unknown. A fixed number of commands whatever the page's size.
+/// watermark can raise it), then four arrays: ids and timestamps interleaved, bodies, gone
+/// states and hidden flags ('1'), the last three aligned with the ids (nil where none; empty
+/// when the session has no gone states, or for no user). Nothing when the window's
+/// completeness is unknown. The entries are not walked: a fixed number of commands, and the
+/// arrays go back as the commands gave them.
 const READ_BY_TIME: &str = r#"
 -- KEYS: meta, time zset, bodies, gone, views
 -- ARGV: max_us, min_us, count, user ('' = none), the user's hide prefix
@@ -56,43 +58,30 @@ if user ~= '' then
   local clear = redis.call('HGET', KEYS[5], 'clear:' .. user)
   if clear and tonumber(clear) + 1 > min then min = tonumber(clear) + 1 end
 end
-local out = {floor, loaded, string.format('%.0f', min)}
-if loaded == '0' then return out end
+if loaded == '0' then return {floor, loaded, string.format('%.0f', min)} end
 local entries = redis.call('ZREVRANGEBYSCORE', KEYS[2], ARGV[1], string.format('%.0f', min), 'WITHSCORES', 'LIMIT', 0, ARGV[3])
-if #entries == 0 then return out end
 local ids = {}
 for i = 1, #entries, 2 do ids[#ids + 1] = entries[i] end
-local gone = many('HMGET', KEYS[4], ids)
-local hidden = {}
-if user ~= '' then
-  local fields = {}
-  for i, id in ipairs(ids) do fields[i] = ARGV[5] .. id end
-  hidden = many('HMGET', KEYS[5], fields)
+local bodies, gone, hidden = {}, {}, {}
+if #ids > 0 then
+  bodies = many('HMGET', KEYS[3], ids)
+  if redis.call('EXISTS', KEYS[4]) == 1 then gone = many('HMGET', KEYS[4], ids) end
+  if user ~= '' then
+    local fields = {}
+    for i, id in ipairs(ids) do fields[i] = ARGV[5] .. id end
+    hidden = many('HMGET', KEYS[5], fields)
+  end
 end
-local shown = {}
-for i, id in ipairs(ids) do
-  if not hidden[i] and gone[i] ~= 'deleted' then shown[#shown + 1] = id end
-end
-local bodies = {}
-if #shown > 0 then
-  local found = many('HMGET', KEYS[3], shown)
-  for i, id in ipairs(shown) do bodies[id] = found[i] end
-end
-for i, id in ipairs(ids) do
-  out[#out + 1] = id
-  out[#out + 1] = entries[2 * i]
-  out[#out + 1] = bodies[id] or ''
-  out[#out + 1] = gone[i] or ''
-  out[#out + 1] = hidden[i] and '1' or '0'
-end
-return out
+return {floor, loaded, string.format('%.0f', min), entries, bodies, gone, hidden}
 "#;
 
 /// Ascending window entries by seq in (ARGV[1], ARGV[2]) that the user can see (not deleted,
 /// not hidden, not before their clear watermark), ARGV[3] of them when the range has as many:
 /// entries the user cannot see are stepped over in further reads, so a page reads exactly
 /// itself unless some are. Reply: lowest seq, size, highest seq, views loaded, whether the range
-/// ran out ('1'/'0'), then per entry: id, seq, body, gone state. Nothing when the window is empty.
+/// ran out ('1'/'0'), then three arrays: ids and seqs interleaved, bodies and gone states (both
+/// aligned with the ids; gone empty when the session has none). Nothing when the window is
+/// empty. Without a user or gone states the entries are not walked.
 const READ_BY_SEQ: &str = r#"
 -- KEYS: seq zset, bodies, gone, views, time zset
 -- ARGV: after, before, count, user, the user's hide prefix
@@ -109,19 +98,32 @@ end
 local out = {lowest[2], tostring(redis.call('ZCARD', KEYS[1])), highest[2], loaded, '0'}
 if loaded == '0' then return out end
 local wanted = tonumber(ARGV[3])
-local shown = {}
+local after, before = '(' .. ARGV[1], '(' .. ARGV[2]
+local any_gone = redis.call('EXISTS', KEYS[3]) == 1
+if user == '' and not any_gone then
+  local entries = redis.call('ZRANGEBYSCORE', KEYS[1], after, before, 'WITHSCORES', 'LIMIT', 0, wanted)
+  if #entries / 2 < wanted then out[5] = '1' end
+  local ids = {}
+  for i = 1, #entries, 2 do ids[#ids + 1] = entries[i] end
+  out[6] = entries
+  out[7] = #ids > 0 and many('HMGET', KEYS[2], ids) or {}
+  out[8] = {}
+  return out
+end
+local shown, gone_shown = {}, {}
 local offset, exhausted = 0, false
 -- Each further read is as large as what is still missing; a user hiding most of the range
 -- costs a few reads, never the whole window at once.
-while #shown < wanted and not exhausted do
-  local batch = wanted - #shown
-  local entries = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '(' .. ARGV[2], 'WITHSCORES', 'LIMIT', offset, batch)
+while #shown < 2 * wanted and not exhausted do
+  local batch = wanted - #shown / 2
+  local entries = redis.call('ZRANGEBYSCORE', KEYS[1], after, before, 'WITHSCORES', 'LIMIT', offset, batch)
   offset = offset + #entries / 2
   if #entries / 2 < batch then exhausted = true end
   if #entries == 0 then break end
   local ids = {}
   for i = 1, #entries, 2 do ids[#ids + 1] = entries[i] end
-  local gone = many('HMGET', KEYS[3], ids)
+  local gone = {}
+  if any_gone then gone = many('HMGET', KEYS[3], ids) end
   local hidden = {}
   if user ~= '' then
     local fields = {}
@@ -133,21 +135,18 @@ while #shown < wanted and not exhausted do
   for i, id in ipairs(ids) do
     local cleared = clear and times[i] and tonumber(times[i]) <= tonumber(clear)
     if not hidden[i] and gone[i] ~= 'deleted' and not cleared then
-      shown[#shown + 1] = {id, entries[2 * i], gone[i] or ''}
+      shown[#shown + 1] = id
+      shown[#shown + 1] = entries[2 * i]
+      gone_shown[#gone_shown + 1] = gone[i] or ''
     end
   end
 end
 if exhausted then out[5] = '1' end
-if #shown == 0 then return out end
 local ids = {}
-for i, entry in ipairs(shown) do ids[i] = entry[1] end
-local bodies = many('HMGET', KEYS[2], ids)
-for i, entry in ipairs(shown) do
-  out[#out + 1] = entry[1]
-  out[#out + 1] = entry[2]
-  out[#out + 1] = bodies[i] or ''
-  out[#out + 1] = entry[3]
-end
+for i = 1, #shown, 2 do ids[#ids + 1] = shown[i] end
+out[6] = shown
+out[7] = #ids > 0 and many('HMGET', KEYS[2], ids) or {}
+out[8] = gone_shown
 return out
 "#;
 
@@ -607,7 +606,7 @@ impl RedisCache {
         user: &str,
     ) -> Option<WindowRead<TimeSlice>> {
         self.call(async |mut connection| {
-            let reply: Option<Vec<Vec<u8>>> = self
+            let reply: Option<Vec<Value>> = self
                 .read_by_time
                 .key(keys.hot_meta())
                 .key(keys.hot_time_index())
@@ -626,14 +625,15 @@ impl RedisCache {
             let (Some(floor), Some(loaded), Some(min)) = (reply.next(), reply.next(), reply.next()) else {
                 return Ok(None);
             };
-            if loaded.as_slice() != b"1" {
+            if bulk(loaded).as_deref() != Some(b"1") {
                 return Ok(Some(WindowRead::ViewsNotLoaded));
             }
             Ok((|| {
+                let [entries, bodies, gone, hidden] = [reply.next()?, reply.next()?, reply.next()?, reply.next()?];
                 Some(WindowRead::Found(TimeSlice {
-                    floor_us: parse_i64(&floor)?,
-                    min_us: parse_i64(&min)?,
-                    entries: entries(reply, true)?,
+                    floor_us: parse_i64(&bulk(floor)?)?,
+                    min_us: parse_i64(&bulk(min)?)?,
+                    entries: entries_of(entries, bodies, gone, Some(hidden))?,
                 }))
             })())
         })
@@ -652,7 +652,7 @@ impl RedisCache {
         user: &str,
     ) -> Option<WindowRead<SeqSlice>> {
         self.call(async |mut connection| {
-            let reply: Option<Vec<Vec<u8>>> = self
+            let reply: Option<Vec<Value>> = self
                 .read_by_seq
                 .key(keys.hot_index())
                 .key(keys.hot_bodies())
@@ -668,8 +668,9 @@ impl RedisCache {
                 .await?;
             let Some(reply) = reply else { return Ok(Some(WindowRead::Unknown)) };
             let mut reply = reply.into_iter();
+            let mut header = || reply.next().and_then(bulk);
             let (Some(lowest), Some(size), Some(highest), Some(loaded), Some(exhausted)) =
-                (reply.next(), reply.next(), reply.next(), reply.next(), reply.next())
+                (header(), header(), header(), header(), header())
             else {
                 return Ok(None);
             };
@@ -677,12 +678,13 @@ impl RedisCache {
                 return Ok(Some(WindowRead::ViewsNotLoaded));
             }
             Ok((|| {
+                let [entries, bodies, gone] = [reply.next()?, reply.next()?, reply.next()?];
                 Some(WindowRead::Found(SeqSlice {
                     lowest_seq: parse_i64(&lowest)?,
                     size: parse_i64(&size)?,
                     highest_seq: parse_i64(&highest)?,
                     exhausted: exhausted.as_slice() == b"1",
-                    entries: entries(reply, false)?,
+                    entries: entries_of(entries, bodies, gone, None)?,
                 }))
             })())
         })
@@ -948,21 +950,48 @@ fn parse_i64(bytes: &[u8]) -> Option<i64> {
     text.parse::<i64>().ok().or_else(|| text.parse::<f64>().ok().map(|value| value as i64))
 }
 
-/// Window entries from a read's reply, taking the bodies without copying them: groups of id,
-/// position, body, gone state, and with `flagged` a hidden flag.
-fn entries(reply: impl ExactSizeIterator<Item = Vec<u8>>, flagged: bool) -> Option<Vec<CachedEntry>> {
-    let width = if flagged { 5 } else { 4 };
-    let mut entries = Vec::with_capacity(reply.len() / width);
-    let mut reply = reply.into_iter();
-    while let Some(id) = reply.next() {
-        let (Some(position), Some(body), Some(gone)) = (reply.next(), reply.next(), reply.next()) else { return None };
-        let hidden = if flagged { reply.next()?.as_slice() == b"1" } else { false };
+fn bulk(value: Value) -> Option<Vec<u8>> {
+    match value {
+        Value::BulkString(bytes) => Some(bytes),
+        _ => None,
+    }
+}
+
+/// An array reply of strings, `None` where a value was missing (Lua's `false`).
+fn bulks(value: Value) -> Option<Vec<Option<Vec<u8>>>> {
+    match value {
+        Value::Array(values) => values
+            .into_iter()
+            .map(|value| match value {
+                Value::BulkString(bytes) => Some(Some(bytes)),
+                Value::Nil => Some(None),
+                _ => None,
+            })
+            .collect(),
+        _ => None,
+    }
+}
+
+/// Window entries from a read's arrays, taking the bodies without copying them: ids and
+/// positions interleaved, then bodies, gone states and hidden flags aligned with the ids (an
+/// empty array: none of them has one).
+fn entries_of(pairs: Value, bodies: Value, gone: Value, hidden: Option<Value>) -> Option<Vec<CachedEntry>> {
+    let pairs = bulks(pairs)?;
+    let mut bodies = bulks(bodies)?.into_iter();
+    let mut gone = bulks(gone)?.into_iter();
+    let mut hidden = match hidden {
+        Some(hidden) => bulks(hidden)?.into_iter(),
+        None => Vec::new().into_iter(),
+    };
+    let mut entries = Vec::with_capacity(pairs.len() / 2);
+    let mut pairs = pairs.into_iter();
+    while let (Some(id), Some(position)) = (pairs.next(), pairs.next()) {
         entries.push(CachedEntry {
-            id: String::from_utf8(id).ok()?,
-            position: parse_i64(&position)?,
-            body,
-            gone: String::from_utf8(gone).ok()?,
-            hidden,
+            id: String::from_utf8(id?).ok()?,
+            position: parse_i64(&position?)?,
+            body: bodies.next().flatten().unwrap_or_default(),
+            gone: gone.next().flatten().map(String::from_utf8).transpose().ok()?.unwrap_or_default(),
+            hidden: hidden.next().flatten().is_some(),
         });
     }
     Some(entries)
