@@ -33,10 +33,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(format!("{STORAGE_PACKAGE}.Message"), "crate::proto::EncodedMessage");
     let holding = holding_message(&descriptors);
     for file in descriptors.file.iter().filter(|file| file.package() == &STORAGE_PACKAGE[1..]) {
-        for name in file.message_type.iter().map(|message| message.name()).chain(file.enum_type.iter().map(|e| e.name()))
+        for name in
+            file.message_type.iter().map(|message| message.name()).chain(file.enum_type.iter().map(|e| e.name()))
         {
             if name != "Message" && !holding.contains(name) {
-                serving = serving.extern_path(format!("{STORAGE_PACKAGE}.{name}"), format!("crate::proto::storage::{name}"));
+                serving =
+                    serving.extern_path(format!("{STORAGE_PACKAGE}.{name}"), format!("crate::proto::storage::{name}"));
             }
         }
     }

@@ -441,7 +441,8 @@ async fn one_call(
     let session = &targets.sessions[draw(&targets.session_weights, random)];
     match call {
         Call::QueryPage => {
-            let request = QueryMessagesRequest { session_id: session.id.clone(), limit: PAGE, tenant, ..Default::default() };
+            let request =
+                QueryMessagesRequest { session_id: session.id.clone(), limit: PAGE, tenant, ..Default::default() };
             unary(client, call, request).await
         }
         Call::GetMessage => {

@@ -20,8 +20,8 @@ use crate::lookup::to_message;
 use crate::permissions::{self, Actor, Change};
 use crate::sessions::Sessions;
 use crate::store::Databases;
-use crate::store::postgres::{Operation, TargetRow};
 use crate::store::redis::RedisCache;
+use crate::store::rows::{Operation, TargetRow};
 
 #[derive(Clone)]
 pub struct Commands {
@@ -245,7 +245,6 @@ impl Commands {
             .await?
             .ok_or(Error::NotFound("message"))?;
         let read_at = read_by
-            .0
             .iter()
             .find(|record| record.user_id == user_id)
             .and_then(|record| DateTime::from_timestamp_micros(record.read_at_us))

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use flare_storage_common::message::{check_id, is_unset, storable_time, to_timestamp};
 use flare_storage_common::prost_types;
-use flare_storage_common::proto::common::{ActorType, ErrorCode, Pagination, RequestContext, RpcStatus, TenantContext};
 use flare_storage_common::proto::EncodedMessage;
+use flare_storage_common::proto::common::{ActorType, ErrorCode, Pagination, RequestContext, RpcStatus, TenantContext};
 use flare_storage_common::proto::serving::storage_reader_service_server::StorageReaderService;
 use flare_storage_common::proto::serving::{
     GetMessageResponse, QueryMessagesBySeqResponse, QueryMessagesResponse, SearchMessagesResponse,
@@ -292,49 +292,55 @@ impl StorageReaderService for StorageReader {
 
     async fn delete_message(&self, request: Request<DeleteMessageRequest>) -> Reply<DeleteMessageResponse> {
         let commands = self.commands.clone();
-        self.observe("DeleteMessage", to_completion(async move {
-            let request = request.into_inner();
-            let tenant_id = tenant_of(request.tenant.as_ref())?;
-            require_id("session_id", &request.session_id, true)?;
-            if request.message_ids.is_empty() || request.message_ids.len() > MAX_IDS_PER_DELETE {
-                return Err(Error::invalid("message_ids", format!("must name 1 to {MAX_IDS_PER_DELETE} messages")));
-            }
-            for message_id in &request.message_ids {
-                require_id("message_ids", message_id, true)?;
-            }
-            let actor = acting_user("", "context.actor.actor_id", request.context.as_ref())?;
-            let deleted = commands.delete(tenant_id, &request.session_id, &request.message_ids, actor).await?;
-            Ok(DeleteMessageResponse { success: true, deleted_count: deleted, status: ok_status() })
-        }))
+        self.observe(
+            "DeleteMessage",
+            to_completion(async move {
+                let request = request.into_inner();
+                let tenant_id = tenant_of(request.tenant.as_ref())?;
+                require_id("session_id", &request.session_id, true)?;
+                if request.message_ids.is_empty() || request.message_ids.len() > MAX_IDS_PER_DELETE {
+                    return Err(Error::invalid("message_ids", format!("must name 1 to {MAX_IDS_PER_DELETE} messages")));
+                }
+                for message_id in &request.message_ids {
+                    require_id("message_ids", message_id, true)?;
+                }
+                let actor = acting_user("", "context.actor.actor_id", request.context.as_ref())?;
+                let deleted = commands.delete(tenant_id, &request.session_id, &request.message_ids, actor).await?;
+                Ok(DeleteMessageResponse { success: true, deleted_count: deleted, status: ok_status() })
+            }),
+        )
         .await
     }
 
     async fn recall_message(&self, request: Request<RecallMessageRequest>) -> Reply<RecallMessageResponse> {
         let commands = self.commands.clone();
-        self.observe("RecallMessage", to_completion(async move {
-            let request = request.into_inner();
-            let tenant_id = tenant_of(request.tenant.as_ref())?;
-            require_id("message_id", &request.message_id, true)?;
-            let actor = acting_user(&request.operator_id, "operator_id", request.context.as_ref())?;
-            let requested = match request.recall_time_limit_seconds {
-                0 => None,
-                seconds => Some(Duration::from_secs(
-                    u64::try_from(seconds)
-                        .map_err(|_| Error::invalid("recall_time_limit_seconds", "must not be negative"))?,
-                )),
-            };
-            if request.reason.len() > MAX_ATTRIBUTE_VALUE_BYTES {
-                return Err(Error::invalid("reason", format!("is longer than {MAX_ATTRIBUTE_VALUE_BYTES} bytes")));
-            }
-            let recalled_at =
-                commands.recall(tenant_id, &request.message_id, actor.id, requested, &request.reason).await?;
-            Ok(RecallMessageResponse {
-                success: true,
-                error_message: String::new(),
-                recalled_at: Some(to_timestamp(recalled_at)),
-                status: ok_status(),
-            })
-        }))
+        self.observe(
+            "RecallMessage",
+            to_completion(async move {
+                let request = request.into_inner();
+                let tenant_id = tenant_of(request.tenant.as_ref())?;
+                require_id("message_id", &request.message_id, true)?;
+                let actor = acting_user(&request.operator_id, "operator_id", request.context.as_ref())?;
+                let requested = match request.recall_time_limit_seconds {
+                    0 => None,
+                    seconds => Some(Duration::from_secs(
+                        u64::try_from(seconds)
+                            .map_err(|_| Error::invalid("recall_time_limit_seconds", "must not be negative"))?,
+                    )),
+                };
+                if request.reason.len() > MAX_ATTRIBUTE_VALUE_BYTES {
+                    return Err(Error::invalid("reason", format!("is longer than {MAX_ATTRIBUTE_VALUE_BYTES} bytes")));
+                }
+                let recalled_at =
+                    commands.recall(tenant_id, &request.message_id, actor.id, requested, &request.reason).await?;
+                Ok(RecallMessageResponse {
+                    success: true,
+                    error_message: String::new(),
+                    recalled_at: Some(to_timestamp(recalled_at)),
+                    status: ok_status(),
+                })
+            }),
+        )
         .await
     }
 
@@ -343,56 +349,65 @@ impl StorageReaderService for StorageReader {
         request: Request<DeleteMessageForUserRequest>,
     ) -> Reply<DeleteMessageForUserResponse> {
         let commands = self.commands.clone();
-        self.observe("DeleteMessageForUser", to_completion(async move {
-            let request = request.into_inner();
-            let tenant_id = tenant_of(request.tenant.as_ref())?;
-            require_id("message_id", &request.message_id, true)?;
-            let actor = acting_user(&request.user_id, "user_id", request.context.as_ref())?;
-            let deleted =
-                commands.delete_for_user(tenant_id, &request.message_id, actor.id, request.permanent).await?;
-            Ok(DeleteMessageForUserResponse { success: true, deleted_count: deleted, status: ok_status() })
-        }))
+        self.observe(
+            "DeleteMessageForUser",
+            to_completion(async move {
+                let request = request.into_inner();
+                let tenant_id = tenant_of(request.tenant.as_ref())?;
+                require_id("message_id", &request.message_id, true)?;
+                let actor = acting_user(&request.user_id, "user_id", request.context.as_ref())?;
+                let deleted =
+                    commands.delete_for_user(tenant_id, &request.message_id, actor.id, request.permanent).await?;
+                Ok(DeleteMessageForUserResponse { success: true, deleted_count: deleted, status: ok_status() })
+            }),
+        )
         .await
     }
 
     async fn clear_session(&self, request: Request<ClearSessionRequest>) -> Reply<ClearSessionResponse> {
         let commands = self.commands.clone();
-        self.observe("ClearSession", to_completion(async move {
-            let request = request.into_inner();
-            let tenant_id = tenant_of(request.tenant.as_ref())?;
-            require_id("session_id", &request.session_id, true)?;
-            require_id("clear_before_message_id", &request.clear_before_message_id, false)?;
-            let actor = acting_user(&request.user_id, "user_id", request.context.as_ref())?;
-            let before_time = protobuf_time("clear_before_time", request.clear_before_time.as_ref())?;
-            let up_to = Commands::clear_up_to(request.clear_type, &request.clear_before_message_id, before_time)?;
-            let (cleared, _watermark) = commands.clear(tenant_id, &request.session_id, actor.id, up_to).await?;
-            Ok(ClearSessionResponse {
-                success: true,
-                error_message: String::new(),
-                cleared_count: i32::try_from(cleared).unwrap_or(i32::MAX),
-                cleared_at: Some(to_timestamp(Utc::now())),
-                status: ok_status(),
-            })
-        }))
+        self.observe(
+            "ClearSession",
+            to_completion(async move {
+                let request = request.into_inner();
+                let tenant_id = tenant_of(request.tenant.as_ref())?;
+                require_id("session_id", &request.session_id, true)?;
+                require_id("clear_before_message_id", &request.clear_before_message_id, false)?;
+                let actor = acting_user(&request.user_id, "user_id", request.context.as_ref())?;
+                let before_time = protobuf_time("clear_before_time", request.clear_before_time.as_ref())?;
+                let up_to = Commands::clear_up_to(request.clear_type, &request.clear_before_message_id, before_time)?;
+                let (cleared, _watermark) = commands.clear(tenant_id, &request.session_id, actor.id, up_to).await?;
+                Ok(ClearSessionResponse {
+                    success: true,
+                    error_message: String::new(),
+                    cleared_count: i32::try_from(cleared).unwrap_or(i32::MAX),
+                    cleared_at: Some(to_timestamp(Utc::now())),
+                    status: ok_status(),
+                })
+            }),
+        )
         .await
     }
 
     async fn mark_message_read(&self, request: Request<MarkMessageReadRequest>) -> Reply<MarkMessageReadResponse> {
         let commands = self.commands.clone();
-        self.observe("MarkMessageRead", to_completion(async move {
-            let request = request.into_inner();
-            let tenant_id = tenant_of(request.tenant.as_ref())?;
-            require_id("message_id", &request.message_id, true)?;
-            let actor = acting_user(&request.user_id, "user_id", request.context.as_ref())?;
-            let (read_at, burned_at) = commands.mark_read(tenant_id, &request.message_id, actor.id).await?;
-            Ok(MarkMessageReadResponse {
-                success: true,
-                error_message: String::new(),
-                read_at: Some(to_timestamp(read_at)),
-                burned_at: burned_at.map(to_timestamp),
-                status: ok_status(),
-            })
-        }))
+        self.observe(
+            "MarkMessageRead",
+            to_completion(async move {
+                let request = request.into_inner();
+                let tenant_id = tenant_of(request.tenant.as_ref())?;
+                require_id("message_id", &request.message_id, true)?;
+                let actor = acting_user(&request.user_id, "user_id", request.context.as_ref())?;
+                let (read_at, burned_at) = commands.mark_read(tenant_id, &request.message_id, actor.id).await?;
+                Ok(MarkMessageReadResponse {
+                    success: true,
+                    error_message: String::new(),
+                    read_at: Some(to_timestamp(read_at)),
+                    burned_at: burned_at.map(to_timestamp),
+                    status: ok_status(),
+                })
+            }),
+        )
         .await
     }
 
@@ -401,34 +416,37 @@ impl StorageReaderService for StorageReader {
         request: Request<SetMessageAttributesRequest>,
     ) -> Reply<SetMessageAttributesResponse> {
         let commands = self.commands.clone();
-        self.observe("SetMessageAttributes", to_completion(async move {
-            let request = request.into_inner();
-            let tenant_id = tenant_of(request.tenant.as_ref())?;
-            require_id("message_id", &request.message_id, true)?;
-            let actor = acting_user("", "context.actor.actor_id", request.context.as_ref())?;
-            if request.attributes.len() > MAX_ATTRIBUTES {
-                return Err(Error::invalid("attributes", format!("at most {MAX_ATTRIBUTES} entries")));
-            }
-            for (key, value) in &request.attributes {
-                require_id("attributes", key, true)?;
-                if value.len() > MAX_ATTRIBUTE_VALUE_BYTES {
-                    return Err(Error::invalid(
-                        "attributes",
-                        format!("value of {key:?} is over {MAX_ATTRIBUTE_VALUE_BYTES} bytes"),
-                    ));
+        self.observe(
+            "SetMessageAttributes",
+            to_completion(async move {
+                let request = request.into_inner();
+                let tenant_id = tenant_of(request.tenant.as_ref())?;
+                require_id("message_id", &request.message_id, true)?;
+                let actor = acting_user("", "context.actor.actor_id", request.context.as_ref())?;
+                if request.attributes.len() > MAX_ATTRIBUTES {
+                    return Err(Error::invalid("attributes", format!("at most {MAX_ATTRIBUTES} entries")));
                 }
-            }
-            if request.tags.len() > MAX_TAGS {
-                return Err(Error::invalid("tags", format!("at most {MAX_TAGS} tags")));
-            }
-            for tag in &request.tags {
-                require_id("tags", tag, true)?;
-            }
-            commands
-                .set_attributes(tenant_id, &request.message_id, &request.attributes, &request.tags, actor)
-                .await?;
-            Ok(SetMessageAttributesResponse { status: ok_status() })
-        }))
+                for (key, value) in &request.attributes {
+                    require_id("attributes", key, true)?;
+                    if value.len() > MAX_ATTRIBUTE_VALUE_BYTES {
+                        return Err(Error::invalid(
+                            "attributes",
+                            format!("value of {key:?} is over {MAX_ATTRIBUTE_VALUE_BYTES} bytes"),
+                        ));
+                    }
+                }
+                if request.tags.len() > MAX_TAGS {
+                    return Err(Error::invalid("tags", format!("at most {MAX_TAGS} tags")));
+                }
+                for tag in &request.tags {
+                    require_id("tags", tag, true)?;
+                }
+                commands
+                    .set_attributes(tenant_id, &request.message_id, &request.attributes, &request.tags, actor)
+                    .await?;
+                Ok(SetMessageAttributesResponse { status: ok_status() })
+            }),
+        )
         .await
     }
 
@@ -484,21 +502,24 @@ impl StorageReaderService for StorageReader {
 
     async fn mark_session_read(&self, request: Request<MarkSessionReadRequest>) -> Reply<MarkSessionReadResponse> {
         let sessions = self.sessions.clone();
-        self.observe("MarkSessionRead", to_completion(async move {
-            let request = request.into_inner();
-            let tenant_id = tenant_of(request.tenant.as_ref())?;
-            require_id("session_id", &request.session_id, true)?;
-            let actor = acting_user(&request.user_id, "user_id", request.context.as_ref())?;
-            if request.read_seq < 0 {
-                return Err(Error::invalid("read_seq", "must not be negative (0 = up to the last seq)"));
-            }
-            let view = sessions.mark_read(tenant_id, &request.session_id, actor.id, request.read_seq).await?;
-            Ok(MarkSessionReadResponse {
-                read_seq: view.read_seq,
-                unread_count: view.unread_count,
-                status: ok_status(),
-            })
-        }))
+        self.observe(
+            "MarkSessionRead",
+            to_completion(async move {
+                let request = request.into_inner();
+                let tenant_id = tenant_of(request.tenant.as_ref())?;
+                require_id("session_id", &request.session_id, true)?;
+                let actor = acting_user(&request.user_id, "user_id", request.context.as_ref())?;
+                if request.read_seq < 0 {
+                    return Err(Error::invalid("read_seq", "must not be negative (0 = up to the last seq)"));
+                }
+                let view = sessions.mark_read(tenant_id, &request.session_id, actor.id, request.read_seq).await?;
+                Ok(MarkSessionReadResponse {
+                    read_seq: view.read_seq,
+                    unread_count: view.unread_count,
+                    status: ok_status(),
+                })
+            }),
+        )
         .await
     }
 

@@ -183,7 +183,7 @@ async fn connect_databases(config: &Config) -> anyhow::Result<Databases> {
         }
         None => None,
     };
-    Ok(Databases { mongo, postgres })
+    Ok(Databases::new(mongo, postgres))
 }
 
 /// Accepted connections with TCP_NODELAY: a response goes out in more than one write

@@ -22,8 +22,8 @@ use crate::cursor::Cursor;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::search::{CURSOR_SCOPE, SearchQuery};
-use crate::store::postgres::{Before, SessionPage, StoredRow};
 use crate::store::redis::{CachedEntry, FillEntry, RedisCache, SeqSlice, TimeSlice, WindowRead};
+use crate::store::rows::{Before, SessionPage, StoredRow};
 use crate::store::{Databases, load_views};
 
 /// Page size when the request gives none.
@@ -502,9 +502,10 @@ fn visible(entry: CachedEntry, now: DateTime<Utc>) -> Option<Option<EncodedMessa
         return None;
     }
     let encoded = EncodedMessage(entry.body);
-    let recalled_at = entry.gone.strip_prefix("recalled:").map(|recalled_us| {
-        recalled_us.parse().ok().and_then(DateTime::from_timestamp_micros).map(to_timestamp)
-    });
+    let recalled_at = entry
+        .gone
+        .strip_prefix("recalled:")
+        .map(|recalled_us| recalled_us.parse().ok().and_then(DateTime::from_timestamp_micros).map(to_timestamp));
     let burned = entry
         .gone
         .strip_prefix("burn:")
@@ -536,7 +537,7 @@ pub fn to_message(row: StoredRow) -> Result<Message, Error> {
         Message::decode(row.payload.as_slice()).map_err(|_| Error::Corrupt { message_id: row.message_id.clone() })?;
     message.seq = row.seq.unwrap_or(0);
     message.tags = row.tags;
-    message.attributes = row.attributes.0.0;
+    message.attributes = row.attributes.0;
     message.is_recalled = row.is_recalled;
     message.recalled_at = row.recalled_at.map(to_timestamp);
     // Recalled and burned content is never returned, whatever a store still holds.
@@ -545,7 +546,6 @@ pub fn to_message(row: StoredRow) -> Result<Message, Error> {
     }
     message.read_by = row
         .read_by
-        .0
         .into_iter()
         .map(|record| MessageReadRecord {
             user_id: record.user_id,
@@ -555,7 +555,6 @@ pub fn to_message(row: StoredRow) -> Result<Message, Error> {
         .collect();
     message.operations = row
         .operations
-        .0
         .into_iter()
         .map(|operation| MessageOperation {
             operation_type: operation.operation_type,

@@ -12,7 +12,7 @@
 use flare_storage_common::proto::common::ActorType;
 
 use crate::error::Error;
-use crate::store::postgres::TargetRow;
+use crate::store::rows::TargetRow;
 
 /// Who is acting, and whether on behalf of users (a service, tenant administrator or the
 /// system).

@@ -21,8 +21,8 @@ use flare_storage_common::keys::SessionKeys;
 
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::store::postgres::{SessionHead, UnreadRange};
 use crate::store::redis::{CachedState, RedisCache};
+use crate::store::rows::{SessionHead, UnreadRange};
 use crate::store::{Databases, load_views};
 
 #[derive(Clone)]

@@ -812,7 +812,8 @@ async fn get_message_is_answered_from_the_window_and_never_shows_what_is_gone(st
     let everyone = ["m0", "m1", "m2", "m3", "m4", "m5"];
     // Each answer of the replica, and whether it is the database's exactly.
     let mut compare = async |user: &str, id: &str| -> anyhow::Result<Result<Message, Code>> {
-        let request = || GetMessageRequest { message_id: id.into(), context: as_user(user), tenant: tenant(&chat.tenant) };
+        let request =
+            || GetMessageRequest { message_id: id.into(), context: as_user(user), tenant: tenant(&chat.tenant) };
         let cached = replica_client.get_message(request()).await;
         let stored = database_client.get_message(request()).await;
         let cached = cached.map(|reply| reply.into_inner().message.unwrap_or_default()).map_err(|status| status.code());

@@ -19,10 +19,9 @@ use mongodb::bson::{Bson, Document, doc, spec::BinarySubtype};
 use mongodb::error::{ErrorKind, Result};
 use mongodb::options::FindOptions;
 use mongodb::{Client, Collection, IndexModel};
-use sqlx::types::Json;
 
 use crate::search::{Among, Comparison, SearchQuery};
-use crate::store::postgres::{
+use crate::store::rows::{
     Operation, ReadRecord, SessionHead, SessionPage, SessionViews, StoredRow, TargetRow, UnreadRange,
 };
 
@@ -442,7 +441,7 @@ impl MongoStore {
         user_id: &str,
         read_at: DateTime<Utc>,
         burn_at: Option<DateTime<Utc>>,
-    ) -> Result<Option<(Json<Vec<ReadRecord>>, Option<DateTime<Utc>>)>> {
+    ) -> Result<Option<(Vec<ReadRecord>, Option<DateTime<Utc>>)>> {
         let id = document_id(tenant_id, message_id);
         self.messages
             .update_one(
@@ -465,7 +464,7 @@ impl MongoStore {
         let Some(document) = self.messages.find_one(doc! { "_id": &id, "deleted_at_us": Bson::Null }).await? else {
             return Ok(None);
         };
-        Ok(Some((Json(read_records(&document)), micros(document.get("burned_at_us")))))
+        Ok(Some((read_records(&document), micros(document.get("burned_at_us")))))
     }
 
     /// Merges attributes into a message and, when `tags` is given, replaces its tags. The
@@ -741,7 +740,7 @@ fn stored_row(document: &Document) -> Result<StoredRow> {
         is_recalled: document.get_bool("is_recalled").unwrap_or(false),
         recalled_at: micros(document.get("recalled_at_us")),
         tags: strings(document.get("tags")),
-        attributes: Json(JsonStrings(attributes)),
+        attributes: JsonStrings(attributes),
         // Microseconds where the writer kept them (created_at_us), else the BSON date's ms.
         created_at: micros(document.get("created_at_us"))
             .or_else(|| {
@@ -750,8 +749,8 @@ fn stored_row(document: &Document) -> Result<StoredRow> {
             })
             .unwrap_or(timestamp),
         burned_at: micros(document.get("burned_at_us")),
-        read_by: Json(read_records(document)),
-        operations: Json(operations),
+        read_by: read_records(document),
+        operations,
         message_id,
     })
 }

@@ -3,7 +3,7 @@
 //! user, those hidden or cleared for that user.
 //!
 //! JSON columns hold text by the rules of `stored_text` (U+0000 escaped): maps go in and come
-//! out through [`JsonStrings`].
+//! out through `JsonStrings` (the rows in `rows.rs`).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -11,92 +11,25 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, QueryBuilder};
 
-use flare_storage_common::stored_text::{JsonStrings, escape_json_map};
+use flare_storage_common::stored_text::escape_json_map;
 use flare_storage_common::text_search::query_terms;
 
 use crate::search::{Among, SearchQuery};
+use crate::store::rows::{
+    Operation, ReadRecord, SessionHead, SessionPage, SessionViews, StoredRow, TargetRow, UnreadRange,
+};
 
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
 }
 
-/// The stored payload and the columns that may have changed since it was written.
-#[derive(Debug, sqlx::FromRow)]
-pub struct StoredRow {
-    pub message_id: String,
-    #[sqlx(rename = "timestamp")]
-    pub timestamp: DateTime<Utc>,
-    pub payload: Vec<u8>,
-    pub seq: Option<i64>,
-    pub is_recalled: bool,
-    pub recalled_at: Option<DateTime<Utc>>,
-    pub tags: Vec<String>,
-    pub attributes: Json<JsonStrings>,
-    pub created_at: DateTime<Utc>,
-    pub burned_at: Option<DateTime<Utc>>,
-    pub read_by: Json<Vec<ReadRecord>>,
-    pub operations: Json<Vec<Operation>>,
-}
-
-/// A read receipt as kept in `messages.read_by`.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct ReadRecord {
-    pub user_id: String,
-    pub read_at_us: i64,
-}
-
-/// An entry of `messages.operations`: who did what to the message, when.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Operation {
-    pub operation_type: String,
-    pub operator_id: String,
-    pub operated_at_us: i64,
-    #[serde(default)]
-    pub target_user_id: String,
-    #[serde(default)]
-    pub metadata: JsonStrings,
-}
-
-/// A message a command acts on: the stored row and who it concerns.
-#[derive(Debug, sqlx::FromRow)]
-pub struct TargetRow {
-    #[sqlx(flatten)]
-    pub row: StoredRow,
-    pub session_id: String,
-    pub sender_id: String,
-    pub receiver_id: String,
-    pub receiver_ids: Vec<String>,
-    pub is_burn_after_read: bool,
-    pub burn_after_seconds: i32,
-    pub deleted_at: Option<DateTime<Utc>>,
-}
-
-/// The newest message of a session: what its state shows.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct SessionHead {
-    pub session_id: String,
-    pub last_seq: i64,
-    pub last_message_id: String,
-    pub last_sender_id: String,
-    pub last_message_time: DateTime<Utc>,
-    pub message_type: i32,
-    pub content_type: String,
-}
-
-/// The seq range whose unread messages a user wants counted in a session: (read, last].
-#[derive(Debug, Clone)]
-pub struct UnreadRange {
-    pub session_id: String,
-    pub read_seq: i64,
-    pub last_seq: i64,
-}
-
-/// Every per-user view fact of a session, to load into the cache.
-#[derive(Debug, Default)]
-pub struct SessionViews {
-    pub hidden: Vec<(String, String)>,
-    pub clears: Vec<(String, DateTime<Utc>)>,
+/// What a read receipt's update returns.
+#[derive(sqlx::FromRow)]
+struct Receipts {
+    #[sqlx(json)]
+    read_by: Vec<ReadRecord>,
+    burned_at: Option<DateTime<Utc>>,
 }
 
 const COLUMNS: &str = r#"message_id, "timestamp", payload, seq, is_recalled, recalled_at, tags, attributes,
@@ -112,26 +45,6 @@ fn user_filter(user_param: usize) -> String {
                 WHERE c.tenant_id = messages.tenant_id AND c.session_id = messages.session_id AND c.user_id = ${user_param}),
                 '-infinity'::timestamptz)"#
     )
-}
-
-/// A page of a session's history, newest first.
-#[derive(Clone, Copy)]
-pub struct SessionPage<'a> {
-    pub tenant_id: &'a str,
-    pub session_id: &'a str,
-    pub from: DateTime<Utc>,
-    pub to: DateTime<Utc>,
-    pub before: Option<Before<'a>>,
-    pub limit: i64,
-    /// Leaves out what this user may not see ('' = nobody's view).
-    pub user: &'a str,
-}
-
-/// Where a page of a session's history starts: strictly older than this message.
-#[derive(Clone, Copy)]
-pub struct Before<'a> {
-    pub timestamp: DateTime<Utc>,
-    pub message_id: &'a str,
 }
 
 impl PostgresStore {
@@ -387,8 +300,8 @@ impl PostgresStore {
         user_id: &str,
         read_at: DateTime<Utc>,
         burn_at: Option<DateTime<Utc>>,
-    ) -> Result<Option<(Json<Vec<ReadRecord>>, Option<DateTime<Utc>>)>, sqlx::Error> {
-        sqlx::query_as(
+    ) -> Result<Option<(Vec<ReadRecord>, Option<DateTime<Utc>>)>, sqlx::Error> {
+        let updated: Option<Receipts> = sqlx::query_as(
             r#"UPDATE messages SET
                    read_by = CASE WHEN read_by @> jsonb_build_array(jsonb_build_object('user_id', $3::text))
                                   THEN read_by
@@ -406,7 +319,8 @@ impl PostgresStore {
         .bind(read_at.timestamp_micros())
         .bind(burn_at)
         .fetch_optional(&self.pool)
-        .await
+        .await?;
+        Ok(updated.map(|receipts| (receipts.read_by, receipts.burned_at)))
     }
 
     /// Merges attributes into a message and, when `tags` is given, replaces its tags.

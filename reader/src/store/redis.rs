@@ -20,7 +20,7 @@ use redis::{AsyncCommands as _, RedisResult, Script, Value};
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
-use crate::store::postgres::SessionHead;
+use crate::store::rows::SessionHead;
 
 const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
