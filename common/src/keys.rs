@@ -108,22 +108,29 @@ impl SessionKeys {
     }
 }
 
-/// Field of [`SessionKeys::views`] saying `message_id` is hidden for `user_id`: the user's
-/// [`hidden_view_prefix`], then the message id.
+/// Field of [`SessionKeys::views`] saying `message_id` is hidden for `user_id`:
+/// `hide:<len>:<user>:<message_id>` — length-prefixed, so user `a:b` hiding `c` is not user `a`
+/// hiding `b:c`.
 pub fn hidden_view_field(user_id: &str, message_id: &str) -> String {
-    format!("{}{message_id}", hidden_view_prefix(user_id))
-}
-
-/// `hide:<len>:<user>:` — length-prefixed, so user `a:b` hiding `c` is not user `a` hiding
-/// `b:c`. Scripts are given it and append the message id.
-pub fn hidden_view_prefix(user_id: &str) -> String {
-    format!("hide:{}:{user_id}:", user_id.len())
+    format!("hide:{}:{user_id}:{message_id}", user_id.len())
 }
 
 /// Field of [`SessionKeys::views`] holding `user_id`'s clear watermark (µs).
 pub fn clear_view_field(user_id: &str) -> String {
     format!("clear:{user_id}")
 }
+
+/// The [`SessionKeys::views`] field formats above as Lua, prepended to the scripts that read
+/// or merge views, so each format has this one home: `clear_field(user)`,
+/// `is_clear_field(field)`, `hide_prefix(user)` (append a message id) and `LOADED` (the field
+/// present once the views were loaded from the databases). Lua's `string.len` counts bytes, as
+/// Rust's `str::len` does.
+pub const VIEW_FIELDS_LUA: &str = r#"
+local LOADED = 'loaded'
+local function clear_field(user) return 'clear:' .. user end
+local function is_clear_field(field) return string.sub(field, 1, 6) == 'clear:' end
+local function hide_prefix(user) return 'hide:' .. string.len(user) .. ':' .. user .. ':' end
+"#;
 
 /// STRING: the session a tenant's message belongs to — a fact that never changes — so a reader
 /// asked for a message by id alone finds it in that session's hot window. Set by readers when a

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use flare_storage_common::keys::{HOT_FLOOR_ALL, SessionKeys, hidden_view_prefix, message_session};
-use flare_storage_common::scripts::query_calling;
+use flare_storage_common::keys::{HOT_FLOOR_ALL, SessionKeys, VIEW_FIELDS_LUA, message_session};
+use flare_storage_common::scripts::{TRIM_WINDOW, query_calling};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands as _, RedisResult, Script, Value};
 use tokio::sync::OnceCell;
@@ -47,15 +47,15 @@ end
 /// arrays go back as the commands gave them.
 const READ_BY_TIME: &str = r#"
 -- KEYS: meta, time zset, bodies, gone, views
--- ARGV: max_us, min_us, count, user ('' = none), the user's hide prefix
+-- ARGV: max_us, min_us, count, user ('' = none)
 local floor = redis.call('HGET', KEYS[1], 'floor_us')
 if not floor then return false end
 local user = ARGV[4]
 local loaded = '1'
 local min = tonumber(ARGV[2])
 if user ~= '' then
-  if redis.call('HEXISTS', KEYS[5], 'loaded') == 0 then loaded = '0' end
-  local clear = redis.call('HGET', KEYS[5], 'clear:' .. user)
+  if redis.call('HEXISTS', KEYS[5], LOADED) == 0 then loaded = '0' end
+  local clear = redis.call('HGET', KEYS[5], clear_field(user))
   if clear and tonumber(clear) + 1 > min then min = tonumber(clear) + 1 end
 end
 if loaded == '0' then return {floor, loaded, string.format('%.0f', min)} end
@@ -68,7 +68,8 @@ if #ids > 0 then
   if redis.call('EXISTS', KEYS[4]) == 1 then gone = many('HMGET', KEYS[4], ids) end
   if user ~= '' then
     local fields = {}
-    for i, id in ipairs(ids) do fields[i] = ARGV[5] .. id end
+    local prefix = hide_prefix(user)
+    for i, id in ipairs(ids) do fields[i] = prefix .. id end
     hidden = many('HMGET', KEYS[5], fields)
   end
 end
@@ -84,7 +85,7 @@ return {floor, loaded, string.format('%.0f', min), entries, bodies, gone, hidden
 /// empty. Without a user or gone states the entries are not walked.
 const READ_BY_SEQ: &str = r#"
 -- KEYS: seq zset, bodies, gone, views, time zset
--- ARGV: after, before, count, user, the user's hide prefix
+-- ARGV: after, before, count, user ('' = none)
 local lowest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if #lowest == 0 then return false end
 local highest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
@@ -92,8 +93,8 @@ local user = ARGV[4]
 local loaded = '1'
 local clear = nil
 if user ~= '' then
-  if redis.call('HEXISTS', KEYS[4], 'loaded') == 0 then loaded = '0' end
-  clear = redis.call('HGET', KEYS[4], 'clear:' .. user)
+  if redis.call('HEXISTS', KEYS[4], LOADED) == 0 then loaded = '0' end
+  clear = redis.call('HGET', KEYS[4], clear_field(user))
 end
 local out = {lowest[2], tostring(redis.call('ZCARD', KEYS[1])), highest[2], loaded, '0'}
 if loaded == '0' then return out end
@@ -127,7 +128,8 @@ while #shown < 2 * wanted and not exhausted do
   local hidden = {}
   if user ~= '' then
     local fields = {}
-    for i, id in ipairs(ids) do fields[i] = ARGV[5] .. id end
+    local prefix = hide_prefix(user)
+    for i, id in ipairs(ids) do fields[i] = prefix .. id end
     hidden = many('HMGET', KEYS[4], fields)
   end
   local times = {}
@@ -155,7 +157,7 @@ return out
 /// not list it with a body, or when it is deleted, hidden or cleared for the user — the
 /// databases answer those.
 const READ_ONE: &str = r#"
--- KEYS: seq zset, bodies, gone, views, time zset; ARGV: message_id, user, the user's hide prefix
+-- KEYS: seq zset, bodies, gone, views, time zset; ARGV: message_id, user ('' = none)
 local id, user = ARGV[1], ARGV[2]
 if not redis.call('ZSCORE', KEYS[1], id) then return false end
 local body = redis.call('HGET', KEYS[2], id)
@@ -163,9 +165,9 @@ if not body then return false end
 local gone = redis.call('HGET', KEYS[3], id) or ''
 if gone == 'deleted' then return false end
 if user ~= '' then
-  if redis.call('HEXISTS', KEYS[4], 'loaded') == 0 then return {'views'} end
-  if redis.call('HEXISTS', KEYS[4], ARGV[3] .. id) == 1 then return false end
-  local clear = redis.call('HGET', KEYS[4], 'clear:' .. user)
+  if redis.call('HEXISTS', KEYS[4], LOADED) == 0 then return {'views'} end
+  if redis.call('HEXISTS', KEYS[4], hide_prefix(user) .. id) == 1 then return false end
+  local clear = redis.call('HGET', KEYS[4], clear_field(user))
   if clear and tonumber(redis.call('ZSCORE', KEYS[5], id) or '0') <= tonumber(clear) then return false end
 end
 return {body, gone}
@@ -178,7 +180,7 @@ return {body, gone}
 /// the window's completeness is left unknown, so the next page refills it); every other body
 /// is replaced and stamped with that ticket. A message's
 /// gone fact from the database (recalled, burn time) is added where the gone hash has none.
-/// Keeps the lower of the two floors, then trims like the writer does.
+/// Keeps the lower of the two floors, then trims like the writer does (`TRIM_WINDOW`).
 const FILL: &str = r#"
 -- KEYS: seq zset, bodies, time zset, meta, gone, stamps
 -- ARGV: window, ttl, floor of this fill, ticket, then groups: seq, id, ts_us, body, gone ('' = none)
@@ -199,18 +201,8 @@ end
 local floor = tonumber(ARGV[3])
 local current = redis.call('HGET', KEYS[4], 'floor_us')
 if current and tonumber(current) < floor then floor = tonumber(current) end
-local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
-if excess > 0 then
-  local old = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
-  for _, id in ipairs(old) do
-    local ts = tonumber(redis.call('ZSCORE', KEYS[3], id))
-    if ts and ts > floor then floor = ts end
-  end
-  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
-  redis.call('ZREM', KEYS[3], unpack(old))
-  redis.call('HDEL', KEYS[2], unpack(old))
-  redis.call('HDEL', KEYS[6], unpack(old))
-end
+local evicted_max = trim_window(KEYS[1], KEYS[3], KEYS[2], KEYS[6], tonumber(ARGV[1]))
+if evicted_max and evicted_max > floor then floor = evicted_max end
 -- A message a command changed after this read, listed without its body: the next page
 -- refills (after a later ticket) rather than trusting the window around it.
 local listed_bodiless = false
@@ -310,14 +302,14 @@ const MERGE_VIEWS: &str = r#"
 -- KEYS: views; ARGV: ttl, loaded flag, then pairs: field, value
 for i = 3, #ARGV, 2 do
   local field, value = ARGV[i], ARGV[i + 1]
-  if string.sub(field, 1, 6) == 'clear:' then
+  if is_clear_field(field) then
     local current = redis.call('HGET', KEYS[1], field)
     if not current or tonumber(current) < tonumber(value) then redis.call('HSET', KEYS[1], field, value) end
   else
     redis.call('HSET', KEYS[1], field, value)
   end
 end
-if ARGV[2] == '1' then redis.call('HSET', KEYS[1], 'loaded', '1') end
+if ARGV[2] == '1' then redis.call('HSET', KEYS[1], LOADED, '1') end
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
 return 1
 "#;
@@ -329,7 +321,7 @@ return 1
 /// not known. The user sent none of them: their own messages moved their read seq.
 const SESSION_STATE: &str = r#"
 -- KEYS: state, reads, seq zset, gone, views, time zset
--- ARGV: user, now_us, the user's hide prefix
+-- ARGV: user, now_us
 local state = redis.call('HMGET', KEYS[1], 'last_seq', 'last_message_id', 'last_sender_id', 'last_message_ts', 'message_count')
 if not state[1] then return false end
 local read = redis.call('HGET', KEYS[2], ARGV[1])
@@ -343,13 +335,14 @@ end
 -- Only a window holding every seq of (read, last] can count: seqs are unique, so it does when
 -- it holds that many of them.
 if redis.call('ZCOUNT', KEYS[3], '(' .. read, state[1]) ~= last - read_seq then return out end
-if redis.call('HEXISTS', KEYS[5], 'loaded') == 0 then
+if redis.call('HEXISTS', KEYS[5], LOADED) == 0 then
   out[7] = '1'
   return out
 end
 local ids = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. read, state[1])
-local clear = redis.call('HGET', KEYS[5], 'clear:' .. ARGV[1])
+local clear = redis.call('HGET', KEYS[5], clear_field(ARGV[1]))
 local now = tonumber(ARGV[2])
+local prefix = hide_prefix(ARGV[1])
 local unread = 0
 for _, id in ipairs(ids) do
   local visible = true
@@ -358,7 +351,7 @@ for _, id in ipairs(ids) do
     if gone == 'deleted' or string.sub(gone, 1, 9) == 'recalled:' then visible = false end
     if string.sub(gone, 1, 5) == 'burn:' and tonumber(string.sub(gone, 6)) <= now then visible = false end
   end
-  if visible and redis.call('HEXISTS', KEYS[5], ARGV[3] .. id) == 1 then visible = false end
+  if visible and redis.call('HEXISTS', KEYS[5], prefix .. id) == 1 then visible = false end
   if visible and clear then
     local ts = redis.call('ZSCORE', KEYS[6], id)
     if ts and tonumber(ts) <= tonumber(clear) then visible = false end
@@ -512,15 +505,15 @@ impl RedisCache {
             started: Instant::now(),
             hot_ttl,
             hot_window,
-            read_by_time: Script::new(&format!("{MANY}{READ_BY_TIME}")),
-            read_by_seq: Script::new(&format!("{MANY}{READ_BY_SEQ}")),
-            read_one: Script::new(READ_ONE),
-            fill: Script::new(FILL),
+            read_by_time: Script::new(&format!("{VIEW_FIELDS_LUA}{MANY}{READ_BY_TIME}")),
+            read_by_seq: Script::new(&format!("{VIEW_FIELDS_LUA}{MANY}{READ_BY_SEQ}")),
+            read_one: Script::new(&format!("{VIEW_FIELDS_LUA}{READ_ONE}")),
+            fill: Script::new(&format!("{TRIM_WINDOW}{FILL}")),
             mark_gone: Script::new(MARK_GONE),
             ticket: Script::new(TICKET),
             rewrite: Script::new(REWRITE),
-            merge_views: Script::new(MERGE_VIEWS),
-            session_state: Script::new(SESSION_STATE),
+            merge_views: Script::new(&format!("{VIEW_FIELDS_LUA}{MERGE_VIEWS}")),
+            session_state: Script::new(&format!("{VIEW_FIELDS_LUA}{SESSION_STATE}")),
             set_state: Script::new(SET_STATE),
             advance_read: Script::new(ADVANCE_READ),
         };
@@ -617,7 +610,6 @@ impl RedisCache {
                 .arg(min_us)
                 .arg(count)
                 .arg(user)
-                .arg(hidden_view_prefix(user))
                 .invoke_async(&mut connection)
                 .await?;
             let Some(reply) = reply else { return Ok(Some(WindowRead::Unknown)) };
@@ -663,7 +655,6 @@ impl RedisCache {
                 .arg(before)
                 .arg(count)
                 .arg(user)
-                .arg(hidden_view_prefix(user))
                 .invoke_async(&mut connection)
                 .await?;
             let Some(reply) = reply else { return Ok(Some(WindowRead::Unknown)) };
@@ -706,7 +697,6 @@ impl RedisCache {
                 .key(keys.hot_time_index())
                 .arg(message_id)
                 .arg(user)
-                .arg(hidden_view_prefix(user))
                 .invoke_async(&mut connection)
                 .await?;
             let mut reply = reply.unwrap_or_default().into_iter();
@@ -877,8 +867,7 @@ impl RedisCache {
                         .key(keys.views())
                         .key(keys.hot_time_index())
                         .arg(user)
-                        .arg(now_us)
-                        .arg(hidden_view_prefix(user));
+                        .arg(now_us);
                     invocation
                 })
                 .collect();
@@ -1025,6 +1014,28 @@ mod tests {
 
     /// The protocol that keeps the newest body whatever order commands and fills arrive in:
     /// a body read after a later ticket is never replaced by one read after an earlier one.
+    /// The scripts spell the views' fields as `keys` does, for users whose ids hold the
+    /// separator or characters of several bytes.
+    #[tokio::test]
+    async fn scripts_spell_view_fields_as_the_keys_module() -> anyhow::Result<()> {
+        let (_cache, _keys, mut redis) = cache_and_keys().await?;
+        let script = Script::new(&format!(
+            "{VIEW_FIELDS_LUA} return {{clear_field(ARGV[1]), hide_prefix(ARGV[1]) .. ARGV[2], \
+             tostring(is_clear_field(clear_field(ARGV[1]))), tostring(is_clear_field(ARGV[2]))}}"
+        ));
+        for user in ["bob", "a:b", "é李", ""] {
+            let spelled: Vec<String> = script.arg(user).arg("m:1").invoke_async(&mut redis).await?;
+            let expected = [
+                flare_storage_common::keys::clear_view_field(user),
+                flare_storage_common::keys::hidden_view_field(user, "m:1"),
+                "true".to_owned(),
+                "false".to_owned(),
+            ];
+            assert_eq!(spelled, expected, "user {user:?}");
+        }
+        Ok(())
+    }
+
     #[tokio::test]
     async fn the_body_read_after_the_latest_ticket_stays() -> anyhow::Result<()> {
         let (cache, keys, mut redis) = cache_and_keys().await?;

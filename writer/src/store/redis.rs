@@ -18,7 +18,7 @@ use std::time::Duration;
 use chrono::DateTime;
 use flare_storage_common::keys::{HOT_FLOOR_ALL, SessionKeys};
 use flare_storage_common::message::{content_type, message_tenant_id, to_datetime};
-use flare_storage_common::scripts::query_calling;
+use flare_storage_common::scripts::{TRIM_WINDOW, query_calling};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Script};
 
@@ -164,25 +164,10 @@ if starts_session and redis.call('EXISTS', KEYS[4]) == 0 then
   redis.call('HSET', KEYS[4], 'floor_us', ARGV[3])
 end
 if bodiless then redis.call('HDEL', KEYS[4], 'floor_us') end
-local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
-if excess > 0 then
-  local old = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
-  local evicted_max = nil
-  for _, id in ipairs(old) do
-    local ts = tonumber(redis.call('ZSCORE', KEYS[3], id))
-    if ts and (not evicted_max or ts > evicted_max) then evicted_max = ts end
-  end
-  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, excess - 1)
-  for start = 1, #old, 1000 do
-    local chunk = {unpack(old, start, math.min(start + 999, #old))}
-    redis.call('ZREM', KEYS[3], unpack(chunk))
-    redis.call('HDEL', KEYS[2], unpack(chunk))
-    redis.call('HDEL', KEYS[9], unpack(chunk))
-  end
-  local floor = redis.call('HGET', KEYS[4], 'floor_us')
-  if floor and evicted_max and evicted_max > tonumber(floor) then
-    redis.call('HSET', KEYS[4], 'floor_us', string.format('%.0f', evicted_max))
-  end
+local evicted_max = trim_window(KEYS[1], KEYS[3], KEYS[2], KEYS[9], tonumber(ARGV[1]))
+local floor = redis.call('HGET', KEYS[4], 'floor_us')
+if floor and evicted_max and evicted_max > tonumber(floor) then
+  redis.call('HSET', KEYS[4], 'floor_us', string.format('%.0f', evicted_max))
 end
 for k = 1, 5 do redis.call('EXPIRE', KEYS[k], ARGV[2]) end
 if redis.call('EXISTS', KEYS[9]) == 1 then redis.call('EXPIRE', KEYS[9], ARGV[2]) end
@@ -242,7 +227,7 @@ impl RedisStore {
             hot_window,
             assign_seq: Script::new(ASSIGN_SEQ),
             reseed: Script::new(RESEED),
-            finish_session: Script::new(FINISH_SESSION),
+            finish_session: Script::new(&format!("{TRIM_WINDOW}{FINISH_SESSION}")),
         })
     }
 
