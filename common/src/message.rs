@@ -107,6 +107,24 @@ pub fn check_id(field: &'static str, value: &str, required: bool) -> Result<(), 
     check_name(field, value)
 }
 
+/// Clears what only the store writes — read receipts, operations — and the content of a
+/// recalled message, and cuts `recalled_at` to µs as the databases keep it, so a message reads
+/// the same from the cache as from either database. For messages being stored and for payloads
+/// stored before this rule (the writer caches those on a redelivery).
+pub fn drop_store_owned(message: &mut Message) {
+    message.read_by.clear();
+    message.operations.clear();
+    message.recalled_at = message.recalled_at.take().filter(|timestamp| !is_unset(timestamp)).map(|recalled_at| {
+        match to_datetime(&recalled_at) {
+            Some(time) => to_timestamp(in_micros(time)),
+            None => recalled_at,
+        }
+    });
+    if message.is_recalled {
+        message.content = None;
+    }
+}
+
 /// `time` cut to whole microseconds, the precision both databases keep.
 pub fn in_micros(time: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(time.timestamp_micros()).unwrap_or(time)
@@ -174,15 +192,14 @@ pub fn normalize(
         None => message.timestamp = Some(to_timestamp(record_time)),
     }
     message.seq = 0;
-    message.read_by.clear();
-    message.operations.clear();
-    message.recalled_at = match message.recalled_at.take().filter(|timestamp| !is_unset(timestamp)) {
-        Some(recalled_at) => Some(to_timestamp(in_micros(storable_time("message.recalled_at", &recalled_at)?))),
-        None => None,
-    };
-    if message.is_recalled {
-        message.content = None;
+    if let Some(recalled_at) = message.recalled_at.as_ref().filter(|timestamp| !is_unset(timestamp)) {
+        storable_time("message.recalled_at", recalled_at)?;
     }
+    if message.is_recalled && message.recalled_at.as_ref().is_none_or(is_unset) {
+        // Sent recalled without a time: recalled when it was sent, as far as anyone can tell.
+        message.recalled_at = Some(to_timestamp(record_time));
+    }
+    drop_store_owned(&mut message);
     let timeline = message.timeline.get_or_insert_with(Default::default);
     if timeline.ingestion_time.as_ref().is_none_or(is_unset) {
         timeline.ingestion_time = Some(to_timestamp(ingested_at));
@@ -558,6 +575,10 @@ mod tests {
         assert!(message.read_by.is_empty() && message.operations.is_empty());
         assert_eq!(message.recalled_at, Some(Timestamp { seconds: 1_700_000_000, nanos: 123_456_000 }));
         assert!(message.is_recalled);
+
+        let recalled_untimed = with(|request| request.message.as_mut().expect("message").is_recalled = true);
+        let message = normalized(recalled_untimed).expect("valid");
+        assert_eq!(message.recalled_at, Some(to_timestamp(now())), "recalled when sent");
 
         let sent = request("s", "m");
         let content = sent.message.as_ref().and_then(|message| message.content.clone());

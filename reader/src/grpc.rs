@@ -3,6 +3,7 @@
 //! records per-RPC metrics.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -19,6 +20,7 @@ use flare_storage_common::proto::storage::*;
 use flare_storage_common::tonic::{self, Code, Request, Response, Status};
 use futures::TryStreamExt as _;
 use tokio_stream::Stream;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::commands::Commands;
@@ -34,8 +36,11 @@ use crate::store::Databases;
 
 pub struct StorageReader {
     pub lookup: Lookup,
-    pub commands: Commands,
-    pub sessions: Sessions,
+    pub commands: Arc<Commands>,
+    pub sessions: Arc<Sessions>,
+    /// Commands running to their end (see [`StorageReader::to_completion`]); shutdown waits
+    /// for them.
+    pub commands_running: TaskTracker,
     /// Export jobs of the unary ExportMessages; `None` without an export directory.
     pub exports: Option<Exports>,
     pub metrics: Metrics,
@@ -52,6 +57,20 @@ const MAX_TAGS: usize = 32;
 type Reply<T> = Result<Response<T>, Status>;
 
 impl StorageReader {
+    /// Runs a command to its end even when its caller goes away (a cancelled RPC drops its
+    /// future), and shutdown waits for it: a command stopped between its database write and
+    /// its cache write would leave the hot window showing the message as it was — a deleted
+    /// message listed, a recalled one with its content. A retry of a command that did complete
+    /// changes nothing more.
+    fn to_completion<T: Send + 'static>(
+        &self,
+        command: impl Future<Output = Result<T, Error>> + Send + 'static,
+    ) -> impl Future<Output = Result<T, Error>> {
+        let running = self.commands_running.clone();
+        // Spawned when first polled: inside the RPC's span and timing.
+        async move { running.spawn(command.in_current_span()).await.unwrap_or_else(|_| Err(Error::Interrupted)) }
+    }
+
     /// Runs one RPC body in a span (`rpc`, then `tenant_id` and `session_id` once parsed;
     /// never message content), timing it and counting it by outcome.
     async fn observe<T>(&self, rpc: &'static str, body: impl Future<Output = Result<T, Error>>) -> Reply<T> {
@@ -177,16 +196,6 @@ fn millis(field: &'static str, value: i64) -> Result<Option<DateTime<Utc>>, Erro
 
 type ExportStream = Pin<Box<dyn Stream<Item = Result<StreamExportMessagesResponse, Status>> + Send>>;
 
-/// Runs a command to its end even when its caller goes away (a cancelled RPC drops its
-/// future): a command stopped between its database write and its cache write would leave the
-/// hot window showing the message as it was — a deleted message listed, a recalled one with
-/// its content. A retry of a command that did complete changes nothing more.
-async fn to_completion<T: Send + 'static>(
-    command: impl Future<Output = Result<T, Error>> + Send + 'static,
-) -> Result<T, Error> {
-    tokio::spawn(command.in_current_span()).await.unwrap_or_else(|_| Err(Error::Interrupted))
-}
-
 #[tonic::async_trait]
 impl StorageReaderService for StorageReader {
     async fn query_messages(&self, request: Request<QueryMessagesRequest>) -> Reply<QueryMessagesResponse> {
@@ -294,7 +303,7 @@ impl StorageReaderService for StorageReader {
         let commands = self.commands.clone();
         self.observe(
             "DeleteMessage",
-            to_completion(async move {
+            self.to_completion(async move {
                 let request = request.into_inner();
                 let tenant_id = tenant_of(request.tenant.as_ref())?;
                 require_id("session_id", &request.session_id, true)?;
@@ -316,7 +325,7 @@ impl StorageReaderService for StorageReader {
         let commands = self.commands.clone();
         self.observe(
             "RecallMessage",
-            to_completion(async move {
+            self.to_completion(async move {
                 let request = request.into_inner();
                 let tenant_id = tenant_of(request.tenant.as_ref())?;
                 require_id("message_id", &request.message_id, true)?;
@@ -351,7 +360,7 @@ impl StorageReaderService for StorageReader {
         let commands = self.commands.clone();
         self.observe(
             "DeleteMessageForUser",
-            to_completion(async move {
+            self.to_completion(async move {
                 let request = request.into_inner();
                 let tenant_id = tenant_of(request.tenant.as_ref())?;
                 require_id("message_id", &request.message_id, true)?;
@@ -368,7 +377,7 @@ impl StorageReaderService for StorageReader {
         let commands = self.commands.clone();
         self.observe(
             "ClearSession",
-            to_completion(async move {
+            self.to_completion(async move {
                 let request = request.into_inner();
                 let tenant_id = tenant_of(request.tenant.as_ref())?;
                 require_id("session_id", &request.session_id, true)?;
@@ -393,7 +402,7 @@ impl StorageReaderService for StorageReader {
         let commands = self.commands.clone();
         self.observe(
             "MarkMessageRead",
-            to_completion(async move {
+            self.to_completion(async move {
                 let request = request.into_inner();
                 let tenant_id = tenant_of(request.tenant.as_ref())?;
                 require_id("message_id", &request.message_id, true)?;
@@ -418,7 +427,7 @@ impl StorageReaderService for StorageReader {
         let commands = self.commands.clone();
         self.observe(
             "SetMessageAttributes",
-            to_completion(async move {
+            self.to_completion(async move {
                 let request = request.into_inner();
                 let tenant_id = tenant_of(request.tenant.as_ref())?;
                 require_id("message_id", &request.message_id, true)?;
@@ -504,7 +513,7 @@ impl StorageReaderService for StorageReader {
         let sessions = self.sessions.clone();
         self.observe(
             "MarkSessionRead",
-            to_completion(async move {
+            self.to_completion(async move {
                 let request = request.into_inner();
                 let tenant_id = tenant_of(request.tenant.as_ref())?;
                 require_id("session_id", &request.session_id, true)?;

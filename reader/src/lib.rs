@@ -30,6 +30,7 @@ use flare_storage_common::tonic::{
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 pub use config::{Config, MongoConfig, TlsConfig};
@@ -46,6 +47,9 @@ use crate::store::redis::RedisCache;
 
 /// How often burned message content is physically removed (reads hide it at once).
 const BURN_WIPE_INTERVAL: Duration = Duration::from_secs(10);
+/// Longest wait at shutdown for commands still running (each retries nothing; a database
+/// statement or a Redis call bounds it).
+const COMMANDS_DRAIN: Duration = Duration::from_secs(10);
 
 /// How often the reader checks that its stores answer, for `/readyz` and gRPC health.
 const READINESS_INTERVAL: Duration = Duration::from_secs(5);
@@ -113,9 +117,11 @@ pub async fn serve(
     };
     let exports =
         config.export_dir.clone().map(|directory| export::Exports { directory, databases: databases.clone() });
+    let commands_running = TaskTracker::new();
     let reader = StorageReader {
-        commands,
-        sessions,
+        commands: Arc::new(commands),
+        sessions: Arc::new(sessions),
+        commands_running: commands_running.clone(),
         exports,
         lookup: Lookup {
             databases,
@@ -143,6 +149,10 @@ pub async fn serve(
         ))
         .serve_with_incoming_shutdown(incoming(grpc_listener), shutdown.clone().cancelled_owned())
         .await;
+    commands_running.close();
+    if tokio::time::timeout(COMMANDS_DRAIN, commands_running.wait()).await.is_err() {
+        warn!(running = commands_running.len(), "commands still running at shutdown");
+    }
     shutdown.cancel();
     let _ = readiness_task.await;
     let _ = wipe_task.await;

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use flare_storage_common::keys::SessionKeys;
-use flare_storage_common::message::{InvalidMessage, TimeBounds, in_micros, normalize, to_timestamp};
+use flare_storage_common::message::{InvalidMessage, TimeBounds, drop_store_owned, in_micros, normalize, to_timestamp};
 use flare_storage_common::ops::Readiness;
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::{Message, StoreMessageRequest};
@@ -307,9 +307,11 @@ impl Pipeline {
                     if !stored_by_this_batch.contains(key) {
                         stored_before.insert(key.clone());
                     }
-                    // What a database holds is the message; a resend's copy may differ.
+                    // What a database holds is the message; a resend's copy may differ. A payload
+                    // stored before the store-owned fields were dropped is cached without them.
                     message =
                         found.payload.as_deref().and_then(|payload| Message::decode(payload).ok()).unwrap_or(message);
+                    drop_store_owned(&mut message);
                     if found.seq > 0 {
                         message.seq = found.seq;
                     }

@@ -424,8 +424,7 @@ pub struct CachedEntry {
     pub id: String,
     /// Timestamp (µs) in time reads, seq in seq reads, 0 in reads by id.
     pub position: i64,
-    /// The message encoded as it is sent; empty when missing, and in time reads when the
-    /// entry is hidden or deleted (not shown, so not sent).
+    /// The message encoded as it is sent; empty when missing.
     pub body: Vec<u8>,
     /// `deleted`, `recalled:<µs>`, `burn:<µs>`, or empty.
     pub gone: String,
@@ -953,7 +952,8 @@ fn bulks(value: Value) -> Option<Vec<Option<Vec<u8>>>> {
             .into_iter()
             .map(|value| match value {
                 Value::BulkString(bytes) => Some(Some(bytes)),
-                Value::Nil => Some(None),
+                // Lua's `false`: nil in RESP2, a boolean in RESP3.
+                Value::Nil | Value::Boolean(false) => Some(None),
                 _ => None,
             })
             .collect(),
@@ -1012,8 +1012,6 @@ mod tests {
         FillEntry { seq, message_id: id.into(), timestamp_us: seq, body: body.into(), gone: None }
     }
 
-    /// The protocol that keeps the newest body whatever order commands and fills arrive in:
-    /// a body read after a later ticket is never replaced by one read after an earlier one.
     /// The scripts spell the views' fields as `keys` does, for users whose ids hold the
     /// separator or characters of several bytes.
     #[tokio::test]
@@ -1036,6 +1034,8 @@ mod tests {
         Ok(())
     }
 
+    /// The protocol that keeps the newest body whatever order commands and fills arrive in:
+    /// a body read after a later ticket is never replaced by one read after an earlier one.
     #[tokio::test]
     async fn the_body_read_after_the_latest_ticket_stays() -> anyhow::Result<()> {
         let (cache, keys, mut redis) = cache_and_keys().await?;
