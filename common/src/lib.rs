@@ -8,6 +8,7 @@
 pub mod export;
 pub mod keys;
 pub mod message;
+pub mod message_document;
 pub mod ops;
 pub mod proto;
 pub mod schema;

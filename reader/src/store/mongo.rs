@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use flare_storage_common::keys::document_id;
+use flare_storage_common::message_document as fields;
 use flare_storage_common::stored_text::JsonStrings;
 use flare_storage_common::text_search::query_terms;
 use futures::TryStreamExt as _;
@@ -62,7 +63,10 @@ impl MongoStore {
     /// Indexes of the view collections (the writer creates the messages' own); safe to repeat.
     pub async fn ensure_indexes(&self) -> Result<()> {
         for collection in [&self.hidden, &self.clears, &self.reads] {
-            for keys in [doc! { "tenant_id": 1, "session_id": 1 }, doc! { "tenant_id": 1, "user_id": 1 }] {
+            for keys in [
+                doc! { (fields::TENANT_ID): 1, (fields::SESSION_ID): 1 },
+                doc! { (fields::TENANT_ID): 1, "user_id": 1 },
+            ] {
                 collection.create_index(IndexModel::builder().keys(keys).build()).await?;
             }
         }
@@ -82,12 +86,12 @@ impl MongoStore {
 
     /// A message as `user` may see it ('' = no per-user filtering); deleted ones are absent.
     pub async fn message(&self, tenant_id: &str, message_id: &str, user: &str) -> Result<Option<StoredRow>> {
-        let filter = doc! { "_id": document_id(tenant_id, message_id), "deleted_at_us": Bson::Null };
+        let filter = doc! { (fields::ID): document_id(tenant_id, message_id), (fields::DELETED_AT_US): Bson::Null };
         let Some(document) = self.messages.find_one(filter).await? else { return Ok(None) };
         let row = stored_row(&document)?;
         if !user.is_empty() {
-            let session_id = document.get_str("session_id").unwrap_or_default();
-            let hidden = self.hidden.find_one(doc! { "_id": hidden_id(tenant_id, user, message_id) }).await?;
+            let session_id = document.get_str(fields::SESSION_ID).unwrap_or_default();
+            let hidden = self.hidden.find_one(doc! { (fields::ID): hidden_id(tenant_id, user, message_id) }).await?;
             let cleared_before = self.cleared_before(tenant_id, session_id, user).await?;
             if hidden.is_some() || cleared_before.is_some_and(|before| row.timestamp.timestamp_micros() <= before) {
                 return Ok(None);
@@ -98,7 +102,8 @@ impl MongoStore {
 
     /// A message whatever its state, for commands that change it.
     pub async fn target(&self, tenant_id: &str, message_id: &str) -> Result<Option<TargetRow>> {
-        let Some(document) = self.messages.find_one(doc! { "_id": document_id(tenant_id, message_id) }).await? else {
+        let Some(document) = self.messages.find_one(doc! { (fields::ID): document_id(tenant_id, message_id) }).await?
+        else {
             return Ok(None);
         };
         Self::target_row(&document).map(Some)
@@ -107,7 +112,8 @@ impl MongoStore {
     /// The messages of these ids.
     pub async fn targets(&self, tenant_id: &str, message_ids: &[String]) -> Result<Vec<TargetRow>> {
         let ids: Vec<String> = message_ids.iter().map(|message_id| document_id(tenant_id, message_id)).collect();
-        let documents: Vec<Document> = self.messages.find(doc! { "_id": { "$in": ids } }).await?.try_collect().await?;
+        let documents: Vec<Document> =
+            self.messages.find(doc! { (fields::ID): { "$in": ids } }).await?.try_collect().await?;
         documents.iter().map(Self::target_row).collect()
     }
 
@@ -116,20 +122,22 @@ impl MongoStore {
         let text = |field: &str| document.get_str(field).unwrap_or_default().to_owned();
         Ok(TargetRow {
             row: stored_row(document)?,
-            session_id: text("session_id"),
-            sender_id: text("sender_id"),
-            receiver_id: text("receiver_id"),
-            receiver_ids: strings(document.get("receiver_ids")),
-            is_burn_after_read: document.get_bool("is_burn_after_read").unwrap_or(false),
-            burn_after_seconds: integer(document.get("burn_after_seconds")) as i32,
-            deleted_at: micros(document.get("deleted_at_us")),
+            session_id: text(fields::SESSION_ID),
+            sender_id: text(fields::SENDER_ID),
+            receiver_id: text(fields::RECEIVER_ID),
+            receiver_ids: strings(document.get(fields::RECEIVER_IDS)),
+            is_burn_after_read: document.get_bool(fields::IS_BURN_AFTER_READ).unwrap_or(false),
+            burn_after_seconds: integer(document.get(fields::BURN_AFTER_SECONDS)) as i32,
+            deleted_at: micros(document.get(fields::DELETED_AT_US)),
         })
     }
 
     /// The newest `limit` messages of a session, newest first (to fill the hot window).
     pub async fn newest(&self, tenant_id: &str, session_id: &str, limit: i64) -> Result<Vec<StoredRow>> {
-        let clauses = vec![doc! { "tenant_id": tenant_id, "session_id": session_id, "deleted_at_us": Bson::Null }];
-        self.find(clauses, doc! { "timestamp_us": -1, "message_id": -1 }, limit).await
+        let clauses = vec![
+            doc! { (fields::TENANT_ID): tenant_id, (fields::SESSION_ID): session_id, (fields::DELETED_AT_US): Bson::Null },
+        ];
+        self.find(clauses, doc! { (fields::TIMESTAMP_US): -1, (fields::MESSAGE_ID): -1 }, limit).await
     }
 
     /// Up to `limit` messages of a session with seq in (after, before), ascending.
@@ -143,11 +151,11 @@ impl MongoStore {
         user: &str,
     ) -> Result<Vec<StoredRow>> {
         let mut clauses = vec![doc! {
-            "tenant_id": tenant_id, "session_id": session_id, "deleted_at_us": Bson::Null,
-            "seq": { "$gt": after, "$lt": before },
+            (fields::TENANT_ID): tenant_id, (fields::SESSION_ID): session_id, (fields::DELETED_AT_US): Bson::Null,
+            (fields::SEQ): { "$gt": after, "$lt": before },
         }];
         clauses.extend(self.user_clauses(tenant_id, Some(session_id), user).await?);
-        self.find(clauses, doc! { "seq": 1 }, limit).await
+        self.find(clauses, doc! { (fields::SEQ): 1 }, limit).await
     }
 
     /// Up to `limit` messages of a session in [from, to], newest first, older than `before`,
@@ -155,14 +163,14 @@ impl MongoStore {
     pub async fn session_page(&self, page: SessionPage<'_>) -> Result<Vec<StoredRow>> {
         let SessionPage { tenant_id, session_id, from, to, before, limit, user } = page;
         let mut clauses = vec![doc! {
-            "tenant_id": tenant_id, "session_id": session_id, "deleted_at_us": Bson::Null,
-            "timestamp_us": { "$gte": from.timestamp_micros(), "$lte": to.timestamp_micros() },
+            (fields::TENANT_ID): tenant_id, (fields::SESSION_ID): session_id, (fields::DELETED_AT_US): Bson::Null,
+            (fields::TIMESTAMP_US): { "$gte": from.timestamp_micros(), "$lte": to.timestamp_micros() },
         }];
         if let Some(before) = before {
             clauses.push(keyset("$lt", before.timestamp, before.message_id));
         }
         clauses.extend(self.user_clauses(tenant_id, Some(session_id), user).await?);
-        self.find(clauses, doc! { "timestamp_us": -1, "message_id": -1 }, limit).await
+        self.find(clauses, doc! { (fields::TIMESTAMP_US): -1, (fields::MESSAGE_ID): -1 }, limit).await
     }
 
     /// Conditions leaving out what `user` hid and what their clear watermarks cover, in one
@@ -171,24 +179,24 @@ impl MongoStore {
         if user.is_empty() {
             return Ok(Vec::new());
         }
-        let mut filter = doc! { "tenant_id": tenant_id, "user_id": user };
+        let mut filter = doc! { (fields::TENANT_ID): tenant_id, "user_id": user };
         if let Some(session_id) = session_id {
-            filter.insert("session_id", session_id);
+            filter.insert(fields::SESSION_ID, session_id);
         }
         let hidden: Vec<Document> = self.hidden.find(filter.clone()).await?.try_collect().await?;
         let clears: Vec<Document> = self.clears.find(filter).await?.try_collect().await?;
         let mut clauses = Vec::new();
         if !hidden.is_empty() {
-            let ids: Vec<&str> = hidden.iter().filter_map(|view| view.get_str("message_id").ok()).collect();
-            clauses.push(doc! { "message_id": { "$nin": ids } });
+            let ids: Vec<&str> = hidden.iter().filter_map(|view| view.get_str(fields::MESSAGE_ID).ok()).collect();
+            clauses.push(doc! { (fields::MESSAGE_ID): { "$nin": ids } });
         }
         if !clears.is_empty() {
             let covered: Vec<Document> = clears
                 .iter()
                 .map(|clear| {
                     doc! {
-                        "session_id": clear.get_str("session_id").unwrap_or_default(),
-                        "timestamp_us": { "$lte": integer(clear.get("cleared_before_us")) },
+                        (fields::SESSION_ID): clear.get_str(fields::SESSION_ID).unwrap_or_default(),
+                        (fields::TIMESTAMP_US): { "$lte": integer(clear.get("cleared_before_us")) },
                     }
                 })
                 .collect();
@@ -201,12 +209,12 @@ impl MongoStore {
     /// (tenant_id, session_id, seq) index, walked backwards (session and seq both descending).
     pub async fn session_heads(&self, tenant_id: &str, session_ids: &[String]) -> Result<Vec<SessionHead>> {
         let pipeline = [
-            doc! { "$match": { "tenant_id": tenant_id, "session_id": { "$in": session_ids }, "seq": { "$gt": 0_i64 } } },
-            doc! { "$sort": { "tenant_id": -1, "session_id": -1, "seq": -1 } },
+            doc! { "$match": { (fields::TENANT_ID): tenant_id, (fields::SESSION_ID): { "$in": session_ids }, (fields::SEQ): { "$gt": 0_i64 } } },
+            doc! { "$sort": { (fields::TENANT_ID): -1, (fields::SESSION_ID): -1, (fields::SEQ): -1 } },
             doc! { "$group": {
-                "_id": "$session_id", "seq": { "$first": "$seq" }, "message_id": { "$first": "$message_id" },
-                "sender_id": { "$first": "$sender_id" }, "timestamp_us": { "$first": "$timestamp_us" },
-                "message_type": { "$first": "$message_type" }, "content_type": { "$first": "$content_type" },
+                (fields::ID): format!("${}", fields::SESSION_ID), (fields::SEQ): { "$first": format!("${}", fields::SEQ) }, (fields::MESSAGE_ID): { "$first": format!("${}", fields::MESSAGE_ID) },
+                (fields::SENDER_ID): { "$first": format!("${}", fields::SENDER_ID) }, (fields::TIMESTAMP_US): { "$first": format!("${}", fields::TIMESTAMP_US) },
+                (fields::MESSAGE_TYPE): { "$first": format!("${}", fields::MESSAGE_TYPE) }, (fields::CONTENT_TYPE): { "$first": format!("${}", fields::CONTENT_TYPE) },
             } },
         ];
         let groups: Vec<Document> = self.messages.aggregate(pipeline).await?.try_collect().await?;
@@ -215,13 +223,13 @@ impl MongoStore {
             .map(|group| {
                 let text = |field: &str| group.get_str(field).unwrap_or_default().to_owned();
                 SessionHead {
-                    session_id: text("_id"),
-                    last_seq: integer(group.get("seq")),
-                    last_message_id: text("message_id"),
-                    last_sender_id: text("sender_id"),
-                    last_message_time: micros(group.get("timestamp_us")).unwrap_or_default(),
-                    message_type: integer(group.get("message_type")) as i32,
-                    content_type: text("content_type"),
+                    session_id: text(fields::ID),
+                    last_seq: integer(group.get(fields::SEQ)),
+                    last_message_id: text(fields::MESSAGE_ID),
+                    last_sender_id: text(fields::SENDER_ID),
+                    last_message_time: micros(group.get(fields::TIMESTAMP_US)).unwrap_or_default(),
+                    message_type: integer(group.get(fields::MESSAGE_TYPE)) as i32,
+                    content_type: text(fields::CONTENT_TYPE),
                 }
             })
             .collect())
@@ -237,15 +245,17 @@ impl MongoStore {
     ) -> Result<HashMap<String, i64>> {
         let mut seqs: HashMap<String, i64> = session_ids.iter().map(|session| (session.clone(), 0)).collect();
         let ids: Vec<String> = session_ids.iter().map(|session| clear_id(tenant_id, session, user_id)).collect();
-        let recorded: Vec<Document> = self.reads.find(doc! { "_id": { "$in": ids } }).await?.try_collect().await?;
+        let recorded: Vec<Document> =
+            self.reads.find(doc! { (fields::ID): { "$in": ids } }).await?.try_collect().await?;
         let own = [
-            doc! { "$match": { "tenant_id": tenant_id, "session_id": { "$in": session_ids }, "sender_id": user_id } },
-            doc! { "$group": { "_id": "$session_id", "read_seq": { "$max": "$seq" } } },
+            doc! { "$match": { (fields::TENANT_ID): tenant_id, (fields::SESSION_ID): { "$in": session_ids }, (fields::SENDER_ID): user_id } },
+            doc! { "$group": { (fields::ID): format!("${}", fields::SESSION_ID), "read_seq": { "$max": format!("${}", fields::SEQ) } } },
         ];
         let own: Vec<Document> = self.messages.aggregate(own).await?.try_collect().await?;
-        let found = recorded.iter().filter_map(|read| Some((read.get_str("session_id").ok()?, read.get("read_seq"))));
         let found =
-            found.chain(own.iter().filter_map(|group| Some((group.get_str("_id").ok()?, group.get("read_seq")))));
+            recorded.iter().filter_map(|read| Some((read.get_str(fields::SESSION_ID).ok()?, read.get("read_seq"))));
+        let found =
+            found.chain(own.iter().filter_map(|group| Some((group.get_str(fields::ID).ok()?, group.get("read_seq")))));
         for (session_id, read_seq) in found {
             if let Some(seq) = seqs.get_mut(session_id) {
                 *seq = (*seq).max(integer(read_seq));
@@ -259,9 +269,9 @@ impl MongoStore {
     pub async fn save_read_seq(&self, tenant_id: &str, session_id: &str, user_id: &str, read_seq: i64) -> Result<()> {
         self.reads
             .update_one(
-                doc! { "_id": clear_id(tenant_id, session_id, user_id) },
+                doc! { (fields::ID): clear_id(tenant_id, session_id, user_id) },
                 doc! {
-                    "$setOnInsert": { "tenant_id": tenant_id, "session_id": session_id, "user_id": user_id },
+                    "$setOnInsert": { (fields::TENANT_ID): tenant_id, (fields::SESSION_ID): session_id, "user_id": user_id },
                     "$max": { "read_seq": read_seq },
                 },
             )
@@ -281,27 +291,28 @@ impl MongoStore {
     ) -> Result<HashMap<String, i64>> {
         let now_us = Utc::now().timestamp_micros();
         let sessions: Vec<&str> = ranges.iter().map(|range| range.session_id.as_str()).collect();
-        let filter = doc! { "tenant_id": tenant_id, "user_id": user_id, "session_id": { "$in": &sessions } };
+        let filter =
+            doc! { (fields::TENANT_ID): tenant_id, "user_id": user_id, (fields::SESSION_ID): { "$in": &sessions } };
         let hidden: Vec<Document> = self.hidden.find(filter.clone()).await?.try_collect().await?;
         let clears: Vec<Document> = self.clears.find(filter).await?.try_collect().await?;
         let count = |range: &UnreadRange| {
             let session = range.session_id.as_str();
             let hidden: Vec<&str> = hidden
                 .iter()
-                .filter(|view| view.get_str("session_id").is_ok_and(|id| id == session))
-                .filter_map(|view| view.get_str("message_id").ok())
+                .filter(|view| view.get_str(fields::SESSION_ID).is_ok_and(|id| id == session))
+                .filter_map(|view| view.get_str(fields::MESSAGE_ID).ok())
                 .collect();
             let cleared_before = clears
                 .iter()
-                .find(|clear| clear.get_str("session_id").is_ok_and(|id| id == session))
+                .find(|clear| clear.get_str(fields::SESSION_ID).is_ok_and(|id| id == session))
                 .map_or(i64::MIN, |clear| integer(clear.get("cleared_before_us")));
             let filter = doc! {
-                "tenant_id": tenant_id, "session_id": session,
-                "seq": { "$gt": range.read_seq, "$lte": range.last_seq },
-                "deleted_at_us": Bson::Null, "is_recalled": { "$ne": true }, "sender_id": { "$ne": user_id },
-                "$or": [{ "burned_at_us": Bson::Null }, { "burned_at_us": { "$gt": now_us } }],
-                "message_id": { "$nin": hidden },
-                "timestamp_us": { "$gt": cleared_before },
+                (fields::TENANT_ID): tenant_id, (fields::SESSION_ID): session,
+                (fields::SEQ): { "$gt": range.read_seq, "$lte": range.last_seq },
+                (fields::DELETED_AT_US): Bson::Null, (fields::IS_RECALLED): { "$ne": true }, (fields::SENDER_ID): { "$ne": user_id },
+                "$or": [{ (fields::BURNED_AT_US): Bson::Null }, { (fields::BURNED_AT_US): { "$gt": now_us } }],
+                (fields::MESSAGE_ID): { "$nin": hidden },
+                (fields::TIMESTAMP_US): { "$gt": cleared_before },
             };
             let session = session.to_owned();
             async move { Ok::<_, mongodb::error::Error>((session, self.messages.count_documents(filter).await? as i64)) }
@@ -314,7 +325,7 @@ impl MongoStore {
     }
 
     async fn cleared_before(&self, tenant_id: &str, session_id: &str, user: &str) -> Result<Option<i64>> {
-        let clear = self.clears.find_one(doc! { "_id": clear_id(tenant_id, session_id, user) }).await?;
+        let clear = self.clears.find_one(doc! { (fields::ID): clear_id(tenant_id, session_id, user) }).await?;
         Ok(clear.map(|clear| integer(clear.get("cleared_before_us"))))
     }
 
@@ -332,8 +343,8 @@ impl MongoStore {
             let result = self
                 .messages
                 .update_one(
-                    doc! { "_id": document_id(tenant_id, message_id), "session_id": session_id, "deleted_at_us": Bson::Null },
-                    doc! { "$set": { "deleted_at_us": now, "search_text": Bson::Null, "search_terms": [] }, "$push": { "operations": operation_document(operation)? } },
+                    doc! { (fields::ID): document_id(tenant_id, message_id), (fields::SESSION_ID): session_id, (fields::DELETED_AT_US): Bson::Null },
+                    doc! { "$set": { (fields::DELETED_AT_US): now, (fields::SEARCH_TEXT): Bson::Null, (fields::SEARCH_TERMS): [] }, "$push": { (fields::OPERATIONS): operation_document(operation)? } },
                 )
                 .await?;
             if result.modified_count > 0 {
@@ -356,16 +367,16 @@ impl MongoStore {
         let result = self
             .messages
             .update_one(
-                doc! { "_id": document_id(tenant_id, message_id), "is_recalled": { "$ne": true } },
+                doc! { (fields::ID): document_id(tenant_id, message_id), (fields::IS_RECALLED): { "$ne": true } },
                 doc! {
                     "$set": {
-                        "is_recalled": true,
-                        "recalled_at_us": recalled_at.timestamp_micros(),
-                        "search_text": Bson::Null,
-                        "search_terms": [],
-                        "payload": binary(payload_without_content),
+                        (fields::IS_RECALLED): true,
+                        (fields::RECALLED_AT_US): recalled_at.timestamp_micros(),
+                        (fields::SEARCH_TEXT): Bson::Null,
+                        (fields::SEARCH_TERMS): [],
+                        (fields::PAYLOAD): binary(payload_without_content),
                     },
-                    "$push": { "operations": operation_document(operation)? },
+                    "$push": { (fields::OPERATIONS): operation_document(operation)? },
                 },
             )
             .await?;
@@ -382,8 +393,7 @@ impl MongoStore {
         message_id: &str,
         permanent: bool,
     ) -> Result<bool> {
-        let mut on_insert =
-            doc! { "tenant_id": tenant_id, "session_id": session_id, "user_id": user_id, "message_id": message_id };
+        let mut on_insert = doc! { (fields::TENANT_ID): tenant_id, (fields::SESSION_ID): session_id, "user_id": user_id, (fields::MESSAGE_ID): message_id };
         let mut update = doc! {};
         if permanent {
             update.insert("$set", doc! { "permanent": true });
@@ -393,7 +403,7 @@ impl MongoStore {
         update.insert("$setOnInsert", on_insert);
         let result = self
             .hidden
-            .update_one(doc! { "_id": hidden_id(tenant_id, user_id, message_id) }, update)
+            .update_one(doc! { (fields::ID): hidden_id(tenant_id, user_id, message_id) }, update)
             .upsert(true)
             .await?;
         Ok(result.upserted_id.is_some())
@@ -411,9 +421,9 @@ impl MongoStore {
         let previous = self.cleared_before(tenant_id, session_id, user_id).await?;
         self.clears
             .update_one(
-                doc! { "_id": clear_id(tenant_id, session_id, user_id) },
+                doc! { (fields::ID): clear_id(tenant_id, session_id, user_id) },
                 doc! {
-                    "$setOnInsert": { "tenant_id": tenant_id, "session_id": session_id, "user_id": user_id },
+                    "$setOnInsert": { (fields::TENANT_ID): tenant_id, (fields::SESSION_ID): session_id, "user_id": user_id },
                     "$max": { "cleared_before_us": before.timestamp_micros() },
                     "$set": { "cleared_at_us": Utc::now().timestamp_micros() },
                 },
@@ -424,8 +434,8 @@ impl MongoStore {
         let covered = self
             .messages
             .count_documents(doc! {
-                "tenant_id": tenant_id, "session_id": session_id, "deleted_at_us": Bson::Null,
-                "timestamp_us": { "$gt": previous.unwrap_or(i64::MIN), "$lte": watermark },
+                (fields::TENANT_ID): tenant_id, (fields::SESSION_ID): session_id, (fields::DELETED_AT_US): Bson::Null,
+                (fields::TIMESTAMP_US): { "$gt": previous.unwrap_or(i64::MIN), "$lte": watermark },
             })
             .await?;
         Ok((DateTime::from_timestamp_micros(watermark).unwrap_or(before), covered as i64))
@@ -445,8 +455,8 @@ impl MongoStore {
         let id = document_id(tenant_id, message_id);
         self.messages
             .update_one(
-                doc! { "_id": &id, "deleted_at_us": Bson::Null, "read_by.user_id": { "$ne": user_id } },
-                doc! { "$push": { "read_by": { "user_id": user_id, "read_at_us": read_at.timestamp_micros() } } },
+                doc! { (fields::ID): &id, (fields::DELETED_AT_US): Bson::Null, (format!("{}.user_id", fields::READ_BY)): { "$ne": user_id } },
+                doc! { "$push": { (fields::READ_BY): { "user_id": user_id, "read_at_us": read_at.timestamp_micros() } } },
             )
             .await?;
         if let Some(burn_at) = burn_at {
@@ -454,17 +464,19 @@ impl MongoStore {
             self.messages
                 .update_one(
                     doc! {
-                        "_id": &id, "deleted_at_us": Bson::Null,
-                        "$or": [{ "burned_at_us": Bson::Null }, { "burned_at_us": { "$gt": burn_us } }],
+                        (fields::ID): &id, (fields::DELETED_AT_US): Bson::Null,
+                        "$or": [{ (fields::BURNED_AT_US): Bson::Null }, { (fields::BURNED_AT_US): { "$gt": burn_us } }],
                     },
-                    doc! { "$set": { "burned_at_us": burn_us } },
+                    doc! { "$set": { (fields::BURNED_AT_US): burn_us } },
                 )
                 .await?;
         }
-        let Some(document) = self.messages.find_one(doc! { "_id": &id, "deleted_at_us": Bson::Null }).await? else {
+        let Some(document) =
+            self.messages.find_one(doc! { (fields::ID): &id, (fields::DELETED_AT_US): Bson::Null }).await?
+        else {
             return Ok(None);
         };
-        Ok(Some((read_records(&document), micros(document.get("burned_at_us")))))
+        Ok(Some((read_records(&document), micros(document.get(fields::BURNED_AT_US)))))
     }
 
     /// Merges attributes into a message and, when `tags` is given, replaces its tags. The
@@ -485,26 +497,28 @@ impl MongoStore {
                 let jitter = uuid::Uuid::new_v4().as_u128() % (1 << attempt);
                 tokio::time::sleep(Duration::from_millis(jitter as u64)).await;
             }
-            let Some(document) = self.messages.find_one(doc! { "_id": &id, "deleted_at_us": Bson::Null }).await? else {
+            let Some(document) =
+                self.messages.find_one(doc! { (fields::ID): &id, (fields::DELETED_AT_US): Bson::Null }).await?
+            else {
                 return Ok(Merge::NotFound);
             };
-            let version = document.get("attributes_version").cloned().unwrap_or(Bson::Null);
-            let mut merged = document.get_document("attributes").cloned().unwrap_or_default();
+            let version = document.get(fields::ATTRIBUTES_VERSION).cloned().unwrap_or(Bson::Null);
+            let mut merged = document.get_document(fields::ATTRIBUTES).cloned().unwrap_or_default();
             for (name, value) in attributes {
                 merged.insert(name.clone(), value.clone());
             }
-            let mut set = doc! { "attributes": merged };
+            let mut set = doc! { (fields::ATTRIBUTES): merged };
             if let Some(tags) = tags {
-                set.insert("tags", tags);
+                set.insert(fields::TAGS, tags);
             }
             let result = self
                 .messages
                 .update_one(
-                    doc! { "_id": &id, "deleted_at_us": Bson::Null, "attributes_version": version },
+                    doc! { (fields::ID): &id, (fields::DELETED_AT_US): Bson::Null, (fields::ATTRIBUTES_VERSION): version },
                     doc! {
                         "$set": set,
-                        "$inc": { "attributes_version": 1_i64 },
-                        "$push": { "operations": operation_document(operation)? },
+                        "$inc": { (fields::ATTRIBUTES_VERSION): 1_i64 },
+                        "$push": { (fields::OPERATIONS): operation_document(operation)? },
                     },
                 )
                 .await?;
@@ -517,8 +531,10 @@ impl MongoStore {
 
     /// The tenant's distinct tags, sorted, at most `limit`.
     pub async fn tags(&self, tenant_id: &str, limit: i64) -> Result<Vec<String>> {
-        let values =
-            self.messages.distinct("tags", doc! { "tenant_id": tenant_id, "deleted_at_us": Bson::Null }).await?;
+        let values = self
+            .messages
+            .distinct(fields::TAGS, doc! { (fields::TENANT_ID): tenant_id, (fields::DELETED_AT_US): Bson::Null })
+            .await?;
         let mut tags: Vec<String> = values.into_iter().filter_map(|tag| tag.as_str().map(str::to_owned)).collect();
         tags.sort_unstable();
         tags.dedup();
@@ -528,12 +544,12 @@ impl MongoStore {
 
     /// Every per-user view fact of a session (hides and clear watermarks).
     pub async fn session_views(&self, tenant_id: &str, session_id: &str) -> Result<SessionViews> {
-        let filter = doc! { "tenant_id": tenant_id, "session_id": session_id };
+        let filter = doc! { (fields::TENANT_ID): tenant_id, (fields::SESSION_ID): session_id };
         let hidden: Vec<Document> = self.hidden.find(filter.clone()).await?.try_collect().await?;
         let clears: Vec<Document> = self.clears.find(filter).await?.try_collect().await?;
         let text = |view: &Document, field: &str| view.get_str(field).unwrap_or_default().to_owned();
         Ok(SessionViews {
-            hidden: hidden.iter().map(|view| (text(view, "user_id"), text(view, "message_id"))).collect(),
+            hidden: hidden.iter().map(|view| (text(view, "user_id"), text(view, fields::MESSAGE_ID))).collect(),
             clears: clears
                 .iter()
                 .filter_map(|clear| Some((text(clear, "user_id"), micros(clear.get("cleared_before_us"))?)))
@@ -546,55 +562,58 @@ impl MongoStore {
     /// `search_terms`), then the exact substring in the normal form `search_text`.
     pub async fn search(&self, query: &SearchQuery, limit: i64) -> Result<Vec<StoredRow>> {
         let now_us = Utc::now().timestamp_micros();
-        let mut clauses = vec![doc! { "tenant_id": &query.tenant_id, "deleted_at_us": Bson::Null }];
+        let mut clauses = vec![doc! { (fields::TENANT_ID): &query.tenant_id, (fields::DELETED_AT_US): Bson::Null }];
         if !query.contains.is_empty() {
             let terms: BTreeSet<String> = query.contains.iter().flat_map(|text| query_terms(text)).collect();
             if !terms.is_empty() {
-                clauses.push(doc! { "search_terms": { "$all": terms.into_iter().collect::<Vec<_>>() } });
+                clauses.push(doc! { (fields::SEARCH_TERMS): { "$all": terms.into_iter().collect::<Vec<_>>() } });
             }
             for text in &query.contains {
-                clauses.push(doc! { "search_text": { "$regex": regex_literal(text) } });
+                clauses.push(doc! { (fields::SEARCH_TEXT): { "$regex": regex_literal(text) } });
             }
             // Recalled and burned content is never found, even before its terms are removed.
-            clauses.push(doc! { "is_recalled": { "$ne": true } });
-            clauses.push(doc! { "$or": [{ "burned_at_us": Bson::Null }, { "burned_at_us": { "$gt": now_us } }] });
+            clauses.push(doc! { (fields::IS_RECALLED): { "$ne": true } });
+            clauses.push(
+                doc! { "$or": [{ (fields::BURNED_AT_US): Bson::Null }, { (fields::BURNED_AT_US): { "$gt": now_us } }] },
+            );
         }
-        among(&mut clauses, "session_id", &query.session_id);
-        among(&mut clauses, "sender_id", &query.sender_id);
-        among(&mut clauses, "business_type", &query.business_type);
-        among(&mut clauses, "message_type", &query.message_type);
-        among(&mut clauses, "tags", &query.tags);
+        among(&mut clauses, fields::SESSION_ID, &query.session_id);
+        among(&mut clauses, fields::SENDER_ID, &query.sender_id);
+        among(&mut clauses, fields::BUSINESS_TYPE, &query.business_type);
+        among(&mut clauses, fields::MESSAGE_TYPE, &query.message_type);
+        among(&mut clauses, fields::TAGS, &query.tags);
         for (comparison, value) in &query.seq {
-            clauses.push(doc! { "seq": { operator(*comparison): *value } });
+            clauses.push(doc! { (fields::SEQ): { operator(*comparison): *value } });
         }
         if let Some(from) = query.from {
-            clauses.push(doc! { "timestamp_us": { "$gte": from.timestamp_micros() } });
+            clauses.push(doc! { (fields::TIMESTAMP_US): { "$gte": from.timestamp_micros() } });
         }
         if let Some(to) = query.to {
-            clauses.push(doc! { "timestamp_us": { "$lte": to.timestamp_micros() } });
+            clauses.push(doc! { (fields::TIMESTAMP_US): { "$lte": to.timestamp_micros() } });
         }
         if let Some(after) = &query.after {
             clauses.push(keyset(if query.ascending { "$gt" } else { "$lt" }, after.timestamp, &after.message_id));
         }
         clauses.extend(self.user_clauses(&query.tenant_id, None, &query.user).await?);
         let order = if query.ascending { 1 } else { -1 };
-        self.find(clauses, doc! { "timestamp_us": order, "message_id": order }, limit).await
+        self.find(clauses, doc! { (fields::TIMESTAMP_US): order, (fields::MESSAGE_ID): order }, limit).await
     }
 
     /// Removes the content of up to `limit` messages whose burn time has passed (reads
     /// already hide it by time). Returns how many were wiped.
     pub async fn wipe_burned(&self, limit: i64, strip: impl Fn(&[u8]) -> Option<Vec<u8>>) -> Result<u64> {
-        let due = doc! { "burned_at_us": { "$lte": Utc::now().timestamp_micros() }, "burn_wiped": { "$ne": true } };
-        let options = FindOptions::builder().limit(limit).projection(doc! { "payload": 1 }).build();
+        let due = doc! { (fields::BURNED_AT_US): { "$lte": Utc::now().timestamp_micros() }, (fields::BURN_WIPED): { "$ne": true } };
+        let options = FindOptions::builder().limit(limit).projection(doc! { (fields::PAYLOAD): 1 }).build();
         let documents: Vec<Document> = self.messages.find(due).with_options(options).await?.try_collect().await?;
         let mut wiped = 0;
         for document in documents {
-            let mut set = doc! { "search_text": Bson::Null, "search_terms": [], "burn_wiped": true };
+            let mut set =
+                doc! { (fields::SEARCH_TEXT): Bson::Null, (fields::SEARCH_TERMS): [], (fields::BURN_WIPED): true };
             if let Some(payload) = payload(&document).and_then(|payload| strip(&payload)) {
-                set.insert("payload", binary(&payload));
+                set.insert(fields::PAYLOAD, binary(&payload));
             }
-            let id = document.get("_id").cloned().unwrap_or(Bson::Null);
-            wiped += self.messages.update_one(doc! { "_id": id }, doc! { "$set": set }).await?.modified_count;
+            let id = document.get(fields::ID).cloned().unwrap_or(Bson::Null);
+            wiped += self.messages.update_one(doc! { (fields::ID): id }, doc! { "$set": set }).await?.modified_count;
         }
         Ok(wiped)
     }
@@ -621,8 +640,8 @@ fn clear_id(tenant_id: &str, session_id: &str, user_id: &str) -> String {
 fn keyset(direction: &str, timestamp: DateTime<Utc>, message_id: &str) -> Document {
     let timestamp_us = timestamp.timestamp_micros();
     doc! { "$or": [
-        { "timestamp_us": { direction: timestamp_us } },
-        { "timestamp_us": timestamp_us, "message_id": { direction: message_id } },
+        { (fields::TIMESTAMP_US): { direction: timestamp_us } },
+        { (fields::TIMESTAMP_US): timestamp_us, (fields::MESSAGE_ID): { direction: message_id } },
     ] }
 }
 
@@ -663,7 +682,7 @@ fn binary(bytes: &[u8]) -> Bson {
 }
 
 fn payload(document: &Document) -> Option<Vec<u8>> {
-    match document.get("payload")? {
+    match document.get(fields::PAYLOAD)? {
         Bson::Binary(binary) => Some(binary.bytes.clone()),
         _ => None,
     }
@@ -698,7 +717,7 @@ fn strings(value: Option<&Bson>) -> Vec<String> {
 }
 
 fn read_records(document: &Document) -> Vec<ReadRecord> {
-    let Ok(records) = document.get_array("read_by") else { return Vec::new() };
+    let Ok(records) = document.get_array(fields::READ_BY) else { return Vec::new() };
     records
         .iter()
         .filter_map(Bson::as_document)
@@ -712,23 +731,23 @@ fn read_records(document: &Document) -> Vec<ReadRecord> {
 /// The stored payload and the fields that may have changed since it was written, shaped like
 /// a Postgres row so both stores answer alike.
 fn stored_row(document: &Document) -> Result<StoredRow> {
-    let message_id = document.get_str("message_id").unwrap_or_default().to_owned();
-    let timestamp = match document.get("timestamp_us") {
+    let message_id = document.get_str(fields::MESSAGE_ID).unwrap_or_default().to_owned();
+    let timestamp = match document.get(fields::TIMESTAMP_US) {
         Some(value) => micros(Some(value)),
         None => document
-            .get_datetime("timestamp")
+            .get_datetime(fields::TIMESTAMP)
             .ok()
             .and_then(|time| DateTime::from_timestamp_millis(time.timestamp_millis())),
     }
     .unwrap_or_default();
-    let operations = match document.get_array("operations") {
+    let operations = match document.get_array(fields::OPERATIONS) {
         Ok(operations) => {
             operations.iter().filter_map(|operation| mongodb::bson::from_bson(operation.clone()).ok()).collect()
         }
         Err(_) => Vec::new(),
     };
     let attributes = document
-        .get_document("attributes")
+        .get_document(fields::ATTRIBUTES)
         .map(|attributes| {
             attributes.iter().filter_map(|(name, value)| Some((name.clone(), value.as_str()?.to_owned()))).collect()
         })
@@ -736,19 +755,19 @@ fn stored_row(document: &Document) -> Result<StoredRow> {
     Ok(StoredRow {
         payload: payload(document).unwrap_or_default(),
         timestamp,
-        seq: document.get("seq").map(|seq| integer(Some(seq))),
-        is_recalled: document.get_bool("is_recalled").unwrap_or(false),
-        recalled_at: micros(document.get("recalled_at_us")),
-        tags: strings(document.get("tags")),
+        seq: document.get(fields::SEQ).map(|seq| integer(Some(seq))),
+        is_recalled: document.get_bool(fields::IS_RECALLED).unwrap_or(false),
+        recalled_at: micros(document.get(fields::RECALLED_AT_US)),
+        tags: strings(document.get(fields::TAGS)),
         attributes: JsonStrings(attributes),
         // Microseconds where the writer kept them (created_at_us), else the BSON date's ms.
-        created_at: micros(document.get("created_at_us"))
+        created_at: micros(document.get(fields::CREATED_AT_US))
             .or_else(|| {
-                let time = document.get_datetime("created_at").ok()?;
+                let time = document.get_datetime(fields::CREATED_AT).ok()?;
                 DateTime::from_timestamp_millis(time.timestamp_millis())
             })
             .unwrap_or(timestamp),
-        burned_at: micros(document.get("burned_at_us")),
+        burned_at: micros(document.get(fields::BURNED_AT_US)),
         read_by: read_records(document),
         operations,
         message_id,

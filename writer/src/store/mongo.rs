@@ -14,6 +14,7 @@ use std::ops::Range;
 
 use flare_storage_common::keys::document_id;
 use flare_storage_common::message::{content_type, message_tenant_id, searchable_text, to_datetime};
+use flare_storage_common::message_document as fields;
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::Message;
 use flare_storage_common::text_search::index_entry;
@@ -62,10 +63,10 @@ impl MongoStore {
     pub async fn ensure_indexes(&self, retention: Option<std::time::Duration>) -> Result<()> {
         self.ensure_retention_index(retention).await?;
         let indexes = [
-            doc! { "tenant_id": 1, "session_id": 1, "timestamp_us": -1, "message_id": -1 },
-            doc! { "tenant_id": 1, "session_id": 1, "seq": 1 },
-            doc! { "tenant_id": 1, "sender_id": 1, "timestamp_us": -1 },
-            doc! { "tenant_id": 1, "search_terms": 1, "timestamp_us": -1, "message_id": -1 },
+            doc! { (fields::TENANT_ID): 1, (fields::SESSION_ID): 1, (fields::TIMESTAMP_US): -1, (fields::MESSAGE_ID): -1 },
+            doc! { (fields::TENANT_ID): 1, (fields::SESSION_ID): 1, (fields::SEQ): 1 },
+            doc! { (fields::TENANT_ID): 1, (fields::SENDER_ID): 1, (fields::TIMESTAMP_US): -1 },
+            doc! { (fields::TENANT_ID): 1, (fields::SEARCH_TERMS): 1, (fields::TIMESTAMP_US): -1, (fields::MESSAGE_ID): -1 },
         ];
         for keys in indexes {
             self.collection.create_index(IndexModel::builder().keys(keys).build()).await?;
@@ -94,7 +95,7 @@ impl MongoStore {
         {
             let options = IndexOptions::builder().name(RETENTION_INDEX.to_owned()).expire_after(retention).build();
             self.collection
-                .create_index(IndexModel::builder().keys(doc! { "timestamp": 1 }).options(options).build())
+                .create_index(IndexModel::builder().keys(doc! { (fields::TIMESTAMP): 1 }).options(options).build())
                 .await?;
         }
         Ok(())
@@ -103,7 +104,7 @@ impl MongoStore {
     /// Deletes documents older than `cutoff` (what the TTL monitor has not removed yet).
     pub async fn delete_before(&self, cutoff: chrono::DateTime<chrono::Utc>) -> Result<u64> {
         let cutoff = mongodb::bson::DateTime::from_millis(cutoff.timestamp_millis());
-        Ok(self.collection.delete_many(doc! { "timestamp": { "$lt": cutoff } }).await?.deleted_count)
+        Ok(self.collection.delete_many(doc! { (fields::TIMESTAMP): { "$lt": cutoff } }).await?.deleted_count)
     }
 
     /// Inserts every message not stored yet. Reports those stored now, those already stored
@@ -172,25 +173,31 @@ impl MongoStore {
         let ids: Vec<String> = keys.iter().map(|((tenant, id), _)| document_id(tenant, id)).collect();
         let mut cursor = self
             .collection
-            .find(doc! { "_id": { "$in": ids } })
+            .find(doc! { (fields::ID): { "$in": ids } })
             .projection(
-                doc! { "tenant_id": 1, "message_id": 1, "session_id": 1, "seq": 1, "created_at": 1, "created_at_us": 1, "payload": 1 },
+                doc! { (fields::TENANT_ID): 1, (fields::MESSAGE_ID): 1, (fields::SESSION_ID): 1, (fields::SEQ): 1, (fields::CREATED_AT): 1, (fields::CREATED_AT_US): 1, (fields::PAYLOAD): 1 },
             )
             .await?;
         let mut stored = HashMap::new();
         while let Some(document) = cursor.try_next().await? {
-            let (Ok(tenant), Ok(id), Ok(session_id)) =
-                (document.get_str("tenant_id"), document.get_str("message_id"), document.get_str("session_id"))
-            else {
+            let (Ok(tenant), Ok(id), Ok(session_id)) = (
+                document.get_str(fields::TENANT_ID),
+                document.get_str(fields::MESSAGE_ID),
+                document.get_str(fields::SESSION_ID),
+            ) else {
                 continue;
             };
             let key = (tenant.to_owned(), id.to_owned());
             let same_session = sessions.get(&key).is_some_and(|session| *session == session_id);
             let message = StoredMessage {
                 session_id: session_id.to_owned(),
-                seq: document.get_i64("seq").unwrap_or(0),
-                persisted_ms: document.get_datetime("created_at").map(|time| time.timestamp_millis()).unwrap_or(0),
-                payload: same_session.then(|| document.get_binary_generic("payload").cloned().unwrap_or_default()),
+                seq: document.get_i64(fields::SEQ).unwrap_or(0),
+                persisted_ms: document
+                    .get_datetime(fields::CREATED_AT)
+                    .map(|time| time.timestamp_millis())
+                    .unwrap_or(0),
+                payload: same_session
+                    .then(|| document.get_binary_generic(fields::PAYLOAD).cloned().unwrap_or_default()),
             };
             stored.insert(key, message);
         }
@@ -203,15 +210,15 @@ impl MongoStore {
         let tenants: Vec<&str> = sessions.iter().map(|(tenant, _)| tenant.as_str()).collect();
         let session_ids: Vec<&str> = sessions.iter().map(|(_, session)| session.as_str()).collect();
         let pipeline = [
-            doc! { "$match": { "tenant_id": { "$in": tenants }, "session_id": { "$in": session_ids } } },
-            doc! { "$group": { "_id": { "tenant": "$tenant_id", "session": "$session_id" }, "max": { "$max": "$seq" } } },
+            doc! { "$match": { (fields::TENANT_ID): { "$in": tenants }, (fields::SESSION_ID): { "$in": session_ids } } },
+            doc! { "$group": { (fields::ID): { "tenant": "$tenant_id", "session": "$session_id" }, "max": { "$max": "$seq" } } },
         ];
         let groups: Vec<Document> = self.collection.aggregate(pipeline).await?.try_collect().await?;
         let wanted: HashSet<&(String, String)> = sessions.iter().collect();
         Ok(groups
             .iter()
             .filter_map(|group| {
-                let id = group.get_document("_id").ok()?;
+                let id = group.get_document(fields::ID).ok()?;
                 let key = (id.get_str("tenant").ok()?.to_owned(), id.get_str("session").ok()?.to_owned());
                 let max = group.get_i64("max").ok()?;
                 // $in on both fields also matches other tenants' sessions of the same name.
@@ -232,39 +239,39 @@ impl MongoStore {
         let mut updated = 0;
         let mut after: Option<Bson> = None;
         loop {
-            let mut filter = doc! { "search_terms": { "$exists": false } };
+            let mut filter = doc! { (fields::SEARCH_TERMS): { "$exists": false } };
             if let Some(after) = &after {
-                filter.insert("_id", doc! { "$gt": after.clone() });
+                filter.insert(fields::ID, doc! { "$gt": after.clone() });
             }
             let documents: Vec<Document> = self
                 .collection
                 .find(filter)
-                .sort(doc! { "_id": 1 })
+                .sort(doc! { (fields::ID): 1 })
                 .limit(batch)
                 .projection(doc! {
-                    "payload": 1, "is_recalled": 1, "deleted_at_us": 1, "burned_at_us": 1, "burn_wiped": 1,
+                    (fields::PAYLOAD): 1, (fields::IS_RECALLED): 1, (fields::DELETED_AT_US): 1, (fields::BURNED_AT_US): 1, (fields::BURN_WIPED): 1,
                 })
                 .await?
                 .try_collect()
                 .await?;
             let Some(last) = documents.last() else { break };
-            after = last.get("_id").cloned();
+            after = last.get(fields::ID).cloned();
             let now_us = chrono::Utc::now().timestamp_micros();
             for document in &documents {
-                let gone = document.get_bool("is_recalled").unwrap_or(false)
-                    || !matches!(document.get("deleted_at_us"), None | Some(Bson::Null))
-                    || document.get_i64("burned_at_us").is_ok_and(|burned| burned <= now_us)
-                    || document.get_bool("burn_wiped").unwrap_or(false);
-                let message = match document.get("payload") {
+                let gone = document.get_bool(fields::IS_RECALLED).unwrap_or(false)
+                    || !matches!(document.get(fields::DELETED_AT_US), None | Some(Bson::Null))
+                    || document.get_i64(fields::BURNED_AT_US).is_ok_and(|burned| burned <= now_us)
+                    || document.get_bool(fields::BURN_WIPED).unwrap_or(false);
+                let message = match document.get(fields::PAYLOAD) {
                     Some(Bson::Binary(payload)) if !gone => Message::decode(payload.bytes.as_slice()).ok(),
                     _ => None,
                 };
                 let (search_text, search_terms) = message.as_ref().map_or_else(no_search_fields, search_fields);
-                let Some(id) = document.get("_id") else { continue };
+                let Some(id) = document.get(fields::ID) else { continue };
                 self.collection
                     .update_one(
-                        doc! { "_id": id.clone(), "search_terms": { "$exists": false } },
-                        doc! { "$set": { "search_text": search_text, "search_terms": search_terms }, "$unset": { "text": "" } },
+                        doc! { (fields::ID): id.clone(), (fields::SEARCH_TERMS): { "$exists": false } },
+                        doc! { "$set": { (fields::SEARCH_TEXT): search_text, (fields::SEARCH_TERMS): search_terms }, "$unset": { "text": "" } },
                     )
                     .await?;
                 updated += 1;
@@ -273,11 +280,14 @@ impl MongoStore {
         }
         let gone_with_terms = doc! {
             "search_terms.0": { "$exists": true },
-            "$or": [{ "is_recalled": true }, { "deleted_at_us": { "$ne": Bson::Null } }, { "burn_wiped": true }],
+            "$or": [{ (fields::IS_RECALLED): true }, { (fields::DELETED_AT_US): { "$ne": Bson::Null } }, { (fields::BURN_WIPED): true }],
         };
         let cleared = self
             .collection
-            .update_many(gone_with_terms, doc! { "$set": { "search_text": Bson::Null, "search_terms": [] } })
+            .update_many(
+                gone_with_terms,
+                doc! { "$set": { (fields::SEARCH_TEXT): Bson::Null, (fields::SEARCH_TERMS): [] } },
+            )
             .await?;
         Ok(updated + cleared.modified_count)
     }
@@ -331,39 +341,39 @@ fn to_document(message: &Message, payload: &[u8]) -> Document {
         map.iter().map(|(key, value)| (key.clone(), Bson::String(value.clone()))).collect()
     };
     doc! {
-        "_id": document_id(tenant_id, &message.id),
-        "tenant_id": tenant_id,
-        "message_id": &message.id,
-        "session_id": &message.session_id,
-        "seq": message.seq,
-        "sender_id": &message.sender_id,
-        "sender_type": &message.sender_type,
-        "receiver_id": &message.receiver_id,
-        "receiver_ids": &message.receiver_ids,
-        "message_type": message.message_type,
-        "content_type": content_type(message),
-        "search_text": search_text,
-        "search_terms": search_terms,
-        "business_type": &message.business_type,
-        "session_type": &message.session_type,
-        "status": &message.status,
-        "timestamp": mongodb::bson::DateTime::from_millis(timestamp.timestamp_millis()),
-        "timestamp_us": timestamp.timestamp_micros(),
-        "created_at": mongodb::bson::DateTime::from_millis(persisted_at.timestamp_millis()),
+        (fields::ID): document_id(tenant_id, &message.id),
+        (fields::TENANT_ID): tenant_id,
+        (fields::MESSAGE_ID): &message.id,
+        (fields::SESSION_ID): &message.session_id,
+        (fields::SEQ): message.seq,
+        (fields::SENDER_ID): &message.sender_id,
+        (fields::SENDER_TYPE): &message.sender_type,
+        (fields::RECEIVER_ID): &message.receiver_id,
+        (fields::RECEIVER_IDS): &message.receiver_ids,
+        (fields::MESSAGE_TYPE): message.message_type,
+        (fields::CONTENT_TYPE): content_type(message),
+        (fields::SEARCH_TEXT): search_text,
+        (fields::SEARCH_TERMS): search_terms,
+        (fields::BUSINESS_TYPE): &message.business_type,
+        (fields::SESSION_TYPE): &message.session_type,
+        (fields::STATUS): &message.status,
+        (fields::TIMESTAMP): mongodb::bson::DateTime::from_millis(timestamp.timestamp_millis()),
+        (fields::TIMESTAMP_US): timestamp.timestamp_micros(),
+        (fields::CREATED_AT): mongodb::bson::DateTime::from_millis(persisted_at.timestamp_millis()),
         // Microseconds, as PostgreSQL keeps created_at: persisted_time reads the same from both.
-        "created_at_us": persisted_at.timestamp_micros(),
-        "is_recalled": message.is_recalled,
+        (fields::CREATED_AT_US): persisted_at.timestamp_micros(),
+        (fields::IS_RECALLED): message.is_recalled,
         // As the reader's recall command keeps it; PostgreSQL's `recalled_at` column alike.
-        "recalled_at_us": message
+        (fields::RECALLED_AT_US): message
             .recalled_at
             .as_ref()
             .and_then(to_datetime)
             .map_or(Bson::Null, |time| Bson::Int64(time.timestamp_micros())),
-        "is_burn_after_read": message.is_burn_after_read,
-        "burn_after_seconds": message.burn_after_seconds,
-        "tags": &message.tags,
-        "attributes": strings(&message.attributes),
-        "extra": strings(&message.extra),
-        "payload": Bson::Binary(mongodb::bson::Binary { subtype: BinarySubtype::Generic, bytes: payload.to_vec() }),
+        (fields::IS_BURN_AFTER_READ): message.is_burn_after_read,
+        (fields::BURN_AFTER_SECONDS): message.burn_after_seconds,
+        (fields::TAGS): &message.tags,
+        (fields::ATTRIBUTES): strings(&message.attributes),
+        (fields::EXTRA): strings(&message.extra),
+        (fields::PAYLOAD): Bson::Binary(mongodb::bson::Binary { subtype: BinarySubtype::Generic, bytes: payload.to_vec() }),
     }
 }
