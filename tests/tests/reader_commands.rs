@@ -953,6 +953,48 @@ async fn a_command_whose_caller_goes_away_still_reaches_the_window() -> anyhow::
     chat.stop().await
 }
 
+/// A reader shutting down waits for a command still running (here on a row lock) instead of
+/// leaving it cut between its database write and its cache write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_a_running_command() -> anyhow::Result<()> {
+    let chat = Conversation::start(Store::Postgres, 3).await?;
+    let replica = RunningReader::start(&chat.database.url).await?;
+    let mut lock = chat.database.connect().await?;
+    sqlx::query("BEGIN").execute(&mut lock).await?;
+    sqlx::query("SELECT 1 FROM messages WHERE message_id = 'm1' FOR UPDATE").execute(&mut lock).await?;
+    let request = SetMessageAttributesRequest {
+        context: as_user("bob"),
+        tenant: tenant(&chat.tenant),
+        message_id: "m1".into(),
+        attributes: HashMap::from([("pinned".to_owned(), "1".to_owned())]),
+        tags: vec![],
+    };
+    let mut client = replica.client().await?;
+    let command = tokio::spawn(async move { client.set_message_attributes(request).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut stopping = tokio::spawn(replica.stop());
+    let early = tokio::time::timeout(Duration::from_secs(1), &mut stopping).await;
+    assert!(early.is_err(), "the reader stopped while a command was still running");
+    sqlx::query("COMMIT").execute(&mut lock).await?;
+    stopping.await??;
+    // The command finished: its change is in the database and in the window.
+    let _ = command.await?;
+    for mut reader in chat.clients().await? {
+        let by_seq = reader
+            .query_messages_by_seq(QueryMessagesBySeqRequest {
+                session_id: chat.session.clone(),
+                limit: 10,
+                tenant: tenant(&chat.tenant),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let m1 = by_seq.messages.iter().find(|message| message.id == "m1").expect("m1 listed");
+        assert_eq!(m1.attributes.get("pinned").map(String::as_str), Some("1"));
+    }
+    chat.stop().await
+}
+
 on_each_store!(unread_counts_are_exact_and_read_positions_only_move_forward);
 /// Session state without per-member counters: unread counts derived from read seqs leave out
 /// what is deleted, recalled, burned, hidden or cleared for the user and what the user sent;
