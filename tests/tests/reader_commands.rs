@@ -953,8 +953,8 @@ async fn a_command_whose_caller_goes_away_still_reaches_the_window() -> anyhow::
     chat.stop().await
 }
 
-/// A reader shutting down waits for a command still running (here on a row lock) instead of
-/// leaving it cut between its database write and its cache write.
+/// A reader shutting down waits for a command still running (here on a row lock) whose caller
+/// has gone, instead of leaving it cut between its database write and its cache write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_waits_for_a_running_command() -> anyhow::Result<()> {
     let chat = Conversation::start(Store::Postgres, 3).await?;
@@ -969,16 +969,16 @@ async fn shutdown_waits_for_a_running_command() -> anyhow::Result<()> {
         attributes: HashMap::from([("pinned".to_owned(), "1".to_owned())]),
         tags: vec![],
     };
+    // The caller gives up: the server no longer waits for the call, only for the command.
     let mut client = replica.client().await?;
-    let command = tokio::spawn(async move { client.set_message_attributes(request).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let gave_up = tokio::time::timeout(Duration::from_millis(500), client.set_message_attributes(request)).await;
+    assert!(gave_up.is_err(), "the command waits for the row lock");
     let mut stopping = tokio::spawn(replica.stop());
     let early = tokio::time::timeout(Duration::from_secs(1), &mut stopping).await;
     assert!(early.is_err(), "the reader stopped while a command was still running");
     sqlx::query("COMMIT").execute(&mut lock).await?;
     stopping.await??;
     // The command finished: its change is in the database and in the window.
-    let _ = command.await?;
     for mut reader in chat.clients().await? {
         let by_seq = reader
             .query_messages_by_seq(QueryMessagesBySeqRequest {
