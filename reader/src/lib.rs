@@ -81,11 +81,16 @@ pub async fn serve(
     }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    // Server reflection, so grpcurl and similar tools can discover the API.
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(flare_storage_common::proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("failed to build the reflection service")?;
+    // Server reflection, so grpcurl, grpcui, Postman, Evans and similar tools can discover the
+    // API: both versions of the protocol (older clients speak only v1alpha), listing every
+    // service served here.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(flare_storage_common::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().context("failed to build the reflection service")?;
+    let reflection_v1alpha = reflection().build_v1alpha().context("failed to build the reflection service")?;
     let ops_task =
         tokio::spawn(ops::serve(ops_listener, metrics.registry.clone(), readiness.clone(), shutdown.clone()));
     let readiness_task = tokio::spawn(watch_readiness(databases.clone(), readiness, health_reporter, shutdown.clone()));
@@ -142,7 +147,8 @@ pub async fn serve(
     // Health stays open to the platform's probes; the API needs the token when one is set.
     let served = server
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(StorageReaderServiceServer::with_interceptor(
             reader,
             BearerToken::new(config.auth_token.as_deref()),

@@ -234,6 +234,92 @@ async fn redelivered_records_are_not_stored_twice() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One gRPC call over a bare HTTP/2 connection (the h2 crate, not tonic), as any other
+/// gRPC client makes it: the request message framed, the response messages unframed; an error
+/// naming the status unless it is OK.
+async fn raw_grpc_call(addr: std::net::SocketAddr, path: &str, message: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (client, connection) = h2::client::handshake(tcp).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = client.ready().await?;
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())?;
+    let (response, mut send) = client.send_request(request, false)?;
+    let mut frame = vec![0u8];
+    frame.extend(u32::try_from(message.len())?.to_be_bytes());
+    frame.extend_from_slice(message);
+    send.send_data(bytes::Bytes::from(frame), true)?;
+    let response = response.await?;
+    anyhow::ensure!(response.status() == 200, "HTTP {}", response.status());
+    let status = |headers: &http::HeaderMap| headers.get("grpc-status").map(|value| value.as_bytes().to_vec());
+    // A call refused at once (UNIMPLEMENTED) answers with its status in the headers alone.
+    if let Some(code) = status(response.headers()) {
+        anyhow::ensure!(code == b"0", "grpc-status {}", String::from_utf8_lossy(&code));
+    }
+    let mut body = response.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        body.flow_control().release_capacity(chunk.len())?;
+        data.extend_from_slice(&chunk);
+    }
+    if let Some(trailers) = body.trailers().await? {
+        let code = status(&trailers).unwrap_or_default();
+        anyhow::ensure!(code == b"0", "grpc-status {}", String::from_utf8_lossy(&code));
+    }
+    let mut messages = Vec::new();
+    let mut rest = data.as_slice();
+    while rest.len() >= 5 {
+        let length = u32::from_be_bytes(rest[1..5].try_into()?) as usize;
+        anyhow::ensure!(rest.len() >= 5 + length, "a truncated message");
+        messages.push(rest[5..5 + length].to_vec());
+        rest = &rest[5 + length..];
+    }
+    Ok(messages)
+}
+
+/// Server reflection answers clients of both protocol versions (older grpcurl, grpcui, Postman
+/// and Evans speak only v1alpha), asked here by a client that is not tonic, and lists every
+/// service the reader serves, health included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_answers_v1_and_v1alpha_clients_with_every_service() -> anyhow::Result<()> {
+    use prost::Message as _;
+
+    let database = TestDatabase::create().await?;
+    let reader = RunningReader::start(&database.url).await?;
+    // ServerReflectionRequest { list_services: "" } (field 7), the same in both versions.
+    let list_services = [0x3a, 0x00];
+    for version in ["v1", "v1alpha"] {
+        let path = format!("/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo");
+        let answers = raw_grpc_call(reader.grpc_addr, &path, &list_services).await?;
+        let answer = answers.first().ok_or_else(|| anyhow::anyhow!("{version}: no answer"))?;
+        let response = tonic_reflection::pb::v1::ServerReflectionResponse::decode(answer.as_slice())?;
+        let Some(tonic_reflection::pb::v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+            response.message_response
+        else {
+            anyhow::bail!("{version}: unexpected {response:?}")
+        };
+        let services: Vec<String> = list.service.into_iter().map(|service| service.name).collect();
+        for served in ["flare.storage.v1.StorageReaderService", "grpc.health.v1.Health"] {
+            assert!(services.iter().any(|name| name == served), "{version} does not list {served}: {services:?}");
+        }
+    }
+    // A health check from the same client: SERVING (1) once PostgreSQL answers.
+    eventually(Duration::from_secs(10), "health SERVING", || async {
+        let answers = raw_grpc_call(reader.grpc_addr, "/grpc.health.v1.Health/Check", &[]).await?;
+        Ok((answers.first().map(Vec::as_slice) == Some(&[0x08, 0x01][..])).then_some(()))
+    })
+    .await?;
+    reader.stop().await?;
+    database.drop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reader_serves_health_and_reflection() -> anyhow::Result<()> {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
