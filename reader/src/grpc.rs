@@ -75,6 +75,10 @@ impl StorageReader {
     /// never message content), timing it and counting it by outcome.
     async fn observe<T>(&self, rpc: &'static str, body: impl Future<Output = Result<T, Error>>) -> Reply<T> {
         let started = Instant::now();
+        let in_flight = self.metrics.in_flight.with_label_values(&[rpc]);
+        in_flight.inc();
+        // Counted down however the call ends, a cancelled one included.
+        let _in_flight = scopeguard::guard(in_flight, |gauge| gauge.dec());
         let span =
             tracing::info_span!("rpc", rpc, tenant_id = tracing::field::Empty, session_id = tracing::field::Empty);
         let result = body.instrument(span.clone()).await.map_err(Status::from);

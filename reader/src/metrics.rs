@@ -1,12 +1,13 @@
 //! Reader metrics (SPEC §6 names), registered once in the app's own registry.
 
-use prometheus::{Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 pub const QUERIES: &str = "storage_reader_queries_total";
 pub const QUERY_LATENCY: &str = "storage_reader_query_latency_seconds";
 pub const CACHE_HIT_RATE: &str = "storage_reader_cache_hit_rate";
 pub const CACHE_LOOKUPS: &str = "storage_reader_cache_lookups_total";
 pub const UNREAD_COUNTS: &str = "storage_reader_unread_counts_total";
+pub const IN_FLIGHT: &str = "storage_reader_in_flight_calls";
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -15,6 +16,8 @@ pub struct Metrics {
     pub queries: IntCounterVec,
     /// Call latency by RPC.
     pub query_latency: HistogramVec,
+    /// Calls being answered now, by RPC.
+    pub in_flight: IntGaugeVec,
     cache_hits: IntCounter,
     cache_misses: IntCounter,
     /// hits / (hits + misses) of hot-window lookups since start.
@@ -45,6 +48,8 @@ impl Metrics {
             ),
             &["source"],
         )?;
+        let in_flight = IntGaugeVec::new(Opts::new(IN_FLIGHT, "gRPC calls being answered now"), &["rpc"])?;
+        registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(unread_counts.clone()))?;
         registry.register(Box::new(queries.clone()))?;
         registry.register(Box::new(query_latency.clone()))?;
@@ -54,6 +59,7 @@ impl Metrics {
             registry,
             queries,
             query_latency,
+            in_flight,
             cache_hits: cache_lookups.with_label_values(&["hit"]),
             cache_misses: cache_lookups.with_label_values(&["miss"]),
             cache_hit_rate,

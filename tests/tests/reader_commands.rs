@@ -916,8 +916,19 @@ async fn a_command_whose_caller_goes_away_still_reaches_the_window() -> anyhow::
         attributes: HashMap::from([("pinned".to_owned(), "1".to_owned())]),
         tags: vec!["starred".into()],
     };
-    let gave_up = tokio::time::timeout(Duration::from_millis(500), client.set_message_attributes(request)).await;
-    assert!(gave_up.is_err(), "the command waits for the row lock");
+    let in_flight = async || -> anyhow::Result<Option<f64>> {
+        let (_, body) = http_get(chat.cached.metrics_addr, "/metrics").await?;
+        Ok(metric_value(&body, "storage_reader_in_flight_calls{rpc=\"SetMessageAttributes\"}"))
+    };
+    let mut call = Box::pin(client.set_message_attributes(request));
+    let waiting = tokio::time::timeout(Duration::from_millis(500), &mut call).await;
+    assert!(waiting.is_err(), "the command waits for the row lock");
+    assert_eq!(in_flight().await?, Some(1.0), "the waiting call is in flight");
+    drop(call);
+    eventually(Duration::from_secs(5), "no call in flight once the caller gave up", || async {
+        Ok((in_flight().await? == Some(0.0)).then_some(()))
+    })
+    .await?;
     sqlx::query("COMMIT").execute(&mut lock).await?;
 
     let want = (
