@@ -99,8 +99,12 @@ async fn session_state_read_seqs_cache_wal_and_acks() -> anyhow::Result<()> {
     config.kafka_ack_topic = Some(ack_topic.clone());
     config.wal_hash_key = Some(wal_key.clone());
     config.redis_hot_window = 3;
+    let started = chrono::Utc::now().timestamp() as f64;
     let writer = RunningWriter::start(config).await?;
     wait_for_metric(writer.metrics_addr, "storage_writer_messages_processed_total", 9.0).await?;
+    let last_batch = metric(writer.metrics_addr, "storage_writer_last_batch_timestamp_seconds").await?;
+    let now = chrono::Utc::now().timestamp() as f64;
+    assert!((started - 1.0..=now + 1.0).contains(&last_batch), "last batch at {last_batch}, run {started}..{now}");
 
     // Seqs follow production order within each session.
     let seqs = stored_seqs(&database).await?;

@@ -15,6 +15,7 @@ pub const SEQ_COUNTER_LOOKUPS: &str = "storage_writer_seq_counter_lookups_total"
 pub const PARTITIONS_REBALANCED: &str = "storage_writer_partitions_rebalanced_total";
 pub const SEARCH_INDEXED: &str = "storage_writer_search_indexed_total";
 pub const SEARCH_INDEX_LAG: &str = "storage_writer_search_index_lag_seconds";
+pub const LAST_BATCH: &str = "storage_writer_last_batch_timestamp_seconds";
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -47,6 +48,9 @@ pub struct Metrics {
     pub search_indexed: IntCounter,
     /// Time from a message's insert (when it was queued) to its search row's commit.
     pub search_index_lag: Histogram,
+    /// When the last batch was done (Unix seconds): alert when it stops moving while records
+    /// wait.
+    pub last_batch: Gauge,
 }
 
 impl Metrics {
@@ -93,6 +97,8 @@ impl Metrics {
             HistogramOpts::new(SEARCH_INDEX_LAG, "Time from a message's insert to its search index entry")
                 .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0]),
         )?;
+        let last_batch = Gauge::new(LAST_BATCH, "When the last batch was done, in Unix seconds")?;
+        registry.register(Box::new(last_batch.clone()))?;
         registry.register(Box::new(search_indexed.clone()))?;
         registry.register(Box::new(search_index_lag.clone()))?;
         registry.register(Box::new(rebalanced.clone()))?;
@@ -123,6 +129,7 @@ impl Metrics {
             partitions_revoked: rebalanced.with_label_values(&["revoked"]),
             search_indexed,
             search_index_lag,
+            last_batch,
         })
     }
 

@@ -180,6 +180,8 @@ impl Pipeline {
             let count = |keep: fn(&Outcome<'_>) -> bool| outcomes.iter().filter(|outcome| keep(outcome)).count() as u64;
             let new = count(|outcome| outcome.status == AckStatus::Persisted && !outcome.deduplicated);
             let duplicates = count(|outcome| outcome.status == AckStatus::Duplicate);
+            // Before the counts: whoever sees them moved sees this batch's time too.
+            self.metrics.last_batch.set(Utc::now().timestamp_micros() as f64 / 1e6);
             self.metrics.processed.inc_by(new);
             self.metrics.duplicated.inc_by(duplicates);
             self.metrics.redelivered.inc_by(count(|outcome| outcome.redelivery));
@@ -191,6 +193,8 @@ impl Pipeline {
                 self.dead_letter(&stored.records[index], &Rejection::Refused(reason.clone()), shutdown).await?;
             }
         }
+        // A batch of dead letters alone is done too.
+        self.metrics.last_batch.set(Utc::now().timestamp_micros() as f64 / 1e6);
         Ok(stored.records)
     }
 
