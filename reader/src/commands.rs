@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use flare_storage_common::keys::{SessionKeys, clear_view_field, hidden_view_field};
+use flare_storage_common::message::in_micros;
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::{ClearType, Message};
 
@@ -346,6 +347,5 @@ fn operation(kind: &str, operator: &str, target_user: &str) -> Operation {
 /// The current time at the microsecond precision every store keeps, so a time a command
 /// answers with equals the one read back later.
 fn now_us() -> DateTime<Utc> {
-    let now = Utc::now();
-    DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+    in_micros(Utc::now())
 }

@@ -57,6 +57,30 @@ fn mongo_config(database: &str) -> flare_storage_writer::MongoConfig {
     flare_storage_writer::MongoConfig { url: mongo_url(), database: database.into(), collection: "messages".into() }
 }
 
+fn reader_mongo_config(database: &str) -> flare_storage_reader::MongoConfig {
+    flare_storage_reader::MongoConfig { url: mongo_url(), database: database.into(), collection: "messages".into() }
+}
+
+/// Produces `sent` and stores it through a writer into PostgreSQL and MongoDB; returns the
+/// writer once every record is processed.
+async fn store_in_both(
+    database: &TestDatabase,
+    topic: &str,
+    dlq_topic: &str,
+    mongo_database: &str,
+    sent: &[StoreMessageRequest],
+) -> anyhow::Result<RunningWriter> {
+    let producer = producer()?;
+    for request in sent {
+        produce_message(&producer, topic, request).await?;
+    }
+    let mut config = writer_config(&database.url, topic, dlq_topic);
+    config.mongo = Some(mongo_config(mongo_database));
+    let writer = RunningWriter::start(config).await?;
+    writer.wait_processed(sent.len()).await?;
+    Ok(writer)
+}
+
 async fn stored_ids(database: &TestDatabase, tenant: &str) -> anyhow::Result<HashSet<String>> {
     let mut db = database.connect().await?;
     let ids: Vec<String> = sqlx::query_scalar("SELECT message_id FROM messages WHERE tenant_id = $1")
@@ -302,20 +326,9 @@ async fn values_the_stores_can_hold_are_kept_intact() -> anyhow::Result<()> {
     message_of(&mut old).recalled_at = Some(to_timestamp(long_ago));
     sent.push(old);
 
-    let producer = producer()?;
-    for request in &sent {
-        produce_message(&producer, &topic, request).await?;
-    }
-    let mut config = writer_config(&database.url, &topic, &dlq_topic);
-    config.mongo = Some(mongo_config(&mongo_database));
-    let writer = RunningWriter::start(config).await?;
-    writer.wait_processed(sent.len()).await?;
+    let writer = store_in_both(&database, &topic, &dlq_topic, &mongo_database, &sent).await?;
 
-    let reader_mongo = flare_storage_reader::MongoConfig {
-        url: mongo_url(),
-        database: mongo_database.clone(),
-        collection: "messages".into(),
-    };
+    let reader_mongo = reader_mongo_config(&mongo_database);
     let postgres_reader = RunningReader::start(&database.url).await?;
     let mongo_only = reader_mongo.clone();
     let mongo_reader = RunningReader::start_configured(&database.url, None, move |config| {
@@ -443,20 +456,9 @@ async fn fields_the_store_owns_read_alike_whoever_answers() -> anyhow::Result<()
         Some(MessageTimeline { persisted_time: Some(to_timestamp(sent_at(3600))), ..Default::default() });
     let sent = [recalled, receipts, numbered];
 
-    let producer = producer()?;
-    for request in &sent {
-        produce_message(&producer, &topic, request).await?;
-    }
-    let mut config = writer_config(&database.url, &topic, &dlq_topic);
-    config.mongo = Some(mongo_config(&mongo_database));
-    let writer = RunningWriter::start(config).await?;
-    writer.wait_processed(sent.len()).await?;
+    let writer = store_in_both(&database, &topic, &dlq_topic, &mongo_database, &sent).await?;
 
-    let mongo = flare_storage_reader::MongoConfig {
-        url: mongo_url(),
-        database: mongo_database.clone(),
-        collection: "messages".into(),
-    };
+    let mongo = reader_mongo_config(&mongo_database);
     let cached = RunningReader::start(&database.url).await?;
     let postgres_only = RunningReader::start_with(&database.url, None).await?;
     let mongo_only = RunningReader::start_configured(&database.url, None, move |config| {
@@ -809,11 +811,7 @@ async fn id_reuse(store: Store) -> anyhow::Result<()> {
 
     // Nothing of the other sessions shows x1: not their pages (cached or not), not their state.
     let tenant_of = || tenant_context(&tenant);
-    let reader_mongo = flare_storage_reader::MongoConfig {
-        url: mongo_url(),
-        database: mongo_database.clone(),
-        collection: "messages".into(),
-    };
+    let reader_mongo = reader_mongo_config(&mongo_database);
     for redis_url in [Some(redis_url()), None] {
         let mongo = reader_mongo.clone();
         let reader = RunningReader::start_configured(&database.url, redis_url, move |config| {

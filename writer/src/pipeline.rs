@@ -193,8 +193,10 @@ impl Pipeline {
                 self.dead_letter(&stored.records[index], &Rejection::Refused(reason.clone()), shutdown).await?;
             }
         }
-        // A batch of dead letters alone is done too.
-        self.metrics.last_batch.set(Utc::now().timestamp_micros() as f64 / 1e6);
+        if stored.batch.is_empty() {
+            // A batch of dead letters alone is done too.
+            self.metrics.last_batch.set(Utc::now().timestamp_micros() as f64 / 1e6);
+        }
         Ok(stored.records)
     }
 
