@@ -3,7 +3,6 @@
 //! goes to stderr, so stdout can be piped.
 
 use std::io::Write as _;
-use std::time::Instant;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
@@ -11,12 +10,12 @@ use flare_storage_common::export::to_json;
 use flare_storage_common::message::to_timestamp;
 use flare_storage_common::proto::common::{TenantContext, TimeRange};
 use flare_storage_common::proto::storage::ExportMessagesRequest;
-use flare_storage_common::proto::storage::storage_reader_service_client::StorageReaderServiceClient;
-use flare_storage_common::tonic::transport::Channel;
 use tokio_stream::StreamExt as _;
 
+use crate::progress::Progress;
+use crate::reader_client::ReaderArgs;
+
 pub struct Export {
-    pub addr: String,
     pub tenant: String,
     pub session: String,
     pub from: Option<DateTime<Utc>>,
@@ -24,12 +23,8 @@ pub struct Export {
     pub out: Option<String>,
 }
 
-pub async fn run(export: Export) -> anyhow::Result<()> {
-    let channel = Channel::from_shared(export.addr.clone())?
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the reader at {}", export.addr))?;
-    let mut client = StorageReaderServiceClient::new(channel);
+pub async fn run(reader: &ReaderArgs, export: Export) -> anyhow::Result<()> {
+    let mut client = reader.connect().await?;
     let request = ExportMessagesRequest {
         tenant: Some(TenantContext { tenant_id: export.tenant.clone(), ..Default::default() }),
         session_id: export.session.clone(),
@@ -46,23 +41,16 @@ pub async fn run(export: Export) -> anyhow::Result<()> {
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
-    let started = Instant::now();
-    let mut exported = 0u64;
+    let mut progress = Progress::new("messages exported", None);
     while let Some(chunk) = stream.next().await {
-        for message in chunk?.messages {
-            serde_json::to_writer(&mut out, &to_json(&message))?;
+        let messages = chunk?.messages;
+        for message in &messages {
+            serde_json::to_writer(&mut out, &to_json(message))?;
             out.write_all(b"\n")?;
-            exported += 1;
         }
-        let rate = exported as f64 / started.elapsed().as_secs_f64().max(0.001);
-        eprint!("\rexported {exported} messages ({rate:.0}/s)");
+        progress.inc(messages.len() as u64);
     }
     out.flush()?;
-    eprintln!(
-        "\rexported {exported} messages in {:.1}s from session {} (tenant {})",
-        started.elapsed().as_secs_f64(),
-        export.session,
-        export.tenant
-    );
+    progress.finish();
     Ok(())
 }

@@ -1,24 +1,25 @@
-//! `flare-storage` — operator commands around a running flare-storage (see [`USAGE`]).
-//!
-//! Kafka is found through `KAFKA_BOOTSTRAP_SERVERS` (default `127.0.0.1:9092`), PostgreSQL
-//! through `POSTGRES_URL`, the reader through `--addr`.
+//! `flare-storage` — operator commands around a running flare-storage: migrations, topics,
+//! sample traffic, reading and exporting sessions, replaying dead letters, reindexing
+//! MongoDB. `flare-storage --help` lists them; every option is also an environment variable.
 
 mod export;
+mod progress;
+mod reader_client;
 mod replay;
 mod traffic;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use chrono::{DateTime, Utc};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use flare_storage_common::message::to_timestamp;
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::common::TenantContext;
-use flare_storage_common::proto::storage::storage_reader_service_client::StorageReaderServiceClient;
 use flare_storage_common::proto::storage::{
     Message, MessageContent, MessageType, QueryMessagesRequest, StoreMessageRequest, TextContent, message_content,
 };
-use flare_storage_common::tonic::transport::Channel;
+use flare_storage_common::settings::{self, parse};
 use flare_storage_writer::store::mongo::MongoStore;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -26,20 +27,133 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-pub const USAGE: &str = "usage:
-  flare-storage migrate                          apply database migrations (POSTGRES_URL)
-  flare-storage create-topics [--partitions 8] TOPIC...
-  flare-storage send-sample --session ID [--tenant ID] [--topic storage-messages]
-                                                 one short sample conversation
-  flare-storage produce [--messages 10000] [--rate 1000] [--direct 1000] [--groups 100] [--tenant demo] [--topic storage-messages] [--seed 1]
-                                                 sample traffic: one-to-one and group sessions, Chinese and English
-  flare-storage query --session ID [--tenant ID] [--addr http://127.0.0.1:50051] [--limit 20] [--expect N]
-  flare-storage export --session ID [--tenant ID] [--addr URL] [--from RFC3339] [--to RFC3339] [--out FILE]
-                                                 a session as JSON Lines (stdout by default)
-  flare-storage replay-dlq [--from storage-messages-dlq] [--to storage-messages] [--group flare-storage-dlq-replay]
-                                                 re-send dead-lettered records after a fix
-  flare-storage reindex-mongo [--batch 500]      give MongoDB documents stored by older writers their search
-                                                 fields (MONGO_URL, MONGO_DATABASE, MONGO_COLLECTION); resumable";
+use crate::reader_client::ReaderArgs;
+
+#[derive(Parser)]
+#[command(name = "flare-storage", version, about = "Operator commands for flare-storage", propagate_version = true)]
+struct Cli {
+    /// Kafka brokers, host:port[,host:port].
+    #[arg(long, global = true, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092", value_parser = parse::text)]
+    kafka_bootstrap_servers: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply the PostgreSQL migrations.
+    Migrate {
+        #[arg(long, env = "POSTGRES_URL", hide_env_values = true, value_parser = parse::postgres_url)]
+        postgres_url: String,
+    },
+    /// Create Kafka topics (existing ones are left as they are).
+    CreateTopics {
+        #[arg(long, default_value_t = 8, value_parser = parse::positive::<i32>)]
+        partitions: i32,
+        #[arg(required = true, value_parser = parse::text)]
+        topics: Vec<String>,
+    },
+    /// Send one short sample conversation (8 messages, Chinese and English) to a session.
+    SendSample {
+        /// Session id.
+        #[arg(long, value_parser = parse::text)]
+        session: String,
+        /// Tenant id.
+        #[arg(long, default_value = "demo", value_parser = parse::text)]
+        tenant: String,
+        /// Topic of StoreMessageRequest records.
+        #[arg(long, default_value = "storage-messages", value_parser = parse::text)]
+        topic: String,
+    },
+    /// Sample traffic: one-to-one and group sessions, Chinese and English, at a chosen rate.
+    Produce {
+        #[arg(long, default_value_t = 10_000, value_parser = parse::positive::<u64>)]
+        messages: u64,
+        /// Messages per second; 0 sends as fast as the broker takes them.
+        #[arg(long, default_value_t = 1_000, value_parser = parse::number)]
+        rate: u64,
+        /// One-to-one sessions.
+        #[arg(long, default_value_t = 1_000, value_parser = parse::number_of::<u32>)]
+        direct: u32,
+        /// Group sessions (5 to 50 members each).
+        #[arg(long, default_value_t = 100, value_parser = parse::number_of::<u32>)]
+        groups: u32,
+        /// Tenant id.
+        #[arg(long, default_value = "demo", value_parser = parse::text)]
+        tenant: String,
+        /// Topic of StoreMessageRequest records.
+        #[arg(long, default_value = "storage-messages", value_parser = parse::text)]
+        topic: String,
+        /// The same seed sends the same sessions, senders and texts.
+        #[arg(long, default_value_t = 1, value_parser = parse::number)]
+        seed: u64,
+    },
+    /// Print a session's newest messages, oldest first.
+    Query {
+        /// Session id.
+        #[arg(long, value_parser = parse::text)]
+        session: String,
+        /// Tenant id.
+        #[arg(long, default_value = "demo", value_parser = parse::text)]
+        tenant: String,
+        #[arg(long, default_value_t = 20, value_parser = parse::positive::<i32>)]
+        limit: i32,
+        /// Wait (up to 30 s) until the session holds this many messages; fail if it does not.
+        #[arg(long, default_value_t = 0, value_parser = parse::number_of::<usize>)]
+        expect: usize,
+        #[command(flatten)]
+        reader: ReaderArgs,
+    },
+    /// Export a session (or a time range of it) as JSON Lines, oldest first.
+    Export {
+        /// Session id.
+        #[arg(long, value_parser = parse::text)]
+        session: String,
+        /// Tenant id.
+        #[arg(long, default_value = "demo", value_parser = parse::text)]
+        tenant: String,
+        /// Oldest message time, RFC 3339.
+        #[arg(long, value_parser = rfc3339)]
+        from: Option<DateTime<Utc>>,
+        /// Newest message time, RFC 3339.
+        #[arg(long, value_parser = rfc3339)]
+        to: Option<DateTime<Utc>>,
+        /// File to write; standard output by default.
+        #[arg(long, value_parser = parse::text)]
+        out: Option<String>,
+        #[command(flatten)]
+        reader: ReaderArgs,
+    },
+    /// Re-send dead-lettered records to the message topic after their cause is fixed.
+    ReplayDlq {
+        #[arg(long, default_value = "storage-messages-dlq", value_parser = parse::text)]
+        from: String,
+        #[arg(long, default_value = "storage-messages", value_parser = parse::text)]
+        to: String,
+        /// Consumer group that remembers what was replayed, so a second run sends nothing twice.
+        #[arg(long, default_value = "flare-storage-dlq-replay", value_parser = parse::text)]
+        group: String,
+    },
+    /// Give MongoDB documents stored by older writers their search fields; resumable.
+    ReindexMongo {
+        #[arg(long, default_value_t = 500, value_parser = parse::positive::<i64>)]
+        batch: i64,
+        #[arg(long, env = "MONGO_URL", hide_env_values = true, value_parser = parse::mongo_url)]
+        mongo_url: String,
+        #[arg(long, env = "MONGO_DATABASE", default_value = "flare_im", value_parser = parse::text)]
+        mongo_database: String,
+        #[arg(long, env = "MONGO_COLLECTION", default_value = "messages", value_parser = parse::text)]
+        mongo_collection: String,
+    },
+    /// Print a shell completion script (e.g. `flare-storage completions bash > /etc/bash_completion.d/flare-storage`).
+    Completions { shell: clap_complete::Shell },
+}
+
+fn rfc3339(value: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(value.trim())
+        .map(|time| time.with_timezone(&Utc))
+        .map_err(|_| "must be an RFC 3339 time, e.g. 2026-01-31T08:00:00Z".into())
+}
 
 /// A sample conversation: (sender, receiver, text).
 const CONVERSATION: [(&str, &str, &str); 8] = [
@@ -55,135 +169,61 @@ const CONVERSATION: [(&str, &str, &str); 8] = [
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if let Err(error) = run(args).await {
+    let cli: Cli = settings::parse();
+    if let Err(error) = run(cli).await {
         eprintln!("flare-storage: {error:#}");
         std::process::exit(1);
     }
 }
 
-async fn run(args: Vec<String>) -> anyhow::Result<()> {
-    let Some((command, rest)) = args.split_first() else {
-        bail!("{USAGE}");
-    };
-    let (options, positional) = parse_options(rest)?;
-    let option = |name: &str, default: &str| options.get(name).cloned().unwrap_or_else(|| default.to_owned());
-    match command.as_str() {
-        "migrate" => {
-            let url = std::env::var("POSTGRES_URL").context("POSTGRES_URL is required")?;
-            let pool = sqlx::PgPool::connect(&url).await.context("cannot connect to POSTGRES_URL")?;
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let kafka = cli.kafka_bootstrap_servers;
+    match cli.command {
+        Command::Migrate { postgres_url } => {
+            let pool = sqlx::PgPool::connect(&postgres_url).await.context("cannot connect to POSTGRES_URL")?;
             flare_storage_common::schema::migrate(&pool).await?;
             println!("migrations applied");
             Ok(())
         }
-        "export" => {
-            let session = options.get("session").context("--session is required")?;
-            let time = |name: &str| -> anyhow::Result<Option<chrono::DateTime<chrono::Utc>>> {
-                options
-                    .get(name)
-                    .map(|value| {
-                        chrono::DateTime::parse_from_rfc3339(value)
-                            .map(|time| time.with_timezone(&chrono::Utc))
-                            .with_context(|| format!("--{name} must be an RFC 3339 time"))
-                    })
-                    .transpose()
-            };
-            export::run(export::Export {
-                addr: option("addr", "http://127.0.0.1:50051"),
-                tenant: option("tenant", "demo"),
-                session: session.clone(),
-                from: time("from")?,
-                to: time("to")?,
-                out: options.get("out").cloned(),
-            })
-            .await
-        }
-        "produce" => {
-            let number = |name: &str, default: &str| -> anyhow::Result<u64> {
-                option(name, default).parse().with_context(|| format!("--{name} must be a number"))
-            };
-            traffic::run(traffic::Traffic {
-                topic: option("topic", "storage-messages"),
-                tenant: option("tenant", "demo"),
-                direct_sessions: u32::try_from(number("direct", "1000")?)?,
-                group_sessions: u32::try_from(number("groups", "100")?)?,
-                messages: number("messages", "10000")?,
-                rate: number("rate", "1000")?,
-                seed: number("seed", "1")?,
-            })
-            .await
-        }
-        "replay-dlq" => {
-            replay::run(
-                &option("from", "storage-messages-dlq"),
-                &option("to", "storage-messages"),
-                &option("group", "flare-storage-dlq-replay"),
+        Command::CreateTopics { partitions, topics } => create_topics(&kafka, &topics, partitions).await,
+        Command::SendSample { session, tenant, topic } => send_sample(&kafka, &topic, &tenant, &session).await,
+        Command::Produce { messages, rate, direct, groups, tenant, topic, seed } => {
+            traffic::run(
+                &kafka,
+                traffic::Traffic {
+                    topic,
+                    tenant,
+                    direct_sessions: direct,
+                    group_sessions: groups,
+                    messages,
+                    rate,
+                    seed,
+                },
             )
             .await
         }
-        "reindex-mongo" => {
-            let batch: i64 = option("batch", "500").parse().context("--batch must be a number")?;
-            let url = std::env::var("MONGO_URL").context("MONGO_URL is required")?;
-            let setting = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
-            let store = MongoStore::connect(
-                &url,
-                &setting("MONGO_DATABASE", "flare_im"),
-                &setting("MONGO_COLLECTION", "messages"),
-            )
-            .await?;
-            let updated = store.backfill_search(batch.max(1), |done| eprintln!("{done} documents reindexed")).await?;
+        Command::Query { session, tenant, limit, expect, reader } => {
+            query(&reader, &tenant, &session, limit, expect).await
+        }
+        Command::Export { session, tenant, from, to, out, reader } => {
+            export::run(&reader, export::Export { tenant, session, from, to, out }).await
+        }
+        Command::ReplayDlq { from, to, group } => replay::run(&kafka, &from, &to, &group).await,
+        Command::ReindexMongo { batch, mongo_url, mongo_database, mongo_collection } => {
+            let store = MongoStore::connect(&mongo_url, &mongo_database, &mongo_collection).await?;
+            let updated = store.backfill_search(batch, |done| eprintln!("{done} documents reindexed")).await?;
             println!("search fields written on {updated} documents");
             Ok(())
         }
-        "create-topics" => {
-            let partitions: i32 = option("partitions", "8").parse().context("--partitions must be a number")?;
-            create_topics(&positional, partitions).await
-        }
-        "send-sample" => {
-            let session = options.get("session").context("--session is required")?;
-            send_sample(&option("topic", "storage-messages"), &option("tenant", "demo"), session).await
-        }
-        "query" => {
-            let session = options.get("session").context("--session is required")?;
-            let limit: i32 = option("limit", "20").parse().context("--limit must be a number")?;
-            let expect: usize = option("expect", "0").parse().context("--expect must be a number")?;
-            query(&option("addr", "http://127.0.0.1:50051"), &option("tenant", "demo"), session, limit, expect).await
-        }
-        "help" | "--help" | "-h" => {
-            println!("{USAGE}");
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "flare-storage", &mut std::io::stdout());
             Ok(())
         }
-        other => bail!("unknown command {other:?}\n{USAGE}"),
     }
 }
 
-/// Splits `--name value` pairs from positional arguments.
-fn parse_options(args: &[String]) -> anyhow::Result<(HashMap<String, String>, Vec<String>)> {
-    let mut options = HashMap::new();
-    let mut positional = Vec::new();
-    let mut iter = args.iter();
-    while let Some(arg) = iter.next() {
-        match arg.strip_prefix("--") {
-            Some(name) => {
-                let value = iter.next().with_context(|| format!("--{name} needs a value"))?;
-                options.insert(name.to_owned(), value.clone());
-            }
-            None => positional.push(arg.clone()),
-        }
-    }
-    Ok((options, positional))
-}
-
-pub fn bootstrap_servers() -> String {
-    std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
-
-async fn create_topics(names: &[String], partitions: i32) -> anyhow::Result<()> {
-    if names.is_empty() {
-        bail!("name at least one topic");
-    }
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", bootstrap_servers()).create()?;
+async fn create_topics(kafka: &str, names: &[String], partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", kafka).create()?;
     let topics: Vec<NewTopic<'_>> =
         names.iter().map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(1))).collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
@@ -197,9 +237,8 @@ async fn create_topics(names: &[String], partitions: i32) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn send_sample(topic: &str, tenant: &str, session: &str) -> anyhow::Result<()> {
-    let producer: FutureProducer =
-        ClientConfig::new().set("bootstrap.servers", bootstrap_servers()).set("acks", "all").create()?;
+async fn send_sample(kafka: &str, topic: &str, tenant: &str, session: &str) -> anyhow::Result<()> {
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", kafka).set("acks", "all").create()?;
     let start = chrono::Utc::now() - chrono::Duration::seconds(CONVERSATION.len() as i64);
     for (index, (sender, receiver, text)) in CONVERSATION.iter().enumerate() {
         let request = StoreMessageRequest {
@@ -233,12 +272,8 @@ async fn send_sample(topic: &str, tenant: &str, session: &str) -> anyhow::Result
     Ok(())
 }
 
-async fn query(addr: &str, tenant: &str, session: &str, limit: i32, expect: usize) -> anyhow::Result<()> {
-    let channel = Channel::from_shared(addr.to_owned())?
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the reader at {addr}"))?;
-    let mut client = StorageReaderServiceClient::new(channel);
+async fn query(reader: &ReaderArgs, tenant: &str, session: &str, limit: i32, expect: usize) -> anyhow::Result<()> {
+    let mut client = reader.connect().await?;
     let request = || QueryMessagesRequest {
         session_id: session.into(),
         limit,

@@ -14,17 +14,16 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
 
-use crate::bootstrap_servers;
+use crate::progress::Progress;
 
-pub async fn run(from: &str, to: &str, group: &str) -> anyhow::Result<()> {
+pub async fn run(kafka: &str, from: &str, to: &str, group: &str) -> anyhow::Result<()> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap_servers())
+        .set("bootstrap.servers", kafka)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .create()?;
-    let producer: FutureProducer =
-        ClientConfig::new().set("bootstrap.servers", bootstrap_servers()).set("acks", "all").create()?;
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", kafka).set("acks", "all").create()?;
 
     let metadata = consumer
         .fetch_metadata(Some(from), Duration::from_secs(10))
@@ -45,6 +44,7 @@ pub async fn run(from: &str, to: &str, group: &str) -> anyhow::Result<()> {
     let committed = consumer.committed_offsets(wanted, Duration::from_secs(10))?;
     let mut assignment = TopicPartitionList::new();
     let mut end: HashMap<i32, i64> = HashMap::new();
+    let mut waiting = 0u64;
     for &partition in &partitions {
         let (low, high) = consumer.fetch_watermarks(from, partition, Duration::from_secs(10))?;
         let start = match committed.find_partition(from, partition).map(|element| element.offset()) {
@@ -54,6 +54,7 @@ pub async fn run(from: &str, to: &str, group: &str) -> anyhow::Result<()> {
         if start < high {
             assignment.add_partition_offset(from, partition, Offset::Offset(start))?;
             end.insert(partition, high);
+            waiting += u64::try_from(high - start).unwrap_or_default();
         }
     }
     if end.is_empty() {
@@ -62,8 +63,7 @@ pub async fn run(from: &str, to: &str, group: &str) -> anyhow::Result<()> {
     }
     consumer.assign(&assignment)?;
 
-    let started = Instant::now();
-    let mut replayed = 0u64;
+    let mut progress = Progress::new("records replayed", Some(waiting));
     let mut idle_since = Instant::now();
     while !end.is_empty() && idle_since.elapsed() < Duration::from_secs(10) {
         let Some(received) = consumer.poll(Duration::from_millis(200)) else { continue };
@@ -81,11 +81,11 @@ pub async fn run(from: &str, to: &str, group: &str) -> anyhow::Result<()> {
         let mut done = TopicPartitionList::new();
         done.add_partition_offset(from, partition, Offset::Offset(record.offset() + 1))?;
         consumer.commit(&done, CommitMode::Sync)?;
-        replayed += 1;
+        progress.inc(1);
         if end.get(&partition).is_some_and(|&high| record.offset() + 1 >= high) {
             end.remove(&partition);
         }
     }
-    println!("replayed {replayed} record(s) from {from} to {to} in {:.1}s", started.elapsed().as_secs_f64());
+    progress.finish();
     Ok(())
 }

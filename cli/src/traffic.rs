@@ -14,7 +14,7 @@ use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
-use crate::bootstrap_servers;
+use crate::progress::Progress;
 
 pub struct Traffic {
     pub topic: String,
@@ -69,17 +69,15 @@ async fn await_deliveries(pending: &mut Vec<DeliveryFuture>) -> anyhow::Result<(
     Ok(())
 }
 
-pub async fn run(traffic: Traffic) -> anyhow::Result<()> {
+pub async fn run(kafka: &str, traffic: Traffic) -> anyhow::Result<()> {
     anyhow::ensure!(traffic.direct_sessions + traffic.group_sessions > 0, "give at least one session");
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap_servers())
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .create()?;
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", kafka).set("acks", "all").set("linger.ms", "5").create()?;
     let mut random = Random(traffic.seed.max(1));
     let run_id = chrono::Utc::now().timestamp_millis();
     let sessions = traffic.direct_sessions + traffic.group_sessions;
     let started = Instant::now();
+    let mut progress = Progress::new("messages produced", Some(traffic.messages));
     let mut pending = Vec::new();
     for sequence in 0..traffic.messages {
         let session_index = random.below(u64::from(sessions)) as u32;
@@ -132,13 +130,17 @@ pub async fn run(traffic: Traffic) -> anyhow::Result<()> {
                     break;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    let delivered = pending.len() as u64;
                     await_deliveries(&mut pending).await?;
+                    progress.inc(delivered);
                 }
                 Err((error, _)) => return Err(error.into()),
             }
         }
         if pending.len() >= 1000 {
+            let delivered = pending.len() as u64;
             await_deliveries(&mut pending).await?;
+            progress.inc(delivered);
         }
         if traffic.rate > 0 {
             // Keep to the rate: sleep until this message's slot.
@@ -147,17 +149,11 @@ pub async fn run(traffic: Traffic) -> anyhow::Result<()> {
                 tokio::time::sleep(wait).await;
             }
         }
-        if (sequence + 1) % 1000 == 0 {
-            eprint!("\rproduced {} / {}", sequence + 1, traffic.messages);
-        }
     }
+    let delivered = pending.len() as u64;
     await_deliveries(&mut pending).await?;
-    let seconds = started.elapsed().as_secs_f64();
-    eprintln!(
-        "\rproduced {} messages to {} across {sessions} sessions in {seconds:.1}s ({:.0}/s)",
-        traffic.messages,
-        traffic.topic,
-        traffic.messages as f64 / seconds.max(0.001)
-    );
+    progress.inc(delivered);
+    progress.finish();
+    eprintln!("to {} across {sessions} sessions (tenant {})", traffic.topic, traffic.tenant);
     Ok(())
 }

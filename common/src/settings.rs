@@ -1,103 +1,182 @@
-//! Reading settings from the environment (or any lookup, in tests): trimmed values, defaults,
-//! and one clear error naming the variable when a value cannot be used.
+//! Settings of the binaries: each is a command-line flag and an environment variable of the
+//! same name (`--writer-batch-size` / `WRITER_BATCH_SIZE`), declared once with clap, so
+//! `--help`, the defaults and the README table come from one definition.
+//!
+//! Values are trimmed (a Secret made from a file often ends in a newline), and a variable
+//! that is set but empty counts as unset, as Kubernetes manifests and compose files often
+//! leave optional settings empty. A value that cannot be used is one line naming the flag and
+//! the variable; the binaries exit with code 2.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::time::Duration;
+
+use clap::error::ErrorKind;
+use clap::{ArgMatches, Command, FromArgMatches};
 
 /// A setting that is missing or cannot be used; the message names the variable.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-/// Settings read through a lookup function (`std::env::var` in production).
-pub struct Settings<F> {
-    lookup: F,
+impl From<clap::Error> for ConfigError {
+    fn from(error: clap::Error) -> Self {
+        Self(first_line(&error))
+    }
 }
 
-impl<F: Fn(&str) -> Option<String>> Settings<F> {
-    pub fn new(lookup: F) -> Self {
-        Self { lookup }
-    }
-
-    /// The trimmed value; unset and empty are the same.
-    pub fn get(&self, name: &str) -> Option<String> {
-        (self.lookup)(name).map(|value| value.trim().to_owned()).filter(|value| !value.is_empty())
-    }
-
-    pub fn text(&self, name: &str, default: &str) -> String {
-        self.get(name).unwrap_or_else(|| default.to_owned())
-    }
-
-    pub fn required(&self, name: &str) -> Result<String, ConfigError> {
-        self.get(name).ok_or_else(|| ConfigError(format!("{name} is required")))
-    }
-
-    /// A non-negative integer.
-    pub fn number(&self, name: &str, default: u64) -> Result<u64, ConfigError> {
-        match self.get(name) {
-            None => Ok(default),
-            Some(value) => {
-                value.parse().map_err(|_| ConfigError(format!("{name} must be a non-negative integer, got {value:?}")))
+/// Parses the process's arguments and environment into `T`. `--help`, `--version` and
+/// usage errors end the process as clap does; other errors (a bad value) print one line,
+/// prefixed by the binary's name, and exit with code 2.
+pub fn parse<T: clap::Parser>() -> T {
+    // An empty variable is unset: its argument does not read the environment at all.
+    let command = T::command().mut_args(|arg| match arg.get_env() {
+        Some(name) if std::env::var_os(name).is_some_and(|value| value.to_string_lossy().trim().is_empty()) => {
+            arg.env(None::<&'static str>)
+        }
+        _ => arg,
+    });
+    let name = command.get_name().to_owned();
+    let parsed =
+        command.try_get_matches_from(std::env::args_os()).and_then(|mut matches| T::from_arg_matches_mut(&mut matches));
+    match parsed {
+        Ok(parsed) => parsed,
+        Err(error) => match error.kind() {
+            ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => error.exit(),
+            _ => {
+                eprintln!("{name}: configuration error: {}", first_line(&error));
+                std::process::exit(2);
             }
+        },
+    }
+}
+
+/// Parses settings read through `lookup` (an environment as a map: manifests, tests) as if
+/// they were the process environment, with no command-line arguments.
+pub fn from_lookup<T: FromArgMatches>(
+    command: Command,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<T, ConfigError> {
+    let mut args: Vec<OsString> = vec![command.get_name().into()];
+    for arg in command.get_arguments() {
+        let (Some(name), Some(long)) = (arg.get_env(), arg.get_long()) else { continue };
+        let Some(value) = lookup(&name.to_string_lossy()).filter(|value| !value.trim().is_empty()) else { continue };
+        args.push(format!("--{long}={value}").into());
+    }
+    let command = command.mut_args(|arg| arg.env(None::<&'static str>));
+    let mut matches: ArgMatches = command.try_get_matches_from(args)?;
+    Ok(T::from_arg_matches_mut(&mut matches)?)
+}
+
+/// clap's message without its usage hint: `invalid value 'x' for '--flag <VARIABLE>': why`.
+fn first_line(error: &clap::Error) -> String {
+    let rendered = error.render().to_string();
+    let line = rendered.lines().next().unwrap_or_default();
+    line.strip_prefix("error: ").unwrap_or(line).to_owned()
+}
+
+/// Value parsers: each trims, and says what it expected.
+pub mod parse {
+    use super::*;
+
+    pub fn text(value: &str) -> Result<String, String> {
+        match value.trim() {
+            "" => Err("must not be empty".into()),
+            trimmed => Ok(trimmed.to_owned()),
         }
     }
 
-    /// An integer above zero.
-    pub fn positive(&self, name: &str, default: u64) -> Result<u64, ConfigError> {
-        match self.number(name, default)? {
-            0 => Err(ConfigError(format!("{name} must be greater than 0"))),
-            value => Ok(value),
+    pub fn number(value: &str) -> Result<u64, String> {
+        value.trim().parse().map_err(|_| "must be a non-negative integer".into())
+    }
+
+    /// A non-negative integer that fits `T`.
+    pub fn number_of<T: TryFrom<u64>>(value: &str) -> Result<T, String> {
+        T::try_from(number(value)?).map_err(|_| "is too large".into())
+    }
+
+    /// An integer above zero that fits `T` (sizes, counts).
+    pub fn positive<T: TryFrom<u64>>(value: &str) -> Result<T, String> {
+        match number(value)? {
+            0 => Err("must be greater than 0".into()),
+            value => T::try_from(value).map_err(|_| "is too large".into()),
         }
     }
 
-    pub fn seconds(&self, name: &str, default: u64) -> Result<Duration, ConfigError> {
-        Ok(Duration::from_secs(self.positive(name, default)?))
+    pub fn seconds(value: &str) -> Result<Duration, String> {
+        positive(value).map(Duration::from_secs)
     }
 
-    pub fn millis(&self, name: &str, default: u64) -> Result<Duration, ConfigError> {
-        Ok(Duration::from_millis(self.positive(name, default)?))
+    pub fn millis(value: &str) -> Result<Duration, String> {
+        positive(value).map(Duration::from_millis)
     }
 
-    /// A positive integer that fits `T` (sizes, counts).
-    pub fn size<T: TryFrom<u64>>(&self, name: &str, default: u64) -> Result<T, ConfigError> {
-        T::try_from(self.positive(name, default)?).map_err(|_| ConfigError(format!("{name} is too large")))
+    pub fn address(value: &str) -> Result<SocketAddr, String> {
+        value.trim().parse().map_err(|_| "must be host:port".into())
     }
 
-    pub fn address(&self, name: &str, default: &str) -> Result<SocketAddr, ConfigError> {
-        let value = self.text(name, default);
-        value.parse().map_err(|_| ConfigError(format!("{name} must be host:port, got {value:?}")))
-    }
-
-    /// An optional URL with one of `schemes` (such as `"redis"`).
-    pub fn url(&self, name: &str, schemes: &[&str]) -> Result<Option<String>, ConfigError> {
-        let Some(url) = self.get(name) else { return Ok(None) };
-        if !schemes.iter().any(|scheme| url.starts_with(&format!("{scheme}://"))) {
-            let expected: Vec<String> = schemes.iter().map(|scheme| format!("{scheme}://")).collect();
-            return Err(ConfigError(format!("{name} must start with {}", expected.join(" or "))));
+    fn url(value: &str, schemes: &[&str]) -> Result<String, String> {
+        let value = text(value)?;
+        if schemes.iter().any(|scheme| value.starts_with(&format!("{scheme}://"))) {
+            return Ok(value);
         }
-        Ok(Some(url))
+        let expected: Vec<String> = schemes.iter().map(|scheme| format!("{scheme}://")).collect();
+        Err(format!("must start with {}", expected.join(" or ")))
+    }
+
+    pub fn postgres_url(value: &str) -> Result<String, String> {
+        url(value, &["postgres", "postgresql"])
+    }
+
+    pub fn mongo_url(value: &str) -> Result<String, String> {
+        url(value, &["mongodb", "mongodb+srv"])
+    }
+
+    pub fn redis_url(value: &str) -> Result<String, String> {
+        url(value, &["redis", "rediss"])
+    }
+
+    pub fn grpc_url(value: &str) -> Result<String, String> {
+        url(value, &["http", "https"])
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
+    use clap::{CommandFactory, Parser};
+
     use super::*;
 
-    fn settings(vars: &'static [(&'static str, &'static str)]) -> Settings<impl Fn(&str) -> Option<String>> {
-        Settings::new(move |name: &str| vars.iter().find(|(key, _)| *key == name).map(|(_, value)| (*value).to_owned()))
+    #[derive(Parser, Debug)]
+    #[command(name = "example")]
+    struct Example {
+        #[arg(long, env = "EXAMPLE_SIZE", default_value = "3", value_parser = parse::positive::<u32>)]
+        example_size: u32,
+        #[arg(long, env = "EXAMPLE_URL", value_parser = parse::redis_url)]
+        example_url: Option<String>,
+    }
+
+    fn example(vars: &[(&str, &str)]) -> Result<Example, ConfigError> {
+        let vars: HashMap<&str, &str> = vars.iter().copied().collect();
+        from_lookup(Example::command(), |name| vars.get(name).map(|value| (*value).to_owned()))
     }
 
     #[test]
     fn values_are_trimmed_defaulted_and_checked() {
-        let settings = settings(&[("A", "  7 "), ("EMPTY", " "), ("ZERO", "0"), ("WORD", "x"), ("URL", "http://h")]);
-        assert_eq!(settings.positive("A", 1).expect("7"), 7);
-        assert_eq!(settings.positive("EMPTY", 3).expect("default"), 3);
-        assert!(settings.positive("ZERO", 1).expect_err("zero").to_string().starts_with("ZERO must be"));
-        assert!(settings.number("WORD", 1).expect_err("word").to_string().starts_with("WORD must be"));
-        assert_eq!(settings.required("MISSING").expect_err("missing").to_string(), "MISSING is required");
-        let error = settings.url("URL", &["redis", "rediss"]).expect_err("scheme");
-        assert_eq!(error.to_string(), "URL must start with redis:// or rediss://");
-        assert!(settings.address("WORD", "0.0.0.0:1").is_err());
-        assert_eq!(settings.size::<u8>("A", 1).expect("fits"), 7u8);
+        assert_eq!(example(&[("EXAMPLE_SIZE", "  7 ")]).expect("7").example_size, 7);
+        assert_eq!(example(&[("EXAMPLE_SIZE", " ")]).expect("empty is unset").example_size, 3);
+        let error = example(&[("EXAMPLE_SIZE", "0")]).expect_err("zero").to_string();
+        assert_eq!(error, "invalid value '0' for '--example-size <EXAMPLE_SIZE>': must be greater than 0");
+        let error = example(&[("EXAMPLE_SIZE", "x")]).expect_err("word").to_string();
+        assert!(error.contains("EXAMPLE_SIZE") && error.contains("non-negative integer"), "{error}");
+        let error = example(&[("EXAMPLE_URL", "http://h")]).expect_err("scheme").to_string();
+        assert!(error.ends_with("must start with redis:// or rediss://"), "{error}");
+        assert_eq!(example(&[("EXAMPLE_URL", "redis://h\n")]).expect("url").example_url.as_deref(), Some("redis://h"));
+        assert_eq!(parse::positive::<u8>("300"), Err("is too large".into()));
+        assert!(parse::address("nowhere").is_err());
     }
 }

@@ -4,12 +4,15 @@
 //! also exported over OTLP/gRPC, in batches, under the binary's service name.
 
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
+
+use crate::settings::parse;
 
 /// Keeps the trace exporter alive; [`Telemetry::shutdown`] flushes the spans still queued.
 #[must_use = "dropping the telemetry handle early loses queued spans"]
@@ -30,20 +33,44 @@ impl Telemetry {
     }
 }
 
+/// The logging and tracing settings every service binary takes.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct TelemetryArgs {
+    /// Log lines as text (coloured on a terminal) or one JSON object per line.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
+    /// Log level and per-module filters (tracing's `EnvFilter` syntax, e.g. `info,sqlx=warn`).
+    #[arg(long, env = "RUST_LOG", default_value = "info", value_parser = parse::text)]
+    pub rust_log: String,
+    /// OTLP/gRPC collector (e.g. `http://otel-collector:4317`) that spans are exported to; the
+    /// other standard `OTEL_EXPORTER_OTLP_*` variables apply.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_parser = parse::grpc_url)]
+    pub otel_exporter_otlp_endpoint: Option<String>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
 /// Installs the global subscriber. Must run inside the Tokio runtime (the OTLP exporter's
 /// gRPC client lives there). Calling it again (tests start several apps in one process) keeps
 /// the first subscriber.
-pub fn init(service_name: &'static str) -> Telemetry {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("LOG_FORMAT").is_ok_and(|format| format.eq_ignore_ascii_case("json"));
+pub fn init(service_name: &'static str, settings: &TelemetryArgs) -> Telemetry {
+    let filter = EnvFilter::try_new(&settings.rust_log).unwrap_or_else(|error| {
+        eprintln!("{service_name}: RUST_LOG {:?} ignored ({error}); logging at info", settings.rust_log);
+        EnvFilter::new("info")
+    });
     let fmt = tracing_subscriber::fmt::layer();
-    let fmt = if json {
+    let fmt = if settings.log_format == LogFormat::Json {
         fmt.json().flatten_event(true).with_current_span(true).boxed()
     } else {
         // Colours only for a terminal; log files and collectors get plain text.
         fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())).boxed()
     };
-    let tracer_provider = otlp_tracer_provider(service_name);
+    let tracer_provider = otlp_tracer_provider(service_name, settings.otel_exporter_otlp_endpoint.as_deref());
     let otel = tracer_provider
         .as_ref()
         .map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer(service_name)));
@@ -51,15 +78,19 @@ pub fn init(service_name: &'static str) -> Telemetry {
     Telemetry { tracer_provider }
 }
 
-fn otlp_tracer_provider(service_name: &'static str) -> Option<SdkTracerProvider> {
-    let configured = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
-        .iter()
-        .any(|name| std::env::var(name).is_ok_and(|value| !value.trim().is_empty()));
-    if !configured {
+fn otlp_tracer_provider(service_name: &'static str, endpoint: Option<&str>) -> Option<SdkTracerProvider> {
+    let traces_endpoint =
+        std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_ok_and(|value| !value.trim().is_empty());
+    if endpoint.is_none() && !traces_endpoint {
         return None;
     }
-    // The exporter reads the endpoint, headers and timeout from the standard OTEL_* variables.
-    match opentelemetry_otlp::SpanExporter::builder().with_tonic().build() {
+    // Headers and timeout come from the standard OTEL_* variables, which the exporter reads.
+    let builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+    let builder = match endpoint {
+        Some(endpoint) if !traces_endpoint => builder.with_endpoint(endpoint),
+        _ => builder,
+    };
+    match builder.build() {
         Ok(exporter) => Some(
             SdkTracerProvider::builder()
                 .with_batch_exporter(exporter)

@@ -3,7 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use flare_storage_common::settings::Settings;
+use flare_storage_common::settings::{self, parse};
+use flare_storage_common::telemetry::TelemetryArgs;
 
 #[derive(Clone)]
 pub struct Config {
@@ -68,56 +69,126 @@ impl std::fmt::Debug for Config {
 
 pub use flare_storage_common::settings::ConfigError;
 
+/// The reader's settings as flags and environment variables (README "Configuration"); turned
+/// into a [`Config`] by [`Config::from_settings`], which checks the rules between them.
+// No Debug: the URLs and the token are secrets.
+#[derive(clap::Parser, Clone)]
+#[command(name = "flare-storage-reader")]
+pub struct Settings {
+    /// postgres://user:pass@host:port/db; at least one of POSTGRES_URL and MONGO_URL.
+    #[arg(long, env = "POSTGRES_URL", hide_env_values = true, value_parser = parse::postgres_url)]
+    pub postgres_url: Option<String>,
+    /// PostgreSQL connection pool size.
+    #[arg(long, env = "POSTGRES_MAX_CONNECTIONS", default_value = "16", value_parser = parse::positive::<u32>)]
+    pub postgres_max_connections: u32,
+    /// mongodb://host:port/...; read before PostgreSQL when both are set.
+    #[arg(long, env = "MONGO_URL", hide_env_values = true, value_parser = parse::mongo_url)]
+    pub mongo_url: Option<String>,
+    /// MongoDB database (the writer's).
+    #[arg(long, env = "MONGO_DATABASE", default_value = "flare_im", value_parser = parse::text)]
+    pub mongo_database: String,
+    /// MongoDB collection of messages (the writer's).
+    #[arg(long, env = "MONGO_COLLECTION", default_value = "messages", value_parser = parse::text)]
+    pub mongo_collection: String,
+    /// The writer's Redis; without it every read goes to the databases.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true, value_parser = parse::redis_url)]
+    pub redis_url: Option<String>,
+    /// Lifetime of a hot window the reader fills, in seconds; use the writer's value.
+    #[arg(long, env = "REDIS_HOT_TTL_SECONDS", default_value = "3600", value_parser = parse::seconds)]
+    pub redis_hot_ttl_seconds: Duration,
+    /// Size of a hot window the reader fills; use the writer's value.
+    #[arg(long, env = "REDIS_HOT_MAX_MESSAGES", default_value = "200", value_parser = parse::positive::<usize>)]
+    pub redis_hot_max_messages: usize,
+    /// gRPC listen address.
+    #[arg(long, env = "STORAGE_READER_GRPC_ADDR", default_value = "0.0.0.0:50051", value_parser = parse::address)]
+    pub storage_reader_grpc_addr: SocketAddr,
+    /// How far back queries look when no start time is given, in seconds.
+    #[arg(
+        long,
+        env = "STORAGE_READER_DEFAULT_RANGE_SECONDS",
+        default_value = "604800",
+        value_parser = parse::seconds
+    )]
+    pub storage_reader_default_range_seconds: Duration,
+    /// Larger limits are lowered to this (at most 10000).
+    #[arg(long, env = "STORAGE_READER_MAX_PAGE_SIZE", default_value = "200", value_parser = page_size)]
+    pub storage_reader_max_page_size: u32,
+    /// PEM certificate chain of the gRPC server: the port speaks TLS (with the key).
+    #[arg(long, env = "STORAGE_READER_TLS_CERT", value_parser = parse::text)]
+    pub storage_reader_tls_cert: Option<String>,
+    /// PEM key of the gRPC server's certificate.
+    #[arg(long, env = "STORAGE_READER_TLS_KEY", value_parser = parse::text)]
+    pub storage_reader_tls_key: Option<String>,
+    /// PEM CA: mutual TLS, only clients with a certificate from this CA connect.
+    #[arg(long, env = "STORAGE_READER_TLS_CLIENT_CA", value_parser = parse::text)]
+    pub storage_reader_tls_client_ca: Option<String>,
+    /// Callers must send `authorization: Bearer <token>`.
+    #[arg(long, env = "STORAGE_READER_AUTH_TOKEN", hide_env_values = true, value_parser = parse::text)]
+    pub storage_reader_auth_token: Option<String>,
+    /// Directory where ExportMessages jobs write their files; unset, that call is refused.
+    #[arg(long, env = "STORAGE_READER_EXPORT_DIR", value_parser = parse::text)]
+    pub storage_reader_export_dir: Option<String>,
+    /// Longest time after sending that a message can be recalled, in seconds.
+    #[arg(long, env = "STORAGE_READER_RECALL_LIMIT_SECONDS", default_value = "120", value_parser = parse::seconds)]
+    pub storage_reader_recall_limit_seconds: Duration,
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9101", value_parser = parse::address)]
+    pub metrics_addr: SocketAddr,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+fn page_size(value: &str) -> Result<u32, String> {
+    parse::positive(value).and_then(|size| if size <= 10_000 { Ok(size) } else { Err("must be at most 10000".into()) })
+}
+
 impl Config {
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name| std::env::var(name).ok())
+    /// Reads settings through `lookup` (an environment as a map: manifests, tests).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        Self::from_settings(settings::from_lookup(<Settings as clap::CommandFactory>::command(), lookup)?)
     }
 
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let settings = Settings::new(lookup);
-        let postgres_url = settings.url("POSTGRES_URL", &["postgres", "postgresql"])?;
-        let mongo = settings.url("MONGO_URL", &["mongodb", "mongodb+srv"])?.map(|url| MongoConfig {
+    /// Checks the rules between settings: a database is needed, and TLS needs its certificate
+    /// and key together.
+    pub fn from_settings(settings: Settings) -> Result<Self, ConfigError> {
+        let mongo = settings.mongo_url.map(|url| MongoConfig {
             url,
-            database: settings.get("MONGO_DATABASE").unwrap_or_else(|| "flare_im".into()),
-            collection: settings.get("MONGO_COLLECTION").unwrap_or_else(|| "messages".into()),
+            database: settings.mongo_database,
+            collection: settings.mongo_collection,
         });
-        if postgres_url.is_none() && mongo.is_none() {
+        if settings.postgres_url.is_none() && mongo.is_none() {
             return Err(ConfigError("POSTGRES_URL or MONGO_URL is required (at least one database)".into()));
         }
-        let max_page_size = settings.positive("STORAGE_READER_MAX_PAGE_SIZE", 200)?;
-        let get = |name: &str| settings.get(name);
+        let tls = match (
+            settings.storage_reader_tls_cert,
+            settings.storage_reader_tls_key,
+            settings.storage_reader_tls_client_ca,
+        ) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), client_ca) => {
+                Some(TlsConfig { cert: cert.into(), key: key.into(), client_ca: client_ca.map(Into::into) })
+            }
+            _ => {
+                return Err(ConfigError(
+                    "STORAGE_READER_TLS_CERT and STORAGE_READER_TLS_KEY go together (STORAGE_READER_TLS_CLIENT_CA needs both)".into(),
+                ));
+            }
+        };
         Ok(Self {
-            grpc_addr: settings.address("STORAGE_READER_GRPC_ADDR", "0.0.0.0:50051")?,
-            metrics_addr: settings.address("METRICS_ADDR", "0.0.0.0:9101")?,
-            postgres_url,
+            grpc_addr: settings.storage_reader_grpc_addr,
+            metrics_addr: settings.metrics_addr,
+            postgres_url: settings.postgres_url,
+            postgres_max_connections: settings.postgres_max_connections,
             mongo,
-            redis_url: settings.url("REDIS_URL", &["redis", "rediss"])?,
-            redis_hot_ttl: settings.seconds("REDIS_HOT_TTL_SECONDS", 3600)?,
-            redis_hot_window: settings.size("REDIS_HOT_MAX_MESSAGES", 200)?,
-            postgres_max_connections: settings.size("POSTGRES_MAX_CONNECTIONS", 16)?,
-            default_range: settings.seconds("STORAGE_READER_DEFAULT_RANGE_SECONDS", 7 * 24 * 3600)?,
-            recall_limit: settings.seconds("STORAGE_READER_RECALL_LIMIT_SECONDS", 120)?,
-            tls: match (
-                get("STORAGE_READER_TLS_CERT"),
-                get("STORAGE_READER_TLS_KEY"),
-                get("STORAGE_READER_TLS_CLIENT_CA"),
-            ) {
-                (None, None, None) => None,
-                (Some(cert), Some(key), client_ca) => {
-                    Some(TlsConfig { cert: cert.into(), key: key.into(), client_ca: client_ca.map(Into::into) })
-                }
-                _ => {
-                    return Err(ConfigError(
-                        "STORAGE_READER_TLS_CERT and STORAGE_READER_TLS_KEY go together (STORAGE_READER_TLS_CLIENT_CA needs both)".into(),
-                    ));
-                }
-            },
-            auth_token: get("STORAGE_READER_AUTH_TOKEN"),
-            export_dir: get("STORAGE_READER_EXPORT_DIR").map(Into::into),
-            max_page_size: u32::try_from(max_page_size)
-                .ok()
-                .filter(|size| *size <= 10_000)
-                .ok_or_else(|| ConfigError("STORAGE_READER_MAX_PAGE_SIZE must be at most 10000".into()))?,
+            redis_url: settings.redis_url,
+            redis_hot_ttl: settings.redis_hot_ttl_seconds,
+            redis_hot_window: settings.redis_hot_max_messages,
+            default_range: settings.storage_reader_default_range_seconds,
+            max_page_size: settings.storage_reader_max_page_size,
+            recall_limit: settings.storage_reader_recall_limit_seconds,
+            tls,
+            auth_token: settings.storage_reader_auth_token,
+            export_dir: settings.storage_reader_export_dir.map(Into::into),
         })
     }
 }
@@ -166,12 +237,15 @@ mod tests {
         let error = config(&[]).expect_err("no database");
         assert_eq!(error.to_string(), "POSTGRES_URL or MONGO_URL is required (at least one database)");
         let error = config(&[("MONGO_URL", "http://h")]).expect_err("not a MongoDB URL");
-        assert!(error.to_string().starts_with("MONGO_URL"), "{error}");
+        assert!(error.to_string().contains("MONGO_URL"), "{error}");
         let error = config(&[("POSTGRES_URL", "postgres://h/db"), ("STORAGE_READER_MAX_PAGE_SIZE", "-1")])
             .expect_err("negative page size");
-        assert!(error.to_string().starts_with("STORAGE_READER_MAX_PAGE_SIZE"), "{error}");
+        assert!(error.to_string().contains("STORAGE_READER_MAX_PAGE_SIZE"), "{error}");
+        let error = config(&[("POSTGRES_URL", "postgres://h/db"), ("STORAGE_READER_MAX_PAGE_SIZE", "10001")])
+            .expect_err("page size above the bound");
+        assert!(error.to_string().ends_with("must be at most 10000"), "{error}");
         let error = config(&[("POSTGRES_URL", "postgres://h/db"), ("STORAGE_READER_GRPC_ADDR", "nowhere")])
             .expect_err("bad address");
-        assert!(error.to_string().starts_with("STORAGE_READER_GRPC_ADDR"), "{error}");
+        assert!(error.to_string().contains("--storage-reader-grpc-addr <STORAGE_READER_GRPC_ADDR>"), "{error}");
     }
 }

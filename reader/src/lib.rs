@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-pub use config::{Config, MongoConfig, TlsConfig};
+pub use config::{Config, MongoConfig, Settings, TlsConfig};
 
 use crate::commands::Commands;
 use crate::grpc::StorageReader;

@@ -176,7 +176,7 @@ pub struct RunningWriter {
 
 impl RunningWriter {
     pub async fn start(config: flare_storage_writer::Config) -> anyhow::Result<Self> {
-        let _ = flare_storage_common::telemetry::init("flare-storage-test");
+        let _ = flare_storage_common::telemetry::init("flare-storage-test", &test_telemetry());
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let metrics_addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
@@ -319,7 +319,7 @@ impl RunningReader {
         redis_url: Option<String>,
         adjust: impl FnOnce(&mut flare_storage_reader::Config),
     ) -> anyhow::Result<Self> {
-        let _ = flare_storage_common::telemetry::init("flare-storage-test");
+        let _ = flare_storage_common::telemetry::init("flare-storage-test", &test_telemetry());
         let grpc = TcpListener::bind("127.0.0.1:0").await?;
         let ops = TcpListener::bind("127.0.0.1:0").await?;
         let (grpc_addr, metrics_addr) = (grpc.local_addr()?, ops.local_addr()?);
@@ -658,5 +658,13 @@ mod tests {
         let text = "# HELP a_total x\na_total 3\na_total_other 5\n";
         assert_eq!(metric_value(text, "a_total"), Some(3.0));
         assert_eq!(metric_value(text, "missing"), None);
+    }
+}
+
+/// Logging for tests: `RUST_LOG` as the binaries read it, text lines.
+fn test_telemetry() -> flare_storage_common::telemetry::TelemetryArgs {
+    flare_storage_common::telemetry::TelemetryArgs {
+        rust_log: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        ..Default::default()
     }
 }

@@ -39,6 +39,8 @@ fn pki() -> anyhow::Result<Pki> {
     std::fs::write(directory.join("ca.pem"), ca_cert.pem())?;
     std::fs::write(directory.join("server.pem"), server_cert.pem())?;
     std::fs::write(directory.join("server.key"), server_key.serialize_pem())?;
+    std::fs::write(directory.join("client.pem"), client_cert.pem())?;
+    std::fs::write(directory.join("client.key"), client_key.serialize_pem())?;
     Ok(Pki {
         ca_pem: ca_cert.pem(),
         client_cert_pem: client_cert.pem(),
@@ -113,6 +115,71 @@ async fn tls_mutual_tls_and_tokens_guard_the_api() -> anyhow::Result<()> {
     assert_eq!(http_get(reader.metrics_addr, "/healthz").await?.0, 200);
     reader.stop().await?;
 
+    std::fs::remove_dir_all(&pki.directory)?;
+    database.drop().await?;
+    Ok(())
+}
+
+/// `flare-storage query` as a gateway would call: TLS against the test CA, a client
+/// certificate for mutual TLS and the bearer token — each missing piece refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_command_speaks_mutual_tls_and_the_token() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let pki = pki()?;
+    let reader = RunningReader::start_configured(&database.url, None, |config| {
+        config.tls = Some(flare_storage_reader::TlsConfig {
+            cert: pki.directory.join("server.pem"),
+            key: pki.directory.join("server.key"),
+            client_ca: Some(pki.directory.join("ca.pem")),
+        });
+        config.auth_token = Some("correct-horse".into());
+    })
+    .await?;
+    let file = |name: &str| pki.directory.join(name).to_string_lossy().into_owned();
+    let tenant = unique("acme");
+    let query = |flags: Vec<String>, environment: Vec<(&'static str, String)>| {
+        let mut command = std::process::Command::new(binary("flare-storage")?);
+        command.args(["query", "--session", "s", "--tenant", &tenant]).args(flags).env_clear().envs(environment);
+        // The command blocks; the reader keeps serving on the runtime's other worker.
+        anyhow::Ok(tokio::task::spawn_blocking(move || command.output()))
+    };
+    let addr = format!("https://localhost:{}", reader.grpc_addr.port());
+    let all = vec![
+        format!("--addr={addr}"),
+        format!("--ca={}", file("ca.pem")),
+        format!("--cert={}", file("client.pem")),
+        format!("--key={}", file("client.key")),
+        "--token=correct-horse".to_owned(),
+    ];
+    let output = query(all.clone(), vec![])?.await??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains(&format!("0 message(s) in session s (tenant {tenant})")), "{stdout}");
+
+    // The same settings from the environment, as in a pod.
+    let environment = vec![
+        ("STORAGE_READER_ADDR", addr.clone()),
+        ("STORAGE_READER_CA", file("ca.pem")),
+        ("STORAGE_READER_CLIENT_CERT", file("client.pem")),
+        ("STORAGE_READER_CLIENT_KEY", file("client.key")),
+        ("STORAGE_READER_AUTH_TOKEN", "correct-horse".to_owned()),
+    ];
+    let output = query(vec![], environment)?.await??;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    // Each credential left out is refused.
+    for (left_out, expected) in [("--token", "missing or wrong bearer token"), ("--cert", ""), ("--ca", "")] {
+        let flags: Vec<String> = all
+            .iter()
+            .filter(|flag| !flag.starts_with(left_out) && !(left_out == "--cert" && flag.starts_with("--key")))
+            .cloned()
+            .collect();
+        let output = query(flags, vec![])?.await??;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "without {left_out}: {stderr}");
+        assert!(stderr.contains(expected), "without {left_out}: {stderr}");
+    }
+    reader.stop().await?;
     std::fs::remove_dir_all(&pki.directory)?;
     database.drop().await?;
     Ok(())

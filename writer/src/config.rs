@@ -3,11 +3,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use flare_storage_common::settings::Settings;
+use clap::CommandFactory as _;
+use flare_storage_common::settings::{self, parse};
+use flare_storage_common::telemetry::TelemetryArgs;
 
 use crate::error::Stage;
 
-/// Everything the writer needs to run. Built by [`Config::from_env`]; tests build it directly.
+/// Everything the writer needs to run. Built by [`Config::from_settings`]; tests build it directly.
 #[derive(Clone)]
 pub struct Config {
     pub kafka_bootstrap_servers: String,
@@ -83,79 +85,178 @@ impl std::fmt::Debug for Config {
 
 pub use flare_storage_common::settings::ConfigError;
 
+/// The writer's settings as flags and environment variables (README "Configuration"); turned
+/// into a [`Config`] by [`Config::from_settings`], which checks the rules between them.
+// No Debug: the URLs may carry passwords.
+#[derive(clap::Parser, Clone)]
+#[command(name = "flare-storage-writer")]
+pub struct Settings {
+    /// Kafka brokers, host:port[,host:port] (required to run).
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", value_parser = parse::text)]
+    pub kafka_bootstrap_servers: Option<String>,
+    /// Topic of StoreMessageRequest records.
+    #[arg(long, env = "KAFKA_TOPIC", default_value = "storage-messages", value_parser = parse::text)]
+    pub kafka_topic: String,
+    /// Consumer group shared by all writer instances.
+    #[arg(long, env = "KAFKA_GROUP_ID", default_value = "storage-writer", value_parser = parse::text)]
+    pub kafka_group_id: String,
+    /// Dead-letter topic for records that can never be stored.
+    #[arg(long, env = "KAFKA_DLQ_TOPIC", default_value = "storage-messages-dlq", value_parser = parse::text)]
+    pub kafka_dlq_topic: String,
+    /// Topic for ACK events; none are sent when unset.
+    #[arg(long, env = "KAFKA_ACK_TOPIC", value_parser = parse::text)]
+    pub kafka_ack_topic: Option<String>,
+    /// Consumer group session timeout, in milliseconds.
+    #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value = "10000", value_parser = parse::millis)]
+    pub kafka_session_timeout_ms: Duration,
+    /// librdkafka max.poll.interval.ms; not below KAFKA_SESSION_TIMEOUT_MS.
+    #[arg(long, env = "KAFKA_MAX_POLL_INTERVAL_MS", default_value = "300000", value_parser = parse::millis)]
+    pub kafka_max_poll_interval_ms: Duration,
+    /// Longest time the broker may hold a fetch while no records wait, in milliseconds.
+    #[arg(long, env = "KAFKA_FETCH_WAIT_MAX_MS", default_value = "100", value_parser = parse::millis)]
+    pub kafka_fetch_wait_max_ms: Duration,
+    /// Bound of the consumer's prefetch queue, in KiB.
+    #[arg(long, env = "KAFKA_PREFETCH_KBYTES", default_value = "16384", value_parser = parse::positive::<usize>)]
+    pub kafka_prefetch_kbytes: usize,
+    /// redis://[:password@]host:port[/db] (required to run).
+    #[arg(long, env = "REDIS_URL", hide_env_values = true, value_parser = parse::redis_url)]
+    pub redis_url: Option<String>,
+    /// Lifetime of a session's hot cache after its last write, in seconds.
+    #[arg(long, env = "REDIS_HOT_TTL_SECONDS", default_value = "3600", value_parser = parse::seconds)]
+    pub redis_hot_ttl_seconds: Duration,
+    /// Newest messages kept per session in the hot cache.
+    #[arg(long, env = "REDIS_HOT_MAX_MESSAGES", default_value = "200", value_parser = parse::positive::<usize>)]
+    pub redis_hot_max_messages: usize,
+    /// How long a stored message's done marker is kept, in seconds.
+    #[arg(long, env = "REDIS_IDEMPOTENCY_TTL_SECONDS", default_value = "86400", value_parser = parse::seconds)]
+    pub redis_idempotency_ttl_seconds: Duration,
+    /// postgres://user:pass@host:port/db; at least one of POSTGRES_URL and MONGO_URL.
+    #[arg(long, env = "POSTGRES_URL", hide_env_values = true, value_parser = parse::postgres_url)]
+    pub postgres_url: Option<String>,
+    /// PostgreSQL connection pool size.
+    #[arg(long, env = "POSTGRES_MAX_CONNECTIONS", default_value = "8", value_parser = parse::positive::<u32>)]
+    pub postgres_max_connections: u32,
+    /// mongodb://host:port/...; at least one of POSTGRES_URL and MONGO_URL.
+    #[arg(long, env = "MONGO_URL", hide_env_values = true, value_parser = parse::mongo_url)]
+    pub mongo_url: Option<String>,
+    /// MongoDB database.
+    #[arg(long, env = "MONGO_DATABASE", default_value = "flare_im", value_parser = parse::text)]
+    pub mongo_database: String,
+    /// MongoDB collection.
+    #[arg(long, env = "MONGO_COLLECTION", default_value = "messages", value_parser = parse::text)]
+    pub mongo_collection: String,
+    /// Redis hash of the upstream's write-ahead entries, emptied of each message once stored.
+    #[arg(long, env = "WAL_HASH_KEY", value_parser = parse::text)]
+    pub wal_hash_key: Option<String>,
+    /// Records per batch at most.
+    #[arg(long, env = "WRITER_BATCH_SIZE", default_value = "500", value_parser = parse::positive::<usize>)]
+    pub writer_batch_size: usize,
+    /// How long a batch waits to fill after its first record, in milliseconds.
+    #[arg(long, env = "WRITER_BATCH_TIMEOUT_MS", default_value = "20", value_parser = parse::millis)]
+    pub writer_batch_timeout_ms: Duration,
+    /// Batches in flight at once, each over its own share of the partitions.
+    #[arg(long, env = "WRITER_LANES", default_value = "1", value_parser = parse::positive::<usize>)]
+    pub writer_lanes: usize,
+    /// Larger record values are dead-lettered, in bytes.
+    #[arg(long, env = "WRITER_MAX_MESSAGE_BYTES", default_value = "1048576", value_parser = parse::positive::<usize>)]
+    pub writer_max_message_bytes: usize,
+    /// How far ahead of its Kafka record's time a message may be dated, in seconds.
+    #[arg(long, env = "WRITER_MAX_FUTURE_SECONDS", default_value = "86400", value_parser = parse::seconds)]
+    pub writer_max_future_seconds: Duration,
+    /// First pause after a failed batch, in milliseconds.
+    #[arg(long, env = "WRITER_RETRY_INITIAL_BACKOFF_MS", default_value = "100", value_parser = parse::millis)]
+    pub writer_retry_initial_backoff_ms: Duration,
+    /// Longest pause between retries, in milliseconds (retries never stop).
+    #[arg(long, env = "WRITER_RETRY_MAX_BACKOFF_MS", default_value = "5000", value_parser = parse::millis)]
+    pub writer_retry_max_backoff_ms: Duration,
+    /// Messages older than this many days are removed; 0 keeps them forever.
+    #[arg(long, env = "STORAGE_RETENTION_DAYS", default_value = "0", value_parser = parse::number)]
+    pub storage_retention_days: u64,
+    /// How often the retention job runs, in seconds.
+    #[arg(long, env = "STORAGE_RETENTION_INTERVAL_SECONDS", default_value = "3600", value_parser = parse::seconds)]
+    pub storage_retention_interval_seconds: Duration,
+    /// Longest drain after SIGTERM, in seconds; keep the pod's grace period above it.
+    #[arg(long, env = "WRITER_SHUTDOWN_TIMEOUT_SECONDS", default_value = "25", value_parser = parse::seconds)]
+    pub writer_shutdown_timeout_seconds: Duration,
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9100", value_parser = parse::address)]
+    pub metrics_addr: SocketAddr,
+    /// Fault injection for crash tests only: abort right after the named stage.
+    #[arg(long, env = "WRITER_CRASH_AFTER_STAGE", value_parser = stage)]
+    pub writer_crash_after_stage: Option<Stage>,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+fn stage(name: &str) -> Result<Stage, String> {
+    Stage::from_name(name.trim()).ok_or_else(|| {
+        let names: Vec<&str> = Stage::ALL.iter().map(|stage| stage.name()).collect();
+        format!("must name a stage ({})", names.join(", "))
+    })
+}
+
 impl Config {
-    /// Reads the process environment.
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name| std::env::var(name).ok())
+    /// Reads settings through `lookup` (an environment as a map: manifests, tests).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        Self::from_settings(settings::from_lookup(Settings::command(), lookup)?)
     }
 
-    /// Reads settings through `lookup` (the environment in production, a map in tests).
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let settings = Settings::new(lookup);
-        let postgres_url = settings.url("POSTGRES_URL", &["postgres", "postgresql"])?;
-        let mongo = settings.url("MONGO_URL", &["mongodb", "mongodb+srv"])?.map(|url| MongoConfig {
+    /// Checks the rules between settings: a database, Redis and Kafka are needed, and the
+    /// retry and poll bounds must be in order.
+    pub fn from_settings(settings: Settings) -> Result<Self, ConfigError> {
+        let mongo = settings.mongo_url.map(|url| MongoConfig {
             url,
-            database: settings.text("MONGO_DATABASE", "flare_im"),
-            collection: settings.text("MONGO_COLLECTION", "messages"),
+            database: settings.mongo_database,
+            collection: settings.mongo_collection,
         });
-        if postgres_url.is_none() && mongo.is_none() {
+        if settings.postgres_url.is_none() && mongo.is_none() {
             return Err(ConfigError("set POSTGRES_URL, MONGO_URL or both: messages need a database".into()));
         }
-        let redis_url = settings
-            .url("REDIS_URL", &["redis", "rediss"])?
-            .ok_or_else(|| ConfigError("REDIS_URL is required".into()))?;
-        let retry_initial_backoff = settings.millis("WRITER_RETRY_INITIAL_BACKOFF_MS", 100)?;
-        let retry_max_backoff = settings.millis("WRITER_RETRY_MAX_BACKOFF_MS", 5_000)?;
-        if retry_max_backoff < retry_initial_backoff {
+        let redis_url = settings.redis_url.ok_or_else(|| ConfigError("REDIS_URL is required".into()))?;
+        let kafka_bootstrap_servers = settings
+            .kafka_bootstrap_servers
+            .ok_or_else(|| ConfigError("KAFKA_BOOTSTRAP_SERVERS is required".into()))?;
+        if settings.writer_retry_max_backoff_ms < settings.writer_retry_initial_backoff_ms {
             return Err(ConfigError(
                 "WRITER_RETRY_MAX_BACKOFF_MS must not be below WRITER_RETRY_INITIAL_BACKOFF_MS".into(),
             ));
         }
-
+        if settings.kafka_max_poll_interval_ms < settings.kafka_session_timeout_ms {
+            return Err(ConfigError("KAFKA_MAX_POLL_INTERVAL_MS must not be below KAFKA_SESSION_TIMEOUT_MS".into()));
+        }
         Ok(Self {
-            kafka_bootstrap_servers: settings.required("KAFKA_BOOTSTRAP_SERVERS")?,
-            kafka_topic: settings.text("KAFKA_TOPIC", "storage-messages"),
-            kafka_group_id: settings.text("KAFKA_GROUP_ID", "storage-writer"),
-            kafka_dlq_topic: settings.text("KAFKA_DLQ_TOPIC", "storage-messages-dlq"),
-            kafka_ack_topic: settings.get("KAFKA_ACK_TOPIC"),
+            kafka_bootstrap_servers,
+            kafka_topic: settings.kafka_topic,
+            kafka_group_id: settings.kafka_group_id,
+            kafka_dlq_topic: settings.kafka_dlq_topic,
+            kafka_ack_topic: settings.kafka_ack_topic,
+            kafka_session_timeout: settings.kafka_session_timeout_ms,
+            kafka_fetch_wait: settings.kafka_fetch_wait_max_ms,
+            kafka_max_poll_interval: settings.kafka_max_poll_interval_ms,
+            kafka_prefetch_kbytes: settings.kafka_prefetch_kbytes,
             redis_url,
-            redis_hot_ttl: settings.seconds("REDIS_HOT_TTL_SECONDS", 3600)?,
-            redis_idempotency_ttl: settings.seconds("REDIS_IDEMPOTENCY_TTL_SECONDS", 86_400)?,
-            redis_hot_window: settings.size("REDIS_HOT_MAX_MESSAGES", 200)?,
+            redis_hot_ttl: settings.redis_hot_ttl_seconds,
+            redis_idempotency_ttl: settings.redis_idempotency_ttl_seconds,
+            redis_hot_window: settings.redis_hot_max_messages,
             mongo,
-            wal_hash_key: settings.get("WAL_HASH_KEY"),
-            kafka_session_timeout: settings.millis("KAFKA_SESSION_TIMEOUT_MS", 10_000)?,
-            kafka_fetch_wait: settings.millis("KAFKA_FETCH_WAIT_MAX_MS", 100)?,
-            kafka_max_poll_interval: settings.millis("KAFKA_MAX_POLL_INTERVAL_MS", 300_000)?,
-            kafka_prefetch_kbytes: settings.size("KAFKA_PREFETCH_KBYTES", 16_384)?,
-            postgres_url,
-            postgres_max_connections: settings.size("POSTGRES_MAX_CONNECTIONS", 8)?,
-            batch_max_messages: settings.size("WRITER_BATCH_SIZE", 500)?,
-            batch_max_wait: settings.millis("WRITER_BATCH_TIMEOUT_MS", 20)?,
-            lanes: settings.positive("WRITER_LANES", 1).and_then(|lanes| {
-                usize::try_from(lanes).map_err(|_| ConfigError("WRITER_LANES is too large".into()))
-            })?,
-            max_message_bytes: settings.size("WRITER_MAX_MESSAGE_BYTES", 1_048_576)?,
-            max_future: settings.seconds("WRITER_MAX_FUTURE_SECONDS", 86_400)?,
-            retry_initial_backoff,
-            retry_max_backoff,
-            metrics_addr: settings.address("METRICS_ADDR", "0.0.0.0:9100")?,
-            shutdown_timeout: settings.seconds("WRITER_SHUTDOWN_TIMEOUT_SECONDS", 25)?,
-            retention: match settings.number("STORAGE_RETENTION_DAYS", 0)? {
+            postgres_url: settings.postgres_url,
+            postgres_max_connections: settings.postgres_max_connections,
+            wal_hash_key: settings.wal_hash_key,
+            batch_max_messages: settings.writer_batch_size,
+            batch_max_wait: settings.writer_batch_timeout_ms,
+            lanes: settings.writer_lanes,
+            max_message_bytes: settings.writer_max_message_bytes,
+            max_future: settings.writer_max_future_seconds,
+            retry_initial_backoff: settings.writer_retry_initial_backoff_ms,
+            retry_max_backoff: settings.writer_retry_max_backoff_ms,
+            metrics_addr: settings.metrics_addr,
+            retention: match settings.storage_retention_days {
                 0 => None,
                 days => Some(Duration::from_secs(days.saturating_mul(86_400))),
             },
-            retention_interval: settings.seconds("STORAGE_RETENTION_INTERVAL_SECONDS", 3600)?,
-            crash_after_stage: match settings.get("WRITER_CRASH_AFTER_STAGE") {
-                None => None,
-                Some(name) => Some(Stage::from_name(&name).ok_or_else(|| {
-                    let names: Vec<&str> = Stage::ALL.iter().map(|stage| stage.name()).collect();
-                    ConfigError(format!(
-                        "WRITER_CRASH_AFTER_STAGE must name a stage ({}), not {name:?}",
-                        names.join(", ")
-                    ))
-                })?),
-            },
+            retention_interval: settings.storage_retention_interval_seconds,
+            shutdown_timeout: settings.writer_shutdown_timeout_seconds,
+            crash_after_stage: settings.writer_crash_after_stage,
         })
     }
 }
@@ -214,13 +315,24 @@ mod tests {
         let mut vars = MINIMAL.to_vec();
         vars.push(("WRITER_BATCH_SIZE", "lots"));
         let error = config(&vars).expect_err("bad batch size");
-        assert!(error.to_string().starts_with("WRITER_BATCH_SIZE must be"), "{error}");
+        assert_eq!(
+            error.to_string(),
+            "invalid value 'lots' for '--writer-batch-size <WRITER_BATCH_SIZE>': must be a non-negative integer"
+        );
         let mut vars = MINIMAL.to_vec();
         vars.push(("WRITER_BATCH_SIZE", "0"));
         assert!(config(&vars).is_err());
         let error =
             config(&[("KAFKA_BOOTSTRAP_SERVERS", "k:9092"), ("POSTGRES_URL", "mysql://x")]).expect_err("bad url");
         assert!(error.to_string().contains("POSTGRES_URL"), "{error}");
+        let mut vars = MINIMAL.to_vec();
+        vars.extend([("KAFKA_SESSION_TIMEOUT_MS", "30000"), ("KAFKA_MAX_POLL_INTERVAL_MS", "20000")]);
+        let error = config(&vars).expect_err("poll interval below the session timeout");
+        assert!(error.to_string().starts_with("KAFKA_MAX_POLL_INTERVAL_MS"), "{error}");
+        let mut vars = MINIMAL.to_vec();
+        vars.push(("WRITER_CRASH_AFTER_STAGE", "nowhere"));
+        let error = config(&vars).expect_err("unknown stage");
+        assert!(error.to_string().contains("must name a stage (idempotency, seq"), "{error}");
     }
 
     #[test]

@@ -32,7 +32,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use config::{Config, MongoConfig};
+pub use config::{Config, MongoConfig, Settings};
 
 use crate::ack::Acks;
 use crate::deadletter::DeadLetters;

@@ -1,39 +1,73 @@
-//! `flare-storage-writer` — run the writer, or `flare-storage-writer migrate` to apply the
-//! database migrations and exit, or `flare-storage-writer healthcheck` to probe a running
-//! instance's `/healthz` (container health checks).
+//! `flare-storage-writer` — run the writer (`run`, the default), apply the database migrations
+//! and exit (`migrate`), or probe a running instance's `/healthz` (`healthcheck`, for container
+//! health checks). Every setting is a flag or its environment variable (`--help`).
 
 use std::process::ExitCode;
 
-use flare_storage_common::{ops, schema, telemetry};
-use flare_storage_writer::Config;
+use flare_storage_common::{ops, schema, settings, telemetry};
+use flare_storage_writer::{Config, Settings};
 use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Parser)]
+#[command(
+    name = "flare-storage-writer",
+    version,
+    about = "Persists IM messages from Kafka into PostgreSQL, MongoDB and the Redis hot cache"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Consume, persist and acknowledge messages until SIGTERM (the default).
+    Run,
+    /// Apply the PostgreSQL migrations (POSTGRES_URL) and exit.
+    Migrate,
+    /// Exit 0 when the instance at METRICS_ADDR answers /healthz.
+    Healthcheck,
+}
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match Config::from_env() {
+    let cli: Cli = settings::parse();
+    match cli.command {
+        Some(Command::Healthcheck) => {
+            return if ops::probe_health(cli.settings.metrics_addr).await {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+        Some(Command::Migrate) => {
+            let telemetry = telemetry::init("flare-storage-writer", &cli.settings.telemetry);
+            let result = match &cli.settings.postgres_url {
+                Some(url) => migrate(url).await,
+                None => Err(anyhow::anyhow!("POSTGRES_URL is not set: nothing to migrate")),
+            };
+            telemetry.shutdown().await;
+            return finish(result);
+        }
+        None | Some(Command::Run) => {}
+    }
+    let telemetry_settings = cli.settings.telemetry.clone();
+    let config = match Config::from_settings(cli.settings) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("flare-storage-writer: configuration error: {error}");
             return ExitCode::from(2);
         }
     };
-    let telemetry = telemetry::init("flare-storage-writer");
-
-    let result = match std::env::args().nth(1).as_deref() {
-        None | Some("run") => run(config).await,
-        Some("migrate") => match &config.postgres_url {
-            Some(url) => migrate(url).await,
-            None => Err(anyhow::anyhow!("POSTGRES_URL is not set: nothing to migrate")),
-        },
-        Some("healthcheck") => {
-            return if ops::probe_health(config.metrics_addr).await { ExitCode::SUCCESS } else { ExitCode::FAILURE };
-        }
-        Some(other) => {
-            eprintln!("flare-storage-writer: unknown command {other:?} (expected: run, migrate, healthcheck)");
-            return ExitCode::from(2);
-        }
-    };
+    let telemetry = telemetry::init("flare-storage-writer", &telemetry_settings);
+    let result = run(config).await;
     telemetry.shutdown().await;
+    finish(result)
+}
+
+fn finish(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
