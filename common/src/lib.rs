@@ -10,6 +10,7 @@ pub mod keys;
 pub mod message;
 pub mod message_document;
 pub mod ops;
+pub mod pools;
 pub mod proto;
 pub mod schema;
 pub mod scripts;

@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use prometheus::{Encoder, Registry, TextEncoder};
+use prometheus::{Encoder, IntGauge, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -19,11 +19,21 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Default)]
 pub struct Readiness {
     ready: AtomicBool,
+    /// The same as a metric (1 or 0), for alerts.
+    gauge: Option<IntGauge>,
 }
 
 impl Readiness {
+    /// Readiness also reported by `gauge`.
+    pub fn reported_by(gauge: IntGauge) -> Self {
+        Self { ready: AtomicBool::new(false), gauge: Some(gauge) }
+    }
+
     pub fn set(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
+        if let Some(gauge) = &self.gauge {
+            gauge.set(i64::from(ready));
+        }
     }
 
     pub fn is_ready(&self) -> bool {

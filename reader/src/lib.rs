@@ -74,8 +74,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = Metrics::new().context("failed to register metrics")?;
-    let readiness = Arc::new(Readiness::default());
-    let databases = connect_databases(&config).await?;
+    let readiness = Arc::new(Readiness::reported_by(metrics.ready.clone()));
+    let databases = connect_databases(&config, &metrics).await?;
     if let Some(directory) = &config.export_dir {
         export::check_directory(directory)?;
     }
@@ -103,6 +103,9 @@ pub async fn serve(
         ),
         None => None,
     };
+    if let Some(cache) = &cache {
+        metrics.pools.add_redis(cache.in_flight());
+    }
     let sessions = Sessions { databases: databases.clone(), cache: cache.clone(), metrics: metrics.clone() };
     let commands = Commands {
         databases: databases.clone(),
@@ -171,7 +174,7 @@ pub async fn serve(
 /// Clients for the configured databases. Neither needs to be up yet: migrations and indexes
 /// that fail here are only logged (the writer applies them too) and readiness tells when
 /// queries can be answered.
-async fn connect_databases(config: &Config) -> anyhow::Result<Databases> {
+async fn connect_databases(config: &Config, metrics: &Metrics) -> anyhow::Result<Databases> {
     let postgres = match &config.postgres_url {
         Some(url) => {
             let postgres =
@@ -179,6 +182,7 @@ async fn connect_databases(config: &Config) -> anyhow::Result<Databases> {
             if let Err(error) = schema::migrate(postgres.pool()).await {
                 warn!(%error, "failed to apply migrations at start");
             }
+            metrics.pools.add_postgres(postgres.pool().clone());
             Some(postgres)
         }
         None => None,
@@ -188,6 +192,7 @@ async fn connect_databases(config: &Config) -> anyhow::Result<Databases> {
             let store = MongoStore::connect(&mongo.url, &mongo.database, &mongo.collection)
                 .await
                 .context("invalid MONGO_URL")?;
+            metrics.pools.add_counted("mongodb", store.connections());
             // In the background: server selection waits out a MongoDB that is not up yet.
             let indexing = store.clone();
             tokio::spawn(async move {

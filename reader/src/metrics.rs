@@ -1,6 +1,10 @@
 //! Reader metrics (SPEC §6 names), registered once in the app's own registry.
 
-use prometheus::{Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use flare_storage_common::pools::PoolMetrics;
+use prometheus::process_collector::ProcessCollector;
+use prometheus::{
+    Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 pub const QUERIES: &str = "storage_reader_queries_total";
 pub const QUERY_LATENCY: &str = "storage_reader_query_latency_seconds";
@@ -8,6 +12,7 @@ pub const CACHE_HIT_RATE: &str = "storage_reader_cache_hit_rate";
 pub const CACHE_LOOKUPS: &str = "storage_reader_cache_lookups_total";
 pub const UNREAD_COUNTS: &str = "storage_reader_unread_counts_total";
 pub const IN_FLIGHT: &str = "storage_reader_in_flight_calls";
+pub const READY: &str = "storage_reader_ready";
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -25,6 +30,10 @@ pub struct Metrics {
     /// Unread counts derived from the hot window / counted in a database.
     pub unread_from_cache: IntCounter,
     pub unread_from_database: IntCounter,
+    /// 1 while /readyz answers ready.
+    pub ready: IntGauge,
+    /// Connections of the database pools and Redis commands in flight.
+    pub pools: PoolMetrics,
 }
 
 impl Metrics {
@@ -49,6 +58,11 @@ impl Metrics {
             &["source"],
         )?;
         let in_flight = IntGaugeVec::new(Opts::new(IN_FLIGHT, "gRPC calls being answered now"), &["rpc"])?;
+        let ready = IntGauge::new(READY, "1 while the reader is ready (a database answers), else 0")?;
+        let pools = PoolMetrics::new("storage_reader")?;
+        registry.register(Box::new(ready.clone()))?;
+        registry.register(Box::new(pools.clone()))?;
+        registry.register(Box::new(ProcessCollector::for_self()))?;
         registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(unread_counts.clone()))?;
         registry.register(Box::new(queries.clone()))?;
@@ -65,6 +79,8 @@ impl Metrics {
             cache_hit_rate,
             unread_from_cache: unread_counts.with_label_values(&["cache"]),
             unread_from_database: unread_counts.with_label_values(&["database"]),
+            ready,
+            pools,
         })
     }
 

@@ -12,11 +12,12 @@
 //! process. Offsets are stored with `enable.auto.offset.store=false` and committed by
 //! librdkafka's auto-commit, on partition revoke and once more at shutdown.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::statistics::Statistics;
 use rdkafka::{ClientConfig, ClientContext, Message as _, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -28,13 +29,39 @@ use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::record::Record;
 
+/// How often librdkafka reports statistics (the consumer lag gauges).
+const STATISTICS_INTERVAL_MS: &str = "5000";
+
 /// Logs and counts group membership changes; librdkafka's auto-commit commits the stored
 /// offsets of revoked partitions itself.
 struct WriterContext {
     metrics: Metrics,
+    /// Partitions with a lag gauge, so a partition moved to another writer stops reporting.
+    lagging: std::sync::Mutex<HashSet<i32>>,
 }
 
-impl ClientContext for WriterContext {}
+impl ClientContext for WriterContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`): the lag of each partition this
+    /// writer consumes, from the broker's high watermark and the group's committed offset.
+    fn stats(&self, statistics: Statistics) {
+        let mut now = HashSet::new();
+        for topic in statistics.topics.values() {
+            for (&partition, stats) in &topic.partitions {
+                // -1: the internal unassigned partition; a negative lag: not known yet.
+                if partition < 0 || !stats.desired || stats.consumer_lag < 0 {
+                    continue;
+                }
+                self.metrics.consumer_lag.with_label_values(&[&partition.to_string()]).set(stats.consumer_lag);
+                now.insert(partition);
+            }
+        }
+        let mut lagging = self.lagging.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for gone in lagging.difference(&now) {
+            let _ = self.metrics.consumer_lag.remove_label_values(&[&gone.to_string()]);
+        }
+        *lagging = now;
+    }
+}
 
 impl ConsumerContext for WriterContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -81,7 +108,8 @@ fn create_consumer(config: &Config, metrics: Metrics) -> KafkaResult<StreamConsu
         // With the prefetch queue at that bound, fetch again soon after the writer takes
         // records: librdkafka's default waits a second, which stalled a backlog in steps.
         .set("fetch.queue.backoff.ms", "10")
-        .create_with_context(WriterContext { metrics })
+        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
+        .create_with_context(WriterContext { metrics, lagging: Default::default() })
 }
 
 /// How long the consumer waits for room in a lane's queue before it takes the lane for

@@ -61,7 +61,7 @@ pub async fn run_with_listener(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = Metrics::new().context("failed to register metrics")?;
-    let readiness = Arc::new(Readiness::default());
+    let readiness = Arc::new(Readiness::reported_by(metrics.ready.clone()));
     // The ops endpoint outlives the consumer so /metrics stays scrapeable while draining.
     let ops_shutdown = CancellationToken::new();
     let ops_task =
@@ -92,11 +92,13 @@ async fn consume(
     else {
         return Ok(());
     };
+    metrics.pools.add_redis(redis.in_flight());
     let postgres = match &config.postgres_url {
         None => None,
         Some(url) => {
             let postgres =
                 PostgresStore::connect(url, config.postgres_max_connections).context("invalid POSTGRES_URL")?;
+            metrics.pools.add_postgres(postgres.pool().clone());
             if until_ready("postgres migrations", shutdown, || schema::migrate(postgres.pool())).await.is_none() {
                 return Ok(());
             }
@@ -109,6 +111,7 @@ async fn consume(
             let store = MongoStore::connect(&mongo.url, &mongo.database, &mongo.collection)
                 .await
                 .context("invalid MONGO_URL")?;
+            metrics.pools.add_counted("mongodb", store.connections());
             if until_ready("mongo indexes", shutdown, || store.ensure_indexes(config.retention)).await.is_none() {
                 return Ok(());
             }

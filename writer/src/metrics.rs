@@ -1,6 +1,10 @@
 //! Writer metrics (SPEC §6 names), registered once in the app's own registry.
 
-use prometheus::{Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use flare_storage_common::pools::PoolMetrics;
+use prometheus::process_collector::ProcessCollector;
+use prometheus::{
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 pub const MESSAGES_PROCESSED: &str = "storage_writer_messages_processed_total";
 pub const MESSAGES_DUPLICATED: &str = "storage_writer_messages_duplicated_total";
@@ -16,6 +20,9 @@ pub const PARTITIONS_REBALANCED: &str = "storage_writer_partitions_rebalanced_to
 pub const SEARCH_INDEXED: &str = "storage_writer_search_indexed_total";
 pub const SEARCH_INDEX_LAG: &str = "storage_writer_search_index_lag_seconds";
 pub const LAST_BATCH: &str = "storage_writer_last_batch_timestamp_seconds";
+pub const CONSUMER_LAG: &str = "storage_writer_consumer_lag_messages";
+pub const END_TO_END_LATENCY: &str = "storage_writer_end_to_end_latency_seconds";
+pub const READY: &str = "storage_writer_ready";
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -51,6 +58,14 @@ pub struct Metrics {
     /// When the last batch was done (Unix seconds): alert when it stops moving while records
     /// wait.
     pub last_batch: Gauge,
+    /// Records of each assigned partition not yet committed (librdkafka statistics).
+    pub consumer_lag: IntGaugeVec,
+    /// From a record's Kafka timestamp to its batch being done.
+    pub end_to_end_latency: Histogram,
+    /// 1 while /readyz answers ready.
+    pub ready: IntGauge,
+    /// Connections of the database pools and Redis commands in flight.
+    pub pools: PoolMetrics,
 }
 
 impl Metrics {
@@ -87,6 +102,10 @@ impl Metrics {
         let seq_counter_hits = seq_lookups.with_label_values(&["hit"]);
         let seq_counter_misses = seq_lookups.with_label_values(&["miss"]);
         let cache_hit_rate = Gauge::new(CACHE_HIT_RATE, "Share of session seq counters found in Redis since start")?;
+        // Every stage from zero, so rates and alerts see the first failure.
+        for stage in crate::error::Stage::ALL {
+            stage_errors.with_label_values(&[stage.name()]);
+        }
         let rebalanced = IntCounterVec::new(
             Opts::new(PARTITIONS_REBALANCED, "Partitions assigned to or revoked from this writer, by change"),
             &["change"],
@@ -98,6 +117,21 @@ impl Metrics {
                 .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0]),
         )?;
         let last_batch = Gauge::new(LAST_BATCH, "When the last batch was done, in Unix seconds")?;
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new(CONSUMER_LAG, "Records of an assigned partition after the group's committed offset"),
+            &["partition"],
+        )?;
+        let end_to_end_latency = Histogram::with_opts(
+            HistogramOpts::new(END_TO_END_LATENCY, "Time from a record's Kafka timestamp to its batch being persisted")
+                .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0]),
+        )?;
+        let ready = IntGauge::new(READY, "1 while the writer is ready (its stores answer), else 0")?;
+        let pools = PoolMetrics::new("storage_writer")?;
+        registry.register(Box::new(consumer_lag.clone()))?;
+        registry.register(Box::new(end_to_end_latency.clone()))?;
+        registry.register(Box::new(ready.clone()))?;
+        registry.register(Box::new(pools.clone()))?;
+        registry.register(Box::new(ProcessCollector::for_self()))?;
         registry.register(Box::new(last_batch.clone()))?;
         registry.register(Box::new(search_indexed.clone()))?;
         registry.register(Box::new(search_index_lag.clone()))?;
@@ -130,6 +164,10 @@ impl Metrics {
             search_indexed,
             search_index_lag,
             last_batch,
+            consumer_lag,
+            end_to_end_latency,
+            ready,
+            pools,
         })
     }
 

@@ -186,6 +186,14 @@ impl Pipeline {
             self.metrics.duplicated.inc_by(duplicates);
             self.metrics.redelivered.inc_by(count(|outcome| outcome.redelivery));
             self.metrics.write_latency.observe(stored.started.elapsed().as_secs_f64());
+            // Each record from its producer's timestamp to now: what a user waits for a
+            // message to be readable, Kafka's queue included.
+            let now_ms = Utc::now().timestamp_millis();
+            for &index in &stored.accepted {
+                if let Some(produced_ms) = stored.records[index].timestamp_ms {
+                    self.metrics.end_to_end_latency.observe((now_ms - produced_ms).max(0) as f64 / 1e3);
+                }
+            }
             debug!(stored = new, duplicates, "batch done");
         }
         for (&index, key) in stored.accepted.iter().zip(&stored.keys) {

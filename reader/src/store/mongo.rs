@@ -7,11 +7,13 @@
 //! precision Postgres and the cache order by, so a page means the same in every store. Every
 //! filter names the tenant, through `tenant_id` or a tenant-prefixed `_id`.
 
+use std::sync::Arc;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use flare_storage_common::keys::document_id;
+use flare_storage_common::pools::{self, ConnectionCount};
 use flare_storage_common::message_document as fields;
 use flare_storage_common::stored_text::JsonStrings;
 use flare_storage_common::text_search::query_terms;
@@ -19,7 +21,7 @@ use futures::TryStreamExt as _;
 use mongodb::bson::{Bson, Document, doc, spec::BinarySubtype};
 use mongodb::error::{ErrorKind, Result};
 use mongodb::options::FindOptions;
-use mongodb::{Client, Collection, IndexModel};
+use mongodb::{Collection, IndexModel};
 
 use crate::search::{Among, Comparison, SearchQuery};
 use crate::store::rows::{
@@ -33,6 +35,7 @@ pub struct MongoStore {
     clears: Collection<Document>,
     /// Read positions (MarkMessageRead, MarkSessionRead): `_id` as [`clear_id`], `read_seq`.
     reads: Collection<Document>,
+    connections: Arc<ConnectionCount>,
 }
 
 /// Attribute merges retried when another command changed the attributes in between.
@@ -51,13 +54,20 @@ impl MongoStore {
     /// A client for the server; it connects on first use, so the reader starts while MongoDB
     /// is still coming up.
     pub async fn connect(url: &str, database: &str, collection: &str) -> Result<Self> {
-        let database = Client::with_uri_str(url).await?.database(database);
+        let (client, connections) = pools::mongo_client(url).await?;
+        let database = client.database(database);
         Ok(Self {
+            connections,
             messages: database.collection(collection),
             hidden: database.collection(&format!("{collection}_hidden")),
             clears: database.collection(&format!("{collection}_clears")),
             reads: database.collection(&format!("{collection}_reads")),
         })
+    }
+
+    /// The pool's connections, for the pool metrics.
+    pub fn connections(&self) -> Arc<ConnectionCount> {
+        self.connections.clone()
     }
 
     /// Indexes of the view collections (the writer creates the messages' own); safe to repeat.

@@ -10,11 +10,12 @@
 //! overlays, which are why a failed overlay write fails the command (see `grpc.rs`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use flare_storage_common::keys::{HOT_FLOOR_ALL, SessionKeys, VIEW_FIELDS_LUA, message_session};
 use flare_storage_common::scripts::{TRIM_WINDOW, query_calling};
+use flare_storage_common::pools::CountedRedis;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands as _, RedisResult, Script, Value};
 use tokio::sync::OnceCell;
@@ -473,9 +474,12 @@ pub struct FillEntry {
     pub gone: Option<String>,
 }
 
+type Connection = CountedRedis<ConnectionManager>;
+
 #[derive(Clone)]
 pub struct RedisCache {
-    connection: Arc<OnceCell<ConnectionManager>>,
+    connection: Arc<OnceCell<Connection>>,
+    in_flight: Arc<AtomicI64>,
     paused_until_ms: Arc<AtomicU64>,
     started: Instant,
     hot_ttl: Duration,
@@ -500,6 +504,7 @@ impl RedisCache {
         let client = redis::Client::open(url)?;
         let cache = Self {
             connection: Arc::new(OnceCell::new()),
+            in_flight: Arc::default(),
             paused_until_ms: Arc::new(AtomicU64::new(0)),
             started: Instant::now(),
             hot_ttl,
@@ -523,19 +528,19 @@ impl RedisCache {
             .set_max_delay(Duration::from_secs(1));
         match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
             Ok(connection) => {
-                let _ = cache.connection.set(connection);
+                let _ = cache.connection.set(CountedRedis::new(connection, cache.in_flight.clone()));
                 return Ok(cache);
             }
             Err(error) => warn!(%error, "redis cache not reachable at start, reading from the databases"),
         }
-        let cell = cache.connection.clone();
+        let (cell, in_flight) = (cache.connection.clone(), cache.in_flight.clone());
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(200);
             loop {
                 tokio::time::sleep(delay).await;
                 match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
                     Ok(connection) => {
-                        let _ = cell.set(connection);
+                        let _ = cell.set(CountedRedis::new(connection, in_flight));
                         info!("redis cache connected");
                         return;
                     }
@@ -548,7 +553,12 @@ impl RedisCache {
     }
 
     /// The connection, unless not connected yet or paused after a failure.
-    fn connection(&self) -> Option<ConnectionManager> {
+    /// Commands in flight, for the pool metrics.
+    pub fn in_flight(&self) -> Arc<AtomicI64> {
+        self.in_flight.clone()
+    }
+
+    fn connection(&self) -> Option<Connection> {
         let now_ms = self.started.elapsed().as_millis() as u64;
         if now_ms < self.paused_until_ms.load(Ordering::Relaxed) {
             return None;
@@ -563,7 +573,7 @@ impl RedisCache {
     }
 
     /// Runs a cache call; `None` when the cache is unavailable or the call failed.
-    async fn call<T>(&self, call: impl AsyncFnOnce(ConnectionManager) -> RedisResult<T>) -> Option<T> {
+    async fn call<T>(&self, call: impl AsyncFnOnce(Connection) -> RedisResult<T>) -> Option<T> {
         let connection = self.connection()?;
         match call(connection).await {
             Ok(value) => Some(value),
@@ -576,7 +586,7 @@ impl RedisCache {
 
     /// Like [`Self::call`] but reports the failure, and does not wait out the pause after an
     /// earlier failure: for what a command depends on.
-    async fn must<T>(&self, call: impl AsyncFnOnce(ConnectionManager) -> RedisResult<T>) -> Result<T, CacheDown> {
+    async fn must<T>(&self, call: impl AsyncFnOnce(Connection) -> RedisResult<T>) -> Result<T, CacheDown> {
         let Some(connection) = self.connection.get().cloned() else { return Err(CacheDown) };
         match call(connection).await {
             Ok(value) => Ok(value),

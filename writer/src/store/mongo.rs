@@ -9,10 +9,12 @@
 //! ([`document_size_refusal`]); a document the server refuses for good (validation codes)
 //! is reported with the server's reason while the rest of the batch is stored.
 
+use std::sync::Arc;
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
 use flare_storage_common::keys::document_id;
+use flare_storage_common::pools::{self, ConnectionCount};
 use flare_storage_common::message::{content_type, message_tenant_id, searchable_text, to_datetime};
 use flare_storage_common::message_document as fields;
 use flare_storage_common::prost::Message as _;
@@ -22,7 +24,7 @@ use futures::TryStreamExt as _;
 use mongodb::bson::{Bson, Document, doc, spec::BinarySubtype};
 use mongodb::error::{ErrorKind, Result};
 use mongodb::options::IndexOptions;
-use mongodb::{Client, Collection, IndexModel};
+use mongodb::{Collection, IndexModel};
 
 use super::{Encoded, MessageKey, Partial, StoredMessage, WriteFailure, Written, message_key, write_isolating};
 
@@ -49,12 +51,18 @@ const RETENTION_INDEX: &str = "retention_ttl";
 #[derive(Clone)]
 pub struct MongoStore {
     collection: Collection<Document>,
+    connections: Arc<ConnectionCount>,
 }
 
 impl MongoStore {
     pub async fn connect(url: &str, database: &str, collection: &str) -> Result<Self> {
-        let client = Client::with_uri_str(url).await?;
-        Ok(Self { collection: client.database(database).collection(collection) })
+        let (client, connections) = pools::mongo_client(url).await?;
+        Ok(Self { collection: client.database(database).collection(collection), connections })
+    }
+
+    /// The pool's connections, for the pool metrics.
+    pub fn connections(&self) -> Arc<ConnectionCount> {
+        self.connections.clone()
     }
 
     /// Creates the indexes the reader's queries need, and with `retention` a TTL index that

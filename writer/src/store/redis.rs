@@ -13,12 +13,15 @@
 //! are loaded and the pipeline sent again.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
 use chrono::DateTime;
 use flare_storage_common::keys::{HOT_FLOOR_ALL, SessionKeys};
 use flare_storage_common::message::{content_type, message_tenant_id, to_datetime};
 use flare_storage_common::scripts::{TRIM_WINDOW, query_calling};
+use flare_storage_common::pools::CountedRedis;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Script};
 
@@ -196,7 +199,8 @@ pub struct DoneMessage<'a> {
 
 #[derive(Clone)]
 pub struct RedisStore {
-    connection: ConnectionManager,
+    connection: CountedRedis<ConnectionManager>,
+    in_flight: Arc<AtomicI64>,
     hot_ttl: Duration,
     idempotency_ttl: Duration,
     hot_window: usize,
@@ -219,9 +223,11 @@ impl RedisStore {
             .set_response_timeout(Some(Duration::from_secs(5)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
-        let connection = ConnectionManager::new_with_config(client, config).await?;
+        let in_flight = Arc::<AtomicI64>::default();
+        let connection = CountedRedis::new(ConnectionManager::new_with_config(client, config).await?, in_flight.clone());
         Ok(Self {
             connection,
+            in_flight,
             hot_ttl,
             idempotency_ttl,
             hot_window,
@@ -229,6 +235,11 @@ impl RedisStore {
             reseed: Script::new(RESEED),
             finish_session: Script::new(&format!("{TRIM_WINDOW}{FINISH_SESSION}")),
         })
+    }
+
+    /// Commands in flight, for the pool metrics.
+    pub fn in_flight(&self) -> Arc<AtomicI64> {
+        self.in_flight.clone()
     }
 
     /// The done marker of each (session keys, message id), in order.
