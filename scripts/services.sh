@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Local services for flare-storage: PostgreSQL, Redis, a Kafka-protocol broker (Tansu) and a
-# MongoDB-protocol server (SecantusDB), all on 127.0.0.1.
+# MongoDB-protocol server (SecantusDB), all on 127.0.0.1; and promtool, which the tests use.
 #
 #   scripts/services.sh up     install what is missing, start what is not running, wait until
 #                              every service answers, then print the environment to export
@@ -163,6 +163,11 @@ mongo_up() {
   wait_for mongo 60 port_open "$MONGO_PORT"
 }
 
+# promtool (Debian's `prometheus` package) checks the alert rules in the tests.
+tools_up() {
+  command -v promtool >/dev/null || apt_install prometheus
+}
+
 print_env() {
   echo "export POSTGRES_URL='${POSTGRES_URL:-$DEFAULT_POSTGRES_URL}'"
   echo "export REDIS_URL='${REDIS_URL:-$DEFAULT_REDIS_URL}'"
@@ -187,6 +192,7 @@ up() {
   redis_up
   kafka_up
   mongo_up
+  tools_up
   log "all services answer"
   print_env
 }

@@ -633,6 +633,14 @@ pub fn own_mongo(port: u16, directory: &std::path::Path) -> anyhow::Result<std::
         .spawn()?)
 }
 
+/// Logging for tests: `RUST_LOG` as the binaries read it, text lines.
+fn test_telemetry() -> flare_storage_common::telemetry::TelemetryArgs {
+    flare_storage_common::telemetry::TelemetryArgs {
+        rust_log: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -658,13 +666,5 @@ mod tests {
         let text = "# HELP a_total x\na_total 3\na_total_other 5\n";
         assert_eq!(metric_value(text, "a_total"), Some(3.0));
         assert_eq!(metric_value(text, "missing"), None);
-    }
-}
-
-/// Logging for tests: `RUST_LOG` as the binaries read it, text lines.
-fn test_telemetry() -> flare_storage_common::telemetry::TelemetryArgs {
-    flare_storage_common::telemetry::TelemetryArgs {
-        rust_log: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        ..Default::default()
     }
 }

@@ -25,14 +25,14 @@ fn alert_rules_pass_promtool_and_the_operator_rule_holds_the_same_groups() -> an
     let rules = repository().join("deploy/prometheus/alerts.yml");
     // Debian's `prometheus` package; scripts/services.sh installs it.
     let checked = std::process::Command::new("promtool").arg("check").arg("rules").arg(&rules).output();
-    let checked = checked.map_err(|error| anyhow::anyhow!("promtool not found ({error}); run scripts/services.sh up"))?;
+    let checked =
+        checked.map_err(|error| anyhow::anyhow!("promtool not found ({error}); run scripts/services.sh up"))?;
     let report = format!("{}{}", String::from_utf8_lossy(&checked.stdout), String::from_utf8_lossy(&checked.stderr));
     assert!(checked.status.success(), "{report}");
     assert!(report.contains("SUCCESS"), "{report}");
 
     let alerts: serde_norway::Value = serde_norway::from_str(&read("deploy/prometheus/alerts.yml")?)?;
-    let operator: serde_norway::Value =
-        serde_norway::from_str(&read("deploy/k8s/monitoring/prometheusrule.yaml")?)?;
+    let operator: serde_norway::Value = serde_norway::from_str(&read("deploy/k8s/monitoring/prometheusrule.yaml")?)?;
     assert_eq!(operator["kind"].as_str(), Some("PrometheusRule"));
     assert_eq!(operator["spec"]["groups"], alerts["groups"], "the PrometheusRule must hold alerts.yml's groups");
     let names: Vec<&str> = alerts["groups"]
@@ -63,9 +63,9 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 fn exported(scrape: &str, name: &str) -> bool {
     let family = ["_bucket", "_sum", "_count"].iter().find_map(|suffix| name.strip_suffix(suffix)).unwrap_or(name);
     scrape.lines().any(|line| {
-        line.strip_prefix("# TYPE ").and_then(|rest| rest.split(' ').next()).is_some_and(|exported| {
-            exported == name || (exported == family && line.ends_with(" histogram"))
-        })
+        line.strip_prefix("# TYPE ")
+            .and_then(|rest| rest.split(' ').next())
+            .is_some_and(|exported| exported == name || (exported == family && line.ends_with(" histogram")))
     })
 }
 

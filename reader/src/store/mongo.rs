@@ -7,14 +7,14 @@
 //! precision Postgres and the cache order by, so a page means the same in every store. Every
 //! filter names the tenant, through `tenant_id` or a tenant-prefixed `_id`.
 
-use std::sync::Arc;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use flare_storage_common::keys::document_id;
-use flare_storage_common::pools::{self, ConnectionCount};
 use flare_storage_common::message_document as fields;
+use flare_storage_common::pools::{self, ConnectionCount};
 use flare_storage_common::stored_text::JsonStrings;
 use flare_storage_common::text_search::query_terms;
 use futures::TryStreamExt as _;

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use flare_storage_common::keys::{HOT_FLOOR_ALL, SessionKeys, VIEW_FIELDS_LUA, message_session};
-use flare_storage_common::scripts::{TRIM_WINDOW, query_calling};
 use flare_storage_common::pools::CountedRedis;
+use flare_storage_common::scripts::{TRIM_WINDOW, query_calling};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands as _, RedisResult, Script, Value};
 use tokio::sync::OnceCell;

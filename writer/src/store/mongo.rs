@@ -9,14 +9,14 @@
 //! ([`document_size_refusal`]); a document the server refuses for good (validation codes)
 //! is reported with the server's reason while the rest of the batch is stored.
 
-use std::sync::Arc;
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
+use std::sync::Arc;
 
 use flare_storage_common::keys::document_id;
-use flare_storage_common::pools::{self, ConnectionCount};
 use flare_storage_common::message::{content_type, message_tenant_id, searchable_text, to_datetime};
 use flare_storage_common::message_document as fields;
+use flare_storage_common::pools::{self, ConnectionCount};
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::Message;
 use flare_storage_common::text_search::index_entry;

@@ -20,8 +20,8 @@ use std::time::Duration;
 use chrono::DateTime;
 use flare_storage_common::keys::{HOT_FLOOR_ALL, SessionKeys};
 use flare_storage_common::message::{content_type, message_tenant_id, to_datetime};
-use flare_storage_common::scripts::{TRIM_WINDOW, query_calling};
 use flare_storage_common::pools::CountedRedis;
+use flare_storage_common::scripts::{TRIM_WINDOW, query_calling};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Script};
 
@@ -224,7 +224,8 @@ impl RedisStore {
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
         let in_flight = Arc::<AtomicI64>::default();
-        let connection = CountedRedis::new(ConnectionManager::new_with_config(client, config).await?, in_flight.clone());
+        let connection =
+            CountedRedis::new(ConnectionManager::new_with_config(client, config).await?, in_flight.clone());
         Ok(Self {
             connection,
             in_flight,
