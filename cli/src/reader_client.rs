@@ -48,8 +48,14 @@ impl Interceptor for Bearer {
 impl ReaderArgs {
     pub async fn connect(&self) -> anyhow::Result<ReaderClient> {
         let mut endpoint = Channel::from_shared(self.addr.clone())?;
-        let tls_wanted = self.addr.starts_with("https://") || self.ca.is_some() || self.cert.is_some();
-        if tls_wanted {
+        let https = self.addr.starts_with("https://");
+        // A CA or a client certificate with a plain-text address would be silently unused.
+        anyhow::ensure!(
+            https || (self.ca.is_none() && self.cert.is_none()),
+            "--ca, --cert and --key need an https:// --addr (got {})",
+            self.addr
+        );
+        if https {
             let mut tls = ClientTlsConfig::new().with_native_roots();
             if let Some(ca) = &self.ca {
                 let pem = std::fs::read(ca).with_context(|| format!("cannot read the CA file {ca}"))?;

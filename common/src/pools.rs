@@ -6,6 +6,7 @@
 //! - `<app>_redis_in_flight_commands`: Redis is one multiplexed connection per process, so its
 //!   load is the commands waiting for their answers, not connections taken.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -15,38 +16,52 @@ use prometheus::{IntGauge, IntGaugeVec, Opts};
 use redis::aio::ConnectionLike;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
-/// Connections of a pool the application counts itself (from driver events).
+/// Connections of a pool the application counts itself, from driver events, by connection:
+/// an event the driver sends without its pair (a checkout abandoned while its connection was
+/// being set up is checked in without having been checked out) cannot make the counts drift.
 #[derive(Debug, Default)]
 pub struct ConnectionCount {
-    open: AtomicI64,
-    in_use: AtomicI64,
-    max: AtomicI64,
+    /// Open connections and those of them taken, by (server, connection id).
+    open: Mutex<HashSet<(String, u32)>>,
+    in_use: Mutex<HashSet<(String, u32)>>,
+    /// Most connections per server; 0: no bound.
+    max_per_server: u32,
 }
 
 impl ConnectionCount {
-    pub fn with_max(max: u32) -> Arc<Self> {
-        Arc::new(Self { max: AtomicI64::new(i64::from(max)), ..Self::default() })
+    pub fn with_max(max_per_server: u32) -> Arc<Self> {
+        Arc::new(Self { max_per_server, ..Self::default() })
     }
 
-    pub fn opened(&self) {
-        self.open.fetch_add(1, Ordering::Relaxed);
+    pub fn opened(&self, server: String, id: u32) {
+        lock(&self.open).insert((server, id));
     }
 
-    pub fn closed(&self) {
-        self.open.fetch_sub(1, Ordering::Relaxed);
+    pub fn closed(&self, server: String, id: u32) {
+        let connection = (server, id);
+        lock(&self.in_use).remove(&connection);
+        lock(&self.open).remove(&connection);
     }
 
-    pub fn taken(&self) {
-        self.in_use.fetch_add(1, Ordering::Relaxed);
+    pub fn taken(&self, server: String, id: u32) {
+        lock(&self.in_use).insert((server, id));
     }
 
-    pub fn returned(&self) {
-        self.in_use.fetch_sub(1, Ordering::Relaxed);
+    pub fn returned(&self, server: String, id: u32) {
+        lock(&self.in_use).remove(&(server, id));
     }
 
-    pub fn in_use(&self) -> i64 {
-        self.in_use.load(Ordering::Relaxed)
+    /// (open, in use, max): max is per server times the servers with connections.
+    fn sample(&self) -> (i64, i64, Option<i64>) {
+        let open = lock(&self.open);
+        let servers: HashSet<&String> = open.iter().map(|(server, _)| server).collect();
+        let max = (self.max_per_server > 0).then(|| i64::from(self.max_per_server) * servers.len().max(1) as i64);
+        (open.len() as i64, lock(&self.in_use).len() as i64, max)
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 enum Pool {
@@ -87,15 +102,15 @@ impl PoolMetrics {
     }
 
     pub fn add_postgres(&self, pool: sqlx::PgPool) {
-        self.pools.lock().unwrap_or_else(|poison| poison.into_inner()).push(("postgres", Pool::Postgres(pool)));
+        lock(&self.pools).push(("postgres", Pool::Postgres(pool)));
     }
 
     pub fn add_counted(&self, name: &'static str, count: Arc<ConnectionCount>) {
-        self.pools.lock().unwrap_or_else(|poison| poison.into_inner()).push((name, Pool::Counted(count)));
+        lock(&self.pools).push((name, Pool::Counted(count)));
     }
 
     pub fn add_redis(&self, in_flight: Arc<AtomicI64>) {
-        self.redis.lock().unwrap_or_else(|poison| poison.into_inner()).push(in_flight);
+        lock(&self.redis).push(in_flight);
     }
 }
 
@@ -105,21 +120,21 @@ impl Collector for PoolMetrics {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        for (name, pool) in self.pools.lock().unwrap_or_else(|poison| poison.into_inner()).iter() {
-            let (open, idle, max) = match pool {
+        for (name, pool) in lock(&self.pools).iter() {
+            let (open, in_use, max) = match pool {
                 Pool::Postgres(pool) => {
-                    (i64::from(pool.size()), pool.num_idle() as i64, i64::from(pool.options().get_max_connections()))
+                    let open = i64::from(pool.size());
+                    (open, open - pool.num_idle() as i64, Some(i64::from(pool.options().get_max_connections())))
                 }
-                Pool::Counted(count) => {
-                    let open = count.open.load(Ordering::Relaxed);
-                    (open, open - count.in_use(), count.max.load(Ordering::Relaxed))
-                }
+                Pool::Counted(count) => count.sample(),
             };
-            self.connections.with_label_values(&[name, "in_use"]).set((open - idle).max(0));
-            self.connections.with_label_values(&[name, "idle"]).set(idle.max(0));
-            self.max.with_label_values(&[name]).set(max);
+            self.connections.with_label_values(&[name, "in_use"]).set(in_use.max(0));
+            self.connections.with_label_values(&[name, "idle"]).set((open - in_use).max(0));
+            if let Some(max) = max {
+                self.max.with_label_values(&[name]).set(max);
+            }
         }
-        let redis = self.redis.lock().unwrap_or_else(|poison| poison.into_inner());
+        let redis = lock(&self.redis);
         self.redis_in_flight.set(redis.iter().map(|count| count.load(Ordering::Relaxed)).sum());
         [self.connections.collect(), self.max.collect(), self.redis_in_flight.collect()].concat()
     }
@@ -180,14 +195,14 @@ pub async fn mongo_client(url: &str) -> mongodb::error::Result<(mongodb::Client,
     use mongodb::event::cmap::CmapEvent;
 
     let mut options = mongodb::options::ClientOptions::parse(url).await?;
-    // The driver's default pool size.
+    // 10: the driver's default pool size per server.
     let count = ConnectionCount::with_max(options.max_pool_size.unwrap_or(10));
     let events = count.clone();
     options.cmap_event_handler = Some(EventHandler::callback(move |event: CmapEvent| match event {
-        CmapEvent::ConnectionCreated(_) => events.opened(),
-        CmapEvent::ConnectionClosed(_) => events.closed(),
-        CmapEvent::ConnectionCheckedOut(_) => events.taken(),
-        CmapEvent::ConnectionCheckedIn(_) => events.returned(),
+        CmapEvent::ConnectionCreated(event) => events.opened(event.address.to_string(), event.connection_id),
+        CmapEvent::ConnectionClosed(event) => events.closed(event.address.to_string(), event.connection_id),
+        CmapEvent::ConnectionCheckedOut(event) => events.taken(event.address.to_string(), event.connection_id),
+        CmapEvent::ConnectionCheckedIn(event) => events.returned(event.address.to_string(), event.connection_id),
         _ => {}
     }));
     Ok((mongodb::Client::with_options(options)?, count))

@@ -11,7 +11,7 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::error::ErrorKind;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{ArgMatches, Command, FromArgMatches};
 
 /// A setting that is missing or cannot be used; the message names the variable.
@@ -19,26 +19,16 @@ use clap::{ArgMatches, Command, FromArgMatches};
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-impl From<clap::Error> for ConfigError {
-    fn from(error: clap::Error) -> Self {
-        Self(first_line(&error))
-    }
-}
-
-/// Parses the process's arguments and environment into `T`. `--help`, `--version` and
-/// usage errors end the process as clap does; other errors (a bad value) print one line,
-/// prefixed by the binary's name, and exit with code 2.
+/// Parses the process's arguments and environment into `T`. `--help` and `--version` end the
+/// process as clap does; an error prints one line, prefixed by the binary's name, and exits
+/// with code 2.
 pub fn parse<T: clap::Parser>() -> T {
-    // An empty variable is unset: its argument does not read the environment at all.
-    let command = T::command().mut_args(|arg| match arg.get_env() {
-        Some(name) if std::env::var_os(name).is_some_and(|value| value.to_string_lossy().trim().is_empty()) => {
-            arg.env(None::<&'static str>)
-        }
-        _ => arg,
-    });
+    let command = prepare(T::command(), true);
     let name = command.get_name().to_owned();
-    let parsed =
-        command.try_get_matches_from(std::env::args_os()).and_then(|mut matches| T::from_arg_matches_mut(&mut matches));
+    let parsed = command
+        .clone()
+        .try_get_matches_from(std::env::args_os())
+        .and_then(|mut matches| T::from_arg_matches_mut(&mut matches));
     match parsed {
         Ok(parsed) => parsed,
         Err(error) => match error.kind() {
@@ -46,11 +36,30 @@ pub fn parse<T: clap::Parser>() -> T {
             | ErrorKind::DisplayVersion
             | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => error.exit(),
             _ => {
-                eprintln!("{name}: configuration error: {}", first_line(&error));
+                eprintln!("{name}: configuration error: {}", describe(&command, &error));
                 std::process::exit(2);
             }
         },
     }
+}
+
+/// Readies `command` and its subcommands for parsing: a variable that is set but empty is
+/// unset (its argument does not read the environment), and at the top, settings may also
+/// follow a subcommand (`flare-storage-writer run --kafka-topic x`).
+fn prepare(command: Command, top: bool) -> Command {
+    let subcommands: Vec<String> = command.get_subcommands().map(|sub| sub.get_name().to_owned()).collect();
+    let global = top && !subcommands.is_empty();
+    let mut command = command.mut_args(|arg| {
+        let empty = arg
+            .get_env()
+            .is_some_and(|name| std::env::var_os(name).is_some_and(|value| value.to_string_lossy().trim().is_empty()));
+        let arg = if empty { arg.env(None::<&'static str>) } else { arg };
+        if global && arg.get_long().is_some() { arg.global(true) } else { arg }
+    });
+    for name in subcommands {
+        command = command.mut_subcommand(name, |sub| prepare(sub, false));
+    }
+    command
 }
 
 /// Parses settings read through `lookup` (an environment as a map: manifests, tests) as if
@@ -66,15 +75,37 @@ pub fn from_lookup<T: FromArgMatches>(
         args.push(format!("--{long}={value}").into());
     }
     let command = command.mut_args(|arg| arg.env(None::<&'static str>));
-    let mut matches: ArgMatches = command.try_get_matches_from(args)?;
-    Ok(T::from_arg_matches_mut(&mut matches)?)
+    let parsed = command.clone().try_get_matches_from(args);
+    parsed
+        .and_then(|mut matches: ArgMatches| T::from_arg_matches_mut(&mut matches))
+        .map_err(|error| ConfigError(describe(&command, &error)))
 }
 
-/// clap's message without its usage hint: `invalid value 'x' for '--flag <VARIABLE>': why`.
-fn first_line(error: &clap::Error) -> String {
+/// clap's message on one line, without its usage hint (`invalid value 'x' for '--flag
+/// <VARIABLE>': why`; `the following required arguments were not provided: --flag
+/// <VARIABLE>`), and without the value when the setting is a secret (URLs may carry
+/// passwords, tokens are passwords).
+fn describe(command: &Command, error: &clap::Error) -> String {
     let rendered = error.render().to_string();
-    let line = rendered.lines().next().unwrap_or_default();
-    line.strip_prefix("error: ").unwrap_or(line).to_owned()
+    let message: Vec<&str> = rendered.lines().take_while(|line| !line.trim().is_empty()).map(str::trim).collect();
+    let message = message.join(" ");
+    let mut message = message.strip_prefix("error: ").unwrap_or(&message).to_owned();
+    if let (Some(ContextValue::String(invalid)), Some(ContextValue::String(value))) =
+        (error.get(ContextKind::InvalidArg), error.get(ContextKind::InvalidValue))
+    {
+        let secret = all_arguments(command).any(|arg| {
+            arg.is_hide_env_values_set()
+                && arg.get_long().is_some_and(|long| invalid.starts_with(&format!("--{long} ")))
+        });
+        if secret && !value.is_empty() {
+            message = message.replace(&format!("'{value}'"), "(not shown: a secret)");
+        }
+    }
+    message
+}
+
+fn all_arguments(command: &Command) -> Box<dyn Iterator<Item = &clap::Arg> + '_> {
+    Box::new(command.get_arguments().chain(command.get_subcommands().flat_map(all_arguments)))
 }
 
 /// Value parsers: each trims, and says what it expected.
@@ -156,12 +187,15 @@ mod tests {
     struct Example {
         #[arg(long, env = "EXAMPLE_SIZE", default_value = "3", value_parser = parse::positive::<u32>)]
         example_size: u32,
-        #[arg(long, env = "EXAMPLE_URL", value_parser = parse::redis_url)]
+        #[arg(long, env = "EXAMPLE_URL", hide_env_values = true, value_parser = parse::redis_url)]
         example_url: Option<String>,
+        #[arg(long, env = "EXAMPLE_NAME", value_parser = parse::text)]
+        example_name: String,
     }
 
     fn example(vars: &[(&str, &str)]) -> Result<Example, ConfigError> {
-        let vars: HashMap<&str, &str> = vars.iter().copied().collect();
+        let mut vars: HashMap<&str, &str> = vars.iter().copied().collect();
+        vars.entry("EXAMPLE_NAME").or_insert("n");
         from_lookup(Example::command(), |name| vars.get(name).map(|value| (*value).to_owned()))
     }
 
@@ -173,8 +207,13 @@ mod tests {
         assert_eq!(error, "invalid value '0' for '--example-size <EXAMPLE_SIZE>': must be greater than 0");
         let error = example(&[("EXAMPLE_SIZE", "x")]).expect_err("word").to_string();
         assert!(error.contains("EXAMPLE_SIZE") && error.contains("non-negative integer"), "{error}");
-        let error = example(&[("EXAMPLE_URL", "http://h")]).expect_err("scheme").to_string();
-        assert!(error.ends_with("must start with redis:// or rediss://"), "{error}");
+        let error = example(&[("EXAMPLE_URL", "http://:pw@h")]).expect_err("scheme").to_string();
+        assert_eq!(
+            error,
+            "invalid value (not shown: a secret) for '--example-url <EXAMPLE_URL>': must start with redis:// or rediss://"
+        );
+        let error = example(&[("EXAMPLE_NAME", "")]).expect_err("required").to_string();
+        assert_eq!(error, "the following required arguments were not provided: --example-name <EXAMPLE_NAME>");
         assert_eq!(example(&[("EXAMPLE_URL", "redis://h\n")]).expect("url").example_url.as_deref(), Some("redis://h"));
         assert_eq!(parse::positive::<u8>("300"), Err("is too large".into()));
         assert!(parse::address("nowhere").is_err());

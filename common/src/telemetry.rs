@@ -37,7 +37,7 @@ impl Telemetry {
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct TelemetryArgs {
     /// Log lines as text (coloured on a terminal) or one JSON object per line.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t)]
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = log_format)]
     pub log_format: LogFormat,
     /// Log level and per-module filters (tracing's `EnvFilter` syntax, e.g. `info,sqlx=warn`).
     #[arg(long, env = "RUST_LOG", default_value = "info", value_parser = parse::text)]
@@ -48,11 +48,19 @@ pub struct TelemetryArgs {
     pub otel_exporter_otlp_endpoint: Option<String>,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+fn log_format(value: &str) -> Result<LogFormat, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err("must be text or json".into()),
+    }
 }
 
 /// Installs the global subscriber. Must run inside the Tokio runtime (the OTLP exporter's

@@ -105,3 +105,48 @@ fn the_operator_command_table_lists_every_variable_it_reads() -> anyhow::Result<
     assert_eq!(read, documented, "variables flare-storage reads vs its README table");
     Ok(())
 }
+
+/// What only the real process shows: settings after the subcommand, empty variables as unset
+/// (in subcommands too), and a bad value as one line with exit code 2 that never echoes a
+/// secret.
+#[test]
+fn the_binaries_take_settings_as_operators_write_them() -> anyhow::Result<()> {
+    let run = |name: &str, args: &[&str], environment: &[(&str, &str)]| -> anyhow::Result<(i32, String)> {
+        let output = std::process::Command::new(binary(name)?)
+            .args(args)
+            .env_clear()
+            .envs(environment.iter().copied())
+            .output()?;
+        Ok((output.status.code().unwrap_or(-1), String::from_utf8(output.stderr)?))
+    };
+    let (code, stderr) = run("flare-storage-writer", &["run", "--kafka-topic", "x"], &[("WRITER_BATCH_SIZE", " ")])?;
+    assert_eq!(
+        (code, stderr.as_str()),
+        (
+            2,
+            "flare-storage-writer: configuration error: set POSTGRES_URL, MONGO_URL or both: messages need a database\n"
+        )
+    );
+    let (code, stderr) = run("flare-storage-reader", &[], &[("POSTGRES_URL", "mysql://app:s3cret@db/x")])?;
+    assert_eq!(code, 2);
+    assert!(!stderr.contains("s3cret") && stderr.contains("'--postgres-url <POSTGRES_URL>'"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let (code, stderr) = run("flare-storage", &["reindex-mongo"], &[("MONGO_DATABASE", ""), ("MONGO_URL", "x")])?;
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--mongo-url <MONGO_URL>") && !stderr.contains("MONGO_DATABASE"), "{stderr}");
+    let (code, stderr) = run("flare-storage", &["migrate"], &[])?;
+    assert_eq!(
+        (code, stderr.as_str()),
+        (
+            2,
+            "flare-storage: configuration error: the following required arguments were not provided: --postgres-url <POSTGRES_URL>\n"
+        )
+    );
+    let (code, stderr) = run("flare-storage-reader", &["--log-format", "xml"], &[("POSTGRES_URL", "postgres://h/d")])?;
+    assert_eq!(code, 2);
+    assert!(
+        stderr.ends_with("invalid value 'xml' for '--log-format <LOG_FORMAT>': must be text or json\n"),
+        "{stderr}"
+    );
+    Ok(())
+}

@@ -168,16 +168,28 @@ async fn the_operator_command_speaks_mutual_tls_and_the_token() -> anyhow::Resul
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 
     // Each credential left out is refused.
-    for (left_out, expected) in
-        [(&["--token"][..], "missing or wrong bearer token"), (&["--cert", "--key"], ""), (&["--ca"], "")]
-    {
+    // Without a client certificate the server ends the handshake (the client sees its alert,
+    // or a connection closed under it, as a transport error); without the CA the client
+    // refuses the server's certificate.
+    let refusals: [(&[&str], &[&str]); 3] = [
+        (&["--token"], &["missing or wrong bearer token"]),
+        (&["--cert", "--key"], &["transport error"]),
+        (&["--ca"], &["UnknownIssuer"]),
+    ];
+    for (left_out, expected) in refusals {
         let flags: Vec<String> =
             all.iter().filter(|flag| !left_out.iter().any(|prefix| flag.starts_with(prefix))).cloned().collect();
         let output = query(flags, vec![])?.await??;
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "without {left_out:?}: {stderr}");
-        assert!(stderr.contains(expected), "without {left_out:?}: {stderr}");
+        assert!(expected.iter().any(|reason| stderr.contains(reason)), "without {left_out:?}: {stderr}");
     }
+    // A CA with a plain-text address would go unused: refused before connecting.
+    let mut plain = all.clone();
+    plain[0] = format!("--addr=http://localhost:{}", reader.grpc_addr.port());
+    let output = query(plain, vec![])?.await??;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("need an https:// --addr"), "{stderr}");
     reader.stop().await?;
     std::fs::remove_dir_all(&pki.directory)?;
     database.drop().await?;
