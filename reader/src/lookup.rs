@@ -40,9 +40,9 @@ pub struct Lookup {
     pub default_range: Duration,
     pub max_page_size: u32,
     pub fills: SingleFlight,
-    /// Sessions of messages read by id (`keys::document_id` → session id), kept in the
-    /// process: a message never changes session, so no replica can contradict an entry. (An id
-    /// a producer reused in a second session is answered from the session first found.)
+    /// Sessions of messages read by id or listed by a read (`keys::document_id` → session id),
+    /// kept in the process: a message never changes session, so no replica can contradict an
+    /// entry. (An id a producer reused in a second session is dead-lettered by the writer.)
     pub sessions_of: quick_cache::sync::Cache<String, String>,
 }
 
@@ -240,6 +240,7 @@ impl Lookup {
                 listed(rows, Listed::by_time)?
             }
         };
+        self.learn_sessions(query.tenant_id, query.session_id, messages.iter().map(|message| &message.id));
         Ok(cut_page(messages, limit, query.tenant_id, query.session_id))
     }
 
@@ -328,7 +329,19 @@ impl Lookup {
             });
         }
         cache.fill(keys, ticket, &entries, complete).await;
+        self.learn_sessions(tenant_id, session_id, entries.iter().map(|entry| &entry.message_id));
         Ok(())
+    }
+
+    /// Remembers the session of messages a read listed, so that reading one of them by id
+    /// (GetMessage after a page, the usual order of a client) finds it in the window at once.
+    fn learn_sessions<'a>(&self, tenant_id: &str, session_id: &str, message_ids: impl Iterator<Item = &'a String>) {
+        if self.cache.is_none() {
+            return;
+        }
+        for message_id in message_ids {
+            self.sessions_of.insert(document_id(tenant_id, message_id), session_id.to_owned());
+        }
     }
 
     /// One page of a search, in its time order; the cursor is set when more match.
@@ -359,6 +372,7 @@ impl Lookup {
                 && let Some(messages) = seq_page_from_window(slice, query.after, wanted)
             {
                 self.metrics.cache_hit();
+                self.learn_sessions(query.tenant_id, query.session_id, messages.iter().map(|message| &message.id));
                 return Ok(seq_page(messages, limit));
             }
             self.metrics.cache_miss();
@@ -367,7 +381,9 @@ impl Lookup {
             .databases
             .seq_range(query.tenant_id, query.session_id, query.after, query.before, wanted as i64, query.user)
             .await?;
-        Ok(seq_page(listed(rows, Listed::by_seq)?, limit))
+        let messages = listed(rows, Listed::by_seq)?;
+        self.learn_sessions(query.tenant_id, query.session_id, messages.iter().map(|message| &message.id));
+        Ok(seq_page(messages, limit))
     }
 }
 

@@ -793,6 +793,48 @@ async fn every_read_path_shows_what_a_command_changed(store: Store) -> anyhow::R
     chat.stop().await
 }
 
+on_each_store!(a_page_tells_get_message_where_its_messages_are);
+/// A client reads a page, then opens a message of it: the page taught the replica each listed
+/// message's session, so the read by id comes from the window at once.
+async fn a_page_tells_get_message_where_its_messages_are(store: Store) -> anyhow::Result<()> {
+    let chat = Conversation::start(store, 6).await?;
+    let replica = RunningReader::start_configured(&chat.database.url, Some(redis_url()), |config| {
+        store.configure_reader(config, &chat.mongo_database);
+    })
+    .await?;
+    let lookups = async |result: &str| -> anyhow::Result<f64> {
+        let (_, body) = http_get(replica.metrics_addr, "/metrics").await?;
+        Ok(metric_value(&body, &format!("storage_reader_cache_lookups_total{{result=\"{result}\"}}")).unwrap_or(0.0))
+    };
+    let mut client = replica.client().await?;
+    let page = client
+        .query_messages(QueryMessagesRequest {
+            session_id: chat.session.clone(),
+            context: as_user("alice"),
+            tenant: tenant(&chat.tenant),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(page.messages.len(), 6);
+    let (hits, misses) = (lookups("hit").await?, lookups("miss").await?);
+    for message in &page.messages {
+        let read = client
+            .get_message(GetMessageRequest {
+                message_id: message.id.clone(),
+                context: as_user("alice"),
+                tenant: tenant(&chat.tenant),
+            })
+            .await?
+            .into_inner();
+        assert_eq!(read.message.as_ref(), Some(message), "{} ({store:?})", message.id);
+    }
+    assert_eq!(lookups("hit").await? - hits, 6.0, "every read by id came from the window ({store:?})");
+    assert_eq!(lookups("miss").await?, misses, "{store:?}");
+    replica.stop().await?;
+    chat.stop().await
+}
+
 on_each_store!(get_message_is_answered_from_the_window_and_never_shows_what_is_gone);
 /// GetMessage is answered from the session's hot window once a replica knows the message's
 /// session, and agrees with the database (message for message, byte for byte) after commands
