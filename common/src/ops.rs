@@ -124,3 +124,74 @@ pub async fn probe_health(addr: std::net::SocketAddr) -> bool {
     };
     matches!(tokio::time::timeout(std::time::Duration::from_secs(3), attempt).await, Ok(Ok(true)))
 }
+
+/// The subcommands of both service binaries.
+#[derive(clap::Subcommand, Clone, Copy, Debug)]
+pub enum ServiceCommand {
+    /// Do the service's work until SIGTERM or SIGINT (the default).
+    Run,
+    /// Apply the PostgreSQL migrations (POSTGRES_URL) and exit; MongoDB needs none.
+    Migrate,
+    /// Exit 0 when the instance at METRICS_ADDR answers /healthz (container health checks).
+    Healthcheck,
+}
+
+/// What a service binary's `main` does with its command: `healthcheck` probes `metrics_addr`;
+/// `migrate` applies the migrations to `postgres_url`; `run` (the default) builds the
+/// configuration with `config` — refused: one line and exit code 2 — and runs `serve`.
+/// Failures are logged and exit with code 1.
+pub async fn service_main<C>(
+    name: &'static str,
+    command: Option<ServiceCommand>,
+    metrics_addr: std::net::SocketAddr,
+    postgres_url: Option<String>,
+    telemetry_settings: &crate::telemetry::TelemetryArgs,
+    config: impl FnOnce() -> Result<C, crate::settings::ConfigError>,
+    serve: impl AsyncFnOnce(C) -> anyhow::Result<()>,
+) -> std::process::ExitCode {
+    use std::process::ExitCode;
+
+    let result = match command.unwrap_or(ServiceCommand::Run) {
+        ServiceCommand::Healthcheck => {
+            return if probe_health(metrics_addr).await { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+        }
+        ServiceCommand::Migrate => {
+            let telemetry = crate::telemetry::init(name, telemetry_settings);
+            let result = match postgres_url {
+                Some(url) => migrate(&url).await,
+                None => {
+                    Err(anyhow::anyhow!("POSTGRES_URL is not set: nothing to migrate (MongoDB needs no migrations)"))
+                }
+            };
+            telemetry.shutdown().await;
+            result
+        }
+        ServiceCommand::Run => {
+            let config = match config() {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("{name}: configuration error: {error}");
+                    return ExitCode::from(2);
+                }
+            };
+            let telemetry = crate::telemetry::init(name, telemetry_settings);
+            let result = serve(config).await;
+            telemetry.shutdown().await;
+            result
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "{name} failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn migrate(postgres_url: &str) -> anyhow::Result<()> {
+    let pool = sqlx::PgPool::connect(postgres_url).await?;
+    crate::schema::migrate(&pool).await?;
+    tracing::info!("migrations applied");
+    Ok(())
+}

@@ -19,6 +19,59 @@ use clap::{ArgMatches, Command, FromArgMatches};
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
+/// The databases of both services: PostgreSQL, MongoDB or both (the same the writer writes
+/// and the reader reads).
+#[derive(clap::Args, Clone)]
+pub struct DatabaseArgs {
+    /// postgres://user:pass@host:port/db; at least one of POSTGRES_URL and MONGO_URL.
+    #[arg(long, env = "POSTGRES_URL", hide_env_values = true, value_parser = parse::postgres_url)]
+    pub postgres_url: Option<String>,
+    /// mongodb://host:port/...; at least one of POSTGRES_URL and MONGO_URL.
+    #[arg(long, env = "MONGO_URL", hide_env_values = true, value_parser = parse::mongo_url)]
+    pub mongo_url: Option<String>,
+    /// MongoDB database.
+    #[arg(long, env = "MONGO_DATABASE", default_value = "flare_im", value_parser = parse::text)]
+    pub mongo_database: String,
+    /// MongoDB collection of messages.
+    #[arg(long, env = "MONGO_COLLECTION", default_value = "messages", value_parser = parse::text)]
+    pub mongo_collection: String,
+}
+
+/// The hot windows in Redis: the writer keeps them, the reader refills them, and both must
+/// use the same values.
+#[derive(clap::Args, Clone)]
+pub struct HotWindowArgs {
+    /// Lifetime of a session's hot window after its last write, in seconds.
+    #[arg(long, env = "REDIS_HOT_TTL_SECONDS", default_value = "3600", value_parser = parse::seconds)]
+    pub redis_hot_ttl_seconds: Duration,
+    /// Newest messages kept per session in its hot window.
+    #[arg(long, env = "REDIS_HOT_MAX_MESSAGES", default_value = "200", value_parser = parse::positive::<usize>)]
+    pub redis_hot_max_messages: usize,
+}
+
+/// Where a service finds its MongoDB messages.
+#[derive(Clone, Debug)]
+pub struct MongoConfig {
+    pub url: String,
+    pub database: String,
+    pub collection: String,
+}
+
+impl DatabaseArgs {
+    /// The PostgreSQL URL and MongoDB collection; at least one is required.
+    pub fn into_configs(self) -> Result<(Option<String>, Option<MongoConfig>), ConfigError> {
+        let mongo = self.mongo_url.map(|url| MongoConfig {
+            url,
+            database: self.mongo_database,
+            collection: self.mongo_collection,
+        });
+        if self.postgres_url.is_none() && mongo.is_none() {
+            return Err(ConfigError("set POSTGRES_URL, MONGO_URL or both: messages need a database".into()));
+        }
+        Ok((self.postgres_url, mongo))
+    }
+}
+
 /// Parses the process's arguments and environment into `T`. `--help` and `--version` end the
 /// process as clap does; an error prints one line, prefixed by the binary's name, and exits
 /// with code 2.

@@ -3,7 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use flare_storage_common::settings::{self, parse};
+pub use flare_storage_common::settings::MongoConfig;
+use flare_storage_common::settings::{self, DatabaseArgs, HotWindowArgs, parse};
 use flare_storage_common::telemetry::TelemetryArgs;
 
 #[derive(Clone)]
@@ -31,13 +32,6 @@ pub struct Config {
     pub auth_token: Option<String>,
     /// Where the unary ExportMessages writes its exports; without it that call is refused.
     pub export_dir: Option<std::path::PathBuf>,
-}
-
-#[derive(Clone)]
-pub struct MongoConfig {
-    pub url: String,
-    pub database: String,
-    pub collection: String,
 }
 
 /// Server certificate and key (PEM files), and with `client_ca` mutual TLS: only clients with
@@ -75,30 +69,12 @@ pub use flare_storage_common::settings::ConfigError;
 #[derive(clap::Parser, Clone)]
 #[command(name = "flare-storage-reader")]
 pub struct Settings {
-    /// postgres://user:pass@host:port/db; at least one of POSTGRES_URL and MONGO_URL.
-    #[arg(long, env = "POSTGRES_URL", hide_env_values = true, value_parser = parse::postgres_url)]
-    pub postgres_url: Option<String>,
     /// PostgreSQL connection pool size.
     #[arg(long, env = "POSTGRES_MAX_CONNECTIONS", default_value = "16", value_parser = parse::positive::<u32>)]
     pub postgres_max_connections: u32,
-    /// mongodb://host:port/...; read before PostgreSQL when both are set.
-    #[arg(long, env = "MONGO_URL", hide_env_values = true, value_parser = parse::mongo_url)]
-    pub mongo_url: Option<String>,
-    /// MongoDB database (the writer's).
-    #[arg(long, env = "MONGO_DATABASE", default_value = "flare_im", value_parser = parse::text)]
-    pub mongo_database: String,
-    /// MongoDB collection of messages (the writer's).
-    #[arg(long, env = "MONGO_COLLECTION", default_value = "messages", value_parser = parse::text)]
-    pub mongo_collection: String,
     /// The writer's Redis; without it every read goes to the databases.
     #[arg(long, env = "REDIS_URL", hide_env_values = true, value_parser = parse::redis_url)]
     pub redis_url: Option<String>,
-    /// Lifetime of a hot window the reader fills, in seconds; use the writer's value.
-    #[arg(long, env = "REDIS_HOT_TTL_SECONDS", default_value = "3600", value_parser = parse::seconds)]
-    pub redis_hot_ttl_seconds: Duration,
-    /// Size of a hot window the reader fills; use the writer's value.
-    #[arg(long, env = "REDIS_HOT_MAX_MESSAGES", default_value = "200", value_parser = parse::positive::<usize>)]
-    pub redis_hot_max_messages: usize,
     /// gRPC listen address.
     #[arg(long, env = "STORAGE_READER_GRPC_ADDR", default_value = "0.0.0.0:50051", value_parser = parse::address)]
     pub storage_reader_grpc_addr: SocketAddr,
@@ -135,6 +111,10 @@ pub struct Settings {
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9101", value_parser = parse::address)]
     pub metrics_addr: SocketAddr,
     #[command(flatten)]
+    pub databases: DatabaseArgs,
+    #[command(flatten)]
+    pub hot_window: HotWindowArgs,
+    #[command(flatten)]
     pub telemetry: TelemetryArgs,
 }
 
@@ -151,14 +131,7 @@ impl Config {
     /// Checks the rules between settings: a database is needed, and TLS needs its certificate
     /// and key together.
     pub fn from_settings(settings: Settings) -> Result<Self, ConfigError> {
-        let mongo = settings.mongo_url.map(|url| MongoConfig {
-            url,
-            database: settings.mongo_database,
-            collection: settings.mongo_collection,
-        });
-        if settings.postgres_url.is_none() && mongo.is_none() {
-            return Err(ConfigError("POSTGRES_URL or MONGO_URL is required (at least one database)".into()));
-        }
+        let (postgres_url, mongo) = settings.databases.into_configs()?;
         let tls = match (
             settings.storage_reader_tls_cert,
             settings.storage_reader_tls_key,
@@ -177,12 +150,12 @@ impl Config {
         Ok(Self {
             grpc_addr: settings.storage_reader_grpc_addr,
             metrics_addr: settings.metrics_addr,
-            postgres_url: settings.postgres_url,
+            postgres_url,
             postgres_max_connections: settings.postgres_max_connections,
             mongo,
             redis_url: settings.redis_url,
-            redis_hot_ttl: settings.redis_hot_ttl_seconds,
-            redis_hot_window: settings.redis_hot_max_messages,
+            redis_hot_ttl: settings.hot_window.redis_hot_ttl_seconds,
+            redis_hot_window: settings.hot_window.redis_hot_max_messages,
             default_range: settings.storage_reader_default_range_seconds,
             max_page_size: settings.storage_reader_max_page_size,
             recall_limit: settings.storage_reader_recall_limit_seconds,
@@ -235,7 +208,7 @@ mod tests {
     #[test]
     fn bad_values_name_the_variable() {
         let error = config(&[]).expect_err("no database");
-        assert_eq!(error.to_string(), "POSTGRES_URL or MONGO_URL is required (at least one database)");
+        assert_eq!(error.to_string(), "set POSTGRES_URL, MONGO_URL or both: messages need a database");
         let error = config(&[("MONGO_URL", "http://h")]).expect_err("not a MongoDB URL");
         assert!(error.to_string().contains("MONGO_URL"), "{error}");
         let error = config(&[("POSTGRES_URL", "postgres://h/db"), ("STORAGE_READER_MAX_PAGE_SIZE", "-1")])

@@ -5,7 +5,8 @@
 
 use std::process::ExitCode;
 
-use flare_storage_common::{ops, schema, settings, telemetry};
+use flare_storage_common::ops::{self, ServiceCommand};
+use flare_storage_common::settings;
 use flare_storage_reader::{Config, Settings};
 use tokio_util::sync::CancellationToken;
 
@@ -13,52 +14,22 @@ use tokio_util::sync::CancellationToken;
 #[command(name = "flare-storage-reader", version, about = "Serves stored IM messages over gRPC (StorageReaderService)")]
 struct Cli {
     #[command(subcommand)]
-    command: Option<Command>,
+    command: Option<ServiceCommand>,
     #[command(flatten)]
     settings: Settings,
-}
-
-#[derive(clap::Subcommand)]
-enum Command {
-    /// Serve gRPC until SIGTERM (the default).
-    Run,
-    /// Apply the PostgreSQL migrations (POSTGRES_URL) and exit; MongoDB needs none.
-    Migrate,
-    /// Exit 0 when the instance at METRICS_ADDR answers /healthz.
-    Healthcheck,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli: Cli = settings::parse();
-    match cli.command {
-        Some(Command::Healthcheck) => {
-            return if ops::probe_health(cli.settings.metrics_addr).await {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            };
-        }
-        Some(Command::Migrate) => {
-            let telemetry = telemetry::init("flare-storage-reader", &cli.settings.telemetry);
-            let result = match &cli.settings.postgres_url {
-                Some(url) => migrate(url).await,
-                None => Err(anyhow::anyhow!("migrate needs POSTGRES_URL (MongoDB needs no migrations)")),
-            };
-            telemetry.shutdown().await;
-            return finish(result);
-        }
-        None | Some(Command::Run) => {}
-    }
-    let telemetry_settings = cli.settings.telemetry.clone();
-    let config = match Config::from_settings(cli.settings) {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("flare-storage-reader: configuration error: {error}");
-            return ExitCode::from(2);
-        }
-    };
-    let telemetry = telemetry::init("flare-storage-reader", &telemetry_settings);
+    let (metrics_addr, postgres_url) = (cli.settings.metrics_addr, cli.settings.databases.postgres_url.clone());
+    let telemetry = cli.settings.telemetry.clone();
+    let config = || Config::from_settings(cli.settings);
+    ops::service_main("flare-storage-reader", cli.command, metrics_addr, postgres_url, &telemetry, config, serve).await
+}
+
+/// Serves until SIGTERM/SIGINT, then lets the calls in flight finish.
+async fn serve(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
@@ -66,24 +37,5 @@ async fn main() -> ExitCode {
         tracing::info!("shutdown requested");
         on_signal.cancel();
     });
-    let result = flare_storage_reader::run(config, shutdown).await;
-    telemetry.shutdown().await;
-    finish(result)
-}
-
-fn finish(result: anyhow::Result<()>) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!(error = format!("{error:#}"), "reader failed");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn migrate(postgres_url: &str) -> anyhow::Result<()> {
-    let pool = sqlx::PgPool::connect(postgres_url).await?;
-    schema::migrate(&pool).await?;
-    tracing::info!("migrations applied");
-    Ok(())
+    flare_storage_reader::run(config, shutdown).await
 }

@@ -49,6 +49,17 @@ fn pki() -> anyhow::Result<Pki> {
     })
 }
 
+impl Pki {
+    /// The reader's TLS settings from these files; with `mutual`, clients need a certificate.
+    fn server_tls(&self, mutual: bool) -> flare_storage_reader::TlsConfig {
+        flare_storage_reader::TlsConfig {
+            cert: self.directory.join("server.pem"),
+            key: self.directory.join("server.key"),
+            client_ca: mutual.then(|| self.directory.join("ca.pem")),
+        }
+    }
+}
+
 async fn query(channel: Channel, token: Option<&str>) -> Result<(), flare_storage_common::tonic::Status> {
     let mut request = flare_storage_common::tonic::Request::new(QueryMessagesRequest {
         session_id: "s".into(),
@@ -76,11 +87,7 @@ async fn tls_mutual_tls_and_tokens_guard_the_api() -> anyhow::Result<()> {
 
     // TLS: encrypted clients that trust the CA get in; plain-text ones do not.
     let reader = RunningReader::start_configured(&database.url, None, |config| {
-        config.tls = Some(flare_storage_reader::TlsConfig {
-            cert: pki.directory.join("server.pem"),
-            key: pki.directory.join("server.key"),
-            client_ca: None,
-        });
+        config.tls = Some(pki.server_tls(false));
     })
     .await?;
     query(tls_channel(&reader, &pki, false).await?, None).await?;
@@ -90,11 +97,7 @@ async fn tls_mutual_tls_and_tokens_guard_the_api() -> anyhow::Result<()> {
 
     // Mutual TLS: a client certificate from the CA is required.
     let reader = RunningReader::start_configured(&database.url, None, |config| {
-        config.tls = Some(flare_storage_reader::TlsConfig {
-            cert: pki.directory.join("server.pem"),
-            key: pki.directory.join("server.key"),
-            client_ca: Some(pki.directory.join("ca.pem")),
-        });
+        config.tls = Some(pki.server_tls(true));
     })
     .await?;
     assert!(query(tls_channel(&reader, &pki, false).await?, None).await.is_err(), "no client certificate");
@@ -127,11 +130,7 @@ async fn the_operator_command_speaks_mutual_tls_and_the_token() -> anyhow::Resul
     let database = TestDatabase::create().await?;
     let pki = pki()?;
     let reader = RunningReader::start_configured(&database.url, None, |config| {
-        config.tls = Some(flare_storage_reader::TlsConfig {
-            cert: pki.directory.join("server.pem"),
-            key: pki.directory.join("server.key"),
-            client_ca: Some(pki.directory.join("ca.pem")),
-        });
+        config.tls = Some(pki.server_tls(true));
         config.auth_token = Some("correct-horse".into());
     })
     .await?;

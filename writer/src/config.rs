@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::CommandFactory as _;
-use flare_storage_common::settings::{self, parse};
+pub use flare_storage_common::settings::MongoConfig;
+use flare_storage_common::settings::{self, DatabaseArgs, HotWindowArgs, parse};
 use flare_storage_common::telemetry::TelemetryArgs;
 
 use crate::error::Stage;
@@ -54,13 +55,6 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Fault injection for crash tests: abort right after this pipeline stage.
     pub crash_after_stage: Option<Stage>,
-}
-
-#[derive(Clone)]
-pub struct MongoConfig {
-    pub url: String,
-    pub database: String,
-    pub collection: String,
 }
 
 impl std::fmt::Debug for Config {
@@ -121,30 +115,12 @@ pub struct Settings {
     /// redis://[:password@]host:port[/db] (required to run).
     #[arg(long, env = "REDIS_URL", hide_env_values = true, value_parser = parse::redis_url)]
     pub redis_url: Option<String>,
-    /// Lifetime of a session's hot cache after its last write, in seconds.
-    #[arg(long, env = "REDIS_HOT_TTL_SECONDS", default_value = "3600", value_parser = parse::seconds)]
-    pub redis_hot_ttl_seconds: Duration,
-    /// Newest messages kept per session in the hot cache.
-    #[arg(long, env = "REDIS_HOT_MAX_MESSAGES", default_value = "200", value_parser = parse::positive::<usize>)]
-    pub redis_hot_max_messages: usize,
     /// How long a stored message's done marker is kept, in seconds.
     #[arg(long, env = "REDIS_IDEMPOTENCY_TTL_SECONDS", default_value = "86400", value_parser = parse::seconds)]
     pub redis_idempotency_ttl_seconds: Duration,
-    /// postgres://user:pass@host:port/db; at least one of POSTGRES_URL and MONGO_URL.
-    #[arg(long, env = "POSTGRES_URL", hide_env_values = true, value_parser = parse::postgres_url)]
-    pub postgres_url: Option<String>,
     /// PostgreSQL connection pool size.
     #[arg(long, env = "POSTGRES_MAX_CONNECTIONS", default_value = "8", value_parser = parse::positive::<u32>)]
     pub postgres_max_connections: u32,
-    /// mongodb://host:port/...; at least one of POSTGRES_URL and MONGO_URL.
-    #[arg(long, env = "MONGO_URL", hide_env_values = true, value_parser = parse::mongo_url)]
-    pub mongo_url: Option<String>,
-    /// MongoDB database.
-    #[arg(long, env = "MONGO_DATABASE", default_value = "flare_im", value_parser = parse::text)]
-    pub mongo_database: String,
-    /// MongoDB collection.
-    #[arg(long, env = "MONGO_COLLECTION", default_value = "messages", value_parser = parse::text)]
-    pub mongo_collection: String,
     /// Redis hash of the upstream's write-ahead entries, emptied of each message once stored.
     #[arg(long, env = "WAL_HASH_KEY", value_parser = parse::text)]
     pub wal_hash_key: Option<String>,
@@ -185,6 +161,10 @@ pub struct Settings {
     #[arg(long, env = "WRITER_CRASH_AFTER_STAGE", value_parser = stage)]
     pub writer_crash_after_stage: Option<Stage>,
     #[command(flatten)]
+    pub databases: DatabaseArgs,
+    #[command(flatten)]
+    pub hot_window: HotWindowArgs,
+    #[command(flatten)]
     pub telemetry: TelemetryArgs,
 }
 
@@ -204,14 +184,7 @@ impl Config {
     /// Checks the rules between settings: a database, Redis and Kafka are needed, and the
     /// retry and poll bounds must be in order.
     pub fn from_settings(settings: Settings) -> Result<Self, ConfigError> {
-        let mongo = settings.mongo_url.map(|url| MongoConfig {
-            url,
-            database: settings.mongo_database,
-            collection: settings.mongo_collection,
-        });
-        if settings.postgres_url.is_none() && mongo.is_none() {
-            return Err(ConfigError("set POSTGRES_URL, MONGO_URL or both: messages need a database".into()));
-        }
+        let (postgres_url, mongo) = settings.databases.into_configs()?;
         let redis_url = settings.redis_url.ok_or_else(|| ConfigError("REDIS_URL is required".into()))?;
         let kafka_bootstrap_servers = settings
             .kafka_bootstrap_servers
@@ -235,11 +208,11 @@ impl Config {
             kafka_max_poll_interval: settings.kafka_max_poll_interval_ms,
             kafka_prefetch_kbytes: settings.kafka_prefetch_kbytes,
             redis_url,
-            redis_hot_ttl: settings.redis_hot_ttl_seconds,
+            redis_hot_ttl: settings.hot_window.redis_hot_ttl_seconds,
             redis_idempotency_ttl: settings.redis_idempotency_ttl_seconds,
-            redis_hot_window: settings.redis_hot_max_messages,
+            redis_hot_window: settings.hot_window.redis_hot_max_messages,
             mongo,
-            postgres_url: settings.postgres_url,
+            postgres_url,
             postgres_max_connections: settings.postgres_max_connections,
             wal_hash_key: settings.wal_hash_key,
             batch_max_messages: settings.writer_batch_size,

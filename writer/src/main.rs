@@ -4,7 +4,8 @@
 
 use std::process::ExitCode;
 
-use flare_storage_common::{ops, schema, settings, telemetry};
+use flare_storage_common::ops::{self, ServiceCommand};
+use flare_storage_common::settings;
 use flare_storage_writer::{Config, Settings};
 use tokio_util::sync::CancellationToken;
 
@@ -16,65 +17,18 @@ use tokio_util::sync::CancellationToken;
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Option<Command>,
+    command: Option<ServiceCommand>,
     #[command(flatten)]
     settings: Settings,
-}
-
-#[derive(clap::Subcommand)]
-enum Command {
-    /// Consume, persist and acknowledge messages until SIGTERM (the default).
-    Run,
-    /// Apply the PostgreSQL migrations (POSTGRES_URL) and exit.
-    Migrate,
-    /// Exit 0 when the instance at METRICS_ADDR answers /healthz.
-    Healthcheck,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli: Cli = settings::parse();
-    match cli.command {
-        Some(Command::Healthcheck) => {
-            return if ops::probe_health(cli.settings.metrics_addr).await {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            };
-        }
-        Some(Command::Migrate) => {
-            let telemetry = telemetry::init("flare-storage-writer", &cli.settings.telemetry);
-            let result = match &cli.settings.postgres_url {
-                Some(url) => migrate(url).await,
-                None => Err(anyhow::anyhow!("POSTGRES_URL is not set: nothing to migrate")),
-            };
-            telemetry.shutdown().await;
-            return finish(result);
-        }
-        None | Some(Command::Run) => {}
-    }
-    let telemetry_settings = cli.settings.telemetry.clone();
-    let config = match Config::from_settings(cli.settings) {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("flare-storage-writer: configuration error: {error}");
-            return ExitCode::from(2);
-        }
-    };
-    let telemetry = telemetry::init("flare-storage-writer", &telemetry_settings);
-    let result = run(config).await;
-    telemetry.shutdown().await;
-    finish(result)
-}
-
-fn finish(result: anyhow::Result<()>) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!(error = format!("{error:#}"), "writer failed");
-            ExitCode::FAILURE
-        }
-    }
+    let (metrics_addr, postgres_url) = (cli.settings.metrics_addr, cli.settings.databases.postgres_url.clone());
+    let telemetry = cli.settings.telemetry.clone();
+    let config = || Config::from_settings(cli.settings);
+    ops::service_main("flare-storage-writer", cli.command, metrics_addr, postgres_url, &telemetry, config, run).await
 }
 
 /// Runs the writer until SIGTERM/SIGINT, then gives it `shutdown_timeout` to finish the batch
@@ -95,11 +49,4 @@ async fn run(config: Config) -> anyhow::Result<()> {
             Err(anyhow::anyhow!("did not finish within {drain_bound:?}; the unfinished batch will be redelivered"))
         }
     }
-}
-
-async fn migrate(postgres_url: &str) -> anyhow::Result<()> {
-    let pool = sqlx::PgPool::connect(postgres_url).await?;
-    schema::migrate(&pool).await?;
-    tracing::info!("migrations applied");
-    Ok(())
 }
