@@ -42,7 +42,8 @@ pub struct Lookup {
     pub fills: SingleFlight,
     /// Sessions of messages read by id or listed by a read (`keys::document_id` → session id),
     /// kept in the process: a message never changes session, so no replica can contradict an
-    /// entry. (An id a producer reused in a second session is dead-lettered by the writer.)
+    /// entry. (A record reusing a stored id in a second session is ACKed as a duplicate of the
+    /// stored message and stored nowhere else.)
     pub sessions_of: quick_cache::sync::Cache<String, String>,
 }
 

@@ -75,6 +75,8 @@ struct Stream {
     tenant: String,
     /// The writers' Redis, whose hot windows the reconciliation checks.
     redis: String,
+    /// Partitions of each of the stream's topics.
+    partitions: i32,
 }
 
 impl Stream {
@@ -84,6 +86,11 @@ impl Stream {
 
     /// A stream whose database lives on the Postgres server of `admin_url`.
     async fn on(admin_url: &str) -> anyhow::Result<Self> {
+        Self::over(admin_url, PARTITIONS).await
+    }
+
+    /// A stream over a topic of `partitions` partitions.
+    async fn over(admin_url: &str, partitions: i32) -> anyhow::Result<Self> {
         let stream = Self {
             database: TestDatabase::create_on(admin_url).await?,
             topic: unique("messages"),
@@ -92,8 +99,9 @@ impl Stream {
             group: unique("group"),
             tenant: unique("acme"),
             redis: redis_url(),
+            partitions,
         };
-        create_topics(&[&stream.topic, &stream.dlq_topic, &stream.ack_topic], PARTITIONS).await?;
+        create_topics(&[&stream.topic, &stream.dlq_topic, &stream.ack_topic], partitions).await?;
         // Migrate before the first writer, so a kill during its start cannot race a migration.
         let migrated =
             Command::new(binary("flare-storage")?).arg("migrate").env("POSTGRES_URL", &stream.database.url).output()?;
@@ -216,7 +224,7 @@ impl Stream {
                 }
             }
         }
-        let acks = read_topic(&self.ack_topic, PARTITIONS, usize::MAX, Duration::from_secs(3)).await?;
+        let acks = read_topic(&self.ack_topic, self.partitions, usize::MAX, Duration::from_secs(3)).await?;
         let mut acked = HashSet::new();
         let mut duplicate_acks = 0;
         for ack in &acks {
@@ -232,7 +240,7 @@ impl Stream {
             .filter(|index| is_poison(*index))
             .map(|index| poison(index, &format!("s{}", index % SESSIONS), &self.tenant))
             .collect();
-        let dead = read_topic(&self.dlq_topic, PARTITIONS, usize::MAX, Duration::from_secs(3)).await?;
+        let dead = read_topic(&self.dlq_topic, self.partitions, usize::MAX, Duration::from_secs(3)).await?;
         let dead_letters: HashSet<Vec<u8>> = dead.iter().filter_map(|record| record.payload.clone()).collect();
         let without_reason = dead.iter().filter(|record| record.header("flare-dlq-reason").is_none()).count();
         let not_dead_lettered = poisons.difference(&dead_letters).count();
@@ -353,6 +361,54 @@ async fn a_surviving_writer_takes_over_the_partitions_of_a_killed_one() -> anyho
     let report = stream.reconciled(sent).await?;
     kill_9(&mut second)?;
     eprintln!("takeover: {report}");
+    stream.database.drop().await?;
+    Ok(())
+}
+
+/// Four writers share sixteen partitions; one is killed and another joins while records
+/// flow, so the group rebalances twice under load. Nothing is lost or stored twice, each
+/// session's seqs follow production order (a session's records are one partition's), and the
+/// writer that joined took partitions and stored messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_writers_over_sixteen_partitions_ride_through_a_kill_and_a_join() -> anyhow::Result<()> {
+    let sent = setting("RELIABILITY_MESSAGES", 6_000) / 2;
+    let stream = Stream::over(&postgres_url(), 16).await?;
+    let mut writers = (0..4).map(|_| stream.writer()).collect::<anyhow::Result<Vec<Child>>>()?;
+    // Slow enough that records still flow after the join (a join takes Tansu seconds).
+    let producing = stream.produce(sent, 150);
+    eventually(Duration::from_secs(60), "the four at work", || async {
+        Ok((stream.stored().await? > (sent / 5) as i64).then_some(()))
+    })
+    .await?;
+    kill_9(&mut writers[0])?;
+    eventually(Duration::from_secs(60), "the three at work", || async {
+        Ok((stream.stored().await? > (sent / 2) as i64).then_some(()))
+    })
+    .await?;
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let metrics_addr: std::net::SocketAddr = ([127, 0, 0, 1], metrics_port).into();
+    writers.push(stream.writer_command()?.env("METRICS_ADDR", metrics_addr.to_string()).spawn()?);
+    let joined = eventually(Duration::from_secs(60), "the joining writer's first partitions", || async {
+        let Ok((_, body)) = http_get(metrics_addr, "/metrics").await else { return Ok(None) };
+        let assigned = metric_value(&body, "storage_writer_partitions_rebalanced_total{change=\"assigned\"}");
+        Ok(assigned.filter(|&assigned| assigned > 0.0).map(|_| body))
+    })
+    .await;
+    producing.await??;
+    eventually(Duration::from_secs(120), "every message stored", || async {
+        Ok((stream.stored().await? >= valid(sent) as i64).then_some(()))
+    })
+    .await?;
+    let report = stream.reconciled(sent).await?;
+    let (_, body) = http_get(metrics_addr, "/metrics").await?;
+    for writer in writers.iter_mut().skip(1) {
+        kill_9(writer)?;
+    }
+    joined?;
+    let stored_by_newcomer = metric_value(&body, "storage_writer_messages_processed_total").unwrap_or(0.0)
+        + metric_value(&body, "storage_writer_messages_duplicated_total").unwrap_or(0.0);
+    assert!(stored_by_newcomer > 0.0, "the writer that joined stored nothing");
+    eprintln!("four writers, one killed, one joined (it stored {stored_by_newcomer}): {report}");
     stream.database.drop().await?;
     Ok(())
 }
