@@ -793,6 +793,162 @@ async fn every_read_path_shows_what_a_command_changed(store: Store) -> anyhow::R
     chat.stop().await
 }
 
+on_each_store!(three_replicas_never_contradict_a_command_after_its_reply);
+/// Three caching replicas behind one gateway: a sequence of commands of every kind (a fixed
+/// pseudo-random draw over messages, users and replicas) goes to one replica while the others
+/// keep serving the session. After each reply, every replica answers pages, pages by seq and
+/// GetMessage exactly as a reader without Redis does, for both members — nothing gone shown,
+/// nothing stale.
+async fn three_replicas_never_contradict_a_command_after_its_reply(store: Store) -> anyhow::Result<()> {
+    const MESSAGES: usize = 10;
+    let chat = Conversation::start(store, MESSAGES).await?;
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let replica = RunningReader::start_configured(&chat.database.url, Some(redis_url()), |config| {
+            store.configure_reader(config, &chat.mongo_database);
+        })
+        .await?;
+        replicas.push(replica);
+    }
+    let mut clients = vec![chat.cached.client().await?];
+    for replica in &replicas {
+        clients.push(replica.client().await?);
+    }
+    let mut truth = chat.uncached.client().await?;
+    // Warm every replica's window and learned sessions.
+    for client in clients.iter_mut() {
+        for user in ["alice", "bob"] {
+            let _warm = answers(client, &chat, user, "m0").await?;
+        }
+    }
+    let mut draw = 0x2545_f491_u64;
+    let mut next = |bound: usize| {
+        draw = draw.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        (draw >> 33) as usize % bound
+    };
+    for step in 0..24 {
+        let index = next(MESSAGES);
+        let id = format!("m{index}");
+        let sender = Conversation::sender(index);
+        let other = if sender == "alice" { "bob" } else { "alice" };
+        let commander = next(clients.len());
+        let client = &mut clients[commander];
+        let kind = next(6);
+        let answer = match kind {
+            0 => client
+                .delete_message(DeleteMessageRequest {
+                    session_id: chat.session.clone(),
+                    message_ids: vec![id.clone()],
+                    context: as_user(sender),
+                    tenant: tenant(&chat.tenant),
+                })
+                .await
+                .map(drop),
+            1 => client
+                .recall_message(RecallMessageRequest {
+                    message_id: id.clone(),
+                    operator_id: sender.into(),
+                    tenant: tenant(&chat.tenant),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            2 => client
+                .delete_message_for_user(DeleteMessageForUserRequest {
+                    message_id: id.clone(),
+                    user_id: other.into(),
+                    permanent: false,
+                    context: as_user(other),
+                    tenant: tenant(&chat.tenant),
+                })
+                .await
+                .map(drop),
+            3 => client
+                .clear_session(ClearSessionRequest {
+                    session_id: chat.session.clone(),
+                    user_id: other.into(),
+                    clear_type: ClearType::ClearBeforeMessage as i32,
+                    clear_before_message_id: id.clone(),
+                    tenant: tenant(&chat.tenant),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+            4 => client
+                .set_message_attributes(SetMessageAttributesRequest {
+                    context: as_user(sender),
+                    tenant: tenant(&chat.tenant),
+                    message_id: id.clone(),
+                    attributes: HashMap::from([(format!("step{step}"), step.to_string())]),
+                    tags: vec![format!("t{step}")],
+                })
+                .await
+                .map(drop),
+            _ => client
+                .mark_message_read(MarkMessageReadRequest {
+                    message_id: id.clone(),
+                    user_id: other.into(),
+                    tenant: tenant(&chat.tenant),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        };
+        // A command may be refused (a gone message, an attribute race); what follows must
+        // agree either way.
+        let what = format!("step {step}: command {kind} on {id} through replica {commander} ({answer:?}, {store:?})");
+        for user in ["alice", "bob"] {
+            let want = answers(&mut truth, &chat, user, &id).await?;
+            for (replica, client) in clients.iter_mut().enumerate() {
+                let seen = answers(client, &chat, user, &id).await?;
+                assert_eq!(seen, want, "{what}: replica {replica} for {user}");
+            }
+        }
+    }
+    for replica in replicas {
+        replica.stop().await?;
+    }
+    chat.stop().await
+}
+
+/// What `user` gets from `client`: the session's page and page by seq, and message `id`
+/// (or the status code refusing it).
+async fn answers(
+    client: &mut Client,
+    chat: &Conversation,
+    user: &str,
+    id: &str,
+) -> anyhow::Result<(Vec<Message>, Vec<Message>, Result<Option<Message>, Code>)> {
+    let page = client
+        .query_messages(QueryMessagesRequest {
+            session_id: chat.session.clone(),
+            limit: 50,
+            context: as_user(user),
+            tenant: tenant(&chat.tenant),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .messages;
+    let by_seq = client
+        .query_messages_by_seq(QueryMessagesBySeqRequest {
+            session_id: chat.session.clone(),
+            user_id: user.into(),
+            limit: 50,
+            tenant: tenant(&chat.tenant),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .messages;
+    let one = client
+        .get_message(GetMessageRequest { message_id: id.into(), context: as_user(user), tenant: tenant(&chat.tenant) })
+        .await
+        .map(|reply| reply.into_inner().message)
+        .map_err(|status| status.code());
+    Ok((page, by_seq, one))
+}
+
 on_each_store!(a_page_tells_get_message_where_its_messages_are);
 /// A client reads a page, then opens a message of it: the page taught the replica each listed
 /// message's session, so the read by id comes from the window at once.
