@@ -92,7 +92,9 @@ impl SessionKeys {
         format!("{}:reads", self.tag)
     }
 
-    /// STRING: the last seq handed out in the session.
+    /// STRING: the last seq handed out in the session. Lives [`SESSION_STATE_TTL_SECONDS`]
+    /// (or the idempotency TTL, when longer) after its last seq; a counter gone is seeded
+    /// again from the databases' highest seq.
     pub fn seq_counter(&self) -> String {
         format!("{}:seq", self.tag)
     }
@@ -131,6 +133,13 @@ local function clear_field(user) return 'clear:' .. user end
 local function is_clear_field(field) return string.sub(field, 1, 6) == 'clear:' end
 local function hide_prefix(user) return 'hide:' .. string.len(user) .. ':' .. user .. ':' end
 "#;
+
+/// How long a session's state, read seqs and seq counter live after their last write, in
+/// seconds: a week. Whatever expires is rebuilt from the databases when the session is next
+/// written or read (the seq counter from the highest stored seq, the state from the newest
+/// message, a read seq from `read_positions` and the user's newest own message), so this
+/// bounds the memory of sessions that went quiet without costing a busy one anything.
+pub const SESSION_STATE_TTL_SECONDS: u64 = 7 * 24 * 3600;
 
 /// STRING: the session a tenant's message belongs to — a fact that never changes — so a reader
 /// asked for a message by id alone finds it in that session's hot window. Set by readers when a

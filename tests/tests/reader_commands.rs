@@ -949,6 +949,75 @@ async fn answers(
     Ok((page, by_seq, one))
 }
 
+on_each_store!(no_key_of_a_session_lives_forever);
+/// Every Redis key the writer and the reader keep for a session expires: windows and markers
+/// after their lifetimes, the state, read seqs and seq counter a week after their last write
+/// (a session that went quiet has them rebuilt from the databases).
+async fn no_key_of_a_session_lives_forever(store: Store) -> anyhow::Result<()> {
+    let chat = Conversation::start(store, 4).await?;
+    let mut client = chat.cached.client().await?;
+    for user in ["alice", "bob"] {
+        chat.visible_to(user).await?;
+    }
+    client
+        .mark_session_read(MarkSessionReadRequest {
+            session_id: chat.session.clone(),
+            user_id: "bob".into(),
+            read_seq: 2,
+            tenant: tenant(&chat.tenant),
+            ..Default::default()
+        })
+        .await?;
+    client
+        .delete_message_for_user(DeleteMessageForUserRequest {
+            message_id: "m1".into(),
+            user_id: "alice".into(),
+            permanent: false,
+            context: as_user("alice"),
+            tenant: tenant(&chat.tenant),
+        })
+        .await?;
+    client
+        .set_message_attributes(SetMessageAttributesRequest {
+            context: as_user("alice"),
+            tenant: tenant(&chat.tenant),
+            message_id: "m2".into(),
+            attributes: HashMap::from([("pinned".to_owned(), "1".to_owned())]),
+            tags: vec![],
+        })
+        .await?;
+    client
+        .get_message(GetMessageRequest {
+            message_id: "m3".into(),
+            context: as_user("bob"),
+            tenant: tenant(&chat.tenant),
+        })
+        .await?;
+    // Redis lost the state and read seqs: the reader rebuilds and puts them back.
+    let keys = flare_storage_common::keys::SessionKeys::new(&chat.tenant, &chat.session);
+    let mut redis = redis_connection().await?;
+    let _: () = redis::cmd("DEL").arg(keys.state()).arg(keys.reads()).query_async(&mut redis).await?;
+    for user in ["alice", "bob"] {
+        chat.state(user).await?;
+    }
+
+    let tag = keys.state().trim_end_matches(":state").to_owned();
+    let names: Vec<String> = redis::cmd("KEYS").arg(format!("{tag}*")).query_async(&mut redis).await?;
+    for wanted in [keys.state(), keys.reads(), keys.seq_counter(), keys.hot_index(), keys.tickets()] {
+        assert!(names.contains(&wanted), "{wanted} among {names:?} ({store:?})");
+    }
+    for name in &names {
+        let ttl: i64 = redis::cmd("TTL").arg(name).query_async(&mut redis).await?;
+        assert!(ttl > 0, "{name} has TTL {ttl} ({store:?})");
+    }
+    let week = flare_storage_common::keys::SESSION_STATE_TTL_SECONDS as i64;
+    for name in [keys.state(), keys.reads(), keys.seq_counter()] {
+        let ttl: i64 = redis::cmd("TTL").arg(&name).query_async(&mut redis).await?;
+        assert!(ttl > week - 60 && ttl <= week, "{name}: {ttl} s ({store:?})");
+    }
+    chat.stop().await
+}
+
 on_each_store!(a_page_tells_get_message_where_its_messages_are);
 /// A client reads a page, then opens a message of it: the page taught the replica each listed
 /// message's session, so the read by id comes from the window at once.

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use flare_storage_common::keys::{HOT_FLOOR_ALL, SessionKeys, VIEW_FIELDS_LUA, message_session};
+use flare_storage_common::keys::{
+    HOT_FLOOR_ALL, SESSION_STATE_TTL_SECONDS, SessionKeys, VIEW_FIELDS_LUA, message_session,
+};
 use flare_storage_common::pools::CountedRedis;
 use flare_storage_common::scripts::{TRIM_WINDOW, query_calling};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -366,20 +368,22 @@ return out
 /// Puts a session's newest message into its state when the state is missing or older (the
 /// writer may have moved it on meanwhile).
 const SET_STATE: &str = r#"
--- KEYS: state; ARGV: last_seq, message_id, sender_id, message_type, content_type, ts_ms
+-- KEYS: state; ARGV: last_seq, message_id, sender_id, message_type, content_type, ts_ms, ttl
 if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0') then
   redis.call('HSET', KEYS[1], 'last_seq', ARGV[1], 'last_message_id', ARGV[2], 'last_sender_id', ARGV[3],
     'last_message_type', ARGV[4], 'last_content_type', ARGV[5], 'last_message_ts', ARGV[6], 'message_count', ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[7])
 end
 return 1
 "#;
 
 /// Moves a user's read seq forward (or sets it when unknown); returns the read seq now held.
 const ADVANCE_READ: &str = r#"
--- KEYS: reads; ARGV: user, seq
+-- KEYS: reads; ARGV: user, seq, ttl
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if not current or tonumber(ARGV[2]) > tonumber(current) then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
   return tonumber(ARGV[2])
 end
 return tonumber(current)
@@ -908,11 +912,14 @@ impl RedisCache {
                         .arg(&head.last_sender_id)
                         .arg(head.message_type)
                         .arg(&head.content_type)
-                        .arg(head.last_message_time.timestamp_millis());
+                        .arg(head.last_message_time.timestamp_millis())
+                        .arg(SESSION_STATE_TTL_SECONDS);
                     pipe.invoke_script(&invocation).ignore();
                 }
                 for (keys, read_seq) in reads {
-                    pipe.invoke_script(self.advance_read.key(keys.reads()).arg(user).arg(*read_seq)).ignore();
+                    let mut advance = self.advance_read.key(keys.reads());
+                    advance.arg(user).arg(*read_seq).arg(SESSION_STATE_TTL_SECONDS);
+                    pipe.invoke_script(&advance).ignore();
                 }
                 query_calling::<(), _>(&mut connection, &pipe, &[&self.set_state, &self.advance_read]).await
             })
@@ -922,7 +929,9 @@ impl RedisCache {
     /// Moves `user`'s read seq in a session forward to `seq`.
     pub async fn advance_read(&self, keys: &SessionKeys, user: &str, seq: i64) -> Result<(), CacheDown> {
         self.must(async |mut connection| {
-            self.advance_read.key(keys.reads()).arg(user).arg(seq).invoke_async::<i64>(&mut connection).await
+            let mut advance = self.advance_read.key(keys.reads());
+            advance.arg(user).arg(seq).arg(SESSION_STATE_TTL_SECONDS);
+            advance.invoke_async::<i64>(&mut connection).await
         })
         .await
         .map(drop)

@@ -18,7 +18,7 @@ use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
 use chrono::DateTime;
-use flare_storage_common::keys::{HOT_FLOOR_ALL, SessionKeys};
+use flare_storage_common::keys::{HOT_FLOOR_ALL, SESSION_STATE_TTL_SECONDS, SessionKeys};
 use flare_storage_common::message::{content_type, message_tenant_id, to_datetime};
 use flare_storage_common::pools::CountedRedis;
 use flare_storage_common::scripts::{TRIM_WINDOW, query_calling};
@@ -83,13 +83,15 @@ pub struct SeqRequest<'a> {
 /// again).
 const ASSIGN_SEQ: &str = r#"
 -- KEYS[1] counter, KEYS[2] message_id -> seq hash
--- ARGV[1] hash ttl, ARGV[2] seed max ('' = none), then message ids
+-- ARGV[1] hash ttl, ARGV[2] seed max ('' = none), ARGV[3] counter ttl (not below the hash's:
+-- a counter gone while seqs are remembered would hand them out again), then message ids
 if redis.call('EXISTS', KEYS[1]) == 0 then
   if ARGV[2] == '' then return {} end
   redis.call('SET', KEYS[1], ARGV[2])
 end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 local out = {}
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local seq = redis.call('HGET', KEYS[2], ARGV[i])
   if not seq then
     seq = redis.call('INCR', KEYS[1])
@@ -104,10 +106,11 @@ return out
 /// Raises a session counter to at least ARGV[1] and forgets the seqs of the given messages, so
 /// they are assigned anew above everything stored.
 const RESEED: &str = r#"
--- KEYS[1] counter, KEYS[2] message_id -> seq hash; ARGV[1] max stored seq, ARGV[2..] ids
+-- KEYS[1] counter, KEYS[2] message_id -> seq hash; ARGV[1] max stored seq, ARGV[2] counter
+-- ttl, ARGV[3..] ids
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
-for i = 2, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
+if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+for i = 3, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
 return 1
 "#;
 
@@ -130,7 +133,8 @@ const FINISH_SESSION: &str = r#"
 -- KEYS: 1 seq zset, 2 bodies, 3 time zset, 4 meta, 5 gone (only its expiry is refreshed, so
 -- it outlives the window), 6 state, 7 reads, 8 seq-of hash, 9 body stamps, then one done
 -- marker per message
--- ARGV: 1 window, 2 hot ttl, 3 floor meaning 'all', 4 marker ttl, then per message: seq,
+-- ARGV: 1 window, 2 hot ttl, 3 floor meaning 'all', 4 marker ttl, 5 state and read seqs' ttl,
+-- then per message: seq,
 -- message_id, timestamp_us, body, sender_id, message_type, content_type, ts_ms, marker,
 -- new ('1': stored by this batch, '0': held before)
 local starts_session = false
@@ -140,7 +144,7 @@ local state_known = redis.call('EXISTS', KEYS[6]) == 1
 local last = tonumber(redis.call('HGET', KEYS[6], 'last_seq') or '0')
 local latest = nil
 local n = 0
-for i = 5, #ARGV, 10 do
+for i = 6, #ARGV, 10 do
   n = n + 1
   local seq, id, sender, new = ARGV[i], ARGV[i + 1], ARGV[i + 4], ARGV[i + 9] == '1'
   redis.call('ZADD', KEYS[1], seq, id)
@@ -180,8 +184,11 @@ if latest then
     'last_message_type', ARGV[latest + 5], 'last_content_type', ARGV[latest + 6],
     'last_message_ts', ARGV[latest + 7], 'message_count', ARGV[latest])
 end
+for k = 6, 7 do
+  if redis.call('EXISTS', KEYS[k]) == 1 then redis.call('EXPIRE', KEYS[k], ARGV[5]) end
+end
 local m = 0
-for i = 5, #ARGV, 10 do
+for i = 6, #ARGV, 10 do
   m = m + 1
   redis.call('SET', KEYS[9 + m], ARGV[i + 8], 'NX', 'EX', ARGV[4])
   redis.call('HDEL', KEYS[8], ARGV[i + 1])
@@ -271,6 +278,7 @@ impl RedisStore {
                 Some(max_seq) => invocation.arg(max_seq),
                 None => invocation.arg(""),
             };
+            invocation.arg(self.counter_ttl());
             for message_id in &request.message_ids {
                 invocation.arg(*message_id);
             }
@@ -280,10 +288,16 @@ impl RedisStore {
         Ok(results.into_iter().map(|seqs| (!seqs.is_empty()).then_some(seqs)).collect())
     }
 
+    /// Seconds a session's seq counter lives after its last seq: never less than the seqs it
+    /// remembers for redeliveries.
+    fn counter_ttl(&self) -> u64 {
+        SESSION_STATE_TTL_SECONDS.max(self.idempotency_ttl.as_secs())
+    }
+
     /// Raises a session's counter to `max_seq` and drops the seqs remembered for `message_ids`.
     pub async fn reseed(&self, keys: &SessionKeys, max_seq: i64, message_ids: &[&str]) -> RedisResult<()> {
         let mut invocation = self.reseed.key(keys.seq_counter());
-        invocation.key(keys.seq_assigned()).arg(max_seq);
+        invocation.key(keys.seq_assigned()).arg(max_seq).arg(self.counter_ttl());
         for message_id in message_ids {
             invocation.arg(*message_id);
         }
@@ -317,7 +331,8 @@ impl RedisStore {
                 .arg(self.hot_window)
                 .arg(hot_ttl)
                 .arg(HOT_FLOOR_ALL)
-                .arg(marker_ttl);
+                .arg(marker_ttl)
+                .arg(SESSION_STATE_TTL_SECONDS);
             for DoneMessage { message: Encoded { message, payload }, done, stored_before } in messages {
                 let time = message.timestamp.as_ref().and_then(to_datetime).unwrap_or(DateTime::UNIX_EPOCH);
                 invocation
