@@ -92,9 +92,11 @@ impl SessionKeys {
         format!("{}:reads", self.tag)
     }
 
-    /// STRING: the last seq handed out in the session. Lives [`SESSION_STATE_TTL_SECONDS`]
-    /// (or the idempotency TTL, when longer) after its last seq; a counter gone is seeded
-    /// again from the databases' highest seq.
+    /// STRING: the last seq handed out in the session. The one session key that does not
+    /// expire: a seq must never be handed out twice, and once retention has deleted a
+    /// session's newest messages (they may be dated back) the databases no longer know the
+    /// highest seq handed out, so a counter seeded again from them could repeat seqs that
+    /// clients and `read_positions` still hold. About 60 bytes per session ever written.
     pub fn seq_counter(&self) -> String {
         format!("{}:seq", self.tag)
     }
@@ -134,11 +136,11 @@ local function is_clear_field(field) return string.sub(field, 1, 6) == 'clear:' 
 local function hide_prefix(user) return 'hide:' .. string.len(user) .. ':' .. user .. ':' end
 "#;
 
-/// How long a session's state, read seqs and seq counter live after their last write, in
+/// How long a session's state and read seqs live after their last write or read, in
 /// seconds: a week. Whatever expires is rebuilt from the databases when the session is next
-/// written or read (the seq counter from the highest stored seq, the state from the newest
-/// message, a read seq from `read_positions` and the user's newest own message), so this
-/// bounds the memory of sessions that went quiet without costing a busy one anything.
+/// read (the state from the newest message, a read seq from `read_positions` and the user's
+/// newest own message), so this bounds the memory of sessions that went quiet without costing
+/// a busy one anything. (The seq counter does not expire: see [`SessionKeys::seq_counter`].)
 pub const SESSION_STATE_TTL_SECONDS: u64 = 7 * 24 * 3600;
 
 /// STRING: the session a tenant's message belongs to — a fact that never changes — so a reader

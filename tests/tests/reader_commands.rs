@@ -950,9 +950,10 @@ async fn answers(
 }
 
 on_each_store!(no_key_of_a_session_lives_forever);
-/// Every Redis key the writer and the reader keep for a session expires: windows and markers
-/// after their lifetimes, the state, read seqs and seq counter a week after their last write
-/// (a session that went quiet has them rebuilt from the databases).
+/// Every Redis key the writer and the reader keep for a session expires — windows and markers
+/// after their lifetimes, the state and read seqs a week after their last use (a session that
+/// went quiet has them rebuilt from the databases) — except the seq counter, which must never
+/// hand out a seq twice.
 async fn no_key_of_a_session_lives_forever(store: Store) -> anyhow::Result<()> {
     let chat = Conversation::start(store, 4).await?;
     let mut client = chat.cached.client().await?;
@@ -1006,12 +1007,15 @@ async fn no_key_of_a_session_lives_forever(store: Store) -> anyhow::Result<()> {
     for wanted in [keys.state(), keys.reads(), keys.seq_counter(), keys.hot_index(), keys.tickets()] {
         assert!(names.contains(&wanted), "{wanted} among {names:?} ({store:?})");
     }
-    for name in &names {
+    for name in names.iter().filter(|name| **name != keys.seq_counter()) {
         let ttl: i64 = redis::cmd("TTL").arg(name).query_async(&mut redis).await?;
         assert!(ttl > 0, "{name} has TTL {ttl} ({store:?})");
     }
+    // The seq counter alone is kept: seqs must never repeat (see `SessionKeys::seq_counter`).
+    let ttl: i64 = redis::cmd("TTL").arg(keys.seq_counter()).query_async(&mut redis).await?;
+    assert_eq!(ttl, -1, "{store:?}");
     let week = flare_storage_common::keys::SESSION_STATE_TTL_SECONDS as i64;
-    for name in [keys.state(), keys.reads(), keys.seq_counter()] {
+    for name in [keys.state(), keys.reads()] {
         let ttl: i64 = redis::cmd("TTL").arg(&name).query_async(&mut redis).await?;
         assert!(ttl > week - 60 && ttl <= week, "{name}: {ttl} s ({store:?})");
     }

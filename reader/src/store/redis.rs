@@ -372,8 +372,8 @@ const SET_STATE: &str = r#"
 if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0') then
   redis.call('HSET', KEYS[1], 'last_seq', ARGV[1], 'last_message_id', ARGV[2], 'last_sender_id', ARGV[3],
     'last_message_type', ARGV[4], 'last_content_type', ARGV[5], 'last_message_ts', ARGV[6], 'message_count', ARGV[1])
-  redis.call('EXPIRE', KEYS[1], ARGV[7])
 end
+redis.call('EXPIRE', KEYS[1], ARGV[7])
 return 1
 "#;
 
@@ -383,9 +383,9 @@ const ADVANCE_READ: &str = r#"
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 if not current or tonumber(ARGV[2]) > tonumber(current) then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-  return tonumber(ARGV[2])
+  current = ARGV[2]
 end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 return tonumber(current)
 "#;
 

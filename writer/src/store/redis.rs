@@ -83,15 +83,13 @@ pub struct SeqRequest<'a> {
 /// again).
 const ASSIGN_SEQ: &str = r#"
 -- KEYS[1] counter, KEYS[2] message_id -> seq hash
--- ARGV[1] hash ttl, ARGV[2] seed max ('' = none), ARGV[3] counter ttl (not below the hash's:
--- a counter gone while seqs are remembered would hand them out again), then message ids
+-- ARGV[1] hash ttl, ARGV[2] seed max ('' = none), then message ids
 if redis.call('EXISTS', KEYS[1]) == 0 then
   if ARGV[2] == '' then return {} end
   redis.call('SET', KEYS[1], ARGV[2])
 end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
 local out = {}
-for i = 4, #ARGV do
+for i = 3, #ARGV do
   local seq = redis.call('HGET', KEYS[2], ARGV[i])
   if not seq then
     seq = redis.call('INCR', KEYS[1])
@@ -106,11 +104,10 @@ return out
 /// Raises a session counter to at least ARGV[1] and forgets the seqs of the given messages, so
 /// they are assigned anew above everything stored.
 const RESEED: &str = r#"
--- KEYS[1] counter, KEYS[2] message_id -> seq hash; ARGV[1] max stored seq, ARGV[2] counter
--- ttl, ARGV[3..] ids
+-- KEYS[1] counter, KEYS[2] message_id -> seq hash; ARGV[1] max stored seq, ARGV[2..] ids
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
-for i = 3, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
+if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+for i = 2, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
 return 1
 "#;
 
@@ -278,7 +275,6 @@ impl RedisStore {
                 Some(max_seq) => invocation.arg(max_seq),
                 None => invocation.arg(""),
             };
-            invocation.arg(self.counter_ttl());
             for message_id in &request.message_ids {
                 invocation.arg(*message_id);
             }
@@ -288,16 +284,10 @@ impl RedisStore {
         Ok(results.into_iter().map(|seqs| (!seqs.is_empty()).then_some(seqs)).collect())
     }
 
-    /// Seconds a session's seq counter lives after its last seq: never less than the seqs it
-    /// remembers for redeliveries.
-    fn counter_ttl(&self) -> u64 {
-        SESSION_STATE_TTL_SECONDS.max(self.idempotency_ttl.as_secs())
-    }
-
     /// Raises a session's counter to `max_seq` and drops the seqs remembered for `message_ids`.
     pub async fn reseed(&self, keys: &SessionKeys, max_seq: i64, message_ids: &[&str]) -> RedisResult<()> {
         let mut invocation = self.reseed.key(keys.seq_counter());
-        invocation.key(keys.seq_assigned()).arg(max_seq).arg(self.counter_ttl());
+        invocation.key(keys.seq_assigned()).arg(max_seq);
         for message_id in message_ids {
             invocation.arg(*message_id);
         }
