@@ -136,8 +136,8 @@ local function is_clear_field(field) return string.sub(field, 1, 6) == 'clear:' 
 local function hide_prefix(user) return 'hide:' .. string.len(user) .. ':' .. user .. ':' end
 "#;
 
-/// How long a session's state and read seqs live after their last write or read, in
-/// seconds: a week. Whatever expires is rebuilt from the databases when the session is next
+/// How long a session's state and read seqs live after they were last written (by the
+/// writer, a read command, or the reader putting back what it rebuilt), in seconds: a week. Whatever expires is rebuilt from the databases when the session is next
 /// read (the state from the newest message, a read seq from `read_positions` and the user's
 /// newest own message), so this bounds the memory of sessions that went quiet without costing
 /// a busy one anything. (The seq counter does not expire: see [`SessionKeys::seq_counter`].)
