@@ -1,6 +1,6 @@
 //! `flare-storage-bench` — benchmarks of the writer and reader, each beside this machine's own
-//! limits measured in the same run (see [`USAGE`] and docs/BENCHMARKS.md). They report; they
-//! never pass or fail on a number.
+//! limits measured in the same run (`--help`, docs/BENCHMARKS.md). They report; they never
+//! pass or fail on a number.
 
 mod baseline;
 mod reader;
@@ -10,139 +10,173 @@ mod services;
 mod workload;
 mod writer;
 
-use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{Context as _, bail};
+use clap::{ArgAction, Parser, Subcommand};
 
-const USAGE: &str = "usage (after `eval \"$(scripts/services.sh up)\"` and `cargo build --release --bins`):
-  flare-storage-bench writer [--messages 500000] [--sessions 10000] [--partitions 8] [--batch 500]
-                             [--latency-seconds 30] [--latency-fraction 0.5] [--mongo-messages N]
-                             [--text natural|phrases] [--big-group-share 0.1]
-                             [--profile FILE] [--json target/bench/writer.json]
-      preload, then the writer's sustained rate (until every message is ACKed) and produce→ACK
-      latency at a fraction of it, beside raw Kafka consume, PostgreSQL COPY/UNNEST and Redis
-  flare-storage-bench reader [--messages 100000] [--sessions 1000] [--concurrency 64]
-                             [--connections 4] [--seconds 15] [--json target/bench/reader.json]
-      QueryMessages hot/cold, GetMessage, QueryMessagesBySeq (sessions and messages drawn Zipf
-      over recent history), beside an empty gRPC handler and one answering the reader's own
-      responses (captured from it), under the same load
-  flare-storage-bench search [--messages 1000000] [--sessions 10000] [--queries 20] [--repeats 5]
-                             [--mongo-messages 2000] [--keep false] [--json target/bench/search.json]
-      SearchMessages tenant-wide for 1-, 2- and 4-character Chinese and English words, over
-      PostgreSQL (history loaded by COPY) and MongoDB (0 messages: no MongoDB run); --keep true
-      leaves the PostgreSQL database for EXPLAIN and prints its URL
-  flare-storage-bench empty-server --addr 127.0.0.1:50099
-  flare-storage-bench canned-server --addr 127.0.0.1:50099 --responses FILE
-      the baselines on their own (the reader benchmark starts them itself)
+/// Benchmarks of flare-storage beside this machine's own limits, run after
+/// `eval "$(scripts/services.sh up)"` and `cargo build --release --bins`. The writer and reader
+/// binaries are taken from beside this one (override with FLARE_WRITER_BIN, FLARE_READER_BIN);
+/// services from POSTGRES_URL, REDIS_URL, KAFKA_BOOTSTRAP_SERVERS, MONGO_URL.
+#[derive(Parser)]
+#[command(name = "flare-storage-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-The writer and reader binaries are taken from target/release (override with FLARE_WRITER_BIN,
-FLARE_READER_BIN); services from POSTGRES_URL, REDIS_URL, KAFKA_BOOTSTRAP_SERVERS, MONGO_URL.";
+#[derive(Subcommand)]
+enum Command {
+    /// Preload, then the writer's sustained rate (until every message is ACKed) and
+    /// produce→ACK latency at a fraction of it, beside raw Kafka consume, PostgreSQL COPY/UNNEST
+    /// and Redis.
+    Writer {
+        #[arg(long, default_value_t = 500_000)]
+        messages: usize,
+        #[arg(long, default_value_t = 10_000)]
+        sessions: usize,
+        #[arg(long, default_value_t = 8)]
+        partitions: i32,
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        #[arg(long, default_value_t = 30)]
+        latency_seconds: u64,
+        /// The latency run's rate as a share of the sustained rate.
+        #[arg(long, default_value_t = 0.5)]
+        latency_fraction: f64,
+        /// Also store into MongoDB (a slow stand-in here), with this many messages.
+        #[arg(long)]
+        mongo_messages: Option<usize>,
+        #[arg(long, value_enum, default_value = "natural")]
+        text: workload::TextMode,
+        /// Share of messages sent to a 5,000-member group.
+        #[arg(long, default_value_t = 0.0)]
+        big_group_share: f64,
+        /// Record a CPU profile of the writer during the sustained run into this file.
+        #[arg(long)]
+        profile: Option<PathBuf>,
+        #[arg(long, default_value = "target/bench/writer.json")]
+        json: PathBuf,
+    },
+    /// QueryMessages hot/cold, GetMessage, QueryMessagesBySeq (sessions and messages drawn Zipf
+    /// over recent history), beside an empty gRPC handler and one answering the reader's own
+    /// responses (captured from it), under the same load.
+    Reader {
+        #[arg(long, default_value_t = 100_000)]
+        messages: usize,
+        #[arg(long, default_value_t = 1_000)]
+        sessions: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+        #[arg(long, default_value = "target/bench/reader.json")]
+        json: PathBuf,
+    },
+    /// SearchMessages tenant-wide for 1-, 2- and 4-character Chinese and English words, over
+    /// PostgreSQL (history loaded by COPY) and MongoDB (0 messages: no MongoDB run).
+    Search {
+        #[arg(long, default_value_t = 1_000_000)]
+        messages: usize,
+        #[arg(long, default_value_t = 10_000)]
+        sessions: usize,
+        #[arg(long, default_value_t = 20)]
+        queries: usize,
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        #[arg(long, default_value_t = 2_000)]
+        mongo_messages: usize,
+        /// Leave the PostgreSQL database for EXPLAIN and print its URL.
+        #[arg(long, default_value_t = false, action = ArgAction::Set)]
+        keep: bool,
+        #[arg(long, default_value = "target/bench/search.json")]
+        json: PathBuf,
+    },
+    /// The empty gRPC handler on its own (the reader benchmark starts it itself).
+    EmptyServer {
+        #[arg(long)]
+        addr: SocketAddr,
+    },
+    /// The handler answering captured responses on its own.
+    CannedServer {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        responses: PathBuf,
+    },
+}
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if let Err(error) = run(args).await {
+    let cli = Cli::parse();
+    if let Err(error) = run(cli.command).await {
         eprintln!("flare-storage-bench: {error:#}");
         std::process::exit(1);
     }
 }
 
-async fn run(args: Vec<String>) -> anyhow::Result<()> {
-    let Some((command, rest)) = args.split_first() else {
-        println!("{USAGE}");
-        return Ok(());
-    };
-    let options = Options::parse(rest)?;
-    match command.as_str() {
-        "writer" => {
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Writer {
+            messages,
+            sessions,
+            partitions,
+            batch,
+            latency_seconds,
+            latency_fraction,
+            mongo_messages,
+            text,
+            big_group_share,
+            profile,
+            json,
+        } => {
             let bench = writer::WriterBench {
-                messages: options.number("messages", 500_000)?,
-                sessions: options.number("sessions", 10_000)?,
-                partitions: options.number("partitions", 8)?,
-                batch: options.number("batch", 500)?,
-                latency_seconds: options.number("latency-seconds", 30)?,
-                latency_fraction: options.number("latency-fraction", 0.5)?,
-                mongo_messages: options.get("mongo-messages").map(str::parse).transpose()?,
-                text: match options.get("text").unwrap_or("natural") {
-                    "natural" => workload::TextMode::Natural,
-                    "phrases" => workload::TextMode::Phrases,
-                    other => anyhow::bail!("--text: natural or phrases, not {other:?}"),
-                },
-                big_group_share: options.number("big-group-share", 0.0)?,
-                profile: options.get("profile").map(PathBuf::from),
+                messages,
+                sessions,
+                partitions,
+                batch,
+                latency_seconds,
+                latency_fraction,
+                mongo_messages,
+                text,
+                big_group_share,
+                profile,
                 writer_binary: binary("FLARE_WRITER_BIN", "flare-storage-writer")?,
-                json: options.get("json").unwrap_or("target/bench/writer.json").into(),
+                json,
             };
             writer::run(bench, services::Services::from_env()?).await
         }
-        "reader" => {
+        Command::Reader { messages, sessions, concurrency, connections, seconds, json } => {
             let bench = reader::ReaderBench {
-                messages: options.number("messages", 100_000)?,
-                sessions: options.number("sessions", 1_000)?,
-                concurrency: options.number("concurrency", 64)?,
-                connections: options.number("connections", 4)?,
-                seconds: options.number("seconds", 15)?,
+                messages,
+                sessions,
+                concurrency,
+                connections,
+                seconds,
                 writer_binary: binary("FLARE_WRITER_BIN", "flare-storage-writer")?,
                 reader_binary: binary("FLARE_READER_BIN", "flare-storage-reader")?,
-                json: options.get("json").unwrap_or("target/bench/reader.json").into(),
+                json,
             };
             reader::run(bench, services::Services::from_env()?).await
         }
-        "search" => {
+        Command::Search { messages, sessions, queries, repeats, mongo_messages, keep, json } => {
             let bench = search::SearchBench {
-                messages: options.number("messages", 1_000_000)?,
-                sessions: options.number("sessions", 10_000)?,
-                queries: options.number("queries", 20)?,
-                repeats: options.number("repeats", 5)?,
-                mongo_messages: options.number("mongo-messages", 2_000)?,
-                keep: options.get("keep").is_some_and(|keep| keep == "true"),
+                messages,
+                sessions,
+                queries,
+                repeats,
+                mongo_messages,
+                keep,
                 reader_binary: binary("FLARE_READER_BIN", "flare-storage-reader")?,
-                json: options.get("json").unwrap_or("target/bench/search.json").into(),
+                json,
             };
             search::run(bench, services::Services::from_env()?).await
         }
-        "empty-server" => {
-            let addr = options.get("addr").context("--addr is required")?.parse()?;
-            baseline::serve(addr, baseline::Canned::default()).await
-        }
-        "canned-server" => {
-            let addr = options.get("addr").context("--addr is required")?.parse()?;
-            let responses = options.get("responses").context("--responses is required")?;
-            baseline::serve(addr, baseline::Canned::load(responses.as_ref())?).await
-        }
-        "help" | "--help" | "-h" => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        other => bail!("unknown command {other:?}\n{USAGE}"),
-    }
-}
-
-/// `--name value` pairs.
-struct Options(HashMap<String, String>);
-
-impl Options {
-    fn parse(args: &[String]) -> anyhow::Result<Self> {
-        let mut options = HashMap::new();
-        let mut args = args.iter();
-        while let Some(arg) = args.next() {
-            let name = arg.strip_prefix("--").with_context(|| format!("unexpected argument {arg:?}\n{USAGE}"))?;
-            let value = args.next().with_context(|| format!("--{name} needs a value"))?;
-            options.insert(name.to_owned(), value.clone());
-        }
-        Ok(Self(options))
-    }
-
-    fn get(&self, name: &str) -> Option<&str> {
-        self.0.get(name).map(String::as_str)
-    }
-
-    fn number<T: std::str::FromStr>(&self, name: &str, default: T) -> anyhow::Result<T> {
-        match self.get(name) {
-            None => Ok(default),
-            Some(value) => value.parse().map_err(|_| anyhow::anyhow!("--{name}: {value:?} is not a number")),
-        }
+        Command::EmptyServer { addr } => baseline::serve(addr, baseline::Canned::default()).await,
+        Command::CannedServer { addr, responses } => baseline::serve(addr, baseline::Canned::load(&responses)?).await,
     }
 }
 

@@ -64,7 +64,7 @@ impl Random {
 }
 
 /// How message text is made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TextMode {
     /// Zipf over 3,000 CJK characters and a 2,000-word vocabulary.
     Natural,
