@@ -96,7 +96,7 @@ impl SessionKeys {
     /// expire: a seq must never be handed out twice, and once retention has deleted a
     /// session's newest messages (they may be dated back) the databases no longer know the
     /// highest seq handed out, so a counter seeded again from them could repeat seqs that
-    /// clients and `read_positions` still hold. About 60 bytes per session ever written.
+    /// clients and `read_positions` still hold. About 110 bytes per session ever written.
     pub fn seq_counter(&self) -> String {
         format!("{}:seq", self.tag)
     }
