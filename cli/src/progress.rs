@@ -4,7 +4,7 @@
 use std::io::IsTerminal as _;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 
 const PLAIN_EVERY: Duration = Duration::from_secs(5);
 
@@ -22,13 +22,14 @@ impl Progress {
     pub fn new(what: &'static str, total: Option<u64>) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let (bar, template) = match total {
-                Some(total) => {
-                    (ProgressBar::new(total), "{bar:30} {human_pos}/{human_len} {msg} ({per_sec}, {eta} left)")
-                }
-                None => (ProgressBar::new_spinner(), "{spinner} {human_pos} {msg} ({per_sec})"),
+                Some(total) => (ProgressBar::new(total), "{bar:30} {human_pos}/{human_len} {msg} ({rate}, {eta} left)"),
+                None => (ProgressBar::new_spinner(), "{spinner} {human_pos} {msg} ({rate})"),
             };
             if let Ok(style) = ProgressStyle::with_template(template) {
-                bar.set_style(style);
+                // Whole items per second: indicatif's own `per_sec` prints four decimals.
+                bar.set_style(style.with_key("rate", |state: &ProgressState, out: &mut dyn std::fmt::Write| {
+                    let _ = write!(out, "{:.0}/s", state.per_sec());
+                }));
             }
             bar.set_message(what);
             bar.enable_steady_tick(Duration::from_millis(200));
