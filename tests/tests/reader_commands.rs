@@ -20,6 +20,12 @@ const PARTITIONS: i32 = 4;
 
 type Client = StorageReaderServiceClient<Channel>;
 
+/// `storage_reader_cache_lookups_total` of `reader` for `result` (`hit` or `miss`).
+async fn cache_lookups(reader: &RunningReader, result: &str) -> anyhow::Result<f64> {
+    let (_, body) = http_get(reader.metrics_addr, "/metrics").await?;
+    Ok(metric_value(&body, &format!("storage_reader_cache_lookups_total{{result=\"{result}\"}}")).unwrap_or(0.0))
+}
+
 fn tenant(id: &str) -> Option<TenantContext> {
     Some(TenantContext { tenant_id: id.into(), ..Default::default() })
 }
@@ -276,8 +282,16 @@ impl Conversation {
 
     /// Window reads the caching reader answered from Redis.
     async fn cache_hits(&self) -> anyhow::Result<f64> {
-        let (_, body) = http_get(self.cached.metrics_addr, "/metrics").await?;
-        Ok(metric_value(&body, "storage_reader_cache_lookups_total{result=\"hit\"}").unwrap_or(0.0))
+        cache_lookups(&self.cached, "hit").await
+    }
+
+    /// Another caching reader of the conversation's store.
+    async fn replica(&self) -> anyhow::Result<RunningReader> {
+        let (store, mongo_database) = (self.store, self.mongo_database.clone());
+        RunningReader::start_configured(&self.database.url, Some(redis_url()), move |config| {
+            store.configure_reader(config, &mongo_database);
+        })
+        .await
     }
 
     /// Whether the stored document or row of a message still has its content fields, and its
@@ -684,10 +698,7 @@ on_each_store!(every_read_path_shows_what_a_command_changed);
 /// a warm window, and one without Redis.
 async fn every_read_path_shows_what_a_command_changed(store: Store) -> anyhow::Result<()> {
     let chat = Conversation::start(store, 6).await?;
-    let replica = RunningReader::start_configured(&chat.database.url, Some(redis_url()), |config| {
-        store.configure_reader(config, &chat.mongo_database);
-    })
-    .await?;
+    let replica = chat.replica().await?;
     let mut commander = chat.cached.client().await?;
     let mut readers = vec![chat.cached.client().await?, replica.client().await?, chat.uncached.client().await?];
     let warm = async |readers: &mut Vec<Client>| -> anyhow::Result<()> {
@@ -804,10 +815,7 @@ async fn three_replicas_never_contradict_a_command_after_its_reply(store: Store)
     let chat = Conversation::start(store, MESSAGES).await?;
     let mut replicas = Vec::new();
     for _ in 0..2 {
-        let replica = RunningReader::start_configured(&chat.database.url, Some(redis_url()), |config| {
-            store.configure_reader(config, &chat.mongo_database);
-        })
-        .await?;
+        let replica = chat.replica().await?;
         replicas.push(replica);
     }
     let mut clients = vec![chat.cached.client().await?];
@@ -1027,14 +1035,8 @@ on_each_store!(a_page_tells_get_message_where_its_messages_are);
 /// message's session, so the read by id comes from the window at once.
 async fn a_page_tells_get_message_where_its_messages_are(store: Store) -> anyhow::Result<()> {
     let chat = Conversation::start(store, 6).await?;
-    let replica = RunningReader::start_configured(&chat.database.url, Some(redis_url()), |config| {
-        store.configure_reader(config, &chat.mongo_database);
-    })
-    .await?;
-    let lookups = async |result: &str| -> anyhow::Result<f64> {
-        let (_, body) = http_get(replica.metrics_addr, "/metrics").await?;
-        Ok(metric_value(&body, &format!("storage_reader_cache_lookups_total{{result=\"{result}\"}}")).unwrap_or(0.0))
-    };
+    let replica = chat.replica().await?;
+    let lookups = async |result: &str| cache_lookups(&replica, result).await;
     let mut client = replica.client().await?;
     let page = client
         .query_messages(QueryMessagesRequest {
@@ -1071,14 +1073,8 @@ on_each_store!(get_message_is_answered_from_the_window_and_never_shows_what_is_g
 /// are gone, recalled ones lose their content, attributes show at once.
 async fn get_message_is_answered_from_the_window_and_never_shows_what_is_gone(store: Store) -> anyhow::Result<()> {
     let chat = Conversation::start(store, 6).await?;
-    let replica = RunningReader::start_configured(&chat.database.url, Some(redis_url()), |config| {
-        store.configure_reader(config, &chat.mongo_database);
-    })
-    .await?;
-    let hits = async || -> anyhow::Result<f64> {
-        let (_, body) = http_get(replica.metrics_addr, "/metrics").await?;
-        Ok(metric_value(&body, "storage_reader_cache_lookups_total{result=\"hit\"}").unwrap_or(0.0))
-    };
+    let replica = chat.replica().await?;
+    let hits = async || cache_lookups(&replica, "hit").await;
     let (mut replica_client, mut database_client) = (replica.client().await?, chat.uncached.client().await?);
     let everyone = ["m0", "m1", "m2", "m3", "m4", "m5"];
     // Each answer of the replica, and whether it is the database's exactly.
