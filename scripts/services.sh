@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Local services for flare-storage: PostgreSQL, Redis, a Kafka-protocol broker (Tansu) and a
-# MongoDB-protocol server (SecantusDB), all on 127.0.0.1; and promtool, which the tests use.
+# Local services for flare-storage: PostgreSQL, Redis (a single node and a Redis Cluster), a
+# Kafka-protocol broker (Tansu) and a MongoDB-protocol server (SecantusDB), all on 127.0.0.1;
+# and promtool, which the tests use.
 #
 #   scripts/services.sh up     install what is missing, start what is not running, wait until
 #                              every service answers, then print the environment to export
@@ -8,8 +9,8 @@
 #   scripts/services.sh down   stop only what `up` started
 #
 # Idempotent: services already answering are used as they are. Where the caller set
-# KAFKA_BOOTSTRAP_SERVERS, REDIS_URL, POSTGRES_URL or MONGO_URL, that server is used and
-# nothing is started for it.
+# KAFKA_BOOTSTRAP_SERVERS, REDIS_URL, REDIS_CLUSTER_URL, POSTGRES_URL or MONGO_URL, that server
+# is used and nothing is started for it.
 set -euo pipefail
 
 STATE_DIR="${FLARE_SERVICES_DIR:-$(cd "$(dirname "$0")/.." && pwd)/.services}"
@@ -21,11 +22,15 @@ SECANTUS_VERSION="0.7.0b3"
 
 PG_PORT=5432
 REDIS_PORT=6379
+# Redis Cluster: 3 masters and 3 replicas.
+REDIS_CLUSTER_PORTS=(7000 7001 7002 7003 7004 7005)
 KAFKA_PORT=9092
 MONGO_PORT=27017
 
 DEFAULT_POSTGRES_URL="postgres://postgres:postgres@127.0.0.1:${PG_PORT}/test"
 DEFAULT_REDIS_URL="redis://127.0.0.1:${REDIS_PORT}"
+# Seed nodes; the client learns the rest of the cluster from them.
+DEFAULT_REDIS_CLUSTER_URL="redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002"
 DEFAULT_KAFKA="127.0.0.1:${KAFKA_PORT}"
 DEFAULT_MONGO_URL="mongodb://127.0.0.1:${MONGO_PORT}/?directConnection=true"
 
@@ -162,6 +167,41 @@ mongo_up() {
   remember_started mongo $!
   wait_for mongo 60 port_open "$MONGO_PORT"
 }
+cluster_ok() { redis-cli -p "$1" cluster info 2>/dev/null | grep -q '^cluster_state:ok'; }
+
+cluster_all_ok() {
+  local port
+  for port in "${REDIS_CLUSTER_PORTS[@]}"; do cluster_ok "$port" || return 1; done
+}
+
+# A Redis Cluster from the same redis-server, with a short node timeout so that a replica takes
+# over a killed master within seconds (the failover tests). Nothing is persisted: a restart
+# builds a new, empty cluster.
+redis_cluster_up() {
+  if [[ -n "${REDIS_CLUSTER_URL:-}" ]]; then log "redis cluster: using REDIS_CLUSTER_URL from the environment"; return; fi
+  command -v redis-server >/dev/null || apt_install redis-server
+  cluster_all_ok && return
+  local port dir nodes=()
+  for port in "${REDIS_CLUSTER_PORTS[@]}"; do
+    port_open "$port" && die "port $port is taken by something that is not a healthy Redis Cluster"
+  done
+  log "redis cluster: starting ${#REDIS_CLUSTER_PORTS[@]} nodes on ports ${REDIS_CLUSTER_PORTS[0]}-${REDIS_CLUSTER_PORTS[-1]}"
+  for port in "${REDIS_CLUSTER_PORTS[@]}"; do
+    dir="$STATE_DIR/redis-cluster/$port"
+    rm -rf "$dir" && mkdir -p "$dir"
+    redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
+      --cluster-enabled yes --cluster-config-file "$dir/nodes.conf" --cluster-node-timeout 2000 \
+      --dir "$dir" --logfile "$dir/redis.log" --pidfile "$dir/redis.pid" >&2
+    wait_for "redis cluster node $port" 30 port_open "$port"
+    wait_for "redis cluster node $port" 10 test -s "$dir/redis.pid"
+    # By pid file: a failover test may kill a node and start it again.
+    remember_started redis-cluster "$dir/redis.pid"
+    nodes+=("127.0.0.1:$port")
+  done
+  redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >"$STATE_DIR/redis-cluster/create.log" 2>&1 \
+    || die "redis-cli --cluster create failed (see $STATE_DIR/redis-cluster/create.log)"
+  wait_for "redis cluster" 60 cluster_all_ok
+}
 
 # promtool (Debian's `prometheus` package) checks the alert rules in the tests.
 tools_up() {
@@ -171,6 +211,7 @@ tools_up() {
 print_env() {
   echo "export POSTGRES_URL='${POSTGRES_URL:-$DEFAULT_POSTGRES_URL}'"
   echo "export REDIS_URL='${REDIS_URL:-$DEFAULT_REDIS_URL}'"
+  echo "export REDIS_CLUSTER_URL='${REDIS_CLUSTER_URL:-$DEFAULT_REDIS_CLUSTER_URL}'"
   echo "export KAFKA_BOOTSTRAP_SERVERS='${KAFKA_BOOTSTRAP_SERVERS:-$DEFAULT_KAFKA}'"
   echo "export MONGO_URL='${MONGO_URL:-$DEFAULT_MONGO_URL}'"
   # The MongoDB-protocol server's launcher, for tests that run an instance of their own.
@@ -190,6 +231,7 @@ up() {
   touch "$STATE_DIR/started"
   postgres_up
   redis_up
+  redis_cluster_up
   kafka_up
   mongo_up
   tools_up
@@ -205,7 +247,8 @@ down() {
     case "$name" in
       postgres) log "stopping postgres $what/main"; pg_ctlcluster --skip-systemctl-redirect "$what" main stop >&2 || true ;;
       *)
-        if kill -0 "$what" 2>/dev/null; then
+        if [[ "$name" == redis-cluster ]]; then what=$(cat "$what" 2>/dev/null || true); fi
+        if [[ -n "$what" ]] && kill -0 "$what" 2>/dev/null; then
           log "stopping $name (pid $what)"
           kill "$what" 2>/dev/null || true
           for _ in $(seq 1 50); do kill -0 "$what" 2>/dev/null || break; sleep 0.1; done

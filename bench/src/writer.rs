@@ -414,7 +414,13 @@ async fn raw_redis(
 ) -> anyhow::Result<(f64, serde_json::Map<String, serde_json::Value>)> {
     use flare_storage_writer::store::Encoded;
     use flare_storage_writer::store::redis::{Done, DoneMessage};
-    let store = RedisStore::connect(&services.redis, Duration::from_secs(600), Duration::from_secs(600), 200).await?;
+    let store = RedisStore::connect(
+        &flare_storage_common::redis_connection::RedisTarget::new(&services.redis, false),
+        Duration::from_secs(600),
+        Duration::from_secs(600),
+        200,
+    )
+    .await?;
     let mut spent = Duration::ZERO;
     let started = Instant::now();
     for chunk in messages.chunks(batch) {

@@ -12,6 +12,7 @@ pub mod message_document;
 pub mod ops;
 pub mod pools;
 pub mod proto;
+pub mod redis_connection;
 pub mod schema;
 pub mod scripts;
 pub mod settings;

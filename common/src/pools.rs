@@ -3,8 +3,9 @@
 //!
 //! - `<app>_pool_connections{pool, state="in_use"|"idle"}` and `<app>_pool_max_connections{pool}`
 //!   for the PostgreSQL (sqlx) and MongoDB (driver) pools;
-//! - `<app>_redis_in_flight_commands`: Redis is one multiplexed connection per process, so its
-//!   load is the commands waiting for their answers, not connections taken.
+//! - `<app>_redis_in_flight_commands`: Redis is one multiplexed connection per process (per
+//!   node on a cluster, one call per hash slot of a pipeline), so its load is the calls waiting
+//!   for their answers, not connections taken.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -13,8 +14,6 @@ use std::sync::{Arc, Mutex};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{IntGauge, IntGaugeVec, Opts};
-use redis::aio::ConnectionLike;
-use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 /// Connections of a pool the application counts itself, from driver events, by connection:
 /// an event the driver sends without its pair (a checkout abandoned while its connection was
@@ -137,54 +136,6 @@ impl Collector for PoolMetrics {
         let redis = lock(&self.redis);
         self.redis_in_flight.set(redis.iter().map(|count| count.load(Ordering::Relaxed)).sum());
         [self.connections.collect(), self.max.collect(), self.redis_in_flight.collect()].concat()
-    }
-}
-
-/// A Redis connection that counts the commands it has in flight.
-#[derive(Clone)]
-pub struct CountedRedis<C> {
-    inner: C,
-    in_flight: Arc<AtomicI64>,
-}
-
-impl<C> CountedRedis<C> {
-    /// Counts into `in_flight`, which [`PoolMetrics::add_redis`] reports.
-    pub fn new(inner: C, in_flight: Arc<AtomicI64>) -> Self {
-        Self { inner, in_flight }
-    }
-}
-
-impl<C: ConnectionLike + Send> ConnectionLike for CountedRedis<C> {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        let in_flight = self.in_flight.clone();
-        Box::pin(async move {
-            in_flight.fetch_add(1, Ordering::Relaxed);
-            // Counted down however the call ends, dropped futures included.
-            let _answered = scopeguard::guard((), |()| {
-                in_flight.fetch_sub(1, Ordering::Relaxed);
-            });
-            self.inner.req_packed_command(cmd).await
-        })
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        cmd: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        let in_flight = self.in_flight.clone();
-        Box::pin(async move {
-            in_flight.fetch_add(1, Ordering::Relaxed);
-            let _answered = scopeguard::guard((), |()| {
-                in_flight.fetch_sub(1, Ordering::Relaxed);
-            });
-            self.inner.req_packed_commands(cmd, offset, count).await
-        })
-    }
-
-    fn get_db(&self) -> i64 {
-        self.inner.get_db()
     }
 }
 

@@ -1,10 +1,5 @@
-//! Lua scripts in Redis pipelines, called by SHA (`EVALSHA`) rather than sent in full with
-//! every call. A Redis that does not know a script — it restarted, or `SCRIPT FLUSH` — answers
-//! NOSCRIPT, having run none of that script's calls; the scripts are then loaded and the
-//! pipeline sent once more. Callers' scripts must be idempotent: other commands of the
-//! pipeline may run twice.
-
-use redis::{ErrorKind, FromRedisValue, Pipeline, RedisResult, Script, ServerErrorKind};
+//! Lua shared by the writer's and the reader's scripts. The scripts are called by SHA
+//! (`EVALSHA`) in pipelines, see `redis_connection::query_calling`.
 
 /// Lua function of the scripts that write a hot window (the writer's cache stage, the reader's
 /// fills), prepended to them: `trim_window(seq_zset, time_zset, bodies, stamps, keep)` drops
@@ -31,20 +26,3 @@ local function trim_window(seq_zset, time_zset, bodies, stamps, keep)
   return evicted_max
 end
 "#;
-
-/// Sends `pipe`, which calls `scripts` by SHA, loading them on NOSCRIPT.
-pub async fn query_calling<T, C>(connection: &mut C, pipe: &Pipeline, scripts: &[&Script]) -> RedisResult<T>
-where
-    T: FromRedisValue,
-    C: redis::aio::ConnectionLike,
-{
-    match pipe.query_async(connection).await {
-        Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-            for script in scripts {
-                script.load_async(connection).await?;
-            }
-            pipe.query_async(connection).await
-        }
-        result => result,
-    }
-}

@@ -37,10 +37,13 @@ pub struct DatabaseArgs {
     pub mongo_collection: String,
 }
 
-/// The hot windows in Redis: the writer keeps them, the reader refills them, and both must
-/// use the same values.
+/// The Redis settings both services share: whether `REDIS_URL` is a cluster, and the hot
+/// windows, which the writer keeps and the reader refills (both must use the same values).
 #[derive(clap::Args, Clone)]
-pub struct HotWindowArgs {
+pub struct RedisArgs {
+    /// `REDIS_URL` is a seed node of a Redis Cluster (several comma-separated URLs always are).
+    #[arg(long, env = "REDIS_CLUSTER", default_value = "false", value_parser = parse::boolean)]
+    pub redis_cluster: bool,
     /// Lifetime of a session's hot window after its last write, in seconds.
     #[arg(long, env = "REDIS_HOT_TTL_SECONDS", default_value = "3600", value_parser = parse::seconds)]
     pub redis_hot_ttl_seconds: Duration,
@@ -218,8 +221,19 @@ pub mod parse {
         url(value, &["mongodb", "mongodb+srv"])
     }
 
+    /// One `redis://` URL, or several separated by commas (seed nodes of a cluster).
     pub fn redis_url(value: &str) -> Result<String, String> {
-        url(value, &["redis", "rediss"])
+        let urls: Vec<String> =
+            value.split(',').map(|item| url(item, &["redis", "rediss"])).collect::<Result<_, _>>()?;
+        Ok(urls.join(","))
+    }
+
+    pub fn boolean(value: &str) -> Result<bool, String> {
+        match value.trim() {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err("must be true or false".into()),
+        }
     }
 
     pub fn grpc_url(value: &str) -> Result<String, String> {

@@ -3,8 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use flare_storage_common::redis_connection::RedisTarget;
 pub use flare_storage_common::settings::MongoConfig;
-use flare_storage_common::settings::{self, DatabaseArgs, HotWindowArgs, parse};
+use flare_storage_common::settings::{self, DatabaseArgs, RedisArgs, parse};
 use flare_storage_common::telemetry::TelemetryArgs;
 
 #[derive(Clone)]
@@ -17,7 +18,7 @@ pub struct Config {
     /// The realtime store, read before Postgres.
     pub mongo: Option<MongoConfig>,
     /// The writer's hot cache; reads go to the databases only when unset.
-    pub redis_url: Option<String>,
+    pub redis: Option<RedisTarget>,
     /// Lifetime and size of a hot window the reader fills; the same as the writer's settings.
     pub redis_hot_ttl: Duration,
     pub redis_hot_window: usize,
@@ -51,7 +52,7 @@ impl std::fmt::Debug for Config {
             .field("metrics_addr", &self.metrics_addr)
             .field("postgres", &self.postgres_url.is_some())
             .field("mongo", &self.mongo.as_ref().map(|mongo| (&mongo.database, &mongo.collection)))
-            .field("redis", &self.redis_url.is_some())
+            .field("redis", &self.redis.as_ref().map(|redis| redis.cluster))
             .field("default_range", &self.default_range)
             .field("max_page_size", &self.max_page_size)
             .field("tls", &self.tls)
@@ -113,7 +114,7 @@ pub struct Settings {
     #[command(flatten)]
     pub databases: DatabaseArgs,
     #[command(flatten)]
-    pub hot_window: HotWindowArgs,
+    pub redis: RedisArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
 }
@@ -153,9 +154,9 @@ impl Config {
             postgres_url,
             postgres_max_connections: settings.postgres_max_connections,
             mongo,
-            redis_url: settings.redis_url,
-            redis_hot_ttl: settings.hot_window.redis_hot_ttl_seconds,
-            redis_hot_window: settings.hot_window.redis_hot_max_messages,
+            redis: settings.redis_url.map(|urls| RedisTarget::new(&urls, settings.redis.redis_cluster)),
+            redis_hot_ttl: settings.redis.redis_hot_ttl_seconds,
+            redis_hot_window: settings.redis.redis_hot_max_messages,
             default_range: settings.storage_reader_default_range_seconds,
             max_page_size: settings.storage_reader_max_page_size,
             recall_limit: settings.storage_reader_recall_limit_seconds,

@@ -95,9 +95,9 @@ pub async fn serve(
         tokio::spawn(ops::serve(ops_listener, metrics.registry.clone(), readiness.clone(), shutdown.clone()));
     let readiness_task = tokio::spawn(watch_readiness(databases.clone(), readiness, health_reporter, shutdown.clone()));
 
-    let cache = match &config.redis_url {
-        Some(url) => Some(
-            RedisCache::connect(url, config.redis_hot_ttl, config.redis_hot_window)
+    let cache = match &config.redis {
+        Some(target) => Some(
+            RedisCache::connect(target, config.redis_hot_ttl, config.redis_hot_window)
                 .await
                 .context("invalid REDIS_URL")?,
         ),

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::storage_reader_service_client::StorageReaderServiceClient;
+use flare_storage_common::redis_connection::{RedisConnection, RedisTarget, Timeouts};
 use flare_storage_common::tonic::transport::Channel;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -27,6 +28,13 @@ pub fn postgres_url() -> String {
 
 pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// The local Redis Cluster's seed nodes (`scripts/services.sh` starts it); tests that fail its
+/// nodes over use it whatever `REDIS_URL` is.
+pub fn redis_cluster_url() -> String {
+    std::env::var("REDIS_CLUSTER_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".into())
 }
 
 pub fn mongo_url() -> String {
@@ -272,7 +280,7 @@ pub fn writer_config(database_url: &str, topic: &str, dlq_topic: &str) -> flare_
         kafka_fetch_wait: Duration::from_millis(100),
         kafka_max_poll_interval: Duration::from_secs(300),
         kafka_prefetch_kbytes: 16_384,
-        redis_url: redis_url(),
+        redis: redis_target(),
         redis_hot_ttl: Duration::from_secs(600),
         redis_idempotency_ttl: Duration::from_secs(600),
         redis_hot_window: 200,
@@ -329,7 +337,7 @@ impl RunningReader {
             postgres_url: Some(database_url.into()),
             postgres_max_connections: 4,
             mongo: None,
-            redis_url,
+            redis: redis_url.map(|urls| RedisTarget::new(&urls, false)),
             redis_hot_ttl: Duration::from_secs(600),
             redis_hot_window: 200,
             default_range: Duration::from_secs(7 * 24 * 3600),
@@ -501,10 +509,117 @@ impl TopicRecord {
     }
 }
 
-/// A Redis connection for checking what the writer left there.
-pub async fn redis_connection() -> anyhow::Result<redis::aio::MultiplexedConnection> {
-    let client = redis::Client::open(redis_url())?;
-    client.get_multiplexed_async_connection().await.context("Redis is not reachable at REDIS_URL")
+/// A Redis connection for checking what the writer left there: to the node or the cluster
+/// `REDIS_URL` names, as the binaries connect.
+pub async fn redis_connection() -> anyhow::Result<RedisConnection> {
+    let timeouts = Timeouts { connect: Duration::from_secs(2), response: Duration::from_secs(5), retries: 2 };
+    RedisConnection::connect(&redis_target(), timeouts, Default::default())
+        .await
+        .context("Redis is not reachable at REDIS_URL")
+}
+
+/// The Redis of the tests: `REDIS_URL`, a cluster when it lists several seed nodes.
+pub fn redis_target() -> RedisTarget {
+    RedisTarget::new(&redis_url(), false)
+}
+
+/// A node of the local Redis Cluster, as `CLUSTER NODES` lists it.
+#[derive(Clone, Debug)]
+pub struct ClusterNode {
+    pub port: u16,
+    pub id: String,
+    pub master: bool,
+    /// `CLUSTER NODES` flags, e.g. `myself,master` or `slave` or `master,fail`.
+    pub flags: String,
+    /// Hash slot ranges it serves (masters).
+    pub slots: Vec<(u16, u16)>,
+}
+
+impl ClusterNode {
+    /// The cluster's nodes, as the first answering node of `seeds` (`REDIS_URL` form) sees them.
+    pub async fn list(seeds: &str) -> anyhow::Result<Vec<ClusterNode>> {
+        let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut Self::seed(seeds).await?).await?;
+        nodes.lines().map(ClusterNode::parse).collect()
+    }
+
+    /// A connection to the first node of `seeds` that answers.
+    async fn seed(seeds: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+        for seed in seeds.split(',') {
+            let Ok(client) = redis::Client::open(seed.trim()) else { continue };
+            let Ok(mut connection) = client.get_multiplexed_async_connection().await else { continue };
+            if redis::cmd("PING").query_async::<()>(&mut connection).await.is_ok() {
+                return Ok(connection);
+            }
+        }
+        bail!("no node of {seeds} answers")
+    }
+
+    /// `<id> <ip:port@cport> <flags> <master> <ping> <pong> <epoch> <link> <slot>…`
+    fn parse(line: &str) -> anyhow::Result<ClusterNode> {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        anyhow::ensure!(fields.len() >= 8, "unexpected CLUSTER NODES line {line:?}");
+        let port = fields[1].split('@').next().and_then(|addr| addr.rsplit(':').next()).unwrap_or_default();
+        let slots = fields[8..]
+            .iter()
+            .filter(|range| !range.starts_with('['))
+            .map(|range| {
+                let (first, last) = range.split_once('-').unwrap_or((range, range));
+                anyhow::Ok((first.parse()?, last.parse()?))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(ClusterNode {
+            port: port.parse()?,
+            id: fields[0].to_owned(),
+            master: fields[2].split(',').any(|flag| flag == "master") && !fields[2].contains("fail"),
+            flags: fields[2].to_owned(),
+            slots,
+        })
+    }
+
+    /// The master serving `key`'s hash slot.
+    pub async fn master_of(seeds: &str, key: &str) -> anyhow::Result<ClusterNode> {
+        let slot: u16 =
+            redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query_async(&mut Self::seed(seeds).await?).await?;
+        ClusterNode::list(seeds)
+            .await?
+            .into_iter()
+            .find(|node| node.master && node.slots.iter().any(|(first, last)| (*first..=*last).contains(&slot)))
+            .with_context(|| format!("no master serves slot {slot} of {key}"))
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the node's process with SIGKILL and returns the command line that starts it again
+    /// with its configuration (its node id and cluster state are in its cluster config file).
+    pub async fn kill(&self) -> anyhow::Result<std::process::Command> {
+        let mut connection = redis::Client::open(self.url())?.get_multiplexed_async_connection().await?;
+        let info: String = redis::cmd("INFO").arg("server").query_async(&mut connection).await?;
+        let pid = info
+            .lines()
+            .find_map(|line| line.strip_prefix("process_id:"))
+            .context("INFO server names no process_id")?
+            .trim()
+            .to_owned();
+        let config = |name: &'static str| {
+            let mut connection = connection.clone();
+            async move {
+                let pair: Vec<String> = redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut connection).await?;
+                pair.get(1).cloned().with_context(|| format!("CONFIG GET {name}"))
+            }
+        };
+        let (dir, config_file, timeout) =
+            (config("dir").await?, config("cluster-config-file").await?, config("cluster-node-timeout").await?);
+        let killed = std::process::Command::new("kill").args(["-9", &pid]).status()?;
+        anyhow::ensure!(killed.success(), "kill -9 {pid} failed");
+        let mut restart = std::process::Command::new("redis-server");
+        restart.args(["--daemonize", "yes", "--bind", "127.0.0.1", "--port", &self.port.to_string()]);
+        restart.args(["--save", "", "--appendonly", "no", "--cluster-enabled", "yes"]);
+        restart.args(["--cluster-config-file", &config_file, "--cluster-node-timeout", &timeout, "--dir", &dir]);
+        restart.args(["--logfile", &format!("{dir}/redis.log"), "--pidfile", &format!("{dir}/redis.pid")]);
+        Ok(restart)
+    }
 }
 
 /// The writer binary built next to the test binaries, for tests that need a real process.

@@ -217,6 +217,62 @@ async fn a_cold_window_is_filled_once_for_concurrent_readers() -> anyhow::Result
     Ok(())
 }
 
+/// A Redis failover can drop the last writes the old master took before its replica received
+/// them: here the window and state of a session lose its two newest messages. The next message
+/// must not be appended to the window as if nothing were missing; every read path still shows
+/// all six messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_that_lost_its_newest_writes_is_refilled() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let tenant = unique("acme");
+    let (topic, dlq_topic) = (unique("messages"), unique("dlq"));
+    create_topics(&[&topic, &dlq_topic], PARTITIONS).await?;
+    let base = chrono::Utc::now() - chrono::Duration::minutes(30);
+    let producer = producer()?;
+    let writer = RunningWriter::start(writer_config(&database.url, &topic, &dlq_topic)).await?;
+    for index in 0..5 {
+        produce_message(&producer, &topic, &message(&tenant, "lossy", index, base)).await?;
+    }
+    writer.wait_processed(5).await?;
+
+    let keys = SessionKeys::new(&tenant, "lossy");
+    let mut redis = redis_connection().await?;
+    let lost = ["lossy-003", "lossy-004"];
+    let _: () = redis.zrem(keys.hot_index(), &lost).await?;
+    let _: () = redis.zrem(keys.hot_time_index(), &lost).await?;
+    let _: () = redis.hdel(keys.hot_bodies(), &lost).await?;
+    let _: () = redis.hset_multiple(keys.state(), &[("last_seq", "3"), ("last_message_id", "lossy-002")]).await?;
+    let floor: Option<i64> = redis.hget(keys.hot_meta(), "floor_us").await?;
+    assert_eq!(floor, Some(flare_storage_common::keys::HOT_FLOOR_ALL), "the window held the whole session");
+
+    produce_message(&producer, &topic, &message(&tenant, "lossy", 5, base)).await?;
+    writer.wait_processed(6).await?;
+    writer.stop().await?;
+
+    let reader = RunningReader::start(&database.url).await?;
+    let mut client = reader.client().await?;
+    let expected: Vec<String> = (0..6).rev().map(|index| format!("lossy-{index:03}")).collect();
+    let page = client.query_messages(query(&tenant, "lossy", 20, "")).await?.into_inner();
+    let ids: Vec<String> = page.messages.iter().map(|message| message.id.clone()).collect();
+    assert_eq!(ids, expected, "QueryMessages");
+    let by_seq = client
+        .query_messages_by_seq(QueryMessagesBySeqRequest {
+            tenant: Some(TenantContext { tenant_id: tenant.clone(), ..Default::default() }),
+            session_id: "lossy".into(),
+            after_seq: 0,
+            limit: 20,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let seqs: Vec<i64> = by_seq.messages.iter().map(|message| message.seq).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5, 6], "QueryMessagesBySeq");
+
+    reader.stop().await?;
+    database.drop().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_survive_a_redis_outage() -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;

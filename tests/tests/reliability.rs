@@ -274,8 +274,11 @@ impl Stream {
     /// messages, a run of consecutive seqs ending at the session's last. Returns the number of
     /// entries and of faults.
     async fn check_hot_windows(&self, stored: &HashMap<(&str, &str), i64>) -> anyhow::Result<(usize, usize)> {
+        use flare_storage_common::redis_connection::{RedisConnection, RedisTarget, Timeouts};
         use redis::AsyncCommands as _;
-        let mut redis = redis::Client::open(self.redis.as_str())?.get_multiplexed_async_connection().await?;
+        let timeouts = Timeouts { connect: Duration::from_secs(2), response: Duration::from_secs(5), retries: 2 };
+        let mut redis =
+            RedisConnection::connect(&RedisTarget::new(&self.redis, false), timeouts, Default::default()).await?;
         let mut last_seq: HashMap<&str, i64> = HashMap::new();
         for ((session, _), seq) in stored {
             let last = last_seq.entry(session).or_default();
@@ -451,6 +454,49 @@ async fn redis_losing_its_data_mid_stream_loses_and_duplicates_nothing() -> anyh
     kill_9(&mut writer)?;
     kill_9(&mut server)?;
     eprintln!("redis restarted empty at {stored_at_restart} stored: {report}");
+    stream.database.drop().await?;
+    Ok(())
+}
+
+/// A Redis Cluster master killed with SIGKILL mid-stream: a replica takes over its slots within
+/// seconds, the writer rides through, and the stores reconcile, hot windows included. The
+/// killed node is started again and rejoins as a replica, leaving the cluster whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_master_killed_mid_stream_loses_and_duplicates_nothing() -> anyhow::Result<()> {
+    let sent = setting("RELIABILITY_MESSAGES", 6_000) / 2;
+    let mut stream = Stream::new().await?;
+    stream.redis = redis_cluster_url();
+    let mut writer = stream.writer()?;
+    let producing = stream.produce(sent, 1_000);
+    eventually(Duration::from_secs(60), "work under way", || async {
+        Ok((stream.stored().await? > (sent / 4) as i64).then_some(()))
+    })
+    .await?;
+
+    let key = flare_storage_common::keys::SessionKeys::new(&stream.tenant, "s0").hot_index();
+    let master = ClusterNode::master_of(&stream.redis, &key).await?;
+    let mut restart = master.kill().await?;
+    let stored_at_kill = stream.stored().await?;
+    let promoted = eventually(Duration::from_secs(30), "a replica promoted", || async {
+        let serving = ClusterNode::master_of(&stream.redis, &key).await.ok();
+        Ok(serving.filter(|node| node.port != master.port).map(|node| node.port))
+    })
+    .await?;
+    anyhow::ensure!(restart.status()?.success(), "restarting the killed node failed");
+
+    producing.await??;
+    eventually(Duration::from_secs(120), "every message stored", || async {
+        Ok((stream.stored().await? >= valid(sent) as i64).then_some(()))
+    })
+    .await?;
+    let report = stream.reconciled(sent).await?;
+    eventually(Duration::from_secs(60), "the killed node back as a replica", || async {
+        let nodes = ClusterNode::list(&stream.redis).await.unwrap_or_default();
+        Ok(nodes.iter().any(|node| node.port == master.port && node.flags.contains("slave")).then_some(()))
+    })
+    .await?;
+    kill_9(&mut writer)?;
+    eprintln!("master :{} killed at {stored_at_kill} stored, :{promoted} took over: {report}", master.port);
     stream.database.drop().await?;
     Ok(())
 }

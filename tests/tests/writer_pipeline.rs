@@ -10,6 +10,7 @@ use flare_storage_common::proto::common::TenantContext;
 use flare_storage_common::proto::storage::{
     Message, MessageContent, MessageType, StoreMessageRequest, TextContent, message_content,
 };
+use flare_storage_common::redis_connection::RedisTarget;
 use flare_storage_e2e::*;
 use redis::AsyncCommands as _;
 
@@ -270,7 +271,7 @@ async fn postgres_and_redis_outages_lose_nothing() -> anyhow::Result<()> {
     let redis_proxy = Proxy::start(url_addr(&redis_url())?).await?;
     let mut config = writer_config(&database.url, &topic, &dlq_topic);
     config.postgres_url = Some(url_through(&database.url, postgres_proxy.addr)?);
-    config.redis_url = url_through(&redis_url(), redis_proxy.addr)?;
+    config.redis = RedisTarget::new(&url_through(&redis_url(), redis_proxy.addr)?, false);
     let writer = RunningWriter::start(config).await?;
     let producer = producer()?;
     let send = |from: usize, to: usize| {

@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::CommandFactory as _;
+use flare_storage_common::redis_connection::RedisTarget;
 pub use flare_storage_common::settings::MongoConfig;
-use flare_storage_common::settings::{self, DatabaseArgs, HotWindowArgs, parse};
+use flare_storage_common::settings::{self, DatabaseArgs, RedisArgs, parse};
 use flare_storage_common::telemetry::TelemetryArgs;
 
 use crate::error::Stage;
@@ -27,7 +28,8 @@ pub struct Config {
     pub kafka_max_poll_interval: Duration,
     /// Bound of the client's prefetch queue, in KiB (librdkafka `queued.max.messages.kbytes`).
     pub kafka_prefetch_kbytes: usize,
-    pub redis_url: String,
+    /// Redis node or cluster.
+    pub redis: RedisTarget,
     pub redis_hot_ttl: Duration,
     pub redis_idempotency_ttl: Duration,
     /// Newest messages kept per session in the hot cache.
@@ -163,7 +165,7 @@ pub struct Settings {
     #[command(flatten)]
     pub databases: DatabaseArgs,
     #[command(flatten)]
-    pub hot_window: HotWindowArgs,
+    pub redis: RedisArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
 }
@@ -207,10 +209,10 @@ impl Config {
             kafka_fetch_wait: settings.kafka_fetch_wait_max_ms,
             kafka_max_poll_interval: settings.kafka_max_poll_interval_ms,
             kafka_prefetch_kbytes: settings.kafka_prefetch_kbytes,
-            redis_url,
-            redis_hot_ttl: settings.hot_window.redis_hot_ttl_seconds,
+            redis: RedisTarget::new(&redis_url, settings.redis.redis_cluster),
+            redis_hot_ttl: settings.redis.redis_hot_ttl_seconds,
             redis_idempotency_ttl: settings.redis_idempotency_ttl_seconds,
-            redis_hot_window: settings.hot_window.redis_hot_max_messages,
+            redis_hot_window: settings.redis.redis_hot_max_messages,
             mongo,
             postgres_url,
             postgres_max_connections: settings.postgres_max_connections,

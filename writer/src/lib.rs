@@ -81,12 +81,7 @@ async fn consume(
 ) -> anyhow::Result<()> {
     // Dependencies may start after the writer (pods, compose): wait for each, logging why.
     let Some(redis) = until_ready("redis", shutdown, || {
-        RedisStore::connect(
-            &config.redis_url,
-            config.redis_hot_ttl,
-            config.redis_idempotency_ttl,
-            config.redis_hot_window,
-        )
+        RedisStore::connect(&config.redis, config.redis_hot_ttl, config.redis_idempotency_ttl, config.redis_hot_window)
     })
     .await
     else {

@@ -16,9 +16,8 @@ use std::time::{Duration, Instant};
 use flare_storage_common::keys::{
     HOT_FLOOR_ALL, SESSION_STATE_TTL_SECONDS, SessionKeys, VIEW_FIELDS_LUA, message_session,
 };
-use flare_storage_common::pools::CountedRedis;
-use flare_storage_common::scripts::{TRIM_WINDOW, query_calling};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use flare_storage_common::redis_connection::{RedisConnection, RedisTarget, Timeouts, query_calling};
+use flare_storage_common::scripts::TRIM_WINDOW;
 use redis::{AsyncCommands as _, RedisResult, Script, Value};
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
@@ -478,7 +477,7 @@ pub struct FillEntry {
     pub gone: Option<String>,
 }
 
-type Connection = CountedRedis<ConnectionManager>;
+type Connection = RedisConnection;
 
 #[derive(Clone)]
 pub struct RedisCache {
@@ -504,8 +503,11 @@ pub struct RedisCache {
 impl RedisCache {
     /// Connects, or — when Redis does not answer at start — keeps trying in the background
     /// while reads skip the cache.
-    pub async fn connect(url: &str, hot_ttl: Duration, hot_window: usize) -> RedisResult<Self> {
-        let client = redis::Client::open(url)?;
+    pub async fn connect(target: &RedisTarget, hot_ttl: Duration, hot_window: usize) -> RedisResult<Self> {
+        // A URL that cannot be used is an error at start, not a cache that never connects.
+        for url in &target.urls {
+            redis::IntoConnectionInfo::into_connection_info(url.as_str())?;
+        }
         let cache = Self {
             connection: Arc::new(OnceCell::new()),
             in_flight: Arc::default(),
@@ -525,26 +527,22 @@ impl RedisCache {
             set_state: Script::new(SET_STATE),
             advance_read: Script::new(ADVANCE_READ),
         };
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_millis(500)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
-        match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+        let timeouts = Timeouts { connect: Duration::from_secs(1), response: Duration::from_millis(500), retries: 1 };
+        match RedisConnection::connect(target, timeouts, cache.in_flight.clone()).await {
             Ok(connection) => {
-                let _ = cache.connection.set(CountedRedis::new(connection, cache.in_flight.clone()));
+                let _ = cache.connection.set(connection);
                 return Ok(cache);
             }
             Err(error) => warn!(%error, "redis cache not reachable at start, reading from the databases"),
         }
-        let (cell, in_flight) = (cache.connection.clone(), cache.in_flight.clone());
+        let (cell, in_flight, target) = (cache.connection.clone(), cache.in_flight.clone(), target.clone());
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(200);
             loop {
                 tokio::time::sleep(delay).await;
-                match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+                match RedisConnection::connect(&target, timeouts, in_flight.clone()).await {
                     Ok(connection) => {
-                        let _ = cell.set(CountedRedis::new(connection, in_flight));
+                        let _ = cell.set(connection);
                         info!("redis cache connected");
                         return;
                     }
@@ -867,7 +865,7 @@ impl RedisCache {
         user: &str,
         now_us: i64,
     ) -> Option<Vec<Option<CachedState>>> {
-        self.call(async |mut connection| {
+        self.call(async |connection| {
             let mut pipe = redis::pipe();
             let invocations: Vec<_> = sessions
                 .iter()
@@ -887,8 +885,7 @@ impl RedisCache {
             for invocation in &invocations {
                 pipe.invoke_script(invocation);
             }
-            let replies: Vec<Option<Vec<Vec<u8>>>> =
-                query_calling(&mut connection, &pipe, &[&self.session_state]).await?;
+            let replies: Vec<Option<Vec<Vec<u8>>>> = query_calling(&connection, &pipe, &[&self.session_state]).await?;
             Ok(replies.iter().map(|reply| reply.as_deref().and_then(CachedState::parse)).collect())
         })
         .await
@@ -902,7 +899,7 @@ impl RedisCache {
             return;
         }
         let _ = self
-            .call(async |mut connection| {
+            .call(async |connection| {
                 let mut pipe = redis::pipe();
                 for (keys, head) in heads {
                     let mut invocation = self.set_state.key(keys.state());
@@ -914,14 +911,14 @@ impl RedisCache {
                         .arg(&head.content_type)
                         .arg(head.last_message_time.timestamp_millis())
                         .arg(SESSION_STATE_TTL_SECONDS);
-                    pipe.invoke_script(&invocation).ignore();
+                    pipe.invoke_script(&invocation);
                 }
                 for (keys, read_seq) in reads {
                     let mut advance = self.advance_read.key(keys.reads());
                     advance.arg(user).arg(*read_seq).arg(SESSION_STATE_TTL_SECONDS);
-                    pipe.invoke_script(&advance).ignore();
+                    pipe.invoke_script(&advance);
                 }
-                query_calling::<(), _>(&mut connection, &pipe, &[&self.set_state, &self.advance_read]).await
+                query_calling::<()>(&connection, &pipe, &[&self.set_state, &self.advance_read]).await
             })
             .await;
     }
@@ -1014,7 +1011,7 @@ mod tests {
     /// A cache on the test Redis (`REDIS_URL`) and keys of a session no other test uses.
     async fn cache_and_keys() -> anyhow::Result<(RedisCache, SessionKeys, redis::aio::MultiplexedConnection)> {
         let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let cache = RedisCache::connect(&url, Duration::from_secs(60), 10).await?;
+        let cache = RedisCache::connect(&RedisTarget::new(&url, false), Duration::from_secs(60), 10).await?;
         for _ in 0..100 {
             if cache.is_connected() {
                 break;

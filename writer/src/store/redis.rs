@@ -20,9 +20,8 @@ use std::time::Duration;
 use chrono::DateTime;
 use flare_storage_common::keys::{HOT_FLOOR_ALL, SESSION_STATE_TTL_SECONDS, SessionKeys};
 use flare_storage_common::message::{content_type, message_tenant_id, to_datetime};
-use flare_storage_common::pools::CountedRedis;
-use flare_storage_common::scripts::{TRIM_WINDOW, query_calling};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use flare_storage_common::redis_connection::{RedisConnection, RedisTarget, Timeouts, query_calling};
+use flare_storage_common::scripts::TRIM_WINDOW;
 use redis::{RedisResult, Script};
 
 use super::Encoded;
@@ -118,7 +117,9 @@ return 1
 /// Window: trimmed to the newest ARGV[1] by seq, keeping its completeness floor (see
 /// `SessionKeys::hot_meta`): an empty window that receives a session's first message (seq 1,
 /// stored by this batch) holds the whole session; trimming raises the floor to the newest
-/// evicted timestamp; a window of unknown completeness stays unknown. A message a reader's
+/// evicted timestamp; a window of unknown completeness stays unknown; a new message more than
+/// one seq past the window's newest makes it unknown (Redis lost the writes between, as a
+/// failover can: the next page refills it from the databases). A message a reader's
 /// command has stamped (`SessionKeys::hot_stamps`) keeps the body that command put, or none:
 /// the command changed it before this batch (or this redelivery) reached the cache, and this
 /// payload is the one first sent. State: a message at or below the applied seq was applied
@@ -137,6 +138,11 @@ const FINISH_SESSION: &str = r#"
 local starts_session = false
 local bodiless = false
 local window_empty = redis.call('EXISTS', KEYS[1]) == 0
+-- The window's newest seq before this batch: a new message further on than the next one means
+-- the window lost writes between them (a Redis failover drops the last writes its replica had
+-- not received), so its completeness is no longer known.
+local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2]
+local gap = false
 local state_known = redis.call('EXISTS', KEYS[6]) == 1
 local last = tonumber(redis.call('HGET', KEYS[6], 'last_seq') or '0')
 local latest = nil
@@ -153,6 +159,8 @@ for i = 6, #ARGV, 10 do
     bodiless = true
   end
   if seq == '1' and new and window_empty then starts_session = true end
+  if top and tonumber(seq) > tonumber(top) + 1 then gap = true end
+  if top and tonumber(seq) > tonumber(top) then top = seq end
   if (new or state_known) and tonumber(seq) > last then
     last = tonumber(seq)
     latest = i
@@ -167,7 +175,7 @@ end
 if starts_session and redis.call('EXISTS', KEYS[4]) == 0 then
   redis.call('HSET', KEYS[4], 'floor_us', ARGV[3])
 end
-if bodiless then redis.call('HDEL', KEYS[4], 'floor_us') end
+if bodiless or gap then redis.call('HDEL', KEYS[4], 'floor_us') end
 local evicted_max = trim_window(KEYS[1], KEYS[3], KEYS[2], KEYS[9], tonumber(ARGV[1]))
 local floor = redis.call('HGET', KEYS[4], 'floor_us')
 if floor and evicted_max and evicted_max > tonumber(floor) then
@@ -203,8 +211,7 @@ pub struct DoneMessage<'a> {
 
 #[derive(Clone)]
 pub struct RedisStore {
-    connection: CountedRedis<ConnectionManager>,
-    in_flight: Arc<AtomicI64>,
+    connection: RedisConnection,
     hot_ttl: Duration,
     idempotency_ttl: Duration,
     hot_window: usize,
@@ -214,25 +221,18 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// Connects lazily-retrying: the manager reconnects by itself after Redis restarts.
+    /// Connects to a node or cluster; the connection reconnects by itself after Redis restarts
+    /// or fails over.
     pub async fn connect(
-        url: &str,
+        target: &RedisTarget,
         hot_ttl: Duration,
         idempotency_ttl: Duration,
         hot_window: usize,
     ) -> RedisResult<Self> {
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let in_flight = Arc::<AtomicI64>::default();
-        let connection =
-            CountedRedis::new(ConnectionManager::new_with_config(client, config).await?, in_flight.clone());
+        let timeouts = Timeouts { connect: Duration::from_secs(2), response: Duration::from_secs(5), retries: 2 };
+        let connection = RedisConnection::connect(target, timeouts, Arc::default()).await?;
         Ok(Self {
             connection,
-            in_flight,
             hot_ttl,
             idempotency_ttl,
             hot_window,
@@ -244,7 +244,7 @@ impl RedisStore {
 
     /// Commands in flight, for the pool metrics.
     pub fn in_flight(&self) -> Arc<AtomicI64> {
-        self.in_flight.clone()
+        self.connection.in_flight()
     }
 
     /// The done marker of each (session keys, message id), in order.
@@ -256,7 +256,7 @@ impl RedisStore {
         for (keys, message_id) in messages {
             pipe.get(keys.done(message_id));
         }
-        let values: Vec<Option<String>> = pipe.query_async(&mut self.connection.clone()).await?;
+        let values: Vec<Option<String>> = query_calling(&self.connection, &pipe, &[]).await?;
         Ok(values.into_iter().map(|value| value.as_deref().and_then(Done::decode)).collect())
     }
 
@@ -280,7 +280,7 @@ impl RedisStore {
             }
             pipe.invoke_script(&invocation);
         }
-        let results: Vec<Vec<i64>> = query_calling(&mut self.connection.clone(), &pipe, &[&self.assign_seq]).await?;
+        let results: Vec<Vec<i64>> = query_calling(&self.connection, &pipe, &[&self.assign_seq]).await?;
         Ok(results.into_iter().map(|seqs| (!seqs.is_empty()).then_some(seqs)).collect())
     }
 
@@ -338,12 +338,12 @@ impl RedisStore {
                     .arg(done.encode())
                     .arg(if *stored_before { "0" } else { "1" });
             }
-            pipe.invoke_script(&invocation).ignore();
+            pipe.invoke_script(&invocation);
         }
         if let Some((wal_key, ids)) = wal {
-            pipe.cmd("HDEL").arg(wal_key).arg(ids).ignore();
+            pipe.cmd("HDEL").arg(wal_key).arg(ids);
         }
-        query_calling(&mut self.connection.clone(), &pipe, &[&self.finish_session]).await
+        query_calling(&self.connection, &pipe, &[&self.finish_session]).await
     }
 
     /// Round trip for readiness checks.
