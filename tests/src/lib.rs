@@ -576,10 +576,31 @@ impl ClusterNode {
         })
     }
 
+    /// Whether the cluster is whole: `redis-cli --cluster check` finds every node agreeing on
+    /// the slots, no slot open (migrating or importing), every slot covered, and no node failing.
+    pub async fn whole(seeds: &str) -> anyhow::Result<bool> {
+        let nodes = ClusterNode::list(seeds).await?;
+        let Some(node) = nodes.iter().find(|node| node.master) else { return Ok(false) };
+        let address = format!("127.0.0.1:{}", node.port);
+        let check = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("redis-cli").args(["--cluster", "check", &address]).output()
+        })
+        .await??;
+        let report = String::from_utf8_lossy(&check.stdout);
+        Ok(check.status.success()
+            && !report.contains("[ERR]")
+            && !report.contains("[WARNING]")
+            && nodes.iter().all(|node| !node.flags.contains("fail")))
+    }
+
+    /// The hash slot of `key`.
+    pub async fn slot_of(seeds: &str, key: &str) -> anyhow::Result<u16> {
+        Ok(redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query_async(&mut Self::seed(seeds).await?).await?)
+    }
+
     /// The master serving `key`'s hash slot.
     pub async fn master_of(seeds: &str, key: &str) -> anyhow::Result<ClusterNode> {
-        let slot: u16 =
-            redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query_async(&mut Self::seed(seeds).await?).await?;
+        let slot = Self::slot_of(seeds, key).await?;
         ClusterNode::list(seeds)
             .await?
             .into_iter()
@@ -589,6 +610,73 @@ impl ClusterNode {
 
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// How many `ASK`, `MOVED` and `TRYAGAIN` replies this node has given since it started
+    /// (`INFO errorstats`).
+    pub async fn redirections(&self) -> anyhow::Result<[u64; 3]> {
+        let info: String = redis::cmd("INFO").arg("errorstats").query_async(&mut self.connection().await?).await?;
+        let count = |name: &str| {
+            info.lines()
+                .find_map(|line| line.strip_prefix(&format!("errorstat_{name}:count=")))
+                .and_then(|count| count.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        Ok([count("ASK"), count("MOVED"), count("TRYAGAIN")])
+    }
+
+    async fn connection(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+        Ok(redis::Client::open(self.url())?.get_multiplexed_async_connection().await?)
+    }
+
+    /// Moves hash slot `slot` from this master to `target` as `redis-cli --cluster reshard`
+    /// does, while clients go on using it: the slot is marked migrating here and importing
+    /// there (clients get `ASK` for keys already moved, `TRYAGAIN` for scripts whose keys are
+    /// split), its keys move `batch` at a time with `pause` between batches, then every master
+    /// is told the slot's new owner (clients get `MOVED`).
+    pub async fn migrate_slot(
+        &self,
+        target: &ClusterNode,
+        masters: &[ClusterNode],
+        slot: u16,
+        batch: usize,
+        pause: Duration,
+    ) -> anyhow::Result<usize> {
+        let (mut source, mut destination) = (self.connection().await?, target.connection().await?);
+        let setslot = |state: &str, id: &str| {
+            let mut command = redis::cmd("CLUSTER");
+            command.arg("SETSLOT").arg(slot).arg(state).arg(id);
+            command
+        };
+        setslot("IMPORTING", &self.id).query_async::<()>(&mut destination).await?;
+        setslot("MIGRATING", &target.id).query_async::<()>(&mut source).await?;
+        let mut moved = 0;
+        loop {
+            let keys: Vec<String> =
+                redis::cmd("CLUSTER").arg("GETKEYSINSLOT").arg(slot).arg(batch).query_async(&mut source).await?;
+            if keys.is_empty() {
+                break;
+            }
+            redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(target.port)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("REPLACE")
+                .arg("KEYS")
+                .arg(&keys)
+                .query_async::<()>(&mut source)
+                .await?;
+            moved += keys.len();
+            tokio::time::sleep(pause).await;
+        }
+        setslot("NODE", &target.id).query_async::<()>(&mut destination).await?;
+        setslot("NODE", &target.id).query_async::<()>(&mut source).await?;
+        for master in masters.iter().filter(|master| master.port != self.port && master.port != target.port) {
+            setslot("NODE", &target.id).query_async::<()>(&mut master.connection().await?).await?;
+        }
+        Ok(moved)
     }
 
     /// Kills the node's process with SIGKILL and returns the command line that starts it again

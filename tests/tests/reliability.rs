@@ -490,13 +490,84 @@ async fn a_redis_cluster_master_killed_mid_stream_loses_and_duplicates_nothing()
     })
     .await?;
     let report = stream.reconciled(sent).await?;
-    eventually(Duration::from_secs(60), "the killed node back as a replica", || async {
+    eventually(Duration::from_secs(60), "the killed node back as a replica, the cluster whole", || async {
         let nodes = ClusterNode::list(&stream.redis).await.unwrap_or_default();
-        Ok(nodes.iter().any(|node| node.port == master.port && node.flags.contains("slave")).then_some(()))
+        let rejoined = nodes.iter().any(|node| node.port == master.port && node.flags.contains("slave"));
+        Ok((rejoined && ClusterNode::whole(&stream.redis).await.unwrap_or(false)).then_some(()))
     })
     .await?;
     kill_9(&mut writer)?;
     eprintln!("master :{} killed at {stored_at_kill} stored, :{promoted} took over: {report}", master.port);
+    stream.database.drop().await?;
+    Ok(())
+}
+
+/// The hash slots of ten of the stream's sessions move to another master while records flow,
+/// key batch by key batch (the steps of `redis-cli --cluster reshard`): the writer's calls meet
+/// `ASK`, `TRYAGAIN` and then `MOVED`, and the stores reconcile, hot windows included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_slots_moving_mid_stream_lose_and_duplicate_nothing() -> anyhow::Result<()> {
+    let sent = setting("RELIABILITY_MESSAGES", 6_000) / 2;
+    let mut stream = Stream::new().await?;
+    stream.redis = redis_cluster_url();
+    eventually(Duration::from_secs(60), "a whole cluster", || async {
+        Ok(ClusterNode::whole(&stream.redis).await?.then_some(()))
+    })
+    .await?;
+    let mut writer = stream.writer()?;
+    let producing = stream.produce(sent, 500);
+    eventually(Duration::from_secs(60), "work under way", || async {
+        Ok((stream.stored().await? > (sent / 10) as i64).then_some(()))
+    })
+    .await?;
+
+    let masters: Vec<ClusterNode> =
+        ClusterNode::list(&stream.redis).await?.into_iter().filter(|node| node.master).collect();
+    let redirections = async || -> anyhow::Result<[u64; 3]> {
+        let mut sum = [0; 3];
+        for master in &masters {
+            for (total, count) in sum.iter_mut().zip(master.redirections().await?) {
+                *total += count;
+            }
+        }
+        Ok(sum)
+    };
+    let before = redirections().await?;
+    let mut moved_keys = 0;
+    for session in 0..10 {
+        let key = flare_storage_common::keys::SessionKeys::new(&stream.tenant, &format!("s{session}")).hot_index();
+        let slot = ClusterNode::slot_of(&stream.redis, &key).await?;
+        let owner = ClusterNode::master_of(&stream.redis, &key).await?;
+        let target = masters
+            .iter()
+            .find(|master| master.port != owner.port)
+            .ok_or_else(|| anyhow::anyhow!("a second master"))?;
+        moved_keys += owner.migrate_slot(target, &masters, slot, 2, Duration::from_millis(20)).await?;
+        // Replicas learn the new owner by gossip.
+        eventually(Duration::from_secs(10), &format!("slot {slot} served by :{}", target.port), || async {
+            let now = ClusterNode::master_of(&stream.redis, &key).await.ok();
+            Ok(now.filter(|node| node.port == target.port).map(|_| ()))
+        })
+        .await?;
+    }
+    let stored_after_moves = stream.stored().await?;
+    anyhow::ensure!(stored_after_moves < valid(sent) as i64, "the stream ended before the slots moved");
+
+    producing.await??;
+    eventually(Duration::from_secs(120), "every message stored", || async {
+        Ok((stream.stored().await? >= valid(sent) as i64).then_some(()))
+    })
+    .await?;
+    let report = stream.reconciled(sent).await?;
+    let after = redirections().await?;
+    let [ask, moved, try_again] = [0, 1, 2].map(|kind| after[kind] - before[kind]);
+    // The writer was sent elsewhere while the slots moved: the test went through the migration.
+    anyhow::ensure!(ask + moved + try_again > 0, "no ASK, MOVED or TRYAGAIN was answered: {report}");
+    kill_9(&mut writer)?;
+    eprintln!(
+        "10 slots moved ({moved_keys} keys) with {stored_after_moves} stored; \
+         {ask} ASK, {moved} MOVED, {try_again} TRYAGAIN: {report}"
+    );
     stream.database.drop().await?;
     Ok(())
 }
