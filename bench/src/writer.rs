@@ -419,6 +419,7 @@ async fn raw_redis(
         Duration::from_secs(600),
         Duration::from_secs(600),
         200,
+        0,
     )
     .await?;
     let mut spent = Duration::ZERO;

@@ -213,8 +213,22 @@ pub async fn query_calling<T: FromRedisValue>(
     pipe: &Pipeline,
     scripts: &[&Script],
 ) -> RedisResult<T> {
+    query_replicated(connection, pipe, scripts, 0).await
+}
+
+/// [`query_calling`], then, when `replicas` is above 0, `WAIT replicas` on every node the
+/// pipeline went to: an error unless that many replicas acknowledged its writes within
+/// [`WAIT_TIMEOUT`]. Redis replicates asynchronously; a failover loses what no replica got.
+pub async fn query_replicated<T: FromRedisValue>(
+    connection: &RedisConnection,
+    pipe: &Pipeline,
+    scripts: &[&Script],
+    replicas: usize,
+) -> RedisResult<T> {
     if matches!(connection.link, Link::Node(_)) {
-        let replies: Vec<Value> = send_calling(&mut connection.clone(), pipe, scripts).await?;
+        let replies: Vec<Value> =
+            send_calling(&mut connection.clone(), &waiting(pipe.clone(), replicas), scripts).await?;
+        let replies = acknowledged(replies, replicas)?;
         return T::from_redis_value(Value::Array(replies)).map_err(Into::into);
     }
     let mut by_slot: HashMap<Option<Slot>, (Vec<usize>, Pipeline)> = HashMap::new();
@@ -227,8 +241,8 @@ pub async fn query_calling<T: FromRedisValue>(
     let parts = by_slot.into_values().map(|(positions, part)| {
         let mut connection = connection.clone();
         async move {
-            let replies: Vec<Value> = send_calling(&mut connection, &part, scripts).await?;
-            RedisResult::Ok((positions, replies))
+            let replies: Vec<Value> = send_calling(&mut connection, &waiting(part, replicas), scripts).await?;
+            RedisResult::Ok((positions, acknowledged(replies, replicas)?))
         }
     });
     let mut replies = vec![Value::Nil; pipe.len()];
@@ -240,6 +254,39 @@ pub async fn query_calling<T: FromRedisValue>(
         }
     }
     T::from_redis_value(Value::Array(replies)).map_err(Into::into)
+}
+
+/// How long a pipeline waits for its replicas' acknowledgement (`WAIT`).
+pub const WAIT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `pipe` with `WAIT replicas` after its commands, when `replicas` is above 0.
+fn waiting(mut pipe: Pipeline, replicas: usize) -> Pipeline {
+    if replicas > 0 {
+        pipe.cmd("WAIT").arg(replicas).arg(WAIT_TIMEOUT.as_millis() as u64);
+    }
+    pipe
+}
+
+/// The replies of a pipeline built by [`waiting`] without the `WAIT`'s; an error when fewer
+/// than `replicas` replicas acknowledged.
+fn acknowledged(mut replies: Vec<Value>, replicas: usize) -> RedisResult<Vec<Value>> {
+    if replicas == 0 {
+        return Ok(replies);
+    }
+    let acknowledged = match replies.pop() {
+        Some(Value::Int(count)) => count,
+        _ => -1,
+    };
+    if acknowledged < replicas as i64 {
+        return Err(redis::RedisError::from((
+            ErrorKind::Io,
+            "writes not replicated",
+            format!(
+                "{acknowledged} of the {replicas} replicas REDIS_WAIT_REPLICAS asks for acknowledged within {WAIT_TIMEOUT:?}"
+            ),
+        )));
+    }
+    Ok(replies)
 }
 
 /// Per-slot pipelines of one call in flight at once.

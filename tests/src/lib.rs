@@ -283,6 +283,7 @@ pub fn writer_config(database_url: &str, topic: &str, dlq_topic: &str) -> flare_
         redis: redis_target(),
         redis_hot_ttl: Duration::from_secs(600),
         redis_idempotency_ttl: Duration::from_secs(600),
+        redis_wait_replicas: 0,
         redis_hot_window: 200,
         mongo: None,
         postgres_url: Some(database_url.into()),

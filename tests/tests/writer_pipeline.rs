@@ -261,6 +261,50 @@ async fn unstorable_records_are_dead_lettered_with_their_reason() -> anyhow::Res
     Ok(())
 }
 
+/// `REDIS_WAIT_REPLICAS=1`: on a Redis without replicas the cache stage fails and retries and
+/// no message is done; on the cluster (a replica per master) batches are done once a replica
+/// holds their cache-stage writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_stage_waits_for_a_replica_when_asked() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let tenant = unique("acme");
+    let producer = producer()?;
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut alone = std::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let (topic, dlq_topic) = (unique("messages"), unique("dlq"));
+    create_topics(&[&topic, &dlq_topic], PARTITIONS).await?;
+    let mut config = writer_config(&database.url, &topic, &dlq_topic);
+    config.redis = RedisTarget::new(&format!("redis://127.0.0.1:{port}"), false);
+    config.redis_wait_replicas = 1;
+    let writer = RunningWriter::start(config).await?;
+    produce_message(&producer, &topic, &chat(&tenant, "alone", "m0", "a", &["b"], 0)).await?;
+    wait_for_metric(writer.metrics_addr, "storage_writer_stage_errors_total{stage=\"cache\"}", 2.0).await?;
+    assert_eq!(writer.processed().await?, 0.0, "done without a replica's acknowledgement");
+    writer.stop().await?;
+    alone.kill()?;
+    alone.wait()?;
+
+    let (topic, dlq_topic) = (unique("messages"), unique("dlq"));
+    create_topics(&[&topic, &dlq_topic], PARTITIONS).await?;
+    let mut config = writer_config(&database.url, &topic, &dlq_topic);
+    config.redis = RedisTarget::new(&redis_cluster_url(), false);
+    config.redis_wait_replicas = 1;
+    let writer = RunningWriter::start(config).await?;
+    for index in 1..=20 {
+        let session = format!("s{}", index % 7);
+        produce_message(&producer, &topic, &chat(&tenant, &session, &format!("m{index}"), "a", &["b"], index)).await?;
+    }
+    writer.wait_processed(20).await?;
+    assert_eq!(metric(writer.metrics_addr, "storage_writer_stage_errors_total{stage=\"cache\"}").await?, 0.0);
+    writer.stop().await?;
+    database.drop().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_and_redis_outages_lose_nothing() -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;

@@ -81,7 +81,13 @@ async fn consume(
 ) -> anyhow::Result<()> {
     // Dependencies may start after the writer (pods, compose): wait for each, logging why.
     let Some(redis) = until_ready("redis", shutdown, || {
-        RedisStore::connect(&config.redis, config.redis_hot_ttl, config.redis_idempotency_ttl, config.redis_hot_window)
+        RedisStore::connect(
+            &config.redis,
+            config.redis_hot_ttl,
+            config.redis_idempotency_ttl,
+            config.redis_hot_window,
+            config.redis_wait_replicas,
+        )
     })
     .await
     else {

@@ -20,7 +20,7 @@ use std::time::Duration;
 use chrono::DateTime;
 use flare_storage_common::keys::{HOT_FLOOR_ALL, SESSION_STATE_TTL_SECONDS, SessionKeys};
 use flare_storage_common::message::{content_type, message_tenant_id, to_datetime};
-use flare_storage_common::redis_connection::{RedisConnection, RedisTarget, Timeouts, query_calling};
+use flare_storage_common::redis_connection::{RedisConnection, RedisTarget, Timeouts, query_calling, query_replicated};
 use flare_storage_common::scripts::TRIM_WINDOW;
 use redis::{RedisResult, Script};
 
@@ -212,6 +212,8 @@ pub struct DoneMessage<'a> {
 #[derive(Clone)]
 pub struct RedisStore {
     connection: RedisConnection,
+    /// Replicas that must acknowledge the cache stage's writes (`REDIS_WAIT_REPLICAS`).
+    wait_replicas: usize,
     hot_ttl: Duration,
     idempotency_ttl: Duration,
     hot_window: usize,
@@ -228,11 +230,13 @@ impl RedisStore {
         hot_ttl: Duration,
         idempotency_ttl: Duration,
         hot_window: usize,
+        wait_replicas: usize,
     ) -> RedisResult<Self> {
         let timeouts = Timeouts { connect: Duration::from_secs(2), response: Duration::from_secs(5), retries: 2 };
         let connection = RedisConnection::connect(target, timeouts, Arc::default()).await?;
         Ok(Self {
             connection,
+            wait_replicas,
             hot_ttl,
             idempotency_ttl,
             hot_window,
@@ -343,7 +347,7 @@ impl RedisStore {
         if let Some((wal_key, ids)) = wal {
             pipe.cmd("HDEL").arg(wal_key).arg(ids);
         }
-        query_calling(&self.connection, &pipe, &[&self.finish_session]).await
+        query_replicated(&self.connection, &pipe, &[&self.finish_session], self.wait_replicas).await
     }
 
     /// Round trip for readiness checks.
