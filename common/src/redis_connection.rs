@@ -59,10 +59,11 @@ enum Link {
     Cluster(Arc<Cluster>),
 }
 
-/// A cluster connection that is replaced when it stops answering. redis-rs's cluster
-/// connection can stop answering for good after a failover that happens with many calls in
-/// flight (every call times out, even to healthy nodes; reproduced here with ~150 calls in
-/// flight and a master killed); a new connection from the same client works at once.
+/// A cluster connection that is replaced when it stops working. redis-rs's cluster connection
+/// can stop answering for good after a failover that happens with many calls in flight (every
+/// call times out, even to healthy nodes; reproduced here with ~150 calls in flight and a
+/// master killed); a new connection from the same client works at once. At most one
+/// replacement a second, so a cluster that is really down costs no more than that.
 struct Cluster {
     client: ClusterClient,
     connect_timeout: Duration,
@@ -70,6 +71,13 @@ struct Cluster {
     connection: RwLock<(u64, ClusterConnection)>,
     replacing: AtomicBool,
     replaced_at: Mutex<Instant>,
+}
+
+/// Whether `error` may come from a cluster connection that stopped working: a timeout, or a
+/// connection refused, dropped or failing, as while a dead master is still in its slot map.
+/// (Redirections and script errors are answers, not a broken connection.)
+fn broken(error: &redis::RedisError) -> bool {
+    error.is_timeout() || error.is_connection_refusal() || error.is_connection_dropped() || error.is_io_error()
 }
 
 /// Shortest time between two replacements of a cluster connection.
@@ -81,7 +89,7 @@ impl Cluster {
         self.connection.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 
-    /// After a call on connection `generation` timed out: a new connection, unless that one
+    /// After a call on connection `generation` failed as [`broken`]: a new connection, unless that one
     /// was already replaced (calls still in flight on it time out later), one was made less
     /// than [`REPLACE_INTERVAL`] ago, or another call is making one.
     async fn replace(&self, generation: u64) {
@@ -161,7 +169,7 @@ impl ConnectionLike for RedisConnection {
                 Link::Cluster(cluster) => {
                     let (generation, mut connection) = cluster.current();
                     let result = connection.req_packed_command(cmd).await;
-                    if matches!(&result, Err(error) if error.is_timeout()) {
+                    if matches!(&result, Err(error) if broken(error)) {
                         cluster.replace(generation).await;
                     }
                     result
@@ -183,7 +191,7 @@ impl ConnectionLike for RedisConnection {
                 Link::Cluster(cluster) => {
                     let (generation, mut connection) = cluster.current();
                     let result = connection.req_packed_commands(pipeline, offset, count).await;
-                    if matches!(&result, Err(error) if error.is_timeout()) {
+                    if matches!(&result, Err(error) if broken(error)) {
                         cluster.replace(generation).await;
                     }
                     result
