@@ -23,7 +23,9 @@ use crate::reader::Server;
 use crate::report::{Latencies, Report, Row, rate};
 use crate::services::{Services, create_database, drop_database, unique};
 use crate::workload::{Random, Record, Workload};
-use crate::writer::{COPY_SEARCH_STATEMENT, COPY_STATEMENT, copy_in, copy_search_text, copy_text, normalized};
+use crate::writer::{
+    COPY_SEARCH_STATEMENT, COPY_STATEMENT, copy_in, copy_search_text, copy_text, create_partitions, normalized,
+};
 
 pub struct SearchBench {
     pub messages: usize,
@@ -147,6 +149,7 @@ async fn load_postgres(
         let messages: Vec<Message> = normalized(&records, &mut seqs)?;
         texts.extend(messages.iter().filter_map(|message| searchable_text(message).map(str::to_owned)));
         let (rows, search_rows) = (copy_text(&messages), copy_search_text(&messages));
+        create_partitions(&mut connection, &messages).await?;
         let started = Instant::now();
         copy_in(&mut connection, COPY_STATEMENT, &rows).await?;
         entries += copy_in(&mut connection, COPY_SEARCH_STATEMENT, &search_rows).await?;

@@ -257,10 +257,13 @@ async fn raw_postgres(services: &Services, messages: &[Message], batch: usize) -
     flare_storage_common::schema::migrate(store.pool()).await?;
 
     let text = copy_text(messages);
+    let ids_text = copy_ids_text(messages);
     let search_text = copy_search_text(messages);
     let mut connection = sqlx::PgConnection::connect(&database.url).await?;
+    create_partitions(&mut connection, messages).await?;
     let started = Instant::now();
     let copied = copy_in(&mut connection, COPY_STATEMENT, &text).await?;
+    copy_in(&mut connection, COPY_IDS_STATEMENT, &ids_text).await?;
     let messages_elapsed = started.elapsed();
     let started = Instant::now();
     copy_in(&mut connection, COPY_SEARCH_STATEMENT, &search_text).await?;
@@ -270,7 +273,7 @@ async fn raw_postgres(services: &Services, messages: &[Message], batch: usize) -
     let copy_messages_rate = rate(copied, messages_elapsed);
     anyhow::ensure!(copied == messages.len(), "COPY stored {copied} of {} rows", messages.len());
 
-    sqlx::query("TRUNCATE messages, message_search, search_queue").execute(&mut connection).await?;
+    sqlx::query("TRUNCATE messages, message_ids, message_search, search_index_queue").execute(&mut connection).await?;
     let started = Instant::now();
     for chunk in messages.chunks(batch) {
         // Encoding is part of the writer's work too: it happens once per message.
@@ -289,10 +292,27 @@ async fn raw_postgres(services: &Services, messages: &[Message], batch: usize) -
 struct RawPostgres {
     /// COPY of the messages and of their search entries (terms computed beforehand).
     copy: f64,
-    /// COPY of the messages alone.
+    /// COPY of the messages and their ids (message_ids) alone.
     copy_messages: f64,
-    /// The writer's INSERT (messages and search queue), batch after batch.
+    /// The writer's INSERT (ids, messages and search queue), batch after batch.
     unnest: f64,
+}
+
+/// Creates the monthly partitions of `messages` that COPY of `messages` needs (the writer
+/// creates them before its inserts).
+pub(crate) async fn create_partitions(connection: &mut sqlx::PgConnection, messages: &[Message]) -> anyhow::Result<()> {
+    let months: std::collections::BTreeSet<String> = messages
+        .iter()
+        .filter_map(|message| message.timestamp.as_ref().and_then(to_datetime))
+        .map(|time| time.format("%Y-%m-01T00:00:00Z").to_string())
+        .collect();
+    for month in months {
+        sqlx::query("SELECT flare_ensure_message_partition($1::timestamptz)")
+            .bind(month)
+            .execute(&mut *connection)
+            .await?;
+    }
+    Ok(())
 }
 
 pub(crate) async fn copy_in(
@@ -305,6 +325,24 @@ pub(crate) async fn copy_in(
         copy.send(chunk).await?;
     }
     Ok(copy.finish().await? as usize)
+}
+
+pub(crate) const COPY_IDS_STATEMENT: &str =
+    r#"COPY message_ids (tenant_id, message_id, session_id, seq, "timestamp") FROM STDIN"#;
+
+/// The id index's rows of the messages in COPY's text format, as the writer's insert records
+/// them.
+pub(crate) fn copy_ids_text(messages: &[Message]) -> Vec<u8> {
+    let mut out = String::with_capacity(messages.len() * 96);
+    for message in messages {
+        let timestamp = message.timestamp.as_ref().and_then(to_datetime).unwrap_or_default().to_rfc3339();
+        let seq = if message.seq > 0 { message.seq.to_string() } else { "\\N".to_owned() };
+        let fields =
+            [escape(message_tenant_id(message)), escape(&message.id), escape(&message.session_id), seq, timestamp];
+        out.push_str(&fields.join("\t"));
+        out.push('\n');
+    }
+    out.into_bytes()
 }
 
 pub(crate) const COPY_SEARCH_STATEMENT: &str =
@@ -567,7 +605,7 @@ async fn sustained(
     // The indexer keeps working after the last ACK: the run ends when the queue is empty.
     let mut queue = sqlx::PgConnection::connect(&database.url).await?;
     let indexed_all = loop {
-        let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM search_queue").fetch_one(&mut queue).await?;
+        let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM search_index_queue").fetch_one(&mut queue).await?;
         if queued == 0 {
             break Some(started.elapsed() - first_ack);
         }

@@ -1,8 +1,10 @@
-//! `flare-storage` — operator commands around a running flare-storage: migrations, topics,
+//! `flare-storage` — operator commands around a running flare-storage: migrations, partitioning
+//! the messages table, topics,
 //! sample traffic, reading and exporting sessions, replaying dead letters, reindexing
 //! MongoDB. `flare-storage --help` lists them; every option is also an environment variable.
 
 mod export;
+mod partition;
 mod progress;
 mod reader_client;
 mod replay;
@@ -45,6 +47,16 @@ enum Command {
     Migrate {
         #[arg(long, env = "POSTGRES_URL", hide_env_values = true, value_parser = parse::postgres_url)]
         postgres_url: String,
+    },
+    /// Move a plain `messages` table that holds rows to monthly partitions, online and without
+    /// copying: it becomes the partition of everything before a month boundary. Resumable.
+    PartitionMessages {
+        #[arg(long, env = "POSTGRES_URL", hide_env_values = true, value_parser = parse::postgres_url)]
+        postgres_url: String,
+        /// Days ahead of now that the boundary lies at least (it is the first day of the month
+        /// after); more than WRITER_MAX_FUTURE_SECONDS, so no message written meanwhile is past it.
+        #[arg(long, default_value_t = 31, value_parser = parse::positive::<u32>)]
+        margin_days: u32,
     },
     /// Create Kafka topics (existing ones are left as they are).
     CreateTopics {
@@ -184,6 +196,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             flare_storage_common::schema::migrate(&pool).await?;
             println!("migrations applied");
             Ok(())
+        }
+        Command::PartitionMessages { postgres_url, margin_days } => {
+            let pool = sqlx::PgPool::connect(&postgres_url).await.context("cannot connect to POSTGRES_URL")?;
+            partition::run(&pool, margin_days).await
         }
         Command::CreateTopics { partitions, topics } => create_topics(&kafka, &topics, partitions).await,
         Command::SendSample { session, tenant, topic } => send_sample(&kafka, &topic, &tenant, &session).await,

@@ -215,7 +215,7 @@ impl RunningWriter {
         let Some(url) = &self.postgres_url else { return Ok(()) };
         let db = sqlx::PgPool::connect(url).await?;
         let caught_up = eventually(Duration::from_secs(60), "search index caught up", || async {
-            let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM search_queue").fetch_one(&db).await?;
+            let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM search_index_queue").fetch_one(&db).await?;
             Ok((queued == 0).then_some(()))
         })
         .await;

@@ -736,12 +736,12 @@ async fn the_indexer_killed_mid_batch_catches_up() -> anyhow::Result<()> {
     assert!(!status.success(), "the writer aborted in the indexer: {status:?}");
     assert!(count("SELECT count(*) FROM messages").await? > 0, "messages were stored before the crash");
     assert_eq!(count("SELECT count(*) FROM message_search").await?, 0, "the aborted batch left no entry");
-    assert!(count("SELECT count(*) FROM search_queue").await? > 0, "the aborted batch is back in the queue");
+    assert!(count("SELECT count(*) FROM search_index_queue").await? > 0, "the aborted batch is back in the queue");
 
     let mut recovered = writer(false)?;
     let caught_up = eventually(Duration::from_secs(120), "every message stored and indexed", || async {
         let stored = count("SELECT count(*) FROM messages").await?;
-        let queued = count("SELECT count(*) FROM search_queue").await?;
+        let queued = count("SELECT count(*) FROM search_index_queue").await?;
         Ok((stored == MESSAGES as i64 && queued == 0).then_some(()))
     })
     .await;
@@ -792,7 +792,7 @@ async fn new_messages_are_indexed_before_the_backfill() -> anyhow::Result<()> {
     // m0–m3 stored before the search index (queued first, as the migration does); m4 and m5 new.
     sqlx::query("DELETE FROM message_search").execute(&pool).await?;
     sqlx::query(
-        r#"INSERT INTO search_queue (tenant_id, message_id, "timestamp", backfill)
+        r#"INSERT INTO search_index_queue (tenant_id, message_id, "timestamp", backfill)
            SELECT tenant_id, message_id, "timestamp", message_id < 'm4' FROM messages ORDER BY message_id"#,
     )
     .execute(&pool)

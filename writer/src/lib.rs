@@ -103,6 +103,14 @@ async fn consume(
             if until_ready("postgres migrations", shutdown, || schema::migrate(postgres.pool())).await.is_none() {
                 return Ok(());
             }
+            let ahead = || postgres.create_partitions_ahead(retention::PARTITIONS_AHEAD);
+            match until_ready("postgres partitions", shutdown, ahead).await {
+                None => return Ok(()),
+                Some(true) => warn!(
+                    "messages is one plain table: move it to monthly partitions with `flare-storage partition-messages` (README \"Partitioned messages\")"
+                ),
+                Some(false) => {}
+            }
             Some(postgres)
         }
     };

@@ -17,7 +17,8 @@
 //! nothing of the session it was resent to; one stored in its own session (a redelivery, or a
 //! resend after its done marker expired) is carried on as stored, with its seq.
 //!
-//! Postgres comes before MongoDB because its unique (tenant, session, seq) index is the guard
+//! Postgres comes before MongoDB because its unique (tenant, session, seq) index (in
+//! `message_ids`) is the guard
 //! that catches a seq counter that went backwards. The hot cache is written after the
 //! databases, so it never shows a message that is not durable; its done markers are written
 //! with it, by session, after the databases — a crash anywhere before them means redelivery

@@ -1,7 +1,8 @@
 //! Retention (`STORAGE_RETENTION_DAYS`, off by default): messages older than the limit are
-//! removed from the databases by a periodic job. On TimescaleDB whole chunks are dropped; on
-//! plain PostgreSQL rows go in batches of [`DELETE_BATCH`], one short transaction each, so no
-//! lock is held for long; in MongoDB a TTL index on `timestamp` expires documents and the job
+//! removed from the databases by a periodic job. Whole months go at once: TimescaleDB chunks or
+//! the partitions of a partitioned table are dropped. Rows of a partly expired month (and of a
+//! plain table) go in batches of [`DELETE_BATCH`], one short transaction each, so no lock is
+//! held for long; in MongoDB a TTL index on `timestamp` expires documents and the job
 //! deletes what the server's TTL monitor has not reached yet. Redis keys expire by their TTLs.
 //! Every writer instance runs the job; concurrent runs only share the work.
 
@@ -15,6 +16,9 @@ use crate::store::mongo::MongoStore;
 use crate::store::postgres::{AgedTable, PostgresStore};
 
 pub const DELETE_BATCH: i64 = 5_000;
+
+/// Months after the current one whose `messages` partitions exist ahead of time.
+pub const PARTITIONS_AHEAD: i32 = 2;
 
 /// Runs retention every `interval` until shutdown.
 pub async fn run_periodically(
@@ -53,8 +57,8 @@ async fn delete_all_before(
     }
 }
 
-/// Removes everything older than `keep`; returns how many rows/documents went (chunks
-/// dropped on TimescaleDB are not counted).
+/// Removes everything older than `keep`; returns how many rows/documents went (dropped
+/// chunks and partitions are not counted).
 pub async fn run_once(
     postgres: Option<&PostgresStore>,
     mongo: Option<&MongoStore>,
@@ -66,8 +70,15 @@ pub async fn run_once(
         if postgres.has_timescaledb().await? {
             postgres.drop_chunks_before(cutoff).await?;
         } else {
+            let dropped = postgres.drop_partitions_before(cutoff).await?;
+            if dropped > 0 {
+                info!(dropped, %cutoff, "retention dropped expired monthly partitions of messages");
+            }
             removed += delete_all_before(postgres, AgedTable::Messages, cutoff).await?;
+            // The coming months get their partitions before their first message.
+            postgres.create_partitions_ahead(PARTITIONS_AHEAD).await?;
         }
+        delete_all_before(postgres, AgedTable::MessageIds, cutoff).await?;
         // Search entries of expired messages (a plain table on TimescaleDB too); rows still
         // queued for them are taken by the indexer and find no message.
         delete_all_before(postgres, AgedTable::SearchIndex, cutoff).await?;

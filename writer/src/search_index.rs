@@ -1,6 +1,6 @@
 //! The search indexer: keeps `message_search` up to date off the writer's insert path.
 //!
-//! The insert of a batch queues each new text or JSON message in `search_queue` (same
+//! The insert of a batch queues each new text or JSON message in `search_index_queue` (same
 //! statement). The indexer takes up to [`BATCH`] queued rows at a time in one transaction:
 //! it deletes them from the queue, reads their messages, writes their normal-form text and
 //! terms (`common::text_search`) and commits. A crash or a failed statement rolls the whole
@@ -163,12 +163,12 @@ async fn take(
 ) -> Result<Vec<Taken>, sqlx::Error> {
     // Literal conditions, each matching its partial index (a parameter could not).
     let sql = if backfill {
-        r#"DELETE FROM search_queue WHERE id IN (
-               SELECT id FROM search_queue WHERE backfill ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+        r#"DELETE FROM search_index_queue WHERE id IN (
+               SELECT id FROM search_index_queue WHERE backfill ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
            RETURNING tenant_id, message_id, "timestamp", queued_at"#
     } else {
-        r#"DELETE FROM search_queue WHERE id IN (
-               SELECT id FROM search_queue WHERE NOT backfill ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+        r#"DELETE FROM search_index_queue WHERE id IN (
+               SELECT id FROM search_index_queue WHERE NOT backfill ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
            RETURNING tenant_id, message_id, "timestamp", queued_at"#
     };
     sqlx::query_as(sql).bind(limit).fetch_all(&mut **transaction).await

@@ -5,8 +5,8 @@
 //! whose counter is missing (new, or Redis lost its data) is seeded from the highest seq in the
 //! databases, atomically, before the next one is handed out (open-im-server#3249, #3436).
 //! Messages a database already holds carry their stored seq and take none. When the counter
-//! went backwards anyway (Redis restored from an old snapshot), PostgreSQL's unique (tenant,
-//! session, seq) index refuses the collision and [`reseed_after_conflict`] raises the counter
+//! went backwards anyway (Redis restored from an old snapshot), PostgreSQL's id index
+//! (`message_ids`, unique on tenant, session and seq, in every table layout) refuses the collision and [`reseed_after_conflict`] raises the counter
 //! above the stored maximum for the retry.
 
 use std::collections::HashMap;

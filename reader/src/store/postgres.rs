@@ -35,6 +35,23 @@ struct Receipts {
 const COLUMNS: &str = r#"message_id, "timestamp", payload, seq, is_recalled, recalled_at, tags, attributes,
     created_at, burned_at, read_by, operations"#;
 
+/// The message of id `$2` in tenant `$1`. Its time comes from the id index (message_ids), so a
+/// partitioned table (or a hypertable) is read in the one partition that holds it: PostgreSQL
+/// prunes the others at run time instead of probing each one's primary key. Where an id has
+/// several rows (a resend raced its first copy on a hypertable), it is the row the id index
+/// names, the earliest.
+const BY_ID: &str = r#"tenant_id = $1 AND message_id = $2
+    AND "timestamp" = (SELECT i."timestamp" FROM message_ids i WHERE i.tenant_id = $1 AND i.message_id = $2)"#;
+
+/// [`BY_ID`] for the ids of text-array parameter `ids_param`: a nested loop over their index
+/// entries, each probing the one partition it names.
+fn by_ids(ids_param: usize) -> String {
+    format!(
+        r#"tenant_id = $1 AND (message_id, "timestamp") IN
+               (SELECT i.message_id, i."timestamp" FROM message_ids i WHERE i.tenant_id = $1 AND i.message_id = ANY(${ids_param}))"#
+    )
+}
+
 /// Conditions that hide messages from the user bound as parameter `user_param`: their
 /// per-message hides and their clear watermark for the session.
 fn user_filter(user_param: usize) -> String {
@@ -64,11 +81,7 @@ impl PostgresStore {
         user: &str,
     ) -> Result<Option<StoredRow>, sqlx::Error> {
         let filter = if user.is_empty() { String::new() } else { user_filter(3) };
-        let sql = format!(
-            r#"SELECT {COLUMNS} FROM messages
-               WHERE tenant_id = $1 AND message_id = $2 AND deleted_at IS NULL {filter}
-               ORDER BY "timestamp" LIMIT 1"#
-        );
+        let sql = format!(r#"SELECT {COLUMNS} FROM messages WHERE {BY_ID} AND deleted_at IS NULL {filter}"#);
         let mut query = sqlx::query_as(&sql).bind(tenant_id).bind(message_id);
         if !user.is_empty() {
             query = query.bind(user);
@@ -81,17 +94,18 @@ impl PostgresStore {
         let sql = format!(
             r#"SELECT {COLUMNS}, session_id, sender_id, receiver_id, receiver_ids, is_burn_after_read,
                       burn_after_seconds, deleted_at
-               FROM messages WHERE tenant_id = $1 AND message_id = $2 ORDER BY "timestamp" LIMIT 1"#
+               FROM messages WHERE {BY_ID}"#
         );
         sqlx::query_as(&sql).bind(tenant_id).bind(message_id).fetch_optional(&self.pool).await
     }
 
-    /// The messages of these ids, each once (the oldest row of an id, as [`Self::target`]).
+    /// The messages of these ids, each once (the row the id index names, as [`Self::target`]).
     pub async fn targets(&self, tenant_id: &str, message_ids: &[String]) -> Result<Vec<TargetRow>, sqlx::Error> {
         let sql = format!(
-            r#"SELECT DISTINCT ON (message_id) {COLUMNS}, session_id, sender_id, receiver_id, receiver_ids,
+            r#"SELECT {COLUMNS}, session_id, sender_id, receiver_id, receiver_ids,
                       is_burn_after_read, burn_after_seconds, deleted_at
-               FROM messages WHERE tenant_id = $1 AND message_id = ANY($2) ORDER BY message_id, "timestamp""#
+               FROM messages WHERE {} ORDER BY message_id"#,
+            by_ids(2)
         );
         sqlx::query_as(&sql).bind(tenant_id).bind(message_ids).fetch_all(&self.pool).await
     }
@@ -170,18 +184,20 @@ impl PostgresStore {
         operation: &Operation,
     ) -> Result<Vec<String>, sqlx::Error> {
         let mut transaction = self.pool.begin().await?;
-        let deleted: Vec<String> = sqlx::query_scalar(
+        let sql = format!(
             r#"UPDATE messages SET deleted_at = now(), updated_at = now(),
                    operations = operations || jsonb_build_array($4::jsonb)
-               WHERE tenant_id = $1 AND session_id = $2 AND message_id = ANY($3) AND deleted_at IS NULL
+               WHERE {} AND session_id = $2 AND deleted_at IS NULL
                RETURNING message_id"#,
-        )
-        .bind(tenant_id)
-        .bind(session_id)
-        .bind(message_ids)
-        .bind(Json(operation))
-        .fetch_all(&mut *transaction)
-        .await?;
+            by_ids(3)
+        );
+        let deleted: Vec<String> = sqlx::query_scalar(&sql)
+            .bind(tenant_id)
+            .bind(session_id)
+            .bind(message_ids)
+            .bind(Json(operation))
+            .fetch_all(&mut *transaction)
+            .await?;
         unindex(&mut transaction, tenant_id, &deleted).await?;
         transaction.commit().await?;
         Ok(deleted)
@@ -198,19 +214,20 @@ impl PostgresStore {
         operation: &Operation,
     ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
         let mut transaction = self.pool.begin().await?;
-        let recalled = sqlx::query_scalar(
+        let sql = format!(
             r#"UPDATE messages SET is_recalled = true, recalled_at = $3, content = NULL, payload = $4,
                    updated_at = now(), operations = operations || jsonb_build_array($5::jsonb)
-               WHERE tenant_id = $1 AND message_id = $2 AND NOT is_recalled
-               RETURNING recalled_at"#,
-        )
-        .bind(tenant_id)
-        .bind(message_id)
-        .bind(recalled_at)
-        .bind(payload_without_content)
-        .bind(Json(operation))
-        .fetch_optional(&mut *transaction)
-        .await?;
+               WHERE {BY_ID} AND NOT is_recalled
+               RETURNING recalled_at"#
+        );
+        let recalled = sqlx::query_scalar(&sql)
+            .bind(tenant_id)
+            .bind(message_id)
+            .bind(recalled_at)
+            .bind(payload_without_content)
+            .bind(Json(operation))
+            .fetch_optional(&mut *transaction)
+            .await?;
         unindex(&mut transaction, tenant_id, &[message_id.to_owned()]).await?;
         transaction.commit().await?;
         Ok(recalled)
@@ -301,7 +318,7 @@ impl PostgresStore {
         read_at: DateTime<Utc>,
         burn_at: Option<DateTime<Utc>>,
     ) -> Result<Option<(Vec<ReadRecord>, Option<DateTime<Utc>>)>, sqlx::Error> {
-        let updated: Option<Receipts> = sqlx::query_as(
+        let sql = format!(
             r#"UPDATE messages SET
                    read_by = CASE WHEN read_by @> jsonb_build_array(jsonb_build_object('user_id', $3::text))
                                   THEN read_by
@@ -310,16 +327,17 @@ impl PostgresStore {
                    burned_at = CASE WHEN $5::timestamptz IS NULL THEN burned_at
                                     ELSE LEAST(coalesce(burned_at, 'infinity'::timestamptz), $5) END,
                    updated_at = now()
-               WHERE tenant_id = $1 AND message_id = $2 AND deleted_at IS NULL
-               RETURNING read_by, burned_at"#,
-        )
-        .bind(tenant_id)
-        .bind(message_id)
-        .bind(user_id)
-        .bind(read_at.timestamp_micros())
-        .bind(burn_at)
-        .fetch_optional(&self.pool)
-        .await?;
+               WHERE {BY_ID} AND deleted_at IS NULL
+               RETURNING read_by, burned_at"#
+        );
+        let updated: Option<Receipts> = sqlx::query_as(&sql)
+            .bind(tenant_id)
+            .bind(message_id)
+            .bind(user_id)
+            .bind(read_at.timestamp_micros())
+            .bind(burn_at)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(updated.map(|receipts| (receipts.read_by, receipts.burned_at)))
     }
 
@@ -332,19 +350,20 @@ impl PostgresStore {
         tags: Option<&[String]>,
         operation: &Operation,
     ) -> Result<bool, sqlx::Error> {
-        let updated = sqlx::query(
+        let sql = format!(
             r#"UPDATE messages SET attributes = attributes || $3::jsonb,
                    tags = coalesce($4, tags), updated_at = now(),
                    operations = operations || jsonb_build_array($5::jsonb)
-               WHERE tenant_id = $1 AND message_id = $2 AND deleted_at IS NULL"#,
-        )
-        .bind(tenant_id)
-        .bind(message_id)
-        .bind(Json(escape_json_map(attributes)))
-        .bind(tags)
-        .bind(Json(operation))
-        .execute(&self.pool)
-        .await?;
+               WHERE {BY_ID} AND deleted_at IS NULL"#
+        );
+        let updated = sqlx::query(&sql)
+            .bind(tenant_id)
+            .bind(message_id)
+            .bind(Json(escape_json_map(attributes)))
+            .bind(tags)
+            .bind(Json(operation))
+            .execute(&self.pool)
+            .await?;
         Ok(updated.rows_affected() > 0)
     }
 

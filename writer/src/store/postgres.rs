@@ -6,10 +6,11 @@
 //! data error (SQLSTATE class 22 or 54, or a constraint other than uniqueness) is split until
 //! the refused messages stand alone ([`super::write_isolating`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use flare_storage_common::message::{content_type, message_tenant_id, to_datetime};
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::Message;
@@ -29,11 +30,14 @@ const MAX_STATEMENT_BYTES: usize = 64 * 1024 * 1024;
 pub enum AgedTable {
     Messages,
     SearchIndex,
+    MessageIds,
 }
 
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// Months (see [`month_of`]) whose partition this process has made sure of.
+    partitioned_months: Arc<Mutex<HashSet<i64>>>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -46,14 +50,32 @@ struct StoredRow {
     payload: Option<Vec<u8>>,
 }
 
-// No conflict target: on a plain table (tenant_id, message_id) is unique on its own as well as
-// with "timestamp", and either conflict means the message is already stored.
+// The batch's ids go into message_ids first: only rows whose id, and whose seq in its session,
+// are new there are stored, so neither repeats even where the messages table cannot enforce it
+// (a partitioned table's unique keys all contain "timestamp"), and a resend with another time
+// is already stored. A message kept out by its seq alone is found under no id, which the
+// pipeline takes for a seq collision (pipeline.rs, `settle`).
 // Array-valued columns (receiver_ids, tags) travel as JSON text because UNNEST flattens a
 // two-dimensional array instead of yielding one array per row.
 // New text and JSON messages are queued for the search indexer in the same statement, so a
 // stored message is never left unindexed (migrations/20261130000002_search_index.sql).
 const INSERT_BATCH: &str = r#"
-WITH inserted AS (
+WITH batch AS (
+SELECT * FROM UNNEST(
+    $1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::text[], $8::text[],
+    $9::bytea[], $10::text[], $11::int4[], $12::text[], $13::text[], $14::text[], $15::timestamptz[],
+    $16::bool[], $17::timestamptz[], $18::bool[], $19::int4[], $20::text[], $21::text[], $22::text[],
+    $23::bytea[], $24::timestamptz[]
+) AS t(tenant_id, message_id, session_id, seq, sender_id, sender_type, receiver_id, receiver_ids,
+       content, content_type, message_type, business_type, session_type, status, ts,
+       is_recalled, recalled_at, is_burn_after_read, burn_after_seconds, extra, tags, attributes,
+       payload, persisted_at)
+), new_ids AS (
+INSERT INTO message_ids (tenant_id, message_id, session_id, seq, "timestamp")
+SELECT tenant_id, message_id, session_id, seq, ts FROM batch
+ON CONFLICT DO NOTHING
+RETURNING tenant_id, message_id, "timestamp"
+), inserted AS (
 INSERT INTO messages (
     tenant_id, message_id, session_id, seq, sender_id, sender_type, receiver_id, receiver_ids,
     content, content_type, message_type, business_type, session_type, status, "timestamp",
@@ -66,19 +88,11 @@ SELECT
     t.is_recalled, t.recalled_at, t.is_burn_after_read, t.burn_after_seconds, t.extra::jsonb,
     ARRAY(SELECT jsonb_array_elements_text(t.tags::jsonb)), t.attributes::jsonb, t.payload,
     t.persisted_at, t.persisted_at
-FROM UNNEST(
-    $1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::text[], $8::text[],
-    $9::bytea[], $10::text[], $11::int4[], $12::text[], $13::text[], $14::text[], $15::timestamptz[],
-    $16::bool[], $17::timestamptz[], $18::bool[], $19::int4[], $20::text[], $21::text[], $22::text[],
-    $23::bytea[], $24::timestamptz[]
-) AS t(tenant_id, message_id, session_id, seq, sender_id, sender_type, receiver_id, receiver_ids,
-       content, content_type, message_type, business_type, session_type, status, ts,
-       is_recalled, recalled_at, is_burn_after_read, burn_after_seconds, extra, tags, attributes,
-       payload, persisted_at)
+FROM batch t JOIN new_ids n ON n.tenant_id = t.tenant_id AND n.message_id = t.message_id AND n."timestamp" = t.ts
 ON CONFLICT DO NOTHING
 RETURNING tenant_id, message_id, "timestamp", content_type, is_recalled
 ), queued AS (
-    INSERT INTO search_queue (tenant_id, message_id, "timestamp")
+    INSERT INTO search_index_queue (tenant_id, message_id, "timestamp")
     SELECT tenant_id, message_id, "timestamp" FROM inserted
     WHERE content_type IN ('text', 'json') AND NOT is_recalled
 )
@@ -87,7 +101,10 @@ SELECT tenant_id, message_id FROM inserted
 
 impl PostgresStore {
     pub fn connect(url: &str, max_connections: u32) -> Result<Self, sqlx::Error> {
-        Ok(Self { pool: flare_storage_common::schema::lazy_pool(url, max_connections)? })
+        Ok(Self {
+            pool: flare_storage_common::schema::lazy_pool(url, max_connections)?,
+            partitioned_months: Arc::default(),
+        })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -109,9 +126,20 @@ impl PostgresStore {
     ) -> Result<Written, WriteFailure<sqlx::Error>> {
         let offset = range.start;
         let messages = &messages[range];
-        let inserted = self.insert(messages).await.map_err(|error| match refusal(&error) {
+        self.ensure_partitions(messages).await.map_err(|error| match refusal(&error) {
             Some(reason) => WriteFailure::Refused(reason),
             None => WriteFailure::Failed(error),
+        })?;
+        let inserted = self.insert(messages).await.map_err(|error| {
+            if is_missing_partition(&error) {
+                // Retention dropped a month this process had made sure of: make sure again.
+                self.partitioned_months.lock().unwrap_or_else(PoisonError::into_inner).clear();
+                return WriteFailure::Failed(error);
+            }
+            match refusal(&error) {
+                Some(reason) => WriteFailure::Refused(reason),
+                None => WriteFailure::Failed(error),
+            }
         })?;
         let already_stored = messages
             .iter()
@@ -119,6 +147,39 @@ impl PostgresStore {
             .filter(|key| !inserted.contains(key))
             .collect();
         Ok(Written::of(messages, offset, already_stored, Vec::new()))
+    }
+
+    /// Creates the monthly partitions `messages` need that this process has not made sure of
+    /// yet (one call per new month; none where the table is not partitioned), so a message of
+    /// any storable time has a partition to go to.
+    async fn ensure_partitions(&self, messages: &[Encoded]) -> Result<(), sqlx::Error> {
+        let missing: BTreeMap<i64, DateTime<Utc>> = {
+            let known = self.partitioned_months.lock().unwrap_or_else(PoisonError::into_inner);
+            messages
+                .iter()
+                .map(|encoded| stored_time(&encoded.message))
+                .map(|time| (month_of(time), time))
+                .filter(|(month, _)| !known.contains(month))
+                .collect()
+        };
+        for (month, time) in missing {
+            sqlx::query("SELECT flare_ensure_message_partition($1)").bind(time).execute(&self.pool).await?;
+            self.partitioned_months.lock().unwrap_or_else(PoisonError::into_inner).insert(month);
+        }
+        Ok(())
+    }
+
+    /// Creates the partitions of this month and the next `months_ahead` (at start and by
+    /// retention), so the writer meets a new month with its partition there. Returns whether
+    /// `messages` is one plain table (a database of an earlier version, not moved yet).
+    pub async fn create_partitions_ahead(&self, months_ahead: i32) -> Result<bool, sqlx::Error> {
+        sqlx::query("SELECT flare_create_message_partitions($1)").bind(months_ahead).execute(&self.pool).await?;
+        sqlx::query_scalar(
+            r#"SELECT relkind = 'r' AND NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')
+               FROM pg_class WHERE oid = 'messages'::regclass"#,
+        )
+        .fetch_one(&self.pool)
+        .await
     }
 
     /// One INSERT of `messages`; returns the keys of those that were new.
@@ -157,11 +218,9 @@ impl PostgresStore {
 
 impl PostgresStore {
     /// Each of `keys` that is stored, in whichever session; the payload only where it is
-    /// stored in the session given beside the key (the only case that needs it). On a plain
-    /// table one index probe per key, on (tenant_id, message_id); on a TimescaleDB hypertable
-    /// one per key and chunk, there being no time to prune by. Where a resend raced its first
-    /// copy on a hypertable (no unique index on the id alone), the earliest row stands for the
-    /// message.
+    /// stored in the session given beside the key (the only case that needs it). One probe of
+    /// message_ids per key, then one of the message's own partition (or chunk): the id's
+    /// entry names the row that stands for the message.
     pub async fn stored_messages(
         &self,
         keys: &[(MessageKey, &str)],
@@ -176,12 +235,12 @@ impl PostgresStore {
             columns.2.push(session);
         }
         let rows: Vec<StoredRow> = sqlx::query_as(
-            r#"SELECT DISTINCT ON (m.tenant_id, m.message_id)
-                      m.tenant_id, m.message_id, m.session_id, m.seq, m.created_at,
+            r#"SELECT m.tenant_id, m.message_id, m.session_id, m.seq, m.created_at,
                       CASE WHEN m.session_id = k.session_id THEN m.payload END AS payload
-               FROM messages m JOIN UNNEST($1::text[], $2::text[], $3::text[]) AS k(tenant_id, message_id, session_id)
-                 ON m.tenant_id = k.tenant_id AND m.message_id = k.message_id
-               ORDER BY m.tenant_id, m.message_id, m.created_at"#,
+               FROM UNNEST($1::text[], $2::text[], $3::text[]) AS k(tenant_id, message_id, session_id)
+               JOIN message_ids i ON i.tenant_id = k.tenant_id AND i.message_id = k.message_id
+               JOIN messages m ON m.tenant_id = i.tenant_id AND m.message_id = i.message_id
+                 AND m."timestamp" = i."timestamp""#,
         )
         .bind(columns.0)
         .bind(columns.1)
@@ -205,25 +264,30 @@ impl PostgresStore {
     /// Removes messages this batch stored and a later store refused, so no database shows
     /// what is dead-lettered, and their search entries. Only the rows of this session and seq.
     pub async fn delete_refused(&self, messages: &[&Message]) -> Result<(), sqlx::Error> {
-        let mut columns: (Vec<&str>, Vec<&str>, Vec<&str>, Vec<i64>) = Default::default();
-        for message in messages {
-            columns.0.push(message_tenant_id(message));
-            columns.1.push(&message.id);
-            columns.2.push(&message.session_id);
-            columns.3.push(message.seq);
-        }
+        let tenants: Vec<&str> = messages.iter().map(|message| message_tenant_id(message)).collect();
+        let ids: Vec<&str> = messages.iter().map(|message| message.id.as_str()).collect();
+        let sessions: Vec<&str> = messages.iter().map(|message| message.session_id.as_str()).collect();
+        let seqs: Vec<i64> = messages.iter().map(|message| message.seq).collect();
+        let times: Vec<DateTime<Utc>> = messages.iter().map(|message| stored_time(message)).collect();
         let mut transaction = self.pool.begin().await?;
         let deleted: Vec<(String, String)> = sqlx::query_as(
-            r#"DELETE FROM messages m USING UNNEST($1::text[], $2::text[], $3::text[], $4::int8[])
-                   AS k(tenant_id, message_id, session_id, seq)
-               WHERE m.tenant_id = k.tenant_id AND m.message_id = k.message_id
-                 AND m.session_id = k.session_id AND m.seq = k.seq
-               RETURNING m.tenant_id, m.message_id"#,
+            r#"WITH deleted AS (
+                   DELETE FROM messages m USING UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::timestamptz[])
+                       AS k(tenant_id, message_id, session_id, seq, ts)
+                   WHERE m.tenant_id = k.tenant_id AND m.message_id = k.message_id AND m."timestamp" = k.ts
+                     AND m.session_id = k.session_id AND m.seq = k.seq
+                   RETURNING m.tenant_id, m.message_id, m."timestamp"
+               ), forgotten AS (
+                   DELETE FROM message_ids i USING deleted d
+                   WHERE i.tenant_id = d.tenant_id AND i.message_id = d.message_id AND i."timestamp" = d."timestamp"
+               )
+               SELECT tenant_id, message_id FROM deleted"#,
         )
-        .bind(columns.0)
-        .bind(columns.1)
-        .bind(columns.2)
-        .bind(columns.3)
+        .bind(tenants)
+        .bind(ids)
+        .bind(sessions)
+        .bind(seqs)
+        .bind(times)
         .fetch_all(&mut *transaction)
         .await?;
         // A statement of its own, after the delete: an indexer that held one of these messages
@@ -240,6 +304,12 @@ impl PostgresStore {
         transaction.commit().await
     }
 
+    /// Drops the `messages` partitions whose every row is older than `cutoff`; returns how
+    /// many went (none where the table is not partitioned).
+    pub async fn drop_partitions_before(&self, cutoff: DateTime<Utc>) -> Result<i32, sqlx::Error> {
+        sqlx::query_scalar("SELECT flare_drop_message_partitions_before($1)").bind(cutoff).fetch_one(&self.pool).await
+    }
+
     /// Whether the messages table is a TimescaleDB hypertable.
     pub async fn has_timescaledb(&self) -> Result<bool, sqlx::Error> {
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')")
@@ -253,8 +323,8 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// Deletes up to `limit` rows older than `cutoff` from `table` (`messages` or
-    /// `message_search`) in one short statement.
+    /// Deletes up to `limit` rows older than `cutoff` from `table` in one short statement.
+    /// Rows are named by (tableoid, ctid): a ctid alone repeats across partitions.
     pub async fn delete_batch_before(
         &self,
         table: AgedTable,
@@ -264,9 +334,11 @@ impl PostgresStore {
         let table = match table {
             AgedTable::Messages => "messages",
             AgedTable::SearchIndex => "message_search",
+            AgedTable::MessageIds => "message_ids",
         };
         let deleted = sqlx::query(&format!(
-            r#"DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM {table} WHERE "timestamp" < $1 LIMIT $2)"#
+            r#"DELETE FROM {table} WHERE (tableoid, ctid) IN
+                   (SELECT tableoid, ctid FROM {table} WHERE "timestamp" < $1 LIMIT $2)"#
         ))
         .bind(cutoff)
         .bind(limit)
@@ -287,10 +359,11 @@ impl PostgresStore {
     pub async fn max_seqs(&self, sessions: &[(String, String)]) -> Result<Vec<((String, String), i64)>, sqlx::Error> {
         let (tenants, session_ids): (Vec<&str>, Vec<&str>) =
             sessions.iter().map(|(tenant, session)| (tenant.as_str(), session.as_str())).unzip();
-        // One index probe per session on (tenant_id, session_id, seq).
+        // One index probe per session on message_ids (tenant_id, session_id, seq), whatever
+        // the number of partitions.
         let rows: Vec<(String, String, Option<i64>)> = sqlx::query_as(
             r#"SELECT k.tenant_id, k.session_id,
-                      (SELECT max(m.seq) FROM messages m WHERE m.tenant_id = k.tenant_id AND m.session_id = k.session_id)
+                      (SELECT max(i.seq) FROM message_ids i WHERE i.tenant_id = k.tenant_id AND i.session_id = k.session_id)
                FROM UNNEST($1::text[], $2::text[]) AS k(tenant_id, session_id)"#,
         )
         .bind(tenants)
@@ -302,7 +375,7 @@ impl PostgresStore {
 
     /// The highest seq stored for a session (0 when none).
     pub async fn max_seq(&self, tenant_id: &str, session_id: &str) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM messages WHERE tenant_id = $1 AND session_id = $2")
+        sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM message_ids WHERE tenant_id = $1 AND session_id = $2")
             .bind(tenant_id)
             .bind(session_id)
             .fetch_one(&self.pool)
@@ -357,8 +430,7 @@ impl Columns {
             columns.business_type.push(derived_copy(&message.business_type).into_owned());
             columns.session_type.push(derived_copy(&message.session_type).into_owned());
             columns.status.push(derived_copy(&message.status).into_owned());
-            // Normalisation guarantees a representable timestamp; the epoch is never reached.
-            columns.timestamp.push(message.timestamp.as_ref().and_then(to_datetime).unwrap_or(DateTime::UNIX_EPOCH));
+            columns.timestamp.push(stored_time(message));
             columns.is_recalled.push(message.is_recalled);
             columns.recalled_at.push(message.recalled_at.as_ref().and_then(to_datetime));
             columns.is_burn_after_read.push(message.is_burn_after_read);
@@ -379,6 +451,24 @@ impl Columns {
         }
         columns
     }
+}
+
+/// The time a message is stored under ("timestamp"). Normalisation guarantees a representable
+/// timestamp; the epoch is never reached.
+fn stored_time(message: &Message) -> DateTime<Utc> {
+    message.timestamp.as_ref().and_then(to_datetime).unwrap_or(DateTime::UNIX_EPOCH)
+}
+
+/// A month as a number (year × 12 + month − 1, in UTC), the unit of `messages` partitions.
+fn month_of(time: DateTime<Utc>) -> i64 {
+    i64::from(time.year()) * 12 + i64::from(time.month0())
+}
+
+/// Whether `error` is PostgreSQL finding no partition for a row ("no partition of relation …
+/// found for row", SQLSTATE 23514): the writer's to create, not the message's fault.
+fn is_missing_partition(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(database)
+        if database.code().as_deref() == Some("23514") && database.message().starts_with("no partition of relation"))
 }
 
 fn json_text<T: serde::Serialize>(value: &T) -> String {

@@ -1,0 +1,125 @@
+//! `flare-storage partition-messages`: moves a plain `messages` table that already holds rows to
+//! the layout partitioned by month (migrations/20261201000001_partitioned_messages.sql) while
+//! writers and readers keep running, without copying a row. The table becomes the partition of
+//! everything before a month boundary; months from the boundary on get partitions of their
+//! own; retention trims the old table by batches as before and drops it once all of it has
+//! expired.
+//!
+//! Every step can be interrupted and run again:
+//! 1. an index on (tenant_id, session_id, seq) matching the partitioned table's is built
+//!    concurrently (an interrupted build leaves an invalid index, which is rebuilt);
+//! 2. a check constraint `"timestamp" < boundary` is added without reading the table, then
+//!    validated by one scan that blocks no writer (a constraint from an earlier run keeps its
+//!    boundary);
+//! 3. one short transaction renames the table, creates the partitioned one and attaches the old
+//!    table, which the validated constraint spares a second scan. It waits at most five
+//!    seconds for its lock, so it never holds writers back behind a long read, and retries.
+//!
+//! The boundary is the first day of a month at least `margin_days` ahead: writers refuse
+//! messages further in the future than `WRITER_MAX_FUTURE_SECONDS` (a day by default), so no
+//! message stored during the upgrade can fall on or after it.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+const CONSTRAINT: &str = "messages_before_partitioning";
+const SEQ_INDEX: &str = "messages_seq_lookup";
+
+/// Attempts of the final transaction, each waiting at most five seconds for its lock.
+const SWAP_ATTEMPTS: u32 = 60;
+
+pub async fn run(pool: &PgPool, margin_days: u32) -> anyhow::Result<()> {
+    flare_storage_common::schema::migrate(pool).await.context("cannot apply the migrations")?;
+    let timescaledb: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')")
+            .fetch_one(pool)
+            .await?;
+    if timescaledb {
+        println!("messages is a TimescaleDB hypertable: it already has monthly chunks; nothing to do");
+        return Ok(());
+    }
+    if is_partitioned(pool).await? {
+        println!("messages is already partitioned by month; nothing to do");
+        return Ok(());
+    }
+
+    println!("1/3 building index {SEQ_INDEX} (concurrently)");
+    let valid: Option<bool> = sqlx::query_scalar(
+        "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = $1",
+    )
+    .bind(SEQ_INDEX)
+    .fetch_optional(pool)
+    .await?;
+    if valid == Some(false) {
+        sqlx::query(&format!("DROP INDEX CONCURRENTLY {SEQ_INDEX}")).execute(pool).await?;
+    }
+    if valid != Some(true) {
+        sqlx::query(&format!("CREATE INDEX CONCURRENTLY {SEQ_INDEX} ON messages (tenant_id, session_id, seq)"))
+            .execute(pool)
+            .await?;
+    }
+
+    let boundary = match constraint_boundary(pool).await? {
+        Some(boundary) => boundary,
+        None => {
+            let boundary: DateTime<Utc> = sqlx::query_scalar(
+                "SELECT date_trunc('month', now() + make_interval(days => $1), 'UTC') + INTERVAL '1 month'",
+            )
+            .bind(i32::try_from(margin_days)?)
+            .fetch_one(pool)
+            .await?;
+            sqlx::query(&format!(
+                r#"ALTER TABLE messages ADD CONSTRAINT {CONSTRAINT} CHECK ("timestamp" < '{}') NOT VALID"#,
+                boundary.to_rfc3339()
+            ))
+            .execute(pool)
+            .await?;
+            boundary
+        }
+    };
+    println!("2/3 checking that every row is before {boundary} (one scan; writers go on)");
+    sqlx::query(&format!("ALTER TABLE messages VALIDATE CONSTRAINT {CONSTRAINT}")).execute(pool).await.with_context(
+        || format!("a stored message is at or after {boundary}: run again with a larger --margin-days"),
+    )?;
+
+    println!("3/3 replacing messages with the partitioned table");
+    for attempt in 1..=SWAP_ATTEMPTS {
+        let mut transaction = pool.begin().await?;
+        sqlx::query("SET LOCAL lock_timeout = '5s'").execute(&mut *transaction).await?;
+        match sqlx::query("SELECT flare_partition_messages($1)").bind(boundary).execute(&mut *transaction).await {
+            Ok(_) => {
+                transaction.commit().await?;
+                println!(
+                    "messages is partitioned by month; the rows before {boundary} are its partition messages_unpartitioned"
+                );
+                return Ok(());
+            }
+            // 55P03: lock_not_available.
+            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("55P03") => {
+                println!("  the table is busy (attempt {attempt}/{SWAP_ATTEMPTS}); retrying");
+                drop(transaction);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    bail!("messages stayed busy for {SWAP_ATTEMPTS} attempts; run the command again")
+}
+
+async fn is_partitioned(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT relkind = 'p' FROM pg_class WHERE oid = 'messages'::regclass").fetch_one(pool).await
+}
+
+/// The boundary of the check constraint an earlier run added, if any.
+async fn constraint_boundary(pool: &PgPool) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    sqlx::query_scalar(
+        r#"SELECT substring(pg_get_constraintdef(oid) FROM '''([^'']+)''')::timestamptz
+           FROM pg_constraint WHERE conrelid = 'messages'::regclass AND conname = $1"#,
+    )
+    .bind(CONSTRAINT)
+    .fetch_optional(pool)
+    .await
+}

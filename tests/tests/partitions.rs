@@ -1,0 +1,413 @@
+//! PostgreSQL's `messages` partitioned by month (migrations/20261201000001_partitioned_messages.sql)
+//! against the real server: a message of any storable time gets a partition and is found by id
+//! in its own partition; an id stays one message whatever time a resend carries; retention drops
+//! whole expired months and trims the partly expired one; a plain table that already holds rows
+//! is partitioned online by `flare-storage partition-messages`, resumably, while a writer
+//! stores and nothing is lost or duplicated.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone as _, Utc};
+use flare_storage_common::message::{EARLIEST_STORABLE, LATEST_STORABLE, to_timestamp};
+use flare_storage_common::proto::common::TenantContext;
+use flare_storage_common::proto::storage::{GetMessageRequest, Message, StoreMessageRequest};
+use flare_storage_e2e::*;
+use sqlx::PgConnection;
+
+fn request(tenant: &str, id: &str, time: DateTime<Utc>) -> StoreMessageRequest {
+    StoreMessageRequest {
+        session_id: "s".into(),
+        message: Some(Message {
+            id: id.into(),
+            sender_id: "a".into(),
+            timestamp: Some(to_timestamp(time)),
+            ..Default::default()
+        }),
+        tenant: Some(TenantContext { tenant_id: tenant.into(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+fn utc(year: i32, month: u32, day: u32, hour: u32, minute: u32, second: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(year, month, day, hour, minute, second).single().expect("a valid test time")
+}
+
+/// The partition holding each message id.
+async fn partitions_of(db: &mut PgConnection) -> anyhow::Result<BTreeMap<String, String>> {
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT message_id, tableoid::regclass::text FROM messages").fetch_all(db).await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// The partitions of `messages`, by name.
+async fn partition_names(db: &mut PgConnection) -> anyhow::Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = 'messages'::regclass ORDER BY 1",
+    )
+    .fetch_all(db)
+    .await?)
+}
+
+async fn relkind(db: &mut PgConnection) -> anyhow::Result<String> {
+    let kind: i8 =
+        sqlx::query_scalar("SELECT relkind FROM pg_class WHERE oid = 'messages'::regclass").fetch_one(db).await?;
+    Ok(char::from(u8::try_from(kind)?).to_string())
+}
+
+async fn get_message(reader: &RunningReader, tenant: &str, id: &str) -> anyhow::Result<Option<Message>> {
+    let mut client = reader.client().await?;
+    let request = GetMessageRequest {
+        message_id: id.into(),
+        tenant: Some(TenantContext { tenant_id: tenant.into(), ..Default::default() }),
+        ..Default::default()
+    };
+    match client.get_message(request).await {
+        Ok(response) => Ok(response.into_inner().message),
+        Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
+        Err(status) => Err(status.into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_of_every_storable_time_get_a_partition_and_are_found_by_id() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let (topic, dlq_topic) = (unique("messages"), unique("dlq"));
+    create_topics(&[&topic, &dlq_topic], 2).await?;
+    let tenant = unique("acme");
+    let mut config = writer_config(&database.url, &topic, &dlq_topic);
+    // Up to the latest storable instant (262142 AD).
+    config.max_future = Duration::from_secs(8_300_000_000_000);
+
+    // Edges of the storable range, of eras, of the epoch and of months.
+    let micro = chrono::Duration::microseconds(1);
+    let times = [
+        ("earliest", EARLIEST_STORABLE, "messages_4714_11_bc"),
+        ("bc-december", EARLIEST_STORABLE + chrono::Duration::days(10), "messages_4714_12_bc"),
+        ("last-of-1-bc", utc(1, 1, 1, 0, 0, 0) - micro, "messages_0001_12_bc"),
+        ("first-of-1-ad", utc(1, 1, 1, 0, 0, 0), "messages_0001_01"),
+        ("before-epoch", utc(1970, 1, 1, 0, 0, 0) - micro, "messages_1969_12"),
+        ("after-epoch", utc(1970, 1, 1, 0, 0, 0) + micro, "messages_1970_01"),
+        ("end-of-february", utc(2028, 3, 1, 0, 0, 0) - micro, "messages_2028_02"),
+        ("start-of-march", utc(2028, 3, 1, 0, 0, 0), "messages_2028_03"),
+        ("year-9999", utc(9999, 12, 31, 23, 59, 59), "messages_9999_12"),
+        ("year-10000", utc(10000, 1, 1, 0, 0, 0), "messages_10000_01"),
+        ("latest", LATEST_STORABLE - chrono::Duration::nanoseconds(999), "messages_262142_12"),
+    ];
+    let producer = producer()?;
+    for (id, time, _) in &times {
+        produce_message(&producer, &topic, &request(&tenant, id, *time)).await?;
+    }
+    // A resend of an id with another time is the same message.
+    produce_message(&producer, &topic, &request(&tenant, "start-of-march", utc(2030, 6, 1, 0, 0, 0))).await?;
+    let writer = RunningWriter::start(config).await?;
+    writer.wait_processed(times.len()).await?;
+
+    let mut db = database.connect().await?;
+    assert_eq!(relkind(&mut db).await?, "p", "a new database gets the partitioned layout");
+    let partitions = partitions_of(&mut db).await?;
+    let expected: BTreeMap<String, String> =
+        times.iter().map(|(id, _, partition)| (id.to_string(), partition.to_string())).collect();
+    assert_eq!(partitions, expected, "each message in its month's partition, each once");
+    let ids: i64 = sqlx::query_scalar("SELECT count(*) FROM message_ids").fetch_one(&mut db).await?;
+    assert_eq!(ids, times.len() as i64);
+    // The writer made the months ahead at start.
+    let names = partition_names(&mut db).await?;
+    let this_month = format!("messages_{}", Utc::now().format("%Y_%m"));
+    assert!(names.contains(&this_month), "{names:?}");
+    assert!(names.len() >= times.len() + 3, "{names:?}");
+
+    writer.stop().await?;
+
+    // Without Redis, GetMessage is one PostgreSQL lookup.
+    let reader = RunningReader::start_with(&database.url, None).await?;
+    for (id, time, _) in &times {
+        let message = get_message(&reader, &tenant, id).await?.unwrap_or_else(|| panic!("{id} is found by id"));
+        let stored = message.timestamp.as_ref().map(|t| (t.seconds, t.nanos / 1000));
+        let sent = to_timestamp(*time);
+        assert_eq!(stored, Some((sent.seconds, sent.nanos / 1000)), "{id}");
+    }
+    assert!(get_message(&reader, &unique("other"), "latest").await?.is_none(), "tenants stay apart");
+
+    // GetMessage reads the one partition holding the message, whatever the number of months:
+    // the index scans counted per partition move for that partition only. A backend reports
+    // its counts within PostgreSQL's idle interval (10 s).
+    let scans = || async {
+        let mut db = database.connect().await?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT relname::text, coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname LIKE 'messages_%'",
+        )
+        .fetch_all(&mut db)
+        .await?;
+        anyhow::Ok(rows.into_iter().collect::<BTreeMap<_, _>>())
+    };
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let before = scans().await?;
+    assert!(get_message(&reader, &tenant, "start-of-march").await?.is_some());
+    let after = eventually(Duration::from_secs(20), "GetMessage's index scans counted", || async {
+        let now = scans().await?;
+        Ok((now.get("messages_2028_03") > before.get("messages_2028_03")).then_some(now))
+    })
+    .await?;
+    let touched: Vec<&String> =
+        after.iter().filter(|(name, count)| before.get(*name) != Some(count)).map(|(name, _)| name).collect();
+    assert_eq!(touched, ["messages_2028_03"], "only the message's partition is read, of {}", after.len());
+
+    reader.stop().await?;
+    database.drop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seq_counter_gone_back_collides_and_is_reseeded_across_months() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let (topic, dlq_topic) = (unique("messages"), unique("dlq"));
+    create_topics(&[&topic, &dlq_topic], 2).await?;
+    let tenant = unique("acme");
+    let producer = producer()?;
+    // Five messages in five months: seqs 1..=5, each in another partition.
+    let now = Utc::now();
+    for index in 0..5_i64 {
+        let time = now - chrono::Duration::days(31 * (5 - index));
+        produce_message(&producer, &topic, &request(&tenant, &format!("first-{index}"), time)).await?;
+    }
+    let writer = RunningWriter::start(writer_config(&database.url, &topic, &dlq_topic)).await?;
+    writer.wait_processed(5).await?;
+
+    // Redis as an old snapshot had it: the counter at 2, the assignments forgotten.
+    let keys = flare_storage_common::keys::SessionKeys::new(&tenant, "s");
+    let mut redis = redis_connection().await?;
+    redis::pipe()
+        .cmd("SET")
+        .arg(keys.seq_counter())
+        .arg(2)
+        .cmd("DEL")
+        .arg(keys.seq_assigned())
+        .query_async::<()>(&mut redis)
+        .await?;
+    // Seqs 3, 4 and 5 would be handed out again, this time in this month's partition.
+    for index in 0..3 {
+        produce_message(&producer, &topic, &request(&tenant, &format!("then-{index}"), now)).await?;
+    }
+    writer.wait_processed(8).await?;
+    writer.stop().await?;
+
+    let mut db = database.connect().await?;
+    let seqs: Vec<(String, i64)> =
+        sqlx::query_as("SELECT message_id, seq FROM messages ORDER BY seq").fetch_all(&mut db).await?;
+    let expected: Vec<(String, i64)> = (0..5)
+        .map(|index| format!("first-{index}"))
+        .chain((0..3).map(|index| format!("then-{index}")))
+        .zip(1..)
+        .collect();
+    assert_eq!(seqs, expected, "the collision is refused and the counter raised past the stored seqs");
+    database.drop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_drops_expired_months_and_trims_the_partly_expired_one() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let (topic, dlq_topic) = (unique("messages"), unique("dlq"));
+    create_topics(&[&topic, &dlq_topic], 2).await?;
+    let tenant = unique("acme");
+    let now = Utc::now();
+    let ages = [("d400", 400), ("d100", 100), ("d40", 40), ("d31", 31), ("d29", 29), ("d0", 0)];
+    let producer = producer()?;
+    for (id, days) in ages {
+        produce_message(&producer, &topic, &request(&tenant, id, now - chrono::Duration::days(days))).await?;
+    }
+    let mut config = writer_config(&database.url, &topic, &dlq_topic);
+    let writer = RunningWriter::start(config.clone()).await?;
+    writer.wait_processed(ages.len()).await?;
+    writer.stop().await?;
+    let mut db = database.connect().await?;
+    let month = |days: i64| format!("messages_{}", (now - chrono::Duration::days(days)).format("%Y_%m"));
+    let names = partition_names(&mut db).await?;
+    for days in [400, 100, 40] {
+        assert!(names.contains(&month(days)), "{} in {names:?}", month(days));
+    }
+
+    config.retention = Some(Duration::from_secs(30 * 86_400));
+    config.retention_interval = Duration::from_secs(1);
+    let writer = RunningWriter::start(config).await?;
+    eventually(Duration::from_secs(60), "expired messages removed", || async {
+        let mut db = database.connect().await?;
+        let mut ids: Vec<String> = sqlx::query_scalar("SELECT message_id FROM messages").fetch_all(&mut db).await?;
+        ids.sort();
+        Ok((ids == ["d0", "d29"]).then_some(()))
+    })
+    .await?;
+    writer.stop().await?;
+
+    // Whole months before the cutoff are gone as partitions; the month the cutoff falls in
+    // stays, trimmed by rows; the coming months are there ahead of their messages.
+    let cutoff = now - chrono::Duration::days(30);
+    let bounds: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+        r#"SELECT c.relname::text, substring(pg_get_expr(c.relpartbound, c.oid) FROM 'TO \(''([^'']+)''\)')::timestamptz
+           FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'messages'::regclass"#,
+    )
+    .fetch_all(&mut db)
+    .await?;
+    let expired: Vec<&String> = bounds.iter().filter(|(_, upper)| *upper <= cutoff).map(|(name, _)| name).collect();
+    assert!(expired.is_empty(), "partitions wholly before the cutoff remain: {expired:?}");
+    let names = partition_names(&mut db).await?;
+    for days in [400, 100] {
+        assert!(!names.contains(&month(days)), "{} dropped, in {names:?}", month(days));
+    }
+    assert!(names.contains(&month(30)), "the partly expired month stays: {names:?}");
+    let ahead = format!("messages_{}", (now + chrono::Months::new(2)).format("%Y_%m"));
+    assert!(names.contains(&ahead), "{ahead} made ahead: {names:?}");
+    let mut ids: Vec<String> = sqlx::query_scalar("SELECT message_id FROM message_ids").fetch_all(&mut db).await?;
+    ids.sort();
+    assert_eq!(ids, ["d0", "d29"], "the id index forgets expired messages too");
+    database.drop().await
+}
+
+/// Applies the migrations released before the partitioned layout, as a database of an
+/// earlier version has them.
+async fn migrate_as_before_partitioning(url: &str) -> anyhow::Result<()> {
+    let released = std::env::temp_dir().join(unique("released-migrations"));
+    std::fs::create_dir_all(&released)?;
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+    for entry in std::fs::read_dir(&source)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default().to_owned();
+        if name.as_str() < "20261201000001" {
+            std::fs::copy(&path, released.join(name))?;
+        }
+    }
+    let pool = sqlx::PgPool::connect(url).await?;
+    sqlx::migrate::Migrator::new(released.as_path()).await?.run(&pool).await?;
+    pool.close().await;
+    std::fs::remove_dir_all(&released)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_table_with_rows_is_partitioned_online_and_resumably() -> anyhow::Result<()> {
+    use flare_storage_common::prost::Message as _;
+
+    let database = TestDatabase::create().await?;
+    migrate_as_before_partitioning(&database.url).await?;
+    let tenant = unique("acme");
+    let mut db = database.connect().await?;
+    // 300 messages stored by an earlier version over the last three months.
+    let now = Utc::now();
+    for index in 0..300_i64 {
+        let time = now - chrono::Duration::hours(7 * index + 1);
+        let message = Message {
+            id: format!("old-{index}"),
+            session_id: "s".into(),
+            seq: 300 - index,
+            sender_id: "a".into(),
+            timestamp: Some(to_timestamp(time)),
+            ..Default::default()
+        };
+        sqlx::query(
+            r#"INSERT INTO messages (tenant_id, message_id, session_id, seq, sender_id, "timestamp", payload)
+               VALUES ($1, $2, 's', $3, 'a', $4, $5)"#,
+        )
+        .bind(&tenant)
+        .bind(&message.id)
+        .bind(message.seq)
+        .bind(time)
+        .bind(message.encode_to_vec())
+        .execute(&mut db)
+        .await?;
+    }
+    flare_storage_common::schema::migrate(&sqlx::PgPool::connect(&database.url).await?).await?;
+    assert_eq!(relkind(&mut db).await?, "r", "a table with rows stays as it is until the operator moves it");
+    let ids: i64 = sqlx::query_scalar("SELECT count(*) FROM message_ids").fetch_one(&mut db).await?;
+    assert_eq!(ids, 300, "the migration records every stored id");
+
+    // An earlier run was interrupted: its index build left an invalid index, its constraint
+    // is added but not validated.
+    sqlx::query("CREATE INDEX messages_seq_lookup ON messages (tenant_id, session_id, seq)").execute(&mut db).await?;
+    sqlx::query("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'messages_seq_lookup'::regclass")
+        .execute(&mut db)
+        .await?;
+    let boundary: DateTime<Utc> =
+        sqlx::query_scalar("SELECT date_trunc('month', now() + INTERVAL '40 days', 'UTC') + INTERVAL '1 month'")
+            .fetch_one(&mut db)
+            .await?;
+    sqlx::query(&format!(
+        r#"ALTER TABLE messages ADD CONSTRAINT messages_before_partitioning CHECK ("timestamp" < '{}') NOT VALID"#,
+        boundary.to_rfc3339()
+    ))
+    .execute(&mut db)
+    .await?;
+
+    // A writer stores a stream while the table is partitioned under it.
+    let (topic, dlq_topic) = (unique("messages"), unique("dlq"));
+    create_topics(&[&topic, &dlq_topic], 2).await?;
+    let mut config = writer_config(&database.url, &topic, &dlq_topic);
+    config.max_future = Duration::from_secs(400 * 86_400);
+    let writer = RunningWriter::start(config).await?;
+    let stream = {
+        let (producer, topic, tenant) = (producer()?, topic.clone(), tenant.clone());
+        tokio::spawn(async move {
+            for index in 0..200 {
+                let time = Utc::now() - chrono::Duration::days(index % 3 * 20);
+                produce_message(&producer, &topic, &request(&tenant, &format!("new-{index}"), time)).await?;
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            anyhow::Ok(())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cli = |url: &str| {
+        std::process::Command::new(binary("flare-storage")?)
+            .args(["partition-messages", "--postgres-url", url])
+            .output()
+            .map_err(anyhow::Error::from)
+    };
+    let url = database.url.clone();
+    let output = tokio::task::spawn_blocking(move || cli(&url)).await??;
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{printed}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(printed.contains(&format!("before {boundary}")), "the earlier run's boundary is kept: {printed}");
+    stream.await??;
+    writer.wait_processed(200).await?;
+
+    assert_eq!(relkind(&mut db).await?, "p");
+    let names = partition_names(&mut db).await?;
+    let first_month = format!("messages_{}", boundary.format("%Y_%m"));
+    assert!(names.contains(&"messages_unpartitioned".to_owned()) && names.contains(&first_month), "{names:?}");
+    let (rows, distinct): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT message_id) FROM messages").fetch_one(&mut db).await?;
+    assert_eq!((rows, distinct), (500, 500), "nothing lost, nothing twice");
+    let ids: i64 = sqlx::query_scalar("SELECT count(*) FROM message_ids").fetch_one(&mut db).await?;
+    assert_eq!(ids, 500);
+
+    // After the move: an old time goes to the old table, a time past the boundary to its month.
+    let writer_after = {
+        let producer = producer()?;
+        produce_message(&producer, &topic, &request(&tenant, "late-old", now - chrono::Duration::days(50))).await?;
+        produce_message(&producer, &topic, &request(&tenant, "past-boundary", boundary + chrono::Duration::days(3)))
+            .await?;
+        writer.wait_processed(202).await?;
+        partitions_of(&mut db).await?
+    };
+    assert_eq!(writer_after.get("late-old").map(String::as_str), Some("messages_unpartitioned"));
+    assert_eq!(writer_after.get("past-boundary"), Some(&first_month));
+    writer.stop().await?;
+
+    let reader = RunningReader::start_with(&database.url, None).await?;
+    for id in ["old-0", "old-299", "new-0", "new-199", "late-old", "past-boundary"] {
+        assert!(get_message(&reader, &tenant, id).await?.is_some(), "{id} is found by id");
+    }
+    reader.stop().await?;
+
+    // Run again: nothing to do.
+    let url = database.url.clone();
+    let again = tokio::task::spawn_blocking(move || cli(&url)).await??;
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("already partitioned"));
+
+    // Retention drops the old table whole once its boundary has passed.
+    let dropped: i32 =
+        sqlx::query_scalar("SELECT flare_drop_message_partitions_before($1)").bind(boundary).fetch_one(&mut db).await?;
+    assert!(dropped >= 1);
+    let names = partition_names(&mut db).await?;
+    assert!(!names.contains(&"messages_unpartitioned".to_owned()) && names.contains(&first_month), "{names:?}");
+    database.drop().await
+}
