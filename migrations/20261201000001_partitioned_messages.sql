@@ -47,11 +47,28 @@ FROM (SELECT DISTINCT ON (tenant_id, message_id) * FROM messages
       ORDER BY tenant_id, message_id, created_at, "timestamp") AS first_rows
 ON CONFLICT DO NOTHING;
 
--- The partition of `at`'s month (UTC), created when missing. Names read messages_YYYY_MM
--- (messages_YYYY_MM_bc before the common era); the month that holds PostgreSQL's first instant
--- starts at -infinity, the first day of that month being out of range. A month that an older
--- partition already covers (the table from before partitioning) is left to it. Concurrent
--- callers serialise on an advisory lock. Does nothing where messages is not partitioned.
+-- Every partition of messages with its bounds (the old table attached by partition-messages
+-- starts at -infinity) and whether a concurrent detach of it is unfinished.
+CREATE OR REPLACE FUNCTION flare_message_partitions()
+RETURNS TABLE (partition REGCLASS, lower_bound TIMESTAMPTZ, upper_bound TIMESTAMPTZ, detach_pending BOOLEAN)
+LANGUAGE sql STABLE AS $$
+    SELECT c.oid::regclass,
+           coalesce(substring(b.bound FROM 'FROM \(''([^'']+)''\)')::timestamptz, '-infinity'),
+           substring(b.bound FROM 'TO \(''([^'']+)''\)')::timestamptz,
+           i.inhdetachpending
+    FROM pg_inherits i
+    JOIN pg_class c ON c.oid = i.inhrelid
+    CROSS JOIN LATERAL (SELECT pg_get_expr(c.relpartbound, c.oid) AS bound) AS b
+    WHERE i.inhparent = 'messages'::regclass
+$$;
+
+-- Makes sure a partition holds `at`: when none does, creates the partition of its month (UTC).
+-- Names read messages_YYYY_MM (messages_YYYY_MM_bc before the common era); the month that holds
+-- PostgreSQL's first instant starts at -infinity, the first day of that month being out of
+-- range. A time an existing partition covers (the old table before its boundary included)
+-- takes no lock at all. Creating one locks messages: it waits at most five seconds for that
+-- (the caller retries) so writers never queue behind a long read; concurrent callers
+-- serialise on an advisory lock. Does nothing where messages is not partitioned.
 CREATE OR REPLACE FUNCTION flare_ensure_message_partition(at TIMESTAMPTZ) RETURNS VOID
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -61,11 +78,15 @@ DECLARE
     name        TEXT := 'messages_' || to_char(local_time, 'YYYY_MM')
                         || CASE WHEN local_time < TIMESTAMP '0001-01-01' THEN '_bc' ELSE '' END;
 BEGIN
-    IF (SELECT relkind FROM pg_class WHERE oid = 'messages'::regclass) <> 'p' OR to_regclass(name) IS NOT NULL THEN
+    IF (SELECT relkind FROM pg_class WHERE oid = 'messages'::regclass) <> 'p' THEN
         RETURN;
     END IF;
+    IF EXISTS (SELECT 1 FROM flare_message_partitions() p WHERE p.lower_bound <= at AND at < p.upper_bound) THEN
+        RETURN;
+    END IF;
+    PERFORM set_config('lock_timeout', '5s', true);
     PERFORM pg_advisory_xact_lock(hashtext('flare_message_partitions'));
-    IF to_regclass(name) IS NOT NULL THEN
+    IF EXISTS (SELECT 1 FROM flare_message_partitions() p WHERE p.lower_bound <= at AND at < p.upper_bound) THEN
         RETURN;
     END IF;
     BEGIN
@@ -73,13 +94,8 @@ BEGIN
     EXCEPTION WHEN datetime_field_overflow THEN
         lower_bound := '-infinity';
     END;
-    BEGIN
-        EXECUTE format('CREATE TABLE %I PARTITION OF messages FOR VALUES FROM (%L) TO (%L)',
-                       name, lower_bound, upper_bound);
-    EXCEPTION WHEN invalid_object_definition THEN
-        -- "would overlap partition": an older partition holds this month.
-        NULL;
-    END;
+    EXECUTE format('CREATE TABLE %I PARTITION OF messages FOR VALUES FROM (%L) TO (%L)',
+                   name, lower_bound, upper_bound);
 END
 $$;
 
@@ -90,28 +106,6 @@ BEGIN
     FOR month IN 0..months_ahead LOOP
         PERFORM flare_ensure_message_partition(now() + make_interval(months => month));
     END LOOP;
-END
-$$;
-
--- Drops the partitions whose every row is older than `cutoff` (their upper bound is at or
--- before it); returns how many went. Waits at most five seconds for the table's lock, so a
--- long read delays retention rather than every writer queueing behind it.
-CREATE OR REPLACE FUNCTION flare_drop_message_partitions_before(cutoff TIMESTAMPTZ) RETURNS INT
-LANGUAGE plpgsql AS $$
-DECLARE
-    partition REGCLASS;
-    dropped   INT := 0;
-BEGIN
-    PERFORM set_config('lock_timeout', '5s', true);
-    FOR partition IN
-        SELECT c.oid::regclass FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-        WHERE i.inhparent = 'messages'::regclass
-          AND substring(pg_get_expr(c.relpartbound, c.oid) FROM 'TO \(''([^'']+)''\)')::timestamptz <= cutoff
-    LOOP
-        EXECUTE format('DROP TABLE %s', partition);
-        dropped := dropped + 1;
-    END LOOP;
-    RETURN dropped;
 END
 $$;
 

@@ -10,7 +10,8 @@
 //!    concurrently (an interrupted build leaves an invalid index, which is rebuilt);
 //! 2. a check constraint `"timestamp" < boundary` is added without reading the table, then
 //!    validated by one scan that blocks no writer (a constraint from an earlier run keeps its
-//!    boundary);
+//!    boundary unless that is nearer than the margin; a failed scan removes it). Meanwhile a
+//!    writer holds back a message the constraint refuses and stores it after step 3;
 //! 3. one short transaction renames the table, creates the partitioned one and attaches the old
 //!    table, which the validated constraint spares a second scan. It waits at most five
 //!    seconds for its lock, so it never holds writers back behind a long read, and retries.
@@ -62,28 +63,38 @@ pub async fn run(pool: &PgPool, margin_days: u32) -> anyhow::Result<()> {
             .await?;
     }
 
+    // The first day of the month after the margin, in UTC.
+    let wanted: DateTime<Utc> = sqlx::query_scalar(
+        "SELECT (date_trunc('month', (now() + make_interval(days => $1)) AT TIME ZONE 'UTC') + INTERVAL '1 month') AT TIME ZONE 'UTC'",
+    )
+    .bind(i32::try_from(margin_days)?)
+    .fetch_one(pool)
+    .await?;
+    // An earlier run's constraint is kept (its scan may be done) unless it is nearer than the
+    // margin asks.
     let boundary = match constraint_boundary(pool).await? {
-        Some(boundary) => boundary,
-        None => {
-            let boundary: DateTime<Utc> = sqlx::query_scalar(
-                "SELECT date_trunc('month', now() + make_interval(days => $1), 'UTC') + INTERVAL '1 month'",
-            )
-            .bind(i32::try_from(margin_days)?)
-            .fetch_one(pool)
-            .await?;
+        Some(earlier) if earlier >= wanted => earlier,
+        earlier => {
+            if earlier.is_some() {
+                drop_constraint(pool).await?;
+            }
             sqlx::query(&format!(
                 r#"ALTER TABLE messages ADD CONSTRAINT {CONSTRAINT} CHECK ("timestamp" < '{}') NOT VALID"#,
-                boundary.to_rfc3339()
+                wanted.to_rfc3339()
             ))
             .execute(pool)
             .await?;
-            boundary
+            wanted
         }
     };
     println!("2/3 checking that every row is before {boundary} (one scan; writers go on)");
-    sqlx::query(&format!("ALTER TABLE messages VALIDATE CONSTRAINT {CONSTRAINT}")).execute(pool).await.with_context(
-        || format!("a stored message is at or after {boundary}: run again with a larger --margin-days"),
-    )?;
+    let validated = sqlx::query(&format!("ALTER TABLE messages VALIDATE CONSTRAINT {CONSTRAINT}")).execute(pool).await;
+    if let Err(error) = validated {
+        // Left in place, the constraint would hold back every message dated past it.
+        drop_constraint(pool).await?;
+        return Err(anyhow::Error::from(error)
+            .context(format!("a stored message is at or after {boundary}: run again with a larger --margin-days")));
+    }
 
     println!("3/3 replacing messages with the partitioned table");
     for attempt in 1..=SWAP_ATTEMPTS {
@@ -111,6 +122,11 @@ pub async fn run(pool: &PgPool, margin_days: u32) -> anyhow::Result<()> {
 
 async fn is_partitioned(pool: &PgPool) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar("SELECT relkind = 'p' FROM pg_class WHERE oid = 'messages'::regclass").fetch_one(pool).await
+}
+
+async fn drop_constraint(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!("ALTER TABLE messages DROP CONSTRAINT IF EXISTS {CONSTRAINT}")).execute(pool).await?;
+    Ok(())
 }
 
 /// The boundary of the check constraint an earlier run added, if any.

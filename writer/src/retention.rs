@@ -67,8 +67,13 @@ pub async fn run_once(
     let cutoff = Utc::now() - chrono::Duration::from_std(keep)?;
     let mut removed = 0;
     if let Some(postgres) = postgres {
+        let mut ids_cutoff = cutoff;
         if postgres.has_timescaledb().await? {
             postgres.drop_chunks_before(cutoff).await?;
+            // Chunks go whole: the ids of messages a partly expired chunk still holds stay.
+            if let Some(oldest) = postgres.oldest_message_time().await? {
+                ids_cutoff = ids_cutoff.min(oldest);
+            }
         } else {
             let dropped = postgres.drop_partitions_before(cutoff).await?;
             if dropped > 0 {
@@ -78,7 +83,7 @@ pub async fn run_once(
             // The coming months get their partitions before their first message.
             postgres.create_partitions_ahead(PARTITIONS_AHEAD).await?;
         }
-        delete_all_before(postgres, AgedTable::MessageIds, cutoff).await?;
+        delete_all_before(postgres, AgedTable::MessageIds, ids_cutoff).await?;
         // Search entries of expired messages (a plain table on TimescaleDB too); rows still
         // queued for them are taken by the indexer and find no message.
         delete_all_before(postgres, AgedTable::SearchIndex, cutoff).await?;

@@ -16,6 +16,7 @@ use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::Message;
 use flare_storage_common::stored_text::{derived_copy, escape_json_map};
 use sqlx::PgPool;
+use tracing::warn;
 
 use super::{
     Encoded, MessageKey, Partial, StoredMessage, WriteFailure, Written, message_key, ranges_by_size, write_isolating,
@@ -305,9 +306,37 @@ impl PostgresStore {
     }
 
     /// Drops the `messages` partitions whose every row is older than `cutoff`; returns how
-    /// many went (none where the table is not partitioned).
-    pub async fn drop_partitions_before(&self, cutoff: DateTime<Utc>) -> Result<i32, sqlx::Error> {
-        sqlx::query_scalar("SELECT flare_drop_message_partitions_before($1)").bind(cutoff).fetch_one(&self.pool).await
+    /// many went (none where the table is not partitioned). Each is first detached
+    /// concurrently, which waits for the transactions using it but blocks no reader or writer,
+    /// then dropped on its own; a detach another writer left unfinished is finished. A
+    /// partition that cannot go now (another writer is detaching it) is left to the next run.
+    pub async fn drop_partitions_before(&self, cutoff: DateTime<Utc>) -> Result<u32, sqlx::Error> {
+        let expired: Vec<(String, bool)> = sqlx::query_as(
+            "SELECT partition::text, detach_pending FROM flare_message_partitions() WHERE upper_bound <= $1",
+        )
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut dropped = 0;
+        for (partition, pending) in expired {
+            // `partition` is a regclass's text: quoted where it needs to be.
+            let how = if pending { "FINALIZE" } else { "CONCURRENTLY" };
+            let detached = sqlx::query(&format!("ALTER TABLE messages DETACH PARTITION {partition} {how}"))
+                .execute(&self.pool)
+                .await;
+            if let Err(error) = detached {
+                warn!(%partition, %error, "expired partition not detached; retrying at the next run");
+                continue;
+            }
+            sqlx::query(&format!("DROP TABLE IF EXISTS {partition}")).execute(&self.pool).await?;
+            dropped += 1;
+        }
+        Ok(dropped)
+    }
+
+    /// The time of the oldest stored message, if any (one probe of a hypertable's time index).
+    pub async fn oldest_message_time(&self) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+        sqlx::query_scalar(r#"SELECT min("timestamp") FROM messages"#).fetch_one(&self.pool).await
     }
 
     /// Whether the messages table is a TimescaleDB hypertable.
@@ -465,11 +494,16 @@ fn month_of(time: DateTime<Utc>) -> i64 {
 }
 
 /// Whether `error` is PostgreSQL finding no partition for a row ("no partition of relation …
-/// found for row", SQLSTATE 23514): the writer's to create, not the message's fault.
+/// found for row"): the writer's to create, not the message's fault. It shares SQLSTATE 23514
+/// with check constraints but, unlike them, names no constraint.
 fn is_missing_partition(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(database)
-        if database.code().as_deref() == Some("23514") && database.message().starts_with("no partition of relation"))
+        if database.code().as_deref() == Some("23514") && database.constraint().is_none())
 }
+
+/// The check constraint `flare-storage partition-messages` puts on a plain table while it
+/// moves it (cli/src/partition.rs): a message it refuses is stored once the move is done.
+const PARTITIONING_CONSTRAINT: &str = "messages_before_partitioning";
 
 fn json_text<T: serde::Serialize>(value: &T) -> String {
     // Maps and lists of strings always serialise.
@@ -479,7 +513,8 @@ fn json_text<T: serde::Serialize>(value: &T) -> String {
 /// The reason to dead-letter, when `error` is the database refusing the data for good rather
 /// than failing: a data exception (class 22: out of range, invalid text, untranslatable
 /// character…), a program limit (class 54: index row or array too large), or a check or
-/// exclusion constraint an operator added (23514, 23P01). Everything else is transient:
+/// exclusion constraint an operator added (23514, 23P01; not the one of an unfinished move to
+/// partitions, [`PARTITIONING_CONSTRAINT`]). Everything else is transient:
 /// connection loss, timeouts, serialization failures (40001), shutdown (57P01), missing
 /// objects, and the other integrity errors — uniqueness is absorbed by `ON CONFLICT DO
 /// NOTHING`, and a NOT NULL or foreign key violation (23502, 23503) can only come from a
@@ -487,6 +522,9 @@ fn json_text<T: serde::Serialize>(value: &T) -> String {
 fn refusal(error: &sqlx::Error) -> Option<String> {
     match error {
         sqlx::Error::Database(database) => {
+            if database.constraint() == Some(PARTITIONING_CONSTRAINT) {
+                return None;
+            }
             let code = database.code()?;
             let data = code.starts_with("22") || code.starts_with("54") || code == "23514" || code == "23P01";
             data.then(|| format!("refused by PostgreSQL: {} (SQLSTATE {code})", database.message()))
