@@ -40,14 +40,25 @@ const RECENT: usize = 50;
 /// Messages per QueryMessages and QueryMessagesBySeq page.
 const PAGE: i32 = 20;
 
+#[derive(clap::Args)]
 pub struct ReaderBench {
+    #[arg(long, default_value_t = 100_000)]
     pub messages: usize,
+    #[arg(long, default_value_t = 1_000)]
     pub sessions: usize,
+    #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
+    #[arg(long, default_value_t = 4)]
     pub connections: usize,
+    #[arg(long, default_value_t = 15)]
     pub seconds: u64,
+    /// Found after parsing (FLARE_WRITER_BIN, else beside the bench binary).
+    #[arg(skip)]
     pub writer_binary: PathBuf,
+    /// Found after parsing (FLARE_READER_BIN, else beside the bench binary).
+    #[arg(skip)]
     pub reader_binary: PathBuf,
+    #[arg(long, default_value = "target/bench/reader.json")]
     pub json: PathBuf,
 }
 

@@ -27,18 +27,28 @@ use crate::writer::{
     COPY_SEARCH_STATEMENT, COPY_STATEMENT, copy_in, copy_search_text, copy_text, create_partitions, normalized,
 };
 
+#[derive(clap::Args)]
 pub struct SearchBench {
+    #[arg(long, default_value_t = 1_000_000)]
     pub messages: usize,
+    #[arg(long, default_value_t = 10_000)]
     pub sessions: usize,
     /// Distinct queries per kind.
+    #[arg(long, default_value_t = 20)]
     pub queries: usize,
     /// Times each query is asked.
+    #[arg(long, default_value_t = 5)]
     pub repeats: usize,
     /// Messages of the MongoDB run (0: none).
+    #[arg(long, default_value_t = 2_000)]
     pub mongo_messages: usize,
-    /// Leave the PostgreSQL database (to look at plans) instead of dropping it.
+    /// Leave the PostgreSQL database (to look at plans) and print its URL, instead of dropping it.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub keep: bool,
+    /// Found after parsing (FLARE_READER_BIN, else beside the bench binary).
+    #[arg(skip)]
     pub reader_binary: PathBuf,
+    #[arg(long, default_value = "target/bench/search.json")]
     pub json: PathBuf,
 }
 

@@ -29,22 +29,36 @@ use crate::services::{
 };
 use crate::workload::{Record, TextMode, Workload};
 
+#[derive(clap::Args)]
 pub struct WriterBench {
+    #[arg(long, default_value_t = 500_000)]
     pub messages: usize,
+    #[arg(long, default_value_t = 10_000)]
     pub sessions: usize,
+    #[arg(long, default_value_t = 8)]
     pub partitions: i32,
+    #[arg(long, default_value_t = 500)]
     pub batch: usize,
+    #[arg(long, default_value_t = 30)]
     pub latency_seconds: u64,
     /// The latency run's offered rate, as a fraction of the measured sustained rate.
+    #[arg(long, default_value_t = 0.5)]
     pub latency_fraction: f64,
     /// Also store into MongoDB (a slow stand-in here), with this many messages.
+    #[arg(long)]
     pub mongo_messages: Option<usize>,
+    #[arg(long, value_enum, default_value = "natural")]
     pub text: TextMode,
     /// Share of messages sent to a 5,000-member group.
+    #[arg(long, default_value_t = 0.0)]
     pub big_group_share: f64,
     /// Record a CPU profile of the writer during the sustained run into this file.
+    #[arg(long)]
     pub profile: Option<PathBuf>,
+    /// Found after parsing (FLARE_WRITER_BIN, else beside the bench binary).
+    #[arg(skip)]
     pub writer_binary: PathBuf,
+    #[arg(long, default_value = "target/bench/writer.json")]
     pub json: PathBuf,
 }
 

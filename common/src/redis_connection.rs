@@ -84,6 +84,21 @@ fn broken(error: &redis::RedisError) -> bool {
 const REPLACE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Cluster {
+    /// Runs `call` on the connection in use, replacing that connection when the call finds it
+    /// [`broken`].
+    async fn call<T, F, Fut>(&self, call: F) -> RedisResult<T>
+    where
+        F: FnOnce(ClusterConnection) -> Fut,
+        Fut: std::future::Future<Output = RedisResult<T>>,
+    {
+        let (generation, connection) = self.current();
+        let result = call(connection).await;
+        if matches!(&result, Err(error) if broken(error)) {
+            self.replace(generation).await;
+        }
+        result
+    }
+
     /// The connection in use and its generation.
     fn current(&self) -> (u64, ClusterConnection) {
         self.connection.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
@@ -167,12 +182,7 @@ impl ConnectionLike for RedisConnection {
             match &mut self.link {
                 Link::Node(connection) => connection.req_packed_command(cmd).await,
                 Link::Cluster(cluster) => {
-                    let (generation, mut connection) = cluster.current();
-                    let result = connection.req_packed_command(cmd).await;
-                    if matches!(&result, Err(error) if broken(error)) {
-                        cluster.replace(generation).await;
-                    }
-                    result
+                    cluster.call(|mut connection| async move { connection.req_packed_command(cmd).await }).await
                 }
             }
         })
@@ -189,12 +199,10 @@ impl ConnectionLike for RedisConnection {
             match &mut self.link {
                 Link::Node(connection) => connection.req_packed_commands(pipeline, offset, count).await,
                 Link::Cluster(cluster) => {
-                    let (generation, mut connection) = cluster.current();
-                    let result = connection.req_packed_commands(pipeline, offset, count).await;
-                    if matches!(&result, Err(error) if broken(error)) {
-                        cluster.replace(generation).await;
-                    }
-                    result
+                    let call = |mut connection: ClusterConnection| async move {
+                        connection.req_packed_commands(pipeline, offset, count).await
+                    };
+                    cluster.call(call).await
                 }
             }
         })
