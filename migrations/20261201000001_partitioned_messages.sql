@@ -49,12 +49,13 @@ ON CONFLICT DO NOTHING;
 
 -- Every partition of messages with its bounds (the old table attached by partition-messages
 -- starts at -infinity) and whether a concurrent detach of it is unfinished.
+-- The bounds are read back from their text, which the date style must not make ambiguous.
 CREATE OR REPLACE FUNCTION flare_message_partitions()
 RETURNS TABLE (partition REGCLASS, lower_bound TIMESTAMPTZ, upper_bound TIMESTAMPTZ, detach_pending BOOLEAN)
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET datestyle = 'ISO, MDY' AS $$
     SELECT c.oid::regclass,
            coalesce(substring(b.bound FROM 'FROM \(''([^'']+)''\)')::timestamptz, '-infinity'),
-           substring(b.bound FROM 'TO \(''([^'']+)''\)')::timestamptz,
+           coalesce(substring(b.bound FROM 'TO \(''([^'']+)''\)')::timestamptz, 'infinity'),
            i.inhdetachpending
     FROM pg_inherits i
     JOIN pg_class c ON c.oid = i.inhrelid
@@ -125,6 +126,13 @@ BEGIN
         RETURN;
     END IF;
     LOCK TABLE messages IN ACCESS EXCLUSIVE MODE;
+    -- Attaching a table with rows is only quick with the validated constraint; without it the
+    -- attach would read the whole table under this lock.
+    IF EXISTS (SELECT 1 FROM messages) AND NOT EXISTS (
+        SELECT 1 FROM pg_constraint
+        WHERE conrelid = 'messages'::regclass AND conname = 'messages_before_partitioning' AND convalidated) THEN
+        RAISE EXCEPTION 'messages has no validated constraint messages_before_partitioning: a writer removes it when a message is dated past its boundary; run partition-messages again with a larger --margin-days';
+    END IF;
     ALTER TABLE messages RENAME TO messages_unpartitioned;
     FOR index_name IN SELECT indexname FROM pg_indexes WHERE tablename = 'messages_unpartitioned' LOOP
         EXECUTE format('ALTER INDEX %I RENAME TO %I', index_name,

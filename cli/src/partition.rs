@@ -10,15 +10,17 @@
 //!    concurrently (an interrupted build leaves an invalid index, which is rebuilt);
 //! 2. a check constraint `"timestamp" < boundary` is added without reading the table, then
 //!    validated by one scan that blocks no writer (a constraint from an earlier run keeps its
-//!    boundary unless that is nearer than the margin; a failed scan removes it). Meanwhile a
-//!    writer holds back a message the constraint refuses and stores it after step 3;
+//!    boundary unless that is nearer than the margin; a failed scan removes it). A writer
+//!    that meets a message the constraint refuses removes the constraint and stores the
+//!    message, and the move stops (step 3 refuses to attach without it);
 //! 3. one short transaction renames the table, creates the partitioned one and attaches the old
-//!    table, which the validated constraint spares a second scan. It waits at most five
-//!    seconds for its lock, so it never holds writers back behind a long read, and retries.
+//!    table, which the validated constraint spares a second scan. Like the constraint changes,
+//!    it waits at most five seconds at a time for its lock (readers and writers queue behind
+//!    it no longer than that when a long read holds the table) and retries.
 //!
 //! The boundary is the first day of a month at least `margin_days` ahead: writers refuse
-//! messages further in the future than `WRITER_MAX_FUTURE_SECONDS` (a day by default), so no
-//! message stored during the upgrade can fall on or after it.
+//! messages further in the future than `WRITER_MAX_FUTURE_SECONDS` (a day by default), so with
+//! the default margin no message stored during the move falls on or after it.
 
 use std::time::Duration;
 
@@ -78,36 +80,55 @@ pub async fn run(pool: &PgPool, margin_days: u32) -> anyhow::Result<()> {
             if earlier.is_some() {
                 drop_constraint(pool).await?;
             }
-            sqlx::query(&format!(
+            let add = format!(
                 r#"ALTER TABLE messages ADD CONSTRAINT {CONSTRAINT} CHECK ("timestamp" < '{}') NOT VALID"#,
                 wanted.to_rfc3339()
-            ))
-            .execute(pool)
-            .await?;
+            );
+            locking(pool, &add).await?;
             wanted
         }
     };
     println!("2/3 checking that every row is before {boundary} (one scan; writers go on)");
     let validated = sqlx::query(&format!("ALTER TABLE messages VALIDATE CONSTRAINT {CONSTRAINT}")).execute(pool).await;
-    if let Err(error) = validated {
-        // Left in place, the constraint would hold back every message dated past it.
-        drop_constraint(pool).await?;
-        return Err(anyhow::Error::from(error)
-            .context(format!("a stored message is at or after {boundary}: run again with a larger --margin-days")));
+    match validated {
+        Ok(_) => {}
+        // 23514: a row is past the boundary. Left in place, the constraint would only make
+        // writers remove it when they meet such a message.
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("23514") => {
+            drop_constraint(pool).await?;
+            bail!("a stored message is at or after {boundary}: run again with a larger --margin-days ({error})");
+        }
+        // 42704: a writer removed the constraint, having met a message dated past it.
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42704") => {
+            bail!(
+                "a writer met a message dated past {boundary} and removed the check: run again with a larger --margin-days"
+            )
+        }
+        Err(error) => return Err(error.into()),
     }
 
     println!("3/3 replacing messages with the partitioned table");
+    locking(pool, &format!("SELECT flare_partition_messages('{}')", boundary.to_rfc3339())).await?;
+    println!("messages is partitioned by month; the rows before {boundary} are its partition messages_unpartitioned");
+    Ok(())
+}
+
+async fn is_partitioned(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT relkind = 'p' FROM pg_class WHERE oid = 'messages'::regclass").fetch_one(pool).await
+}
+
+async fn drop_constraint(pool: &PgPool) -> anyhow::Result<()> {
+    locking(pool, &format!("ALTER TABLE messages DROP CONSTRAINT IF EXISTS {CONSTRAINT}")).await
+}
+
+/// Runs `statement`, which locks messages, waiting at most five seconds at a time for the lock
+/// (so readers and writers never queue behind it for longer) and retrying.
+async fn locking(pool: &PgPool, statement: &str) -> anyhow::Result<()> {
     for attempt in 1..=SWAP_ATTEMPTS {
         let mut transaction = pool.begin().await?;
         sqlx::query("SET LOCAL lock_timeout = '5s'").execute(&mut *transaction).await?;
-        match sqlx::query("SELECT flare_partition_messages($1)").bind(boundary).execute(&mut *transaction).await {
-            Ok(_) => {
-                transaction.commit().await?;
-                println!(
-                    "messages is partitioned by month; the rows before {boundary} are its partition messages_unpartitioned"
-                );
-                return Ok(());
-            }
+        match sqlx::query(statement).execute(&mut *transaction).await {
+            Ok(_) => return Ok(transaction.commit().await?),
             // 55P03: lock_not_available.
             Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("55P03") => {
                 println!("  the table is busy (attempt {attempt}/{SWAP_ATTEMPTS}); retrying");
@@ -118,15 +139,6 @@ pub async fn run(pool: &PgPool, margin_days: u32) -> anyhow::Result<()> {
         }
     }
     bail!("messages stayed busy for {SWAP_ATTEMPTS} attempts; run the command again")
-}
-
-async fn is_partitioned(pool: &PgPool) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT relkind = 'p' FROM pg_class WHERE oid = 'messages'::regclass").fetch_one(pool).await
-}
-
-async fn drop_constraint(pool: &PgPool) -> Result<(), sqlx::Error> {
-    sqlx::query(&format!("ALTER TABLE messages DROP CONSTRAINT IF EXISTS {CONSTRAINT}")).execute(pool).await?;
-    Ok(())
 }
 
 /// The boundary of the check constraint an earlier run added, if any.

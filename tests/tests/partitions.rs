@@ -13,7 +13,7 @@ use flare_storage_common::message::{EARLIEST_STORABLE, LATEST_STORABLE, to_times
 use flare_storage_common::proto::common::TenantContext;
 use flare_storage_common::proto::storage::{GetMessageRequest, Message, StoreMessageRequest};
 use flare_storage_e2e::*;
-use sqlx::PgConnection;
+use sqlx::{Connection as _, PgConnection};
 
 fn request(tenant: &str, id: &str, time: DateTime<Utc>) -> StoreMessageRequest {
     StoreMessageRequest {
@@ -338,23 +338,63 @@ async fn a_plain_table_with_rows_is_partitioned_online_and_resumably() -> anyhow
     sqlx::query("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'messages_seq_lookup'::regclass")
         .execute(&mut db)
         .await?;
-    let boundary: DateTime<Utc> =
-        sqlx::query_scalar("SELECT date_trunc('month', now() + INTERVAL '40 days', 'UTC') + INTERVAL '1 month'")
+    let month_after = |days: i64| {
+        let url = database.url.clone();
+        async move {
+            let mut db = PgConnection::connect(&url).await?;
+            let boundary: DateTime<Utc> = sqlx::query_scalar(
+                "SELECT (date_trunc('month', (now() + make_interval(days => $1)) AT TIME ZONE 'UTC') + INTERVAL '1 month') AT TIME ZONE 'UTC'",
+            )
+            .bind(i32::try_from(days)?)
             .fetch_one(&mut db)
             .await?;
-    sqlx::query(&format!(
-        r#"ALTER TABLE messages ADD CONSTRAINT messages_before_partitioning CHECK ("timestamp" < '{}') NOT VALID"#,
-        boundary.to_rfc3339()
-    ))
-    .execute(&mut db)
-    .await?;
+            anyhow::Ok(boundary)
+        }
+    };
+    let add_constraint = |boundary: DateTime<Utc>| {
+        format!(
+            r#"ALTER TABLE messages ADD CONSTRAINT messages_before_partitioning CHECK ("timestamp" < '{}') NOT VALID"#,
+            boundary.to_rfc3339()
+        )
+    };
+    let interrupted = month_after(40).await?;
+    sqlx::query(&add_constraint(interrupted)).execute(&mut db).await?;
 
-    // A writer stores a stream while the table is partitioned under it.
     let (topic, dlq_topic) = (unique("messages"), unique("dlq"));
     create_topics(&[&topic, &dlq_topic], 2).await?;
     let mut config = writer_config(&database.url, &topic, &dlq_topic);
     config.max_future = Duration::from_secs(400 * 86_400);
     let writer = RunningWriter::start(config).await?;
+    // A message dated past that boundary: the writer removes the constraint rather than
+    // refuse the message, and stores it.
+    let early = interrupted + chrono::Duration::days(3);
+    produce_message(&producer()?, &topic, &request(&tenant, "early-past-boundary", early)).await?;
+    writer.wait_processed(1).await?;
+    let constraints: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_constraint WHERE conrelid = 'messages'::regclass AND conname = 'messages_before_partitioning'",
+    )
+    .fetch_one(&mut db)
+    .await?;
+    assert_eq!(constraints, 0, "the writer gave way");
+
+    let cli = |url: String, margin: &'static str| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(binary("flare-storage")?)
+                .args(["partition-messages", "--postgres-url", &url, "--margin-days", margin])
+                .output()
+                .map_err(anyhow::Error::from)
+        })
+    };
+    // That message is past the default boundary: the move stops and says what to do.
+    let refused = cli(database.url.clone(), "31").await??;
+    let said = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(!refused.status.success() && said.contains("--margin-days"), "{said}");
+    assert_eq!(relkind(&mut db).await?, "r");
+
+    // Another interrupted run left a boundary further than the next run asks: it is kept.
+    let boundary = month_after(160).await?;
+    sqlx::query(&add_constraint(boundary)).execute(&mut db).await?;
+    // A writer stores a stream while the table is partitioned under it.
     let stream = {
         let (producer, topic, tenant) = (producer()?, topic.clone(), tenant.clone());
         tokio::spawn(async move {
@@ -366,22 +406,8 @@ async fn a_plain_table_with_rows_is_partitioned_online_and_resumably() -> anyhow
             anyhow::Ok(())
         })
     };
-    // Dated past the boundary while the constraint stands: held back, not dead-lettered.
-    produce_message(
-        &producer()?,
-        &topic,
-        &request(&tenant, "early-past-boundary", boundary + chrono::Duration::days(3)),
-    )
-    .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let cli = |url: &str| {
-        std::process::Command::new(binary("flare-storage")?)
-            .args(["partition-messages", "--postgres-url", url])
-            .output()
-            .map_err(anyhow::Error::from)
-    };
-    let url = database.url.clone();
-    let output = tokio::task::spawn_blocking(move || cli(&url)).await??;
+    let output = cli(database.url.clone(), "150").await??;
     let printed = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(output.status.success(), "{printed}{}", String::from_utf8_lossy(&output.stderr));
     assert!(printed.contains(&format!("before {boundary}")), "the earlier run's boundary is kept: {printed}");
@@ -409,7 +435,7 @@ async fn a_plain_table_with_rows_is_partitioned_online_and_resumably() -> anyhow
     };
     assert_eq!(writer_after.get("late-old").map(String::as_str), Some("messages_unpartitioned"));
     assert_eq!(writer_after.get("past-boundary"), Some(&first_month));
-    assert_eq!(writer_after.get("early-past-boundary"), Some(&first_month));
+    assert_eq!(writer_after.get("early-past-boundary").map(String::as_str), Some("messages_unpartitioned"));
     writer.stop().await?;
 
     let reader = RunningReader::start_with(&database.url, None).await?;
@@ -419,8 +445,7 @@ async fn a_plain_table_with_rows_is_partitioned_online_and_resumably() -> anyhow
     reader.stop().await?;
 
     // Run again: nothing to do.
-    let url = database.url.clone();
-    let again = tokio::task::spawn_blocking(move || cli(&url)).await??;
+    let again = cli(database.url.clone(), "31").await??;
     assert!(again.status.success());
     assert!(String::from_utf8_lossy(&again.stdout).contains("already partitioned"));
 

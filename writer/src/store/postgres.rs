@@ -26,6 +26,9 @@ use super::{
 /// refuses allocations over 1 GB, so a batch of large messages is written in several.
 const MAX_STATEMENT_BYTES: usize = 64 * 1024 * 1024;
 
+/// The comment on an expired partition being detached and dropped.
+const EXPIRED_PARTITION: &str = "flare-storage: expired partition of messages, to drop";
+
 /// Tables retention trims by time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AgedTable {
@@ -131,23 +134,52 @@ impl PostgresStore {
             Some(reason) => WriteFailure::Refused(reason),
             None => WriteFailure::Failed(error),
         })?;
-        let inserted = self.insert(messages).await.map_err(|error| {
-            if is_missing_partition(&error) {
-                // Retention dropped a month this process had made sure of: make sure again.
-                self.partitioned_months.lock().unwrap_or_else(PoisonError::into_inner).clear();
-                return WriteFailure::Failed(error);
-            }
-            match refusal(&error) {
-                Some(reason) => WriteFailure::Refused(reason),
-                None => WriteFailure::Failed(error),
-            }
-        })?;
+        let inserted = match self.insert(messages).await {
+            Ok(inserted) => inserted,
+            Err(error) => return Err(self.failure(error).await),
+        };
         let already_stored = messages
             .iter()
             .map(|encoded| message_key(&encoded.message))
             .filter(|key| !inserted.contains(key))
             .collect();
         Ok(Written::of(messages, offset, already_stored, Vec::new()))
+    }
+
+    /// What a failed INSERT means for its messages.
+    async fn failure(&self, error: sqlx::Error) -> WriteFailure<sqlx::Error> {
+        if is_missing_partition(&error) {
+            // Retention dropped a month this process had made sure of: make sure again.
+            self.partitioned_months.lock().unwrap_or_else(PoisonError::into_inner).clear();
+            return WriteFailure::Failed(error);
+        }
+        if violates_partitioning_constraint(&error) {
+            // A message dated past the boundary of a move to partitions that is under way or
+            // was abandoned: the move gives way (the operator runs it again with a larger
+            // margin), the message is stored on the retry.
+            warn!(
+                "a message is dated past the boundary of `flare-storage partition-messages`; removing its check constraint so the message can be stored (run it again with a larger --margin-days)"
+            );
+            if let Err(error) = self.drop_partitioning_constraint().await {
+                warn!(%error, "removing the check constraint failed; retrying");
+            }
+            return WriteFailure::Failed(error);
+        }
+        match refusal(&error) {
+            Some(reason) => WriteFailure::Refused(reason),
+            None => WriteFailure::Failed(error),
+        }
+    }
+
+    /// Drops the check constraint of a move to partitions, waiting at most five seconds for
+    /// the table's lock.
+    async fn drop_partitioning_constraint(&self) -> Result<(), sqlx::Error> {
+        let mut transaction = self.pool.begin().await?;
+        sqlx::query("SET LOCAL lock_timeout = '5s'").execute(&mut *transaction).await?;
+        sqlx::query(&format!("ALTER TABLE messages DROP CONSTRAINT IF EXISTS {PARTITIONING_CONSTRAINT}"))
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await
     }
 
     /// Creates the monthly partitions `messages` need that this process has not made sure of
@@ -317,19 +349,34 @@ impl PostgresStore {
         .bind(cutoff)
         .fetch_all(&self.pool)
         .await?;
-        let mut dropped = 0;
+        // Tables an earlier run detached but did not get to drop.
+        let mut detached: Vec<String> = sqlx::query_scalar(
+            r#"SELECT c.oid::regclass::text FROM pg_class c
+               JOIN pg_description d ON d.objoid = c.oid AND d.classoid = 'pg_class'::regclass AND d.objsubid = 0
+               WHERE d.description = $1 AND c.relkind = 'r' AND NOT c.relispartition"#,
+        )
+        .bind(EXPIRED_PARTITION)
+        .fetch_all(&self.pool)
+        .await?;
         for (partition, pending) in expired {
-            // `partition` is a regclass's text: quoted where it needs to be.
-            let how = if pending { "FINALIZE" } else { "CONCURRENTLY" };
-            let detached = sqlx::query(&format!("ALTER TABLE messages DETACH PARTITION {partition} {how}"))
+            // `partition` is a regclass's text: quoted where it needs to be. The comment marks
+            // it for a later run should this one stop between detaching and dropping.
+            let marked = sqlx::query(&format!("COMMENT ON TABLE {partition} IS '{EXPIRED_PARTITION}'"))
                 .execute(&self.pool)
                 .await;
-            if let Err(error) = detached {
-                warn!(%partition, %error, "expired partition not detached; retrying at the next run");
-                continue;
+            let how = if pending { "FINALIZE" } else { "CONCURRENTLY" };
+            let detach = format!("ALTER TABLE messages DETACH PARTITION {partition} {how}");
+            match marked.and(sqlx::query(&detach).execute(&self.pool).await) {
+                Ok(_) => detached.push(partition),
+                Err(error) => warn!(%partition, %error, "expired partition not detached; retrying at the next run"),
             }
-            sqlx::query(&format!("DROP TABLE IF EXISTS {partition}")).execute(&self.pool).await?;
-            dropped += 1;
+        }
+        let mut dropped = 0;
+        for table in detached {
+            match sqlx::query(&format!("DROP TABLE IF EXISTS {table}")).execute(&self.pool).await {
+                Ok(_) => dropped += 1,
+                Err(error) => warn!(%table, %error, "detached partition not dropped; retrying at the next run"),
+            }
         }
         Ok(dropped)
     }
@@ -502,8 +549,12 @@ fn is_missing_partition(error: &sqlx::Error) -> bool {
 }
 
 /// The check constraint `flare-storage partition-messages` puts on a plain table while it
-/// moves it (cli/src/partition.rs): a message it refuses is stored once the move is done.
+/// moves it (cli/src/partition.rs).
 const PARTITIONING_CONSTRAINT: &str = "messages_before_partitioning";
+
+fn violates_partitioning_constraint(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(database) if database.constraint() == Some(PARTITIONING_CONSTRAINT))
+}
 
 fn json_text<T: serde::Serialize>(value: &T) -> String {
     // Maps and lists of strings always serialise.
@@ -513,8 +564,8 @@ fn json_text<T: serde::Serialize>(value: &T) -> String {
 /// The reason to dead-letter, when `error` is the database refusing the data for good rather
 /// than failing: a data exception (class 22: out of range, invalid text, untranslatable
 /// character…), a program limit (class 54: index row or array too large), or a check or
-/// exclusion constraint an operator added (23514, 23P01; not the one of an unfinished move to
-/// partitions, [`PARTITIONING_CONSTRAINT`]). Everything else is transient:
+/// exclusion constraint an operator added (23514, 23P01; the one of a move to partitions,
+/// [`PARTITIONING_CONSTRAINT`], is handled before). Everything else is transient:
 /// connection loss, timeouts, serialization failures (40001), shutdown (57P01), missing
 /// objects, and the other integrity errors — uniqueness is absorbed by `ON CONFLICT DO
 /// NOTHING`, and a NOT NULL or foreign key violation (23502, 23503) can only come from a
@@ -522,9 +573,6 @@ fn json_text<T: serde::Serialize>(value: &T) -> String {
 fn refusal(error: &sqlx::Error) -> Option<String> {
     match error {
         sqlx::Error::Database(database) => {
-            if database.constraint() == Some(PARTITIONING_CONSTRAINT) {
-                return None;
-            }
             let code = database.code()?;
             let data = code.starts_with("22") || code.starts_with("54") || code == "23514" || code == "23P01";
             data.then(|| format!("refused by PostgreSQL: {} (SQLSTATE {code})", database.message()))
