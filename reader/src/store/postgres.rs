@@ -379,8 +379,8 @@ impl PostgresStore {
         .await
     }
 
-    /// The newest message of each of `session_ids` that has any (one index probe each, on
-    /// (tenant_id, session_id, seq)).
+    /// The newest message of each of `session_ids` that has any: one probe each of the id
+    /// index's (tenant_id, session_id, seq), then of the one partition holding that message.
     pub async fn session_heads(
         &self,
         tenant_id: &str,
@@ -392,9 +392,10 @@ impl PostgresStore {
                       m.message_type, m.content_type
                FROM UNNEST($2::text[]) AS k(session_id)
                CROSS JOIN LATERAL (
-                   SELECT seq, message_id, sender_id, "timestamp", message_type, content_type FROM messages
-                   WHERE tenant_id = $1 AND session_id = k.session_id AND seq IS NOT NULL
-                   ORDER BY seq DESC LIMIT 1) m"#,
+                   SELECT i.message_id, i."timestamp" FROM message_ids i
+                   WHERE i.tenant_id = $1 AND i.session_id = k.session_id AND i.seq IS NOT NULL
+                   ORDER BY i.seq DESC LIMIT 1) i
+               JOIN messages m ON m.tenant_id = $1 AND m.message_id = i.message_id AND m."timestamp" = i."timestamp""#,
         )
         .bind(tenant_id)
         .bind(session_ids)
