@@ -26,9 +26,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use chrono::{DateTime, Utc};
+use flare_storage_common::schema::PARTITIONING_CONSTRAINT as CONSTRAINT;
 use sqlx::PgPool;
 
-const CONSTRAINT: &str = "messages_before_partitioning";
 const SEQ_INDEX: &str = "messages_seq_lookup";
 
 /// Attempts of the final transaction, each waiting at most five seconds for its lock.

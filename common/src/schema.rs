@@ -5,6 +5,12 @@
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
+/// The check constraint `flare-storage partition-messages` puts on a plain `messages` table
+/// while it moves it to monthly partitions ("timestamp" before the move's boundary); the
+/// migration's `flare_partition_messages` attaches the table only when it is validated, and a
+/// writer that meets a message it refuses removes it.
+pub const PARTITIONING_CONSTRAINT: &str = "messages_before_partitioning";
+
 /// The migrations of `migrations/`, in version order.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 

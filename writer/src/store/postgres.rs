@@ -14,6 +14,7 @@ use chrono::{DateTime, Datelike, Utc};
 use flare_storage_common::message::{content_type, message_tenant_id, to_datetime};
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::Message;
+use flare_storage_common::schema::PARTITIONING_CONSTRAINT;
 use flare_storage_common::stored_text::{derived_copy, escape_json_map};
 use sqlx::PgPool;
 use tracing::warn;
@@ -547,10 +548,6 @@ fn is_missing_partition(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(database)
         if database.code().as_deref() == Some("23514") && database.constraint().is_none())
 }
-
-/// The check constraint `flare-storage partition-messages` puts on a plain table while it
-/// moves it (cli/src/partition.rs).
-const PARTITIONING_CONSTRAINT: &str = "messages_before_partitioning";
 
 fn violates_partitioning_constraint(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(database) if database.constraint() == Some(PARTITIONING_CONSTRAINT))
