@@ -109,7 +109,7 @@ pub async fn run(bench: WriterBench, services: Services) -> anyhow::Result<()> {
     report.push(Row::rate(
         "limit: raw redis (writer commands)",
         redis,
-        "cache stage: window, state, read seqs, markers per batch",
+        "cache stage: window, state, read seqs per batch",
     ));
     drop(messages);
     forget_tenant(&services, &tenant).await?;
@@ -179,8 +179,7 @@ pub async fn run(bench: WriterBench, services: Services) -> anyhow::Result<()> {
 
     if let Some(count) = bench.mongo_messages {
         let mongo_url = services.mongo_url.clone().context("MONGO_URL is needed for --mongo")?;
-        // Records of their own: the first run's done markers would (rightly) make the same
-        // message ids duplicates.
+        // Records of their own: a tenant no other run wrote.
         let mongo_tenant = unique("bench");
         let mut workload = bench.workload(&mongo_tenant, 43);
         let mongo_records: Vec<Record> = (0..count).map(|_| workload.next_record()).collect();
@@ -341,18 +340,26 @@ pub(crate) async fn copy_in(
     Ok(copy.finish().await? as usize)
 }
 
-pub(crate) const COPY_IDS_STATEMENT: &str =
-    r#"COPY message_ids (tenant_id, message_id, session_id, seq, "timestamp") FROM STDIN"#;
+pub(crate) const COPY_IDS_STATEMENT: &str = r#"COPY message_ids (tenant_id, message_id, session_id, seq, "timestamp",
+    origin_topic, origin_partition, origin_offset) FROM STDIN"#;
 
 /// The id index's rows of the messages in COPY's text format, as the writer's insert records
-/// them.
+/// them (with an origin in the default input topic, the offset the message's position).
 pub(crate) fn copy_ids_text(messages: &[Message]) -> Vec<u8> {
-    let mut out = String::with_capacity(messages.len() * 96);
-    for message in messages {
+    let mut out = String::with_capacity(messages.len() * 128);
+    for (offset, message) in messages.iter().enumerate() {
         let timestamp = message.timestamp.as_ref().and_then(to_datetime).unwrap_or_default().to_rfc3339();
         let seq = if message.seq > 0 { message.seq.to_string() } else { "\\N".to_owned() };
-        let fields =
-            [escape(message_tenant_id(message)), escape(&message.id), escape(&message.session_id), seq, timestamp];
+        let fields = [
+            escape(message_tenant_id(message)),
+            escape(&message.id),
+            escape(&message.session_id),
+            seq,
+            timestamp,
+            "storage-messages".to_owned(),
+            "0".to_owned(),
+            offset.to_string(),
+        ];
         out.push_str(&fields.join("\t"));
         out.push('\n');
     }
@@ -456,8 +463,8 @@ fn hex(bytes: &[u8]) -> String {
     text
 }
 
-/// The writer's Redis cache stage (hot windows, session states and senders' read seqs, done
-/// markers: one round trip) for every batch, nothing else. Messages per second, and the
+/// The writer's Redis cache stage (hot windows, session states and senders' read seqs: one
+/// round trip) for every batch, nothing else. Messages per second, and the
 /// seconds spent in it.
 async fn raw_redis(
     services: &Services,
@@ -465,7 +472,7 @@ async fn raw_redis(
     batch: usize,
 ) -> anyhow::Result<(f64, serde_json::Map<String, serde_json::Value>)> {
     use flare_storage_writer::store::Encoded;
-    use flare_storage_writer::store::redis::{Done, DoneMessage};
+    use flare_storage_writer::store::redis::DurableMessage;
     let store = RedisStore::connect(
         &flare_storage_common::redis_connection::RedisTarget::new(&services.redis, false),
         Duration::from_secs(600),
@@ -478,16 +485,10 @@ async fn raw_redis(
     let started = Instant::now();
     for chunk in messages.chunks(batch) {
         let encoded: Vec<Encoded> = chunk.iter().cloned().map(Encoded::new).collect();
-        let done: Vec<DoneMessage<'_>> = encoded
-            .iter()
-            .map(|message| DoneMessage {
-                message,
-                done: Done { seq: message.message.seq, persisted_ms: 0, origin: None, topic: None },
-                stored_before: false,
-            })
-            .collect();
+        let durable: Vec<DurableMessage<'_>> =
+            encoded.iter().map(|message| DurableMessage { message, stored_before: false }).collect();
         let step = Instant::now();
-        store.finish(&done, None).await?;
+        store.finish(&durable, None).await?;
         spent += step.elapsed();
     }
     let rate = rate(messages.len(), started.elapsed());

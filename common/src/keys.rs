@@ -105,11 +105,6 @@ impl SessionKeys {
     pub fn seq_assigned(&self) -> String {
         format!("{}:seqof", self.tag)
     }
-
-    /// STRING set once a message is durable in every store; its value is the message's seq.
-    pub fn done(&self, message_id: &str) -> String {
-        format!("{}:done:{message_id}", self.tag)
-    }
 }
 
 /// Field of [`SessionKeys::views`] saying `message_id` is hidden for `user_id`:
@@ -171,9 +166,7 @@ mod tests {
     fn keys_of_a_session_share_one_hash_tag() {
         let keys = SessionKeys::new("acme", "s1");
         let tag = hash_tag(&keys.hot_index()).to_owned();
-        for key in
-            [keys.hot_bodies(), keys.state(), keys.reads(), keys.seq_counter(), keys.seq_assigned(), keys.done("m1")]
-        {
+        for key in [keys.hot_bodies(), keys.state(), keys.reads(), keys.seq_counter(), keys.seq_assigned()] {
             assert_eq!(hash_tag(&key), tag, "{key}");
         }
     }

@@ -42,5 +42,8 @@ pub const ATTRIBUTES_VERSION: &str = "attributes_version";
 pub const EXTRA: &str = "extra";
 pub const READ_BY: &str = "read_by";
 pub const OPERATIONS: &str = "operations";
+/// The Kafka record that stored the message, `{topic, partition, offset}`: the writer tells a
+/// redelivery of that record from a second sending by it (written only by the writer).
+pub const ORIGIN: &str = "origin";
 /// The protobuf `Message` as stored.
 pub const PAYLOAD: &str = "payload";

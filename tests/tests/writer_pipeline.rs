@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use flare_storage_common::keys::SessionKeys;
 use flare_storage_common::message::to_timestamp;
 use flare_storage_common::proto::common::TenantContext;
@@ -350,7 +351,7 @@ async fn postgres_and_redis_outages_lose_nothing() -> anyhow::Result<()> {
     // Redis goes away.
     redis_proxy.cut();
     send(20, 30).await?;
-    wait_for_metric(writer.metrics_addr, "storage_writer_stage_errors_total{stage=\"idempotency\"}", 1.0).await?;
+    wait_for_metric(writer.metrics_addr, "storage_writer_stage_errors_total{stage=\"seq\"}", 1.0).await?;
     redis_proxy.restore();
     rows_reach(30).await?;
     wait_for_metric(writer.metrics_addr, "storage_writer_messages_processed_total", 30.0).await?;
@@ -559,37 +560,101 @@ async fn mongodb_receives_every_message_once() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A message id arriving again at the same partition and offset of *another* topic (a new
-/// input topic, a recreated one) is a second sending — ACKed `duplicate` — not a redelivery of
-/// the record that stored it.
+/// The database keeps the Kafka record that stored each message, so a record carrying a
+/// stored message's id is told apart for as long as the message is kept: the very record read
+/// again (a redelivery) is ACKed `persisted`; another record — even at the same partition and
+/// offset of *another* topic (a new input topic, a recreated one) — is a second sending, ACKed
+/// `duplicate`. Both with PostgreSQL and with MongoDB alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_position_in_another_topic_is_a_duplicate_not_a_redelivery() -> anyhow::Result<()> {
+async fn a_redelivery_is_told_from_a_second_sending_by_the_database() -> anyhow::Result<()> {
+    for store in [Store::Postgres, Store::Mongo] {
+        redelivery_and_second_sending(store).await.with_context(|| format!("{store:?}"))?;
+    }
+    Ok(())
+}
+
+async fn redelivery_and_second_sending(store: Store) -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;
+    let mongo_database = unique("flare");
     let tenant = unique("acme");
     let (first, second, dlq_topic, ack_topic) = (unique("in-a"), unique("in-b"), unique("dlq"), unique("acks"));
     create_topics(&[&first, &second, &dlq_topic, &ack_topic], 1).await?;
     let producer = producer()?;
     let message = chat(&tenant, "s", "m1", "alice", &["bob"], 0);
-    for topic in [&first, &second] {
-        produce_message(&producer, topic, &message).await?;
+    produce_message(&producer, &first, &message).await?;
+    produce_message(&producer, &second, &message).await?;
+    // One writer after another, each in a group of its own: the first stores the message, the
+    // second reads that same record again, the third reads the other topic's offset 0.
+    for (topic, acks) in [(&first, 1), (&first, 2), (&second, 3)] {
         let mut config = writer_config(&database.url, topic, &dlq_topic);
         config.kafka_ack_topic = Some(ack_topic.clone());
+        store.configure_writer(&mut config, &mongo_database);
         let writer = RunningWriter::start(config).await?;
-        // The second writer stores nothing (a duplicate): its ACK says it is done.
         eventually(Duration::from_secs(30), "the ACK", || async {
-            let acks = read_topic(&ack_topic, 1, usize::MAX, Duration::from_secs(1)).await?;
-            Ok((acks.len() >= if topic == &first { 1 } else { 2 }).then_some(()))
+            let read = read_topic(&ack_topic, 1, usize::MAX, Duration::from_secs(1)).await?;
+            Ok((read.len() >= acks).then_some(()))
         })
         .await?;
         writer.stop().await?;
     }
-    let acks = read_topic(&ack_topic, 1, 2, Duration::from_secs(10)).await?;
-    let statuses: Vec<String> = acks
+    let acks = read_topic(&ack_topic, 1, 3, Duration::from_secs(10)).await?;
+    let statuses: Vec<(String, bool, i64)> = acks
         .iter()
-        .map(|ack| Ok(ack.json()?["status"].as_str().unwrap_or_default().to_owned()))
+        .map(|ack| {
+            let json = ack.json()?;
+            let status = json["status"].as_str().unwrap_or_default().to_owned();
+            Ok((status, json["deduplicated"].as_bool().unwrap_or_default(), json["seq"].as_i64().unwrap_or_default()))
+        })
         .collect::<anyhow::Result<_>>()?;
-    assert_eq!(statuses, ["persisted", "duplicate"], "offset 0 of the second topic is not the first record");
-    assert_eq!(row_count(&database).await?, 1);
+    assert_eq!(
+        statuses,
+        [("persisted".into(), false, 1), ("persisted".into(), true, 1), ("duplicate".into(), true, 1)],
+        "stored, redelivered, sent again at the same position of another topic"
+    );
+    let stored = match store {
+        Store::Postgres => row_count(&database).await?,
+        Store::Mongo => {
+            let client = mongodb::Client::with_uri_str(mongo_url()).await?;
+            let collection = client.database(&mongo_database).collection::<mongodb::bson::Document>("messages");
+            let count = collection.count_documents(mongodb::bson::doc! { "tenant_id": &tenant }).await?;
+            client.database(&mongo_database).drop().await?;
+            count as i64
+        }
+    };
+    assert_eq!(stored, 1);
+    database.drop().await
+}
+
+/// Idempotency lives in the databases (each message's id, with the record that stored it):
+/// Redis keeps a fixed set of keys per session and sender, whatever the number of messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_keeps_no_key_per_message() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let (topic, dlq_topic) = (unique("messages"), unique("dlq"));
+    create_topics(&[&topic, &dlq_topic], PARTITIONS).await?;
+    let tenant = unique("acme");
+    let producer = producer()?;
+    let writer = RunningWriter::start(writer_config(&database.url, &topic, &dlq_topic)).await?;
+    let mut redis = redis_connection().await?;
+    let pattern = format!("fs:{{{}:{tenant}:*", tenant.len());
+    let mut sent = 0;
+    let mut key_sets = Vec::new();
+    for count in [6, 60] {
+        for index in sent..sent + count {
+            let session = ["s1", "s2"][index % 2];
+            let request = chat(&tenant, session, &format!("m{index:03}"), "alice", &["bob"], index as i64);
+            produce_message(&producer, &topic, &request).await?;
+        }
+        sent += count;
+        writer.wait_processed(sent).await?;
+        let mut keys: Vec<String> = redis.keys(&pattern).await?;
+        keys.sort();
+        key_sets.push(keys);
+    }
+    assert!(!key_sets[0].is_empty(), "the sessions' keys are in Redis");
+    assert_eq!(key_sets[0], key_sets[1], "the keys after 6 messages and after 66");
+    assert_eq!(row_count(&database).await?, 66);
+    writer.stop().await?;
     database.drop().await
 }
 

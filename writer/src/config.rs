@@ -119,7 +119,8 @@ pub struct Settings {
     /// redis://[:password@]host:port[/db] (required to run).
     #[arg(long, env = "REDIS_URL", hide_env_values = true, value_parser = parse::redis_url)]
     pub redis_url: Option<String>,
-    /// How long a stored message's done marker is kept, in seconds.
+    /// How long the seq handed to a message not yet stored is remembered, in seconds: its
+    /// redelivery within that time gets the same seq.
     #[arg(long, env = "REDIS_IDEMPOTENCY_TTL_SECONDS", default_value = "86400", value_parser = parse::seconds)]
     pub redis_idempotency_ttl_seconds: Duration,
     /// Replicas that must acknowledge the cache stage's writes before a batch is done (0: none).

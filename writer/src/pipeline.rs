@@ -2,12 +2,12 @@
 //! first half runs while batch N's second half does; see `consumer.rs`):
 //!
 //! 1. [`Pipeline::store`]: decode and validate each record (what can never be stored goes to
-//!    the dead-letter topic); decide which message each record stands for (`dedup`: done
-//!    markers and the databases' stored ids, looked up at once); assign seqs (`seq`); write
+//!    the dead-letter topic); decide which message each record stands for (`dedup`: the ids
+//!    the databases hold, with the record that stored each); assign seqs (`seq`); write
 //!    PostgreSQL, then MongoDB. A database refusing a message for good costs only that message.
-//! 2. [`Pipeline::finish`]: the cache stage — hot windows, session states, senders' read seqs,
-//!    WAL entry removal and done markers, in one Redis round trip — then the ACK events, then
-//!    the dead letters of refused messages. The consumer stores the batch's offsets after it.
+//! 2. [`Pipeline::finish`]: the cache stage — hot windows, session states, senders' read seqs
+//!    and WAL entry removal, in one Redis round trip — then the ACK events, then the dead
+//!    letters of refused messages. The consumer stores the batch's offsets after it.
 //!
 //! Each half is one unit repeated whole until it succeeds (with backoff, forever); every step
 //! is idempotent, so a repeat after any failure has no second effect.
@@ -15,22 +15,22 @@
 //! A message id is unique within a tenant. Before a seq is handed out, the databases say which
 //! messages they already hold: one stored in another session is a duplicate and touches
 //! nothing of the session it was resent to; one stored in its own session (a redelivery, or a
-//! resend after its done marker expired) is carried on as stored, with its seq.
+//! resend) is carried on as stored, with its seq, and its cache stage runs again (it is
+//! idempotent). The databases keep the Kafka record that stored each message, which tells a
+//! redelivery (ACKed `persisted` again) from a resend (ACKed `duplicate`); Redis keeps no key
+//! per message.
 //!
 //! Postgres comes before MongoDB because its unique (tenant, session, seq) index (in
-//! `message_ids`) is the guard
-//! that catches a seq counter that went backwards. The hot cache is written after the
-//! databases, so it never shows a message that is not durable; its done markers are written
-//! with it, by session, after the databases — a crash anywhere before them means redelivery
-//! and completion, never a false "duplicate" — and the ACKs after them (a redelivered record
-//! whose marker it left is ACKed again).
+//! `message_ids`) is the guard that catches a seq counter that went backwards. The hot cache
+//! is written after the databases, so it never shows a message that is not durable, and the
+//! ACKs after it: a crash anywhere before them means redelivery and completion, never a false
+//! "duplicate" (the redelivered record is the one the database names as the message's origin).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use flare_storage_common::keys::SessionKeys;
 use flare_storage_common::message::{InvalidMessage, TimeBounds, drop_store_owned, in_micros, normalize, to_timestamp};
 use flare_storage_common::ops::Readiness;
 use flare_storage_common::prost::Message as _;
@@ -40,13 +40,13 @@ use tracing::{debug, error, warn};
 
 use crate::ack::{Ack, AckStatus, Acks};
 use crate::deadletter::DeadLetters;
-use crate::dedup::{self, Decision, Fate, Outcome, outcome, persisted_ms};
+use crate::dedup::{self, Candidate, Decision, Fate, Outcome, outcome};
 use crate::error::{Error, Stage};
 use crate::metrics::Metrics;
-use crate::record::Record;
+use crate::record::{Origin, Record};
 use crate::seq;
 use crate::store::mongo::document_size_refusal;
-use crate::store::redis::{Done, DoneMessage};
+use crate::store::redis::DurableMessage;
 use crate::store::{Encoded, MessageKey, Partial, Stores, Written, message_key};
 
 /// Why a record goes to the dead-letter topic.
@@ -105,10 +105,12 @@ pub struct Pipeline {
 /// A batch through [`Pipeline::store`]: its messages are in the databases.
 pub struct Stored {
     records: Vec<Record>,
-    /// The records that decoded (indexes into `records`), their messages and keys, aligned.
+    /// The records that decoded (indexes into `records`), their messages, keys and origins,
+    /// aligned.
     accepted: Vec<usize>,
     batch: Vec<Message>,
     keys: Vec<MessageKey>,
+    origins: Vec<Origin>,
     decisions: HashMap<MessageKey, Decision>,
     /// The messages this batch persists, in batch order.
     pending: Vec<Encoded>,
@@ -163,14 +165,15 @@ impl Pipeline {
             }
         }
         let keys: Vec<MessageKey> = batch.iter().map(message_key).collect();
+        let origins: Vec<Origin> = accepted.iter().map(|&index| records[index].origin()).collect();
         let memory = Memory::default();
         let Attempt { decisions, pending, stored_before } = if batch.is_empty() {
             Attempt { decisions: HashMap::new(), pending: Vec::new(), stored_before: HashSet::new() }
         } else {
-            self.retry(shutdown, || self.store_attempt(&batch, &keys, &memory)).await?
+            self.retry(shutdown, || self.store_attempt(&batch, &keys, &origins, &memory)).await?
         };
         let refused = memory.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner).refused;
-        Ok(Stored { records, accepted, batch, keys, decisions, pending, stored_before, refused, started })
+        Ok(Stored { records, accepted, batch, keys, origins, decisions, pending, stored_before, refused, started })
     }
 
     /// The second half: the cache stage, ACKs and dead letters of what a database refused.
@@ -245,61 +248,63 @@ impl Pipeline {
 
     /// One attempt at the first half for the decoded `batch` (`keys` aligned). Messages a
     /// database refuses are recorded in `memory` and left out of every later attempt.
-    async fn store_attempt(&self, batch: &[Message], keys: &[MessageKey], memory: &Memory) -> Result<Attempt, Error> {
-        let (mut decisions, mut pending, mut stored_before) = self.decide(batch, keys, memory).await?;
+    async fn store_attempt(
+        &self,
+        batch: &[Message],
+        keys: &[MessageKey],
+        origins: &[Origin],
+        memory: &Memory,
+    ) -> Result<Attempt, Error> {
+        let (mut decisions, mut pending, mut stored_before) = self.decide(batch, keys, origins, memory).await?;
 
         let started = Instant::now();
         seq::assign(&self.stores, &self.metrics, &mut pending).await?;
         self.observe_stage(Stage::Seq, started);
         self.crash_point(Stage::Seq);
 
-        let mut pending: Vec<Encoded> = pending.into_iter().map(Encoded::new).collect();
+        // Each message with the record that stands for it: the database keeps it as its origin.
+        let mut pending: Vec<Encoded> = pending
+            .into_iter()
+            .map(|message| {
+                let origin =
+                    decisions.get(&message_key(&message)).map(|decision| origins[decision.representative].clone());
+                Encoded::new(message).with_origin(origin)
+            })
+            .collect();
         stored_before.extend(self.store_in_databases(&mut pending, &mut decisions, memory).await?);
         Ok(Attempt { decisions, pending, stored_before })
     }
 
-    /// The idempotency stage: looks up the done markers of every (message, session) of the
-    /// batch and, at the same time, which ids the databases hold; decides each message
-    /// (`dedup`). Returns the decisions, the messages to persist in batch order (as a database
-    /// holds them where it does) and the keys of those a database held before this batch.
+    /// The idempotency stage: looks up which of the batch's ids the databases hold (with the
+    /// session, seq and origin of each) and decides each message (`dedup`). Returns the
+    /// decisions, the messages to persist in batch order (as a database holds them where it
+    /// does) and the keys of those a database held before this batch.
     async fn decide(
         &self,
         batch: &[Message],
         keys: &[MessageKey],
+        origins: &[Origin],
         memory: &Memory,
     ) -> Result<(HashMap<MessageKey, Decision>, Vec<Message>, HashSet<MessageKey>), Error> {
         let refused: HashSet<MessageKey> = lock(memory).refused.keys().cloned().collect();
-        let mut pairs: HashSet<(&MessageKey, &str)> = HashSet::new();
-        let mut marker_lookups: Vec<(SessionKeys, &str)> = Vec::new();
-        let mut marker_of: Vec<(MessageKey, String)> = Vec::new();
         let mut id_lookups: Vec<(MessageKey, &str)> = Vec::new();
         let mut looked_up: HashSet<&MessageKey> = HashSet::new();
         for (message, key) in batch.iter().zip(keys) {
-            if refused.contains(key) {
-                continue;
-            }
-            if pairs.insert((key, &message.session_id)) {
-                marker_lookups.push((SessionKeys::new(&key.0, &message.session_id), &message.id));
-                marker_of.push((key.clone(), message.session_id.clone()));
-            }
-            if looked_up.insert(key) {
+            if !refused.contains(key) && looked_up.insert(key) {
                 id_lookups.push((key.clone(), &message.session_id));
             }
         }
         let started = Instant::now();
-        let (markers, stored) =
-            tokio::join!(self.stores.redis.done_markers(&marker_lookups), self.stores.stored_messages(&id_lookups));
-        let markers: HashMap<(MessageKey, String), Done> = marker_of
-            .into_iter()
-            .zip(markers.map_err(Error::at(Stage::Idempotency))?)
-            .filter_map(|(pair, marker)| Some((pair, marker?)))
-            .collect();
-        let stored = stored?;
+        let stored = self.stores.stored_messages(&id_lookups).await?;
         self.observe_stage(Stage::Idempotency, started);
 
-        let records: Vec<(&MessageKey, &str)> =
-            keys.iter().zip(batch).map(|(key, message)| (key, message.session_id.as_str())).collect();
-        let decisions = dedup::decide(&records, &markers, &stored, &refused);
+        let records: Vec<Candidate<'_>> = keys
+            .iter()
+            .zip(batch)
+            .zip(origins)
+            .map(|((key, message), origin)| Candidate { key, session_id: &message.session_id, origin })
+            .collect();
+        let decisions = dedup::decide(&records, &stored, &refused);
         let mut representatives: Vec<(usize, &MessageKey, Option<&crate::store::StoredMessage>)> = decisions
             .iter()
             .filter_map(|(key, decision)| match &decision.fate {
@@ -432,6 +437,10 @@ impl Pipeline {
                 warn!(message_id = %encoded.message.id, assigned = encoded.message.seq, stored = found.seq, "message already stored with another seq; keeping the stored one");
                 encoded.set_seq(found.seq);
             }
+            // Its origin tells whether this batch's record is the one that stored it.
+            if let Some(decision) = decisions.get_mut(&key) {
+                decision.fate = Fate::Pending { stored: Some(found.clone()) };
+            }
             true
         });
         let stored_by_this_batch = lock(memory).stored.clone();
@@ -440,26 +449,13 @@ impl Pipeline {
 
     /// One attempt at the second half; returns what became of every record.
     async fn finish_attempt<'a>(&self, stored: &'a Stored) -> Result<Vec<Outcome<'a>>, Error> {
-        let topic = stored.records.first().map_or("", |record| record.topic.as_str());
-        let origin = |index: usize| {
-            let record = &stored.records[stored.accepted[index]];
-            (record.partition, record.offset)
-        };
-
         let started = Instant::now();
-        let done: Vec<DoneMessage<'_>> = stored
+        let durable: Vec<DurableMessage<'_>> = stored
             .pending
             .iter()
-            .map(|encoded| {
-                let key = message_key(&encoded.message);
-                let representative = stored.decisions.get(&key).map(|decision| decision.representative);
-                let done = Done {
-                    seq: encoded.message.seq,
-                    persisted_ms: persisted_ms(&encoded.message),
-                    origin: representative.map(origin),
-                    topic: Some(topic.to_owned()),
-                };
-                DoneMessage { message: encoded, done, stored_before: stored.stored_before.contains(&key) }
+            .map(|encoded| DurableMessage {
+                message: encoded,
+                stored_before: stored.stored_before.contains(&message_key(&encoded.message)),
             })
             .collect();
         let wal_ids: Vec<&str> = match &self.wal_hash_key {
@@ -476,7 +472,7 @@ impl Pipeline {
             }
         };
         let wal = self.wal_hash_key.as_deref().map(|key| (key, wal_ids.as_slice()));
-        self.stores.redis.finish(&done, wal).await.map_err(Error::at(Stage::Cache))?;
+        self.stores.redis.finish(&durable, wal).await.map_err(Error::at(Stage::Cache))?;
         self.observe_stage(Stage::Cache, started);
         self.crash_point(Stage::Cache);
 
@@ -488,14 +484,9 @@ impl Pipeline {
             .enumerate()
             .filter_map(|(index, key)| {
                 let decision = stored.decisions.get(key)?;
-                let left_by_this_record = match &decision.fate {
-                    Fate::Done(marker) => marker.left_by(topic, Some(origin(index))),
-                    _ => false,
-                };
-                let representative_session = stored.batch[decision.representative].session_id.as_str();
                 let persisted = persisted.get(key).copied();
                 let stored_before = stored.stored_before.contains(key);
-                outcome(index, decision, representative_session, persisted, left_by_this_record, stored_before)
+                outcome(index, &stored.origins[index], decision, persisted, stored_before)
                     .map(|outcome| (index, outcome))
             })
             .collect();

@@ -18,6 +18,7 @@ use flare_storage_common::message::message_tenant_id;
 use flare_storage_common::proto::storage::Message;
 
 use crate::error::{Error, Stage};
+use crate::record::Origin;
 
 /// The stores one writer writes: Redis always, and at least one database.
 pub struct Stores {
@@ -76,13 +77,19 @@ pub fn message_key(message: &Message) -> MessageKey {
 pub struct Encoded {
     pub message: Message,
     pub payload: Vec<u8>,
+    /// The Kafka record that stores it, kept with its id by the first database.
+    pub origin: Option<Origin>,
 }
 
 impl Encoded {
     pub fn new(message: Message) -> Self {
         use flare_storage_common::prost::Message as _;
         let payload = message.encode_to_vec();
-        Self { message, payload }
+        Self { message, payload, origin: None }
+    }
+
+    pub fn with_origin(self, origin: Option<Origin>) -> Self {
+        Self { origin, ..self }
     }
 
     /// Gives the message another seq (the one a database holds), encoding it again.
@@ -148,6 +155,8 @@ pub struct StoredMessage {
     pub seq: i64,
     /// Epoch milliseconds.
     pub persisted_ms: i64,
+    /// The record that stored it; `None` for messages stored before origins were kept.
+    pub origin: Option<Origin>,
     /// The message as first stored (protobuf `Message`), when it was asked for.
     pub payload: Option<Vec<u8>>,
 }

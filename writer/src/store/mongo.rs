@@ -26,6 +26,8 @@ use mongodb::error::{ErrorKind, Result};
 use mongodb::options::IndexOptions;
 use mongodb::{Collection, IndexModel};
 
+use crate::record::Origin;
+
 use super::{Encoded, MessageKey, Partial, StoredMessage, WriteFailure, Written, message_key, write_isolating};
 
 /// MongoDB's hard limit on a document (`maxBsonObjectSize`).
@@ -135,8 +137,7 @@ impl MongoStore {
     ) -> std::result::Result<Written, WriteFailure<mongodb::error::Error>> {
         let offset = range.start;
         let messages = &messages[range];
-        let documents: Vec<Document> =
-            messages.iter().map(|encoded| to_document(&encoded.message, &encoded.payload)).collect();
+        let documents: Vec<Document> = messages.iter().map(to_document).collect();
         let error = match self.collection.insert_many(documents).ordered(false).await {
             Ok(_) => return Ok(Written::of(messages, offset, Default::default(), Vec::new())),
             Err(error) => error,
@@ -183,7 +184,7 @@ impl MongoStore {
             .collection
             .find(doc! { (fields::ID): { "$in": ids } })
             .projection(
-                doc! { (fields::TENANT_ID): 1, (fields::MESSAGE_ID): 1, (fields::SESSION_ID): 1, (fields::SEQ): 1, (fields::CREATED_AT): 1, (fields::CREATED_AT_US): 1, (fields::PAYLOAD): 1 },
+                doc! { (fields::TENANT_ID): 1, (fields::MESSAGE_ID): 1, (fields::SESSION_ID): 1, (fields::SEQ): 1, (fields::CREATED_AT): 1, (fields::CREATED_AT_US): 1, (fields::PAYLOAD): 1, (fields::ORIGIN): 1 },
             )
             .await?;
         let mut stored = HashMap::new();
@@ -206,6 +207,7 @@ impl MongoStore {
                     .unwrap_or(0),
                 payload: same_session
                     .then(|| document.get_binary_generic(fields::PAYLOAD).cloned().unwrap_or_default()),
+                origin: origin_of(&document),
             };
             stored.insert(key, message);
         }
@@ -314,8 +316,10 @@ pub fn document_size_refusal(message: &Message) -> Option<String> {
     if message.encoded_len().saturating_mul(10) < MAX_DOCUMENT_BYTES {
         return None;
     }
-    let size =
-        mongodb::bson::to_vec(&to_document(message, &message.encode_to_vec())).map_or(usize::MAX, |bytes| bytes.len());
+    // Measured with the longest origin: a Kafka topic name has at most 249 characters.
+    let origin = Origin { topic: "t".repeat(249), partition: i32::MAX, offset: i64::MAX };
+    let document = to_document(&Encoded::new(message.clone()).with_origin(Some(origin)));
+    let size = mongodb::bson::to_vec(&document).map_or(usize::MAX, |bytes| bytes.len());
     (size > MAX_DOCUMENT_BYTES)
         .then(|| format!("its MongoDB document of {size} bytes exceeds MongoDB's limit of {MAX_DOCUMENT_BYTES} bytes"))
 }
@@ -335,7 +339,7 @@ fn no_search_fields() -> (Bson, Bson) {
     (Bson::Null, Bson::Array(Vec::new()))
 }
 
-fn to_document(message: &Message, payload: &[u8]) -> Document {
+fn to_document(Encoded { message, payload, origin }: &Encoded) -> Document {
     let tenant_id = message_tenant_id(message);
     let persisted_at = message
         .timeline
@@ -383,5 +387,18 @@ fn to_document(message: &Message, payload: &[u8]) -> Document {
         (fields::ATTRIBUTES): strings(&message.attributes),
         (fields::EXTRA): strings(&message.extra),
         (fields::PAYLOAD): Bson::Binary(mongodb::bson::Binary { subtype: BinarySubtype::Generic, bytes: payload.to_vec() }),
+        (fields::ORIGIN): origin.as_ref().map_or(Bson::Null, |origin| {
+            Bson::Document(doc! { "topic": &origin.topic, "partition": origin.partition, "offset": origin.offset })
+        }),
     }
+}
+
+/// The origin a document records, if it records one.
+fn origin_of(document: &Document) -> Option<Origin> {
+    let origin = document.get_document(fields::ORIGIN).ok()?;
+    Some(Origin {
+        topic: origin.get_str("topic").ok()?.to_owned(),
+        partition: origin.get_i32("partition").ok()?,
+        offset: origin.get_i64("offset").ok()?,
+    })
 }

@@ -19,6 +19,8 @@ use flare_storage_common::stored_text::{derived_copy, escape_json_map};
 use sqlx::PgPool;
 use tracing::warn;
 
+use crate::record::Origin;
+
 use super::{
     Encoded, MessageKey, Partial, StoredMessage, WriteFailure, Written, message_key, ranges_by_size, write_isolating,
 };
@@ -53,6 +55,9 @@ struct StoredRow {
     seq: Option<i64>,
     created_at: DateTime<Utc>,
     payload: Option<Vec<u8>>,
+    origin_topic: Option<String>,
+    origin_partition: Option<i32>,
+    origin_offset: Option<i64>,
 }
 
 // The batch's ids go into message_ids first: only rows whose id, and whose seq in its session,
@@ -70,14 +75,14 @@ SELECT * FROM UNNEST(
     $1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::text[], $8::text[],
     $9::bytea[], $10::text[], $11::int4[], $12::text[], $13::text[], $14::text[], $15::timestamptz[],
     $16::bool[], $17::timestamptz[], $18::bool[], $19::int4[], $20::text[], $21::text[], $22::text[],
-    $23::bytea[], $24::timestamptz[]
+    $23::bytea[], $24::timestamptz[], $25::text[], $26::int4[], $27::int8[]
 ) AS t(tenant_id, message_id, session_id, seq, sender_id, sender_type, receiver_id, receiver_ids,
        content, content_type, message_type, business_type, session_type, status, ts,
        is_recalled, recalled_at, is_burn_after_read, burn_after_seconds, extra, tags, attributes,
-       payload, persisted_at)
+       payload, persisted_at, origin_topic, origin_partition, origin_offset)
 ), new_ids AS (
-INSERT INTO message_ids (tenant_id, message_id, session_id, seq, "timestamp")
-SELECT tenant_id, message_id, session_id, seq, ts FROM batch
+INSERT INTO message_ids (tenant_id, message_id, session_id, seq, "timestamp", origin_topic, origin_partition, origin_offset)
+SELECT tenant_id, message_id, session_id, seq, ts, origin_topic, origin_partition, origin_offset FROM batch
 ON CONFLICT DO NOTHING
 RETURNING tenant_id, message_id, "timestamp"
 ), inserted AS (
@@ -244,6 +249,9 @@ impl PostgresStore {
             .bind(columns.attributes)
             .bind(columns.payload)
             .bind(columns.persisted_at)
+            .bind(columns.origin_topic)
+            .bind(columns.origin_partition)
+            .bind(columns.origin_offset)
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.into_iter().collect())
@@ -270,7 +278,8 @@ impl PostgresStore {
         }
         let rows: Vec<StoredRow> = sqlx::query_as(
             r#"SELECT m.tenant_id, m.message_id, m.session_id, m.seq, m.created_at,
-                      CASE WHEN m.session_id = k.session_id THEN m.payload END AS payload
+                      CASE WHEN m.session_id = k.session_id THEN m.payload END AS payload,
+                      i.origin_topic, i.origin_partition, i.origin_offset
                FROM UNNEST($1::text[], $2::text[], $3::text[]) AS k(tenant_id, message_id, session_id)
                JOIN message_ids i ON i.tenant_id = k.tenant_id AND i.message_id = k.message_id
                JOIN messages m ON m.tenant_id = i.tenant_id AND m.message_id = i.message_id
@@ -289,6 +298,10 @@ impl PostgresStore {
                     seq: row.seq.unwrap_or(0),
                     persisted_ms: row.created_at.timestamp_millis(),
                     payload: row.payload,
+                    origin: match (row.origin_topic, row.origin_partition, row.origin_offset) {
+                        (Some(topic), Some(partition), Some(offset)) => Some(Origin { topic, partition, offset }),
+                        _ => None,
+                    },
                 };
                 ((row.tenant_id, row.message_id), stored)
             })
@@ -487,12 +500,15 @@ struct Columns {
     attributes: Vec<String>,
     payload: Vec<Vec<u8>>,
     persisted_at: Vec<DateTime<Utc>>,
+    origin_topic: Vec<Option<String>>,
+    origin_partition: Vec<Option<i32>>,
+    origin_offset: Vec<Option<i64>>,
 }
 
 impl Columns {
     fn from_messages(messages: &[Encoded]) -> Self {
         let mut columns = Self::default();
-        for Encoded { message, payload } in messages {
+        for Encoded { message, payload, origin } in messages {
             columns.tenant_id.push(message_tenant_id(message).to_owned());
             columns.message_id.push(message.id.clone());
             columns.session_id.push(message.session_id.clone());
@@ -525,6 +541,9 @@ impl Columns {
                     .and_then(to_datetime)
                     .unwrap_or_else(Utc::now),
             );
+            columns.origin_topic.push(origin.as_ref().map(|origin| origin.topic.clone()));
+            columns.origin_partition.push(origin.as_ref().map(|origin| origin.partition));
+            columns.origin_offset.push(origin.as_ref().map(|origin| origin.offset));
         }
         columns
     }

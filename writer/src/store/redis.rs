@@ -1,14 +1,15 @@
-//! Redis: idempotency markers, per-session seq, and the cache stage — hot window, session
-//! state, senders' read seqs and done markers. Key layout in `flare_storage_common::keys`.
+//! Redis: per-session seq, and the cache stage — hot window, session state and senders' read
+//! seqs. Key layout in `flare_storage_common::keys`. Nothing here is kept per message beyond
+//! the hot window: which messages are stored, and by which record, the databases say.
 //!
 //! Every operation here is idempotent, so the pipeline can repeat a stage after any failure:
-//! markers are `SET NX`, seqs are remembered per message id until the message is durable,
-//! state and read seqs only move forward by seq, cache writes overwrite.
+//! seqs are remembered per message id until the message is durable, state and read seqs only
+//! move forward by seq, cache writes keep what they find.
 //!
 //! A batch costs two round trips here: the seq scripts, and the cache stage. Both are one
 //! pipeline of Lua scripts, one call per session over keys that share the session's hash tag
-//! (one Redis Cluster slot). The cache stage's script writes a session's window, state and
-//! done markers together, so a marker never stands for work that did not happen. Scripts are
+//! (one Redis Cluster slot). The cache stage's script writes a session's window and state
+//! together. Scripts are
 //! called by SHA; a Redis that forgot them (restart, `SCRIPT FLUSH`) answers NOSCRIPT, and they
 //! are loaded and the pipeline sent again.
 
@@ -25,49 +26,6 @@ use flare_storage_common::scripts::TRIM_WINDOW;
 use redis::{RedisResult, Script};
 
 use super::Encoded;
-
-/// A message already durable everywhere, as its marker records it: its seq, when it was
-/// persisted, and the Kafka record (topic, partition, offset) that completed it — so a
-/// redelivery of that same record is told apart from a new record carrying the same message
-/// id, even one at the same position of another topic.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Done {
-    pub seq: i64,
-    pub persisted_ms: i64,
-    pub origin: Option<(i32, i64)>,
-    /// The origin's topic; markers written before it was recorded have none.
-    pub topic: Option<String>,
-}
-
-impl Done {
-    /// `seq:persisted_ms[:partition:offset[:topic]]` — topic names cannot contain ':'.
-    fn encode(&self) -> String {
-        match (self.origin, &self.topic) {
-            (Some((partition, offset)), Some(topic)) => {
-                format!("{}:{}:{partition}:{offset}:{topic}", self.seq, self.persisted_ms)
-            }
-            (Some((partition, offset)), None) => format!("{}:{}:{partition}:{offset}", self.seq, self.persisted_ms),
-            (None, _) => format!("{}:{}", self.seq, self.persisted_ms),
-        }
-    }
-
-    fn decode(value: &str) -> Option<Self> {
-        let mut parts = value.splitn(5, ':');
-        let seq = parts.next()?.parse().ok()?;
-        let persisted_ms = parts.next()?.parse().ok()?;
-        let origin = match (parts.next(), parts.next()) {
-            (Some(partition), Some(offset)) => Some((partition.parse().ok()?, offset.parse().ok()?)),
-            _ => None,
-        };
-        let topic = parts.next().filter(|topic| !topic.is_empty()).map(str::to_owned);
-        Some(Self { seq, persisted_ms, origin, topic })
-    }
-
-    /// Whether this marker was left by the record at `origin` of `topic`.
-    pub fn left_by(&self, topic: &str, origin: Option<(i32, i64)>) -> bool {
-        self.origin == origin && self.topic.as_deref().is_none_or(|marked| marked == topic)
-    }
-}
 
 /// Seq assignment for the messages of one session, in order.
 pub struct SeqRequest<'a> {
@@ -111,8 +69,9 @@ return 1
 "#;
 
 /// The cache stage of one session, atomically: adds its messages (ascending seq) to the hot
-/// window, applies them to the session state and its senders' read seqs, then records them as
-/// done and forgets their remembered seqs.
+/// window, applies them to the session state and its senders' read seqs, then forgets their
+/// remembered seqs. Running it again for the same messages (a redelivery) changes nothing
+/// more.
 ///
 /// Window: trimmed to the newest ARGV[1] by seq, keeping its completeness floor (see
 /// `SessionKeys::hot_meta`): an empty window that receives a session's first message (seq 1,
@@ -129,11 +88,9 @@ return 1
 /// reader rebuilds them from the databases, which know the newest.
 const FINISH_SESSION: &str = r#"
 -- KEYS: 1 seq zset, 2 bodies, 3 time zset, 4 meta, 5 gone (only its expiry is refreshed, so
--- it outlives the window), 6 state, 7 reads, 8 seq-of hash, 9 body stamps, then one done
--- marker per message
--- ARGV: 1 window, 2 hot ttl, 3 floor meaning 'all', 4 marker ttl, 5 state and read seqs' ttl,
--- then per message: seq,
--- message_id, timestamp_us, body, sender_id, message_type, content_type, ts_ms, marker,
+-- it outlives the window), 6 state, 7 reads, 8 seq-of hash, 9 body stamps
+-- ARGV: 1 window, 2 hot ttl, 3 floor meaning 'all', 4 state and read seqs' ttl, then per
+-- message: seq, message_id, timestamp_us, body, sender_id, message_type, content_type, ts_ms,
 -- new ('1': stored by this batch, '0': held before)
 local starts_session = false
 local bodiless = false
@@ -147,9 +104,9 @@ local state_known = redis.call('EXISTS', KEYS[6]) == 1
 local last = tonumber(redis.call('HGET', KEYS[6], 'last_seq') or '0')
 local latest = nil
 local n = 0
-for i = 6, #ARGV, 10 do
+for i = 5, #ARGV, 9 do
   n = n + 1
-  local seq, id, sender, new = ARGV[i], ARGV[i + 1], ARGV[i + 4], ARGV[i + 9] == '1'
+  local seq, id, sender, new = ARGV[i], ARGV[i + 1], ARGV[i + 4], ARGV[i + 8] == '1'
   redis.call('ZADD', KEYS[1], seq, id)
   redis.call('ZADD', KEYS[3], ARGV[i + 2], id)
   if redis.call('HEXISTS', KEYS[9], id) == 0 then
@@ -190,21 +147,15 @@ if latest then
     'last_message_ts', ARGV[latest + 7], 'message_count', ARGV[latest])
 end
 for k = 6, 7 do
-  if redis.call('EXISTS', KEYS[k]) == 1 then redis.call('EXPIRE', KEYS[k], ARGV[5]) end
+  if redis.call('EXISTS', KEYS[k]) == 1 then redis.call('EXPIRE', KEYS[k], ARGV[4]) end
 end
-local m = 0
-for i = 6, #ARGV, 10 do
-  m = m + 1
-  redis.call('SET', KEYS[9 + m], ARGV[i + 8], 'NX', 'EX', ARGV[4])
-  redis.call('HDEL', KEYS[8], ARGV[i + 1])
-end
+for i = 5, #ARGV, 9 do redis.call('HDEL', KEYS[8], ARGV[i + 1]) end
 return n
 "#;
 
-/// A message durable in the databases, with the done marker that will say so.
-pub struct DoneMessage<'a> {
+/// A message durable in the databases, for the cache stage.
+pub struct DurableMessage<'a> {
     pub message: &'a Encoded,
-    pub done: Done,
     /// A database held it before this batch (a redelivery, a resend): it may be old.
     pub stored_before: bool,
 }
@@ -251,19 +202,6 @@ impl RedisStore {
         self.connection.in_flight()
     }
 
-    /// The done marker of each (session keys, message id), in order.
-    pub async fn done_markers(&self, messages: &[(SessionKeys, &str)]) -> RedisResult<Vec<Option<Done>>> {
-        if messages.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for (keys, message_id) in messages {
-            pipe.get(keys.done(message_id));
-        }
-        let values: Vec<Option<String>> = query_calling(&self.connection, &pipe, &[]).await?;
-        Ok(values.into_iter().map(|value| value.as_deref().and_then(Done::decode)).collect())
-    }
-
     /// Seqs for each request's messages, in order; `None` for a session whose counter is
     /// missing and that had no seed.
     pub async fn assign_seqs(&self, requests: &[SeqRequest<'_>]) -> RedisResult<Vec<Option<Vec<i64>>>> {
@@ -298,20 +236,18 @@ impl RedisStore {
         invocation.invoke_async(&mut self.connection.clone()).await
     }
 
-    /// The cache stage of a batch, in one round trip: every session's hot window, state,
-    /// senders' read seqs and done markers (one script call per session, see
-    /// [`FINISH_SESSION`]), and the removal of the messages' upstream write-ahead entries
-    /// (`HDEL wal_key id…`).
-    pub async fn finish(&self, done: &[DoneMessage<'_>], wal: Option<(&str, &[&str])>) -> RedisResult<()> {
+    /// The cache stage of a batch, in one round trip: every session's hot window, state and
+    /// senders' read seqs (one script call per session, see [`FINISH_SESSION`]), and the
+    /// removal of the messages' upstream write-ahead entries (`HDEL wal_key id…`).
+    pub async fn finish(&self, durable: &[DurableMessage<'_>], wal: Option<(&str, &[&str])>) -> RedisResult<()> {
         let wal = wal.filter(|(_, ids)| !ids.is_empty());
-        if done.is_empty() && wal.is_none() {
+        if durable.is_empty() && wal.is_none() {
             return Ok(());
         }
         let hot_ttl = self.hot_ttl.as_secs().max(1);
-        let marker_ttl = self.idempotency_ttl.as_secs().max(1);
         let mut pipe = redis::pipe();
-        for (keys, mut messages) in by_session(done) {
-            messages.sort_by_key(|done| done.message.message.seq);
+        for (keys, mut messages) in by_session(durable) {
+            messages.sort_by_key(|durable| durable.message.message.seq);
             let mut invocation = self.finish_session.key(keys.hot_index());
             invocation
                 .key(keys.hot_bodies())
@@ -325,12 +261,10 @@ impl RedisStore {
                 .arg(self.hot_window)
                 .arg(hot_ttl)
                 .arg(HOT_FLOOR_ALL)
-                .arg(marker_ttl)
                 .arg(SESSION_STATE_TTL_SECONDS);
-            for DoneMessage { message: Encoded { message, payload }, done, stored_before } in messages {
+            for DurableMessage { message: Encoded { message, payload, .. }, stored_before } in messages {
                 let time = message.timestamp.as_ref().and_then(to_datetime).unwrap_or(DateTime::UNIX_EPOCH);
                 invocation
-                    .key(keys.done(&message.id))
                     .arg(message.seq)
                     .arg(&message.id)
                     .arg(time.timestamp_micros())
@@ -339,7 +273,6 @@ impl RedisStore {
                     .arg(message.message_type)
                     .arg(content_type(message))
                     .arg(time.timestamp_millis())
-                    .arg(done.encode())
                     .arg(if *stored_before { "0" } else { "1" });
             }
             pipe.invoke_script(&invocation);
@@ -357,10 +290,10 @@ impl RedisStore {
 }
 
 /// Messages grouped by session, each group in batch order.
-fn by_session<'a, 'b>(done: &'a [DoneMessage<'b>]) -> Vec<(SessionKeys, Vec<&'a DoneMessage<'b>>)> {
-    let mut groups: Vec<(SessionKeys, Vec<&DoneMessage<'_>>)> = Vec::new();
+fn by_session<'a, 'b>(durable: &'a [DurableMessage<'b>]) -> Vec<(SessionKeys, Vec<&'a DurableMessage<'b>>)> {
+    let mut groups: Vec<(SessionKeys, Vec<&DurableMessage<'_>>)> = Vec::new();
     let mut slot_of: HashMap<(&str, &str), usize> = HashMap::new();
-    for entry in done {
+    for entry in durable {
         let message = &entry.message.message;
         let session = (message_tenant_id(message), message.session_id.as_str());
         let slot = *slot_of.entry(session).or_insert_with(|| {
@@ -370,28 +303,4 @@ fn by_session<'a, 'b>(done: &'a [DoneMessage<'b>]) -> Vec<(SessionKeys, Vec<&'a 
         groups[slot].1.push(entry);
     }
     groups
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn done_markers_round_trip() {
-        for done in [
-            Done { seq: 42, persisted_ms: 1_700_000_000_000, origin: Some((3, 1234)), topic: Some("in.v1".into()) },
-            Done { seq: 42, persisted_ms: 1_700_000_000_000, origin: Some((3, 1234)), topic: None },
-            Done { seq: 1, persisted_ms: 5, origin: None, topic: None },
-        ] {
-            assert_eq!(Done::decode(&done.encode()), Some(done));
-        }
-        let marker = Done::decode("7:9:3:1234:messages").expect("marker");
-        assert!(marker.left_by("messages", Some((3, 1234))));
-        assert!(!marker.left_by("messages-v2", Some((3, 1234))), "same position of another topic");
-        assert!(!marker.left_by("messages", Some((3, 1235))));
-        let old = Done::decode("7:9:3:1234").expect("marker without topic");
-        assert!(old.left_by("anything", Some((3, 1234))), "markers from before the topic was kept");
-        assert_eq!(Done::decode("garbage"), None);
-        assert_eq!(Done::decode("1:2:x:4"), None);
-    }
 }
