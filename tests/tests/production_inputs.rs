@@ -666,7 +666,7 @@ async fn a_refusal_by_mongodb_is_taken_back_from_postgresql() -> anyhow::Result<
 
 /// Kind 2: a message id is unique within a tenant. A record reusing a stored id in another
 /// session is a duplicate of the stored message, whichever way it comes — in the same batch,
-/// in a later one, after the done marker expired, after Redis lost its data — and touches
+/// in a later one, in its own session again, after Redis lost its data — and touches
 /// nothing of the session it names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_id_reused_in_another_session_is_a_duplicate() -> anyhow::Result<()> {

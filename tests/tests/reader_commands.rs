@@ -958,8 +958,8 @@ async fn answers(
 }
 
 on_each_store!(no_key_of_a_session_lives_forever);
-/// Every Redis key the writer and the reader keep for a session expires — windows and markers
-/// after their lifetimes, the state and read seqs a week after their last use (a session that
+/// Every Redis key the writer and the reader keep for a session expires — windows and
+/// remembered seqs after their lifetimes, the state and read seqs a week after their last use (a session that
 /// went quiet has them rebuilt from the databases) — except the seq counter, which must never
 /// hand out a seq twice.
 async fn no_key_of_a_session_lives_forever(store: Store) -> anyhow::Result<()> {

@@ -187,7 +187,7 @@ impl Stream {
         Ok(sqlx::query_scalar("SELECT count(*) FROM messages").fetch_one(&mut db).await?)
     }
 
-    /// Waits (a minute at most) for the last ACKs and markers to land and the reconciliation to
+    /// Waits (a minute at most) for the last ACKs and cache writes to land and the reconciliation to
     /// come out clean; otherwise fails with the last reconciliation's figures.
     async fn reconciled(&self, sent: usize) -> anyhow::Result<String> {
         let clean = eventually(Duration::from_secs(60), "a clean reconciliation", || async {
@@ -334,7 +334,7 @@ async fn writers_killed_at_random_moments_lose_and_duplicate_nothing() -> anyhow
         Ok((stream.stored().await? >= valid(sent) as i64).then_some(()))
     })
     .await?;
-    // Let the last ACKs and markers land, then stop gracefully.
+    // Let the last ACKs and cache writes land, then stop gracefully.
     let report = stream.reconciled(sent).await?;
     Command::new("kill").arg("-TERM").arg(writer.id().to_string()).status()?;
     writer.wait()?;
@@ -439,7 +439,7 @@ async fn redis_losing_its_data_mid_stream_loses_and_duplicates_nothing() -> anyh
     })
     .await?;
 
-    // Redis dies and comes back empty: no markers, no seq counters, no remembered seqs.
+    // Redis dies and comes back empty: no windows, no seq counters, no remembered seqs.
     kill_9(&mut server)?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut server = own_redis(port)?;

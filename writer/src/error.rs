@@ -9,7 +9,8 @@ use std::fmt;
 /// A step of the pipeline, as metrics, logs and `WRITER_CRASH_AFTER_STAGE` name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Stage {
-    /// Done markers and the databases' stored ids.
+    /// The databases' stored ids (its latency; a failed lookup counts against the database's
+    /// own stage).
     Idempotency,
     /// Per-session seq assignment.
     Seq,
@@ -17,7 +18,7 @@ pub enum Stage {
     SeqSeed,
     Postgres,
     Mongo,
-    /// Hot windows, session states, WAL removal and done markers: one Redis pipeline.
+    /// Hot windows, session states and WAL removal: one Redis pipeline.
     Cache,
     /// ACK events.
     Ack,
