@@ -563,8 +563,8 @@ async fn mongodb_receives_every_message_once() -> anyhow::Result<()> {
 /// The database keeps the Kafka record that stored each message, so a record carrying a
 /// stored message's id is told apart for as long as the message is kept: the very record read
 /// again (a redelivery) is ACKed `persisted`; another record — even at the same partition and
-/// offset of *another* topic (a new input topic, a recreated one) — is a second sending, ACKed
-/// `duplicate`. Both with PostgreSQL and with MongoDB alone.
+/// offset of *another* topic — is a second sending, ACKed `duplicate`. Both with PostgreSQL and
+/// with MongoDB alone, and with Redis emptied in between.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivery_is_told_from_a_second_sending_by_the_database() -> anyhow::Result<()> {
     for store in [Store::Postgres, Store::Mongo] {
@@ -584,8 +584,16 @@ async fn redelivery_and_second_sending(store: Store) -> anyhow::Result<()> {
     produce_message(&producer, &first, &message).await?;
     produce_message(&producer, &second, &message).await?;
     // One writer after another, each in a group of its own: the first stores the message, the
-    // second reads that same record again, the third reads the other topic's offset 0.
+    // second reads that same record again, the third reads the other topic's offset 0. Redis
+    // loses the tenant's keys before each of the last two: only the database can tell.
+    let mut redis = redis_connection().await?;
+    let pattern = format!("fs:{{{}:{tenant}:*", tenant.len());
     for (topic, acks) in [(&first, 1), (&first, 2), (&second, 3)] {
+        let keys: Vec<String> = redis.keys(&pattern).await?;
+        anyhow::ensure!(acks == 1 || !keys.is_empty(), "the session's keys are in Redis");
+        if !keys.is_empty() {
+            let _: () = redis.del(keys).await?;
+        }
         let mut config = writer_config(&database.url, topic, &dlq_topic);
         config.kafka_ack_topic = Some(ack_topic.clone());
         store.configure_writer(&mut config, &mongo_database);
@@ -722,6 +730,87 @@ async fn a_command_before_the_cache_stage_survives_the_redelivery() -> anyhow::R
     assert_eq!(m1.tags, ["starred"]);
     writer.kill()?;
     writer.wait()?;
+    reader.stop().await?;
+    database.drop().await
+}
+
+/// A message deleted for everyone and then sent again by its producer (another record with its
+/// id, in its own session) after Redis forgot the session (the window's TTL passed): the second
+/// sending is a duplicate that writes nothing, so no read path shows the deleted message again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_message_sent_again_stays_gone() -> anyhow::Result<()> {
+    use flare_storage_common::proto::common::{ActorContext, RequestContext};
+    use flare_storage_common::proto::storage::{DeleteMessageRequest, QueryMessagesBySeqRequest, QueryMessagesRequest};
+
+    let database = TestDatabase::create().await?;
+    let (topic, dlq_topic) = (unique("messages"), unique("dlq"));
+    create_topics(&[&topic, &dlq_topic], 1).await?;
+    let tenant = unique("acme");
+    let producer = producer()?;
+    let writer = RunningWriter::start(writer_config(&database.url, &topic, &dlq_topic)).await?;
+    for (order, id) in ["m1", "m2"].into_iter().enumerate() {
+        produce_message(&producer, &topic, &chat(&tenant, "s1", id, "a", &["b"], order as i64)).await?;
+    }
+    writer.wait_processed(2).await?;
+
+    let reader = RunningReader::start_with(&database.url, Some(redis_url())).await?;
+    let mut client = reader.client().await?;
+    let context = || {
+        Some(RequestContext {
+            actor: Some(ActorContext { actor_id: "a".into(), ..Default::default() }),
+            ..Default::default()
+        })
+    };
+    let tenant_context = || Some(TenantContext { tenant_id: tenant.clone(), ..Default::default() });
+    client
+        .delete_message(DeleteMessageRequest {
+            session_id: "s1".into(),
+            message_ids: vec!["m1".into()],
+            context: context(),
+            tenant: tenant_context(),
+        })
+        .await?;
+    let mut redis = redis_connection().await?;
+    let keys: Vec<String> = redis.keys(format!("fs:{{{}:{tenant}:*", tenant.len())).await?;
+    anyhow::ensure!(!keys.is_empty(), "the session's keys are in Redis");
+    let _: () = redis.del(keys).await?;
+
+    produce_message(&producer, &topic, &chat(&tenant, "s1", "m1", "a", &["b"], 5)).await?;
+    eventually(Duration::from_secs(30), "the second sending handled", || async {
+        let duplicated = metric(writer.metrics_addr, "storage_writer_messages_duplicated_total").await?;
+        let redelivered = metric(writer.metrics_addr, "storage_writer_messages_redelivered_total").await?;
+        Ok((duplicated + redelivered >= 1.0).then_some(()))
+    })
+    .await?;
+    for _ in 0..2 {
+        // The first page fills the window from the database, the second reads it.
+        let page = client
+            .query_messages(QueryMessagesRequest {
+                session_id: "s1".into(),
+                limit: 10,
+                tenant: tenant_context(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let ids: Vec<&str> = page.messages.iter().map(|message| message.id.as_str()).collect();
+        assert_eq!(ids, ["m2"], "the deleted message stays gone");
+        let by_seq = client
+            .query_messages_by_seq(QueryMessagesBySeqRequest {
+                session_id: "s1".into(),
+                limit: 10,
+                tenant: tenant_context(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let ids: Vec<&str> = by_seq.messages.iter().map(|message| message.id.as_str()).collect();
+        assert_eq!(ids, ["m2"], "by seq too");
+    }
+    assert_eq!(row_count(&database).await?, 2);
+    let duplicated = metric(writer.metrics_addr, "storage_writer_messages_duplicated_total").await?;
+    assert_eq!(duplicated, 1.0, "another record with a stored id is a duplicate");
+    writer.stop().await?;
     reader.stop().await?;
     database.drop().await
 }

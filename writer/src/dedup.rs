@@ -2,11 +2,13 @@
 //!
 //! A message is its (tenant, message id), unique within a tenant. Several records of a batch
 //! may carry one id: a resend, a redelivery, the same id sent to another session. For each id
-//! one record is the message's *representative*: when a database holds the id, the record in
-//! the session it is held in — the very record that stored it (its origin) if that one is
-//! here, else the first in that session; otherwise the first. Every other record of the id is a
-//! duplicate of that message, whatever session it names. Pure logic: the pipeline looks up the
-//! stored ids, and applies the decisions.
+//! one record is the message's *representative*: when a database holds the id, the very record
+//! that stored it (its origin), redelivered — its message is carried on as stored, its cache
+//! stage run again — and when that record is not in the batch, none: every record is a second
+//! sending of a stored message and nothing is written again. When no database holds the id, the
+//! first record stores it. Every other record of the id is a duplicate of that message,
+//! whatever session it names. Pure logic: the pipeline looks up the stored ids, and applies the
+//! decisions.
 //!
 //! The databases carry idempotency: the id (and the Kafka record that stored it) is kept with
 //! the message, so a redelivery is told from a second sending for as long as the message is
@@ -24,8 +26,9 @@ use crate::store::{MessageKey, StoredMessage};
 /// What becomes of a message of the batch.
 #[derive(Debug, Clone)]
 pub enum Fate {
-    /// Stored in a session none of its records name: every record is a duplicate of it.
-    StoredElsewhere(StoredMessage),
+    /// Stored by a record not in the batch (in whichever session): every record is a duplicate
+    /// of it, and nothing is written again.
+    Stored(StoredMessage),
     /// Persisted by this batch; `stored` when a database holds it already, in this session.
     Pending { stored: Option<StoredMessage> },
 }
@@ -62,26 +65,24 @@ pub fn decide(
         .into_iter()
         .map(|(key, indexes)| {
             let decision = match stored.get(key) {
-                Some(found) => {
-                    let in_session: Vec<usize> = indexes
-                        .iter()
-                        .copied()
-                        .filter(|&index| records[index].session_id == found.session_id)
-                        .collect();
-                    let storing =
-                        in_session.iter().copied().find(|&index| found.origin.as_ref() == Some(records[index].origin));
-                    match storing.or(in_session.first().copied()) {
-                        Some(index) => {
-                            Decision { representative: index, fate: Fate::Pending { stored: Some(found.clone()) } }
-                        }
-                        None => Decision { representative: indexes[0], fate: Fate::StoredElsewhere(found.clone()) },
+                Some(found) => match indexes.iter().copied().find(|&index| stored_by(found, &records[index])) {
+                    Some(index) => {
+                        Decision { representative: index, fate: Fate::Pending { stored: Some(found.clone()) } }
                     }
-                }
+                    None => Decision { representative: indexes[0], fate: Fate::Stored(found.clone()) },
+                },
                 None => Decision { representative: indexes[0], fate: Fate::Pending { stored: None } },
             };
             (key.clone(), decision)
         })
         .collect()
+}
+
+/// Whether `record` is the one that stored `found`: its origin, in its session. A message stored
+/// by a version that kept no origin is taken for a redelivery of the first record in its
+/// session.
+pub fn stored_by(found: &StoredMessage, record: &Candidate<'_>) -> bool {
+    record.session_id == found.session_id && found.origin.as_ref().is_none_or(|origin| origin == record.origin)
 }
 
 /// How one record of the batch ended, for its ACK and the metrics.
@@ -99,20 +100,17 @@ pub struct Outcome<'a> {
     pub redelivery: bool,
 }
 
-/// What became of record `index` (from `origin`), decided by `decision`: `persisted` is the
-/// message as persisted by this batch (`None` when it was not), `stored_before` whether a
-/// database held the message before this batch. A message held before is this record's
-/// redelivery when the database names this record as its origin, or names none (stored by a
-/// version that did not record it); otherwise this record is a second sending, a duplicate.
+/// What became of record `index`, decided by `decision`: `persisted` is the message as
+/// persisted by this batch (`None` when it was not), `stored_before` whether a database held
+/// the message before this batch (the representative is then its origin, redelivered).
 pub fn outcome<'a>(
     index: usize,
-    origin: &Origin,
     decision: &'a Decision,
     persisted: Option<&'a Message>,
     stored_before: bool,
 ) -> Option<Outcome<'a>> {
     Some(match &decision.fate {
-        Fate::StoredElsewhere(found) => Outcome {
+        Fate::Stored(found) => Outcome {
             status: AckStatus::Duplicate,
             session_id: &found.session_id,
             seq: found.seq,
@@ -120,22 +118,16 @@ pub fn outcome<'a>(
             deduplicated: true,
             redelivery: false,
         },
-        Fate::Pending { stored } => {
+        Fate::Pending { .. } => {
             let message = persisted?;
-            let stored_origin = stored.as_ref().and_then(|found| found.origin.as_ref());
             let representative = index == decision.representative;
-            let redelivery = representative && stored_before && stored_origin.is_none_or(|stored| stored == origin);
             Outcome {
-                status: if representative && (!stored_before || redelivery) {
-                    AckStatus::Persisted
-                } else {
-                    AckStatus::Duplicate
-                },
+                status: if representative { AckStatus::Persisted } else { AckStatus::Duplicate },
                 session_id: &message.session_id,
                 seq: message.seq,
                 persisted_ms: persisted_ms(message),
                 deduplicated: !representative || stored_before,
-                redelivery,
+                redelivery: representative && stored_before,
             }
         }
     })
@@ -190,27 +182,37 @@ mod tests {
     }
 
     #[test]
-    fn the_record_in_the_stored_session_stands_for_the_message_whatever_comes_first() {
-        // x resent to s2, then redelivered in s1 where an earlier attempt stored it.
-        let decisions = decide_for(&[("x", "s2"), ("x", "s1")], &[("x", stored_in("s1", 4, None))]);
+    fn the_record_that_stored_the_message_stands_for_it_whatever_comes_first() {
+        // x resent to s2 (offset 0), then offset 1, which stored x in s1, redelivered.
+        let decisions = decide_for(&[("x", "s2"), ("x", "s1")], &[("x", stored_in("s1", 4, Some(at(1))))]);
         let x = &decisions[&key("x")];
         assert_eq!(x.representative, 1);
         assert!(matches!(&x.fate, Fate::Pending { stored: Some(found) } if found.seq == 4));
-    }
-
-    #[test]
-    fn the_record_that_stored_the_message_stands_for_it_before_a_resend_in_its_session() {
-        // Offsets 0 and 1 both carry x in s1; the database names offset 1 as x's origin.
+        // Offsets 0 and 1 both carry x in s1; the database names offset 1.
         let decisions = decide_for(&[("x", "s1"), ("x", "s1")], &[("x", stored_in("s1", 4, Some(at(1))))]);
         assert_eq!(decisions[&key("x")].representative, 1);
-        let decisions = decide_for(&[("x", "s1"), ("x", "s1")], &[("x", stored_in("s1", 4, Some(at(9))))]);
-        assert_eq!(decisions[&key("x")].representative, 0, "neither stored it: the first in its session");
     }
 
     #[test]
-    fn an_id_stored_in_a_session_no_record_names_makes_every_record_a_duplicate() {
-        let decisions = decide_for(&[("x", "s2"), ("x", "s3")], &[("x", stored_in("s1", 4, None))]);
-        assert!(matches!(&decisions[&key("x")].fate, Fate::StoredElsewhere(found) if found.session_id == "s1"));
+    fn records_that_did_not_store_the_message_are_second_sendings_and_write_nothing() {
+        // In its own session but from other records, or in another session.
+        for session in ["s1", "s2"] {
+            let decisions = decide_for(&[("x", session), ("x", "s3")], &[("x", stored_in("s1", 4, Some(at(9))))]);
+            assert!(
+                matches!(&decisions[&key("x")].fate, Fate::Stored(found) if found.session_id == "s1" && found.seq == 4),
+                "{session}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_message_stored_without_an_origin_is_taken_for_a_redelivery_in_its_session() {
+        let decisions = decide_for(&[("x", "s2"), ("x", "s1"), ("x", "s1")], &[("x", stored_in("s1", 4, None))]);
+        let x = &decisions[&key("x")];
+        assert_eq!(x.representative, 1);
+        assert!(matches!(&x.fate, Fate::Pending { stored: Some(_) }));
+        let decisions = decide_for(&[("x", "s2")], &[("x", stored_in("s1", 4, None))]);
+        assert!(matches!(&decisions[&key("x")].fate, Fate::Stored(_)));
     }
 
     #[test]
@@ -226,37 +228,32 @@ mod tests {
     fn outcomes_follow_the_decision() {
         let message = Message { id: "x".into(), session_id: "s1".into(), seq: 3, ..Default::default() };
         let pending = Decision { representative: 0, fate: Fate::Pending { stored: None } };
-        let first = outcome(0, &at(0), &pending, Some(&message), false).expect("persisted");
+        let first = outcome(0, &pending, Some(&message), false).expect("persisted");
         assert_eq!((first.status, first.deduplicated, first.redelivery), (AckStatus::Persisted, false, false));
-        let copy = outcome(1, &at(1), &pending, Some(&message), false).expect("a copy");
+        let copy = outcome(1, &pending, Some(&message), false).expect("a copy");
         assert_eq!((copy.status, copy.seq, copy.deduplicated), (AckStatus::Duplicate, 3, true));
-        assert_eq!(outcome(0, &at(0), &pending, None, false), None, "not persisted: no outcome");
+        assert_eq!(outcome(0, &pending, None, false), None, "not persisted: no outcome");
 
-        let elsewhere = Decision { representative: 0, fate: Fate::StoredElsewhere(stored_in("s9", 8, None)) };
-        let duplicate = outcome(0, &at(0), &elsewhere, None, false).expect("duplicate");
-        assert_eq!((duplicate.status, duplicate.session_id, duplicate.seq), (AckStatus::Duplicate, "s9", 8));
+        let redelivered =
+            Decision { representative: 0, fate: Fate::Pending { stored: Some(stored_in("s1", 3, Some(at(0)))) } };
+        let again = outcome(0, &redelivered, Some(&message), true).expect("redelivery");
+        assert_eq!((again.status, again.deduplicated, again.redelivery), (AckStatus::Persisted, true, true));
+
+        let stored = Decision { representative: 0, fate: Fate::Stored(stored_in("s9", 8, Some(at(5)))) };
+        let duplicate = outcome(0, &stored, None, false).expect("duplicate");
+        assert_eq!(
+            (duplicate.status, duplicate.session_id, duplicate.seq, duplicate.redelivery),
+            (AckStatus::Duplicate, "s9", 8, false)
+        );
     }
 
     #[test]
-    fn a_message_held_before_is_a_redelivery_only_of_the_record_that_stored_it() {
-        let message = Message { id: "x".into(), session_id: "s1".into(), seq: 4, ..Default::default() };
-        let held = |origin: Option<Origin>| Decision {
-            representative: 0,
-            fate: Fate::Pending { stored: Some(stored_in("s1", 4, origin)) },
-        };
-        let stored_by = held(Some(at(7)));
-        let redelivered = outcome(0, &at(7), &stored_by, Some(&message), true).expect("redelivery");
-        assert_eq!(
-            (redelivered.status, redelivered.redelivery, redelivered.deduplicated),
-            (AckStatus::Persisted, true, true)
-        );
-        let resent = outcome(0, &at(8), &stored_by, Some(&message), true).expect("resend");
-        assert_eq!((resent.status, resent.redelivery, resent.seq), (AckStatus::Duplicate, false, 4));
+    fn the_same_position_of_another_topic_is_another_record() {
+        let found = stored_in("s1", 4, Some(at(7)));
+        let key = key("x");
         let other_topic = Origin { topic: "other".into(), ..at(7) };
-        let elsewhere = outcome(0, &other_topic, &stored_by, Some(&message), true).expect("same position, other topic");
-        assert_eq!(elsewhere.status, AckStatus::Duplicate);
-        let without_origin = held(None);
-        let unknown = outcome(0, &at(8), &without_origin, Some(&message), true).expect("stored without an origin");
-        assert_eq!((unknown.status, unknown.redelivery), (AckStatus::Persisted, true));
+        assert!(stored_by(&found, &Candidate { key: &key, session_id: "s1", origin: &at(7) }));
+        assert!(!stored_by(&found, &Candidate { key: &key, session_id: "s1", origin: &other_topic }));
+        assert!(!stored_by(&found, &Candidate { key: &key, session_id: "s1", origin: &at(8) }));
     }
 }

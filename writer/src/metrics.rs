@@ -29,10 +29,11 @@ pub struct Metrics {
     pub registry: Registry,
     /// Messages newly stored.
     pub processed: IntCounter,
-    /// Messages that were already stored (redeliveries and upstream resends).
+    /// Records carrying a message another record stored (upstream resends, in any session).
     pub duplicated: IntCounter,
-    /// Records delivered again after they had completed (crash or rebalance before the offset
-    /// commit); ACKed as persisted again.
+    /// Records delivered again after they had stored their message (a crash or rebalance
+    /// before the offset commit): the record the database names as the message's origin, or
+    /// the first in its session where it names none. ACKed as persisted again.
     pub redelivered: IntCounter,
     /// Time to make one batch durable in the stores.
     pub write_latency: Histogram,

@@ -14,11 +14,10 @@
 //!
 //! A message id is unique within a tenant. Before a seq is handed out, the databases say which
 //! messages they already hold: one stored in another session is a duplicate and touches
-//! nothing of the session it was resent to; one stored in its own session (a redelivery, or a
-//! resend) is carried on as stored, with its seq, and its cache stage runs again (it is
-//! idempotent). The databases keep the Kafka record that stored each message, which tells a
-//! redelivery (ACKed `persisted` again) from a resend (ACKed `duplicate`); Redis keeps no key
-//! per message.
+//! nothing of the session it was resent to. The databases keep the Kafka record that stored
+//! each message (its origin): that record delivered again (a redelivery) is carried on as
+//! stored, with its seq, its cache stage run again, and ACKed `persisted` again; any other
+//! record (a resend) is a duplicate that writes nothing. Redis keeps no key per message.
 //!
 //! Postgres comes before MongoDB because its unique (tenant, session, seq) index (in
 //! `message_ids`) is the guard that catches a seq counter that went backwards. The hot cache
@@ -105,12 +104,10 @@ pub struct Pipeline {
 /// A batch through [`Pipeline::store`]: its messages are in the databases.
 pub struct Stored {
     records: Vec<Record>,
-    /// The records that decoded (indexes into `records`), their messages, keys and origins,
-    /// aligned.
+    /// The records that decoded (indexes into `records`), their messages and keys, aligned.
     accepted: Vec<usize>,
     batch: Vec<Message>,
     keys: Vec<MessageKey>,
-    origins: Vec<Origin>,
     decisions: HashMap<MessageKey, Decision>,
     /// The messages this batch persists, in batch order.
     pending: Vec<Encoded>,
@@ -173,7 +170,7 @@ impl Pipeline {
             self.retry(shutdown, || self.store_attempt(&batch, &keys, &origins, &memory)).await?
         };
         let refused = memory.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner).refused;
-        Ok(Stored { records, accepted, batch, keys, origins, decisions, pending, stored_before, refused, started })
+        Ok(Stored { records, accepted, batch, keys, decisions, pending, stored_before, refused, started })
     }
 
     /// The second half: the cache stage, ACKs and dead letters of what a database refused.
@@ -398,9 +395,10 @@ impl Pipeline {
     }
 
     /// Handles the messages the first database already held when they were written, found
-    /// only now (a resend racing its first copy, or a seq collision): one stored in another
-    /// session becomes a duplicate of it and leaves `pending`; one stored in its own session
-    /// takes the stored seq; one not stored under its id collided on its seq, and the counter
+    /// only now (a resend racing its first copy, or a seq collision): one stored by another
+    /// record (in another session, or from another origin) becomes a duplicate of it and leaves
+    /// `pending`; one stored by this record (an earlier attempt of this batch) takes the stored
+    /// seq; one not stored under its id collided on its seq, and the counter
     /// is reseeded for the retry. Returns the keys stored before this batch.
     async fn settle(
         &self,
@@ -426,10 +424,11 @@ impl Pipeline {
         pending.retain_mut(|encoded| {
             let key = message_key(&encoded.message);
             let Some(found) = stored.get(&key) else { return true };
-            if found.session_id != encoded.message.session_id {
-                warn!(message_id = %encoded.message.id, session_id = %encoded.message.session_id, stored_session_id = %found.session_id, "message id already stored in another session; a duplicate");
+            let another_record = found.origin.is_some() && found.origin != encoded.origin;
+            if found.session_id != encoded.message.session_id || another_record {
+                warn!(message_id = %encoded.message.id, session_id = %encoded.message.session_id, stored_session_id = %found.session_id, "message id already stored by another record; a duplicate");
                 if let Some(decision) = decisions.get_mut(&key) {
-                    decision.fate = Fate::StoredElsewhere(found.clone());
+                    decision.fate = Fate::Stored(found.clone());
                 }
                 return false;
             }
@@ -437,7 +436,6 @@ impl Pipeline {
                 warn!(message_id = %encoded.message.id, assigned = encoded.message.seq, stored = found.seq, "message already stored with another seq; keeping the stored one");
                 encoded.set_seq(found.seq);
             }
-            // Its origin tells whether this batch's record is the one that stored it.
             if let Some(decision) = decisions.get_mut(&key) {
                 decision.fate = Fate::Pending { stored: Some(found.clone()) };
             }
@@ -486,8 +484,7 @@ impl Pipeline {
                 let decision = stored.decisions.get(key)?;
                 let persisted = persisted.get(key).copied();
                 let stored_before = stored.stored_before.contains(key);
-                outcome(index, &stored.origins[index], decision, persisted, stored_before)
-                    .map(|outcome| (index, outcome))
+                outcome(index, decision, persisted, stored_before).map(|outcome| (index, outcome))
             })
             .collect();
         if let Some(acks) = &self.acks {

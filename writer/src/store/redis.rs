@@ -70,8 +70,8 @@ return 1
 
 /// The cache stage of one session, atomically: adds its messages (ascending seq) to the hot
 /// window, applies them to the session state and its senders' read seqs, then forgets their
-/// remembered seqs. Running it again for the same messages (a redelivery) changes nothing
-/// more.
+/// remembered seqs. Run again for a redelivered message, it changes no state or read seq and
+/// keeps a body a command stamped.
 ///
 /// Window: trimmed to the newest ARGV[1] by seq, keeping its completeness floor (see
 /// `SessionKeys::hot_meta`): an empty window that receives a session's first message (seq 1,
