@@ -1,22 +1,25 @@
-//! `flare-storage partition-messages`: moves a plain `messages` table that already holds rows to
-//! the layout partitioned by month (migrations/20261201000001_partitioned_messages.sql) while
-//! writers and readers keep running, without copying a row. The table becomes the partition of
+//! `flare-storage partition-messages`: moves a plain `messages` table that already holds rows,
+//! and a plain `message_search` (the search side table), to the layout partitioned by month
+//! (migrations/20261201000001_partitioned_messages.sql, …000003_partitioned_search.sql) while
+//! writers and readers keep running, without copying a row. Each table becomes the partition of
 //! everything before a month boundary; months from the boundary on get partitions of their
-//! own; retention trims the old table by batches as before and drops it once all of it has
-//! expired.
+//! own; retention trims the old tables by batches as before and drops them once all of them
+//! has expired.
 //!
 //! Every step can be interrupted and run again:
-//! 1. an index on (tenant_id, session_id, seq) matching the partitioned table's is built
-//!    concurrently (an interrupted build leaves an invalid index, which is rebuilt);
+//! 1. an index matching the partitioned table's is built concurrently (an interrupted build
+//!    leaves an invalid index, which is rebuilt): on `messages` (tenant_id, session_id, seq);
+//!    on `message_search` its new key (tenant_id, message_id, "timestamp"), made a unique
+//!    constraint, which the partitioned table's key needs in a partition it attaches;
 //! 2. a check constraint `"timestamp" < boundary` is added without reading the table, then
 //!    validated by one scan that blocks no writer (a constraint from an earlier run keeps its
-//!    boundary unless that is nearer than the margin; a failed scan removes it). A writer
-//!    that meets a message the constraint refuses removes the constraint and stores the
-//!    message, and the move stops (step 3 refuses to attach without it);
-//! 3. one short transaction renames the table, creates the partitioned one and attaches the old
-//!    table, which the validated constraint spares a second scan. Like the constraint changes,
-//!    it waits at most five seconds at a time for its lock (readers and writers queue behind
-//!    it no longer than that when a long read holds the table) and retries.
+//!    boundary unless that is nearer than the margin; a failed scan removes it). A writer (or
+//!    search indexer) that meets a row the constraint refuses removes the constraints and
+//!    stores it, and the move stops (step 3 refuses to attach without them);
+//! 3. one short transaction renames the tables, creates the partitioned ones and attaches the
+//!    old tables, which the validated constraints spare a second scan. Like the constraint
+//!    changes, it waits at most five seconds at a time for its locks (readers and writers
+//!    queue behind it no longer than that when a long read holds a table) and retries.
 //!
 //! The boundary is the first day of a month at least `margin_days` ahead: writers refuse
 //! messages further in the future than `WRITER_MAX_FUTURE_SECONDS` (a day by default), so with
@@ -26,13 +29,40 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use chrono::{DateTime, Utc};
-use flare_storage_common::schema::PARTITIONING_CONSTRAINT as CONSTRAINT;
+use flare_storage_common::schema::{PARTITIONING_CONSTRAINT, SEARCH_PARTITIONING_CONSTRAINT};
 use sqlx::PgPool;
 
-const SEQ_INDEX: &str = "messages_seq_lookup";
-
-/// Attempts of the final transaction, each waiting at most five seconds for its lock.
+/// Attempts of a statement that takes a table's lock, each waiting at most five seconds.
 const SWAP_ATTEMPTS: u32 = 60;
+
+/// A table the command moves, and what moving it takes.
+struct Table {
+    name: &'static str,
+    /// The check constraint of step 2.
+    constraint: &'static str,
+    /// The index of step 1: name and columns.
+    index: (&'static str, &'static str),
+    /// Whether the index becomes a unique constraint of the same name.
+    unique: bool,
+    /// The migration's function that swaps the table (step 3).
+    swap: &'static str,
+}
+
+const MESSAGES: Table = Table {
+    name: "messages",
+    constraint: PARTITIONING_CONSTRAINT,
+    index: ("messages_seq_lookup", "tenant_id, session_id, seq"),
+    unique: false,
+    swap: "flare_partition_messages",
+};
+
+const SEARCH: Table = Table {
+    name: "message_search",
+    constraint: SEARCH_PARTITIONING_CONSTRAINT,
+    index: ("message_search_key", r#"tenant_id, message_id, "timestamp""#),
+    unique: true,
+    swap: "flare_partition_message_search",
+};
 
 pub async fn run(pool: &PgPool, margin_days: u32) -> anyhow::Result<()> {
     flare_storage_common::schema::migrate(pool).await.context("cannot apply the migrations")?;
@@ -44,25 +74,15 @@ pub async fn run(pool: &PgPool, margin_days: u32) -> anyhow::Result<()> {
         println!("messages is a TimescaleDB hypertable: it already has monthly chunks; nothing to do");
         return Ok(());
     }
-    if is_partitioned(pool).await? {
-        println!("messages is already partitioned by month; nothing to do");
+    let mut tables = Vec::new();
+    for table in [MESSAGES, SEARCH] {
+        if !is_partitioned(pool, table.name).await? {
+            tables.push(table);
+        }
+    }
+    if tables.is_empty() {
+        println!("messages and message_search are already partitioned by month; nothing to do");
         return Ok(());
-    }
-
-    println!("1/3 building index {SEQ_INDEX} (concurrently)");
-    let valid: Option<bool> = sqlx::query_scalar(
-        "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = $1",
-    )
-    .bind(SEQ_INDEX)
-    .fetch_optional(pool)
-    .await?;
-    if valid == Some(false) {
-        sqlx::query(&format!("DROP INDEX CONCURRENTLY {SEQ_INDEX}")).execute(pool).await?;
-    }
-    if valid != Some(true) {
-        sqlx::query(&format!("CREATE INDEX CONCURRENTLY {SEQ_INDEX} ON messages (tenant_id, session_id, seq)"))
-            .execute(pool)
-            .await?;
     }
 
     // The first day of the month after the margin, in UTC.
@@ -72,82 +92,148 @@ pub async fn run(pool: &PgPool, margin_days: u32) -> anyhow::Result<()> {
     .bind(i32::try_from(margin_days)?)
     .fetch_one(pool)
     .await?;
-    // An earlier run's constraint is kept (its scan may be done) unless it is nearer than the
-    // margin asks.
-    let boundary = match constraint_boundary(pool).await? {
-        Some(earlier) if earlier >= wanted => earlier,
-        earlier => {
-            if earlier.is_some() {
-                drop_constraint(pool).await?;
+    let mut boundaries = Vec::new();
+    for table in &tables {
+        println!("1/3 {}: building index {} (concurrently)", table.name, table.index.0);
+        build_index(pool, table).await?;
+        // An earlier run's constraint is kept (its scan may be done) unless it is nearer than
+        // the margin asks.
+        let boundary = match constraint_boundary(pool, table).await? {
+            Some(earlier) if earlier >= wanted => earlier,
+            earlier => {
+                if earlier.is_some() {
+                    drop_constraint(pool, table).await?;
+                }
+                let add = format!(
+                    r#"ALTER TABLE {} ADD CONSTRAINT {} CHECK ("timestamp" < '{}') NOT VALID"#,
+                    table.name,
+                    table.constraint,
+                    wanted.to_rfc3339()
+                );
+                locking(pool, &[add]).await?;
+                wanted
             }
-            let add = format!(
-                r#"ALTER TABLE messages ADD CONSTRAINT {CONSTRAINT} CHECK ("timestamp" < '{}') NOT VALID"#,
-                wanted.to_rfc3339()
-            );
-            locking(pool, &add).await?;
-            wanted
-        }
-    };
-    println!("2/3 checking that every row is before {boundary} (one scan; writers go on)");
-    let validated = sqlx::query(&format!("ALTER TABLE messages VALIDATE CONSTRAINT {CONSTRAINT}")).execute(pool).await;
-    match validated {
-        Ok(_) => {}
-        // 23514: a row is past the boundary. Left in place, the constraint would only make
-        // writers remove it when they meet such a message.
-        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("23514") => {
-            drop_constraint(pool).await?;
-            bail!("a stored message is at or after {boundary}: run again with a larger --margin-days ({error})");
-        }
-        // 42704: a writer removed the constraint, having met a message dated past it.
-        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42704") => {
-            bail!(
-                "a writer met a message dated past {boundary} and removed the check: run again with a larger --margin-days"
-            )
-        }
-        Err(error) => return Err(error.into()),
+        };
+        println!("2/3 {}: checking that every row is before {boundary} (one scan; writers go on)", table.name);
+        validate(pool, table, boundary).await?;
+        boundaries.push(boundary);
     }
 
-    println!("3/3 replacing messages with the partitioned table");
-    locking(pool, &format!("SELECT flare_partition_messages('{}')", boundary.to_rfc3339())).await?;
-    println!("messages is partitioned by month; the rows before {boundary} are its partition messages_unpartitioned");
+    println!("3/3 replacing {} with the partitioned tables", names(&tables));
+    let swaps: Vec<String> = tables
+        .iter()
+        .zip(&boundaries)
+        .map(|(table, boundary)| format!("SELECT {}('{}')", table.swap, boundary.to_rfc3339()))
+        .collect();
+    locking(pool, &swaps).await?;
+    for (table, boundary) in tables.iter().zip(&boundaries) {
+        println!(
+            "{0} is partitioned by month; the rows before {boundary} are its partition {0}_unpartitioned",
+            table.name
+        );
+    }
     Ok(())
 }
 
-async fn is_partitioned(pool: &PgPool) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT relkind = 'p' FROM pg_class WHERE oid = 'messages'::regclass").fetch_one(pool).await
+fn names(tables: &[Table]) -> String {
+    tables.iter().map(|table| table.name).collect::<Vec<_>>().join(" and ")
 }
 
-async fn drop_constraint(pool: &PgPool) -> anyhow::Result<()> {
-    locking(pool, &format!("ALTER TABLE messages DROP CONSTRAINT IF EXISTS {CONSTRAINT}")).await
+async fn is_partitioned(pool: &PgPool, table: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT relkind = 'p' FROM pg_class WHERE oid = $1::regclass").bind(table).fetch_one(pool).await
 }
 
-/// Runs `statement`, which locks messages, waiting at most five seconds at a time for the lock
-/// (so readers and writers never queue behind it for longer) and retrying.
-async fn locking(pool: &PgPool, statement: &str) -> anyhow::Result<()> {
-    for attempt in 1..=SWAP_ATTEMPTS {
-        let mut transaction = pool.begin().await?;
-        sqlx::query("SET LOCAL lock_timeout = '5s'").execute(&mut *transaction).await?;
-        match sqlx::query(statement).execute(&mut *transaction).await {
-            Ok(_) => return Ok(transaction.commit().await?),
-            // 55P03: lock_not_available.
-            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("55P03") => {
-                println!("  the table is busy (attempt {attempt}/{SWAP_ATTEMPTS}); retrying");
-                drop(transaction);
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(error) => return Err(error.into()),
+/// Step 1: the table's index, built concurrently (an invalid one from an interrupted build is
+/// dropped first), then made a unique constraint where the table needs one.
+async fn build_index(pool: &PgPool, table: &Table) -> anyhow::Result<()> {
+    let (index, columns) = table.index;
+    let valid: Option<bool> = sqlx::query_scalar(
+        "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = $1",
+    )
+    .bind(index)
+    .fetch_optional(pool)
+    .await?;
+    if valid == Some(false) {
+        sqlx::query(&format!("DROP INDEX CONCURRENTLY {index}")).execute(pool).await?;
+    }
+    if valid != Some(true) {
+        let unique = if table.unique { "UNIQUE " } else { "" };
+        sqlx::query(&format!("CREATE {unique}INDEX CONCURRENTLY {index} ON {} ({columns})", table.name))
+            .execute(pool)
+            .await?;
+    }
+    if table.unique {
+        let constrained: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = $1::regclass AND conname = $2)",
+        )
+        .bind(table.name)
+        .bind(index)
+        .fetch_one(pool)
+        .await?;
+        if !constrained {
+            locking(pool, &[format!("ALTER TABLE {} ADD CONSTRAINT {index} UNIQUE USING INDEX {index}", table.name)])
+                .await?;
         }
     }
-    bail!("messages stayed busy for {SWAP_ATTEMPTS} attempts; run the command again")
+    Ok(())
 }
 
-/// The boundary of the check constraint an earlier run added, if any.
-async fn constraint_boundary(pool: &PgPool) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+/// Step 2: validates the table's check constraint, one scan that blocks no writer.
+async fn validate(pool: &PgPool, table: &Table, boundary: DateTime<Utc>) -> anyhow::Result<()> {
+    let statement = format!("ALTER TABLE {} VALIDATE CONSTRAINT {}", table.name, table.constraint);
+    match sqlx::query(&statement).execute(pool).await {
+        Ok(_) => Ok(()),
+        // 23514: a row is past the boundary. Left in place, the constraint would only make
+        // writers remove it when they meet such a message.
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("23514") => {
+            drop_constraint(pool, table).await?;
+            bail!("a row of {} is at or after {boundary}: run again with a larger --margin-days ({error})", table.name);
+        }
+        // 42704: a writer removed the constraint, having met a message dated past it.
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42704") => bail!(
+            "a writer met a message dated past {boundary} and removed the check: run again with a larger --margin-days"
+        ),
+        Err(error) => Err(error.into()),
+    }
+}
+
+async fn drop_constraint(pool: &PgPool, table: &Table) -> anyhow::Result<()> {
+    locking(pool, &[format!("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}", table.name, table.constraint)]).await
+}
+
+/// Runs `statements` in one transaction, which locks tables, waiting at most five seconds at
+/// a time for each lock (so readers and writers never queue behind it for longer) and
+/// retrying.
+async fn locking(pool: &PgPool, statements: &[String]) -> anyhow::Result<()> {
+    'attempts: for attempt in 1..=SWAP_ATTEMPTS {
+        let mut transaction = pool.begin().await?;
+        sqlx::query("SET LOCAL lock_timeout = '5s'").execute(&mut *transaction).await?;
+        for statement in statements {
+            match sqlx::query(statement).execute(&mut *transaction).await {
+                Ok(_) => {}
+                // 55P03: lock_not_available.
+                Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("55P03") => {
+                    println!("  a table is busy (attempt {attempt}/{SWAP_ATTEMPTS}); retrying");
+                    drop(transaction);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue 'attempts;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        return Ok(transaction.commit().await?);
+    }
+    bail!("the tables stayed busy for {SWAP_ATTEMPTS} attempts; run the command again")
+}
+
+/// The boundary of the check constraint an earlier run added to `table`, if any.
+async fn constraint_boundary(pool: &PgPool, table: &Table) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
     sqlx::query_scalar(
         r#"SELECT substring(pg_get_constraintdef(oid) FROM '''([^'']+)''')::timestamptz
-           FROM pg_constraint WHERE conrelid = 'messages'::regclass AND conname = $1"#,
+           FROM pg_constraint WHERE conrelid = $1::regclass AND conname = $2"#,
     )
-    .bind(CONSTRAINT)
+    .bind(table.name)
+    .bind(table.constraint)
     .fetch_optional(pool)
     .await
 }

@@ -11,6 +11,10 @@ use sqlx::postgres::PgPoolOptions;
 /// writer that meets a message it refuses removes it.
 pub const PARTITIONING_CONSTRAINT: &str = "messages_before_partitioning";
 
+/// The same check on `message_search` while it moves (`flare_partition_message_search`); the
+/// search indexer, and a writer meeting a message past the boundary, remove it alike.
+pub const SEARCH_PARTITIONING_CONSTRAINT: &str = "message_search_before_partitioning";
+
 /// The migrations of `migrations/`, in version order.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 

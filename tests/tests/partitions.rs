@@ -3,7 +3,9 @@
 //! in its own partition; an id stays one message whatever time a resend carries; retention drops
 //! whole expired months and trims the partly expired one; a plain table that already holds rows
 //! is partitioned online by `flare-storage partition-messages`, resumably, while a writer
-//! stores and nothing is lost or duplicated.
+//! stores and nothing is lost or duplicated. The search side table, `message_search`, is
+//! partitioned alike (migrations/20261201000003_partitioned_search.sql): each entry in its
+//! message's month, dropped with it, moved with it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -11,7 +13,9 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone as _, Utc};
 use flare_storage_common::message::{EARLIEST_STORABLE, LATEST_STORABLE, to_timestamp};
 use flare_storage_common::proto::common::TenantContext;
-use flare_storage_common::proto::storage::{GetMessageRequest, Message, StoreMessageRequest};
+use flare_storage_common::proto::storage::{
+    GetMessageRequest, Message, MessageContent, StoreMessageRequest, TextContent, message_content,
+};
 use flare_storage_e2e::*;
 use sqlx::{Connection as _, PgConnection};
 
@@ -22,6 +26,12 @@ fn request(tenant: &str, id: &str, time: DateTime<Utc>) -> StoreMessageRequest {
             id: id.into(),
             sender_id: "a".into(),
             timestamp: Some(to_timestamp(time)),
+            content: Some(MessageContent {
+                content: Some(message_content::Content::Text(TextContent {
+                    text: format!("message {id} 你好"),
+                    mentions: vec![],
+                })),
+            }),
             ..Default::default()
         }),
         tenant: Some(TenantContext { tenant_id: tenant.into(), ..Default::default() }),
@@ -40,19 +50,44 @@ async fn partitions_of(db: &mut PgConnection) -> anyhow::Result<BTreeMap<String,
     Ok(rows.into_iter().collect())
 }
 
+/// The partition holding each message id's search entry.
+async fn search_partitions_of(db: &mut PgConnection) -> anyhow::Result<BTreeMap<String, String>> {
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT message_id, tableoid::regclass::text FROM message_search").fetch_all(db).await?;
+    Ok(rows.into_iter().collect())
+}
+
 /// The partitions of `messages`, by name.
 async fn partition_names(db: &mut PgConnection) -> anyhow::Result<Vec<String>> {
-    Ok(sqlx::query_scalar(
-        "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = 'messages'::regclass ORDER BY 1",
-    )
-    .fetch_all(db)
-    .await?)
+    partitions_named(db, "messages").await
+}
+
+/// The partitions of `table`, by name.
+async fn partitions_named(db: &mut PgConnection, table: &str) -> anyhow::Result<Vec<String>> {
+    Ok(sqlx::query_scalar("SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = $1::regclass ORDER BY 1")
+        .bind(table)
+        .fetch_all(db)
+        .await?)
 }
 
 async fn relkind(db: &mut PgConnection) -> anyhow::Result<String> {
+    relkind_of(db, "messages").await
+}
+
+async fn relkind_of(db: &mut PgConnection, table: &str) -> anyhow::Result<String> {
     let kind: i8 =
-        sqlx::query_scalar("SELECT relkind FROM pg_class WHERE oid = 'messages'::regclass").fetch_one(db).await?;
+        sqlx::query_scalar("SELECT relkind FROM pg_class WHERE oid = $1::regclass").bind(table).fetch_one(db).await?;
     Ok(char::from(u8::try_from(kind)?).to_string())
+}
+
+/// Waits until `message_search` holds `count` entries.
+async fn wait_for_entries(database: &TestDatabase, count: i64) -> anyhow::Result<()> {
+    eventually(Duration::from_secs(60), "every message indexed", || async {
+        let mut db = database.connect().await?;
+        let entries: i64 = sqlx::query_scalar("SELECT count(*) FROM message_search").fetch_one(&mut db).await?;
+        Ok((entries == count).then_some(()))
+    })
+    .await
 }
 
 async fn get_message(reader: &RunningReader, tenant: &str, id: &str) -> anyhow::Result<Option<Message>> {
@@ -100,7 +135,7 @@ async fn messages_of_every_storable_time_get_a_partition_and_are_found_by_id() -
     }
     // A resend of an id with another time is the same message.
     produce_message(&producer, &topic, &request(&tenant, "start-of-march", utc(2030, 6, 1, 0, 0, 0))).await?;
-    let writer = RunningWriter::start(config).await?;
+    let writer = RunningWriter::start(config.clone()).await?;
     writer.wait_processed(times.len()).await?;
     eventually(Duration::from_secs(30), "the resend taken for a duplicate", || async {
         let (_, body) = http_get(writer.metrics_addr, "/metrics").await?;
@@ -118,13 +153,34 @@ async fn messages_of_every_storable_time_get_a_partition_and_are_found_by_id() -
     assert_eq!(rows, times.len() as i64, "each once, the resend with another time included");
     let ids: i64 = sqlx::query_scalar("SELECT count(*) FROM message_ids").fetch_one(&mut db).await?;
     assert_eq!(ids, times.len() as i64);
+    // Each search entry in its message's month, in the search table's partition of it.
+    assert_eq!(relkind_of(&mut db, "message_search").await?, "p");
+    wait_for_entries(&database, times.len() as i64).await?;
+    let entries = search_partitions_of(&mut db).await?;
+    let expected: BTreeMap<String, String> =
+        expected.into_iter().map(|(id, partition)| (id, partition.replacen("messages", "message_search", 1))).collect();
+    assert_eq!(entries, expected, "each entry in its month's partition");
     // The writer made the months ahead at start.
     let names = partition_names(&mut db).await?;
     let this_month = format!("messages_{}", Utc::now().format("%Y_%m"));
     assert!(names.contains(&this_month), "{names:?}");
     assert!(names.len() >= times.len() + 3, "{names:?}");
-
     writer.stop().await?;
+
+    // The search indexer meets a month without its partition (as in a table partitioned after
+    // its messages were stored): it makes the partition and indexes the message.
+    sqlx::query("DROP TABLE message_search_2028_03").execute(&mut db).await?;
+    sqlx::query(
+        r#"INSERT INTO search_index_queue (tenant_id, message_id, "timestamp")
+           SELECT tenant_id, message_id, "timestamp" FROM messages WHERE message_id = 'start-of-march'"#,
+    )
+    .execute(&mut db)
+    .await?;
+    let writer = RunningWriter::start(config).await?;
+    wait_for_entries(&database, times.len() as i64).await?;
+    writer.stop().await?;
+    let entries = search_partitions_of(&mut db).await?;
+    assert_eq!(entries.get("start-of-march").map(String::as_str), Some("message_search_2028_03"));
 
     // Without Redis, GetMessage is one PostgreSQL lookup.
     let reader = RunningReader::start_with(&database.url, None).await?;
@@ -233,6 +289,7 @@ async fn retention_drops_expired_months_and_trims_the_partly_expired_one() -> an
     let mut config = writer_config(&database.url, &topic, &dlq_topic);
     let writer = RunningWriter::start(config.clone()).await?;
     writer.wait_processed(ages.len()).await?;
+    wait_for_entries(&database, ages.len() as i64).await?;
     writer.stop().await?;
     let mut db = database.connect().await?;
     let month = |days: i64| format!("messages_{}", (now - chrono::Duration::days(days)).format("%Y_%m"));
@@ -251,7 +308,10 @@ async fn retention_drops_expired_months_and_trims_the_partly_expired_one() -> an
         messages.sort();
         let mut ids: Vec<String> = sqlx::query_scalar("SELECT message_id FROM message_ids").fetch_all(&mut db).await?;
         ids.sort();
-        Ok((messages == ["d0", "d29"] && ids == messages).then_some(()))
+        let mut entries: Vec<String> =
+            sqlx::query_scalar("SELECT message_id FROM message_search").fetch_all(&mut db).await?;
+        entries.sort();
+        Ok((messages == ["d0", "d29"] && ids == messages && entries == messages).then_some(()))
     })
     .await?;
     writer.stop().await?;
@@ -272,6 +332,16 @@ async fn retention_drops_expired_months_and_trims_the_partly_expired_one() -> an
     assert!(names.contains(&month(30)), "the partly expired month stays: {names:?}");
     let ahead = format!("messages_{}", (now + chrono::Months::new(2)).format("%Y_%m"));
     assert!(names.contains(&ahead), "{ahead} made ahead: {names:?}");
+    // The search table's months alike.
+    let search_names = partitions_named(&mut db, "message_search").await?;
+    let searched = |name: &String| name.replacen("messages", "message_search", 1);
+    for days in [400, 100] {
+        assert!(!search_names.contains(&searched(&month(days))), "{search_names:?}");
+    }
+    assert!(
+        search_names.contains(&searched(&month(30))) && search_names.contains(&searched(&ahead)),
+        "{search_names:?}"
+    );
     database.drop().await
 }
 
@@ -338,6 +408,13 @@ async fn a_plain_table_with_rows_is_partitioned_online_and_resumably() -> anyhow
     sqlx::query("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'messages_seq_lookup'::regclass")
         .execute(&mut db)
         .await?;
+    sqlx::query(r#"CREATE UNIQUE INDEX message_search_key ON message_search (tenant_id, message_id, "timestamp")"#)
+        .execute(&mut db)
+        .await?;
+    sqlx::query("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'message_search_key'::regclass")
+        .execute(&mut db)
+        .await?;
+    assert_eq!(relkind_of(&mut db, "message_search").await?, "r", "the search table stays with its table");
     let month_after = |days: i64| {
         let url = database.url.clone();
         async move {
@@ -413,6 +490,7 @@ async fn a_plain_table_with_rows_is_partitioned_online_and_resumably() -> anyhow
     assert!(printed.contains(&format!("before {boundary}")), "the earlier run's boundary is kept: {printed}");
     stream.await??;
     writer.wait_processed(201).await?;
+    wait_for_entries(&database, 201).await?;
 
     assert_eq!(relkind(&mut db).await?, "p");
     let names = partition_names(&mut db).await?;
@@ -436,6 +514,21 @@ async fn a_plain_table_with_rows_is_partitioned_online_and_resumably() -> anyhow
     assert_eq!(writer_after.get("late-old").map(String::as_str), Some("messages_unpartitioned"));
     assert_eq!(writer_after.get("past-boundary"), Some(&first_month));
     assert_eq!(writer_after.get("early-past-boundary").map(String::as_str), Some("messages_unpartitioned"));
+    // The search table moved with it, its old table attached with the indexes it had (its
+    // new key built beforehand, nothing built under the swap's lock).
+    assert_eq!(relkind_of(&mut db, "message_search").await?, "p");
+    wait_for_entries(&database, 203).await?;
+    let entries = search_partitions_of(&mut db).await?;
+    let first_search_month = first_month.replacen("messages", "message_search", 1);
+    assert_eq!(entries.get("late-old").map(String::as_str), Some("message_search_unpartitioned"));
+    assert_eq!(entries.get("early-past-boundary").map(String::as_str), Some("message_search_unpartitioned"));
+    assert_eq!(entries.get("past-boundary"), Some(&first_search_month));
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT indexname::text FROM pg_indexes WHERE tablename = 'message_search_unpartitioned' ORDER BY 1",
+    )
+    .fetch_all(&mut db)
+    .await?;
+    assert_eq!(indexes.len(), 6, "the old indexes and the key, no other: {indexes:?}");
     writer.stop().await?;
 
     let reader = RunningReader::start_with(&database.url, None).await?;
@@ -451,9 +544,14 @@ async fn a_plain_table_with_rows_is_partitioned_online_and_resumably() -> anyhow
 
     // Retention drops the old table whole once its boundary has passed.
     let store = flare_storage_writer::store::postgres::PostgresStore::connect(&database.url, 2)?;
-    assert!(store.drop_partitions_before(boundary).await? >= 1);
+    assert!(store.drop_partitions_before(boundary).await? >= 2);
     drop(store);
     let names = partition_names(&mut db).await?;
     assert!(!names.contains(&"messages_unpartitioned".to_owned()) && names.contains(&first_month), "{names:?}");
+    let names = partitions_named(&mut db, "message_search").await?;
+    assert!(
+        !names.contains(&"message_search_unpartitioned".to_owned()) && names.contains(&first_search_month),
+        "{names:?}"
+    );
     database.drop().await
 }

@@ -652,7 +652,7 @@ async fn nothing_gone_is_found(store: Store) -> anyhow::Result<()> {
                     r#"INSERT INTO message_search (tenant_id, message_id, session_id, "timestamp", terms, normal_text)
                        SELECT tenant_id, message_id, session_id, "timestamp", $3, $4 FROM messages
                        WHERE tenant_id = $1 AND message_id = $2
-                       ON CONFLICT (tenant_id, message_id) DO NOTHING"#,
+                       ON CONFLICT DO NOTHING"#,
                 )
                 .bind(&acme)
                 .bind(id)

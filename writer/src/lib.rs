@@ -107,7 +107,7 @@ async fn consume(
             match until_ready("postgres partitions", shutdown, ahead).await {
                 None => return Ok(()),
                 Some(true) => warn!(
-                    "messages is one plain table: move it to monthly partitions with `flare-storage partition-messages` (README \"Partitioned messages\")"
+                    "messages or message_search is one plain table: move them to monthly partitions with `flare-storage partition-messages` (README \"Partitioned messages\")"
                 ),
                 Some(false) => {}
             }

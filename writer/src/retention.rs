@@ -1,6 +1,6 @@
 //! Retention (`STORAGE_RETENTION_DAYS`, off by default): messages older than the limit are
 //! removed from the databases by a periodic job. Whole months go at once: TimescaleDB chunks or
-//! the partitions of a partitioned table are dropped. Rows of a partly expired month (and of a
+//! the monthly partitions of `messages` and `message_search` are dropped. Rows of a partly expired month (and of a
 //! plain table) go in batches of [`DELETE_BATCH`], one short transaction each, so no lock is
 //! held for long; in MongoDB a TTL index on `timestamp` expires documents and the job
 //! deletes what the server's TTL monitor has not reached yet. Redis keys expire by their TTLs.
@@ -17,7 +17,8 @@ use crate::store::postgres::{AgedTable, PostgresStore};
 
 pub const DELETE_BATCH: i64 = 5_000;
 
-/// Months after the current one whose `messages` partitions exist ahead of time.
+/// Months after the current one whose `messages` and `message_search` partitions exist ahead
+/// of time.
 pub const PARTITIONS_AHEAD: i32 = 2;
 
 /// Runs retention every `interval` until shutdown.
@@ -77,15 +78,15 @@ pub async fn run_once(
         } else {
             let dropped = postgres.drop_partitions_before(cutoff).await?;
             if dropped > 0 {
-                info!(dropped, %cutoff, "retention dropped expired monthly partitions of messages");
+                info!(dropped, %cutoff, "retention dropped expired monthly partitions of messages and message_search");
             }
             removed += delete_all_before(postgres, AgedTable::Messages, cutoff).await?;
             // The coming months get their partitions before their first message.
             postgres.create_partitions_ahead(PARTITIONS_AHEAD).await?;
         }
         delete_all_before(postgres, AgedTable::MessageIds, ids_cutoff).await?;
-        // Search entries of expired messages (a plain table on TimescaleDB too); rows still
-        // queued for them are taken by the indexer and find no message.
+        // Search entries of the partly expired month (and of a plain table, on TimescaleDB
+        // too); rows still queued for them are taken by the indexer and find no message.
         delete_all_before(postgres, AgedTable::SearchIndex, cutoff).await?;
         postgres.delete_hidden_before(cutoff).await?;
     }

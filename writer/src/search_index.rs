@@ -19,7 +19,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike as _, Utc};
 use flare_storage_common::message::searchable_content;
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::MessageContent;
@@ -30,6 +30,7 @@ use tracing::warn;
 
 use crate::error::Stage;
 use crate::metrics::Metrics;
+use crate::store::postgres::{drop_partitioning_constraints, is_missing_partition, violates_partitioning_constraint};
 
 /// Most queued messages one indexer transaction takes.
 pub const BATCH: i64 = 1_000;
@@ -119,6 +120,7 @@ pub async fn index_batch(
     .fetch_all(&mut *transaction)
     .await?;
     let mut entries = Entries::default();
+    let mut times = Vec::new();
     for (tenant_id, message_id, session_id, timestamp, content) in messages {
         // Content that does not decode has no text to find, nor has a text over the limit.
         let Ok(content) = MessageContent::decode(content.as_slice()) else { continue };
@@ -134,11 +136,16 @@ pub async fn index_batch(
         entries.message_id.push(message_id);
         entries.session_id.push(session_id);
         entries.timestamp.push(timestamp);
-        if entries.bytes >= MAX_STATEMENT_BYTES {
-            insert(&mut transaction, std::mem::take(&mut entries)).await?;
+        times.push(timestamp);
+        if entries.bytes >= MAX_STATEMENT_BYTES
+            && let Err(error) = insert(&mut transaction, std::mem::take(&mut entries)).await
+        {
+            return Err(failed(pool, transaction, error, &times).await);
         }
     }
-    insert(&mut transaction, entries).await?;
+    if let Err(error) = insert(&mut transaction, entries).await {
+        return Err(failed(pool, transaction, error, &times).await);
+    }
     if crash_before_commit {
         warn!(stage = Stage::SearchIndex.name(), "crash requested by WRITER_CRASH_AFTER_STAGE; aborting");
         std::process::abort();
@@ -152,6 +159,44 @@ pub async fn index_batch(
     let taken = live.len() + backfill.len();
     metrics.search_indexed.inc_by(taken as u64);
     Ok(taken)
+}
+
+/// Rolls the batch back after its insert failed and, where the failure is about partitions,
+/// mends them for the retry: a month of `times` without a partition gets one (retention dropped
+/// a month, or the table was partitioned after its messages were stored), and the check
+/// constraint of a move to partitions that refused an entry is removed, as a writer meeting
+/// such a message removes it. Returns `error`.
+async fn failed(
+    pool: &PgPool,
+    transaction: Transaction<'_, Postgres>,
+    error: sqlx::Error,
+    times: &[DateTime<Utc>],
+) -> sqlx::Error {
+    drop(transaction);
+    let mended = if is_missing_partition(&error) {
+        // One time of each month: the function makes sure of the month that holds it.
+        let mut months: std::collections::BTreeMap<(i32, u32), DateTime<Utc>> = Default::default();
+        for &time in times {
+            months.entry((time.year(), time.month())).or_insert(time);
+        }
+        let mut result = Ok(());
+        for time in months.into_values() {
+            result =
+                sqlx::query("SELECT flare_ensure_message_partition($1)").bind(time).execute(pool).await.map(|_| ());
+            if result.is_err() {
+                break;
+            }
+        }
+        result
+    } else if violates_partitioning_constraint(&error) {
+        drop_partitioning_constraints(pool).await
+    } else {
+        Ok(())
+    };
+    if let Err(mending) = mended {
+        warn!(error = %mending, "mending the search partitions failed; retrying");
+    }
+    error
 }
 
 /// Takes up to `limit` queued messages, oldest first, of the backfill or of new messages; rows
@@ -184,7 +229,7 @@ async fn insert(transaction: &mut Transaction<'_, Postgres>, entries: Entries) -
            SELECT tenant_id, message_id, session_id, ts, string_to_array(terms, ' '), normal_text
            FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[])
              AS t(tenant_id, message_id, session_id, ts, terms, normal_text)
-           ON CONFLICT (tenant_id, message_id) DO NOTHING"#,
+           ON CONFLICT DO NOTHING"#,
     )
     .bind(entries.tenant_id)
     .bind(entries.message_id)

@@ -14,7 +14,7 @@ use chrono::{DateTime, Datelike, Utc};
 use flare_storage_common::message::{content_type, message_tenant_id, to_datetime};
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::Message;
-use flare_storage_common::schema::PARTITIONING_CONSTRAINT;
+use flare_storage_common::schema::{PARTITIONING_CONSTRAINT, SEARCH_PARTITIONING_CONSTRAINT};
 use flare_storage_common::stored_text::{derived_copy, escape_json_map};
 use sqlx::PgPool;
 use tracing::warn;
@@ -166,7 +166,7 @@ impl PostgresStore {
             warn!(
                 "a message is dated past the boundary of `flare-storage partition-messages`; removing its check constraint so the message can be stored (run it again with a larger --margin-days)"
             );
-            if let Err(error) = self.drop_partitioning_constraint().await {
+            if let Err(error) = drop_partitioning_constraints(&self.pool).await {
                 warn!(%error, "removing the check constraint failed; retrying");
             }
             return WriteFailure::Failed(error);
@@ -177,20 +177,10 @@ impl PostgresStore {
         }
     }
 
-    /// Drops the check constraint of a move to partitions, waiting at most five seconds for
-    /// the table's lock.
-    async fn drop_partitioning_constraint(&self) -> Result<(), sqlx::Error> {
-        let mut transaction = self.pool.begin().await?;
-        sqlx::query("SET LOCAL lock_timeout = '5s'").execute(&mut *transaction).await?;
-        sqlx::query(&format!("ALTER TABLE messages DROP CONSTRAINT IF EXISTS {PARTITIONING_CONSTRAINT}"))
-            .execute(&mut *transaction)
-            .await?;
-        transaction.commit().await
-    }
-
-    /// Creates the monthly partitions `messages` need that this process has not made sure of
-    /// yet (one call per new month; none where the table is not partitioned), so a message of
-    /// any storable time has a partition to go to.
+    /// Creates the monthly partitions `messages` and `message_search` need that this process
+    /// has not made sure of yet (one call per new month; none where a table is not
+    /// partitioned), so a message of any storable time, and its search entry, has a partition
+    /// to go to.
     async fn ensure_partitions(&self, messages: &[Encoded]) -> Result<(), sqlx::Error> {
         let missing: BTreeMap<i64, DateTime<Utc>> = {
             let known = self.partitioned_months.lock().unwrap_or_else(PoisonError::into_inner);
@@ -210,12 +200,13 @@ impl PostgresStore {
 
     /// Creates the partitions of this month and the next `months_ahead` (at start and by
     /// retention), so the writer meets a new month with its partition there. Returns whether
-    /// `messages` is one plain table (a database of an earlier version, not moved yet).
+    /// `messages` or `message_search` is one plain table (a database of an earlier version,
+    /// not moved yet).
     pub async fn create_partitions_ahead(&self, months_ahead: i32) -> Result<bool, sqlx::Error> {
         sqlx::query("SELECT flare_create_message_partitions($1)").bind(months_ahead).execute(&self.pool).await?;
         sqlx::query_scalar(
-            r#"SELECT relkind = 'r' AND NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')
-               FROM pg_class WHERE oid = 'messages'::regclass"#,
+            r#"SELECT bool_or(relkind = 'r') AND NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')
+               FROM pg_class WHERE oid IN ('messages'::regclass, 'message_search'::regclass)"#,
         )
         .fetch_one(&self.pool)
         .await
@@ -357,8 +348,12 @@ impl PostgresStore {
     /// then dropped on its own; a detach another writer left unfinished is finished. A
     /// partition that cannot go now (another writer is detaching it) is left to the next run.
     pub async fn drop_partitions_before(&self, cutoff: DateTime<Utc>) -> Result<u32, sqlx::Error> {
-        let expired: Vec<(String, bool)> = sqlx::query_as(
-            "SELECT partition::text, detach_pending FROM flare_message_partitions() WHERE upper_bound <= $1",
+        // Messages first: a search entry never outlives its message's partition.
+        let expired: Vec<(String, String, bool)> = sqlx::query_as(
+            r#"SELECT parent, p.partition::text, p.detach_pending
+               FROM UNNEST(ARRAY['messages', 'message_search']) WITH ORDINALITY AS t(parent, position)
+               CROSS JOIN LATERAL flare_partitions_of(parent::regclass) p
+               WHERE p.upper_bound <= $1 ORDER BY position"#,
         )
         .bind(cutoff)
         .fetch_all(&self.pool)
@@ -372,14 +367,14 @@ impl PostgresStore {
         .bind(EXPIRED_PARTITION)
         .fetch_all(&self.pool)
         .await?;
-        for (partition, pending) in expired {
+        for (parent, partition, pending) in expired {
             // `partition` is a regclass's text: quoted where it needs to be. The comment marks
             // it for a later run should this one stop between detaching and dropping.
             let marked = sqlx::query(&format!("COMMENT ON TABLE {partition} IS '{EXPIRED_PARTITION}'"))
                 .execute(&self.pool)
                 .await;
             let how = if pending { "FINALIZE" } else { "CONCURRENTLY" };
-            let detach = format!("ALTER TABLE messages DETACH PARTITION {partition} {how}");
+            let detach = format!("ALTER TABLE {parent} DETACH PARTITION {partition} {how}");
             match marked.and(sqlx::query(&detach).execute(&self.pool).await) {
                 Ok(_) => detached.push(partition),
                 Err(error) => warn!(%partition, %error, "expired partition not detached; retrying at the next run"),
@@ -563,13 +558,33 @@ fn month_of(time: DateTime<Utc>) -> i64 {
 /// Whether `error` is PostgreSQL finding no partition for a row ("no partition of relation …
 /// found for row"): the writer's to create, not the message's fault. It shares SQLSTATE 23514
 /// with check constraints but, unlike them, names no constraint.
-fn is_missing_partition(error: &sqlx::Error) -> bool {
+pub(crate) fn is_missing_partition(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(database)
         if database.code().as_deref() == Some("23514") && database.constraint().is_none())
 }
 
-fn violates_partitioning_constraint(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(database) if database.constraint() == Some(PARTITIONING_CONSTRAINT))
+/// Whether `error` is a row refused by the check constraint of a move to partitions (of
+/// `messages` or of `message_search`).
+pub(crate) fn violates_partitioning_constraint(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(database)
+        if matches!(database.constraint(), Some(PARTITIONING_CONSTRAINT | SEARCH_PARTITIONING_CONSTRAINT)))
+}
+
+/// Drops the check constraints of a move to partitions (`flare-storage partition-messages`),
+/// of both tables, waiting at most five seconds for their locks: a message dated past the
+/// move's boundary makes the move give way, and the operator runs it again with a larger
+/// margin.
+pub(crate) async fn drop_partitioning_constraints(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let mut transaction = pool.begin().await?;
+    sqlx::query("SET LOCAL lock_timeout = '5s'").execute(&mut *transaction).await?;
+    for (table, constraint) in
+        [("messages", PARTITIONING_CONSTRAINT), ("message_search", SEARCH_PARTITIONING_CONSTRAINT)]
+    {
+        sqlx::query(&format!("ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {constraint}"))
+            .execute(&mut *transaction)
+            .await?;
+    }
+    transaction.commit().await
 }
 
 fn json_text<T: serde::Serialize>(value: &T) -> String {
