@@ -36,8 +36,11 @@ $$;
 -- <table>_YYYY_MM (<table>_YYYY_MM_bc before the common era); the month that holds PostgreSQL's
 -- first instant starts at -infinity, the first day of that month being out of range. A time
 -- existing partitions cover (an old table before its boundary included) takes no lock at all.
--- Creating one locks its table: it waits at most five seconds for that (the caller retries) so
--- writers never queue behind a long read; concurrent callers serialise on an advisory lock.
+-- A month's partition is created as a table of its own and then attached, which takes only a
+-- SHARE UPDATE EXCLUSIVE lock on the parent: no reader, writer or indexer waits for it, and a
+-- search (which locks message_search, then messages) cannot deadlock with it. It waits at most
+-- five seconds for that lock (the caller retries); concurrent callers serialise on an advisory
+-- lock.
 CREATE OR REPLACE FUNCTION flare_ensure_message_partition(at TIMESTAMPTZ) RETURNS VOID
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -65,8 +68,10 @@ BEGIN
             CONTINUE WHEN EXISTS (SELECT 1 FROM flare_partitions_of(parent::regclass) p
                                   WHERE p.lower_bound <= at AND at < p.upper_bound);
         END IF;
-        EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%L) TO (%L)',
-                       parent || '_' || suffix, parent, lower_bound, upper_bound);
+        EXECUTE format('CREATE TABLE %I (LIKE %I INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE INCLUDING COMPRESSION)',
+                       parent || '_' || suffix, parent);
+        EXECUTE format('ALTER TABLE %I ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)',
+                       parent, parent || '_' || suffix, lower_bound, upper_bound);
     END LOOP;
 END
 $$;
@@ -74,8 +79,9 @@ $$;
 -- Turns the plain message_search table into the partitioned layout in one transaction, as
 -- flare_partition_messages does messages: the old table, when it holds entries, becomes the
 -- partition of everything before `boundary` — quick only with a validated check constraint
--- (message_search_before_partitioning) and a unique index with its constraint on the new key
--- (message_search_key), which partition-messages builds beforehand. Then every range messages
+-- (message_search_before_partitioning) and a unique constraint on the new key
+-- (message_search_key), which partition-messages builds beforehand: the partitioned table's key
+-- is a unique constraint of the same kind, so attaching reuses it rather than building one. Then every range messages
 -- has a partition for gets one here too, and the months from `boundary` on.
 CREATE OR REPLACE FUNCTION flare_partition_message_search(boundary TIMESTAMPTZ) RETURNS VOID
 LANGUAGE plpgsql AS $$
@@ -101,7 +107,7 @@ BEGIN
     CREATE TABLE message_search
         (LIKE message_search_unpartitioned INCLUDING DEFAULTS INCLUDING STORAGE INCLUDING COMPRESSION)
         PARTITION BY RANGE ("timestamp");
-    ALTER TABLE message_search ADD PRIMARY KEY (tenant_id, message_id, "timestamp");
+    ALTER TABLE message_search ADD CONSTRAINT message_search_key UNIQUE (tenant_id, message_id, "timestamp");
     CREATE INDEX message_search_terms ON message_search USING GIN (tenant_id, session_id, terms);
     CREATE INDEX message_search_time ON message_search (tenant_id, "timestamp", message_id);
     CREATE INDEX message_search_session_time ON message_search (tenant_id, session_id, "timestamp", message_id);
@@ -128,12 +134,17 @@ BEGIN
 END
 $$;
 
+-- A new database: an empty message_search beside a partitioned messages. Locked before it is
+-- found empty, so an indexer of an earlier version cannot add an entry in between.
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')
        AND (SELECT relkind FROM pg_class WHERE oid = 'messages'::regclass) = 'p'
-       AND NOT EXISTS (SELECT 1 FROM message_search) THEN
-        PERFORM flare_partition_message_search(date_trunc('month', now(), 'UTC'));
+       AND (SELECT relkind FROM pg_class WHERE oid = 'message_search'::regclass) = 'r' THEN
+        LOCK TABLE message_search IN ACCESS EXCLUSIVE MODE;
+        IF NOT EXISTS (SELECT 1 FROM message_search) THEN
+            PERFORM flare_partition_message_search(date_trunc('month', now(), 'UTC'));
+        END IF;
     END IF;
 END
 $$;

@@ -39,6 +39,10 @@ pub struct SearchBench {
     /// Times each query is asked.
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
+    /// Months the PostgreSQL history spans up to now, its messages' times spread evenly over
+    /// them (each month's partition holds its share); 0 keeps the times of the load (minutes).
+    #[arg(long, default_value_t = 0)]
+    pub history_months: u32,
     /// Messages of the MongoDB run (0: none).
     #[arg(long, default_value_t = 2_000)]
     pub mongo_messages: usize,
@@ -76,6 +80,7 @@ pub async fn run(bench: SearchBench, services: Services) -> anyhow::Result<()> {
         json!({
             "messages": bench.messages, "sessions": bench.sessions, "queries": bench.queries,
             "repeats": bench.repeats, "mongo_messages": bench.mongo_messages, "page": PAGE,
+            "history_months": bench.history_months,
         }),
     );
     let tenant = unique("bench");
@@ -87,7 +92,9 @@ pub async fn run(bench: SearchBench, services: Services) -> anyhow::Result<()> {
     eprintln!("loading {} messages into PostgreSQL…", bench.messages);
     let mut workload = Workload::new(&tenant, bench.sessions, 23);
     let mut texts = Vec::new();
-    let (copy_elapsed, entries) = load_postgres(&database.url, &mut workload, bench.messages, &mut texts).await?;
+    let history = chrono::Duration::days(i64::from(bench.history_months) * 30);
+    let (copy_elapsed, entries) =
+        load_postgres(&database.url, &mut workload, bench.messages, history, &mut texts).await?;
     report.push(Row::rate(
         "load: COPY messages + search entries",
         rate(bench.messages, copy_elapsed),
@@ -139,14 +146,17 @@ pub async fn run(bench: SearchBench, services: Services) -> anyhow::Result<()> {
 }
 
 /// COPYs `count` messages and their search entries in rounds, building the search GIN index
-/// once at the end. Keeps every searchable text (for drawing queries). Returns the time spent
-/// in the database and the number of search entries.
+/// once at the end; with a `history` longer than zero the messages' times are spread evenly
+/// over it, oldest first, up to now. Keeps every searchable text (for drawing queries). Returns
+/// the time spent in the database and the number of search entries.
 async fn load_postgres(
     url: &str,
     workload: &mut Workload,
     count: usize,
+    history: chrono::Duration,
     texts: &mut Vec<String>,
 ) -> anyhow::Result<(Duration, usize)> {
+    let start = chrono::Utc::now() - history;
     let mut connection = sqlx::PgConnection::connect(url).await?;
     sqlx::query("DROP INDEX message_search_terms").execute(&mut connection).await?;
     let mut elapsed = Duration::ZERO;
@@ -156,7 +166,13 @@ async fn load_postgres(
     while loaded < count {
         let round = LOAD_CHUNK.min(count - loaded);
         let records: Vec<Record> = (0..round).map(|_| workload.next_record()).collect();
-        let messages: Vec<Message> = normalized(&records, &mut seqs)?;
+        let mut messages: Vec<Message> = normalized(&records, &mut seqs)?;
+        if history > chrono::Duration::zero() {
+            for (index, message) in messages.iter_mut().enumerate() {
+                let at = start + history * i32::try_from(loaded + index)? / i32::try_from(count)?;
+                message.timestamp = Some(flare_storage_common::message::to_timestamp(at));
+            }
+        }
         texts.extend(messages.iter().filter_map(|message| searchable_text(message).map(str::to_owned)));
         let (rows, search_rows) = (copy_text(&messages), copy_search_text(&messages));
         create_partitions(&mut connection, &messages).await?;

@@ -16,10 +16,14 @@
 //!    boundary unless that is nearer than the margin; a failed scan removes it). A writer (or
 //!    search indexer) that meets a row the constraint refuses removes the constraints and
 //!    stores it, and the move stops (step 3 refuses to attach without them);
-//! 3. one short transaction renames the tables, creates the partitioned ones and attaches the
-//!    old tables, which the validated constraints spare a second scan. Like the constraint
-//!    changes, it waits at most five seconds at a time for its locks (readers and writers
-//!    queue behind it no longer than that when a long read holds a table) and retries.
+//! 3. for each table, one short transaction renames it, creates the partitioned one and
+//!    attaches the old table, which the validated constraint spares a second scan. Like the
+//!    constraint changes, it waits at most five seconds at a time for its lock (readers and
+//!    writers queue behind it no longer than that when a long read holds the table) and
+//!    retries.
+//!
+//! Both tables get one boundary (an earlier run's, when it is further than the margin asks),
+//! so their months match.
 //!
 //! The boundary is the first day of a month at least `margin_days` ahead: writers refuse
 //! messages further in the future than `WRITER_MAX_FUTURE_SECONDS` (a day by default), so with
@@ -92,51 +96,45 @@ pub async fn run(pool: &PgPool, margin_days: u32) -> anyhow::Result<()> {
     .bind(i32::try_from(margin_days)?)
     .fetch_one(pool)
     .await?;
-    let mut boundaries = Vec::new();
+    // One boundary for every table moved, so their months match: an earlier run's (its scan
+    // may be done) unless it is nearer than the margin asks.
+    let mut boundary = wanted;
+    for table in &tables {
+        if let Some(earlier) = constraint_boundary(pool, table).await? {
+            boundary = boundary.max(earlier);
+        }
+    }
     for table in &tables {
         println!("1/3 {}: building index {} (concurrently)", table.name, table.index.0);
         build_index(pool, table).await?;
-        // An earlier run's constraint is kept (its scan may be done) unless it is nearer than
-        // the margin asks.
-        let boundary = match constraint_boundary(pool, table).await? {
-            Some(earlier) if earlier >= wanted => earlier,
-            earlier => {
-                if earlier.is_some() {
-                    drop_constraint(pool, table).await?;
-                }
-                let add = format!(
-                    r#"ALTER TABLE {} ADD CONSTRAINT {} CHECK ("timestamp" < '{}') NOT VALID"#,
-                    table.name,
-                    table.constraint,
-                    wanted.to_rfc3339()
-                );
-                locking(pool, &[add]).await?;
-                wanted
+        let earlier = constraint_boundary(pool, table).await?;
+        if earlier != Some(boundary) {
+            if earlier.is_some() {
+                drop_constraint(pool, table).await?;
             }
-        };
+            let add = format!(
+                r#"ALTER TABLE {} ADD CONSTRAINT {} CHECK ("timestamp" < '{}') NOT VALID"#,
+                table.name,
+                table.constraint,
+                boundary.to_rfc3339()
+            );
+            locking(pool, &add).await?;
+        }
         println!("2/3 {}: checking that every row is before {boundary} (one scan; writers go on)", table.name);
         validate(pool, table, boundary).await?;
-        boundaries.push(boundary);
     }
 
-    println!("3/3 replacing {} with the partitioned tables", names(&tables));
-    let swaps: Vec<String> = tables
-        .iter()
-        .zip(&boundaries)
-        .map(|(table, boundary)| format!("SELECT {}('{}')", table.swap, boundary.to_rfc3339()))
-        .collect();
-    locking(pool, &swaps).await?;
-    for (table, boundary) in tables.iter().zip(&boundaries) {
+    // One table at a time: a swap holding both tables' locks could deadlock with a search,
+    // which locks message_search, then messages.
+    for table in &tables {
+        println!("3/3 replacing {} with the partitioned table", table.name);
+        locking(pool, &format!("SELECT {}('{}')", table.swap, boundary.to_rfc3339())).await?;
         println!(
             "{0} is partitioned by month; the rows before {boundary} are its partition {0}_unpartitioned",
             table.name
         );
     }
     Ok(())
-}
-
-fn names(tables: &[Table]) -> String {
-    tables.iter().map(|table| table.name).collect::<Vec<_>>().join(" and ")
 }
 
 async fn is_partitioned(pool: &PgPool, table: &str) -> Result<bool, sqlx::Error> {
@@ -171,7 +169,7 @@ async fn build_index(pool: &PgPool, table: &Table) -> anyhow::Result<()> {
         .fetch_one(pool)
         .await?;
         if !constrained {
-            locking(pool, &[format!("ALTER TABLE {} ADD CONSTRAINT {index} UNIQUE USING INDEX {index}", table.name)])
+            locking(pool, &format!("ALTER TABLE {} ADD CONSTRAINT {index} UNIQUE USING INDEX {index}", table.name))
                 .await?;
         }
     }
@@ -198,32 +196,28 @@ async fn validate(pool: &PgPool, table: &Table, boundary: DateTime<Utc>) -> anyh
 }
 
 async fn drop_constraint(pool: &PgPool, table: &Table) -> anyhow::Result<()> {
-    locking(pool, &[format!("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}", table.name, table.constraint)]).await
+    locking(pool, &format!("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}", table.name, table.constraint)).await
 }
 
-/// Runs `statements` in one transaction, which locks tables, waiting at most five seconds at
-/// a time for each lock (so readers and writers never queue behind it for longer) and
-/// retrying.
-async fn locking(pool: &PgPool, statements: &[String]) -> anyhow::Result<()> {
-    'attempts: for attempt in 1..=SWAP_ATTEMPTS {
+/// Runs `statement`, which locks a table, waiting at most five seconds at a time for the lock
+/// (so readers and writers never queue behind it for longer) and retrying; a deadlock with a
+/// reader (PostgreSQL cancels one of the two) is retried too.
+async fn locking(pool: &PgPool, statement: &str) -> anyhow::Result<()> {
+    for attempt in 1..=SWAP_ATTEMPTS {
         let mut transaction = pool.begin().await?;
         sqlx::query("SET LOCAL lock_timeout = '5s'").execute(&mut *transaction).await?;
-        for statement in statements {
-            match sqlx::query(statement).execute(&mut *transaction).await {
-                Ok(_) => {}
-                // 55P03: lock_not_available.
-                Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("55P03") => {
-                    println!("  a table is busy (attempt {attempt}/{SWAP_ATTEMPTS}); retrying");
-                    drop(transaction);
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue 'attempts;
-                }
-                Err(error) => return Err(error.into()),
+        match sqlx::query(statement).execute(&mut *transaction).await {
+            Ok(_) => return Ok(transaction.commit().await?),
+            // 55P03: lock_not_available; 40P01: deadlock_detected.
+            Err(sqlx::Error::Database(error)) if matches!(error.code().as_deref(), Some("55P03" | "40P01")) => {
+                println!("  the table is busy (attempt {attempt}/{SWAP_ATTEMPTS}); retrying");
+                drop(transaction);
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
+            Err(error) => return Err(error.into()),
         }
-        return Ok(transaction.commit().await?);
     }
-    bail!("the tables stayed busy for {SWAP_ATTEMPTS} attempts; run the command again")
+    bail!("the table stayed busy for {SWAP_ATTEMPTS} attempts; run the command again")
 }
 
 /// The boundary of the check constraint an earlier run added to `table`, if any.

@@ -30,7 +30,7 @@ use tracing::warn;
 
 use crate::error::Stage;
 use crate::metrics::Metrics;
-use crate::store::postgres::{drop_partitioning_constraints, is_missing_partition, violates_partitioning_constraint};
+use crate::store::postgres::{drop_partitioning_constraint, is_missing_partition, violated_partitioning_constraint};
 
 /// Most queued messages one indexer transaction takes.
 pub const BATCH: i64 = 1_000;
@@ -172,7 +172,10 @@ async fn failed(
     error: sqlx::Error,
     times: &[DateTime<Utc>],
 ) -> sqlx::Error {
-    drop(transaction);
+    // Rolled back first: the batch's locks would make the mending wait on itself.
+    if let Err(rollback) = transaction.rollback().await {
+        warn!(error = %rollback, "rolling back the failed search batch failed");
+    }
     let mended = if is_missing_partition(&error) {
         // One time of each month: the function makes sure of the month that holds it.
         let mut months: std::collections::BTreeMap<(i32, u32), DateTime<Utc>> = Default::default();
@@ -188,8 +191,8 @@ async fn failed(
             }
         }
         result
-    } else if violates_partitioning_constraint(&error) {
-        drop_partitioning_constraints(pool).await
+    } else if let Some(constraint) = violated_partitioning_constraint(&error) {
+        drop_partitioning_constraint(pool, constraint).await
     } else {
         Ok(())
     };

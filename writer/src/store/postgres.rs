@@ -159,14 +159,14 @@ impl PostgresStore {
             self.partitioned_months.lock().unwrap_or_else(PoisonError::into_inner).clear();
             return WriteFailure::Failed(error);
         }
-        if violates_partitioning_constraint(&error) {
+        if let Some(constraint) = violated_partitioning_constraint(&error) {
             // A message dated past the boundary of a move to partitions that is under way or
             // was abandoned: the move gives way (the operator runs it again with a larger
             // margin), the message is stored on the retry.
             warn!(
                 "a message is dated past the boundary of `flare-storage partition-messages`; removing its check constraint so the message can be stored (run it again with a larger --margin-days)"
             );
-            if let Err(error) = drop_partitioning_constraints(&self.pool).await {
+            if let Err(error) = drop_partitioning_constraint(&self.pool, constraint).await {
                 warn!(%error, "removing the check constraint failed; retrying");
             }
             return WriteFailure::Failed(error);
@@ -348,7 +348,8 @@ impl PostgresStore {
     /// then dropped on its own; a detach another writer left unfinished is finished. A
     /// partition that cannot go now (another writer is detaching it) is left to the next run.
     pub async fn drop_partitions_before(&self, cutoff: DateTime<Utc>) -> Result<u32, sqlx::Error> {
-        // Messages first: a search entry never outlives its message's partition.
+        // Messages first, so a search month normally goes after its messages month (a failed
+        // detach of the one does not hold back the other: both are expired).
         let expired: Vec<(String, String, bool)> = sqlx::query_as(
             r#"SELECT parent, p.partition::text, p.detach_pending
                FROM UNNEST(ARRAY['messages', 'message_search']) WITH ORDINALITY AS t(parent, position)
@@ -563,23 +564,31 @@ pub(crate) fn is_missing_partition(error: &sqlx::Error) -> bool {
         if database.code().as_deref() == Some("23514") && database.constraint().is_none())
 }
 
-/// Whether `error` is a row refused by the check constraint of a move to partitions (of
-/// `messages` or of `message_search`).
-pub(crate) fn violates_partitioning_constraint(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(database)
-        if matches!(database.constraint(), Some(PARTITIONING_CONSTRAINT | SEARCH_PARTITIONING_CONSTRAINT)))
+/// The check constraint of a move to partitions (of `messages` or of `message_search`) that
+/// refused the row of `error`, if that is what `error` is.
+pub(crate) fn violated_partitioning_constraint(error: &sqlx::Error) -> Option<&'static str> {
+    let sqlx::Error::Database(database) = error else { return None };
+    [PARTITIONING_CONSTRAINT, SEARCH_PARTITIONING_CONSTRAINT]
+        .into_iter()
+        .find(|name| database.constraint() == Some(*name))
 }
 
-/// Drops the check constraints of a move to partitions (`flare-storage partition-messages`),
-/// of both tables, waiting at most five seconds for their locks: a message dated past the
-/// move's boundary makes the move give way, and the operator runs it again with a larger
-/// margin.
-pub(crate) async fn drop_partitioning_constraints(pool: &PgPool) -> Result<(), sqlx::Error> {
+/// Drops `constraint`, a check constraint of a move to partitions (`flare-storage
+/// partition-messages`), waiting at most five seconds for its table's lock: a message dated
+/// past the move's boundary makes the move give way, and the operator runs it again with a
+/// larger margin. Only that table is locked, and only while the constraint is there.
+pub(crate) async fn drop_partitioning_constraint(pool: &PgPool, constraint: &str) -> Result<(), sqlx::Error> {
+    let table = if constraint == SEARCH_PARTITIONING_CONSTRAINT { "message_search" } else { "messages" };
     let mut transaction = pool.begin().await?;
     sqlx::query("SET LOCAL lock_timeout = '5s'").execute(&mut *transaction).await?;
-    for (table, constraint) in
-        [("messages", PARTITIONING_CONSTRAINT), ("message_search", SEARCH_PARTITIONING_CONSTRAINT)]
-    {
+    let present: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = $1::regclass AND conname = $2)",
+    )
+    .bind(table)
+    .bind(constraint)
+    .fetch_one(&mut *transaction)
+    .await?;
+    if present {
         sqlx::query(&format!("ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {constraint}"))
             .execute(&mut *transaction)
             .await?;
