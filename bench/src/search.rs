@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use flare_storage_common::message::searchable_text;
-use flare_storage_common::proto::common::{FilterExpression, FilterOperator, Pagination, TenantContext};
+use flare_storage_common::proto::common::{FilterExpression, FilterOperator, Pagination, TenantContext, TimeRange};
 use flare_storage_common::proto::storage::storage_reader_service_client::StorageReaderServiceClient;
 use flare_storage_common::proto::storage::{Message, SearchMessagesRequest};
 use flare_storage_writer::store::Encoded;
@@ -104,7 +104,10 @@ pub async fn run(bench: SearchBench, services: Services) -> anyhow::Result<()> {
 
     let reader = Server::start_reader_with(&bench.reader_binary, &[("POSTGRES_URL", &database.url)])?;
     reader.wait_ready().await?;
-    measure(&mut report, &reader, &tenant, &queries, bench.repeats, "PostgreSQL").await?;
+    // Over a history of months the search asks for all of it (the reader's default range is
+    // the last 7 days).
+    let since = (bench.history_months > 0).then(|| chrono::Utc::now() - history - chrono::Duration::days(1));
+    measure(&mut report, &reader, &tenant, &queries, bench.repeats, "PostgreSQL", since).await?;
     report.result("reader_peak_rss_mib", reader.peak_rss());
     drop(reader);
     if bench.keep {
@@ -137,7 +140,7 @@ pub async fn run(bench: SearchBench, services: Services) -> anyhow::Result<()> {
             &[("MONGO_URL", &mongo_url), ("MONGO_DATABASE", &mongo_database), ("MONGO_COLLECTION", "messages")],
         )?;
         reader.wait_ready().await?;
-        measure(&mut report, &reader, &tenant, &queries, bench.repeats.min(2), "MongoDB stand-in").await?;
+        measure(&mut report, &reader, &tenant, &queries, bench.repeats.min(2), "MongoDB stand-in", None).await?;
         drop(reader);
         let client = mongodb::Client::with_uri_str(&mongo_url).await?;
         client.database(&mongo_database).drop().await?;
@@ -229,7 +232,8 @@ fn draw_queries(texts: &[String], per_kind: usize, seed: u64) -> Vec<(&'static s
         .collect()
 }
 
-/// Asks every query `repeats` times, one at a time, and reports latency per kind.
+/// Asks every query `repeats` times, one at a time, and reports latency per kind; with `since`,
+/// every search asks for the time range from then on.
 async fn measure(
     report: &mut Report,
     reader: &Server,
@@ -237,6 +241,7 @@ async fn measure(
     queries: &[(&'static str, Vec<String>)],
     repeats: usize,
     store: &str,
+    since: Option<chrono::DateTime<chrono::Utc>>,
 ) -> anyhow::Result<()> {
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", reader.grpc))?.connect().await?;
     let mut client = StorageReaderServiceClient::new(channel);
@@ -254,6 +259,10 @@ async fn measure(
                         values: vec![text.clone()],
                     }],
                     pagination: Some(Pagination { limit: PAGE as i32, ..Default::default() }),
+                    time_range: since.map(|since| TimeRange {
+                        start_time: Some(flare_storage_common::message::to_timestamp(since)),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 };
                 let asked = Instant::now();
