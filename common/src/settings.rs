@@ -50,6 +50,10 @@ pub struct RedisArgs {
     /// Newest messages kept per session in its hot window.
     #[arg(long, env = "REDIS_HOT_MAX_MESSAGES", default_value = "200", value_parser = parse::positive::<usize>)]
     pub redis_hot_max_messages: usize,
+    /// Replicas that must acknowledge a write to Redis before it counts as done (0: none): a
+    /// writer's batch before its offsets are committed, a reader's command before its reply.
+    #[arg(long, env = "REDIS_WAIT_REPLICAS", default_value = "0", value_parser = parse::number_of::<usize>)]
+    pub redis_wait_replicas: usize,
 }
 
 /// Where a service finds its MongoDB messages.

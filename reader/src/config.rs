@@ -22,6 +22,9 @@ pub struct Config {
     /// Lifetime and size of a hot window the reader fills; the same as the writer's settings.
     pub redis_hot_ttl: Duration,
     pub redis_hot_window: usize,
+    /// Replicas that must hold a command's cache writes before the command answers (Redis
+    /// `WAIT`, within 1 s; 0: none), so a failover cannot lose them.
+    pub redis_wait_replicas: usize,
     /// QueryMessages looks this far back when the request gives no start time.
     pub default_range: Duration,
     pub max_page_size: u32,
@@ -157,6 +160,7 @@ impl Config {
             redis: settings.redis_url.map(|urls| RedisTarget::new(&urls, settings.redis.redis_cluster)),
             redis_hot_ttl: settings.redis.redis_hot_ttl_seconds,
             redis_hot_window: settings.redis.redis_hot_max_messages,
+            redis_wait_replicas: settings.redis.redis_wait_replicas,
             default_range: settings.storage_reader_default_range_seconds,
             max_page_size: settings.storage_reader_max_page_size,
             recall_limit: settings.storage_reader_recall_limit_seconds,

@@ -97,7 +97,7 @@ pub async fn serve(
 
     let cache = match &config.redis {
         Some(target) => Some(
-            RedisCache::connect(target, config.redis_hot_ttl, config.redis_hot_window)
+            RedisCache::connect(target, config.redis_hot_ttl, config.redis_hot_window, config.redis_wait_replicas)
                 .await
                 .context("invalid REDIS_URL")?,
         ),

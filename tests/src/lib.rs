@@ -341,6 +341,7 @@ impl RunningReader {
             redis: redis_url.map(|urls| RedisTarget::new(&urls, false)),
             redis_hot_ttl: Duration::from_secs(600),
             redis_hot_window: 200,
+            redis_wait_replicas: 0,
             default_range: Duration::from_secs(7 * 24 * 3600),
             recall_limit: Duration::from_secs(120),
             max_page_size: 200,

@@ -1890,3 +1890,81 @@ async fn isolation_matrix_every_rpc_against_other_tenant_other_user_and_non_send
     eprintln!("refused as expected:\n  {}", refused.join("\n  "));
     chat.stop().await
 }
+
+/// With `REDIS_WAIT_REPLICAS=1` a command answers only once a replica holds its cache writes,
+/// so a failover cannot lose what its reply stands for. On a Redis without replicas the command
+/// answers UNAVAILABLE (its database change is made; it is repeated once Redis can answer),
+/// while the same command without the setting succeeds there; on the cluster it answers OK and
+/// the page shows what it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_waits_for_a_replica_when_asked() -> anyhow::Result<()> {
+    let chat = Conversation::start(Store::Postgres, 4).await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut alone = std::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let alone_url = format!("redis://127.0.0.1:{port}");
+    let reader = |redis: String, wait_replicas: usize| {
+        RunningReader::start_configured(&chat.database.url, Some(redis), move |config| {
+            config.redis_wait_replicas = wait_replicas;
+        })
+    };
+    let delete = |id: &str, sender: &str| DeleteMessageRequest {
+        session_id: chat.session.clone(),
+        message_ids: vec![id.into()],
+        context: as_user(sender),
+        tenant: tenant(&chat.tenant),
+    };
+    async fn page(reader: &RunningReader, chat: &Conversation) -> anyhow::Result<Vec<String>> {
+        let request = QueryMessagesRequest {
+            session_id: chat.session.clone(),
+            context: as_user("alice"),
+            tenant: tenant(&chat.tenant),
+            ..Default::default()
+        };
+        let page = reader.client().await?.query_messages(request).await?.into_inner();
+        Ok(page.messages.iter().map(|message| message.id.clone()).collect())
+    }
+
+    let mut redis = eventually(Duration::from_secs(10), "the lone Redis answers", || async {
+        Ok(redis::Client::open(alone_url.as_str())?.get_multiplexed_async_connection().await.ok())
+    })
+    .await?;
+    // Both readers use the lone Redis: a page fills its window first.
+    let waiting = reader(alone_url.clone(), 1).await?;
+    let control = reader(alone_url.clone(), 0).await?;
+    eventually(Duration::from_secs(20), "the window filled in the lone Redis", || {
+        let (waiting, chat, mut redis) = (&waiting, &chat, redis.clone());
+        async move {
+            let shown = page(waiting, chat).await?;
+            let keys: i64 = redis::cmd("DBSIZE").query_async(&mut redis).await?;
+            Ok((shown.len() == 4 && keys > 0).then_some(()))
+        }
+    })
+    .await?;
+    let refused = waiting.client().await?.delete_message(delete("m0", "alice")).await.expect_err("no replica");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let done = control.client().await?.delete_message(delete("m2", "alice")).await?.into_inner();
+    assert_eq!(done.deleted_count, 1, "without the setting the same Redis answers");
+    waiting.stop().await?;
+    control.stop().await?;
+    let _: () = redis::cmd("SHUTDOWN")
+        .arg("NOSAVE")
+        .query_async(&mut redis)
+        .await
+        .or_else(|_| Ok::<(), redis::RedisError>(()))?;
+    alone.wait()?;
+
+    // On the cluster, whose masters have a replica each, the command answers.
+    eventually(Duration::from_secs(60), "a whole cluster", || async {
+        Ok(ClusterNode::whole(&redis_cluster_url()).await?.then_some(()))
+    })
+    .await?;
+    let clustered = reader(redis_cluster_url(), 1).await?;
+    let done = clustered.client().await?.delete_message(delete("m1", "bob")).await?.into_inner();
+    assert_eq!(done.deleted_count, 1);
+    assert_eq!(page(&clustered, &chat).await?, ["m3"], "m0 (deleted in the database), m1 and m2 are gone");
+    clustered.stop().await?;
+    Ok(())
+}

@@ -123,9 +123,6 @@ pub struct Settings {
     /// redelivery within that time gets the same seq.
     #[arg(long, env = "REDIS_IDEMPOTENCY_TTL_SECONDS", default_value = "86400", value_parser = parse::seconds)]
     pub redis_idempotency_ttl_seconds: Duration,
-    /// Replicas that must acknowledge the cache stage's writes before a batch is done (0: none).
-    #[arg(long, env = "REDIS_WAIT_REPLICAS", default_value = "0", value_parser = parse::number_of::<usize>)]
-    pub redis_wait_replicas: usize,
     /// PostgreSQL connection pool size.
     #[arg(long, env = "POSTGRES_MAX_CONNECTIONS", default_value = "8", value_parser = parse::positive::<u32>)]
     pub postgres_max_connections: u32,
@@ -218,7 +215,7 @@ impl Config {
             redis: RedisTarget::new(&redis_url, settings.redis.redis_cluster),
             redis_hot_ttl: settings.redis.redis_hot_ttl_seconds,
             redis_idempotency_ttl: settings.redis_idempotency_ttl_seconds,
-            redis_wait_replicas: settings.redis_wait_replicas,
+            redis_wait_replicas: settings.redis.redis_wait_replicas,
             redis_hot_window: settings.redis.redis_hot_max_messages,
             mongo,
             postgres_url,

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use flare_storage_common::keys::{
     HOT_FLOOR_ALL, SESSION_STATE_TTL_SECONDS, SessionKeys, VIEW_FIELDS_LUA, message_session,
 };
-use flare_storage_common::redis_connection::{RedisConnection, RedisTarget, Timeouts, query_calling};
+use flare_storage_common::redis_connection::{
+    RedisConnection, RedisTarget, Timeouts, WAIT_TIMEOUT, query_calling, query_replicated,
+};
 use flare_storage_common::scripts::TRIM_WINDOW;
 use redis::{AsyncCommands as _, RedisResult, Script, Value};
 use tokio::sync::OnceCell;
@@ -487,6 +489,8 @@ pub struct RedisCache {
     started: Instant,
     hot_ttl: Duration,
     hot_window: usize,
+    /// Replicas that must hold a command's writes before it answers (`REDIS_WAIT_REPLICAS`).
+    wait_replicas: usize,
     read_by_time: Script,
     read_by_seq: Script,
     read_one: Script,
@@ -503,7 +507,12 @@ pub struct RedisCache {
 impl RedisCache {
     /// Connects, or — when Redis does not answer at start — keeps trying in the background
     /// while reads skip the cache.
-    pub async fn connect(target: &RedisTarget, hot_ttl: Duration, hot_window: usize) -> RedisResult<Self> {
+    pub async fn connect(
+        target: &RedisTarget,
+        hot_ttl: Duration,
+        hot_window: usize,
+        wait_replicas: usize,
+    ) -> RedisResult<Self> {
         // A URL that cannot be used is an error at start, not a cache that never connects.
         for url in &target.urls {
             redis::IntoConnectionInfo::into_connection_info(url.as_str())?;
@@ -515,6 +524,7 @@ impl RedisCache {
             started: Instant::now(),
             hot_ttl,
             hot_window,
+            wait_replicas,
             read_by_time: Script::new(&format!("{VIEW_FIELDS_LUA}{MANY}{READ_BY_TIME}")),
             read_by_seq: Script::new(&format!("{VIEW_FIELDS_LUA}{MANY}{READ_BY_SEQ}")),
             read_one: Script::new(&format!("{VIEW_FIELDS_LUA}{READ_ONE}")),
@@ -527,7 +537,9 @@ impl RedisCache {
             set_state: Script::new(SET_STATE),
             advance_read: Script::new(ADVANCE_READ),
         };
-        let timeouts = Timeouts { connect: Duration::from_secs(1), response: Duration::from_millis(500), retries: 1 };
+        // A command waiting for its replicas may take WAIT's whole second.
+        let response = Duration::from_millis(500) + if wait_replicas > 0 { WAIT_TIMEOUT } else { Duration::ZERO };
+        let timeouts = Timeouts { connect: Duration::from_secs(1), response, retries: 1 };
         match RedisConnection::connect(target, timeouts, cache.in_flight.clone()).await {
             Ok(connection) => {
                 let _ = cache.connection.set(connection);
@@ -781,20 +793,28 @@ impl RedisCache {
             .await;
     }
 
+    /// A command's write: `invocation` of `script`, which with `REDIS_WAIT_REPLICAS` returns
+    /// only once that many replicas hold it (`WAIT` after it, on its key's node), so a failover
+    /// cannot lose what the command's reply stands for.
+    async fn must_write(&self, script: &Script, invocation: &redis::ScriptInvocation<'_>) -> Result<(), CacheDown> {
+        self.must(async |connection| {
+            let mut pipe = redis::pipe();
+            pipe.invoke_script(invocation);
+            query_replicated::<Vec<Value>>(&connection, &pipe, &[script], self.wait_replicas).await.map(drop)
+        })
+        .await
+    }
+
     /// Lays facts over cached messages of one session, `(message id, state)` each (see
     /// `SessionKeys::gone`), in one call.
     pub async fn mark_gone(&self, keys: &SessionKeys, facts: &[(&str, &str)]) -> Result<(), CacheDown> {
         let ttl = self.hot_ttl.as_secs().max(1);
-        self.must(async |mut connection| {
-            let mut invocation = self.mark_gone.key(keys.gone());
-            invocation.arg(ttl);
-            for (message_id, state) in facts {
-                invocation.arg(message_id).arg(state);
-            }
-            invocation.invoke_async::<i64>(&mut connection).await
-        })
-        .await
-        .map(drop)
+        let mut invocation = self.mark_gone.key(keys.gone());
+        invocation.arg(ttl);
+        for (message_id, state) in facts {
+            invocation.arg(message_id).arg(state);
+        }
+        self.must_write(&self.mark_gone, &invocation).await
     }
 
     /// Merges per-user view facts (`hidden_view_field` → 1, `clear:<user>` → µs); `loaded`
@@ -806,16 +826,12 @@ impl RedisCache {
         loaded: bool,
     ) -> Result<(), CacheDown> {
         let ttl = self.hot_ttl.as_secs().max(1);
-        self.must(async |mut connection| {
-            let mut invocation = self.merge_views.key(keys.views());
-            invocation.arg(ttl).arg(if loaded { "1" } else { "0" });
-            for (field, value) in facts {
-                invocation.arg(field).arg(value);
-            }
-            invocation.invoke_async::<i64>(&mut connection).await
-        })
-        .await
-        .map(drop)
+        let mut invocation = self.merge_views.key(keys.views());
+        invocation.arg(ttl).arg(if loaded { "1" } else { "0" });
+        for (field, value) in facts {
+            invocation.arg(field).arg(value);
+        }
+        self.must_write(&self.merge_views, &invocation).await
     }
 
     /// The session's next ticket, taken by a command after its database write and before it
@@ -839,22 +855,10 @@ impl RedisCache {
         body: &[u8],
     ) -> Result<(), CacheDown> {
         let ttl = self.hot_ttl.as_secs().max(1);
-        self.must(async |mut connection| {
-            self.rewrite
-                .key(keys.hot_bodies())
-                .key(keys.hot_stamps())
-                .key(keys.hot_index())
-                .key(keys.state())
-                .arg(message_id)
-                .arg(ticket)
-                .arg(body)
-                .arg(ttl)
-                .arg(seq)
-                .invoke_async::<i64>(&mut connection)
-                .await
-        })
-        .await
-        .map(drop)
+        let mut invocation = self.rewrite.key(keys.hot_bodies());
+        invocation.key(keys.hot_stamps()).key(keys.hot_index()).key(keys.state());
+        invocation.arg(message_id).arg(ticket).arg(body).arg(ttl).arg(seq);
+        self.must_write(&self.rewrite, &invocation).await
     }
 
     /// Each session's state for `user`, in one round trip; per session `None` when Redis does
@@ -925,13 +929,9 @@ impl RedisCache {
 
     /// Moves `user`'s read seq in a session forward to `seq`.
     pub async fn advance_read(&self, keys: &SessionKeys, user: &str, seq: i64) -> Result<(), CacheDown> {
-        self.must(async |mut connection| {
-            let mut advance = self.advance_read.key(keys.reads());
-            advance.arg(user).arg(seq).arg(SESSION_STATE_TTL_SECONDS);
-            advance.invoke_async::<i64>(&mut connection).await
-        })
-        .await
-        .map(drop)
+        let mut advance = self.advance_read.key(keys.reads());
+        advance.arg(user).arg(seq).arg(SESSION_STATE_TTL_SECONDS);
+        self.must_write(&self.advance_read, &advance).await
     }
 
     pub fn window(&self) -> usize {
@@ -1011,7 +1011,7 @@ mod tests {
     /// A cache on the test Redis (`REDIS_URL`) and keys of a session no other test uses.
     async fn cache_and_keys() -> anyhow::Result<(RedisCache, SessionKeys, redis::aio::MultiplexedConnection)> {
         let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let cache = RedisCache::connect(&RedisTarget::new(&url, false), Duration::from_secs(60), 10).await?;
+        let cache = RedisCache::connect(&RedisTarget::new(&url, false), Duration::from_secs(60), 10, 0).await?;
         for _ in 0..100 {
             if cache.is_connected() {
                 break;
