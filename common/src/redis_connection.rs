@@ -285,6 +285,15 @@ fn waiting(mut pipe: Pipeline, replicas: usize) -> Pipeline {
 
 /// The replies of a pipeline built by [`waiting`] without the `WAIT`'s; an error when fewer
 /// than `replicas` replicas acknowledged.
+/// What the error of writes fewer replicas acknowledged than asked says.
+const UNREPLICATED: &str = "writes not replicated";
+
+/// Whether `error` says writes were made but fewer replicas acknowledged them than asked: the
+/// server answered, so it is no reason to think Redis is down.
+pub fn is_unreplicated(error: &redis::RedisError) -> bool {
+    error.kind() == ErrorKind::Io && error.to_string().contains(UNREPLICATED)
+}
+
 fn acknowledged(mut replies: Vec<Value>, replicas: usize) -> RedisResult<Vec<Value>> {
     if replicas == 0 {
         return Ok(replies);
@@ -296,7 +305,7 @@ fn acknowledged(mut replies: Vec<Value>, replicas: usize) -> RedisResult<Vec<Val
     if acknowledged < replicas as i64 {
         return Err(redis::RedisError::from((
             ErrorKind::Io,
-            "writes not replicated",
+            UNREPLICATED,
             format!(
                 "{acknowledged} of the {replicas} replicas REDIS_WAIT_REPLICAS asks for acknowledged within {WAIT_TIMEOUT:?}"
             ),

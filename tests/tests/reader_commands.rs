@@ -1957,8 +1957,24 @@ async fn a_command_waits_for_a_replica_when_asked() -> anyhow::Result<()> {
     alone.wait()?;
 
     // On the cluster, whose masters have a replica each, the command answers.
-    eventually(Duration::from_secs(60), "a whole cluster", || async {
-        Ok(ClusterNode::whole(&redis_cluster_url()).await?.then_some(()))
+    // A whole cluster whose masters each have their replica in sync (after a failover the
+    // rejoined node may still be syncing, and WAIT would count no replica).
+    eventually(Duration::from_secs(60), "a whole cluster, every replica online", || async {
+        let seeds = redis_cluster_url();
+        if !ClusterNode::whole(&seeds).await? {
+            return Ok(None);
+        }
+        let masters: Vec<ClusterNode> =
+            ClusterNode::list(&seeds).await?.into_iter().filter(|node| node.master).collect();
+        for master in &masters {
+            let url = format!("redis://127.0.0.1:{}", master.port);
+            let mut connection = redis::Client::open(url.as_str())?.get_multiplexed_async_connection().await?;
+            let info: String = redis::cmd("INFO").arg("replication").query_async(&mut connection).await?;
+            if !info.contains("state=online") {
+                return Ok(None);
+            }
+        }
+        Ok((!masters.is_empty()).then_some(()))
     })
     .await?;
     let clustered = reader(redis_cluster_url(), 1).await?;

@@ -17,7 +17,7 @@ use flare_storage_common::keys::{
     HOT_FLOOR_ALL, SESSION_STATE_TTL_SECONDS, SessionKeys, VIEW_FIELDS_LUA, message_session,
 };
 use flare_storage_common::redis_connection::{
-    RedisConnection, RedisTarget, Timeouts, WAIT_TIMEOUT, query_calling, query_replicated,
+    RedisConnection, RedisTarget, Timeouts, WAIT_TIMEOUT, is_unreplicated, query_calling, query_replicated,
 };
 use flare_storage_common::scripts::TRIM_WINDOW;
 use redis::{AsyncCommands as _, RedisResult, Script, Value};
@@ -599,11 +599,16 @@ impl RedisCache {
     }
 
     /// Like [`Self::call`] but reports the failure, and does not wait out the pause after an
-    /// earlier failure: for what a command depends on.
+    /// earlier failure: for what a command depends on. Writes a replica was too late to
+    /// acknowledge fail the command but do not pause the cache for reads: Redis answered.
     async fn must<T>(&self, call: impl AsyncFnOnce(Connection) -> RedisResult<T>) -> Result<T, CacheDown> {
         let Some(connection) = self.connection.get().cloned() else { return Err(CacheDown) };
         match call(connection).await {
             Ok(value) => Ok(value),
+            Err(error) if is_unreplicated(&error) => {
+                warn!(%error, "a command's cache writes were not acknowledged by enough replicas");
+                Err(CacheDown)
+            }
             Err(error) => {
                 self.failed(&error);
                 Err(CacheDown)
@@ -795,12 +800,21 @@ impl RedisCache {
 
     /// A command's write: `invocation` of `script`, which with `REDIS_WAIT_REPLICAS` returns
     /// only once that many replicas hold it (`WAIT` after it, on its key's node), so a failover
-    /// cannot lose what the command's reply stands for.
+    /// to a replica that acknowledged it cannot lose what the command's reply stands for.
     async fn must_write(&self, script: &Script, invocation: &redis::ScriptInvocation<'_>) -> Result<(), CacheDown> {
+        self.must_write_waiting(script, invocation, self.wait_replicas).await
+    }
+
+    async fn must_write_waiting(
+        &self,
+        script: &Script,
+        invocation: &redis::ScriptInvocation<'_>,
+        replicas: usize,
+    ) -> Result<(), CacheDown> {
         self.must(async |connection| {
             let mut pipe = redis::pipe();
             pipe.invoke_script(invocation);
-            query_replicated::<Vec<Value>>(&connection, &pipe, &[script], self.wait_replicas).await.map(drop)
+            query_replicated::<Vec<Value>>(&connection, &pipe, &[script], replicas).await.map(drop)
         })
         .await
     }
@@ -831,7 +845,9 @@ impl RedisCache {
         for (field, value) in facts {
             invocation.arg(field).arg(value);
         }
-        self.must_write(&self.merge_views, &invocation).await
+        // Views loaded from the database need no replica: they are rebuilt from it when lost.
+        let replicas = if loaded { 0 } else { self.wait_replicas };
+        self.must_write_waiting(&self.merge_views, &invocation, replicas).await
     }
 
     /// The session's next ticket, taken by a command after its database write and before it
