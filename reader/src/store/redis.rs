@@ -484,6 +484,9 @@ type Connection = RedisConnection;
 #[derive(Clone)]
 pub struct RedisCache {
     connection: Arc<OnceCell<Connection>>,
+    /// With `REDIS_WAIT_REPLICAS`, the connection of commands' waited writes: `WAIT` blocks the
+    /// connection that sent it, and reads must not queue behind a replica's acknowledgement.
+    waited: Arc<OnceCell<Connection>>,
     in_flight: Arc<AtomicI64>,
     paused_until_ms: Arc<AtomicU64>,
     started: Instant,
@@ -519,6 +522,7 @@ impl RedisCache {
         }
         let cache = Self {
             connection: Arc::new(OnceCell::new()),
+            waited: Arc::new(OnceCell::new()),
             in_flight: Arc::default(),
             paused_until_ms: Arc::new(AtomicU64::new(0)),
             started: Instant::now(),
@@ -537,24 +541,21 @@ impl RedisCache {
             set_state: Script::new(SET_STATE),
             advance_read: Script::new(ADVANCE_READ),
         };
-        // A command waiting for its replicas may take WAIT's whole second.
-        let response = Duration::from_millis(500) + if wait_replicas > 0 { WAIT_TIMEOUT } else { Duration::ZERO };
-        let timeouts = Timeouts { connect: Duration::from_secs(1), response, retries: 1 };
-        match RedisConnection::connect(target, timeouts, cache.in_flight.clone()).await {
-            Ok(connection) => {
-                let _ = cache.connection.set(connection);
+        match Self::open(target, cache.in_flight.clone(), wait_replicas).await {
+            Ok((connection, waited)) => {
+                cache.opened(connection, waited);
                 return Ok(cache);
             }
             Err(error) => warn!(%error, "redis cache not reachable at start, reading from the databases"),
         }
-        let (cell, in_flight, target) = (cache.connection.clone(), cache.in_flight.clone(), target.clone());
+        let (cache_later, target) = (cache.clone(), target.clone());
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(200);
             loop {
                 tokio::time::sleep(delay).await;
-                match RedisConnection::connect(&target, timeouts, in_flight.clone()).await {
-                    Ok(connection) => {
-                        let _ = cell.set(connection);
+                match Self::open(&target, cache_later.in_flight.clone(), wait_replicas).await {
+                    Ok((connection, waited)) => {
+                        cache_later.opened(connection, waited);
                         info!("redis cache connected");
                         return;
                     }
@@ -564,6 +565,32 @@ impl RedisCache {
             }
         });
         Ok(cache)
+    }
+
+    /// The connection of reads and unwaited writes, and with `wait_replicas` the one of waited
+    /// writes, whose replies may take WAIT's whole second.
+    async fn open(
+        target: &RedisTarget,
+        in_flight: Arc<AtomicI64>,
+        wait_replicas: usize,
+    ) -> RedisResult<(Connection, Option<Connection>)> {
+        let timeouts = Timeouts { connect: Duration::from_secs(1), response: Duration::from_millis(500), retries: 1 };
+        let connection = RedisConnection::connect(target, timeouts, in_flight.clone()).await?;
+        let waited = match wait_replicas {
+            0 => None,
+            _ => {
+                let timeouts = Timeouts { response: timeouts.response + WAIT_TIMEOUT, ..timeouts };
+                Some(RedisConnection::connect(target, timeouts, in_flight).await?)
+            }
+        };
+        Ok((connection, waited))
+    }
+
+    fn opened(&self, connection: Connection, waited: Option<Connection>) {
+        if let Some(waited) = waited {
+            let _ = self.waited.set(waited);
+        }
+        let _ = self.connection.set(connection);
     }
 
     /// The connection, unless not connected yet or paused after a failure.
@@ -602,7 +629,15 @@ impl RedisCache {
     /// earlier failure: for what a command depends on. Writes a replica was too late to
     /// acknowledge fail the command but do not pause the cache for reads: Redis answered.
     async fn must<T>(&self, call: impl AsyncFnOnce(Connection) -> RedisResult<T>) -> Result<T, CacheDown> {
-        let Some(connection) = self.connection.get().cloned() else { return Err(CacheDown) };
+        self.must_on(self.connection.get().cloned(), call).await
+    }
+
+    async fn must_on<T>(
+        &self,
+        connection: Option<Connection>,
+        call: impl AsyncFnOnce(Connection) -> RedisResult<T>,
+    ) -> Result<T, CacheDown> {
+        let Some(connection) = connection else { return Err(CacheDown) };
         match call(connection).await {
             Ok(value) => Ok(value),
             Err(error) if is_unreplicated(&error) => {
@@ -811,7 +846,8 @@ impl RedisCache {
         invocation: &redis::ScriptInvocation<'_>,
         replicas: usize,
     ) -> Result<(), CacheDown> {
-        self.must(async |connection| {
+        let connection = if replicas > 0 { self.waited.get() } else { self.connection.get() };
+        self.must_on(connection.cloned(), async |connection| {
             let mut pipe = redis::pipe();
             pipe.invoke_script(invocation);
             query_replicated::<Vec<Value>>(&connection, &pipe, &[script], replicas).await.map(drop)
