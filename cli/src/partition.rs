@@ -98,16 +98,14 @@ pub async fn run(pool: &PgPool, margin_days: u32) -> anyhow::Result<()> {
     .await?;
     // One boundary for every table moved, so their months match: an earlier run's (its scan
     // may be done) unless it is nearer than the margin asks.
-    let mut boundary = wanted;
+    let mut earlier = Vec::new();
     for table in &tables {
-        if let Some(earlier) = constraint_boundary(pool, table).await? {
-            boundary = boundary.max(earlier);
-        }
+        earlier.push(constraint_boundary(pool, table).await?);
     }
-    for table in &tables {
+    let boundary = earlier.iter().flatten().fold(wanted, |boundary, &earlier| boundary.max(earlier));
+    for (table, earlier) in tables.iter().zip(earlier) {
         println!("1/3 {}: building index {} (concurrently)", table.name, table.index.0);
         build_index(pool, table).await?;
-        let earlier = constraint_boundary(pool, table).await?;
         if earlier != Some(boundary) {
             if earlier.is_some() {
                 drop_constraint(pool, table).await?;

@@ -19,7 +19,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Datelike as _, Utc};
+use chrono::{DateTime, Utc};
 use flare_storage_common::message::searchable_content;
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::MessageContent;
@@ -30,7 +30,9 @@ use tracing::warn;
 
 use crate::error::Stage;
 use crate::metrics::Metrics;
-use crate::store::postgres::{drop_partitioning_constraint, is_missing_partition, violated_partitioning_constraint};
+use crate::store::postgres::{
+    drop_partitioning_constraint, ensure_partitions_of, is_missing_partition, violated_partitioning_constraint,
+};
 
 /// Most queued messages one indexer transaction takes.
 pub const BATCH: i64 = 1_000;
@@ -177,20 +179,7 @@ async fn failed(
         warn!(error = %rollback, "rolling back the failed search batch failed");
     }
     let mended = if is_missing_partition(&error) {
-        // One time of each month: the function makes sure of the month that holds it.
-        let mut months: std::collections::BTreeMap<(i32, u32), DateTime<Utc>> = Default::default();
-        for &time in times {
-            months.entry((time.year(), time.month())).or_insert(time);
-        }
-        let mut result = Ok(());
-        for time in months.into_values() {
-            result =
-                sqlx::query("SELECT flare_ensure_message_partition($1)").bind(time).execute(pool).await.map(|_| ());
-            if result.is_err() {
-                break;
-            }
-        }
-        result
+        ensure_partitions_of(pool, times.iter().copied()).await
     } else if let Some(constraint) = violated_partitioning_constraint(&error) {
         drop_partitioning_constraint(pool, constraint).await
     } else {

@@ -182,17 +182,13 @@ impl PostgresStore {
     /// partitioned), so a message of any storable time, and its search entry, has a partition
     /// to go to.
     async fn ensure_partitions(&self, messages: &[Encoded]) -> Result<(), sqlx::Error> {
-        let missing: BTreeMap<i64, DateTime<Utc>> = {
+        let mut missing = by_month(messages.iter().map(|encoded| stored_time(&encoded.message)));
+        {
             let known = self.partitioned_months.lock().unwrap_or_else(PoisonError::into_inner);
-            messages
-                .iter()
-                .map(|encoded| stored_time(&encoded.message))
-                .map(|time| (month_of(time), time))
-                .filter(|(month, _)| !known.contains(month))
-                .collect()
-        };
+            missing.retain(|month, _| !known.contains(month));
+        }
         for (month, time) in missing {
-            sqlx::query("SELECT flare_ensure_message_partition($1)").bind(time).execute(&self.pool).await?;
+            ensure_partition(&self.pool, time).await?;
             self.partitioned_months.lock().unwrap_or_else(PoisonError::into_inner).insert(month);
         }
         Ok(())
@@ -554,6 +550,28 @@ fn stored_time(message: &Message) -> DateTime<Utc> {
 /// A month as a number (year × 12 + month − 1, in UTC), the unit of `messages` partitions.
 fn month_of(time: DateTime<Utc>) -> i64 {
     i64::from(time.year()) * 12 + i64::from(time.month0())
+}
+
+/// One of `times` for each month they fall in, by [`month_of`].
+fn by_month(times: impl IntoIterator<Item = DateTime<Utc>>) -> BTreeMap<i64, DateTime<Utc>> {
+    times.into_iter().map(|time| (month_of(time), time)).collect()
+}
+
+/// Makes sure the month holding `time` has its partition of `messages` and of
+/// `message_search`, each where the table is partitioned (`flare_ensure_message_partition`).
+async fn ensure_partition(pool: &PgPool, time: DateTime<Utc>) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT flare_ensure_message_partition($1)").bind(time).execute(pool).await.map(drop)
+}
+
+/// [`ensure_partition`] for every month of `times`, one call per month.
+pub(crate) async fn ensure_partitions_of(
+    pool: &PgPool,
+    times: impl IntoIterator<Item = DateTime<Utc>>,
+) -> Result<(), sqlx::Error> {
+    for time in by_month(times).into_values() {
+        ensure_partition(pool, time).await?;
+    }
+    Ok(())
 }
 
 /// Whether `error` is PostgreSQL finding no partition for a row ("no partition of relation …
