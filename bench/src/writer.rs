@@ -367,15 +367,20 @@ pub(crate) fn copy_ids_text(messages: &[Message]) -> Vec<u8> {
 }
 
 pub(crate) const COPY_SEARCH_STATEMENT: &str =
-    r#"COPY message_search (tenant_id, message_id, session_id, "timestamp", terms, normal_text) FROM STDIN"#;
+    r#"COPY message_search (tenant_id, message_id, session_id, "timestamp", terms, normal_text, terms_version) FROM STDIN"#;
 
 /// The search entries of the searchable messages in COPY's text format, as the indexer
 /// writes them.
 pub(crate) fn copy_search_text(messages: &[Message]) -> Vec<u8> {
     let mut out = String::with_capacity(messages.len() * 1024);
     for message in messages {
-        let Some((normal, terms)) = searchable_text(message).and_then(text_search::index_entry) else { continue };
-        // Terms are letters, digits and CJK characters: quoted, they need no escaping.
+        let Some((normal, terms)) =
+            searchable_text(message).and_then(|text| text_search::index_entry(text, true))
+        else {
+            continue;
+        };
+        // Terms are letters, digits, CJK characters and order terms (U+001F and hex digits):
+        // quoted, they need no escaping.
         let terms: Vec<String> = terms.iter().map(|term| format!("\"{term}\"")).collect();
         let timestamp = message.timestamp.as_ref().and_then(to_datetime).unwrap_or_default().to_rfc3339();
         let fields = [
@@ -385,6 +390,7 @@ pub(crate) fn copy_search_text(messages: &[Message]) -> Vec<u8> {
             timestamp,
             format!("{{{}}}", terms.join(",")),
             escape(&normal),
+            text_search::ORDER_TERMS_VERSION.to_string(),
         ];
         out.push_str(&fields.join("\t"));
         out.push('\n');

@@ -18,6 +18,16 @@
 //!   run of three or more characters is all of its trigrams; shorter runs give no term.
 //! - Everything else (spaces, punctuation, symbols, emoji) separates runs and gives no term.
 //!
+//! **Order terms** ([`order_terms`], PostgreSQL's search table only): pairs do not say in which
+//! order they stand, so `ABCD` is looked up as any text holding `AB`, `BC` and `CD` anywhere —
+//! 4,162 candidates for one such query over a million natural-language messages, 129 of them
+//! matches, each candidate a random page read. Every three CJK characters in a row therefore
+//! also give a term, hashed into one of [`ORDER_BUCKETS`] keys: a bounded number of keys keeps
+//! the index's build and insert cost near that of the pairs (unhashed triples, tens of millions
+//! of distinct keys, made the index build six times slower), and two or more of them still cut
+//! that query's candidates to 196 (docs/BENCHMARKS.md, search). Entries written with them carry
+//! [`ORDER_TERMS_VERSION`]; earlier entries are looked up without them.
+//!
 //! Classes are decided per character, never by context, so every run of a query's normal form
 //! is a piece of some run of any text that contains it, and every term of the query
 //! ([`query_terms`]) is a term of that text: an index lookup by the query's terms finds every
@@ -38,14 +48,26 @@ use icu_properties::props::Script;
 /// one limit for both databases, so they agree on what search finds.
 pub const MAX_SEARCHABLE_BYTES: usize = 256 * 1024;
 
-/// What the search index keeps of a searchable text: its normal form and that form's terms.
+/// Number of keys CJK triples are hashed into ([`order_terms`]): 2¹⁶, so that a triple's key
+/// is held by about 0.1–0.2% of natural-language messages beyond those holding the triple.
+pub const ORDER_BUCKETS: u32 = 1 << 16;
+
+/// `terms_version` of a PostgreSQL search entry whose terms include its [`order_terms`];
+/// entries of version 1 (written before them) have only [`index_terms`].
+pub const ORDER_TERMS_VERSION: i16 = 2;
+
+/// What the search index keeps of a searchable text: its normal form and that form's terms,
+/// with its [`order_terms`] when `order` (PostgreSQL's entries; MongoDB's documents have none).
 /// `None` when the normal form is longer than [`MAX_SEARCHABLE_BYTES`].
-pub fn index_entry(text: &str) -> Option<(String, Vec<String>)> {
+pub fn index_entry(text: &str, order: bool) -> Option<(String, Vec<String>)> {
     let normal = normalize(text);
     if normal.len() > MAX_SEARCHABLE_BYTES {
         return None;
     }
-    let terms = index_terms(&normal);
+    let mut terms = index_terms(&normal);
+    if order {
+        terms.extend(order_terms(&normal));
+    }
     Some((normal, terms))
 }
 
@@ -69,6 +91,23 @@ pub fn index_terms(normal: &str) -> Vec<String> {
                 terms.extend(ngrams(&run, 2));
             }
             Class::Word => terms.extend(ngrams(&run, 3)),
+        }
+    }
+    terms.into_iter().collect()
+}
+
+/// The order terms of a text or query in normal form: every three consecutive characters of a
+/// CJK run, hashed (CRC-32 of their UTF-8, modulo [`ORDER_BUCKETS`]) to a key that begins
+/// with U+001F, a character no other term holds; sorted and without repeats. A query's order
+/// terms are order terms of every text containing it, as with the pairs.
+pub fn order_terms(normal: &str) -> Vec<String> {
+    const CRC_32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+    let mut terms = BTreeSet::new();
+    for (class, run) in runs(normal) {
+        if class == Class::Cjk {
+            terms.extend(ngrams(&run, 3).map(|triple| {
+                format!("\u{1f}{:04x}", CRC_32.checksum(triple.as_bytes()) % ORDER_BUCKETS)
+            }));
         }
     }
     terms.into_iter().collect()
@@ -154,12 +193,12 @@ mod tests {
     #[test]
     fn a_text_longer_than_the_limit_in_normal_form_has_no_entry() {
         let at_limit = "a".repeat(MAX_SEARCHABLE_BYTES);
-        assert_eq!(index_entry(&at_limit).map(|(normal, _)| normal.len()), Some(MAX_SEARCHABLE_BYTES));
-        assert!(index_entry(&format!("{at_limit}b")).is_none());
+        assert_eq!(index_entry(&at_limit, true).map(|(normal, _)| normal.len()), Some(MAX_SEARCHABLE_BYTES));
+        assert!(index_entry(&format!("{at_limit}b"), true).is_none());
         // The limit is on the normal form: full-width letters (3 bytes) become ASCII (1 byte),
         // and U+FDFA expands to 18 characters.
-        assert!(index_entry(&"Ａ".repeat(MAX_SEARCHABLE_BYTES / 2)).is_some());
-        assert!(index_entry(&"\u{fdfa}".repeat(MAX_SEARCHABLE_BYTES / 20)).is_none());
+        assert!(index_entry(&"Ａ".repeat(MAX_SEARCHABLE_BYTES / 2), true).is_some());
+        assert!(index_entry(&"\u{fdfa}".repeat(MAX_SEARCHABLE_BYTES / 20), true).is_none());
     }
 
     #[test]
@@ -176,6 +215,21 @@ mod tests {
         assert_eq!(query_terms("ひら"), ["ひら"]);
         assert_eq!(set(query_terms("한국어")), set(["한국", "국어"]));
         assert_eq!(query_terms("สวัสดี").len(), 4);
+    }
+
+    #[test]
+    fn cjk_triples_give_order_terms_hashed_into_buckets() {
+        // The value of each key is stored: it must never change.
+        let crc = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC).checksum("会议室".as_bytes());
+        assert_eq!(order_terms("会议室"), [format!("\u{1f}{:04x}", crc & 0xffff)]);
+        assert_eq!(order_terms("会议室开会").len(), 3);
+        // Only CJK runs of three or more, never across a class boundary.
+        assert_eq!(order_terms("会议 室"), Vec::<String>::new());
+        assert_eq!(order_terms("hello world"), Vec::<String>::new());
+        // The order of the characters changes the key; no order term is another term.
+        assert_ne!(order_terms("会议室"), order_terms("议会室"));
+        let terms = index_terms("会议室");
+        assert!(order_terms("会议室").iter().all(|term| !terms.contains(term)));
     }
 
     fn set<T: Into<String>>(terms: impl IntoIterator<Item = T>) -> BTreeSet<String> {
@@ -224,6 +278,21 @@ mod tests {
             let terms: BTreeSet<String> = index_terms(&normal).into_iter().collect();
             for term in query_terms(&query) {
                 prop_assert!(terms.contains(&term), "{term:?} of {query:?} not among the terms of {normal:?}");
+            }
+        }
+
+        /// The same for order terms: a text's order terms hold every order term of its
+        /// substrings.
+        #[test]
+        fn a_substring_has_no_order_term_its_text_lacks(text in mixed_text(), start in 0usize..64, len in 1usize..12) {
+            let normal = normalize(&text);
+            let characters: Vec<char> = normal.chars().collect();
+            prop_assume!(start < characters.len());
+            let end = (start + len).min(characters.len());
+            let query: String = characters[start..end].iter().collect();
+            let terms: BTreeSet<String> = order_terms(&normal).into_iter().collect();
+            for term in order_terms(&query) {
+                prop_assert!(terms.contains(&term), "{term:?} of {query:?} not among the order terms of {normal:?}");
             }
         }
 

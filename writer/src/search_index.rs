@@ -3,8 +3,8 @@
 //! The insert of a batch queues each new text or JSON message in `search_index_queue` (same
 //! statement). The indexer takes up to [`BATCH`] queued rows at a time in one transaction:
 //! it deletes them from the queue, reads their messages, writes their normal-form text and
-//! terms (`common::text_search`) and commits. A crash or a failed statement rolls the whole
-//! batch back into the queue, and the search table's key keeps a message indexed once, so
+//! terms, order terms included (`common::text_search`), and commits. A crash or a failed
+//! statement rolls the whole batch back into the queue, and the search table's key keeps a message indexed once, so
 //! nothing is lost or indexed twice. Every writer runs an indexer; `SKIP LOCKED` lets them
 //! share the queue.
 //!
@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 use flare_storage_common::message::searchable_content;
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::MessageContent;
-use flare_storage_common::text_search::index_entry;
+use flare_storage_common::text_search::{ORDER_TERMS_VERSION, index_entry};
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -127,7 +127,7 @@ pub async fn index_batch(
         // Content that does not decode has no text to find, nor has a text over the limit.
         let Ok(content) = MessageContent::decode(content.as_slice()) else { continue };
         let Some(text) = searchable_content(&content) else { continue };
-        let Some((normal, terms)) = index_entry(text) else { continue };
+        let Some((normal, terms)) = index_entry(text, true) else { continue };
         // Terms never contain a space (spaces separate runs), so one space-joined string per
         // row carries them: UNNEST would flatten an array of arrays.
         let terms = terms.join(" ");
@@ -217,8 +217,8 @@ async fn insert(transaction: &mut Transaction<'_, Postgres>, entries: Entries) -
         return Ok(());
     }
     sqlx::query(
-        r#"INSERT INTO message_search (tenant_id, message_id, session_id, "timestamp", terms, normal_text)
-           SELECT tenant_id, message_id, session_id, ts, string_to_array(terms, ' '), normal_text
+        r#"INSERT INTO message_search (tenant_id, message_id, session_id, "timestamp", terms, normal_text, terms_version)
+           SELECT tenant_id, message_id, session_id, ts, string_to_array(terms, ' '), normal_text, $7
            FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[])
              AS t(tenant_id, message_id, session_id, ts, terms, normal_text)
            ON CONFLICT DO NOTHING"#,
@@ -229,6 +229,7 @@ async fn insert(transaction: &mut Transaction<'_, Postgres>, entries: Entries) -
     .bind(entries.timestamp)
     .bind(entries.terms)
     .bind(entries.normal_text)
+    .bind(ORDER_TERMS_VERSION)
     .execute(&mut **transaction)
     .await?;
     Ok(())

@@ -328,7 +328,7 @@ pub fn document_size_refusal(message: &Message) -> Option<String> {
 /// PostgreSQL's search index, kept on the document (multikey index on `search_terms`); none
 /// for a text over `text_search::MAX_SEARCHABLE_BYTES` in normal form, as in PostgreSQL.
 fn search_fields(message: &Message) -> (Bson, Bson) {
-    match searchable_text(message).and_then(index_entry) {
+    match searchable_text(message).and_then(|text| index_entry(text, false)) {
         Some((normal, terms)) => (Bson::String(normal), Bson::from(terms)),
         None => no_search_fields(),
     }

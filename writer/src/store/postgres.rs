@@ -304,7 +304,7 @@ impl PostgresStore {
         let seqs: Vec<i64> = messages.iter().map(|message| message.seq).collect();
         let times: Vec<DateTime<Utc>> = messages.iter().map(|message| stored_time(message)).collect();
         let mut transaction = self.pool.begin().await?;
-        let deleted: Vec<(String, String)> = sqlx::query_as(
+        let deleted: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
             r#"WITH deleted AS (
                    DELETE FROM messages m USING UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::timestamptz[])
                        AS k(tenant_id, message_id, session_id, seq, ts)
@@ -315,7 +315,7 @@ impl PostgresStore {
                    DELETE FROM message_ids i USING deleted d
                    WHERE i.tenant_id = d.tenant_id AND i.message_id = d.message_id AND i."timestamp" = d."timestamp"
                )
-               SELECT tenant_id, message_id FROM deleted"#,
+               SELECT tenant_id, message_id, "timestamp" FROM deleted"#,
         )
         .bind(tenants)
         .bind(ids)
@@ -326,13 +326,23 @@ impl PostgresStore {
         .await?;
         // A statement of its own, after the delete: an indexer that held one of these messages
         // has committed its entry by now (search_index.rs).
-        let (tenants, ids): (Vec<String>, Vec<String>) = deleted.into_iter().unzip();
+        // By time too, so each entry costs one probe of the month holding it.
+        let mut tenants = Vec::with_capacity(deleted.len());
+        let mut ids = Vec::with_capacity(deleted.len());
+        let mut times = Vec::with_capacity(deleted.len());
+        for (tenant_id, message_id, timestamp) in deleted {
+            tenants.push(tenant_id);
+            ids.push(message_id);
+            times.push(timestamp);
+        }
         sqlx::query(
-            r#"DELETE FROM message_search s USING UNNEST($1::text[], $2::text[]) AS k(tenant_id, message_id)
-               WHERE s.tenant_id = k.tenant_id AND s.message_id = k.message_id"#,
+            r#"DELETE FROM message_search s
+               USING UNNEST($1::text[], $2::text[], $3::timestamptz[]) AS k(tenant_id, message_id, ts)
+               WHERE s.tenant_id = k.tenant_id AND s.message_id = k.message_id AND s."timestamp" = k.ts"#,
         )
         .bind(tenants)
         .bind(ids)
+        .bind(times)
         .execute(&mut *transaction)
         .await?;
         transaction.commit().await
