@@ -366,8 +366,7 @@ pub(crate) fn copy_ids_text(messages: &[Message]) -> Vec<u8> {
     out.into_bytes()
 }
 
-pub(crate) const COPY_SEARCH_STATEMENT: &str =
-    r#"COPY message_search (tenant_id, message_id, session_id, "timestamp", terms, normal_text, terms_version) FROM STDIN"#;
+pub(crate) const COPY_SEARCH_STATEMENT: &str = r#"COPY message_search (tenant_id, message_id, session_id, "timestamp", terms, normal_text, terms_version) FROM STDIN"#;
 
 /// The search entries of the searchable messages in COPY's text format, as the indexer
 /// writes them.
@@ -375,7 +374,7 @@ pub(crate) fn copy_search_text(messages: &[Message]) -> Vec<u8> {
     let mut out = String::with_capacity(messages.len() * 1024);
     for message in messages {
         let Some((normal, terms)) =
-            searchable_text(message).and_then(|text| text_search::index_entry(text, true))
+            searchable_text(message).and_then(|text| text_search::index_entry(text, text_search::Terms::Ordered))
         else {
             continue;
         };

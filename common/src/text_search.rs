@@ -18,15 +18,15 @@
 //!   run of three or more characters is all of its trigrams; shorter runs give no term.
 //! - Everything else (spaces, punctuation, symbols, emoji) separates runs and gives no term.
 //!
-//! **Order terms** ([`order_terms`], PostgreSQL's search table only): pairs do not say in which
-//! order they stand, so `ABCD` is looked up as any text holding `AB`, `BC` and `CD` anywhere —
-//! 4,162 candidates for one such query over a million natural-language messages, 129 of them
-//! matches, each candidate a random page read. Every three CJK characters in a row therefore
-//! also give a term, hashed into one of [`ORDER_BUCKETS`] keys: a bounded number of keys keeps
-//! the index's build and insert cost near that of the pairs (unhashed triples, tens of millions
-//! of distinct keys, made the index build six times slower), and two or more of them still cut
-//! that query's candidates to 196 (docs/BENCHMARKS.md, search). Entries written with them carry
-//! [`ORDER_TERMS_VERSION`]; earlier entries are looked up without them.
+//! **Order terms** ([`order_terms`], PostgreSQL's search entries only): pairs do not say in
+//! which order they stand, so `ABCD` is looked up as any text holding `AB`, `BC` and `CD`
+//! anywhere — over a million natural-language messages one such query had 4,162 candidates,
+//! 129 of them matches, each candidate a random page read. Every three CJK characters in a row
+//! therefore also give a term, hashed into one of [`ORDER_BUCKETS`] keys: a bounded number of
+//! keys keeps the index's cost near that of the pairs (unhashed triples, tens of millions of
+//! distinct keys, made its build six times slower), and the query's two order terms cut that
+//! query's candidates to 196 (docs/BENCHMARKS.md, search). Entries written before order terms
+//! existed lack them; a tenant with such entries is looked up without them.
 //!
 //! Classes are decided per character, never by context, so every run of a query's normal form
 //! is a piece of some run of any text that contains it, and every term of the query
@@ -48,27 +48,37 @@ use icu_properties::props::Script;
 /// one limit for both databases, so they agree on what search finds.
 pub const MAX_SEARCHABLE_BYTES: usize = 256 * 1024;
 
-/// Number of keys CJK triples are hashed into ([`order_terms`]): 2¹⁶, so that a triple's key
-/// is held by about 0.1–0.2% of natural-language messages beyond those holding the triple.
+/// Number of keys CJK triples are hashed into ([`order_terms`]): 2¹⁶. With about 26 triples a
+/// message (natural-language text, docs/BENCHMARKS.md), a key is held on average by some 0.04% of
+/// messages beyond those holding its triples: few enough that two keys leave almost no false candidate.
 pub const ORDER_BUCKETS: u32 = 1 << 16;
 
 /// `terms_version` of a PostgreSQL search entry whose terms include its [`order_terms`];
-/// entries of version 1 (written before them) have only [`index_terms`].
+/// entries of version 1, written before order terms existed, lack them.
 pub const ORDER_TERMS_VERSION: i16 = 2;
 
-/// What the search index keeps of a searchable text: its normal form and that form's terms,
-/// with its [`order_terms`] when `order` (PostgreSQL's entries; MongoDB's documents have none).
+/// Which terms a search index keeps of a text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Terms {
+    /// [`index_terms`]: MongoDB's documents.
+    Plain,
+    /// [`index_terms`] and [`order_terms`]: PostgreSQL's entries, of `terms_version`
+    /// [`ORDER_TERMS_VERSION`].
+    Ordered,
+}
+
+/// What the search index keeps of a searchable text: its normal form and that form's `terms`.
 /// `None` when the normal form is longer than [`MAX_SEARCHABLE_BYTES`].
-pub fn index_entry(text: &str, order: bool) -> Option<(String, Vec<String>)> {
+pub fn index_entry(text: &str, terms: Terms) -> Option<(String, Vec<String>)> {
     let normal = normalize(text);
     if normal.len() > MAX_SEARCHABLE_BYTES {
         return None;
     }
-    let mut terms = index_terms(&normal);
-    if order {
-        terms.extend(order_terms(&normal));
+    let mut kept = index_terms(&normal);
+    if terms == Terms::Ordered {
+        kept.extend(order_terms(&normal));
     }
-    Some((normal, terms))
+    Some((normal, kept))
 }
 
 /// `text` in the searchable normal form: NFKC, case folded, NFKC again, without U+0000.
@@ -105,9 +115,10 @@ pub fn order_terms(normal: &str) -> Vec<String> {
     let mut terms = BTreeSet::new();
     for (class, run) in runs(normal) {
         if class == Class::Cjk {
-            terms.extend(ngrams(&run, 3).map(|triple| {
-                format!("\u{1f}{:04x}", CRC_32.checksum(triple.as_bytes()) % ORDER_BUCKETS)
-            }));
+            terms.extend(
+                ngrams(&run, 3)
+                    .map(|triple| format!("\u{1f}{:04x}", CRC_32.checksum(triple.as_bytes()) % ORDER_BUCKETS)),
+            );
         }
     }
     terms.into_iter().collect()
@@ -193,12 +204,12 @@ mod tests {
     #[test]
     fn a_text_longer_than_the_limit_in_normal_form_has_no_entry() {
         let at_limit = "a".repeat(MAX_SEARCHABLE_BYTES);
-        assert_eq!(index_entry(&at_limit, true).map(|(normal, _)| normal.len()), Some(MAX_SEARCHABLE_BYTES));
-        assert!(index_entry(&format!("{at_limit}b"), true).is_none());
+        assert_eq!(index_entry(&at_limit, Terms::Ordered).map(|(normal, _)| normal.len()), Some(MAX_SEARCHABLE_BYTES));
+        assert!(index_entry(&format!("{at_limit}b"), Terms::Ordered).is_none());
         // The limit is on the normal form: full-width letters (3 bytes) become ASCII (1 byte),
         // and U+FDFA expands to 18 characters.
-        assert!(index_entry(&"Ａ".repeat(MAX_SEARCHABLE_BYTES / 2), true).is_some());
-        assert!(index_entry(&"\u{fdfa}".repeat(MAX_SEARCHABLE_BYTES / 20), true).is_none());
+        assert!(index_entry(&"Ａ".repeat(MAX_SEARCHABLE_BYTES / 2), Terms::Ordered).is_some());
+        assert!(index_entry(&"\u{fdfa}".repeat(MAX_SEARCHABLE_BYTES / 20), Terms::Ordered).is_none());
     }
 
     #[test]
@@ -219,9 +230,8 @@ mod tests {
 
     #[test]
     fn cjk_triples_give_order_terms_hashed_into_buckets() {
-        // The value of each key is stored: it must never change.
-        let crc = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC).checksum("会议室".as_bytes());
-        assert_eq!(order_terms("会议室"), [format!("\u{1f}{:04x}", crc & 0xffff)]);
+        // Keys are stored: they must never change (CRC-32 of 会议室 is 0x…1c20).
+        assert_eq!(order_terms("会议室"), ["\u{1f}1c20"]);
         assert_eq!(order_terms("会议室开会").len(), 3);
         // Only CJK runs of three or more, never across a class boundary.
         assert_eq!(order_terms("会议 室"), Vec::<String>::new());

@@ -846,6 +846,26 @@ fn test_telemetry() -> flare_storage_common::telemetry::TelemetryArgs {
     }
 }
 
+/// Applies the migrations before `first_left_out` (a migration's version), as a database of
+/// an earlier version has them.
+pub async fn migrate_before(url: &str, first_left_out: &str) -> anyhow::Result<()> {
+    let released = std::env::temp_dir().join(unique("released-migrations"));
+    std::fs::create_dir_all(&released)?;
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+    for entry in std::fs::read_dir(&source)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default().to_owned();
+        if name.as_str() < first_left_out {
+            std::fs::copy(&path, released.join(name))?;
+        }
+    }
+    let pool = sqlx::PgPool::connect(url).await?;
+    sqlx::migrate::Migrator::new(released.as_path()).await?.run(&pool).await?;
+    pool.close().await;
+    std::fs::remove_dir_all(&released)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -345,32 +345,12 @@ async fn retention_drops_expired_months_and_trims_the_partly_expired_one() -> an
     database.drop().await
 }
 
-/// Applies the migrations released before the partitioned layout, as a database of an
-/// earlier version has them.
-async fn migrate_as_before_partitioning(url: &str) -> anyhow::Result<()> {
-    let released = std::env::temp_dir().join(unique("released-migrations"));
-    std::fs::create_dir_all(&released)?;
-    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
-    for entry in std::fs::read_dir(&source)? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default().to_owned();
-        if name.as_str() < "20261201000001" {
-            std::fs::copy(&path, released.join(name))?;
-        }
-    }
-    let pool = sqlx::PgPool::connect(url).await?;
-    sqlx::migrate::Migrator::new(released.as_path()).await?.run(&pool).await?;
-    pool.close().await;
-    std::fs::remove_dir_all(&released)?;
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_table_with_rows_is_partitioned_online_and_resumably() -> anyhow::Result<()> {
     use flare_storage_common::prost::Message as _;
 
     let database = TestDatabase::create().await?;
-    migrate_as_before_partitioning(&database.url).await?;
+    migrate_before(&database.url, "20261201000001").await?;
     let tenant = unique("acme");
     let mut db = database.connect().await?;
     // 300 messages stored by an earlier version over the last three months.
@@ -528,7 +508,7 @@ async fn a_plain_table_with_rows_is_partitioned_online_and_resumably() -> anyhow
     )
     .fetch_all(&mut db)
     .await?;
-    assert_eq!(indexes.len(), 6, "the old indexes and the key, no other: {indexes:?}");
+    assert_eq!(indexes.len(), 7, "the old indexes and the key, no other: {indexes:?}");
     writer.stop().await?;
 
     let reader = RunningReader::start_with(&database.url, None).await?;

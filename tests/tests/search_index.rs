@@ -17,7 +17,7 @@ use flare_storage_common::proto::common::{
 };
 use flare_storage_common::proto::storage::storage_reader_service_client::StorageReaderServiceClient;
 use flare_storage_common::proto::storage::*;
-use flare_storage_common::text_search::{ORDER_TERMS_VERSION, index_entry, normalize};
+use flare_storage_common::text_search::{ORDER_TERMS_VERSION, Terms, index_entry, normalize};
 use flare_storage_common::tonic::Code;
 use flare_storage_common::tonic::transport::Channel;
 use flare_storage_e2e::*;
@@ -411,31 +411,28 @@ async fn search_matches_the_scan(store: Store, messages: usize, cases: u32) -> a
     assert!(with_hits >= cases / 2 && paged >= cases / 8, "{with_hits} cases with hits, {paged} over a page");
 
     if store == Store::Postgres {
-        // Entries written before order terms existed (terms_version 1) are still found where
-        // the database says such entries may exist, as after an upgrade; where it wrongly said
-        // none could, searches of three or more CJK characters would miss them.
+        // Entries written before order terms existed (terms_version 1, as after an upgrade)
+        // are still found: their tenant is looked up without order terms. Marked as having
+        // them, the same entries are missed by searches of three or more CJK characters.
         let mut db = deployment.database.connect().await?;
-        sqlx::query(
-            r#"UPDATE message_search SET terms = ARRAY(SELECT t FROM unnest(terms) t WHERE t NOT LIKE E'\x1f%'),
-                   terms_version = 1
-               WHERE tenant_id = $1"#,
-        )
-        .bind(&acme)
-        .execute(&mut db)
-        .await?;
-        let set_state = async |db: &mut sqlx::PgConnection, without: bool| {
-            sqlx::query("UPDATE search_terms_state SET entries_without_order_terms = $1")
-                .bind(without)
-                .execute(db)
-                .await
+        let rewrite = async |db: &mut sqlx::PgConnection, version: i16| {
+            sqlx::query(
+                r#"UPDATE message_search SET terms_version = $2,
+                       terms = ARRAY(SELECT t FROM unnest(terms) t WHERE t NOT LIKE E'\x1f%')
+                   WHERE tenant_id = $1"#,
+            )
+            .bind(&acme)
+            .bind(version)
+            .execute(db)
+            .await
         };
-        set_state(&mut db, false).await?;
-        let missed = run_cases(&client, &acme, &texts, &known, cases / 2).await;
-        assert!(missed.is_err(), "entries without order terms are missed when the database says there are none");
-        set_state(&mut db, true).await?;
+        rewrite(&mut db, 1).await?;
         run_cases(&client, &acme, &texts, &known, cases / 2)
             .await
             .map_err(|failure| anyhow::anyhow!("entries without order terms: {failure}"))?;
+        rewrite(&mut db, ORDER_TERMS_VERSION).await?;
+        let missed = run_cases(&client, &acme, &texts, &known, cases / 2).await;
+        assert!(missed.is_err(), "entries said to have order terms that lack them are missed");
     }
     deployment.stop().await
 }
@@ -469,7 +466,7 @@ async fn run_cases(
         }
         let (found, complete) = answer.map_err(|status| TestCaseError::fail(format!("search failed: {status:?}")))?;
         let found: Vec<String> = found.into_iter().map(|message| message.id).collect();
-        let mut truth = truth(&known, &case);
+        let mut truth = truth(known, &case);
         with_hits.fetch_add(u32::from(!truth.is_empty()), Ordering::Relaxed);
         paged.fetch_add(u32::from(truth.len() > case.page_size as usize), Ordering::Relaxed);
         // A search with more pages than followed is compared on the pages read: full ones.
@@ -683,7 +680,7 @@ async fn nothing_gone_is_found(store: Store) -> anyhow::Result<()> {
                     .await?;
             assert_eq!(left, 0, "recalled and deleted text leaves message_search");
             for id in gone {
-                let (normal, terms) = entry(id, true);
+                let (normal, terms) = entry(id, Terms::Ordered);
                 sqlx::query(
                     r#"INSERT INTO message_search (tenant_id, message_id, session_id, "timestamp", terms, normal_text, terms_version)
                        SELECT tenant_id, message_id, session_id, "timestamp", $3, $4, $5 FROM messages
@@ -713,7 +710,7 @@ async fn nothing_gone_is_found(store: Store) -> anyhow::Result<()> {
             assert!(recalled.get_array("search_terms").map(|terms| terms.is_empty()).unwrap_or(true));
             assert!(recalled.get_str("search_text").is_err(), "recalled text leaves the document's search text");
             for id in gone {
-                let (normal, terms) = entry(id, false);
+                let (normal, terms) = entry(id, Terms::Plain);
                 let updated = documents
                     .update_one(
                         doc! { "tenant_id": &acme, "message_id": id },
@@ -736,6 +733,31 @@ async fn postgres_finds_nothing_gone() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mongo_finds_nothing_gone() -> anyhow::Result<()> {
     nothing_gone_is_found(Store::Mongo).await
+}
+
+/// An indexer of the version before order terms, still running during an upgrade, cannot
+/// write an entry without them: its statement (as it was) fails and its batch stays queued.
+/// Entries already there keep version 1 and are indexed by tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_indexer_of_the_earlier_version_writes_no_entry_without_order_terms() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    migrate_before(&database.url, "20261201000004").await?;
+    let mut db = database.connect().await?;
+    let earlier_insert = r#"INSERT INTO message_search (tenant_id, message_id, session_id, "timestamp", terms, normal_text)
+        VALUES ($1, 'm1', 's', now(), ARRAY['会', '会议'], '会议')"#;
+    sqlx::query(earlier_insert).bind("acme").execute(&mut db).await?;
+    flare_storage_common::schema::migrate(&sqlx::PgPool::connect(&database.url).await?).await?;
+
+    let refused = sqlx::query(earlier_insert).bind("globex").execute(&mut db).await;
+    let code =
+        refused.err().and_then(|error| error.as_database_error().and_then(|error| error.code()).map(String::from));
+    assert_eq!(code.as_deref(), Some("23502"), "not null: terms_version");
+    let without: Vec<(String, i16)> =
+        sqlx::query_as("SELECT tenant_id, terms_version FROM message_search WHERE terms_version < 2")
+            .fetch_all(&mut db)
+            .await?;
+    assert_eq!(without, [("acme".to_owned(), 1)]);
+    database.drop().await
 }
 
 /// The writer process aborted inside the indexer's first batch (search rows written, not yet

@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 use flare_storage_common::message::searchable_content;
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::MessageContent;
-use flare_storage_common::text_search::{ORDER_TERMS_VERSION, index_entry};
+use flare_storage_common::text_search::{ORDER_TERMS_VERSION, Terms, index_entry};
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -127,7 +127,7 @@ pub async fn index_batch(
         // Content that does not decode has no text to find, nor has a text over the limit.
         let Ok(content) = MessageContent::decode(content.as_slice()) else { continue };
         let Some(text) = searchable_content(&content) else { continue };
-        let Some((normal, terms)) = index_entry(text, true) else { continue };
+        let Some((normal, terms)) = index_entry(text, Terms::Ordered) else { continue };
         // Terms never contain a space (spaces separate runs), so one space-joined string per
         // row carries them: UNNEST would flatten an array of arrays.
         let terms = terms.join(" ");

@@ -12,7 +12,7 @@ use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, QueryBuilder};
 
 use flare_storage_common::stored_text::escape_json_map;
-use flare_storage_common::text_search::{order_terms, query_terms};
+use flare_storage_common::text_search::{ORDER_TERMS_VERSION, order_terms, query_terms};
 
 use crate::search::{Among, SearchQuery};
 use crate::store::rows::{
@@ -513,7 +513,7 @@ impl PostgresStore {
     ///    names them) in the time range are checked one by one, in time order — a text found in
     ///    more than about one message in 800 fills a page of 20 here;
     /// 2. otherwise, when there are more entries than that, the term index gives every
-    ///    candidate (looked up by order terms too where every entry has them), checked
+    ///    candidate (by order terms too unless the tenant has entries without them), checked
     ///    exactly and read in time order until the page is full.
     ///
     /// A text without terms (one or two Latin letters, punctuation) has no index to use and is
@@ -531,10 +531,13 @@ impl PostgresStore {
         if recent.len() as i64 >= limit || !self.entries_exceed(query, RECENT_SCAN).await? {
             return Ok(recent);
         }
-        let ordered: BTreeSet<String> =
-            terms.iter().cloned().chain(query.contains.iter().flat_map(|text| order_terms(text))).collect();
-        let ordered: Vec<String> = ordered.into_iter().collect();
-        self.search_entries(query, limit, Entries::Terms { terms: &terms, ordered: &ordered }).await
+        let order: BTreeSet<String> = query.contains.iter().flat_map(|text| order_terms(text)).collect();
+        let terms = if order.is_empty() || self.has_entries_without_order_terms(&query.tenant_id).await? {
+            terms
+        } else {
+            terms.into_iter().chain(order).collect()
+        };
+        self.search_entries(query, limit, Entries::Terms(&terms)).await
     }
 
     /// A search without text: the messages of its scope in its time order.
@@ -559,19 +562,8 @@ impl PostgresStore {
                FROM message_search s WHERE "#
         ));
         push_entry_scope(&mut sql, query);
-        match entries {
-            Entries::Terms { terms, ordered } if ordered.len() > terms.len() => {
-                // By order terms too unless some entry may lack them (search_terms_state).
-                sql.push(" AND s.terms @> (CASE WHEN (SELECT entries_without_order_terms FROM search_terms_state) THEN ")
-                    .push_bind(terms)
-                    .push(" ELSE ")
-                    .push_bind(ordered)
-                    .push(" END)");
-            }
-            Entries::Terms { terms, .. } => {
-                sql.push(" AND s.terms @> ").push_bind(terms);
-            }
-            Entries::Newest(_) | Entries::All => {}
+        if let Entries::Terms(terms) = entries {
+            sql.push(" AND s.terms @> ").push_bind(terms);
         }
         sql.push(format!(r#" ORDER BY s."timestamp" {direction}, s.message_id {direction}"#));
         if let Entries::Newest(bound) = entries {
@@ -591,6 +583,16 @@ impl PostgresStore {
         push_substrings(&mut sql, query);
         sql.push(format!(" ORDER BY s.search_time {direction}, s.search_id {direction} LIMIT ")).push_bind(limit);
         sql.build_query_as().fetch_all(&self.pool).await
+    }
+
+    /// Whether some search entry of the tenant was written without order terms (before they
+    /// existed: migration `20261201000004`), so that a lookup by them would miss it. One probe
+    /// of a partial index per month, empty but for such entries.
+    async fn has_entries_without_order_terms(&self, tenant_id: &str) -> Result<bool, sqlx::Error> {
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM message_search WHERE tenant_id = $1 AND terms_version < {ORDER_TERMS_VERSION})"
+        );
+        sqlx::query_scalar(&sql).bind(tenant_id).fetch_one(&self.pool).await
     }
 
     /// Whether there are more than `bound` search entries in the search's entry scope.
@@ -652,9 +654,9 @@ async fn unindex(
     if message_ids.is_empty() {
         return Ok(());
     }
-    // Through the id index, as the messages' own statements: one probe of the month holding
-    // each entry rather than one of every month's key.
-    sqlx::query(&format!("DELETE FROM message_search WHERE {}", by_ids(2)))
+    // By id alone, in every month: a hypertable of an earlier version may hold an id twice,
+    // and every entry of it must go.
+    sqlx::query("DELETE FROM message_search WHERE tenant_id = $1 AND message_id = ANY($2)")
         .bind(tenant_id)
         .bind(message_ids)
         .execute(&mut **transaction)
@@ -674,9 +676,8 @@ const RECENT_SCAN: i64 = 16_000;
 enum Entries<'a> {
     /// The newest, at most this many.
     Newest(i64),
-    /// Those holding all these `terms`, and all these `ordered` (the terms and the order terms,
-    /// `common::text_search::order_terms`) where every entry has order terms.
-    Terms { terms: &'a [String], ordered: &'a [String] },
+    /// Those holding all these terms.
+    Terms(&'a [String]),
     /// Every one.
     All,
 }

@@ -19,7 +19,7 @@ use flare_storage_common::message_document as fields;
 use flare_storage_common::pools::{self, ConnectionCount};
 use flare_storage_common::prost::Message as _;
 use flare_storage_common::proto::storage::Message;
-use flare_storage_common::text_search::index_entry;
+use flare_storage_common::text_search::{Terms, index_entry};
 use futures::TryStreamExt as _;
 use mongodb::bson::{Bson, Document, doc, spec::BinarySubtype};
 use mongodb::error::{ErrorKind, Result};
@@ -328,7 +328,7 @@ pub fn document_size_refusal(message: &Message) -> Option<String> {
 /// PostgreSQL's search index, kept on the document (multikey index on `search_terms`); none
 /// for a text over `text_search::MAX_SEARCHABLE_BYTES` in normal form, as in PostgreSQL.
 fn search_fields(message: &Message) -> (Bson, Bson) {
-    match searchable_text(message).and_then(|text| index_entry(text, false)) {
+    match searchable_text(message).and_then(|text| index_entry(text, Terms::Plain)) {
         Some((normal, terms)) => (Bson::String(normal), Bson::from(terms)),
         None => no_search_fields(),
     }
