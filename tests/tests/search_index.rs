@@ -735,6 +735,44 @@ async fn mongo_finds_nothing_gone() -> anyhow::Result<()> {
     nothing_gone_is_found(Store::Mongo).await
 }
 
+/// A text of three CJK characters with more matches than a search reads at random before it
+/// checks the newest entries in time order (FEW_MATCHES in the reader, 500): every match is
+/// still found, page by page, newest first, and no other message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_common_text_of_three_cjk_characters_is_found_page_by_page() -> anyhow::Result<()> {
+    let mut deployment = Deployment::start(Store::Postgres).await?;
+    let acme = unique("acme");
+    let base = Utc::now() - chrono::Duration::minutes(30);
+    let requests: Vec<StoreMessageRequest> = (0..900)
+        .map(|index| {
+            // Two in three hold the text; the others its characters in another order.
+            let body = if index % 3 == 2 { format!("室议会 {index}") } else { format!("开会议室 {index}") };
+            request(
+                &acme,
+                "room",
+                &format!("m{index:04}"),
+                "alice",
+                text(&body),
+                base + chrono::Duration::seconds(index),
+            )
+        })
+        .collect();
+    deployment.store(&requests).await?;
+    let mut client = deployment.reader.client().await?;
+    let found = search_all(
+        &mut client,
+        SearchMessagesRequest { tenant: tenant(&acme), filters: vec![contains("会议室")], ..Default::default() },
+        50,
+    )
+    .await?;
+    let found: Vec<String> = found.into_iter().map(|message| message.id).collect();
+    let expected: Vec<String> =
+        (0..900).rev().filter(|index| index % 3 != 2).map(|index| format!("m{index:04}")).collect();
+    assert_eq!(found.len(), 600);
+    assert_eq!(found, expected);
+    deployment.stop().await
+}
+
 /// An indexer of the version before order terms, still running during an upgrade, cannot
 /// write an entry without them: its statement (as it was) fails and its batch stays queued.
 /// Entries already there keep version 1 and are indexed by tenant.

@@ -516,6 +516,11 @@ impl PostgresStore {
     ///    candidate (by order terms too unless the tenant has entries without them), checked
     ///    exactly and read in time order until the page is full.
     ///
+    /// A search of three or more CJK characters, whose order terms
+    /// (`common::text_search::order_terms`) leave few candidates that are not matches, first
+    /// reads every match when they are few ([`FEW_MATCHES`]): a rare text then costs its matches
+    /// rather than the first step.
+    ///
     /// A text without terms (one or two Latin letters, punctuation) has no index to use and is
     /// checked entry by entry in time order; a search without text reads the messages alone.
     pub async fn search(&self, query: &SearchQuery, limit: i64) -> Result<Vec<StoredRow>, sqlx::Error> {
@@ -527,17 +532,50 @@ impl PostgresStore {
         if terms.is_empty() {
             return self.search_entries(query, limit, Entries::All).await;
         }
+        let order: BTreeSet<String> = query.contains.iter().flat_map(|text| order_terms(text)).collect();
+        let ordered = !order.is_empty() && !self.has_entries_without_order_terms(&query.tenant_id).await?;
+        let terms: Vec<String> = if ordered { terms.into_iter().chain(order).collect() } else { terms };
+        if ordered && let Some(found) = self.search_few(query, limit, &terms).await? {
+            return Ok(found);
+        }
         let recent = self.search_entries(query, limit, Entries::Newest(RECENT_SCAN)).await?;
         if recent.len() as i64 >= limit || !self.entries_exceed(query, RECENT_SCAN).await? {
             return Ok(recent);
         }
-        let order: BTreeSet<String> = query.contains.iter().flat_map(|text| order_terms(text)).collect();
-        let terms = if order.is_empty() || self.has_entries_without_order_terms(&query.tenant_id).await? {
-            terms
-        } else {
-            terms.into_iter().chain(order).collect()
-        };
         self.search_entries(query, limit, Entries::Terms(&terms)).await
+    }
+
+    /// A search looked up by order terms whose matches are few: every entry of its scope
+    /// holding `terms` and its texts, when there are at most [`FEW_MATCHES`], then their
+    /// messages; `None` when there are more. Order terms leave few candidates that are not
+    /// matches, so this reads about as many entries as there are matches.
+    async fn search_few(
+        &self,
+        query: &SearchQuery,
+        limit: i64,
+        terms: &[String],
+    ) -> Result<Option<Vec<StoredRow>>, sqlx::Error> {
+        let mut sql: QueryBuilder<'_, Postgres> =
+            QueryBuilder::new(r#"SELECT s.message_id, s."timestamp" FROM message_search s WHERE "#);
+        push_entry_scope(&mut sql, query);
+        sql.push(" AND s.terms @> ").push_bind(terms);
+        push_substrings(&mut sql, query);
+        sql.push(" LIMIT ").push_bind(FEW_MATCHES + 1);
+        let matches: Vec<(String, DateTime<Utc>)> = sql.build_query_as().fetch_all(&self.pool).await?;
+        if matches.len() as i64 > FEW_MATCHES {
+            return Ok(None);
+        }
+        let (ids, times): (Vec<String>, Vec<DateTime<Utc>>) = matches.into_iter().unzip();
+        let direction = direction(query);
+        let mut sql: QueryBuilder<'_, Postgres> = QueryBuilder::new(format!("SELECT {COLUMNS} FROM UNNEST("));
+        sql.push_bind(ids).push("::text[], ").push_bind(times).push(
+            r#"::timestamptz[]) AS s(search_id, search_time) CROSS JOIN LATERAL (SELECT * FROM messages
+               WHERE messages.message_id = s.search_id AND messages."timestamp" = s.search_time AND "#,
+        );
+        push_conditions(&mut sql, query);
+        sql.push(format!(" LIMIT 1) AS messages ORDER BY s.search_time {direction}, s.search_id {direction} LIMIT "))
+            .push_bind(limit);
+        Ok(Some(sql.build_query_as().fetch_all(&self.pool).await?))
     }
 
     /// A search without text: the messages of its scope in its time order.
@@ -670,6 +708,11 @@ async fn unindex(
 /// `f × n` candidates read from random pages (several times dearer each), ~16,000 entries at a
 /// million messages for a page of 20 (measured: docs/BENCHMARKS.md, search).
 const RECENT_SCAN: i64 = 16_000;
+
+/// Most matches [`PostgresStore::search_few`] reads before it leaves a search to the two steps:
+/// reading that many entries at random costs about what the first step's [`RECENT_SCAN`]
+/// entries in time order cost, and a text with more matches fills its page in the first step.
+const FEW_MATCHES: i64 = 500;
 
 /// The search entries a step of a text search reads.
 #[derive(Clone, Copy)]
