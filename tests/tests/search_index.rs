@@ -483,7 +483,8 @@ async fn run_cases(
 
 /// Over 22,000 messages: more than PostgreSQL checks one by one (the newest 16,000 entries of
 /// the tenant or a session), so rare texts are answered from the term index, tenant-wide and
-/// in the large session s0 (17,600 messages), and in smaller sessions by the first step alone.
+/// in the large session s0 (17,600 messages), and in smaller sessions by the first step alone;
+/// rare texts of three or more CJK characters mostly by their matches alone (`search_few`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_search_matches_a_brute_force_scan() -> anyhow::Result<()> {
     search_matches_the_scan(Store::Postgres, 22_000, 256).await
@@ -736,8 +737,8 @@ async fn mongo_finds_nothing_gone() -> anyhow::Result<()> {
 }
 
 /// A text of three CJK characters with more matches than a search reads at random before it
-/// checks the newest entries in time order (FEW_MATCHES in the reader, 500): every match is
-/// still found, page by page, newest first, and no other message.
+/// checks the newest entries in time order (FEW_MATCHES in the reader, 200): every match is
+/// still found, page by page, newest first, and no text holding its pairs in another order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_common_text_of_three_cjk_characters_is_found_page_by_page() -> anyhow::Result<()> {
     let mut deployment = Deployment::start(Store::Postgres).await?;
@@ -745,8 +746,8 @@ async fn a_common_text_of_three_cjk_characters_is_found_page_by_page() -> anyhow
     let base = Utc::now() - chrono::Duration::minutes(30);
     let requests: Vec<StoreMessageRequest> = (0..900)
         .map(|index| {
-            // Two in three hold the text; the others its characters in another order.
-            let body = if index % 3 == 2 { format!("室议会 {index}") } else { format!("开会议室 {index}") };
+            // Two in three hold the text; the others both its pairs, not in its order.
+            let body = if index % 3 == 2 { format!("议室会议 {index}") } else { format!("开会议室 {index}") };
             request(
                 &acme,
                 "room",

@@ -505,7 +505,8 @@ impl PostgresStore {
     ///
     /// A text search reads search entries (`message_search`: the normal-form text of every
     /// message, indexed by time and by term) and then each match's message row for every
-    /// other condition. It runs in up to two steps, because the database cannot read a term
+    /// other condition. It runs in up to two steps (three with order terms, below), because
+    /// the database cannot read a term
     /// index in time order and cannot tell how many messages share several terms (its estimate
     /// multiplies their frequencies, and the trigrams of one word are anything but
     /// independent):
@@ -516,10 +517,11 @@ impl PostgresStore {
     ///    candidate (by order terms too unless the tenant has entries without them), checked
     ///    exactly and read in time order until the page is full.
     ///
-    /// A search of three or more CJK characters, whose order terms
+    /// A search with three or more CJK characters in a row, whose order terms
     /// (`common::text_search::order_terms`) leave few candidates that are not matches, first
-    /// reads every match when they are few ([`FEW_MATCHES`]): a rare text then costs its matches
-    /// rather than the first step.
+    /// reads every match when there are at most [`FEW_MATCHES`] — unless the tenant has entries
+    /// without order terms: a rare text then costs its matches rather than the first step, and
+    /// a common one pays up to that many reads more before the two steps.
     ///
     /// A text without terms (one or two Latin letters, punctuation) has no index to use and is
     /// checked entry by entry in time order; a search without text reads the messages alone.
@@ -547,8 +549,8 @@ impl PostgresStore {
 
     /// A search looked up by order terms whose matches are few: every entry of its scope
     /// holding `terms` and its texts, when there are at most [`FEW_MATCHES`], then their
-    /// messages; `None` when there are more. Order terms leave few candidates that are not
-    /// matches, so this reads about as many entries as there are matches.
+    /// messages in time order until the page is full; `None` when there are more. It reads the
+    /// matching entries and the few candidates order terms let through, at random.
     async fn search_few(
         &self,
         query: &SearchQuery,
@@ -565,13 +567,19 @@ impl PostgresStore {
         if matches.len() as i64 > FEW_MATCHES {
             return Ok(None);
         }
+        if matches.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
         let (ids, times): (Vec<String>, Vec<DateTime<Utc>>) = matches.into_iter().unzip();
         let direction = direction(query);
-        let mut sql: QueryBuilder<'_, Postgres> = QueryBuilder::new(format!("SELECT {COLUMNS} FROM UNNEST("));
-        sql.push_bind(ids).push("::text[], ").push_bind(times).push(
-            r#"::timestamptz[]) AS s(search_id, search_time) CROSS JOIN LATERAL (SELECT * FROM messages
-               WHERE messages.message_id = s.search_id AND messages."timestamp" = s.search_time AND "#,
-        );
+        // Sorted before the join, so the page's messages are read and no others.
+        let mut sql: QueryBuilder<'_, Postgres> =
+            QueryBuilder::new(format!("SELECT {COLUMNS} FROM (SELECT * FROM UNNEST("));
+        sql.push_bind(ids).push("::text[], ").push_bind(times).push(format!(
+            r#"::timestamptz[]) AS k(search_id, search_time) ORDER BY search_time {direction}, search_id {direction}) AS s
+               CROSS JOIN LATERAL (SELECT * FROM messages
+               WHERE messages.message_id = s.search_id AND messages."timestamp" = s.search_time AND "#
+        ));
         push_conditions(&mut sql, query);
         sql.push(format!(" LIMIT 1) AS messages ORDER BY s.search_time {direction}, s.search_id {direction} LIMIT "))
             .push_bind(limit);
@@ -709,10 +717,12 @@ async fn unindex(
 /// million messages for a page of 20 (measured: docs/BENCHMARKS.md, search).
 const RECENT_SCAN: i64 = 16_000;
 
-/// Most matches [`PostgresStore::search_few`] reads before it leaves a search to the two steps:
-/// reading that many entries at random costs about what the first step's [`RECENT_SCAN`]
-/// entries in time order cost, and a text with more matches fills its page in the first step.
-const FEW_MATCHES: i64 = 500;
+/// Most matches [`PostgresStore::search_few`] reads before it leaves a search to the two steps.
+/// Its reads are at random (~10–50 µs each, docs/BENCHMARKS.md): 200 of them cost a fraction
+/// of the first step's [`RECENT_SCAN`] entries, the price a common text pays for trying, and
+/// hold every match of the rare texts this is for (the slowest four-character query of the
+/// search benchmark had 129 over a million messages).
+const FEW_MATCHES: i64 = 200;
 
 /// The search entries a step of a text search reads.
 #[derive(Clone, Copy)]
