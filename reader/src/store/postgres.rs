@@ -506,10 +506,9 @@ impl PostgresStore {
     /// A text search reads search entries (`message_search`: the normal-form text of every
     /// message, indexed by time and by term) and then each match's message row for every
     /// other condition. It runs in up to two steps (three with order terms, below), because
-    /// the database cannot read a term
-    /// index in time order and cannot tell how many messages share several terms (its estimate
-    /// multiplies their frequencies, and the trigrams of one word are anything but
-    /// independent):
+    /// the database cannot read a term index in time order and cannot tell how many messages
+    /// share several terms (its estimate multiplies their frequencies, and the trigrams of one
+    /// word are anything but independent):
     /// 1. the newest [`RECENT_SCAN`] entries of the tenant (of its sessions, when the search
     ///    names them) in the time range are checked one by one, in time order — a text found in
     ///    more than about one message in 800 fills a page of 20 here;
